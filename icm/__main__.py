@@ -1,0 +1,5 @@
+import sys
+
+from icm.cli import main
+
+sys.exit(main())

