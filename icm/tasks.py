@@ -17,6 +17,7 @@ task takes any folder laid out like ``task-a/`` above, inside a suite or not.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections.abc import Callable, Iterable, Sequence
@@ -99,8 +100,7 @@ class Task:
 
 
 def sha256_file_list(digests: Iterable[str]) -> str:
-    import hashlib
-
+    """One digest for an ordered list of digests."""
     return hashlib.sha256("".join(digests).encode()).hexdigest()
 
 

@@ -1,0 +1,81 @@
+"""The main job: every stage of icm-ray, in order, on a local Ray it starts itself (or a cluster).
+
+    python -m jobs.pipeline --config demo [key=value ...]      (same as: icm run --config demo)
+
+Stages so far: ``prepare`` (model cache + suite validation) -> ``base_eval`` (base-model
+perplexity / bits per char per task, on Ray). Later stages (LoRA zoo, task vectors, generator,
+evaluation) plug in here as they land. Each stage writes under ``<storage.root>/<stage>/`` and is
+skipped when its ``stage.json`` matches the config, so a killed run resumes by rerunning it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Sequence
+
+import pandas as pd
+
+from icm.config import PipelineConfig, load_config, save_resolved_config
+from icm.io import write_text_atomic
+from icm.models import load_base_model, resolve_spec
+from icm.stages import open_suite, stage
+from icm.tasks import Suite, format_stats_table, validate_suite
+from jobs import base_eval
+from jobs.ray_setup import init_ray
+
+log = logging.getLogger("jobs.pipeline")
+
+
+def run_prepare(config: PipelineConfig, suite: Suite) -> dict:
+    """Make sure the base model loads (converting its cache once) and the suite is valid."""
+    current = stage(config, "prepare", suite.fingerprint(), sorted(suite.tasks),
+                    sections=("model", "suite"))
+    if current.is_current():
+        log.info("prepare: up to date, skipping")
+        return current.record()
+    started = current.begin(config)
+    model, tokenizer = load_base_model(config.model.spec, cache_dir=config.model.cache_dir,
+                                       dtype=config.model.dtype)
+    count = lambda texts: sum(map(len, tokenizer(texts, add_special_tokens=False)["input_ids"]))  # noqa: E731
+    stats = validate_suite(suite, count_tokens=count)
+    table = format_stats_table(stats)
+    write_text_atomic(current.directory / "suite.txt", f"suite {suite.name} at {suite.path}\n{table}\n")
+    log.info("suite %s (%d tasks, %d held out) is valid", suite.name, len(suite.tasks), len(suite.heldout))
+    return current.finish(started, {
+        "suite_path": str(suite.path), "suite_fingerprint": suite.fingerprint(),
+        "tasks": sorted(suite.tasks), "heldout": list(suite.heldout),
+        "model": vars(resolve_spec(config.model.spec)),
+        "model_parameters": sum(p.numel() for p in model.parameters())})
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default="demo", help="preset name or YAML path")
+    parser.add_argument("overrides", nargs="*", help="section.field=value")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    started = time.perf_counter()
+    config = load_config(args.config, args.overrides)
+    root = config.storage.path()
+    root.mkdir(parents=True, exist_ok=True)
+    save_resolved_config(config, root)
+    suite = open_suite(config)
+    log.info("run %r -> %s; suite %s, %d tasks", config.name, root.resolve(), suite.path, len(suite.tasks))
+
+    run_prepare(config, suite)
+    init_ray(config.ray, cache_dir=config.model.cache_dir)
+    base_eval.run(config, suite)
+
+    results = pd.read_parquet(config.storage.path("base_eval", "results.parquet"))
+    print(f"\nBase model {config.model.spec} on suite {suite.name} (eval split, per group):")
+    print(base_eval.group_summary(results).to_markdown(index=False, floatfmt=".3f"))
+    print(f"\nArtifacts under {root.resolve()}: prepare/suite.txt, base_eval/results.parquet, "
+          f"base_eval/summary.md. Done in {time.perf_counter() - started:.1f} s.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

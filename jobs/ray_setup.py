@@ -1,0 +1,40 @@
+"""Starting or joining Ray the same way in every job."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import ray
+
+from icm.config import RayConfig
+from icm.models import default_cache_dir
+
+log = logging.getLogger(__name__)
+
+# Passed to every worker so that workers behave like the driver: no hub access, the same
+# model cache, no usage reporting.
+WORKER_ENV_KEYS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "ICM_CACHE_DIR", "HF_HOME",
+                   "DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR")
+
+
+def init_ray(config: RayConfig, *, cache_dir: str | None = None) -> None:
+    """Join ``config.address`` or start a local Ray sized by ``config``."""
+    if ray.is_initialized():
+        return
+    env = {key: os.environ[key] for key in WORKER_ENV_KEYS if key in os.environ}
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("ICM_CACHE_DIR", str(cache_dir or default_cache_dir()))
+    runtime_env = {"env_vars": env}
+    if config.address:
+        log.info("joining Ray cluster at %s", config.address)
+        ray.init(address=config.address, runtime_env=runtime_env)
+        return
+    # Local clusters: token auth (on by default since Ray 2.59) only gets in the way of the
+    # dashboard and job CLI on a single machine; clusters set RAY_AUTH_MODE=token themselves.
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    store = config.object_store_memory_mb * 1024**2 if config.object_store_memory_mb else None
+    ray.init(num_cpus=config.num_cpus, num_gpus=config.num_gpus, object_store_memory=store,
+             include_dashboard=config.include_dashboard, runtime_env=runtime_env)
+    log.info("started local Ray: %s", ray.cluster_resources())

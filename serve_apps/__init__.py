@@ -1,0 +1,1 @@
+"""Ray Serve applications over the `icm` library (see the serving issue)."""
