@@ -87,6 +87,20 @@ def _package_version(dist: str) -> str:
 
 
 @contextlib.contextmanager
+def _quiet_progress_bars() -> Iterator[None]:
+    """Hide transformers' per-load progress bars (one per Ray worker and task is just noise)."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
+@contextlib.contextmanager
 def _file_lock(path: Path) -> Iterator[None]:
     """Inter-process lock so concurrent workers convert the cache once, not N times."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -238,13 +252,14 @@ def load_base_model(spec: str = SMOLLM2, *, cache_dir: str | os.PathLike | None 
     if dtype not in DTYPES:
         raise ModelError(f"dtype {dtype!r} is not supported; use one of {sorted(DTYPES)}.")
     source = resolve_spec(spec)
-    tokenizer = load_tokenizer(spec, cache_dir=cache_dir)
-    if source.kind == "tiny-llama":
-        model = build_tiny_llama(tokenizer).to(DTYPES[dtype])
-    elif source.kind == "smollm2":
-        model = _load_smollm2(cache_dir, DTYPES[dtype])
-    else:
-        model = _from_pretrained(AutoModelForCausalLM, source, dtype=DTYPES[dtype])
+    with _quiet_progress_bars():
+        tokenizer = load_tokenizer(spec, cache_dir=cache_dir)
+        if source.kind == "tiny-llama":
+            model = build_tiny_llama(tokenizer).to(DTYPES[dtype])
+        elif source.kind == "smollm2":
+            model = _load_smollm2(cache_dir, DTYPES[dtype])
+        else:
+            model = _from_pretrained(AutoModelForCausalLM, source, dtype=DTYPES[dtype])
     model.eval()
     return model, tokenizer
 

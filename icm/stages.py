@@ -8,6 +8,7 @@ resolved config. A rerun with the same fingerprint skips the stage; any change r
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -60,11 +61,14 @@ def stage(config: PipelineConfig, name: str, *inputs: Any, sections: tuple[str, 
 
 def default_suite_dir(config: PipelineConfig) -> Path:
     """Where the default suite for these build settings lives (built once, then reused)."""
-    from icm.default_suite import DEFAULT_SUITE_VERSION
+    import icm.default_suite as builder
 
     cache = Path(config.model.cache_dir).expanduser() if config.model.cache_dir else default_cache_dir()
     s = config.suite
-    return cache / "suites" / f"icm-default-v{DEFAULT_SUITE_VERSION}-seed{s.seed}-t{s.max_train}-e{s.max_eval}"
+    # The builder's own source is part of the key: a changed builder never reuses an old build.
+    code = hashlib.sha256(Path(builder.__file__).read_bytes()).hexdigest()[:10]
+    return cache / "suites" / (f"icm-default-v{builder.DEFAULT_SUITE_VERSION}-{code}"
+                               f"-seed{s.seed}-t{s.max_train}-e{s.max_eval}")
 
 
 def open_suite(config: PipelineConfig) -> Suite:
