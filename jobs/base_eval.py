@@ -8,7 +8,6 @@ writes ``<storage.root>/base_eval/{results.parquet, summary.md, config.resolved.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 import time
@@ -17,11 +16,12 @@ from collections.abc import Sequence
 import pandas as pd
 import ray
 
-from icm.config import PipelineConfig, load_config
+from icm.config import PipelineConfig
 from icm.evaluation import evaluate_task_base
 from icm.io import write_bytes_atomic, write_text_atomic
 from icm.stages import open_suite, stage
 from icm.tasks import Suite
+from jobs.common import parse_job_args, user_errors_exit_2
 from jobs.ray_setup import init_ray
 
 log = logging.getLogger("jobs.base_eval")
@@ -70,13 +70,9 @@ def run(config: PipelineConfig, suite: Suite) -> dict:
                                     "tasks": len(results)})
 
 
+@user_errors_exit_2
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default="demo")
-    parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    config = load_config(args.config, args.overrides)
+    config = parse_job_args(__doc__.split("\n\n")[0], argv)
     suite = open_suite(config)
     init_ray(config.ray, cache_dir=config.model.cache_dir)
     started = time.perf_counter()

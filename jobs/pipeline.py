@@ -10,7 +10,6 @@ skipped when its ``stage.json`` matches the config, so a killed run resumes by r
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 import time
@@ -18,12 +17,13 @@ from collections.abc import Sequence
 
 import pandas as pd
 
-from icm.config import PipelineConfig, load_config, save_resolved_config
+from icm.config import ConfigError, PipelineConfig, save_resolved_config
 from icm.io import write_text_atomic
 from icm.models import load_base_model, resolve_spec
 from icm.stages import open_suite, stage
 from icm.tasks import Suite, format_stats_table, validate_suite
 from jobs import base_eval
+from jobs.common import parse_job_args, user_errors_exit_2
 from jobs.ray_setup import init_ray
 
 log = logging.getLogger("jobs.pipeline")
@@ -51,17 +51,17 @@ def run_prepare(config: PipelineConfig, suite: Suite) -> dict:
         "model_parameters": sum(p.numel() for p in model.parameters())})
 
 
+@user_errors_exit_2
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default="demo", help="preset name or YAML path")
-    parser.add_argument("overrides", nargs="*", help="section.field=value")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     started = time.perf_counter()
-    config = load_config(args.config, args.overrides)
+    config = parse_job_args(__doc__.split("\n\n")[0], argv)
     root = config.storage.path()
-    root.mkdir(parents=True, exist_ok=True)
-    save_resolved_config(config, root)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        save_resolved_config(config, root)
+    except OSError as err:
+        raise ConfigError(f"storage.root {str(root)!r} is not writable ({err.strerror}). "
+                          "Fix: set storage.root=DIR to a writable directory.") from None
     suite = open_suite(config)
     log.info("run %r -> %s; suite %s, %d tasks", config.name, root.resolve(), suite.path, len(suite.tasks))
 

@@ -45,8 +45,21 @@ def test_smoke_pipeline_runs_on_local_ray_and_skips_when_up_to_date(tmp_path):
     assert (pd.read_parquet(root / "base_eval" / "results.parquet")["texts"] == 4).all()
 
 
+def test_pipeline_rejects_an_unwritable_storage_root(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    out = subprocess.run([sys.executable, "-m", "jobs.pipeline", "--config", "smoke",
+                          f"storage.root={blocker}/run"], cwd=REPO_ROOT, capture_output=True, text=True)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "storage.root" in out.stderr and "not writable" in out.stderr
+
+
 def test_pipeline_rejects_bad_config_before_starting_ray(tmp_path):
     out = subprocess.run([sys.executable, "-m", "icm", "run", "--config", "smoke",
                           "model.spec_typo=1"], cwd=REPO_ROOT, capture_output=True, text=True)
     assert out.returncode == 2 and "unknown key 'model.spec_typo'" in out.stderr
     assert "Traceback" not in out.stderr
+    direct = subprocess.run([sys.executable, "-m", "jobs.pipeline", "--config", "smoke",
+                             "model.max_length=-1"], cwd=REPO_ROOT, capture_output=True, text=True)
+    assert direct.returncode == 2 and "'model.max_length'" in direct.stderr
+    assert "Traceback" not in direct.stderr

@@ -1,0 +1,37 @@
+"""What every job's ``main`` shares: the ``--config PRESET key=value ...`` command line and
+turning bad input into one clear line on stderr (exit 2) instead of a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from icm.cli import USER_ERRORS
+from icm.config import PipelineConfig, list_presets, load_config
+
+
+def parse_job_args(description: str, argv: Sequence[str] | None) -> PipelineConfig:
+    """Parse ``--config NAME_OR_PATH [section.field=value ...]`` into a validated config."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", default="demo", help=f"preset {list_presets()} or a YAML path")
+    parser.add_argument("overrides", nargs="*", help="section.field=value")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    return load_config(args.config, args.overrides)
+
+
+def user_errors_exit_2(main: Callable[..., int]) -> Callable[..., int]:
+    """Report config/suite/model/adapter errors as ``error: ...`` and exit code 2."""
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs) -> int:
+        try:
+            return main(*args, **kwargs)
+        except USER_ERRORS as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+
+    return wrapper
