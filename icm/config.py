@@ -86,6 +86,44 @@ class BaseEvalConfig(StageConfig):
     gpus_per_task: float = Field(0.0, ge=0, description="Ray GPUs reserved by one task's eval.")
 
 
+class ZooConfig(StageConfig):
+    """The LoRA zoo: one LoRA fine-tune per training task, snapshots from late in training."""
+
+    rank: int = Field(8, gt=0, description="LoRA rank r.")
+    alpha: float = Field(16.0, gt=0, description="LoRA alpha (scale = alpha / r).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout.")
+    target_modules: list[str] = Field(["q_proj", "v_proj"], min_length=1, description=(
+        "Module names that get a LoRA (Llama: q_proj k_proj v_proj o_proj gate_proj up_proj down_proj)."))
+    init_seed: int = Field(0, description=(
+        "Seed of the LoRA initialisation, the same for every task so that adapters are "
+        "comparable coordinates for the generator."))
+    data_seed: int = Field(0, description="Seed of batch sampling (batch of step s depends only on it and s).")
+    steps: int = Field(200, ge=1, description="Optimizer steps per task.")
+    batch_size: int = Field(4, ge=1, description="Sequences per step, summed over all workers of a task.")
+    seq_len: int = Field(128, ge=8, description="Tokens per training sequence (longer texts are cut).")
+    lr: float = Field(1e-3, gt=0, description="Peak learning rate (AdamW).")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    warmup_steps: int = Field(10, ge=0, description="Linear warm-up steps, then linear decay to 0.")
+    snapshots: int = Field(8, ge=2, description="Adapter snapshots kept per task.")
+    snapshot_start: float = Field(0.5, ge=0, lt=1, description=(
+        "Snapshots are spread evenly over the last (1 - snapshot_start) of training."))
+    zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage.")
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (data-parallel ranks) per task.")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved by each worker.")
+    gpus_per_worker: float = Field(0.0, ge=0, description="GPUs per worker (>0: NCCL + bf16).")
+    max_concurrent: int | None = Field(None, ge=1, description=(
+        "Task trainers running at once; None: as many as the cluster's resources allow."))
+    eval_max_texts: int | None = Field(32, ge=1, description="Eval texts per snapshot perplexity.")
+    multitask: bool = Field(True, description="Also train one LoRA on the union of training tasks.")
+
+    @field_validator("target_modules")
+    @classmethod
+    def _no_duplicates(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("lists a module twice")
+        return value
+
+
 class PipelineConfig(StageConfig):
     """The whole run. Sections are added as stages land; each stage saves its resolved copy."""
 
@@ -96,6 +134,7 @@ class PipelineConfig(StageConfig):
     model: ModelConfig = ModelConfig()
     suite: SuiteConfig = SuiteConfig()
     base_eval: BaseEvalConfig = BaseEvalConfig()
+    zoo: ZooConfig = ZooConfig()
 
     @field_validator("name")
     @classmethod

@@ -1,0 +1,111 @@
+"""Ray-free LoRA training pieces: fixed init, masked batches, resume-safe sampling, schedule."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from icm.config import ZooConfig
+from icm.lora_io import adapter_state_dict
+from icm.lora_train import (IGNORE_INDEX, TrainInputError, batch_for_step, build_lora_model,
+                            collate, deepspeed_config, snapshot_steps, tokenize_texts)
+from icm.models import load_base_model
+from tests.conftest import REPO_ROOT
+
+
+def test_every_task_starts_from_the_same_lora_init():
+    first = adapter_state_dict(build_lora_model(load_base_model("tiny-llama")[0], ZooConfig(rank=4)))
+    again = adapter_state_dict(build_lora_model(load_base_model("tiny-llama")[0], ZooConfig(rank=4)))
+    other = adapter_state_dict(build_lora_model(load_base_model("tiny-llama")[0],
+                                                ZooConfig(rank=4, init_seed=1)))
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    a_keys = [k for k in first if "lora_A" in k]
+    assert a_keys and not all(torch.equal(first[k], other[k]) for k in a_keys)
+    assert all(not first[k].any() for k in first if "lora_B" in k)  # B starts at zero
+
+
+def test_unknown_target_module_names_the_field():
+    with pytest.raises(TrainInputError, match=r"zoo.target_modules: \['qkv'\].*available: \[.*q_proj"):
+        build_lora_model(load_base_model("tiny-llama")[0], ZooConfig(target_modules=["q_proj", "qkv"]))
+
+
+def test_padding_is_masked_out_of_the_labels(tiny_llama):
+    _, tokenizer = tiny_llama
+    sequences = tokenize_texts(tokenizer, ["a short text", "a somewhat longer text than that one"], 64)
+    batch = collate(sequences, pad_id=tokenizer.pad_token_id)
+    short = len(sequences[0])
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
+    assert (batch["labels"][0, short:] == IGNORE_INDEX).all() and batch["attention_mask"][0, short:].sum() == 0
+    assert torch.equal(batch["labels"][1], batch["input_ids"][1])
+    assert tokenize_texts(tokenizer, ["word " * 500], 32)[0].__len__() == 32
+
+
+def test_batches_depend_only_on_seed_and_step_and_ranks_split_them():
+    sequences = [[1, i, i + 1] for i in range(50)]
+    one = batch_for_step(sequences, step=7, batch_size=4, seed=3, pad_id=0)
+    assert torch.equal(one["input_ids"], batch_for_step(sequences, step=7, batch_size=4, seed=3, pad_id=0)["input_ids"])
+    assert not torch.equal(one["input_ids"], batch_for_step(sequences, step=8, batch_size=4, seed=3, pad_id=0)["input_ids"])
+    halves = [batch_for_step(sequences, step=7, batch_size=4, seed=3, rank=r, world_size=2, pad_id=0)
+              for r in (0, 1)]
+    assert torch.equal(torch.cat([h["input_ids"] for h in halves]), one["input_ids"])
+    with pytest.raises(TrainInputError, match="zoo.batch_size .* divisible by zoo.num_workers"):
+        batch_for_step(sequences, step=1, batch_size=3, seed=0, world_size=2, pad_id=0)
+
+
+def test_snapshot_schedule_is_late_distinct_and_ends_at_the_last_step():
+    steps = snapshot_steps(200, 8, 0.5)
+    assert len(steps) == 8 and steps[-1] == 200 and steps[0] > 100 and steps == sorted(set(steps))
+    with pytest.raises(TrainInputError, match="raise zoo.steps"):
+        snapshot_steps(6, 8, 0.5)
+
+
+def test_deepspeed_config_and_zoo_config_validation():
+    cfg = ZooConfig(batch_size=4, zero_stage=3, steps=50)
+    ds = deepspeed_config(cfg, world_size=2, bf16=False)
+    assert ds["train_micro_batch_size_per_gpu"] == 2 and ds["zero_optimization"]["stage"] == 3
+    assert ds["scheduler"]["params"]["total_num_steps"] == 50 and not ds["bf16"]["enabled"]
+    from pydantic import ValidationError
+
+    for bad in ({"rank": 0}, {"zero_stage": 4}, {"target_modules": []}, {"target_modules": ["q_proj", "q_proj"]}):
+        with pytest.raises(ValidationError):
+            ZooConfig(**bad)
+
+
+DEEPSPEED_SCRIPT = r"""
+import json, os, sys
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1], RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+import deepspeed
+from icm.config import ZooConfig
+from icm.lora_train import *
+from icm.models import load_base_model
+skip_deepspeed_shm_build()
+deepspeed.init_distributed(dist_backend="gloo")
+cfg = ZooConfig(rank=4, steps=30, batch_size=4, seq_len=32, lr=1e-2, warmup_steps=2, zero_stage=2)
+model, tokenizer = load_base_model("tiny-llama")
+peft_model = build_lora_model(model, cfg)
+sequences = tokenize_texts(tokenizer, ["the cat sat on the mat and purred"] * 4 + ["the dog sat too"] * 4, cfg.seq_len)
+engine, *_ = deepspeed.initialize(model=peft_model, config=deepspeed_config(cfg, world_size=1, bf16=False),
+                                  model_parameters=[p for p in peft_model.parameters() if p.requires_grad])
+losses = [train_step(engine, batch_for_step(sequences, step=s, batch_size=cfg.batch_size, seed=0,
+                                            pad_id=tokenizer.pad_token_id)) for s in iterate_steps(0, cfg.steps)]
+print(json.dumps({"losses": losses, "optimizer": type(engine.optimizer).__name__}))
+"""
+
+
+def test_real_deepspeed_zero2_trains_a_lora_on_cpu():
+    """One DeepSpeed process (gloo, ZeRO-2) trains a tiny LoRA: the loss falls clearly in 30 steps.
+
+    (A random tiny-llama starts near ln(49152) = 10.8 nats; a rank-4 LoRA on q/v alone cannot
+    move a random output head far, so the bar is a clear fall, not a fit.)"""
+    out = subprocess.run([sys.executable, "-c", DEEPSPEED_SCRIPT, "29631"], cwd=REPO_ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    losses = result["losses"]
+    assert len(losses) == 30 and result["optimizer"] == "DeepSpeedZeroOptimizer"
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.3
