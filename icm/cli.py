@@ -23,10 +23,14 @@ from collections.abc import Sequence
 
 from icm.adapters import AdapterError
 from icm.config import ConfigError, list_presets, load_config
+from icm.lora_io import LayoutError
+from icm.lora_train import TrainInputError
 from icm.models import BUILTIN_SPECS, SMOLLM2, ModelError
 from icm.tasks import SuiteError
+from icm.zoo import ZooMismatchError
 
-USER_ERRORS = (ConfigError, ModelError, SuiteError, AdapterError, FileNotFoundError)
+USER_ERRORS = (ConfigError, ModelError, SuiteError, AdapterError, LayoutError, TrainInputError,
+               ZooMismatchError, FileNotFoundError)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:

@@ -1,0 +1,148 @@
+"""The LoRA zoo on disk: per-task snapshot directories, the manifest, the zoo's identity.
+
+    <zoo>/zoo.json                         base model, LoRA config, init seed, layout fingerprint
+    <zoo>/lora_layout.json                 key order and shapes of every flat vector
+    <zoo>/manifest.parquet                 one row per snapshot (rebuilt from the files below)
+    <zoo>/tasks/<task>/snapshots/step-000120/
+        adapter_config.json, adapter_model.safetensors   a peft adapter
+        vector.safetensors                               {"vector": (numel,) float32}
+        snapshot.json                                    task, step, losses, eval ppl, sha256s, node
+    <zoo>/tasks/<task>/task.json           written when the task finished (its summary row)
+
+Every file is written atomically and a snapshot directory appears whole or not at all, so the
+manifest rebuilt from the directories can neither lose nor duplicate a snapshot.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from icm.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from icm.io import atomic_directory, sha256_file, write_bytes_atomic, write_json_atomic
+from icm.lora_io import LoraLayout, adapter_state_dict, flatten
+
+ZOO_FILE = "zoo.json"
+LAYOUT_FILE = "lora_layout.json"
+MANIFEST_FILE = "manifest.parquet"
+SNAPSHOT_FILE = "snapshot.json"
+TASK_DONE_FILE = "task.json"
+VECTOR_FILE = "vector.safetensors"
+MULTITASK = "multitask"  # the multi-task LoRA baseline's "task" name
+
+
+class ZooMismatchError(ValueError):
+    """An existing zoo was made with another base model or LoRA setup; names the field."""
+
+
+def task_dir(zoo_root: Path, task: str) -> Path:
+    return Path(zoo_root) / "tasks" / task
+
+
+def snapshot_dir(zoo_root: Path, task: str, step: int) -> Path:
+    return task_dir(zoo_root, task) / "snapshots" / f"step-{step:06d}"
+
+
+def write_snapshot(peft_model, layout: LoraLayout, zoo_root: Path, *, task: str, step: int,
+                   record: dict[str, Any]) -> dict[str, Any]:
+    """Save one snapshot (peft adapter + flat vector + its record) atomically; returns the record."""
+    from safetensors.torch import save_file
+
+    state = adapter_state_dict(peft_model)
+    vector = flatten(state, layout)  # (numel,)
+    out = snapshot_dir(zoo_root, task, step)
+    with atomic_directory(out) as staging:
+        save_file({k: v.contiguous() for k, v in state.items()}, str(staging / ADAPTER_WEIGHTS),
+                  metadata={"format": "pt"})
+        config = peft_model.peft_config["default"].to_dict()
+        write_json_atomic(staging / ADAPTER_CONFIG,
+                          json.loads(json.dumps(config, default=lambda v: sorted(v) if isinstance(v, set) else str(v))))
+        save_file({"vector": vector.contiguous()}, str(staging / VECTOR_FILE),
+                  metadata={"layout_fingerprint": layout.fingerprint()})
+        full = {**record, "task": task, "step": step, "path": str(out),
+                "adapter_sha256": sha256_file(staging / ADAPTER_WEIGHTS),
+                "vector_sha256": sha256_file(staging / VECTOR_FILE),
+                "layout_fingerprint": layout.fingerprint(), "written": time.time()}
+        write_json_atomic(staging / SNAPSHOT_FILE, full)
+    return full
+
+
+def load_vector(snapshot: str | Path) -> torch.Tensor:
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(snapshot) / VECTOR_FILE))["vector"]
+
+
+def snapshot_records(zoo_root: Path) -> list[dict[str, Any]]:
+    """Every snapshot's record found on disk, ordered by (task, step)."""
+    rows = [json.loads(p.read_text()) for p in Path(zoo_root).glob(f"tasks/*/snapshots/*/{SNAPSHOT_FILE}")]
+    return sorted(rows, key=lambda r: (r["task"], r["step"]))
+
+
+def write_manifest(zoo_root: Path):
+    """Rebuild ``manifest.parquet`` from the snapshot directories; returns the DataFrame."""
+    import pandas as pd
+
+    columns = ["task", "kind", "snapshot", "step", "train_loss", "eval_ppl", "path",
+               "adapter_sha256", "vector_sha256", "node_id"]
+    rows = snapshot_records(zoo_root)
+    frame = pd.DataFrame(rows, columns=None if rows else columns)
+    if rows:
+        frame["snapshot"] = frame.groupby("task").cumcount()
+        frame["kind"] = ["multitask" if t == MULTITASK else "task" for t in frame["task"]]
+        frame = frame[columns + [c for c in frame.columns if c not in columns]]
+    write_bytes_atomic(Path(zoo_root) / MANIFEST_FILE, frame.to_parquet(index=False))
+    return frame
+
+
+def zoo_identity(model_spec: str, lora: dict[str, Any], layout: LoraLayout) -> dict[str, Any]:
+    return {"model_spec": model_spec, "lora": lora, "layout_fingerprint": layout.fingerprint(),
+            "numel": layout.numel}
+
+
+def check_or_create_zoo(zoo_root: Path, identity: dict[str, Any], layout: LoraLayout) -> None:
+    """Record the zoo's identity on first use; later runs must match it field by field."""
+    path = Path(zoo_root) / ZOO_FILE
+    if path.is_file():
+        existing = json.loads(path.read_text())
+        for field in ("model_spec", "lora", "layout_fingerprint"):
+            if existing.get(field) != identity[field]:
+                name = {"model_spec": "model.spec", "lora": "zoo (LoRA settings)",
+                        "layout_fingerprint": "zoo.rank/zoo.target_modules"}[field]
+                raise ZooMismatchError(
+                    f"{name}: the zoo at {zoo_root} was built with {existing.get(field)!r}, this "
+                    f"run asks for {identity[field]!r}. Fix: use another storage.root, or the "
+                    "zoo's original settings.")
+        return
+    Path(zoo_root).mkdir(parents=True, exist_ok=True)
+    layout.save(Path(zoo_root) / LAYOUT_FILE)
+    write_json_atomic(path, identity)
+
+
+def plot_losses(zoo_root: Path, out: Path | None = None) -> Path:
+    """PNG of the training-loss curve of every task (from each task's ``losses.json``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = out or Path(zoo_root) / "losses.png"
+    fig, ax = plt.subplots(figsize=(9, 5))
+    for path in sorted(Path(zoo_root).glob("tasks/*/losses.json")):
+        points = json.loads(path.read_text())
+        ax.plot([p[0] for p in points], [p[1] for p in points], label=path.parent.name, linewidth=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss (nats/token)")
+    ax.set_title("LoRA zoo: training loss per task")
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(out)
+    return out

@@ -1,0 +1,241 @@
+"""The LoRA zoo: one Ray Train + DeepSpeed LoRA fine-tune per training task, many at once.
+
+    python -m jobs.train_loras --config smoke [key=value ...]     (or: icm train-loras ...)
+
+Per task a ``TorchTrainer`` (``zoo.num_workers`` workers) runs `train_func`, which trains a peft
+LoRA through ``deepspeed.initialize`` (ZeRO ``zoo.zero_stage``; gloo on CPU, NCCL + bf16 on GPU)
+and, at each snapshot step, writes a snapshot and a Ray Train checkpoint. Trainers are launched
+from ``num_cpus=0`` tasks, at most ``zoo.max_concurrent`` at once (default: what the cluster's
+CPUs/GPUs hold). Held-out tasks never enter. Rerunning after a kill skips finished tasks and
+resumes interrupted ones from their last checkpoint (same ``RunConfig(name, storage_path)``).
+Outputs: ``<storage.root>/zoo/`` (see ``icm/zoo.py``), ``summary.parquet``, ``losses.png``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import ray
+import ray.train
+import torch
+
+from icm.config import PipelineConfig
+from icm.evaluation import score_texts
+from icm.io import write_bytes_atomic, write_json_atomic
+from icm.lora_io import LoraLayout, adapter_state_dict
+from icm.lora_train import (batch_for_step, build_lora_model, deepspeed_config, iterate_steps,
+                            skip_deepspeed_shm_build, snapshot_steps, tokenize_texts, train_step)
+from icm.models import load_base_model
+from icm.stages import open_suite, stage
+from icm.tasks import Suite, load_task
+from icm.zoo import (LAYOUT_FILE, MULTITASK, TASK_DONE_FILE, check_or_create_zoo, plot_losses,
+                     task_dir, write_manifest, write_snapshot, zoo_identity)
+from jobs.common import parse_job_args, user_errors_exit_2
+from jobs.ray_setup import init_ray
+
+log = logging.getLogger("jobs.train_loras")
+
+
+# ----------------------------------------------------------------------------- worker side
+
+
+def _texts(task_paths: Sequence[str], split: str, limit: int | None = None) -> list[str]:
+    texts = [t for path in task_paths for t in load_task(path).texts(split)]
+    return texts[:limit] if limit else texts
+
+
+def _snapshot_and_checkpoint(engine, cfg: PipelineConfig, loop: dict, *, step: int, rank: int,
+                             progress: dict, layout: LoraLayout, eval_texts, tokenizer) -> None:
+    """Rank 0 evaluates and writes the snapshot; every rank saves its DeepSpeed shard; then a
+    Ray Train report (a barrier) registers the merged checkpoint."""
+    import deepspeed
+
+    zoo_root, task = Path(loop["zoo_root"]), loop["task"]
+    gather = (deepspeed.zero.GatheredParameters(list(engine.module.parameters()))
+              if cfg.zoo.zero_stage == 3 else contextlib.nullcontext())
+    with gather:
+        if rank == 0:
+            engine.module.eval()
+            ppl = score_texts(engine.module, tokenizer, eval_texts, max_length=cfg.zoo.seq_len).perplexity
+            engine.module.train()
+            write_snapshot(engine.module, layout, zoo_root, task=task, step=step, record={
+                "train_loss": progress["losses"][-1][1], "eval_ppl": ppl,
+                "node_id": ray.get_runtime_context().get_node_id()})
+            progress["eval_ppl"] = ppl
+            write_json_atomic(task_dir(zoo_root, task) / "losses.json", progress["losses"])
+    with tempfile.TemporaryDirectory() as tmp:
+        engine.save_checkpoint(tmp, tag="ckpt")
+        if rank == 0:
+            write_json_atomic(Path(tmp) / "progress.json", {**progress, "step": step})
+        torch.distributed.barrier()
+        ray.train.report({"step": step, "loss": progress["losses"][-1][1]},
+                         checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def train_func(loop: dict) -> dict:
+    """Runs on every worker of one task's TorchTrainer; rank 0's return value is the summary."""
+    import deepspeed
+
+    cfg = PipelineConfig.model_validate(loop["config"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    on_gpu = torch.cuda.is_available() and cfg.zoo.gpus_per_worker > 0
+    if not on_gpu:
+        skip_deepspeed_shm_build()
+    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
+    model, tokenizer = load_base_model(cfg.model.spec, cache_dir=cfg.model.cache_dir)
+    peft_model = build_lora_model(model, cfg.zoo)
+    engine, *_ = deepspeed.initialize(
+        model=peft_model, config=deepspeed_config(cfg.zoo, world_size=world, bf16=on_gpu),
+        model_parameters=[p for p in peft_model.parameters() if p.requires_grad])
+    sequences = tokenize_texts(tokenizer, _texts(loop["task_paths"], "train"), cfg.zoo.seq_len)
+    eval_texts = _texts(loop["task_paths"], "eval", cfg.zoo.eval_max_texts)
+    progress: dict = {"losses": [], "tokens": 0, "train_seconds": 0.0}
+    if (checkpoint := ray.train.get_checkpoint()) is not None:
+        with checkpoint.as_directory() as folder:
+            engine.load_checkpoint(folder, tag="ckpt")
+            progress = json.loads((Path(folder) / "progress.json").read_text())
+    elif rank == 0:
+        progress["base_ppl"] = score_texts(model, tokenizer, eval_texts,
+                                           max_length=cfg.zoo.seq_len).perplexity
+    layout = LoraLayout.load(Path(loop["zoo_root"]) / LAYOUT_FILE)
+    snaps = set(snapshot_steps(cfg.zoo.steps, cfg.zoo.snapshots, cfg.zoo.snapshot_start))
+    every = max(1, cfg.zoo.steps // 10)
+    for step in iterate_steps(progress.get("step", 0), cfg.zoo.steps):
+        batch = batch_for_step(sequences, step=step, batch_size=cfg.zoo.batch_size,
+                               seed=cfg.zoo.data_seed, rank=rank, world_size=world,
+                               pad_id=tokenizer.pad_token_id)
+        started = time.perf_counter()
+        loss = train_step(engine, batch)
+        progress["train_seconds"] += time.perf_counter() - started
+        progress["tokens"] += int(batch["attention_mask"].sum()) * world
+        progress["losses"].append([step, loss])
+        if rank == 0 and step % every == 0:
+            print(f"[zoo {loop['task']}] step {step}/{cfg.zoo.steps} loss {loss:.3f}", flush=True)
+        if step in snaps:
+            _snapshot_and_checkpoint(engine, cfg, loop, step=step, rank=rank, progress=progress,
+                                     layout=layout, eval_texts=eval_texts, tokenizer=tokenizer)
+    return {"task": loop["task"], "base_ppl": progress.get("base_ppl"),
+            "lora_ppl": progress.get("eval_ppl"), "train_seconds": progress["train_seconds"],
+            "tokens": progress["tokens"],
+            "tokens_per_s": progress["tokens"] / max(progress["train_seconds"], 1e-9),
+            "workers": world}
+
+
+# ----------------------------------------------------------------------------- driver side
+
+
+def fit_task(config: dict, task: str, task_paths: list[str], zoo_root: str) -> dict:
+    """Launcher (a ``num_cpus=0`` Ray task): one TorchTrainer for one task, resumable by name."""
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    cfg = PipelineConfig.model_validate(config)
+    z = cfg.zoo
+    resources = {"CPU": z.cpus_per_worker, **({"GPU": z.gpus_per_worker} if z.gpus_per_worker else {})}
+    started = time.perf_counter()
+    trainer = TorchTrainer(
+        train_func,
+        train_loop_config={"config": config, "task": task, "task_paths": task_paths,
+                           "zoo_root": zoo_root},
+        torch_config=TorchConfig(backend="nccl" if z.gpus_per_worker else "gloo"),
+        scaling_config=ray.train.ScalingConfig(num_workers=z.num_workers,
+                                               use_gpu=z.gpus_per_worker > 0,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(name=f"lora-{task}", storage_path=str(Path(zoo_root) / "ray"),
+                                       failure_config=ray.train.FailureConfig(max_failures=2)))
+    summary = trainer.fit().return_value
+    return {**summary, "wall_seconds": time.perf_counter() - started}
+
+
+def _concurrency(cfg: PipelineConfig) -> int:
+    if cfg.zoo.max_concurrent:
+        return cfg.zoo.max_concurrent
+    resources = ray.cluster_resources()
+    per_task_cpu = cfg.zoo.num_workers * cfg.zoo.cpus_per_worker
+    bound = int(resources.get("CPU", 1) // per_task_cpu)
+    if cfg.zoo.gpus_per_worker:
+        bound = min(bound, int(resources.get("GPU", 0) // (cfg.zoo.num_workers * cfg.zoo.gpus_per_worker)))
+    return max(1, bound)
+
+
+def prepare_zoo(cfg: PipelineConfig, suite: Suite) -> tuple[Path, dict[str, list[str]]]:
+    """Check every input before any training: model, target modules, schedule, zoo identity."""
+    zoo_root = cfg.storage.path("zoo").resolve()
+    snapshot_steps(cfg.zoo.steps, cfg.zoo.snapshots, cfg.zoo.snapshot_start)
+    if cfg.zoo.batch_size % cfg.zoo.num_workers:
+        from icm.lora_train import TrainInputError
+
+        raise TrainInputError(f"zoo.batch_size ({cfg.zoo.batch_size}) must be divisible by "
+                              f"zoo.num_workers ({cfg.zoo.num_workers}).")
+    model, _ = load_base_model(cfg.model.spec, cache_dir=cfg.model.cache_dir)
+    peft_model = build_lora_model(model, cfg.zoo)
+    layout = LoraLayout.of(adapter_state_dict(peft_model))
+    lora = cfg.zoo.model_dump(include={"rank", "alpha", "dropout", "target_modules", "init_seed"})
+    check_or_create_zoo(zoo_root, zoo_identity(cfg.model.spec, lora, layout), layout)
+    training = suite.training_tasks()  # held-out tasks never enter the zoo
+    jobs = {task.name: [str(task.path)] for task in training}
+    if cfg.zoo.multitask:
+        jobs[MULTITASK] = [str(task.path) for task in training]
+    return zoo_root, jobs
+
+
+def run(cfg: PipelineConfig, suite: Suite) -> dict:
+    current = stage(cfg, "zoo", suite.fingerprint(), sorted(t.name for t in suite.training_tasks()),
+                    sections=("model", "zoo"))
+    if current.is_current():
+        log.info("zoo: up to date, skipping (%s)", current.directory)
+        return current.record()
+    zoo_root, jobs = prepare_zoo(cfg, suite)
+    started = current.begin(cfg)
+    done = {name for name in jobs
+            if (task_dir(zoo_root, name) / TASK_DONE_FILE).is_file()
+            and json.loads((task_dir(zoo_root, name) / TASK_DONE_FILE).read_text()).get("fingerprint") == current.fingerprint}
+    todo = [name for name in jobs if name not in done]
+    log.info("zoo: %d tasks (%d already done), %d trainers at a time", len(jobs), len(done), _concurrency(cfg))
+    launcher = ray.remote(num_cpus=0)(fit_task)
+    config_dict, in_flight = cfg.model_dump(mode="json"), {}
+    while todo or in_flight:
+        while todo and len(in_flight) < _concurrency(cfg):
+            name = todo.pop(0)
+            in_flight[launcher.remote(config_dict, name, jobs[name], str(zoo_root))] = name
+        ready, _ = ray.wait(list(in_flight), num_returns=1)
+        name = in_flight.pop(ready[0])
+        summary = ray.get(ready[0])
+        write_json_atomic(task_dir(zoo_root, name) / TASK_DONE_FILE, {**summary, "fingerprint": current.fingerprint})
+        write_manifest(zoo_root)
+        log.info("zoo %d/%d %-24s base ppl %.2f -> LoRA %.2f  (%.0f tok/s, %.0f s)", len(jobs) - len(todo) - len(in_flight),
+                 len(jobs), name, summary["base_ppl"], summary["lora_ppl"], summary["tokens_per_s"], summary["wall_seconds"])
+    return _finish(current, started, zoo_root, jobs)
+
+
+def _finish(current, started: float, zoo_root: Path, jobs: dict) -> dict:
+    import pandas as pd
+
+    manifest = write_manifest(zoo_root)
+    summary = pd.DataFrame([json.loads((task_dir(zoo_root, n) / TASK_DONE_FILE).read_text()) for n in jobs])
+    write_bytes_atomic(zoo_root / "summary.parquet", summary.drop(columns=["fingerprint"]).to_parquet(index=False))
+    plot_losses(zoo_root)
+    return current.finish(started, {"zoo": str(zoo_root), "tasks": len(jobs),
+                                    "snapshots": len(manifest), "manifest": "zoo/manifest.parquet"})
+
+
+@user_errors_exit_2
+def main(argv: Sequence[str] | None = None) -> int:
+    cfg = parse_job_args(__doc__.split("\n\n")[0], argv)
+    suite = open_suite(cfg)
+    init_ray(cfg.ray, cache_dir=cfg.model.cache_dir)
+    record = run(cfg, suite)
+    print(f"zoo: {record['outputs']['tasks']} LoRAs, {record['outputs']['snapshots']} snapshots -> "
+          f"{record['outputs']['zoo']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
