@@ -1,6 +1,7 @@
 """The ``icm`` command line.
 
     icm run --config demo [key=value ...]     the whole pipeline on a local Ray (jobs.pipeline)
+    icm train-loras --config demo [k=v ...]   the LoRA zoo alone (jobs.train_loras)
     icm config show --config smoke [k=v ...]  print a resolved config
     icm tasks validate DIR                    check a suite, print its table
     icm tasks build-default OUT               build the default suite from installed packages
@@ -36,6 +37,11 @@ USER_ERRORS = (ConfigError, ModelError, SuiteError, AdapterError, LayoutError, T
 def _cmd_run(args: argparse.Namespace) -> int:
     pipeline = importlib.import_module("jobs.pipeline")
     return pipeline.main(["--config", args.config, *args.overrides])
+
+
+def _cmd_train_loras(args: argparse.Namespace) -> int:
+    job = importlib.import_module("jobs.train_loras")
+    return job.main(["--config", args.config, *args.overrides])
 
 
 def _cmd_config_show(args: argparse.Namespace) -> int:
@@ -121,6 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--config", default="demo", help=f"preset {list_presets()} or a YAML path")
     run.add_argument("overrides", nargs="*", help="section.field=value overrides")
     run.set_defaults(func=_cmd_run)
+
+    zoo = sub.add_parser("train-loras", help="train the LoRA zoo on Ray (jobs.train_loras)")
+    zoo.add_argument("--config", default="demo", help=f"preset {list_presets()} or a YAML path")
+    zoo.add_argument("overrides", nargs="*", help="section.field=value overrides")
+    zoo.set_defaults(func=_cmd_train_loras)
 
     config = sub.add_parser("config", help="inspect configs").add_subparsers(dest="sub", required=True)
     show = config.add_parser("show", help="print the resolved config")

@@ -6,11 +6,13 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from icm.cli import USER_ERRORS
-from icm.config import PipelineConfig, list_presets, load_config
+from icm.config import ConfigError, PipelineConfig, list_presets, load_config
 
 
 def parse_job_args(description: str, argv: Sequence[str] | None) -> PipelineConfig:
@@ -21,6 +23,20 @@ def parse_job_args(description: str, argv: Sequence[str] | None) -> PipelineConf
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     return load_config(args.config, args.overrides)
+
+
+def ensure_writable_root(config: PipelineConfig) -> Path:
+    """Create ``storage.root`` (and prove it writable) before any work starts."""
+    root = config.storage.path()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = root / f".write-probe-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"storage.root {str(root)!r} is not writable ({err.strerror}). "
+                          "Fix: set storage.root=DIR to a writable directory.") from None
+    return root
 
 
 def user_errors_exit_2(main: Callable[..., int]) -> Callable[..., int]:

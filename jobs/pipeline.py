@@ -17,13 +17,13 @@ from collections.abc import Sequence
 
 import pandas as pd
 
-from icm.config import ConfigError, PipelineConfig, save_resolved_config
+from icm.config import PipelineConfig, save_resolved_config
 from icm.io import write_text_atomic
 from icm.models import load_base_model, resolve_spec
 from icm.stages import open_suite, stage
 from icm.tasks import Suite, format_stats_table, validate_suite
 from jobs import base_eval
-from jobs.common import parse_job_args, user_errors_exit_2
+from jobs.common import ensure_writable_root, parse_job_args, user_errors_exit_2
 from jobs.ray_setup import init_ray
 
 log = logging.getLogger("jobs.pipeline")
@@ -55,13 +55,8 @@ def run_prepare(config: PipelineConfig, suite: Suite) -> dict:
 def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     config = parse_job_args(__doc__.split("\n\n")[0], argv)
-    root = config.storage.path()
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        save_resolved_config(config, root)
-    except OSError as err:
-        raise ConfigError(f"storage.root {str(root)!r} is not writable ({err.strerror}). "
-                          "Fix: set storage.root=DIR to a writable directory.") from None
+    root = ensure_writable_root(config)
+    save_resolved_config(config, root)
     suite = open_suite(config)
     log.info("run %r -> %s; suite %s, %d tasks", config.name, root.resolve(), suite.path, len(suite.tasks))
 

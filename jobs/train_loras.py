@@ -37,7 +37,7 @@ from icm.stages import open_suite, stage
 from icm.tasks import Suite, load_task
 from icm.zoo import (LAYOUT_FILE, MULTITASK, TASK_DONE_FILE, check_or_create_zoo, plot_losses,
                      task_dir, write_manifest, write_snapshot, zoo_identity)
-from jobs.common import parse_job_args, user_errors_exit_2
+from jobs.common import ensure_writable_root, parse_job_args, user_errors_exit_2
 from jobs.ray_setup import init_ray
 
 log = logging.getLogger("jobs.train_loras")
@@ -71,7 +71,9 @@ def _snapshot_and_checkpoint(engine, cfg: PipelineConfig, loop: dict, *, step: i
             progress["eval_ppl"] = ppl
             write_json_atomic(task_dir(zoo_root, task) / "losses.json", progress["losses"])
     with tempfile.TemporaryDirectory() as tmp:
-        engine.save_checkpoint(tmp, tag="ckpt")
+        # Leave the frozen base out (538 MB for SmolLM2). DeepSpeed still keeps a tied input
+        # embedding (113 MB for SmolLM2) as a "shared param"; only the last checkpoint is kept.
+        engine.save_checkpoint(tmp, tag="ckpt", exclude_frozen_parameters=True)
         if rank == 0:
             write_json_atomic(Path(tmp) / "progress.json", {**progress, "step": step})
         torch.distributed.barrier()
@@ -100,8 +102,10 @@ def train_func(loop: dict) -> dict:
     progress: dict = {"losses": [], "tokens": 0, "train_seconds": 0.0}
     if (checkpoint := ray.train.get_checkpoint()) is not None:
         with checkpoint.as_directory() as folder:
-            engine.load_checkpoint(folder, tag="ckpt")
+            engine.load_checkpoint(folder, tag="ckpt", load_module_strict=False)
             progress = json.loads((Path(folder) / "progress.json").read_text())
+        if rank == 0:
+            print(f"[zoo {loop['task']}] resuming from step {progress['step']}", flush=True)
     elif rank == 0:
         progress["base_ppl"] = score_texts(model, tokenizer, eval_texts,
                                            max_length=cfg.zoo.seq_len).perplexity
@@ -148,8 +152,10 @@ def fit_task(config: dict, task: str, task_paths: list[str], zoo_root: str) -> d
         scaling_config=ray.train.ScalingConfig(num_workers=z.num_workers,
                                                use_gpu=z.gpus_per_worker > 0,
                                                resources_per_worker=resources),
-        run_config=ray.train.RunConfig(name=f"lora-{task}", storage_path=str(Path(zoo_root) / "ray"),
-                                       failure_config=ray.train.FailureConfig(max_failures=2)))
+        run_config=ray.train.RunConfig(
+            name=f"lora-{task}", storage_path=str(Path(zoo_root) / "ray"),
+            failure_config=ray.train.FailureConfig(max_failures=2),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1)))  # resume needs the last only
     summary = trainer.fit().return_value
     return {**summary, "wall_seconds": time.perf_counter() - started}
 
@@ -192,7 +198,8 @@ def run(cfg: PipelineConfig, suite: Suite) -> dict:
     if current.is_current():
         log.info("zoo: up to date, skipping (%s)", current.directory)
         return current.record()
-    zoo_root, jobs = prepare_zoo(cfg, suite)
+    zoo_root, jobs = prepare_zoo(cfg, suite)  # every input check, before Ray or training starts
+    init_ray(cfg.ray, cache_dir=cfg.model.cache_dir)
     started = current.begin(cfg)
     done = {name for name in jobs
             if (task_dir(zoo_root, name) / TASK_DONE_FILE).is_file()
@@ -229,9 +236,8 @@ def _finish(current, started: float, zoo_root: Path, jobs: dict) -> dict:
 @user_errors_exit_2
 def main(argv: Sequence[str] | None = None) -> int:
     cfg = parse_job_args(__doc__.split("\n\n")[0], argv)
-    suite = open_suite(cfg)
-    init_ray(cfg.ray, cache_dir=cfg.model.cache_dir)
-    record = run(cfg, suite)
+    ensure_writable_root(cfg)
+    record = run(cfg, open_suite(cfg))
     print(f"zoo: {record['outputs']['tasks']} LoRAs, {record['outputs']['snapshots']} snapshots -> "
           f"{record['outputs']['zoo']}")
     return 0

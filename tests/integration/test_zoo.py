@@ -1,0 +1,170 @@
+"""The LoRA zoo on a real local Ray with real DeepSpeed (tiny-llama, CPU)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+import torch
+
+from icm.adapters import apply_adapter
+from icm.io import sha256_file
+from icm.lora_io import LoraLayout, save_adapter, unflatten
+from icm.models import load_base_model
+from icm.zoo import MULTITASK, load_vector
+from jobs.train_loras import main as train_loras_main
+from tests.conftest import REPO_ROOT, make_suite
+
+FAST = ["zoo.steps=16", "zoo.seq_len=32", "zoo.batch_size=4", "zoo.eval_max_texts=2",
+        "suite.tasks=null", "ray.num_cpus=2"]
+
+
+def _zoo(suite, root, *extra, timeout=900, **popen):
+    return subprocess.run([sys.executable, "-m", "jobs.train_loras", "--config", "smoke",
+                           f"suite.path={suite}", f"storage.root={root}", *FAST, *extra],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout, **popen)
+
+
+@pytest.fixture(scope="module")
+def smoke_zoo(tmp_path_factory):
+    base = tmp_path_factory.mktemp("zoo")
+    suite = make_suite(base / "suite")
+    out = _zoo(suite, base / "run")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
+    return base / "run" / "zoo", suite, base / "run"
+
+
+@pytest.mark.slow
+def test_zoo_trains_every_training_task_and_the_multitask_lora(smoke_zoo):
+    zoo, _, _ = smoke_zoo
+    manifest = pd.read_parquet(zoo / "manifest.parquet")
+    assert sorted(manifest["task"].unique()) == ["cats", "code", MULTITASK, "sums"]  # "dogs" is held out
+    for _, rows in manifest.groupby("task"):
+        assert list(rows["snapshot"]) == list(range(8)) and rows["step"].is_unique
+        assert rows["step"].min() > 8 and rows["step"].max() == 16  # the later half of training
+    assert {"train_loss", "eval_ppl", "path", "adapter_sha256", "node_id"} <= set(manifest.columns)
+    summary = pd.read_parquet(zoo / "summary.parquet")
+    assert (summary["lora_ppl"] < summary["base_ppl"]).all() and (summary["tokens_per_s"] > 0).all()
+    assert (zoo / "losses.png").stat().st_size > 10_000
+    identity = json.loads((zoo / "zoo.json").read_text())
+    assert identity["model_spec"] == "tiny-llama" and identity["lora"]["init_seed"] == 0
+
+
+@pytest.mark.slow
+def test_manifest_matches_the_files(smoke_zoo):
+    zoo, _, _ = smoke_zoo
+    for row in pd.read_parquet(zoo / "manifest.parquet").itertuples():
+        assert sha256_file(f"{row.path}/adapter_model.safetensors") == row.adapter_sha256
+        assert sha256_file(f"{row.path}/vector.safetensors") == row.vector_sha256
+
+
+@pytest.mark.slow
+def test_snapshot_reloads_in_peft_and_matches_its_vector(smoke_zoo, tmp_path):
+    zoo, _, _ = smoke_zoo
+    row = pd.read_parquet(zoo / "manifest.parquet").query("task == 'code'").iloc[-1]
+    _, tokenizer = load_base_model("tiny-llama")
+    ids = tokenizer("def neg(x):\n    return -x", return_tensors="pt")
+    from_peft = apply_adapter(load_base_model("tiny-llama")[0], row["path"])
+    layout = LoraLayout.load(zoo / "lora_layout.json")
+    config = json.loads(open(f"{row['path']}/adapter_config.json").read())
+    save_adapter(unflatten(load_vector(row["path"]), layout), config, tmp_path / "from-vector")
+    from_vector = apply_adapter(load_base_model("tiny-llama")[0], tmp_path / "from-vector")
+    with torch.inference_mode():
+        a, b = from_peft(**ids).logits, from_vector(**ids).logits
+        base = load_base_model("tiny-llama")[0](**ids).logits
+    assert torch.equal(a, b) and not torch.allclose(a, base)
+
+
+@pytest.mark.slow
+def test_rerun_skips_the_finished_zoo(smoke_zoo):
+    _, suite, root = smoke_zoo
+    again = _zoo(suite, root)
+    assert again.returncode == 0 and "zoo: up to date" in again.stderr
+
+
+@pytest.mark.slow
+def test_two_workers_shard_with_zero2(tmp_path):
+    suite = make_suite(tmp_path / "suite")
+    out = _zoo(suite, tmp_path / "run", "suite.tasks=[cats]", "zoo.num_workers=2",
+               "zoo.cpus_per_worker=1", "zoo.multitask=false", "zoo.zero_stage=2")
+    assert out.returncode == 0, out.stderr[-5000:]
+    summary = pd.read_parquet(tmp_path / "run/zoo/summary.parquet")
+    assert summary["workers"].tolist() == [2]
+    # ZeRO-2 partitions the optimizer state: one shard file per rank in the checkpoint
+    checkpoints = [p for p in (tmp_path / "run/zoo/ray/lora-cats").glob("checkpoint_*") if p.is_dir()]
+    assert len(checkpoints) == 1  # only the latest is kept
+    shards = {p.name for p in checkpoints[0].rglob("*optim_states.pt")}
+    assert any("rank_0" in s for s in shards) and any("rank_1" in s for s in shards), shards
+    assert len(pd.read_parquet(tmp_path / "run/zoo/manifest.parquet")) == 8
+
+
+@pytest.mark.slow
+def test_kill_and_resume_loses_and_duplicates_nothing(tmp_path):
+    suite = make_suite(tmp_path / "suite")
+    args = ["zoo.max_concurrent=1", "zoo.multitask=false", "zoo.steps=24"]
+    driver = subprocess.Popen([sys.executable, "-m", "jobs.train_loras", "--config", "smoke",
+                               f"suite.path={suite}", f"storage.root={tmp_path / 'run'}", *FAST, *args],
+                              cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    tasks = tmp_path / "run" / "zoo" / "tasks"
+    deadline = time.time() + 600
+    # Kill once one task is finished and another is part-way (it has snapshots, no task.json).
+    while time.time() < deadline:
+        finished = {p.parent.name for p in tasks.glob("*/task.json")}
+        partial = {p.parent.parent.name for p in tasks.glob("*/snapshots/step-*")} - finished
+        if finished and partial:
+            break
+        assert driver.poll() is None, "the zoo finished before it could be killed"
+        time.sleep(0.2)
+    os.killpg(driver.pid, signal.SIGKILL)  # the driver and the local Ray it started
+    driver.wait()
+    time.sleep(3)
+    rerun = _zoo(suite, tmp_path / "run", *args)
+    assert rerun.returncode == 0, rerun.stderr[-5000:]
+    assert "1 already done" in rerun.stderr or "2 already done" in rerun.stderr
+    assert "resuming from step" in rerun.stdout + rerun.stderr
+    manifest = pd.read_parquet(tmp_path / "run/zoo/manifest.parquet")
+    assert sorted(manifest["task"].unique()) == ["cats", "code", "sums"]
+    for _, rows in manifest.groupby("task"):
+        assert len(rows) == 8 and rows["step"].is_unique
+
+
+@pytest.mark.parametrize("override, message", [
+    ("suite.tasks=[cats,owls]", "unknown task(s) ['owls']"),
+    ("zoo.target_modules=[q_proj,qkv_proj]", "zoo.target_modules: ['qkv_proj']"),
+    ("zoo.rank=0", "'zoo.rank'"),
+    ("zoo.steps=4", "raise zoo.steps"),
+])
+def test_bad_input_fails_before_training(tmp_path, capsys, override, message):
+    suite = make_suite(tmp_path / "suite")
+    code = train_loras_main(["--config", "smoke", f"suite.path={suite}", f"storage.root={tmp_path / 'run'}",
+                             *FAST, override])
+    assert code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "run" / "zoo" / "tasks").exists()
+
+
+def test_unwritable_storage_and_foreign_zoo_fail_before_training(tmp_path, capsys, tiny_llama):
+    suite = make_suite(tmp_path / "suite")
+    (tmp_path / "file").write_text("")
+    assert train_loras_main(["--config", "smoke", f"suite.path={suite}",
+                             f"storage.root={tmp_path / 'file' / 'run'}", *FAST]) == 2
+    assert "storage.root" in capsys.readouterr().err
+    # a zoo recorded for tiny-llama refuses another base model
+    from icm.lora_train import build_lora_model
+    from icm.config import ZooConfig
+    from icm.lora_io import adapter_state_dict
+    from icm.zoo import check_or_create_zoo, zoo_identity
+
+    layout = LoraLayout.of(adapter_state_dict(build_lora_model(load_base_model("tiny-llama")[0], ZooConfig())))
+    lora = ZooConfig().model_dump(include={"rank", "alpha", "dropout", "target_modules", "init_seed"})
+    check_or_create_zoo(tmp_path / "run" / "zoo", zoo_identity("smollm2-135m", lora, layout), layout)
+    assert train_loras_main(["--config", "smoke", f"suite.path={suite}",
+                             f"storage.root={tmp_path / 'run'}", *FAST]) == 2
+    err = capsys.readouterr().err
+    assert "model.spec" in err and "smollm2-135m" in err and "tiny-llama" in err
