@@ -30,8 +30,9 @@ from icm.config import PipelineConfig
 from icm.evaluation import score_texts
 from icm.io import write_bytes_atomic, write_json_atomic
 from icm.lora_io import LoraLayout, adapter_state_dict
-from icm.lora_train import (batch_for_step, build_lora_model, deepspeed_config, iterate_steps,
-                            skip_deepspeed_shm_build, snapshot_steps, tokenize_texts, train_step)
+from icm.lora_train import (TrainInputError, batch_for_step, build_lora_model, deepspeed_config,
+                            iterate_steps, skip_deepspeed_shm_build, snapshot_steps,
+                            tokenize_texts, train_step)
 from icm.models import load_base_model
 from icm.stages import open_suite, stage
 from icm.tasks import Suite, load_task
@@ -176,8 +177,6 @@ def prepare_zoo(cfg: PipelineConfig, suite: Suite) -> tuple[Path, dict[str, list
     zoo_root = cfg.storage.path("zoo").resolve()
     snapshot_steps(cfg.zoo.steps, cfg.zoo.snapshots, cfg.zoo.snapshot_start)
     if cfg.zoo.batch_size % cfg.zoo.num_workers:
-        from icm.lora_train import TrainInputError
-
         raise TrainInputError(f"zoo.batch_size ({cfg.zoo.batch_size}) must be divisible by "
                               f"zoo.num_workers ({cfg.zoo.num_workers}).")
     model, _ = load_base_model(cfg.model.spec, cache_dir=cfg.model.cache_dir)
@@ -193,8 +192,10 @@ def prepare_zoo(cfg: PipelineConfig, suite: Suite) -> tuple[Path, dict[str, list
 
 
 def run(cfg: PipelineConfig, suite: Suite) -> dict:
+    # Scheduling knobs do not change what is trained: a resumed run may use other values.
+    trained = cfg.zoo.model_dump(mode="json", exclude={"max_concurrent", "cpus_per_worker"})
     current = stage(cfg, "zoo", suite.fingerprint(), sorted(t.name for t in suite.training_tasks()),
-                    sections=("model", "zoo"))
+                    trained, sections=("model",))
     if current.is_current():
         log.info("zoo: up to date, skipping (%s)", current.directory)
         return current.record()
