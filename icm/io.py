@@ -79,6 +79,16 @@ def atomic_directory(final: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+def probe_writable(folder: str | os.PathLike) -> Path:
+    """Create ``folder`` and prove a file can be written in it; raises ``OSError`` if not."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    probe = folder / f".write-probe-{os.getpid()}"
+    probe.write_text("")
+    probe.unlink()
+    return folder
+
+
 def sha256_file(path: str | os.PathLike, chunk_bytes: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:

@@ -111,6 +111,12 @@ def adapter_state_dict(peft_model) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu() for k, v in get_peft_model_state_dict(peft_model).items()}
 
 
+def peft_config_json(peft_config) -> dict[str, Any]:
+    """A ``LoraConfig`` (or its dict) as plain JSON, as ``adapter_config.json`` holds it."""
+    config = peft_config if isinstance(peft_config, dict) else peft_config.to_dict()
+    return json.loads(json.dumps(config, default=lambda v: sorted(v) if isinstance(v, set) else str(v)))
+
+
 def save_adapter(state_dict: Mapping[str, torch.Tensor], peft_config, out_dir: str | Path,
                  *, extra_files: Mapping[str, Any] | None = None) -> Path:
     """Write a peft adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``)
@@ -122,8 +128,7 @@ def save_adapter(state_dict: Mapping[str, torch.Tensor], peft_config, out_dir: s
     """
     from safetensors.torch import save_file
 
-    config = peft_config if isinstance(peft_config, dict) else peft_config.to_dict()
-    config = json.loads(json.dumps(config, default=lambda v: sorted(v) if isinstance(v, set) else str(v)))
+    config = peft_config_json(peft_config)
     with atomic_directory(out_dir) as staging:
         save_file({k: v.contiguous() for k, v in state_dict.items()}, str(staging / ADAPTER_WEIGHTS),
                   metadata={"format": "pt"})

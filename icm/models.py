@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from icm.io import atomic_directory, sha256_file, write_json_atomic
+from icm.io import atomic_directory, probe_writable, sha256_file, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -186,10 +186,7 @@ def ensure_smollm2_cache(cache_dir: str | os.PathLike | None = None, *,
 
 def _check_writable(folder: Path) -> None:
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write-probe-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
+        probe_writable(folder)
     except OSError as err:
         raise ModelError(f"model cache directory {folder} is not writable ({err.strerror}). "
                          "Fix: set model.cache_dir or $ICM_CACHE_DIR to a writable folder.") from None

@@ -24,7 +24,7 @@ import torch
 
 from icm.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from icm.io import atomic_directory, sha256_file, write_bytes_atomic, write_json_atomic
-from icm.lora_io import LoraLayout, adapter_state_dict, flatten
+from icm.lora_io import LoraLayout, adapter_state_dict, flatten, peft_config_json
 
 ZOO_FILE = "zoo.json"
 LAYOUT_FILE = "lora_layout.json"
@@ -58,9 +58,7 @@ def write_snapshot(peft_model, layout: LoraLayout, zoo_root: Path, *, task: str,
     with atomic_directory(out) as staging:
         save_file({k: v.contiguous() for k, v in state.items()}, str(staging / ADAPTER_WEIGHTS),
                   metadata={"format": "pt"})
-        config = peft_model.peft_config["default"].to_dict()
-        write_json_atomic(staging / ADAPTER_CONFIG,
-                          json.loads(json.dumps(config, default=lambda v: sorted(v) if isinstance(v, set) else str(v))))
+        write_json_atomic(staging / ADAPTER_CONFIG, peft_config_json(peft_model.peft_config["default"]))
         save_file({"vector": vector.contiguous()}, str(staging / VECTOR_FILE),
                   metadata={"layout_fingerprint": layout.fingerprint()})
         full = {**record, "task": task, "step": step, "path": str(out),

@@ -6,13 +6,13 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
-import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from icm.cli import USER_ERRORS
 from icm.config import ConfigError, PipelineConfig, list_presets, load_config
+from icm.io import probe_writable
 
 
 def parse_job_args(description: str, argv: Sequence[str] | None) -> PipelineConfig:
@@ -29,10 +29,7 @@ def ensure_writable_root(config: PipelineConfig) -> Path:
     """Create ``storage.root`` (and prove it writable) before any work starts."""
     root = config.storage.path()
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        probe = root / f".write-probe-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
+        probe_writable(root)
     except OSError as err:
         raise ConfigError(f"storage.root {str(root)!r} is not writable ({err.strerror}). "
                           "Fix: set storage.root=DIR to a writable directory.") from None

@@ -206,11 +206,12 @@ def run(cfg: PipelineConfig, suite: Suite) -> dict:
             if (task_dir(zoo_root, name) / TASK_DONE_FILE).is_file()
             and json.loads((task_dir(zoo_root, name) / TASK_DONE_FILE).read_text()).get("fingerprint") == current.fingerprint}
     todo = [name for name in jobs if name not in done]
-    log.info("zoo: %d tasks (%d already done), %d trainers at a time", len(jobs), len(done), _concurrency(cfg))
+    concurrency = _concurrency(cfg)
+    log.info("zoo: %d tasks (%d already done), %d trainers at a time", len(jobs), len(done), concurrency)
     launcher = ray.remote(num_cpus=0)(fit_task)
     config_dict, in_flight = cfg.model_dump(mode="json"), {}
     while todo or in_flight:
-        while todo and len(in_flight) < _concurrency(cfg):
+        while todo and len(in_flight) < concurrency:
             name = todo.pop(0)
             in_flight[launcher.remote(config_dict, name, jobs[name], str(zoo_root))] = name
         ready, _ = ray.wait(list(in_flight), num_returns=1)
