@@ -141,6 +141,27 @@ def skip_deepspeed_shm_build() -> None:
     module.build_shm_op = lambda: None
 
 
+def exclude_tied_frozen_params_from_checkpoints(engine) -> None:
+    """Make ``save_checkpoint(exclude_frozen_parameters=True)`` really leave the base model out.
+
+    DeepSpeed drops frozen weights by walking ``named_parameters()``, which lists a tied weight
+    once: the second name (``lm_head.weight`` tied to ``embed_tokens.weight``) stays in the module
+    state, 113 MB per SmolLM2 checkpoint. The frozen base is rebuilt from the model spec on
+    resume, so the checkpoint needs only the LoRA weights and the optimizer state.
+    """
+    original = engine.module_state_dict
+
+    def module_state_dict(*args, exclude_frozen_parameters: bool = False, **kwargs):
+        state = original(*args, exclude_frozen_parameters=exclude_frozen_parameters, **kwargs)
+        if exclude_frozen_parameters:
+            for name, param in engine.module.named_parameters(remove_duplicate=False):
+                if not param.requires_grad:
+                    state.pop(name, None)
+        return state
+
+    engine.module_state_dict = module_state_dict
+
+
 def train_step(engine, batch: dict[str, torch.Tensor]) -> float:
     """One DeepSpeed step (forward, backward, optimizer + scheduler); returns the loss."""
     batch = {k: v.to(engine.device) for k, v in batch.items()}

@@ -93,19 +93,26 @@ engine, *_ = deepspeed.initialize(model=peft_model, config=deepspeed_config(cfg,
                                   model_parameters=[p for p in peft_model.parameters() if p.requires_grad])
 losses = [train_step(engine, batch_for_step(sequences, step=s, batch_size=cfg.batch_size, seed=0,
                                             pad_id=tokenizer.pad_token_id)) for s in iterate_steps(0, cfg.steps)]
-print(json.dumps({"losses": losses, "optimizer": type(engine.optimizer).__name__}))
+exclude_tied_frozen_params_from_checkpoints(engine)
+engine.save_checkpoint(sys.argv[2], tag="ckpt", exclude_frozen_parameters=True)
+import torch
+saved = torch.load(os.path.join(sys.argv[2], "ckpt", "mp_rank_00_model_states.pt"), weights_only=False)
+print(json.dumps({"losses": losses, "optimizer": type(engine.optimizer).__name__,
+                  "saved_keys": sorted(saved["module"])}))
 """
 
 
-def test_real_deepspeed_zero2_trains_a_lora_on_cpu():
+def test_real_deepspeed_zero2_trains_a_lora_on_cpu(tmp_path):
     """One DeepSpeed process (gloo, ZeRO-2) trains a tiny LoRA: the loss falls clearly in 30 steps.
 
     (A random tiny-llama starts near ln(49152) = 10.8 nats; a rank-4 LoRA on q/v alone cannot
     move a random output head far, so the bar is a clear fall, not a fit.)"""
-    out = subprocess.run([sys.executable, "-c", DEEPSPEED_SCRIPT, "29631"], cwd=REPO_ROOT,
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, "-c", DEEPSPEED_SCRIPT, "29631", str(tmp_path)],
+                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     losses = result["losses"]
     assert len(losses) == 30 and result["optimizer"] == "DeepSpeedZeroOptimizer"
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.3
+    # The checkpoint holds the LoRA weights only: not the tied, frozen lm_head (113 MB on SmolLM2).
+    assert result["saved_keys"] and all("lora_" in key for key in result["saved_keys"]), result["saved_keys"]
