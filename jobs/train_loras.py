@@ -31,8 +31,8 @@ from icm.evaluation import score_texts
 from icm.io import write_bytes_atomic, write_json_atomic
 from icm.lora_io import LoraLayout, adapter_state_dict
 from icm.lora_train import (TrainInputError, batch_for_step, build_lora_model, deepspeed_config,
-                            iterate_steps, skip_deepspeed_shm_build, snapshot_steps,
-                            tokenize_texts, train_step)
+                            exclude_tied_frozen_params_from_checkpoints, iterate_steps,
+                            skip_deepspeed_shm_build, snapshot_steps, tokenize_texts, train_step)
 from icm.models import load_base_model
 from icm.stages import open_suite, stage
 from icm.tasks import Suite, load_task
@@ -45,6 +45,13 @@ log = logging.getLogger("jobs.train_loras")
 
 
 # ----------------------------------------------------------------------------- worker side
+
+
+def _progress(message: str) -> None:
+    """One progress line in the driver's terminal. Ray Train patches ``print`` on workers to tee
+    into its logger as well as to ``sys.stdout`` (which Ray has wrapped), so a plain print shows
+    up twice; writing to the process's real stdout goes through Ray's log streaming once."""
+    print(message, file=sys.__stdout__, flush=True)
 
 
 def _texts(task_paths: Sequence[str], split: str, limit: int | None = None) -> list[str]:
@@ -72,8 +79,8 @@ def _snapshot_and_checkpoint(engine, cfg: PipelineConfig, loop: dict, *, step: i
             progress["eval_ppl"] = ppl
             write_json_atomic(task_dir(zoo_root, task) / "losses.json", progress["losses"])
     with tempfile.TemporaryDirectory() as tmp:
-        # Leave the frozen base out (538 MB for SmolLM2). DeepSpeed still keeps a tied input
-        # embedding (113 MB for SmolLM2) as a "shared param"; only the last checkpoint is kept.
+        # Leave the frozen base out (538 MB for SmolLM2), tied weights included (see
+        # exclude_tied_frozen_params_from_checkpoints); only the last checkpoint is kept.
         engine.save_checkpoint(tmp, tag="ckpt", exclude_frozen_parameters=True)
         if rank == 0:
             write_json_atomic(Path(tmp) / "progress.json", {**progress, "step": step})
@@ -98,6 +105,7 @@ def train_func(loop: dict) -> dict:
     engine, *_ = deepspeed.initialize(
         model=peft_model, config=deepspeed_config(cfg.zoo, world_size=world, bf16=on_gpu),
         model_parameters=[p for p in peft_model.parameters() if p.requires_grad])
+    exclude_tied_frozen_params_from_checkpoints(engine)
     sequences = tokenize_texts(tokenizer, _texts(loop["task_paths"], "train"), cfg.zoo.seq_len)
     eval_texts = _texts(loop["task_paths"], "eval", cfg.zoo.eval_max_texts)
     progress: dict = {"losses": [], "tokens": 0, "train_seconds": 0.0}
@@ -106,7 +114,7 @@ def train_func(loop: dict) -> dict:
             engine.load_checkpoint(folder, tag="ckpt", load_module_strict=False)
             progress = json.loads((Path(folder) / "progress.json").read_text())
         if rank == 0:
-            print(f"[zoo {loop['task']}] resuming from step {progress['step']}", flush=True)
+            _progress(f"[zoo {loop['task']}] resuming from step {progress['step']}")
     elif rank == 0:
         progress["base_ppl"] = score_texts(model, tokenizer, eval_texts,
                                            max_length=cfg.zoo.seq_len).perplexity
@@ -123,7 +131,7 @@ def train_func(loop: dict) -> dict:
         progress["tokens"] += int(batch["attention_mask"].sum()) * world
         progress["losses"].append([step, loss])
         if rank == 0 and step % every == 0:
-            print(f"[zoo {loop['task']}] step {step}/{cfg.zoo.steps} loss {loss:.3f}", flush=True)
+            _progress(f"[zoo {loop['task']}] step {step}/{cfg.zoo.steps} loss {loss:.3f}")
         if step in snaps:
             _snapshot_and_checkpoint(engine, cfg, loop, step=step, rank=rank, progress=progress,
                                      layout=layout, eval_texts=eval_texts, tokenizer=tokenizer)

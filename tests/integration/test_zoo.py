@@ -37,6 +37,7 @@ def smoke_zoo(tmp_path_factory):
     suite = make_suite(base / "suite")
     out = _zoo(suite, base / "run")
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
+    (base / "run" / "driver.log").write_text(out.stdout + out.stderr)
     return base / "run" / "zoo", suite, base / "run"
 
 
@@ -54,6 +55,14 @@ def test_zoo_trains_every_training_task_and_the_multitask_lora(smoke_zoo):
     assert (zoo / "losses.png").stat().st_size > 10_000
     identity = json.loads((zoo / "zoo.json").read_text())
     assert identity["model_spec"] == "tiny-llama" and identity["lora"]["init_seed"] == 0
+
+
+@pytest.mark.slow
+def test_each_progress_line_reaches_the_driver_once(smoke_zoo):
+    _, _, root = smoke_zoo
+    lines = [line.split(")", 1)[-1].strip() for line in (root / "driver.log").read_text().splitlines()
+             if "[zoo cats] step" in line]
+    assert lines and len(lines) == len(set(lines)), lines  # Ray Train's print patch doubled them
 
 
 @pytest.mark.slow
