@@ -24,13 +24,14 @@ from collections.abc import Sequence
 
 from icm.adapters import AdapterError
 from icm.config import ConfigError, list_presets, load_config
+from icm.errors import InputError
 from icm.lora_io import LayoutError
 from icm.lora_train import TrainInputError
 from icm.models import BUILTIN_SPECS, SMOLLM2, ModelError
 from icm.tasks import SuiteError
 from icm.zoo import ZooMismatchError
 
-USER_ERRORS = (ConfigError, ModelError, SuiteError, AdapterError, LayoutError, TrainInputError,
+USER_ERRORS = (InputError, ConfigError, ModelError, SuiteError, AdapterError, LayoutError, TrainInputError,
                ZooMismatchError, FileNotFoundError)
 
 
@@ -39,8 +40,18 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return pipeline.main(["--config", args.config, *args.overrides])
 
 
-def _cmd_train_loras(args: argparse.Namespace) -> int:
-    job = importlib.import_module("jobs.train_loras")
+# Subcommands that are Ray jobs: name -> (module, help). Each takes --config and overrides only.
+JOB_COMMANDS = {
+    "train-loras": ("jobs.train_loras", "train the LoRA zoo on Ray Train + DeepSpeed"),
+    "task-vectors": ("jobs.extract_task_vectors", "task vectors of every task with Ray Data"),
+    "tune-generator": ("jobs.tune_cvae", "search generator hyperparameters with Ray Tune"),
+    "train-generator": ("jobs.train_generator", "train the generator (best Tune config if any)"),
+    "eval-all": ("jobs.evaluate", "evaluate generated adapters and baselines on every task"),
+}
+
+
+def _cmd_job(args: argparse.Namespace) -> int:
+    job = importlib.import_module(JOB_COMMANDS[args.command][0])
     return job.main(["--config", args.config, *args.overrides])
 
 
@@ -128,10 +139,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("overrides", nargs="*", help="section.field=value overrides")
     run.set_defaults(func=_cmd_run)
 
-    zoo = sub.add_parser("train-loras", help="train the LoRA zoo on Ray (jobs.train_loras)")
-    zoo.add_argument("--config", default="demo", help=f"preset {list_presets()} or a YAML path")
-    zoo.add_argument("overrides", nargs="*", help="section.field=value overrides")
-    zoo.set_defaults(func=_cmd_train_loras)
+    for name, (module, help_text) in JOB_COMMANDS.items():
+        job = sub.add_parser(name, help=f"{help_text} ({module})")
+        job.add_argument("--config", default="demo", help=f"preset {list_presets()} or a YAML path")
+        job.add_argument("overrides", nargs="*", help="section.field=value overrides")
+        job.set_defaults(func=_cmd_job)
 
     config = sub.add_parser("config", help="inspect configs").add_subparsers(dest="sub", required=True)
     show = config.add_parser("show", help="print the resolved config")
