@@ -1,0 +1,437 @@
+"""Task vectors: the frozen base LM reads a task in context; its pooled hidden states describe it.
+
+A task is shown to the model as an *episode*: a prompt holding its description and/or k
+demonstrations sampled from its train split (`format_prompt`, the one place the prompt is
+defined). The hidden states at the configured layers, pooled over the prompt (mean over tokens,
+or the last token), give one vector per (episode, layer, pooling); the per-task mean is their
+average. No fine-tuning is involved, so a new task gets a vector from one forward pass.
+
+`TaskEncoder` is the single code path: the Ray Data actor (`TaskVectorExtractor`) calls
+`TaskEncoder.encode_prompts` on batches of prompts that the job fitted with
+`TaskEncoder.fit_prompt`, and a single request calls `TaskEncoder.encode`, which runs those two
+same steps for one description / example list.
+
+Outputs of the ``task_vectors`` stage (written by ``jobs/extract_task_vectors.py``)::
+
+    task_vectors/episodes.parquet     task, group, heldout, episode, mode, prompt, n_demos,
+                                      truncated, n_tokens, shard
+    task_vectors/vectors/shard-*/     Ray Data parquet: task, group, heldout, episode, mode,
+                                      layer, pooling, vector list<float32>
+    task_vectors/task_means.parquet   task, group, heldout, mode, layer, pooling, episodes, vector
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from types import MappingProxyType
+
+import numpy as np
+import torch
+
+from icm.config import TaskVectorConfig
+from icm.errors import InputError
+from icm.models import text_start_token_id
+from icm.tasks import Task
+
+log = logging.getLogger(__name__)
+
+MODES = ("description", "demos", "both")
+POOLINGS = ("mean", "last")
+EPISODES_FILE = "episodes.parquet"
+VECTORS_DIR = "vectors"
+MEANS_FILE = "task_means.parquet"
+TEMPLATE_FILE = "prompt_template.txt"
+
+# The in-context prompt, in three blocks. Every prompt ends with the same cue ("Text:"), the
+# point where the model is about to write a text of the task, so the last-token vector reads
+# the task at the same position whatever the mode.
+PROMPT_TEMPLATE = MappingProxyType({
+    "description": "Task: {description}\n\n",  # modes "description" and "both"
+    "demo": "Text: {demo}\n\n",  # modes "demos" and "both", once per demonstration
+    "cue": "Text:",  # always last
+})
+
+
+class TaskVectorInputError(InputError):
+    """Bad input to task-vector extraction; the message names the task or field and the fix."""
+
+    def __init__(self, problem: str, *, task: str | None = None, field: str | None = None,
+                 fix: str | None = None):
+        where = ", ".join(part for part in (task and f"task '{task}'", field and f"field '{field}'")
+                          if part)
+        message = (f"{where}: " if where else "") + problem
+        super().__init__(message + (f" Fix: {fix}" if fix else ""))
+
+
+def template_text() -> str:
+    """The prompt template as saved next to the outputs (``prompt_template.txt``)."""
+    blocks = "\n".join(f"{name}: {text!r}" for name, text in PROMPT_TEMPLATE.items())
+    example = "\n".join(f"--- mode {mode}\n" + format_prompt("DESCRIPTION", ["DEMO 1", "DEMO 2"],
+                                                                mode=mode) for mode in MODES)
+    return (f"# Task-vector prompt template (icm/task_vectors.py PROMPT_TEMPLATE)\n{blocks}\n"
+            f"# Assembled, with 2 demonstrations\n{example}\n")
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise TaskVectorInputError(f"unknown mode {mode!r}.", field="task_vectors.modes",
+                                   fix=f"use one of {list(MODES)}.")
+
+
+def format_prompt(description: str | None, demos: Sequence[str], *, mode: str) -> str:
+    """The in-context prompt of one episode; parts the mode does not use are left out.
+
+    Args:
+        description: the task description (used by modes "description" and "both").
+        demos: demonstration texts, in order (used by modes "demos" and "both").
+        mode: "description", "demos" or "both".
+
+    Raises:
+        TaskVectorInputError: an unknown mode, or a part the mode needs is missing or empty.
+    """
+    _check_mode(mode)
+    parts = []
+    if mode in ("description", "both"):
+        if description is None or not description.strip():
+            raise TaskVectorInputError(f"is empty, but mode {mode!r} needs a description.",
+                                       field="description", fix="give the task a description.")
+        parts.append(PROMPT_TEMPLATE["description"].format(description=description.strip()))
+    if mode in ("demos", "both"):
+        if not demos:
+            raise TaskVectorInputError(f"mode {mode!r} needs at least one demonstration.",
+                                       field="examples", fix="pass one or more example texts.")
+        for index, demo in enumerate(demos):
+            if not isinstance(demo, str) or not demo.strip():
+                raise TaskVectorInputError("is empty.", field=f"examples[{index}]",
+                                           fix="remove it or give it text.")
+            parts.append(PROMPT_TEMPLATE["demo"].format(demo=demo.strip()))
+    return "".join(parts) + PROMPT_TEMPLATE["cue"]
+
+
+def clip_demos(demos: Sequence[str], max_chars: int) -> tuple[str, ...]:
+    """Each demonstration cut to ``max_chars`` characters (long texts would crowd out the rest)."""
+    return tuple(demo[:max_chars] for demo in demos)
+
+
+@dataclass(frozen=True)
+class Episode:
+    """One in-context prompt of one task. ``truncated``/``n_tokens`` are set by `fit_prompt`."""
+
+    task: str
+    episode: int
+    mode: str
+    prompt: str
+    n_demos: int
+    description: str | None = None
+    demos: tuple[str, ...] = ()
+    truncated: bool = False
+    n_tokens: int | None = None
+
+
+def sample_demos(task: Task, cfg: TaskVectorConfig, episode: int) -> tuple[str, ...]:
+    """The demonstrations of ``episode``: up to k train texts, seeded by (seed, task, episode).
+
+    The same episode index draws the same texts in modes "demos" and "both", so the two modes
+    differ only by the description.
+    """
+    texts = task.train_texts()  # held-out tasks too: their own train split is their context
+    if not texts:
+        raise TaskVectorInputError("has no train texts to draw demonstrations from.",
+                                   task=task.name, field="train.jsonl",
+                                   fix="add texts, or use modes=[description].")
+    k = min(cfg.k, len(texts))
+    rng = random.Random(f"{cfg.seed}:{task.name}:{episode}")  # str seeds hash stably across runs
+    return clip_demos([texts[i] for i in rng.sample(range(len(texts)), k)], cfg.max_demo_chars)
+
+
+def build_episodes(task: Task, cfg: TaskVectorConfig, *, mode: str) -> list[Episode]:
+    """``cfg.episodes`` seeded episodes of ``task`` in ``mode`` (demos from its train split only).
+
+    A task with fewer train texts than ``cfg.k`` uses all of them (logged); in mode
+    "description" every episode holds the same prompt.
+    """
+    _check_mode(mode)
+    if mode != "description":
+        n_train = len(task.train_texts())
+        if 0 < n_train < cfg.k:
+            log.warning("task '%s' has %d train texts, fewer than task_vectors.k=%d: its episodes "
+                        "use all %d", task.name, n_train, cfg.k, n_train)
+    episodes = []
+    for index in range(cfg.episodes):
+        demos = sample_demos(task, cfg, index) if mode != "description" else ()
+        description = task.description if mode != "demos" else None
+        prompt = format_prompt(description, demos, mode=mode)
+        episodes.append(Episode(task.name, index, mode, prompt, len(demos), description, demos))
+    return episodes
+
+
+@dataclass(frozen=True)
+class FittedPrompt:
+    prompt: str
+    n_demos: int
+    n_tokens: int  # including the text-start token
+    truncated: bool  # demonstrations were dropped or text was cut to fit the token budget
+
+
+def _pad_batch(ids: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right padding: with causal attention real tokens never see the pads, so a prompt's hidden
+    states do not depend on what it is batched with."""
+    width = max(map(len, ids))
+    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)  # (B, T)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)  # (B, T)
+    for row, seq in enumerate(ids):
+        input_ids[row, :len(seq)] = torch.tensor(seq)
+        mask[row, :len(seq)] = 1
+    return input_ids.to(device), mask.to(device)
+
+
+class TaskEncoder:
+    """Pooled hidden states of a frozen causal LM for in-context prompts (batch or single)."""
+
+    def __init__(self, model, tokenizer, cfg: TaskVectorConfig):
+        """Check ``cfg`` against ``model``; raises `TaskVectorInputError` naming the bad field."""
+        self.model, self.tokenizer, self.cfg = model.eval(), tokenizer, cfg
+        self.body = getattr(model, "base_model", model)  # the transformer without its LM head
+        n_layers = model.config.num_hidden_layers
+        for layer in cfg.layers:
+            if not -(n_layers + 1) <= layer <= n_layers:
+                raise TaskVectorInputError(
+                    f"layer {layer} does not exist: the model has hidden states 0..{n_layers}.",
+                    field="task_vectors.layers",
+                    fix=f"use indices in [-{n_layers + 1}, {n_layers}].")
+        if len({layer % (n_layers + 1) for layer in cfg.layers}) != len(cfg.layers):
+            raise TaskVectorInputError(f"{cfg.layers} names a hidden state twice.",
+                                       field="task_vectors.layers", fix="list each layer once.")
+        context = getattr(model.config, "max_position_embeddings", None)
+        if context is not None and cfg.max_prompt_tokens > context:
+            raise TaskVectorInputError(
+                f"{cfg.max_prompt_tokens} is longer than the model's context of {context} tokens.",
+                field="task_vectors.max_prompt_tokens", fix=f"set it to at most {context}.")
+        self.start_id = text_start_token_id(tokenizer)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.hidden_size = model.config.hidden_size
+        self.keys = [(layer, pooling) for layer in cfg.layers for pooling in cfg.poolings]
+
+    def _token_ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def count_tokens(self, prompt: str) -> int:
+        """Tokens the model reads for ``prompt``, the text-start token included."""
+        return 1 + len(self._token_ids(prompt))
+
+    def fit_prompt(self, description: str | None, demos: Sequence[str], *, mode: str,
+                   label: str = "request") -> FittedPrompt:
+        """Format a prompt that fits ``max_prompt_tokens``: drop trailing demonstrations (keeping
+        one), then cut the text before the cue. Either is logged as a warning."""
+        budget = self.cfg.max_prompt_tokens
+        demos = list(clip_demos(demos, self.cfg.max_demo_chars)) if mode != "description" else []
+        prompt = format_prompt(description, demos, mode=mode)
+        n_tokens, dropped = self.count_tokens(prompt), 0
+        while n_tokens > budget and len(demos) > 1:
+            demos.pop()
+            dropped += 1
+            prompt = format_prompt(description, demos, mode=mode)
+            n_tokens = self.count_tokens(prompt)
+        cut = n_tokens > budget
+        if cut:
+            prompt, n_tokens = self._cut_before_cue(prompt, budget)
+        if dropped or cut:
+            log.warning("%s (mode %s): prompt longer than task_vectors.max_prompt_tokens=%d; "
+                        "dropped %d demonstration(s)%s", label, mode, budget, dropped,
+                        ", cut the remaining text" if cut else "")
+        return FittedPrompt(prompt, len(demos), n_tokens, bool(dropped or cut))
+
+    def _cut_before_cue(self, prompt: str, budget: int) -> tuple[str, int]:
+        """Cut the text before the final cue so the prompt takes at most ``budget`` tokens."""
+        cue = PROMPT_TEMPLATE["cue"]
+        body = prompt[:-len(cue)]
+        encoded = self.tokenizer(body, add_special_tokens=False, return_offsets_mapping=True)
+        keep = budget - 1 - len(self._token_ids("\n\n" + cue))
+        offsets = encoded["offset_mapping"]
+        while keep > 0:
+            end = offsets[keep - 1][1] if keep <= len(offsets) else len(body)
+            cut = body[:end].rstrip() + "\n\n" + cue
+            n_tokens = self.count_tokens(cut)
+            if n_tokens <= budget:  # re-tokenising at the cut can merge differently: check
+                return cut, n_tokens
+            keep -= n_tokens - budget
+        raise TaskVectorInputError(f"{budget} tokens leave no room for any text.",
+                                   field="task_vectors.max_prompt_tokens", fix="raise it.")
+
+    def fit_episode(self, episode: Episode) -> Episode:
+        """``episode`` with its prompt fitted to the token budget (see `fit_prompt`)."""
+        fitted = self.fit_prompt(episode.description, episode.demos, mode=episode.mode,
+                                 label=f"task '{episode.task}' episode {episode.episode}")
+        return replace(episode, prompt=fitted.prompt, n_demos=fitted.n_demos,
+                       truncated=fitted.truncated, n_tokens=fitted.n_tokens)
+
+    def _prompt_ids(self, prompts: Sequence[str]) -> list[list[int]]:
+        ids = []
+        for index, prompt in enumerate(prompts):
+            if not isinstance(prompt, str) or not prompt.strip():
+                raise TaskVectorInputError("is empty.", field=f"prompts[{index}]",
+                                           fix="give every prompt text (see format_prompt).")
+            tokens = [self.start_id, *self._token_ids(prompt)]
+            if len(tokens) > self.cfg.max_prompt_tokens:  # only raw prompts: fitted ones fit
+                log.warning("prompts[%d]: %d tokens, cut to task_vectors.max_prompt_tokens=%d",
+                            index, len(tokens), self.cfg.max_prompt_tokens)
+                tokens = tokens[:self.cfg.max_prompt_tokens]
+            ids.append(tokens)
+        return ids
+
+    @torch.inference_mode()
+    def encode_prompts(self, prompts: Sequence[str]) -> dict[tuple[int, str], np.ndarray]:
+        """Pooled hidden states of each prompt, ``cfg.batch_size`` prompts per forward pass.
+
+        Returns:
+            (layer, pooling) -> float32 array (N, D), rows in the order of ``prompts``.
+        """
+        ids = self._prompt_ids(prompts)
+        out = {key: np.empty((len(ids), self.hidden_size), np.float32) for key in self.keys}
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # similar lengths pad less
+        device = next(self.model.parameters()).device
+        for begin in range(0, len(order), self.cfg.batch_size):
+            rows = order[begin:begin + self.cfg.batch_size]
+            input_ids, mask = _pad_batch([ids[i] for i in rows], self.pad_id, device)
+            hidden = self.body(input_ids=input_ids, attention_mask=mask,
+                               output_hidden_states=True).hidden_states  # L+1 x (B, T, D)
+            for (layer, pooling), pooled in self._pool(hidden, mask).items():
+                out[(layer, pooling)][rows] = pooled
+        return out
+
+    def _pool(self, hidden, mask: torch.Tensor) -> dict[tuple[int, str], np.ndarray]:
+        lengths = mask.sum(1)  # (B,)
+        # The text-start token is left out of the mean: its state is a near-constant "attention
+        # sink" with a huge norm that would swamp the task's tokens.
+        body_mask = mask.clone().float()
+        body_mask[:, 0] = 0  # (B, T)
+        pooled = {}
+        for layer, pooling in self.keys:
+            states = hidden[layer].float()  # (B, T, D)
+            if pooling == "mean":
+                total = (states * body_mask[..., None]).sum(1)  # (B, D)
+                vec = total / body_mask.sum(1, keepdim=True)  # (B, D)
+            else:
+                vec = states[torch.arange(states.shape[0]), lengths - 1]  # (B, D)
+            pooled[(layer, pooling)] = vec.cpu().numpy()
+        return pooled
+
+    def encode(self, description: str | None = None,
+               examples: Sequence[str] | None = None) -> dict[tuple[int, str], np.ndarray]:
+        """The task vector of one request: a description, example texts, or both.
+
+        The mode follows from what is given ("description", "demos" or "both"); the prompt is
+        fitted and encoded exactly as the batch job does it. Only the first ``cfg.k`` examples
+        are used: the episodes a generator learns from hold k demonstrations.
+
+        Returns:
+            (layer, pooling) -> float32 array (D,).
+
+        Raises:
+            TaskVectorInputError: nothing given, or an empty description or example.
+        """
+        if description is not None and not description.strip():
+            raise TaskVectorInputError("is empty.", field="description",
+                                       fix="give a description, or leave it out and pass examples.")
+        examples = list(examples or [])
+        if description is None and not examples:
+            raise TaskVectorInputError("a task vector needs a description, examples, or both.",
+                                       field="description", fix="pass at least one of them.")
+        mode = "both" if description is not None and examples else (
+            "description" if description is not None else "demos")
+        if len(examples) > self.cfg.k:
+            log.info("request: using the first task_vectors.k=%d of %d examples", self.cfg.k,
+                     len(examples))
+            examples = examples[:self.cfg.k]
+        fitted = self.fit_prompt(description, examples, mode=mode)
+        return {key: vectors[0] for key, vectors in self.encode_prompts([fitted.prompt]).items()}
+
+
+def explode_rows(batch: dict[str, np.ndarray], vectors: dict[tuple[int, str], np.ndarray]
+                 ) -> dict[str, np.ndarray]:
+    """One output row per (input row, layer, pooling); every input column but the prompt is kept."""
+    keep = {name: np.asarray(values) for name, values in batch.items() if name != "prompt"}
+    names = [*keep, "layer", "pooling", "vector"]
+    columns: dict[str, list[np.ndarray]] = {name: [] for name in names}
+    for (layer, pooling), matrix in vectors.items():
+        n = len(matrix)
+        for name, values in keep.items():
+            columns[name].append(values)
+        columns["layer"].append(np.full(n, layer, np.int64))
+        columns["pooling"].append(np.full(n, pooling, object))
+        columns["vector"].append(matrix.astype(np.float32, copy=False))
+    return {name: np.concatenate(parts) for name, parts in columns.items()}
+
+
+class TaskVectorExtractor:
+    """Ray-free callable class for ``Dataset.map_batches``: loads the frozen model once, then maps
+    batches with a ``prompt`` column to one row per (prompt, layer, pooling) with a ``vector``."""
+
+    def __init__(self, model_spec: str, cache_dir: str | None, config: dict, *,
+                 dtype: str = "float32"):
+        from icm.models import load_base_model
+
+        cfg = TaskVectorConfig.model_validate(config)
+        model, tokenizer = load_base_model(model_spec, cache_dir=cache_dir, dtype=dtype)
+        if torch.cuda.is_available():  # an actor given a GPU sees it; CPU actors see none
+            model = model.to("cuda")
+        self.encoder = TaskEncoder(model, tokenizer, cfg)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        vectors = self.encoder.encode_prompts([str(p) for p in batch["prompt"]])
+        return explode_rows(batch, vectors)
+
+
+# ----------------------------------------------------------------------------- reading outputs
+
+
+def _missing_combo(what: str, mode: str, layer: int, pooling: str) -> TaskVectorInputError:
+    return TaskVectorInputError(f"no {what} for mode={mode!r}, layer={layer}, pooling={pooling!r}.",
+                                field="task_vectors",
+                                fix="use a mode, layer and pooling the stage computed.")
+
+
+def _check_tasks(found: set[str], tasks: Sequence[str] | None, what: str) -> None:
+    missing = sorted(set(tasks or ()) - found)
+    if missing:
+        raise TaskVectorInputError(f"no {what} for task(s) {missing}.", field="tasks",
+                                   fix="choose tasks of the suite the stage ran on.")
+
+
+def load_episode_vectors(stage_dir: str | Path, *, mode: str, layer: int, pooling: str,
+                         tasks: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+    """Episode vectors of a finished stage: task -> float32 (E, D), episodes in index order."""
+    import pyarrow.dataset as pds
+
+    dataset = pds.dataset(Path(stage_dir) / VECTORS_DIR, format="parquet")
+    where = ((pds.field("mode") == mode) & (pds.field("layer") == layer)
+             & (pds.field("pooling") == pooling))
+    if tasks is not None:
+        where = where & pds.field("task").isin(list(tasks))
+    frame = dataset.to_table(columns=["task", "episode", "vector"], filter=where).to_pandas()
+    if frame.empty:
+        raise _missing_combo("vectors", mode, layer, pooling)
+    _check_tasks(set(frame["task"]), tasks, "episode vectors")
+    frame = frame.sort_values(["task", "episode"])
+    return {task: np.stack(rows["vector"].to_list()).astype(np.float32)
+            for task, rows in frame.groupby("task", sort=True)}
+
+
+def load_task_means(stage_dir: str | Path, *, mode: str, layer: int, pooling: str,
+                    tasks: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+    """Per-task mean vectors of a finished stage: task -> float32 (D,)."""
+    import pandas as pd
+
+    where = [("mode", "==", mode), ("layer", "==", layer), ("pooling", "==", pooling)]
+    frame = pd.read_parquet(Path(stage_dir) / MEANS_FILE, filters=where)
+    if tasks is not None:
+        frame = frame[frame["task"].isin(list(tasks))]
+    if frame.empty:
+        raise _missing_combo("task means", mode, layer, pooling)
+    _check_tasks(set(frame["task"]), tasks, "task means")
+    return {row.task: np.asarray(row.vector, np.float32)
+            for row in frame.sort_values("task").itertuples()}

@@ -1,0 +1,239 @@
+"""Task vectors of every task: Ray Data streams in-context episodes through the frozen base LM.
+
+    python -m jobs.extract_task_vectors --config smoke [key=value ...]   (or: icm task-vectors ...)
+
+Every task of the suite gets vectors, held-out ones included (a new task must get a vector; its
+demonstrations come from its own train split). The driver writes the seeded episodes
+(``episodes.parquet``, prompts fitted to the token budget), then per shard of whole tasks:
+``read_parquet`` -> streaming ``repartition`` (one small file would be one block on one busy
+actor) -> ``map_batches(TaskVectorExtractor)`` on an actor pool holding the frozen model
+(``task_vectors.actors`` x ``cpus_per_actor``/``gpus_per_actor``) -> ``write_parquet``. Then
+per-task means, metrics and the PCA picture. Outputs under ``<storage.root>/task_vectors/``:
+episodes.parquet, vectors/shard-*/, task_means.parquet, prompt_template.txt, metrics.json,
+projection.png, config.resolved.yaml, stage.json. A rerun after a kill keeps finished shards.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+from ray.data.expressions import col
+
+from icm.config import PipelineConfig
+from icm.io import atomic_directory, write_bytes_atomic, write_json_atomic, write_text_atomic
+from icm.models import load_base_model
+from icm.stages import Stage, open_suite, stage
+from icm.task_vector_report import (compute_task_means, metrics_table, plot_projection,
+                                    stage_metrics, write_metrics)
+from icm.task_vectors import (EPISODES_FILE, MEANS_FILE, TEMPLATE_FILE, VECTORS_DIR, TaskEncoder,
+                              TaskVectorExtractor, TaskVectorInputError, build_episodes,
+                              template_text)
+from icm.tasks import Suite
+from jobs.common import ensure_writable_root, parse_job_args, user_errors_exit_2
+from jobs.ray_setup import init_ray
+
+log = logging.getLogger("jobs.extract_task_vectors")
+
+SHARD_ROWS = 4096  # episodes per Ray Data run: the unit of resume after a kill
+SHARD_DONE_FILE = "_shard.json"  # "_" prefix: parquet readers skip it
+SCHEDULING_FIELDS = {"batch_size", "actors", "cpus_per_actor", "gpus_per_actor"}
+ROWS_PER_FILE = 4096  # output rows per parquet file (the small-files trap, on the write side)
+EPISODE_FIELDS = ("task", "episode", "mode", "prompt", "n_demos", "truncated", "n_tokens")
+INPUT_COLUMNS = ["task", "group", "heldout", "episode", "mode", "prompt"]
+EPISODE_SCHEMA = pa.schema([
+    ("task", pa.string()), ("group", pa.string()), ("heldout", pa.bool_()), ("episode", pa.int64()),
+    ("mode", pa.string()), ("prompt", pa.string()), ("n_demos", pa.int64()),
+    ("truncated", pa.bool_()), ("n_tokens", pa.int64()), ("shard", pa.int64())])
+
+
+def plan_shards(suite: Suite, rows_per_task: int, shard_rows: int = SHARD_ROWS) -> dict[str, int]:
+    """Task -> shard: whole tasks in name order, a new shard when ``shard_rows`` would be passed."""
+    shards, shard, rows = {}, 0, 0
+    for name in sorted(suite.tasks):
+        if rows and rows + rows_per_task > shard_rows:
+            shard, rows = shard + 1, 0
+        shards[name] = shard
+        rows += rows_per_task
+    return shards
+
+
+def write_episodes(cfg: PipelineConfig, suite: Suite, encoder: TaskEncoder, path: Path,
+                   shards: dict[str, int]) -> dict:
+    """Build, fit and write every episode, one parquet row group per task (the driver never
+    holds more than one task's prompts)."""
+    truncated = rows = 0
+    partial = path.with_name(f".{path.name}.partial")
+    with pq.ParquetWriter(partial, EPISODE_SCHEMA) as writer:
+        for name, task in sorted(suite.tasks.items()):
+            episodes = [encoder.fit_episode(e) for mode in cfg.task_vectors.modes
+                        for e in build_episodes(task, cfg.task_vectors, mode=mode)]
+            columns = {field: [getattr(e, field) for e in episodes] for field in EPISODE_FIELDS}
+            columns |= {"group": [task.group] * len(episodes),
+                        "heldout": [suite.is_heldout(name)] * len(episodes),
+                        "shard": [shards[name]] * len(episodes)}
+            writer.write_table(pa.table(columns, schema=EPISODE_SCHEMA))
+            truncated += sum(columns["truncated"])
+            rows += len(episodes)
+    partial.replace(path)  # atomic: readers see the old file or the complete new one
+    return {"episodes": rows, "truncated": truncated}
+
+
+def vectors_table(columns: dict[str, np.ndarray]) -> pa.Table:
+    """The extractor's output as an Arrow table whose ``vector`` column is list<float32>."""
+    matrix = np.ascontiguousarray(columns["vector"], np.float32)  # (n, D)
+    offsets = np.arange(0, matrix.size + 1, max(matrix.shape[1], 1), dtype=np.int32)
+    vectors = pa.ListArray.from_arrays(pa.array(offsets), pa.array(matrix.reshape(-1)))
+    return pa.table({**{name: values for name, values in columns.items() if name != "vector"},
+                     "vector": vectors})
+
+
+class ParquetTaskVectorExtractor(TaskVectorExtractor):
+    """`TaskVectorExtractor` returning Arrow: Ray Data would store a 2-D numpy column as its own
+    tensor extension type; plain list<float32> reads anywhere (pandas, pyarrow, no Ray)."""
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:  # type: ignore[override]
+        return vectors_table(super().__call__(batch))
+
+
+def extract_shard(cfg: PipelineConfig, episodes_path: Path, shard: int, out_dir: Path) -> None:
+    """One streaming Ray Data run over the episodes of ``shard``, written into ``out_dir``."""
+    tv = cfg.task_vectors
+    gpus = {"num_gpus": tv.gpus_per_actor} if tv.gpus_per_actor else {}
+    ds = (ray.data.read_parquet(str(episodes_path))  # filter and projection push down into the read
+          .filter(expr=col("shard") == shard).select_columns(INPUT_COLUMNS))
+    ds = ds.repartition(target_num_rows_per_block=tv.batch_size)  # streaming: no barrier
+    ds = ds.map_batches(
+        ParquetTaskVectorExtractor, batch_size=tv.batch_size, num_cpus=tv.cpus_per_actor, **gpus,
+        compute=ray.data.ActorPoolStrategy(size=tv.actors),
+        fn_constructor_kwargs={"model_spec": cfg.model.spec, "cache_dir": cfg.model.cache_dir,
+                               "config": tv.model_dump(mode="json"), "dtype": cfg.model.dtype})
+    ds.write_parquet(str(out_dir), min_rows_per_file=ROWS_PER_FILE)
+
+
+def check_actor_resources(cfg: PipelineConfig) -> None:
+    """A local Ray must keep CPU free beside the actors, or the read and write tasks wait forever
+    (2 actors x 1 CPU on 2 CPUs hung for 10 min); a cluster (``ray.address``) may autoscale."""
+    tv = cfg.task_vectors
+    if cfg.ray.address is not None:
+        return
+    if ray.is_initialized():
+        cpus, gpus = (ray.cluster_resources().get(k, 0) for k in ("CPU", "GPU"))
+    else:
+        import torch
+
+        cpus = cfg.ray.num_cpus or os.cpu_count() or 1
+        gpus = torch.cuda.device_count() if cfg.ray.num_gpus is None else cfg.ray.num_gpus
+    if tv.actors * tv.cpus_per_actor >= cpus:
+        raise TaskVectorInputError(
+            f"{tv.actors} actors x {tv.cpus_per_actor} CPU take all {cpus:g} CPUs of the local Ray, "
+            "leaving none for reading and writing: Ray Data would hang.",
+            field="task_vectors.cpus_per_actor",
+            fix=f"set it below {cpus / tv.actors:g} (e.g. 0.5), or use fewer actors.")
+    if tv.actors * tv.gpus_per_actor > gpus:
+        raise TaskVectorInputError(
+            f"{tv.actors} actors x {tv.gpus_per_actor} GPU need more than the {gpus:g} GPU(s) here.",
+            field="task_vectors.gpus_per_actor", fix="lower it or task_vectors.actors.")
+
+
+def _shard_done(folder: Path, fingerprint: str, tasks: list[str]) -> bool:
+    """A finished shard of this config holding exactly ``tasks``."""
+    try:
+        done = json.loads((folder / SHARD_DONE_FILE).read_text())
+    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):
+        return False
+    return done.get("fingerprint") == fingerprint and done.get("tasks") == tasks
+
+
+def extract_vectors(cfg: PipelineConfig, current: Stage, episodes_path: Path,
+                    shards: dict[str, int]) -> dict:
+    """Run every shard not already done for this fingerprint; stale and partial shards go."""
+    vectors_dir = current.directory / VECTORS_DIR
+    vectors_dir.mkdir(parents=True, exist_ok=True)
+    wanted = {f"shard-{s:05d}": (s, sorted(t for t, i in shards.items() if i == s))
+              for s in sorted(set(shards.values()))}
+    for path in vectors_dir.iterdir():  # a killed run's staging dirs, other configs' shards
+        plan = wanted.get(path.name)
+        if plan is None or not _shard_done(path, current.fingerprint, plan[1]):
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+    started, done_before = time.perf_counter(), sum((vectors_dir / n).exists() for n in wanted)
+    for name, (shard, tasks) in wanted.items():
+        if (vectors_dir / name).exists():
+            log.info("task_vectors: %s already done, keeping it", name)
+            continue
+        with atomic_directory(vectors_dir / name) as staging:
+            extract_shard(cfg, episodes_path, shard, staging)
+            write_json_atomic(staging / SHARD_DONE_FILE,
+                              {"fingerprint": current.fingerprint, "tasks": tasks})
+        log.info("task_vectors: %s done (%d tasks)", name, len(tasks))
+    return {"shards": len(wanted), "shards_reused": done_before,
+            "extract_seconds": round(time.perf_counter() - started, 2)}
+
+
+def run(cfg: PipelineConfig, suite: Suite) -> dict:
+    """Run (or skip, when up to date) the ``task_vectors`` stage; returns its stage record."""
+    tv = cfg.task_vectors
+    # Scheduling knobs do not change the vectors (batching only at float rounding level).
+    what = tv.model_dump(mode="json", exclude=SCHEDULING_FIELDS)
+    current = stage(cfg, "task_vectors", suite.fingerprint(), sorted(suite.tasks),
+                    list(suite.heldout), what, template_text(), sections=("model",))
+    if current.is_current():
+        log.info("task_vectors: up to date, skipping (%s)", current.directory)
+        return current.record()
+    check_actor_resources(cfg)
+    model, tokenizer = load_base_model(cfg.model.spec, cache_dir=cfg.model.cache_dir,
+                                       dtype=cfg.model.dtype)
+    encoder = TaskEncoder(model, tokenizer, tv)  # checks layers and token budget before any work
+    started = current.begin(cfg)
+    directory = current.directory
+    write_text_atomic(directory / TEMPLATE_FILE, template_text())
+    shards = plan_shards(suite, tv.episodes * len(tv.modes), SHARD_ROWS)
+    counts = write_episodes(cfg, suite, encoder, directory / EPISODES_FILE, shards)
+    del model, encoder  # the actors hold their own copies
+    if counts["truncated"]:
+        log.warning("task_vectors: %d of %d prompts were cut to max_prompt_tokens=%d "
+                    "(episodes.parquet column 'truncated')", counts["truncated"],
+                    counts["episodes"], tv.max_prompt_tokens)
+    init_ray(cfg.ray, cache_dir=cfg.model.cache_dir)
+    extraction = extract_vectors(cfg, current, directory / EPISODES_FILE, shards)
+    means = compute_task_means(directory / VECTORS_DIR)
+    write_bytes_atomic(directory / MEANS_FILE, means.to_parquet(index=False))
+    rows = stage_metrics(directory)
+    write_metrics(rows, directory / "metrics.json")
+    plot_projection(directory, rows, directory / "projection.png")
+    log.info("task_vectors metrics:\n%s", metrics_table(rows))
+    return current.finish(started, {
+        **counts, **extraction, "tasks": len(suite.tasks), "heldout": list(suite.heldout),
+        "episodes_file": EPISODES_FILE, "vectors": VECTORS_DIR, "task_means": MEANS_FILE,
+        "metrics": "metrics.json", "projection": "projection.png", "template": TEMPLATE_FILE})
+
+
+@user_errors_exit_2
+def main(argv: Sequence[str] | None = None) -> int:
+    cfg = parse_job_args(__doc__.split("\n\n")[0], argv)
+    ensure_writable_root(cfg)
+    started = time.perf_counter()
+    record = run(cfg, open_suite(cfg))
+    out = record["outputs"]
+    print(f"task_vectors: {out['tasks']} tasks, {out['episodes']} episodes "
+          f"({out['truncated']} cut to the token budget) in {time.perf_counter() - started:.1f} s "
+          f"-> {cfg.storage.path('task_vectors')}")
+    print(json.loads((cfg.storage.path("task_vectors") / "metrics.json").read_text())["table"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
