@@ -124,17 +124,128 @@ class ZooConfig(StageConfig):
         return value
 
 
+Mode = Literal["description", "demos", "both"]
+Pooling = Literal["last", "mean"]
+
+
+class TaskVectorConfig(StageConfig):
+    """Task vectors: the frozen base LM reads in-context episodes (description and/or k
+    demonstrations); pooled hidden states become one vector per episode and per task."""
+
+    k: int = Field(5, ge=1, description="Demonstrations per episode (sampled from the train split).")
+    episodes: int = Field(16, ge=1, description=(
+        "Seeded episodes per task and mode (in mode 'description' all hold the same prompt)."))
+    modes: list[Mode] = Field(["description", "demos", "both"], min_length=1, description=(
+        "Prompt contents: the description only, the demonstrations only, or both."))
+    layers: list[int] = Field([-1], min_length=1, description=(
+        "Hidden-state indices to pool (0 = embeddings, -1 = the last layer, after the final "
+        "norm); stored under the index given here."))
+    poolings: list[Pooling] = Field(["mean", "last"], min_length=1, description=(
+        "How token hidden states become one vector: mean over the prompt's tokens (the "
+        "text-start token left out), or the last token (the final 'Text:' cue)."))
+    max_prompt_tokens: int = Field(1024, ge=16, description=(
+        "Prompt token budget (at most the model's context); longer prompts drop trailing "
+        "demonstrations (keeping one), then cut text before the final cue, with a warning. "
+        "1024 fits k=5 texts of the default suite (its longest 'both' prompt: ~940 tokens)."))
+    max_demo_chars: int = Field(600, ge=16, description="Each demonstration is cut to this many characters.")
+    seed: int = Field(0, description="Seed of demonstration sampling.")
+    batch_size: int = Field(8, ge=1, description="Prompts per forward pass (Ray Data batch).")
+    actors: int = Field(2, ge=1, description="Ray Data actors holding the frozen model.")
+    cpus_per_actor: float = Field(0.5, gt=0, description=(
+        "CPUs reserved per actor (below 1 on a 2-CPU box, or Ray Data deadlocks)."))
+    gpus_per_actor: float = Field(0.0, ge=0, description="GPUs per actor.")
+
+
+class GeneratorConfig(StageConfig):
+    """The conditional VAE that maps a task vector to LoRA weights, trained over all tasks."""
+
+    condition_mode: Mode = Field("both", description="Which episode prompts condition the generator.")
+    condition_layer: int = Field(-1, description="Which hidden-state layer conditions it.")
+    condition_pooling: Pooling = Field("mean", description="Which pooling conditions it.")
+    arch: Literal["mlp", "conv1d"] = Field("mlp", description=(
+        "mlp: MLP encoder/decoder (in the zoo's principal subspace when subspace_dim is set); "
+        "conv1d: the reference's strided 1-D convolutions over the padded flat vector."))
+    subspace_dim: int | None = Field(64, ge=1, description=(
+        "mlp only: learn in the top-k principal directions of the normalised training zoo "
+        "(stored in the artifact; at most snapshots - 1 are used); None works on the raw flat vector."))
+    basis_dtype: Literal["float16", "float32"] = Field("float16", description=(
+        "Storage (and training) precision of the principal basis; float16 halves the artifact, "
+        "its error is recorded in the training summary (basis_fp16_mse)."))
+    conv_stages: int = Field(12, ge=1, le=16, description=(
+        "conv1d only: stride-2 stages (the reference: 12); the vector is zero-padded to a "
+        "multiple of 2**conv_stages and the padding is masked out of the loss."))
+    latent_dim: int = Field(32, ge=1, description="Size of the latent z.")
+    width: int = Field(256, ge=1, description="Hidden width (mlp) / base channels (conv1d; reference 8).")
+    depth: int = Field(2, ge=1, description="Hidden layers of each MLP (mlp).")
+    injection: Literal["concat", "film"] = Field("concat", description=(
+        "How the task vector enters: concatenated to the inputs, or FiLM on hidden layers."))
+    target: Literal["ab", "b"] = Field("ab", description=(
+        "Generate A and B, or only B with A fixed at the zoo's shared initialisation."))
+    beta: float = Field(1e-3, ge=0, description="KL weight.")
+    kl_warmup_steps: int = Field(200, ge=0, description="Linear KL warm-up from 0 to beta.")
+    noise: float = Field(0.0, ge=0, description="Std of Gaussian noise added to inputs (augmentation).")
+    lr: float = Field(1e-3, gt=0, description="AdamW learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    batch_size: int = Field(64, ge=1, description="Samples (snapshot x episode) per step.")
+    steps: int = Field(2000, ge=1, description="Optimizer steps.")
+    seed: int = Field(0, description="Seed of initialisation and batch sampling.")
+    val_tasks: int = Field(2, ge=0, description=(
+        "Training tasks carved out as validation tasks for model selection (never held-out ones)."))
+    val_snapshots: int = Field(1, ge=0, description=(
+        "Snapshots per seen task kept out of generator training for validation."))
+    report_every: int = Field(100, ge=1, description="Steps between metric reports / checkpoints.")
+    cpus_per_task: float = Field(1.0, gt=0, description="Ray CPUs of the final generator training task.")
+
+
+class TuneConfig(StageConfig):
+    """Ray Tune search over generator hyperparameters (ASHA + Optuna)."""
+
+    enabled: bool = Field(True, description="Search; False trains `generator` as configured.")
+    num_samples: int = Field(8, ge=1, description="Trials.")
+    max_concurrent: int = Field(2, ge=1, description="Trials at once.")
+    grace_period: int = Field(2, ge=1, description="ASHA: reports before a trial can be stopped.")
+    reduction_factor: int = Field(3, ge=2, description="ASHA reduction factor.")
+    cpus_per_trial: float = Field(1.0, gt=0, description="CPUs per trial.")
+    archs: list[Literal["mlp", "conv1d"]] = Field(["mlp"], min_length=1, description=(
+        "Architectures in the search space (conv1d is slow on CPU for large adapters)."))
+    rescore_top: int = Field(2, ge=0, description=(
+        "Top trials re-scored by the eval perplexity of the adapters they generate (validation tasks)."))
+    rescore_max_texts: int = Field(8, ge=1, description="Eval texts per validation task when re-scoring.")
+    seed: int = Field(0, description="Searcher seed.")
+
+
+class EvalConfig(StageConfig):
+    """Evaluation of generated adapters against the base model, trained LoRAs and baselines."""
+
+    max_texts: int | None = Field(16, ge=1, description="Eval texts per task (None: all).")
+    max_length: int = Field(128, ge=8, description="Token limit per eval text.")
+    batch_size: int = Field(8, ge=1, description="Texts per forward pass.")
+    samples: int = Field(5, ge=1, description="Generated adapters per task (z samples) for mean +- std.")
+    best_of: int = Field(5, ge=1, description="K for best-of-K selection by demonstration perplexity.")
+    select_texts: int = Field(8, ge=1, description="Train texts used as demonstrations for best-of-K.")
+    seed: int = Field(0, description="Seed of z sampling and controls.")
+    cpus_per_task: float = Field(1.0, gt=0, description="Ray CPUs per evaluation task.")
+    gpus_per_task: float = Field(0.0, ge=0, description="Ray GPUs per evaluation task.")
+
+
 class PipelineConfig(StageConfig):
     """The whole run. Sections are added as stages land; each stage saves its resolved copy."""
 
     name: str = Field("default", description="Run name, used in artifact paths and Ray run names.")
     seed: int = Field(0, description="Global seed for everything not seeded more specifically.")
+    stages: list[Literal["base_eval", "zoo", "task_vectors", "tune", "generator", "evaluate"]] = Field(
+        ["base_eval", "zoo", "task_vectors", "tune", "generator", "evaluate"], description=(
+            "Stages `icm run` runs after `prepare`, always in pipeline order."))
     storage: StorageConfig = StorageConfig()
     ray: RayConfig = RayConfig()
     model: ModelConfig = ModelConfig()
     suite: SuiteConfig = SuiteConfig()
     base_eval: BaseEvalConfig = BaseEvalConfig()
     zoo: ZooConfig = ZooConfig()
+    task_vectors: TaskVectorConfig = TaskVectorConfig()
+    generator: GeneratorConfig = GeneratorConfig()
+    tune: TuneConfig = TuneConfig()
+    evaluate: EvalConfig = EvalConfig()
 
     @field_validator("name")
     @classmethod

@@ -1,0 +1,187 @@
+"""The generator's training loop, Ray-free: batches, optimiser, validation, checkpoints.
+
+A training sample is one zoo snapshot of task t paired with one episode task vector of t, drawn
+at random each step. Progress goes out through ``report(metrics, save)``, called every
+``report_every`` steps; ``save(directory)`` writes a checkpoint that `fit_cvae` resumes from
+(``resume_state=load_checkpoint(directory)``). The Tune trainable passes a closure around
+``tune.report``; the plain job writes the checkpoint to disk itself.
+
+Validation error is the *generation* error: the adapter decoded at z = 0 from each episode
+vector of a task, compared with every held-out snapshot of that task (per-element MSE of the
+full normalised weight vector). It measures what the generator is for - weights from a task
+vector alone - not how well it auto-encodes.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from icm.config import GeneratorConfig
+from icm.cvae import CVAE, cvae_loss, kl_weight
+
+CHECKPOINT_FILE = "cvae_state.pt"
+Report = Callable[[dict[str, Any], Callable[[str | Path], None]], None]
+
+
+@dataclass
+class SampleSet:
+    """Snapshots in model space, each paired with the episode vectors of its task."""
+
+    inputs: torch.Tensor  # (N, F) snapshot vectors in model space
+    offsets: torch.Tensor  # (N,) error outside the model space (full-space residual / L)
+    task_of: torch.Tensor  # (N,) long, index into ``tasks``
+    conditions: torch.Tensor  # (M, D) z-scored episode vectors of all tasks, stacked
+    episode_start: torch.Tensor  # (T,) long, first row of each task in ``conditions``
+    episode_count: torch.Tensor  # (T,) long
+    tasks: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return self.inputs.shape[0]
+
+    def sample_batch(self, batch_size: int, generator: torch.Generator
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Random (snapshot, episode of the same task) pairs: x (B, F), c (B, D), offset (B,)."""
+        rows = torch.randint(len(self), (batch_size,), generator=generator)  # (B,)
+        task = self.task_of[rows]
+        pick = (torch.rand(batch_size, generator=generator) * self.episode_count[task]).long()
+        episodes = self.episode_start[task] + pick.clamp_max(self.episode_count[task] - 1)
+        return self.inputs[rows], self.conditions[episodes], self.offsets[rows]
+
+    def task_episodes(self, t: int) -> torch.Tensor:
+        start = int(self.episode_start[t])
+        return self.conditions[start:start + int(self.episode_count[t])]  # (E_t, D)
+
+
+@torch.no_grad()
+def generation_mse(model: CVAE, samples: SampleSet, weights: torch.Tensor) -> float:
+    """Mean over tasks, episodes and snapshots of the error of the z = 0 adapter."""
+    model.eval()
+    errors = []
+    for t in range(len(samples.tasks)):
+        mine = (samples.task_of == t).nonzero().squeeze(1)
+        if len(mine) == 0:
+            continue
+        cond = samples.task_episodes(t)  # (E, D)
+        decoded = model.decode(torch.zeros(len(cond), model.spec.latent_dim), cond)  # (E, F)
+        targets, offsets = samples.inputs[mine], samples.offsets[mine]  # (S, F), (S,)
+        for row in decoded:
+            errors.append(((row - targets).square() * weights).sum(-1) + offsets)  # (S,)
+    model.train()
+    return float(torch.cat(errors).mean()) if errors else float("nan")
+
+
+@torch.no_grad()
+def baseline_mse(train: SampleSet, samples: SampleSet, weights: torch.Tensor) -> float:
+    """Error of always emitting the training zoo's mean vector (what a generator must beat)."""
+    mean = train.inputs.mean(0)  # (F,)
+    return float((((samples.inputs - mean).square() * weights).sum(-1) + samples.offsets).mean())
+
+
+def save_checkpoint(directory: str | Path, state: dict[str, Any]) -> Path:
+    path = Path(directory) / CHECKPOINT_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, path)
+    return path
+
+
+def load_checkpoint(directory: str | Path) -> dict[str, Any] | None:
+    """The training state saved in ``directory``, or None when there is none."""
+    path = Path(directory) / CHECKPOINT_FILE
+    return torch.load(path, weights_only=True) if path.is_file() else None
+
+
+@dataclass
+class FitResult:
+    history: list[dict[str, Any]] = field(default_factory=list)
+    steps: int = 0
+    train_seconds: float = 0.0
+
+    @property
+    def final(self) -> dict[str, Any]:
+        return self.history[-1] if self.history else {}
+
+
+def _metrics(model, train: SampleSet, validation: dict[str, SampleSet], weights, *, step: int,
+             running: dict[str, float], cfg: GeneratorConfig, seconds: float, lr: float) -> dict:
+    metrics: dict[str, Any] = {
+        "step": step, "samples": step * cfg.batch_size, "lr": lr,
+        "kl_weight": kl_weight(step, cfg.beta, cfg.kl_warmup_steps),
+        **{f"train_{k}": v / max(running["n"], 1) for k, v in running.items() if k != "n"},
+        "train_gen_mse": generation_mse(model, train, weights),
+        "train_seconds": seconds, "samples_per_s": step * cfg.batch_size / max(seconds, 1e-9)}
+    for name, samples in validation.items():
+        metrics[f"{name}_mse"] = generation_mse(model, samples, weights)
+    scores = [metrics[f"{n}_mse"] for n in validation]
+    # Model selection score: mean over the validation sets; without any, the training error.
+    metrics["val_mse"] = sum(scores) / len(scores) if scores else metrics["train_gen_mse"]
+    return metrics
+
+
+def fit_cvae(model: CVAE, train: SampleSet, cfg: GeneratorConfig, *, weights: torch.Tensor,
+             validation: dict[str, SampleSet] | None = None, report: Report | None = None,
+             resume_state: dict[str, Any] | None = None) -> FitResult:
+    """Train ``model`` for ``cfg.steps`` steps (continuing from ``resume_state``).
+
+    Args:
+        weights: (F,) per-feature loss weights from the weight codec (0 at padding).
+        validation: named sample sets scored every report (``{name}_mse``), e.g. held-out
+            snapshots of seen tasks and whole validation tasks.
+        report: called as ``report(metrics, save)`` every ``cfg.report_every`` steps and at the end.
+    """
+    validation = validation or {}
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # Cosine decay to a tenth of the peak: the last reports are the settled ones ASHA compares.
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.steps, eta_min=0.1 * cfg.lr)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    result = FitResult()
+    if resume_state is not None:
+        model.load_state_dict(resume_state["model"])
+        opt.load_state_dict(resume_state["optimizer"])
+        sched.load_state_dict(resume_state["scheduler"])
+        gen.set_state(resume_state["rng"])
+        result = FitResult(resume_state["history"], resume_state["step"], resume_state["train_seconds"])
+    model.train()
+    running = {"loss": 0.0, "recon": 0.0, "kl": 0.0, "n": 0}
+    while result.steps < cfg.steps:
+        started = time.perf_counter()
+        x, c, offset = train.sample_batch(cfg.batch_size, gen)  # (B, F), (B, D), (B,)
+        x_in = x + cfg.noise * torch.randn(x.shape, generator=gen) if cfg.noise else x
+        eps = torch.randn(x.shape[0], model.spec.latent_dim, generator=gen)
+        x_hat, mu, logvar = model(x_in, c, eps)
+        terms = cvae_loss(x_hat, x, mu, logvar, weights=weights, offset=offset,
+                          beta=kl_weight(result.steps, cfg.beta, cfg.kl_warmup_steps))
+        opt.zero_grad(set_to_none=True)
+        terms["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        result.steps += 1
+        result.train_seconds += time.perf_counter() - started
+        for key in ("loss", "recon", "kl"):
+            running[key] += float(terms[key].detach())
+        running["n"] += 1
+        diverged = not math.isfinite(float(terms["loss"].detach()))
+        if result.steps % cfg.report_every and result.steps < cfg.steps and not diverged:
+            continue
+        metrics = _metrics(model, train, validation, weights, step=result.steps, running=running,
+                           cfg=cfg, seconds=result.train_seconds, lr=sched.get_last_lr()[0])
+        if diverged:
+            metrics.update({k: math.inf for k in metrics if k.endswith("mse")}, diverged=True)
+        result.history.append(metrics)
+        running = {"loss": 0.0, "recon": 0.0, "kl": 0.0, "n": 0}
+        if report is not None:
+            state = {"model": model.state_dict(), "optimizer": opt.state_dict(),
+                     "scheduler": sched.state_dict(), "rng": gen.get_state(), "step": result.steps,
+                     "history": result.history, "train_seconds": result.train_seconds}
+            report(metrics, lambda directory, state=state: save_checkpoint(directory, state))
+        if diverged:
+            break
+    model.eval()
+    return result

@@ -1,0 +1,260 @@
+"""The LoRA generator: a trained CVAE plus everything needed to turn a task vector into a peft
+adapter, saved as one self-contained directory.
+
+    <generator>/generator.safetensors   CVAE weights, normalisation stats, principal basis,
+                                        condition stats, fixed tensors (target "b": lora_A)
+    <generator>/generator.json          config, CVAE spec, condition spec, base model, LoRA
+                                        layout (+ fingerprint), peft config template, training
+                                        summary, size beside the size of the zoo it replaces
+    <generator>/config.resolved.yaml    the pipeline config that made it (written by the job)
+
+Generation needs nothing else: ``LoraGenerator.load(dir).sample(task_vector, z="zero")`` gives a
+flat adapter vector in layout order, ``write_adapter`` a peft adapter directory.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from icm.config import GeneratorConfig, StageConfig, save_resolved_config
+from icm.cvae import CVAE, CVAESpec
+from icm.cvae_train import Report, fit_cvae
+from icm.generator_data import (ConditionNorm, PreparedData, Subspace, TensorNorm, WeightCodec,
+                                key_positions, prepare_data)
+from icm.generator_inputs import (ConditionMismatchError, GeneratorInputError, GeneratorInputs,
+                                  ZooData, ZooInputError, load_generator_inputs)
+from icm.io import atomic_directory, sha256_file, write_json_atomic
+from icm.lora_io import LoraLayout, save_adapter, unflatten
+
+__all__ = ["LoraGenerator", "train_generator", "fit_generator", "generator_from_state",
+           "prepare_data", "load_generator_inputs", "GeneratorInputs", "GeneratorInputError",
+           "ConditionMismatchError", "ZooInputError"]
+
+FORMAT = "icm-lora-generator"
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "generator.safetensors"
+META_FILE = "generator.json"
+GENERATION_FILE = "generation.json"
+
+
+class LoraGenerator:
+    """Task vector(s) in, de-normalised flat LoRA vectors (and peft adapters) out."""
+
+    def __init__(self, *, model: CVAE, codec: WeightCodec, condition_norm: ConditionNorm,
+                 layout: LoraLayout, generated_keys: tuple[str, ...], fixed: Mapping[str, torch.Tensor],
+                 peft_config: dict, model_spec: str, condition_spec: dict, config: GeneratorConfig,
+                 summary: dict | None = None):
+        self.model = model.eval()
+        self.codec, self.condition_norm = codec, condition_norm
+        self.layout, self.generated_keys, self.fixed = layout, tuple(generated_keys), dict(fixed)
+        self.peft_config, self.model_spec = peft_config, model_spec
+        self.condition_spec, self.config, self.summary = condition_spec, config, summary or {}
+        self._positions = key_positions(layout, self.generated_keys)  # (L_gen,)
+        base = {k: torch.zeros(s) for k, s in zip(layout.keys, layout.shapes)}
+        base.update(self.fixed)
+        self._template = torch.cat([base[k].reshape(-1) for k in layout.keys])  # (L,)
+
+    @property
+    def condition_dim(self) -> int:
+        return int(self.condition_spec["condition_dim"])
+
+    # ------------------------------------------------------------------------- generation
+
+    def _conditions(self, conditions) -> torch.Tensor:
+        c = torch.as_tensor(np.asarray(conditions, dtype=np.float32))
+        c = c.unsqueeze(0) if c.dim() == 1 else c
+        if c.dim() != 2 or c.shape[1] != self.condition_dim:
+            s = self.condition_spec
+            raise ConditionMismatchError(
+                f"conditions have shape {tuple(c.shape)}; this generator takes (N, {self.condition_dim}) "
+                f"task vectors (mode {s.get('mode')!r}, layer {s.get('layer')}, pooling "
+                f"{s.get('pooling')!r} of {s.get('model_spec', self.model_spec)!r}).")
+        if not torch.isfinite(c).all():
+            raise ConditionMismatchError("conditions contain NaN or infinite values.")
+        return c
+
+    @torch.no_grad()
+    def sample(self, conditions, *, num_samples: int = 1, seed: int = 0, z: str = "random") -> torch.Tensor:
+        """Generate adapters as flat vectors in layout order.
+
+        Args:
+            conditions: (N, D) or (D,) raw task vectors (the generator z-scores them itself).
+            num_samples: adapters per condition; rows are condition-major
+                (``[c0 s0, c0 s1, ..., c1 s0, ...]``).
+            seed: seed of z when ``z="random"``.
+            z: "random" draws z ~ N(0, I); "zero" decodes the prior mean (deterministic).
+
+        Returns:
+            (N * num_samples, L) float32, de-normalised, A fixed for target "b".
+        """
+        if num_samples < 1:
+            raise GeneratorInputError(f"num_samples must be >= 1, got {num_samples}.")
+        if z not in ("random", "zero"):
+            raise GeneratorInputError(f"z must be 'random' or 'zero', got {z!r}.")
+        c = self.condition_norm.apply(self._conditions(conditions)).repeat_interleave(num_samples, 0)
+        shape = (len(c), self.model.spec.latent_dim)
+        latent = (torch.randn(shape, generator=torch.Generator().manual_seed(seed)) if z == "random"
+                  else torch.zeros(shape))
+        generated = self.codec.decode(self.model.decode(latent, c))  # (B, L_gen)
+        out = self._template.repeat(len(c), 1)  # (B, L)
+        out[:, self._positions] = generated
+        return out
+
+    def state_dict(self, vector: torch.Tensor) -> dict[str, torch.Tensor]:
+        """A flat vector (L,) or (1, L) as the peft adapter state dict."""
+        flat = vector.reshape(-1) if vector.dim() == 2 and len(vector) == 1 else vector
+        return unflatten(flat, self.layout)
+
+    def write_adapter(self, vector: torch.Tensor, out_dir: str | Path, *, extra: dict | None = None) -> Path:
+        """Write a peft adapter (adapter_config.json + adapter_model.safetensors) atomically.
+
+        Beside it go ``generation.json`` (the generator's identity) and ``extra``: more files,
+        ``{file name: JSON-serialisable object}`` (e.g. the request that produced the adapter).
+        """
+        info = {"model_spec": self.model_spec, "layout_fingerprint": self.layout.fingerprint(),
+                "condition_spec": self.condition_spec, "arch": self.config.arch,
+                "target": self.config.target, "generator_config": self.config.model_dump(mode="json")}
+        return save_adapter(self.state_dict(vector), self.peft_config, out_dir,
+                            extra_files={GENERATION_FILE: info, **(extra or {})})
+
+    # ------------------------------------------------------------------------- storage
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        t = {f"cvae.{k}": v.detach().contiguous() for k, v in self.model.state_dict().items()}
+        t.update({"norm.mean": self.codec.norm.mean, "norm.std": self.codec.norm.std,
+                  "condition.mean": self.condition_norm.mean, "condition.std": self.condition_norm.std})
+        if (sub := self.codec.subspace) is not None:
+            dtype = torch.float16 if self.config.basis_dtype == "float16" else torch.float32
+            t.update({"subspace.mean": sub.mean, "subspace.basis": sub.basis.to(dtype),
+                      "subspace.scale": sub.scale, "subspace.explained": sub.explained})
+        t.update({f"fixed.{k}": v for k, v in self.fixed.items()})
+        return {k: v.contiguous() for k, v in t.items()}
+
+    def metadata(self) -> dict[str, Any]:
+        return {"format": FORMAT, "version": FORMAT_VERSION, "config": self.config.model_dump(mode="json"),
+                "cvae": self.model.spec.to_json(), "condition_spec": self.condition_spec,
+                "model_spec": self.model_spec, "layout": self.layout.to_json(),
+                "generated_keys": list(self.generated_keys), "peft_config": self.peft_config,
+                "codec": {"pad_multiple": self.codec.pad_multiple, "sizes": list(self.codec.norm.sizes),
+                          "subspace_dim": (len(self.codec.subspace.scale) if self.codec.subspace else None)},
+                "normalisation": {k: {"mean": float(m), "std": float(s)} for k, m, s in
+                                  zip(self.generated_keys, self.codec.norm.mean, self.codec.norm.std)},
+                "training": self.summary}
+
+    def save(self, directory: str | Path, *, resolved_config: StageConfig | None = None) -> Path:
+        """Write the artifact directory atomically (replacing an older one only when complete)."""
+        from safetensors.torch import save_file
+
+        with atomic_directory(directory) as staging:
+            save_file(self.tensors(), str(staging / WEIGHTS_FILE), metadata={"format": FORMAT})
+            meta = self.metadata()
+            zoo_bytes = self.summary.get("zoo", {}).get("adapter_bytes") or 0
+            weights = (staging / WEIGHTS_FILE).stat().st_size
+            meta_bytes = len(json.dumps(meta, indent=2, sort_keys=True))
+            meta["size"] = {"generator_bytes": weights + meta_bytes, "weights_bytes": weights,
+                            "zoo_adapter_bytes": zoo_bytes,
+                            "ratio_to_zoo": (weights + meta_bytes) / zoo_bytes if zoo_bytes else None,
+                            "weights_sha256": sha256_file(staging / WEIGHTS_FILE)}
+            write_json_atomic(staging / META_FILE, meta)
+            if resolved_config is not None:
+                save_resolved_config(resolved_config, staging)
+        return Path(directory)
+
+    @classmethod
+    def load(cls, directory: str | Path) -> LoraGenerator:
+        """Read a generator written by `save` (e.g. ``<storage.root>/generator``)."""
+        from safetensors.torch import load_file
+
+        folder = Path(directory)
+        if not (folder / META_FILE).is_file() or not (folder / WEIGHTS_FILE).is_file():
+            raise GeneratorInputError(f"{folder} is not a generator ({META_FILE} or {WEIGHTS_FILE} missing). "
+                                      "Fix: run `icm train-generator` first, or pass its output directory.")
+        meta = json.loads((folder / META_FILE).read_text())
+        if meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
+            raise GeneratorInputError(f"{folder / META_FILE}: format {meta.get('format')!r} version "
+                                      f"{meta.get('version')} is not {FORMAT!r} v{FORMAT_VERSION}.")
+        t = load_file(str(folder / WEIGHTS_FILE))
+        model = CVAE(CVAESpec.from_json(meta["cvae"]))
+        model.load_state_dict({k[5:]: v for k, v in t.items() if k.startswith("cvae.")})
+        subspace = (Subspace(t["subspace.mean"], t["subspace.basis"].float(), t["subspace.scale"],
+                             t["subspace.explained"]) if "subspace.basis" in t else None)
+        codec = WeightCodec(TensorNorm(tuple(meta["codec"]["sizes"]), t["norm.mean"], t["norm.std"]),
+                            subspace, meta["codec"]["pad_multiple"])
+        condition_norm = ConditionNorm(t["condition.mean"], t["condition.std"])
+        return cls(model=model, codec=codec, condition_norm=condition_norm,
+                   layout=LoraLayout.from_json(meta["layout"]), generated_keys=tuple(meta["generated_keys"]),
+                   fixed={k[6:]: v for k, v in t.items() if k.startswith("fixed.")},
+                   peft_config=meta["peft_config"], model_spec=meta["model_spec"],
+                   condition_spec=meta["condition_spec"], config=GeneratorConfig(**meta["config"]),
+                   summary=meta.get("training"))
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def build_cvae(cfg: GeneratorConfig, input_dim: int, condition_dim: int) -> CVAE:
+    """The network for ``cfg``, initialised from ``cfg.seed`` alone."""
+    spec = CVAESpec(arch=cfg.arch, input_dim=input_dim, condition_dim=condition_dim,
+                    latent_dim=cfg.latent_dim, width=cfg.width, depth=cfg.depth,
+                    injection=cfg.injection, conv_stages=cfg.conv_stages)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        return CVAE(spec)
+
+
+def generator_from_state(data: PreparedData, cfg: GeneratorConfig, model_state: Mapping | None = None,
+                         *, summary: dict | None = None) -> LoraGenerator:
+    """A `LoraGenerator` over ``data``'s codec, with CVAE weights ``model_state`` (None: fresh)."""
+    rep = data.representation(cfg)
+    model = build_cvae(cfg, rep.codec.model_dim, data.condition_spec["condition_dim"])
+    if model_state is not None:
+        model.load_state_dict(model_state)
+    return LoraGenerator(model=model, codec=rep.codec, condition_norm=data.condition_norm,
+                         layout=data.layout, generated_keys=data.generated_keys, fixed=data.fixed,
+                         peft_config=data.peft_config, model_spec=data.model_spec,
+                         condition_spec=data.condition_spec, config=cfg, summary=summary)
+
+
+def fit_generator(data: PreparedData, cfg: GeneratorConfig, *, report: Report | None = None,
+                  resume_state: dict | None = None) -> LoraGenerator:
+    """Train a generator with hyperparameters ``cfg`` on prepared data (one Tune trial)."""
+    rep = data.representation(cfg)
+    generator = generator_from_state(data, cfg)
+    result = fit_cvae(generator.model, rep.train, cfg, weights=rep.codec.weights(),
+                      validation=rep.validation, report=report, resume_state=resume_state)
+    split = data.split
+    generator.summary = {
+        "trained_on": {"tasks": list(split.train_tasks), "snapshots": len(rep.train),
+                       "episodes": int(rep.train.episode_count.sum()),
+                       "held_out_snapshots_per_task": split.val_snapshots,
+                       "validation_tasks": list(split.val_tasks)},
+        "steps": result.steps, "train_seconds": result.train_seconds,
+        "samples_per_s": result.steps * cfg.batch_size / max(result.train_seconds, 1e-9),
+        "final": result.final, "history": result.history, "baselines": rep.baselines,
+        "representation": rep.info, "zoo": data.zoo_summary}
+    return generator
+
+
+def train_generator(zoo: ZooData, conditions: Mapping[str, Any], cfg: GeneratorConfig, *,
+                    validation: bool = False, condition_spec: Mapping[str, Any] | None = None,
+                    init_state: Mapping[str, torch.Tensor] | None = None, report: Report | None = None,
+                    resume_state: dict | None = None) -> LoraGenerator:
+    """Prepare the data and train one generator (both generator jobs and the tests use this).
+
+    Args:
+        zoo: training tasks' snapshots (`icm.generator_inputs.load_zoo`, or built in memory).
+        conditions: task -> (E, D) episode task vectors.
+        validation: keep validation tasks / snapshots out (model selection); False (the final
+            generator) trains on every task and snapshot of ``zoo``.
+        init_state: the zoo's initial adapter, needed for ``cfg.target == "b"``.
+        report, resume_state: see `icm.cvae_train.fit_cvae`.
+    """
+    data = prepare_data(zoo, conditions, cfg, validation=validation, init_state=init_state,
+                        condition_spec=condition_spec)
+    return fit_generator(data, cfg, report=report, resume_state=resume_state)

@@ -1,0 +1,249 @@
+"""Reading what the generator learns from: the LoRA zoo and the task vectors, from storage.
+
+`load_zoo` reads the per-task snapshots of a zoo (never the multi-task LoRA, never held-out
+tasks) and checks it was built for this base model and layout; `load_generator_inputs` adds the
+episode task vectors of the same tasks (``icm.task_vectors``) and is what both generator jobs
+call. The rest of the generator code takes the plain structures returned here (tests build them
+directly).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from icm.config import PipelineConfig, ZooConfig
+from icm.errors import InputError
+from icm.io import sha256_json
+from icm.lora_io import LoraLayout
+from icm.zoo import LAYOUT_FILE, MANIFEST_FILE, VECTOR_FILE, ZOO_FILE, snapshot_dir
+
+log = logging.getLogger(__name__)
+LORA_FIELDS = ("rank", "alpha", "dropout", "target_modules", "init_seed")
+
+
+class GeneratorInputError(InputError):
+    """Generator inputs that cannot be used together; the message names what differs."""
+
+
+class ConditionMismatchError(GeneratorInputError):
+    """Task vectors of the wrong size, shape or for missing tasks."""
+
+
+class ZooInputError(GeneratorInputError):
+    """An empty zoo, or one from another base model, LoRA setup or key order."""
+
+
+@dataclass
+class ZooData:
+    """The training part of a LoRA zoo in memory: flat vectors per task, in step order."""
+
+    layout: LoraLayout
+    vectors: dict[str, torch.Tensor]  # task -> (S, L) float32
+    model_spec: str
+    peft_config: dict[str, Any]
+    lora: dict[str, Any] = field(default_factory=dict)  # zoo.json's LoRA settings
+    adapter_bytes: int = 0  # bytes of the peft adapters these snapshots replace
+    root: str | None = None
+    fingerprint: str = ""
+
+    def summary(self) -> dict[str, Any]:
+        return {"root": self.root, "model_spec": self.model_spec, "lora": self.lora,
+                "tasks": sorted(self.vectors), "snapshots": sum(len(v) for v in self.vectors.values()),
+                "adapter_bytes": self.adapter_bytes, "fingerprint": self.fingerprint,
+                "layout_fingerprint": self.layout.fingerprint()}
+
+
+# ----------------------------------------------------------------------------- reading the zoo
+
+
+def compare_layouts(expected: LoraLayout, found: LoraLayout) -> str | None:
+    """None when equal, else the first difference in words (keys, key order, or a shape)."""
+    if expected.fingerprint() == found.fingerprint():
+        return None
+    missing = [k for k in expected.keys if k not in set(found.keys)]
+    extra = [k for k in found.keys if k not in set(expected.keys)]
+    if missing or extra:
+        return f"keys differ: missing {missing[:2]}, unexpected {extra[:2]}"
+    for i, (a, b) in enumerate(zip(expected.keys, found.keys)):
+        if a != b:
+            return f"key order differs at position {i}: expected {a}, found {b}"
+    for key, a, b in zip(expected.keys, expected.shapes, found.shapes):
+        if a != b:
+            return f"tensor {key} has shape {list(b)}, expected {list(a)}"
+    return "layouts differ"
+
+
+def load_zoo(zoo_root: str | Path, *, include: Sequence[str] | None = None, exclude: Sequence[str] = (),
+             model_spec: str | None = None, layout: LoraLayout | None = None) -> ZooData:
+    """Read the per-task snapshots of a zoo (never the multi-task LoRA).
+
+    Args:
+        include: task names allowed (e.g. the suite's training tasks); None: all.
+        exclude: task names never read (held-out tasks), even when the zoo has them.
+        model_spec, layout: when given, the zoo must have been built for them.
+
+    Raises:
+        ZooInputError: no zoo, no training snapshots, another base model or another layout.
+    """
+    import pandas as pd
+
+    root = Path(zoo_root)
+    if not (root / ZOO_FILE).is_file() or not (root / MANIFEST_FILE).is_file():
+        raise ZooInputError(f"no LoRA zoo at {root} ({ZOO_FILE} or {MANIFEST_FILE} missing). Fix: run "
+                            "`icm train-loras` with the same storage.root first.")
+    identity = json.loads((root / ZOO_FILE).read_text())
+    if model_spec is not None and identity.get("model_spec") != model_spec:
+        raise ZooInputError(f"model.spec: the zoo at {root} was trained on {identity.get('model_spec')!r}, "
+                            f"this run uses {model_spec!r}. Fix: use that zoo's model.spec or retrain it.")
+    zoo_layout = LoraLayout.load(root / LAYOUT_FILE)
+    if layout is not None and (diff := compare_layouts(layout, zoo_layout)):
+        raise ZooInputError(f"the zoo at {root} has another LoRA layout than this base model and zoo "
+                            f"config give: {diff}. Fix: retrain the zoo or restore its settings.")
+    frame = pd.read_parquet(root / MANIFEST_FILE)
+    rows = frame[(frame["kind"] == "task") & ~frame["task"].isin(list(exclude))] if len(frame) else frame
+    if include is not None and len(rows):
+        rows = rows[rows["task"].isin(list(include))]
+    if dropped := sorted(set(frame.get("task", [])) & set(exclude)):
+        log.warning("zoo has snapshots of held-out task(s) %s; they are ignored", dropped)
+    if not len(rows):
+        raise ZooInputError(f"the zoo at {root} has no snapshots of training tasks (manifest tasks: "
+                            f"{sorted(set(frame.get('task', [])))}). Fix: run `icm train-loras` first.")
+    vectors, peft_config, size = _read_vectors(root, rows, zoo_layout)
+    fingerprint = sha256_json([zoo_layout.fingerprint(), rows[["task", "step", "vector_sha256"]]
+                               .astype(str).values.tolist()])
+    return ZooData(zoo_layout, vectors, identity["model_spec"], peft_config, identity.get("lora", {}),
+                   size, str(root), fingerprint)
+
+
+def _read_vectors(root: Path, rows, layout: LoraLayout) -> tuple[dict[str, torch.Tensor], dict, int]:
+    """Snapshot vectors per task in step order, the peft config template, the adapters' bytes."""
+    from safetensors import safe_open
+
+    vectors, peft_config, size = {}, None, 0
+    for task, group in rows.sort_values("step").groupby("task", sort=True):
+        stack = []
+        for step in group["step"]:
+            folder = snapshot_dir(root, task, int(step))
+            with safe_open(str(folder / VECTOR_FILE), "pt") as handle:
+                if (handle.metadata() or {}).get("layout_fingerprint") != layout.fingerprint():
+                    raise ZooInputError(f"{folder / VECTOR_FILE} was written with another key order or "
+                                        f"shapes than {root / LAYOUT_FILE}. Fix: rebuild the zoo.")
+                stack.append(handle.get_tensor("vector").float())
+            size += (folder / "adapter_model.safetensors").stat().st_size
+            peft_config = peft_config or json.loads((folder / "adapter_config.json").read_text())
+        vectors[task] = torch.stack(stack)  # (S, L)
+    return vectors, peft_config, size
+
+
+def check_conditions(conditions: Mapping[str, Any], tasks: Sequence[str]) -> dict[str, np.ndarray]:
+    """Episode vectors of ``tasks`` as float32 (E, D) arrays of one common D."""
+    missing = [t for t in tasks if t not in conditions]
+    if missing:
+        raise ConditionMismatchError(f"no task vectors for zoo task(s) {missing}. Fix: run `icm "
+                                     "task-vectors` for these tasks with generator.condition_mode/"
+                                     "condition_layer/condition_pooling among the extracted ones.")
+    out = {}
+    for task in tasks:
+        array = np.asarray(conditions[task], dtype=np.float32)
+        array = array[None] if array.ndim == 1 else array
+        if array.ndim != 2 or array.shape[0] == 0 or not np.isfinite(array).all():
+            raise ConditionMismatchError(f"task vectors of {task!r} must be a finite (episodes, dim) "
+                                         f"array with at least one episode, got shape {array.shape}.")
+        out[task] = array
+    dims = {t: a.shape[1] for t, a in out.items()}
+    if len(set(dims.values())) > 1:
+        raise ConditionMismatchError(f"task vectors differ in size between tasks: {dims}. Fix: extract "
+                                     "all of them with the same model and layer.")
+    return out
+
+
+# ----------------------------------------------------------------------------- from storage
+
+
+@dataclass
+class GeneratorInputs:
+    """What both generator jobs read from storage: the training zoo and its task vectors."""
+
+    zoo: ZooData
+    conditions: dict[str, np.ndarray]  # task -> (E, D); training tasks of the zoo only
+    condition_spec: dict[str, Any]
+    init_state: dict[str, torch.Tensor] | None  # the zoo's initial adapter (target "b")
+
+    def fingerprint(self) -> str:
+        import hashlib
+
+        digests = {t: hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
+                   for t, a in sorted(self.conditions.items())}
+        return sha256_json([self.zoo.fingerprint, digests])
+
+
+def initial_lora_state(model_spec: str, lora: Mapping[str, Any], *, cache_dir: str | None = None
+                       ) -> tuple[LoraLayout, dict[str, torch.Tensor]]:
+    """The adapter every zoo task started from, rebuilt from its init seed, and its layout."""
+    from icm.lora_io import adapter_state_dict
+    from icm.lora_train import build_lora_model
+    from icm.models import load_base_model
+
+    model, _ = load_base_model(model_spec, cache_dir=cache_dir)
+    state = adapter_state_dict(build_lora_model(model, ZooConfig(**{k: lora[k] for k in LORA_FIELDS})))
+    return LoraLayout.of(state), state
+
+
+def _task_vector_loader(stage_dir: Path, **kwargs) -> dict[str, np.ndarray]:
+    from icm.task_vectors import VECTORS_DIR, load_episode_vectors
+
+    if not (Path(stage_dir) / VECTORS_DIR).is_dir():
+        raise ConditionMismatchError(f"no task vectors at {stage_dir}. Fix: run `icm task-vectors` with "
+                                     "the same storage.root first.")
+    return load_episode_vectors(stage_dir, **kwargs)
+
+
+def condition_spec_of(cfg: PipelineConfig) -> dict[str, Any]:
+    """How the conditions were made (which episode vectors, the task-vector config, prompt
+    template and stage fingerprint), so a request can rebuild the same kind of vector."""
+    from icm.task_vectors import TEMPLATE_FILE
+
+    folder = cfg.storage.path("task_vectors")
+    stage_file, template = folder / "stage.json", folder / TEMPLATE_FILE
+    return {"mode": cfg.generator.condition_mode, "layer": cfg.generator.condition_layer,
+            "pooling": cfg.generator.condition_pooling, "model_spec": cfg.model.spec,
+            "task_vectors": cfg.task_vectors.model_dump(mode="json"),
+            "task_vector_fingerprint": (json.loads(stage_file.read_text()).get("fingerprint")
+                                        if stage_file.is_file() else None),
+            "prompt_template": template.read_text() if template.is_file() else None}
+
+
+def load_generator_inputs(cfg: PipelineConfig, suite, *,
+                          load_conditions: Callable[..., Mapping[str, Any]] | None = None) -> GeneratorInputs:
+    """Read the zoo's training tasks and their episode task vectors for ``cfg.generator``.
+
+    Only ``suite.training_tasks()`` are read; held-out tasks are dropped from the zoo and from
+    the conditions even if storage holds them. ``load_conditions`` defaults to
+    ``icm.task_vectors.load_episode_vectors``.
+    """
+    training = [t.name for t in suite.training_tasks()]
+    zoo = load_zoo(cfg.storage.path("zoo"), include=training, exclude=suite.heldout,
+                   model_spec=cfg.model.spec)
+    lora = cfg.zoo.model_dump(mode="json", include=set(LORA_FIELDS))
+    if diff := {k: (zoo.lora.get(k), lora[k]) for k in LORA_FIELDS if zoo.lora.get(k) != lora[k]}:
+        raise ZooInputError("the zoo's LoRA settings differ from this config: " + ", ".join(
+            f"zoo.{k}: zoo has {a!r}, config {b!r}" for k, (a, b) in diff.items())
+            + ". Fix: restore those settings or retrain the zoo.")
+    layout, init_state = initial_lora_state(cfg.model.spec, lora, cache_dir=cfg.model.cache_dir)
+    if diff := compare_layouts(layout, zoo.layout):
+        raise ZooInputError(f"the zoo at {zoo.root} does not fit model.spec={cfg.model.spec!r} with "
+                            f"these zoo settings: {diff}. Fix: retrain the zoo.")
+    g = cfg.generator
+    loaded = (load_conditions or _task_vector_loader)(
+        cfg.storage.path("task_vectors"), mode=g.condition_mode, layer=g.condition_layer,
+        pooling=g.condition_pooling, tasks=sorted(zoo.vectors))
+    conditions = {t: np.asarray(v, dtype=np.float32) for t, v in loaded.items() if t in zoo.vectors}
+    return GeneratorInputs(zoo, conditions, condition_spec_of(cfg), init_state)

@@ -1,0 +1,148 @@
+"""Generator jobs on a real local Ray: a 2-trial ASHA + Optuna Tune search, resume, the final
+generator as a Ray task, and bad input. The zoo is real peft files (tiny-llama); the task vectors
+are synthetic, handed in through ``inputs`` (their own job is tested in test_task_vectors_job)."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pandas as pd
+import pytest
+import ray
+import torch
+
+from icm.adapters import apply_adapter
+from icm.config import load_config
+from icm.generator import LoraGenerator
+from icm.generator_inputs import load_generator_inputs
+from icm.models import load_base_model
+from icm.tasks import load_suite
+from jobs import train_generator, tune_cvae
+from tests.conftest import make_suite
+from tests.unit.test_generator import write_zoo
+
+OVERRIDES = ["zoo.rank=4", "zoo.alpha=8.0", "zoo.dropout=0.0", "suite.tasks=null",
+             "generator.steps=40", "generator.report_every=10", "generator.batch_size=16",
+             "generator.subspace_dim=6", "generator.width=32", "generator.latent_dim=4",
+             "generator.kl_warmup_steps=10", "generator.val_tasks=1", "generator.val_snapshots=1",
+             "tune.num_samples=2", "tune.max_concurrent=2", "tune.grace_period=1",
+             "tune.reduction_factor=2", "tune.rescore_top=2", "tune.rescore_max_texts=2"]
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, num_gpus=0, object_store_memory=200 * 1024**2, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    base = tmp_path_factory.mktemp("generator")
+    suite = load_suite(make_suite(base / "suite"))  # "dogs" is held out
+    # The zoo also holds a held-out task's snapshots and a multi-task LoRA: neither may be used.
+    conditions = write_zoo(base / "run" / "zoo", ["cats", "code", "dogs", "sums"], snapshots=4)
+    cfg = load_config("smoke", [f"storage.root={base / 'run'}", f"suite.path={base / 'suite'}", *OVERRIDES])
+    inputs = load_generator_inputs(cfg, suite, load_conditions=lambda _dir, **kw: conditions)
+    return cfg, suite, inputs
+
+
+@pytest.fixture(scope="module")
+def tuned(local_ray, workspace):
+    cfg, suite, inputs = workspace
+    return tune_cvae.run(cfg, suite, inputs=inputs)
+
+
+@pytest.mark.slow
+def test_tune_search_with_asha_writes_the_best_config(tuned, workspace):
+    cfg, _, _ = workspace
+    root = cfg.storage.path("tune")
+    split = json.loads((root / "split.json").read_text())
+    assert sorted(split["train_tasks"] + split["val_tasks"]) == ["cats", "code", "sums"]
+    assert len(split["val_tasks"]) == 1 and split["heldout_excluded"] == ["dogs"]
+    trials = pd.read_parquet(root / "trials.parquet")
+    assert len(trials) == 2 and (trials["steps"] <= 40).all() and (trials["val_mse"] > 0).all()
+    trial_dirs = (root / "ray" / "cvae-search").glob("trainable_*")
+    assert set(trials["trial_id"]) == {p.name.split("_")[1] for p in trial_dirs}
+    best = json.loads((root / "best_config.json").read_text())
+    assert best["selected_by"] == "perplexity" and len(best["rescored"]) == 2
+    val_task = split["val_tasks"][0]
+    for row in best["rescored"]:
+        assert set(row["perplexity"]) == {val_task} and row["perplexity"][val_task] > 1
+    assert best["generator_config"]["arch"] == "mlp" and best["hyperparameters"]["arch"] == "mlp"
+    assert best["baselines"]["val_unseen_mean_mse"] > 0
+    # trial checkpoints are kept (the last one of each trial)
+    assert len(list((root / "ray" / "cvae-search").glob("trainable_*/checkpoint_*"))) == 2
+
+
+@pytest.mark.slow
+def test_rerun_skips_and_a_lost_record_restores_the_experiment(tuned, workspace, caplog):
+    cfg, suite, inputs = workspace
+    caplog.set_level(logging.INFO, logger="jobs.tune_cvae")
+    assert tune_cvae.run(cfg, suite, inputs=inputs)["fingerprint"] == tuned["fingerprint"]
+    assert "tune: up to date" in caplog.text
+    (cfg.storage.path("tune") / "stage.json").unlink()  # as if killed after the search
+    again = tune_cvae.run(cfg, suite, inputs=inputs)
+    assert "restoring the experiment" in caplog.text
+    assert again["outputs"]["best_trial"] == tuned["outputs"]["best_trial"]  # same trials, none new
+
+
+@pytest.mark.slow
+def test_final_generator_trains_on_every_training_task_with_the_best_config(tuned, workspace, tmp_path):
+    cfg, suite, inputs = workspace
+    record = train_generator.run(cfg, suite, inputs=inputs)
+    out = cfg.storage.path("generator")
+    assert {p.name for p in out.iterdir()} == {"generator.json", "generator.safetensors",
+                                                "config.resolved.yaml", "stage.json"}
+    assert not cfg.storage.path(train_generator.CHECKPOINT_DIR).exists()
+    generator = LoraGenerator.load(out)
+    best = json.loads(cfg.storage.path("tune", "best_config.json").read_text())
+    assert generator.config.model_dump(mode="json") == best["generator_config"]
+    trained = generator.summary["trained_on"]
+    assert trained["tasks"] == ["cats", "code", "sums"] and trained["validation_tasks"] == []
+    assert trained["snapshots"] == 12 and trained["held_out_snapshots_per_task"] == 0
+    assert record["outputs"]["hyperparameters_from"] == f"Tune trial {best['trial_id']}"
+    adapter = generator.write_adapter(generator.sample(inputs.conditions["cats"][0])[0], tmp_path / "a")
+    model, tokenizer = load_base_model("tiny-llama")
+    ids = tokenizer("The cat sat.", return_tensors="pt")
+    with torch.inference_mode():
+        base_logits = model(**ids).logits
+        assert not torch.allclose(apply_adapter(model, adapter)(**ids).logits, base_logits)
+
+
+@pytest.mark.parametrize("job", [tune_cvae, train_generator])
+def test_jobs_report_a_missing_zoo_as_one_line(job, tmp_path, capsys):
+    suite = make_suite(tmp_path / "suite")
+    code = job.main(["--config", "smoke", f"storage.root={tmp_path / 'run'}", f"suite.path={suite}",
+                     "suite.tasks=null"])
+    assert code == 2 and "no LoRA zoo" in capsys.readouterr().err
+
+
+def _write_task_vectors(folder, conditions) -> None:
+    """Episode vectors in the task-vector stage's output format (vectors/shard-*/ parquet)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"task": task, "episode": e, "mode": "both", "layer": -1, "pooling": "mean", "vector": v.tolist()}
+            for task, array in conditions.items() for e, v in enumerate(array)]
+    (folder / "vectors" / "shard-0").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(rows), folder / "vectors" / "shard-0" / "part-0.parquet")
+
+
+@pytest.mark.slow
+def test_train_generator_command_reads_stored_zoo_and_task_vectors(local_ray, workspace, tmp_path, capsys):
+    import shutil
+
+    cfg, suite, inputs = workspace
+    shutil.copytree(cfg.storage.path("zoo"), tmp_path / "run" / "zoo")
+    stored = {**inputs.conditions, "dogs": inputs.conditions["cats"]}  # held-out vectors exist too
+    _write_task_vectors(tmp_path / "run" / "task_vectors", stored)
+    args = ["--config", "smoke", f"storage.root={tmp_path / 'run'}", f"suite.path={suite.path}",
+            *OVERRIDES, "tune.enabled=false", "generator.steps=20"]
+    assert train_generator.main(args) == 0
+    assert "trained on all 3 training tasks (12 snapshots" in capsys.readouterr().out
+    generator = LoraGenerator.load(tmp_path / "run" / "generator")
+    assert generator.condition_spec["condition_dim"] == 16 and generator.condition_spec["mode"] == "both"
+    assert generator.summary["trained_on"]["tasks"] == ["cats", "code", "sums"]
+    assert train_generator.main(args) == 0  # up to date: skipped
