@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 
@@ -18,14 +19,35 @@ WORKER_ENV_KEYS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "ICM_CACHE_DIR", "H
                    "DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR")
 
 
+def submitted_job_env_vars() -> dict[str, str]:
+    """The env vars of the runtime env this driver was submitted with (``ray job submit``), if any.
+
+    Ray refuses to merge a driver's runtime env into the job's when both set the same variable
+    ("Failed to merge the Job's runtime env"), so those keys are left to the job's env.
+    """
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not raw:
+        return {}
+    try:
+        return dict((json.loads(raw).get("runtime_env") or {}).get("env_vars") or {})
+    except (ValueError, AttributeError):
+        return {}
+
+
+def worker_env_vars(cache_dir: str | None, job_env: dict[str, str]) -> dict[str, str]:
+    """What every worker needs to behave like the driver, minus what the job already sets."""
+    env = {key: os.environ[key] for key in WORKER_ENV_KEYS if key in os.environ}
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("ICM_CACHE_DIR", str(cache_dir or default_cache_dir()))
+    return {key: value for key, value in env.items() if key not in job_env}
+
+
 def init_ray(config: RayConfig, *, cache_dir: str | None = None) -> None:
     """Join ``config.address`` or start a local Ray sized by ``config``."""
     if ray.is_initialized():
         return
-    env = {key: os.environ[key] for key in WORKER_ENV_KEYS if key in os.environ}
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    env.setdefault("ICM_CACHE_DIR", str(cache_dir or default_cache_dir()))
-    runtime_env = {"env_vars": env}
+    env = worker_env_vars(cache_dir, submitted_job_env_vars())
+    runtime_env = {"env_vars": env} if env else None
     if config.address:
         log.info("joining Ray cluster at %s", config.address)
         ray.init(address=config.address, runtime_env=runtime_env)
