@@ -7,6 +7,9 @@
     icm tasks build-default OUT               build the default suite from installed packages
     icm models prepare [--spec smollm2-135m]  convert / verify the offline model cache
     icm evaluate (--base-only | --adapter DIR) --task TASK_DIR   perplexity + bits/char as JSON
+    icm serve --generator DIR [--adapters DIR --config YAML]   the Ray Serve app (serve_apps)
+    icm generate --generator DIR (--task TASK_DIR | --description TEXT [--examples F.jsonl])
+                 --out ADAPTER_DIR [--samples K --select demo-ppl] [--seed S]
 
 Subcommands that need Ray import ``jobs.*`` lazily, so ``import icm`` never imports Ray.
 """
@@ -129,6 +132,32 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from icm.generate import AdapterFactory, GenerateInputError, read_examples, task_context
+
+    factory = AdapterFactory(args.generator, cache_dir=args.cache_dir)
+    if args.task:
+        if args.description or args.examples:
+            raise GenerateInputError("--task takes the description and examples from the task "
+                                     "folder; do not also pass --description/--examples.")
+        description, examples = task_context(args.task, factory.task_vector_config.k, args.seed)
+    else:
+        if not (args.description or args.examples):
+            raise GenerateInputError("give the task's context: --task TASK_DIR, or --description "
+                                     "TEXT and/or --examples FILE.jsonl.")
+        description = args.description
+        examples = read_examples(args.examples) if args.examples else None
+    adapter = factory.generate(description, examples, samples=args.samples, select=args.select,
+                               seed=args.seed)
+    request = {"description": description, "examples": len(examples or []), "task": args.task,
+               "samples": args.samples, "select": args.select, "seed": args.seed}
+    out = factory.write(adapter, args.out, request)
+    print(json.dumps({"adapter": str(out), "chosen_sample": adapter.chosen,
+                      "demo_perplexities": adapter.demo_perplexities, "timings": adapter.timings},
+                     indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="icm", description=__doc__.split("\n\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -184,10 +213,30 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--max-length", type=int, default=256)
     evaluate.add_argument("--batch-size", type=int, default=8)
     evaluate.set_defaults(func=_cmd_evaluate)
+
+    sub.add_parser("serve", help="Ray Serve app: an adapter per request + OpenAI-compatible "
+                   "completions (serve_apps.lora_generator; `icm serve --help`)")
+
+    generate = sub.add_parser("generate", help="a task's context in, a peft adapter out")
+    generate.add_argument("--generator", required=True, help="generator artifact directory")
+    generate.add_argument("--task", help="task folder: its description and k train texts as context")
+    generate.add_argument("--description", help="one or two sentences describing the task")
+    generate.add_argument("--examples", help="JSONL file of {\"text\": ...} example texts")
+    generate.add_argument("--out", required=True, help="adapter directory to write (peft format)")
+    generate.add_argument("--samples", type=int, default=1, help="adapters to sample (K)")
+    generate.add_argument("--select", default="demo-ppl", choices=["demo-ppl", "first"],
+                          help="how to keep one of K samples")
+    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--cache-dir", default=None)
+    generate.set_defaults(func=_cmd_generate)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["serve"]:
+        # Its options belong to serve_apps (which imports Ray): hand them over unparsed.
+        return importlib.import_module("serve_apps.lora_generator").serve_main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -118,7 +118,7 @@ class ZooConfig(StageConfig):
 
     @field_validator("target_modules")
     @classmethod
-    def _no_duplicates(cls, value: list[str]) -> list[str]:
+    def _no_duplicate_modules(cls, value: list[str]) -> list[str]:
         if len(set(value)) != len(value):
             raise ValueError("lists a module twice")
         return value
@@ -159,7 +159,9 @@ class TaskVectorConfig(StageConfig):
 class GeneratorConfig(StageConfig):
     """The conditional VAE that maps a task vector to LoRA weights, trained over all tasks."""
 
-    condition_mode: Mode = Field("both", description="Which episode prompts condition the generator.")
+    condition_modes: list[Mode] = Field(["description", "demos", "both"], min_length=1, description=(
+        "Episode prompts whose vectors condition the generator. All three: one generator answers "
+        "a description alone, examples alone, or both (each episode of each mode is a sample)."))
     condition_layer: int = Field(-1, description="Which hidden-state layer conditions it.")
     condition_pooling: Pooling = Field("mean", description="Which pooling conditions it.")
     arch: Literal["mlp", "conv1d"] = Field("mlp", description=(

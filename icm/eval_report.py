@@ -110,8 +110,8 @@ def plot_gap_by_group(table: pd.DataFrame, out: Path,
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    frame = table[table["variant"].isin(variants)].assign(
-        split=np.where(table["heldout"], "held-out", "seen"))
+    frame = table[table["variant"].isin(variants)]
+    frame = frame.assign(split=np.where(frame["heldout"], "held-out", "seen"))
     medians = frame.groupby(["group", "split", "variant"])["gap_recovered"].median().unstack("variant")
     fig, ax = plt.subplots(figsize=(9, 4.5))
     labels = [f"{g}\n{s}" for g, s in medians.index]

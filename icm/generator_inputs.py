@@ -148,7 +148,7 @@ def check_conditions(conditions: Mapping[str, Any], tasks: Sequence[str]) -> dic
     missing = [t for t in tasks if t not in conditions]
     if missing:
         raise ConditionMismatchError(f"no task vectors for zoo task(s) {missing}. Fix: run `icm "
-                                     "task-vectors` for these tasks with generator.condition_mode/"
+                                     "task-vectors` for these tasks with generator.condition_modes/"
                                      "condition_layer/condition_pooling among the extracted ones.")
     out = {}
     for task in tasks:
@@ -213,7 +213,7 @@ def condition_spec_of(cfg: PipelineConfig) -> dict[str, Any]:
 
     folder = cfg.storage.path("task_vectors")
     stage_file, template = folder / "stage.json", folder / TEMPLATE_FILE
-    return {"mode": cfg.generator.condition_mode, "layer": cfg.generator.condition_layer,
+    return {"modes": list(cfg.generator.condition_modes), "layer": cfg.generator.condition_layer,
             "pooling": cfg.generator.condition_pooling, "model_spec": cfg.model.spec,
             "task_vectors": cfg.task_vectors.model_dump(mode="json"),
             "task_vector_fingerprint": (json.loads(stage_file.read_text()).get("fingerprint")
@@ -242,8 +242,11 @@ def load_generator_inputs(cfg: PipelineConfig, suite, *,
         raise ZooInputError(f"the zoo at {zoo.root} does not fit model.spec={cfg.model.spec!r} with "
                             f"these zoo settings: {diff}. Fix: retrain the zoo.")
     g = cfg.generator
-    loaded = (load_conditions or _task_vector_loader)(
-        cfg.storage.path("task_vectors"), mode=g.condition_mode, layer=g.condition_layer,
-        pooling=g.condition_pooling, tasks=sorted(zoo.vectors))
-    conditions = {t: np.asarray(v, dtype=np.float32) for t, v in loaded.items() if t in zoo.vectors}
+    per_mode = [(load_conditions or _task_vector_loader)(
+        cfg.storage.path("task_vectors"), mode=mode, layer=g.condition_layer,
+        pooling=g.condition_pooling, tasks=sorted(zoo.vectors)) for mode in g.condition_modes]
+    # Every episode of every mode is one more context of the same task: (E x modes, D) per task.
+    conditions = {t: np.concatenate([np.asarray(m[t], dtype=np.float32).reshape(-1, m[t].shape[-1])
+                                     for m in per_mode if t in m])
+                  for t in zoo.vectors if any(t in m for m in per_mode)}
     return GeneratorInputs(zoo, conditions, condition_spec_of(cfg), init_state)

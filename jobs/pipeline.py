@@ -2,10 +2,14 @@
 
     python -m jobs.pipeline --config demo [key=value ...]      (same as: icm run --config demo)
 
-Stages so far: ``prepare`` (model cache + suite validation) -> ``base_eval`` (base-model
-perplexity / bits per char per task, on Ray). Later stages (LoRA zoo, task vectors, generator,
-evaluation) plug in here as they land. Each stage writes under ``<storage.root>/<stage>/`` and is
-skipped when its ``stage.json`` matches the config, so a killed run resumes by rerunning it.
+Stages, in order: ``prepare`` (model cache + suite validation) -> ``base_eval`` (base-model
+perplexity / bits per char) -> ``zoo`` (a LoRA per training task, Ray Train + DeepSpeed) ->
+``task_vectors`` (frozen base LM over in-context episodes, Ray Data) -> ``tune`` (generator
+hyperparameter search, Ray Tune; skipped when ``tune.enabled=false``) -> ``generator`` (the
+conditional VAE over LoRA weights) -> ``evaluate`` (generated adapters vs trained LoRAs and
+baselines, on every task, seen and held out). ``stages=[...]`` picks a subset (in this order).
+Each stage writes under ``<storage.root>/<stage>/`` and is skipped when its ``stage.json`` matches
+the config and its inputs, so a killed run resumes by running the same command again.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from icm.io import write_text_atomic
 from icm.models import load_base_model, resolve_spec
 from icm.stages import open_suite, stage
 from icm.tasks import Suite, format_stats_table, validate_suite
-from jobs import base_eval
+from jobs import base_eval, evaluate, extract_task_vectors, train_generator, train_loras, tune_cvae
 from jobs.common import ensure_writable_root, parse_job_args, user_errors_exit_2
 from jobs.ray_setup import init_ray
 
@@ -60,16 +64,47 @@ def main(argv: Sequence[str] | None = None) -> int:
     suite = open_suite(config)
     log.info("run %r -> %s; suite %s, %d tasks", config.name, root.resolve(), suite.path, len(suite.tasks))
 
-    run_prepare(config, suite)
+    timings = {"prepare": _timed(run_prepare, config, suite)}
     init_ray(config.ray, cache_dir=config.model.cache_dir)
-    base_eval.run(config, suite)
-
-    results = pd.read_parquet(config.storage.path("base_eval", "results.parquet"))
-    print(f"\nBase model {config.model.spec} on suite {suite.name} (eval split, per group):")
-    print(base_eval.group_summary(results).to_markdown(index=False, floatfmt=".3f"))
-    print(f"\nArtifacts under {root.resolve()}: prepare/suite.txt, base_eval/results.parquet, "
-          f"base_eval/summary.md. Done in {time.perf_counter() - started:.1f} s.")
+    command = "icm run --config " + " ".join(sys.argv[1:] if argv is None else argv)
+    for name, job in STAGES.items():
+        if name in config.stages and (name != "tune" or config.tune.enabled):
+            kwargs = {"command": command} if name == "evaluate" else {}
+            timings[name] = _timed(job.run, config, suite, **kwargs)
+    _print_summary(config, suite, root, timings, time.perf_counter() - started)
     return 0
+
+
+STAGES = {"base_eval": base_eval, "zoo": train_loras, "task_vectors": extract_task_vectors,
+          "tune": tune_cvae, "generator": train_generator, "evaluate": evaluate}
+
+
+def _timed(function, *args, **kwargs) -> float:
+    started = time.perf_counter()
+    function(*args, **kwargs)
+    return time.perf_counter() - started
+
+
+def _print_summary(config: PipelineConfig, suite: Suite, root, timings: dict, total: float) -> None:
+    print(f"\nStage wall times (s, 0 = up to date): "
+          + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
+    if "base_eval" in timings:
+        results = pd.read_parquet(config.storage.path("base_eval", "results.parquet"))
+        print(f"\nBase model {config.model.spec} on suite {suite.name} (eval split, per group):")
+        print(base_eval.group_summary(results).to_markdown(index=False, floatfmt=".3f"))
+    report = config.storage.path("evaluate", "per_task.parquet")
+    if "evaluate" in timings and report.is_file():
+        from icm.eval_report import headline, variant_summary
+
+        table = pd.read_parquet(report)
+        print("\nGenerated adapters vs trained LoRAs and baselines (medians over tasks):")
+        print(variant_summary(table).to_markdown(index=False, floatfmt=".3f"))
+        print("\n" + "\n".join(f"  {k}: {v:.3f}" for k, v in headline(table).items()))
+    print(f"\nArtifacts under {root.resolve()}: " + ", ".join(
+        name for name in ("prepare/suite.txt", "base_eval/summary.md", "zoo/manifest.parquet",
+                          "task_vectors/projection.png", "tune/best_config.json", "generator/",
+                          "evaluate/EVAL.md") if (root / name).exists())
+          + f". Done in {total:.1f} s.")
 
 
 if __name__ == "__main__":

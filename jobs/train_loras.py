@@ -100,7 +100,8 @@ def train_func(loop: dict) -> dict:
     if not on_gpu:
         skip_deepspeed_shm_build()
     deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
-    model, tokenizer = load_base_model(cfg.model.spec, cache_dir=cfg.model.cache_dir)
+    model, tokenizer = load_base_model(cfg.model.spec, cache_dir=cfg.model.cache_dir,
+                                       dtype=cfg.model.dtype)
     peft_model = build_lora_model(model, cfg.zoo)
     engine, *_ = deepspeed.initialize(
         model=peft_model, config=deepspeed_config(cfg.zoo, world_size=world, bf16=on_gpu),
@@ -187,7 +188,7 @@ def prepare_zoo(cfg: PipelineConfig, suite: Suite) -> tuple[Path, dict[str, list
     if cfg.zoo.batch_size % cfg.zoo.num_workers:
         raise TrainInputError(f"zoo.batch_size ({cfg.zoo.batch_size}) must be divisible by "
                               f"zoo.num_workers ({cfg.zoo.num_workers}).")
-    model, _ = load_base_model(cfg.model.spec, cache_dir=cfg.model.cache_dir)
+    model, _ = load_base_model(cfg.model.spec, cache_dir=cfg.model.cache_dir, dtype=cfg.model.dtype)
     peft_model = build_lora_model(model, cfg.zoo)
     layout = LoraLayout.of(adapter_state_dict(peft_model))
     lora = cfg.zoo.model_dump(include={"rank", "alpha", "dropout", "target_modules", "init_seed"})

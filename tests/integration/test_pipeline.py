@@ -1,48 +1,102 @@
-"""The main job end to end on a real local Ray: outputs, resolved config, stage skipping."""
+"""The main job end to end on a real local Ray: every stage, stage skipping, kill-and-resume, and
+the rule that held-out tasks never reach a training input."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 
 import pandas as pd
 import pytest
 import yaml
 
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, make_suite
+
+STAGES = ("prepare", "base_eval", "zoo", "task_vectors", "tune", "generator", "evaluate")
+# A tiny suite (4 tasks, "dogs" held out) keeps the whole pipeline to a couple of minutes.
+FAST = ["zoo.steps=16", "zoo.seq_len=32", "zoo.eval_max_texts=2", "suite.tasks=null"]
 
 
-def _pipeline(*args: str) -> subprocess.CompletedProcess:
-    out = subprocess.run([sys.executable, "-m", "jobs.pipeline", *args], cwd=REPO_ROOT,
-                         capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
+def _pipeline(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    out = subprocess.run([sys.executable, "-m", "jobs.pipeline", "--config", "smoke", *FAST, *args],
+                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
     return out
 
 
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    base = tmp_path_factory.mktemp("pipeline")
+    suite = make_suite(base / "suite")
+    root = base / "run"
+    first = _pipeline(f"suite.path={suite}", f"storage.root={root}")
+    return root, suite, first
+
+
 @pytest.mark.slow
-def test_smoke_pipeline_runs_on_local_ray_and_skips_when_up_to_date(tmp_path):
-    root = tmp_path / "run"
-    first = _pipeline("--config", "smoke", f"storage.root={root}")
-    results = pd.read_parquet(root / "base_eval" / "results.parquet")
-    smoke = yaml.safe_load((REPO_ROOT / "jobs/configs/smoke.yaml").read_text())
-    assert sorted(results["task"]) == sorted(smoke["suite"]["tasks"])
-    assert (results["texts"] == smoke["base_eval"]["max_texts"]).all()
-    assert results["perplexity"].between(1, 1e7).all() and results["bits_per_char"].gt(0).all()
-    assert results["heldout"].any()  # the smoke selection keeps a held-out task
-    for stage in ("prepare", "base_eval"):
+def test_every_stage_runs_and_writes_its_outputs(smoke_run):
+    root, _, first = smoke_run
+    for stage in STAGES:
         record = json.loads((root / stage / "stage.json").read_text())
         assert record["stage"] == stage and record["fingerprint"]
         resolved = yaml.safe_load((root / stage / "config.resolved.yaml").read_text())
         assert resolved["model"]["spec"] == "tiny-llama" and resolved["storage"]["root"] == str(root)
-    assert "Artifacts under" in first.stdout and "| group" in first.stdout
+    results = pd.read_parquet(root / "evaluate" / "results.parquet")
+    assert sorted(results["task"].unique()) == ["cats", "code", "dogs", "sums"]
+    variants = set(results["variant"])
+    assert {"base", "trained", "generated", "generated-best-of-k", "soup", "nearest", "multitask",
+            "cond-description", "cond-demos", "control-random", "control-shuffled"} <= variants
+    assert not results.query("task == 'dogs' and variant == 'trained'").size  # held out: no oracle
+    assert results["perplexity"].between(1, 1e7).all()
+    report = (root / "evaluate" / "EVAL.md").read_text()
+    assert "seen_median_ratio_generated_to_trained" in report and "heldout_share_generated_beats_base" in report
+    assert (root / "evaluate" / "per_task.png").stat().st_size > 5_000
+    assert "Generated adapters vs trained LoRAs" in first.stdout and "Artifacts under" in first.stdout
 
-    second = _pipeline("--config", "smoke", f"storage.root={root}")
-    assert "prepare: up to date" in second.stderr and "base_eval: up to date" in second.stderr
 
-    third = _pipeline("--config", "smoke", f"storage.root={root}", "base_eval.max_texts=4")
-    assert "prepare: up to date" in third.stderr and "base_eval: up to date" not in third.stderr
-    assert (pd.read_parquet(root / "base_eval" / "results.parquet")["texts"] == 4).all()
+@pytest.mark.slow
+def test_heldout_tasks_never_reach_a_training_input(smoke_run):
+    root, _, _ = smoke_run
+    assert "dogs" not in set(pd.read_parquet(root / "zoo" / "manifest.parquet")["task"])
+    generator = json.loads((root / "generator" / "generator.json").read_text())
+    assert "dogs" not in json.dumps(generator.get("training", generator))
+    tune_inputs = json.loads((root / "tune" / "best_config.json").read_text())
+    assert "dogs" not in json.dumps(tune_inputs)
+
+
+@pytest.mark.slow
+def test_rerun_skips_every_stage_and_a_changed_section_reruns_only_its_stage(smoke_run):
+    root, suite, _ = smoke_run
+    second = _pipeline(f"suite.path={suite}", f"storage.root={root}")
+    for stage in STAGES:
+        assert f"{stage}: up to date" in second.stderr, stage
+    third = _pipeline(f"suite.path={suite}", f"storage.root={root}", "evaluate.max_texts=1")
+    assert "evaluate: up to date" not in third.stderr and "zoo: up to date" in third.stderr
+    assert "generator: up to date" in third.stderr
+    assert (pd.read_parquet(root / "evaluate" / "results.parquet")["texts"] == 1).all()
+
+
+@pytest.mark.slow
+def test_killed_pipeline_resumes_without_redoing_finished_stages(tmp_path):
+    suite = make_suite(tmp_path / "suite")
+    root = tmp_path / "run"
+    args = [sys.executable, "-m", "jobs.pipeline", "--config", "smoke", *FAST,
+            f"suite.path={suite}", f"storage.root={root}"]
+    driver = subprocess.Popen(args, cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 600
+    while time.time() < deadline and not (root / "zoo" / "stage.json").is_file():
+        time.sleep(0.5)
+    os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray it started, mid-pipeline
+    driver.wait()
+    time.sleep(3)
+    assert (root / "zoo" / "stage.json").is_file() and not (root / "evaluate" / "stage.json").is_file()
+    resumed = _pipeline(f"suite.path={suite}", f"storage.root={root}")
+    assert "zoo: up to date" in resumed.stderr and (root / "evaluate" / "stage.json").is_file()
 
 
 def test_pipeline_rejects_an_unwritable_storage_root(tmp_path):

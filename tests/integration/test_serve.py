@@ -96,8 +96,8 @@ def _train_tiny_generator(out_dir: Path, tasks, steps: int, snapshots: int) -> P
                               batch_size=16, val_tasks=0, val_snapshots=0, kl_warmup_steps=20,
                               lr=3e-3, report_every=150, basis_dtype="float32")
     tv_json = tv_cfg.model_dump(mode="json")
-    spec = {"mode": "both", "layer": -1, "pooling": "mean", "model_spec": "tiny-llama",
-            "task_vector_config": tv_json, "task_vectors": tv_json}
+    spec = {"modes": ["both"], "layer": -1, "pooling": "mean", "model_spec": "tiny-llama",
+            "task_vectors": tv_json}
     generator = train_generator(zoo, {t: np.asarray(c) for t, c in conditions.items()}, gen_cfg,
                                 condition_spec=spec)
     return generator.save(out_dir)

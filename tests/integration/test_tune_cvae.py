@@ -126,6 +126,7 @@ def _write_task_vectors(folder, conditions) -> None:
 
     rows = [{"task": task, "episode": e, "mode": "both", "layer": -1, "pooling": "mean", "vector": v.tolist()}
             for task, array in conditions.items() for e, v in enumerate(array)]
+    rows += [{**row, "mode": "description", "vector": [x + 0.5 for x in row["vector"]]} for row in rows]
     (folder / "vectors" / "shard-0").mkdir(parents=True)
     pq.write_table(pa.Table.from_pylist(rows), folder / "vectors" / "shard-0" / "part-0.parquet")
 
@@ -139,10 +140,14 @@ def test_train_generator_command_reads_stored_zoo_and_task_vectors(local_ray, wo
     stored = {**inputs.conditions, "dogs": inputs.conditions["cats"]}  # held-out vectors exist too
     _write_task_vectors(tmp_path / "run" / "task_vectors", stored)
     args = ["--config", "smoke", f"storage.root={tmp_path / 'run'}", f"suite.path={suite.path}",
-            *OVERRIDES, "tune.enabled=false", "generator.steps=20"]
+            *OVERRIDES, "tune.enabled=false", "generator.steps=20",
+            "generator.condition_modes=[description,both]"]
     assert train_generator.main(args) == 0
     assert "trained on all 3 training tasks (12 snapshots" in capsys.readouterr().out
     generator = LoraGenerator.load(tmp_path / "run" / "generator")
-    assert generator.condition_spec["condition_dim"] == 16 and generator.condition_spec["mode"] == "both"
+    assert generator.condition_spec["condition_dim"] == 16 and generator.condition_spec["modes"] == ["description", "both"]
+    # both modes' episodes are training contexts of the same task
+    episodes = sum(len(stored[t]) for t in ("cats", "code", "sums"))
+    assert generator.summary["trained_on"]["episodes"] == 2 * episodes
     assert generator.summary["trained_on"]["tasks"] == ["cats", "code", "sums"]
     assert train_generator.main(args) == 0  # up to date: skipped

@@ -91,7 +91,7 @@ def _results() -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def test_report_aggregates_samples_and_relates_to_the_right_reference():
+def test_report_aggregates_samples_and_relates_to_the_right_reference(tmp_path):
     table = per_task(_results())
     row = table.query("task == 'seen1' and variant == 'generated'").iloc[0]
     assert row.ppl == 22 and row.samples == 2 and row.ppl_std == pytest.approx(np.std([21, 23], ddof=1))
@@ -107,3 +107,7 @@ def test_report_aggregates_samples_and_relates_to_the_right_reference():
     assert set(summary["split"]) == {"seen", "held-out"}
     text = markdown_report(table, command="icm run --config x", config_yaml="a: 1", title="T")
     assert "| seen_median_ratio_generated_to_trained |" in text and "icm run --config x" in text
+    from icm.eval_report import plot_gap_by_group, plot_per_task
+
+    for plot in (plot_per_task, plot_gap_by_group):
+        assert plot(table, tmp_path / f"{plot.__name__}.png").stat().st_size > 5_000

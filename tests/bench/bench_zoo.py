@@ -1,0 +1,132 @@
+"""LoRA zoo benchmark: Ray Train + DeepSpeed vs a plain loop, concurrent vs sequential trainers.
+
+    python tests/bench/bench_zoo.py --config demo --tasks 4 --repeats 3 [key=value ...]
+
+Side by side in one run, on the same cores and the same batches (the zoo's seeded batches):
+1. training tokens/s of one task through the real job path (``TorchTrainer`` + DeepSpeed, 1
+   worker, 1 CPU) vs a plain single-process PyTorch + peft loop with torch's AdamW on 1 thread
+   (goal: ratio >= 0.9); the median over ``--repeats`` alternating runs;
+2. wall time of ``--tasks`` task trainers run concurrently (as many as the CPUs hold) vs one after
+   another (``zoo.max_concurrent=1``), and the fixed start-up cost per trainer (wall time minus
+   training and snapshot time);
+3. eval-perplexity gain (base -> LoRA) per group, read from an existing zoo's ``summary.parquet``
+   when ``--zoo DIR`` is given (e.g. the demo run's).
+Prints Markdown tables (paste them into BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))  # run as a script from a checkout
+
+from icm.config import load_config  # noqa: E402
+from icm.lora_train import batch_for_step, build_lora_model, tokenize_texts  # noqa: E402
+from icm.models import load_base_model  # noqa: E402
+from icm.stages import open_suite  # noqa: E402
+
+
+def plain_loop_tokens_per_s(cfg, task) -> float:
+    """The same LoRA steps without Ray or DeepSpeed: peft + torch AdamW, 1 thread."""
+    torch.set_num_threads(1)
+    model, tokenizer = load_base_model(cfg.model.spec, cache_dir=cfg.model.cache_dir)
+    peft_model = build_lora_model(model, cfg.zoo).train()
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad],
+                                  lr=cfg.zoo.lr, weight_decay=cfg.zoo.weight_decay)
+    sequences = tokenize_texts(tokenizer, task.train_texts(), cfg.zoo.seq_len)
+    tokens, seconds = 0, 0.0
+    for step in range(1, cfg.zoo.steps + 1):
+        batch = batch_for_step(sequences, step=step, batch_size=cfg.zoo.batch_size,
+                               seed=cfg.zoo.data_seed, pad_id=tokenizer.pad_token_id)
+        started = time.perf_counter()
+        loss = peft_model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(peft_model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        seconds += time.perf_counter() - started
+        tokens += int(batch["attention_mask"].sum())
+    return tokens / seconds
+
+
+def run_zoo(config: str, root: Path, tasks: list[str], *overrides: str) -> tuple[float, pd.DataFrame]:
+    """The real zoo job in a subprocess; returns (wall seconds, summary rows)."""
+    started = time.perf_counter()
+    out = subprocess.run([sys.executable, "-m", "jobs.train_loras", "--config", config,
+                          f"storage.root={root}", f"suite.tasks=[{','.join(tasks)}]",
+                          "zoo.multitask=false", *overrides], cwd=REPO, capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(out.stderr[-4000:])
+    return time.perf_counter() - started, pd.read_parquet(root / "zoo" / "summary.parquet")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default="demo")
+    parser.add_argument("--tasks", type=int, default=4, help="training tasks for the concurrency test")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--zoo", default=None, help="an existing zoo dir for the per-group ppl gain")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+    cfg = load_config(args.config, args.overrides)
+    suite = open_suite(cfg)
+    tasks = [t.name for t in suite.training_tasks()][:args.tasks]
+    one = suite.tasks[tasks[0]]
+
+    ray_rates, plain_rates = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for repeat in range(args.repeats):
+            _, summary = run_zoo(args.config, Path(tmp) / f"one-{repeat}", [one.name], *args.overrides)
+            ray_rates.append(float(summary["tokens_per_s"].iloc[0]))
+            plain_rates.append(plain_loop_tokens_per_s(cfg, one))
+        concurrent_wall, concurrent = run_zoo(args.config, Path(tmp) / "concurrent", tasks, *args.overrides)
+        sequential_wall, sequential = run_zoo(args.config, Path(tmp) / "sequential", tasks,
+                                              "zoo.max_concurrent=1", *args.overrides)
+    ray_median, plain_median = statistics.median(ray_rates), statistics.median(plain_rates)
+    print(f"\n### Training throughput, one task ({cfg.model.spec}, batch {cfg.zoo.batch_size} x "
+          f"{cfg.zoo.seq_len} tokens, {cfg.zoo.steps} steps, 1 CPU thread each; median of {args.repeats})\n")
+    print("| path | tokens/s (median) | all runs |\n|---|---:|---|")
+    print(f"| Ray Train + DeepSpeed ZeRO-{cfg.zoo.zero_stage} | {ray_median:.0f} | "
+          f"{', '.join(f'{r:.0f}' for r in ray_rates)} |")
+    print(f"| plain PyTorch + peft loop | {plain_median:.0f} | {', '.join(f'{r:.0f}' for r in plain_rates)} |")
+    print(f"| **ratio** | **{ray_median / plain_median:.2f}** | goal >= 0.9 |")
+
+    startup = sequential["wall_seconds"] - sequential["train_seconds"]
+    print(f"\n### {len(tasks)} task trainers: concurrent vs one after another\n")
+    print("| schedule | wall s (whole job) | median trainer wall s | median train s |\n|---|---:|---:|---:|")
+    for name, wall, frame in (("concurrent (CPUs allow)", concurrent_wall, concurrent),
+                              ("sequential (max_concurrent=1)", sequential_wall, sequential)):
+        print(f"| {name} | {wall:.1f} | {frame['wall_seconds'].median():.1f} | "
+              f"{frame['train_seconds'].median():.1f} |")
+    print(f"| **speed-up** | **{sequential_wall / concurrent_wall:.2f}x** | | |")
+    print(f"\nFixed cost per trainer (wall - training steps, sequential run; includes start-up, "
+          f"model load, base + snapshot evals, checkpoints): median {startup.median():.1f} s "
+          f"(runs: {', '.join(f'{s:.1f}' for s in startup)})")
+
+    if args.zoo:
+        summary = pd.read_parquet(Path(args.zoo) / "summary.parquet")
+        groups = {t.name: t.group for t in suite.tasks.values()}
+        summary = summary[summary["task"].isin(groups)].assign(group=lambda f: f["task"].map(groups))
+        summary["gain"] = summary["base_ppl"] / summary["lora_ppl"]
+        table = summary.groupby("group").agg(tasks=("task", "size"), median_base_ppl=("base_ppl", "median"),
+                                             median_lora_ppl=("lora_ppl", "median"),
+                                             median_gain=("gain", "median")).reset_index()
+        print(f"\n### Eval-perplexity gain of the task LoRAs per group ({args.zoo})\n")
+        print(table.to_markdown(index=False, floatfmt=".3f"))
+    print("\n" + json.dumps({"ray_tokens_per_s": ray_rates, "plain_tokens_per_s": plain_rates,
+                             "concurrent_wall": concurrent_wall, "sequential_wall": sequential_wall}))
+
+
+if __name__ == "__main__":
+    main()
