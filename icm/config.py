@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from icm.io import sha256_json, write_yaml_atomic
 
@@ -255,6 +255,23 @@ class PipelineConfig(StageConfig):
         if not value or any(c in value for c in "/\\ \t\n"):
             raise ValueError("must be non-empty, with no slashes or spaces")
         return value
+
+    @model_validator(mode="after")
+    def _generator_conditions_are_extracted(self) -> PipelineConfig:
+        """The generator and the evaluation read task vectors the task_vectors stage must make."""
+        g, tv = self.generator, self.task_vectors
+        missing = [m for m in g.condition_modes if m not in tv.modes]
+        if missing:
+            raise ValueError(f"generator.condition_modes {missing} are not in task_vectors.modes "
+                             f"{tv.modes}; add them there or drop them here")
+        if g.condition_layer not in tv.layers or g.condition_pooling not in tv.poolings:
+            raise ValueError(f"generator.condition_layer={g.condition_layer} / condition_pooling="
+                             f"{g.condition_pooling!r} must be among task_vectors.layers {tv.layers} "
+                             f"and task_vectors.poolings {tv.poolings}")
+        if "evaluate" in self.stages and "both" not in tv.modes:
+            raise ValueError("the evaluate stage conditions the generator on 'both' task vectors: "
+                             "keep 'both' in task_vectors.modes")
+        return self
 
     def fingerprint(self, *sections: str) -> str:
         """Hash of the named sections (all when none): a stage's outputs match a config when

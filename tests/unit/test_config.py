@@ -83,3 +83,13 @@ def test_config_show_cli(tmp_path):
                           "model.nope=1"], capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown key 'model.nope'" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["task_vectors.modes=[both]"], "generator.condition_modes ['description', 'demos']"),
+    (["generator.condition_layer=3"], "generator.condition_layer=3"),
+    (["task_vectors.modes=[description]", "generator.condition_modes=[description]"], "keep 'both'"),
+])
+def test_generator_conditions_must_be_extracted_by_the_task_vector_stage(overrides, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        load_config("smoke", overrides)
