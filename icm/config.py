@@ -42,10 +42,12 @@ class StorageConfig(StageConfig):
     def _local_only(cls, value: str) -> str:
         if "://" in value and not value.startswith("file://"):
             raise ValueError("only local paths are supported so far; use a directory path")
-        return value.removeprefix("file://")
+        # Absolute from here on: the config travels to Ray workers, whose working directory is
+        # not the driver's, and Ray Tune/Train refuse relative storage paths.
+        return str(Path(value.removeprefix("file://")).expanduser().resolve())
 
     def path(self, *parts: str) -> Path:
-        return Path(self.root).expanduser().joinpath(*parts)
+        return Path(self.root).joinpath(*parts)
 
 
 class RayConfig(StageConfig):

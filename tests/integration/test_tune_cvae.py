@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 
 import pandas as pd
 import pytest
@@ -43,9 +44,13 @@ def workspace(tmp_path_factory):
     suite = load_suite(make_suite(base / "suite"))  # "dogs" is held out
     # The zoo also holds a held-out task's snapshots and a multi-task LoRA: neither may be used.
     conditions = write_zoo(base / "run" / "zoo", ["cats", "code", "dogs", "sums"], snapshots=4)
-    cfg = load_config("smoke", [f"storage.root={base / 'run'}", f"suite.path={base / 'suite'}", *OVERRIDES])
+    # A relative storage root, as in the presets (Tune once refused one: "URI has empty scheme").
+    cwd = os.getcwd()
+    os.chdir(base)
+    cfg = load_config("smoke", ["storage.root=run", f"suite.path={base / 'suite'}", *OVERRIDES])
     inputs = load_generator_inputs(cfg, suite, load_conditions=lambda _dir, **kw: conditions)
-    return cfg, suite, inputs
+    yield cfg, suite, inputs
+    os.chdir(cwd)
 
 
 @pytest.fixture(scope="module")

@@ -93,3 +93,12 @@ def test_config_show_cli(tmp_path):
 def test_generator_conditions_must_be_extracted_by_the_task_vector_stage(overrides, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
         load_config("smoke", overrides)
+
+
+def test_a_relative_storage_root_is_made_absolute(tmp_path, monkeypatch):
+    # The config travels to Ray workers (other working directories) and Tune/Train need absolute
+    # storage paths: a relative root must be resolved once, on the driver.
+    monkeypatch.chdir(tmp_path)
+    config = load_config("smoke", ["storage.root=runs/a"])
+    assert config.storage.root == str(tmp_path.resolve() / "runs" / "a")
+    assert config.storage.path("zoo") == tmp_path.resolve() / "runs" / "a" / "zoo"
