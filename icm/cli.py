@@ -135,16 +135,16 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def _cmd_generate(args: argparse.Namespace) -> int:
     from icm.generate import AdapterFactory, GenerateInputError, read_examples, task_context
 
+    if args.task and (args.description or args.examples):
+        raise GenerateInputError("--task takes the description and examples from the task "
+                                 "folder; do not also pass --description/--examples.")
+    if not (args.task or args.description or args.examples):
+        raise GenerateInputError("give the task's context: --task TASK_DIR, or --description "
+                                 "TEXT and/or --examples FILE.jsonl.")
     factory = AdapterFactory(args.generator, cache_dir=args.cache_dir)
     if args.task:
-        if args.description or args.examples:
-            raise GenerateInputError("--task takes the description and examples from the task "
-                                     "folder; do not also pass --description/--examples.")
         description, examples = task_context(args.task, factory.task_vector_config.k, args.seed)
     else:
-        if not (args.description or args.examples):
-            raise GenerateInputError("give the task's context: --task TASK_DIR, or --description "
-                                     "TEXT and/or --examples FILE.jsonl.")
         description = args.description
         examples = read_examples(args.examples) if args.examples else None
     adapter = factory.generate(description, examples, samples=args.samples, select=args.select,

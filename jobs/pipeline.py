@@ -66,7 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     timings = {"prepare": _timed(run_prepare, config, suite)}
     init_ray(config.ray, cache_dir=config.model.cache_dir)
-    command = "icm run --config " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "icm run " + " ".join(sys.argv[1:] if argv is None else argv)
     for name, job in STAGES.items():
         if name in config.stages and (name != "tune" or config.tune.enabled):
             kwargs = {"command": command} if name == "evaluate" else {}

@@ -54,8 +54,53 @@ def test_every_stage_runs_and_writes_its_outputs(smoke_run):
     assert results["perplexity"].between(1, 1e7).all()
     report = (root / "evaluate" / "EVAL.md").read_text()
     assert "seen_median_ratio_generated_to_trained" in report and "heldout_share_generated_beats_base" in report
+    assert "Produced by `icm run --config smoke " in report  # the exact command, once
     assert (root / "evaluate" / "per_task.png").stat().st_size > 5_000
     assert "Generated adapters vs trained LoRAs" in first.stdout and "Artifacts under" in first.stdout
+
+
+def _icm(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "icm", *args], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_generate_writes_a_peft_adapter_for_a_task_folder_or_a_description(smoke_run, tmp_path):
+    root, suite, _ = smoke_run
+    examples = tmp_path / "examples.jsonl"
+    examples.write_text('{"text": "A small brown dog ran after the ball."}\n'
+                        '{"text": "The puppy barked twice and wagged its tail."}\n')
+    by_task = _icm("generate", "--generator", str(root / "generator"), "--task", str(suite / "dogs"),
+                   "--out", str(tmp_path / "from-task"))
+    assert by_task.returncode == 0, by_task.stderr[-3000:]
+    by_text = _icm("generate", "--generator", str(root / "generator"), "--description",
+                   "Short texts about dogs.", "--examples", str(examples), "--samples", "3",
+                   "--select", "demo-ppl", "--seed", "1", "--out", str(tmp_path / "from-text"))
+    assert by_text.returncode == 0, by_text.stderr[-3000:]
+    chosen = json.loads(by_text.stdout)
+    assert len(chosen["demo_perplexities"]) == 3
+    assert chosen["demo_perplexities"][chosen["chosen_sample"]] == min(chosen["demo_perplexities"])
+    import torch
+    from peft import PeftModel
+
+    from icm.models import load_base_model
+
+    model, tokenizer = load_base_model("tiny-llama")
+    ids = tokenizer("The dog sat.", return_tensors="pt")
+    with torch.inference_mode():
+        base = model(**ids).logits
+        adapted = PeftModel.from_pretrained(model, str(tmp_path / "from-text"))(**ids).logits
+    assert not torch.allclose(base, adapted)  # the unchanged base model + the generated adapter
+    scored = _icm("evaluate", "--adapter", str(tmp_path / "from-task"), "--task", str(suite / "dogs"),
+                  "--model", "tiny-llama")
+    assert scored.returncode == 0 and json.loads(scored.stdout)["perplexity"] > 1
+
+
+def test_generate_rejects_a_request_without_context(tmp_path):
+    out = _icm("generate", "--generator", str(tmp_path), "--out", str(tmp_path / "a"))
+    assert out.returncode == 2 and "Traceback" not in out.stderr and "--description" in out.stderr
+    missing = _icm("generate", "--generator", str(tmp_path), "--description", "x", "--out", str(tmp_path / "a"))
+    assert missing.returncode == 2 and "not a generator" in missing.stderr
 
 
 @pytest.mark.slow
