@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from icm.models import text_start_token_id
+from icm.models import right_pad, text_start_token_id
 
 
 @dataclass(frozen=True)
@@ -70,13 +70,7 @@ def score_texts(model, tokenizer, texts: Sequence[str], *, max_length: int = 256
     nll, tokens = 0.0, 0
     for begin in range(0, len(order), batch_size):
         batch = [ids[i] for i in order[begin:begin + batch_size]]
-        width = max(map(len, batch))
-        input_ids = torch.full((len(batch), width), pad, dtype=torch.long)  # (B, T)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)  # (B, T)
-        for row, seq in enumerate(batch):
-            input_ids[row, :len(seq)] = torch.tensor(seq)
-            mask[row, :len(seq)] = 1
-        input_ids, mask = input_ids.to(device), mask.to(device)
+        input_ids, mask = (t.to(device) for t in right_pad(batch, pad))  # (B, T) each
         logits = model(input_ids=input_ids, attention_mask=mask).logits[:, :-1]  # (B, T-1, V)
         target = input_ids[:, 1:]  # (B, T-1)
         token_nll = torch.nn.functional.cross_entropy(

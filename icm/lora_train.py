@@ -17,7 +17,7 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from icm.config import ZooConfig
-from icm.models import text_start_token_id
+from icm.models import right_pad, text_start_token_id
 
 log = logging.getLogger(__name__)
 IGNORE_INDEX = -100  # labels with this value add nothing to the loss (padding)
@@ -67,14 +67,8 @@ def tokenize_texts(tokenizer, texts: Sequence[str], seq_len: int) -> list[list[i
 
 def collate(sequences: Sequence[Sequence[int]], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad to the longest sequence; padded positions get label -100 and mask 0."""
-    width = max(map(len, sequences))
-    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)  # (B, T)
-    labels = torch.full((len(sequences), width), IGNORE_INDEX, dtype=torch.long)  # (B, T)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)  # (B, T)
-    for row, seq in enumerate(sequences):
-        input_ids[row, :len(seq)] = torch.tensor(seq)
-        labels[row, :len(seq)] = torch.tensor(seq)
-        mask[row, :len(seq)] = 1
+    input_ids, mask = right_pad(sequences, pad_id)  # (B, T) each
+    labels = input_ids.masked_fill(mask == 0, IGNORE_INDEX)  # (B, T)
     return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
 

@@ -309,3 +309,18 @@ def text_start_token_id(tokenizer) -> int:
         if token_id is not None:
             return int(token_id)
     raise ModelError("tokenizer has no <|endoftext|>, BOS or EOS token to start texts with.")
+
+
+def right_pad(sequences, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists -> (input_ids, attention_mask), both (B, T), padded on the right.
+
+    With causal attention real tokens never see the right padding, so a text's logits and
+    hidden states do not depend on what it is batched with.
+    """
+    width = max(map(len, sequences))
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)  # (B, T)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)  # (B, T)
+    for row, seq in enumerate(sequences):
+        input_ids[row, :len(seq)] = torch.tensor(seq)
+        mask[row, :len(seq)] = 1
+    return input_ids, mask

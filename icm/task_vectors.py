@@ -34,7 +34,7 @@ import torch
 
 from icm.config import TaskVectorConfig
 from icm.errors import InputError
-from icm.models import text_start_token_id
+from icm.models import right_pad, text_start_token_id
 from icm.tasks import Task
 
 log = logging.getLogger(__name__)
@@ -177,18 +177,6 @@ class FittedPrompt:
     truncated: bool  # demonstrations were dropped or text was cut to fit the token budget
 
 
-def _pad_batch(ids: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right padding: with causal attention real tokens never see the pads, so a prompt's hidden
-    states do not depend on what it is batched with."""
-    width = max(map(len, ids))
-    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)  # (B, T)
-    mask = torch.zeros((len(ids), width), dtype=torch.long)  # (B, T)
-    for row, seq in enumerate(ids):
-        input_ids[row, :len(seq)] = torch.tensor(seq)
-        mask[row, :len(seq)] = 1
-    return input_ids.to(device), mask.to(device)
-
-
 class TaskEncoder:
     """Pooled hidden states of a frozen causal LM for in-context prompts (batch or single)."""
 
@@ -296,7 +284,7 @@ class TaskEncoder:
         device = next(self.model.parameters()).device
         for begin in range(0, len(order), self.cfg.batch_size):
             rows = order[begin:begin + self.cfg.batch_size]
-            input_ids, mask = _pad_batch([ids[i] for i in rows], self.pad_id, device)
+            input_ids, mask = (t.to(device) for t in right_pad([ids[i] for i in rows], self.pad_id))
             hidden = self.body(input_ids=input_ids, attention_mask=mask,
                                output_hidden_states=True).hidden_states  # L+1 x (B, T, D)
             for (layer, pooling), pooled in self._pool(hidden, mask).items():

@@ -65,3 +65,14 @@ def default_suite(tmp_path_factory):
     from icm.tasks import load_suite
 
     return load_suite(build_default_suite(tmp_path_factory.mktemp("default") / "suite"))
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Small tensors: one thread is fastest, and immune to a busy shared CPU."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

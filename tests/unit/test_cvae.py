@@ -9,13 +9,7 @@ from icm.config import GeneratorConfig
 from icm.cvae import CVAE, CVAESpec, cvae_loss, kl_divergence, kl_weight, reconstruction_error
 from icm.cvae_train import SampleSet, fit_cvae, generation_mse, load_checkpoint
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small tensors: one thread is fastest, and immune to a busy shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 SPECS = {

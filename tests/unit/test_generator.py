@@ -23,13 +23,7 @@ from icm.generator_inputs import (ConditionMismatchError, GeneratorInputError, Z
 from icm.lora_io import LoraLayout
 from tests.conftest import make_suite
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small tensors: one thread is fastest, and immune to a busy shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 LORA = ZooConfig(rank=4, alpha=8.0, dropout=0.0)
