@@ -96,14 +96,21 @@ class AdapterFactory:
         result = GeneratedAdapter(vector=draws[0], chosen=0, timings=timings)
         if samples > 1 and select == "demo-ppl":
             started = time.perf_counter()
-            for index in range(samples):
-                self.swap.load(draws[index])
-                result.demo_perplexities.append(self.swap.score(
-                    self.tokenizer, list(examples), max_length=max_length, batch_size=8).perplexity)
+            result.demo_perplexities = self.demo_perplexities(draws, examples, max_length=max_length)
             result.chosen = int(np.argmin(result.demo_perplexities))
             result.vector = draws[result.chosen]
             timings["select_s"] = time.perf_counter() - started
         return result
+
+    def demo_perplexities(self, draws: torch.Tensor, examples: Sequence[str], *,
+                          max_length: int = 128) -> list[float]:
+        """Perplexity of each draw, (K, L), on the request's examples (best-of-K selection)."""
+        scores = []
+        for row in draws:  # (L,)
+            self.swap.load(row)
+            scores.append(self.swap.score(self.tokenizer, list(examples), max_length=max_length,
+                                          batch_size=8).perplexity)
+        return scores
 
     def write(self, adapter: GeneratedAdapter, out_dir: str | Path, request: dict[str, Any]) -> Path:
         """Write the adapter in peft format, with a record of the request beside it."""

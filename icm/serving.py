@@ -393,22 +393,6 @@ def pack_adapter(folder: str | os.PathLike, arcname: str) -> bytes:
 # ----------------------------------------------------------------------------- adapter selection
 
 
-def demo_perplexities(factory, draws: torch.Tensor, examples: Sequence[str], *,
-                      max_length: int = 128) -> list[float]:
-    """Perplexity of each sampled adapter on the request's examples, on the factory's base model.
-
-    Args:
-        factory: an `icm.generate.AdapterFactory` (its `SwappableLora` and tokenizer are used).
-        draws: flat adapter vectors, (K, L).
-    """
-    scores = []
-    for row in draws:  # (L,)
-        factory.swap.load(row)
-        scores.append(factory.swap.score(factory.tokenizer, list(examples), max_length=max_length,
-                                         batch_size=8).perplexity)
-    return scores
-
-
 # ----------------------------------------------------------------------------- completions
 
 

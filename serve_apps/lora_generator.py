@@ -53,7 +53,7 @@ from icm.serving import (ADAPTER_ID_PATTERN, ADAPTER_MODEL_PREFIX, GENERATION_RE
                          Generated, ModelCard, ModelList, PromptBuilder, SamplingParams,
                          ServeLimits, Usage, adapter_id_for,
                          check_adapter_request, check_messages, check_prompts, check_sampling,
-                         completion_id, demo_perplexities, error_body, generator_fingerprint, now,
+                         completion_id, error_body, generator_fingerprint, now,
                          pack_adapter, parse_model)
 
 log = logging.getLogger(__name__)
@@ -112,7 +112,7 @@ class TaskEncoderDeployment:
 
     async def demo_perplexities(self, draws, examples: list[str]) -> list[float]:
         """Perplexity of each draw (K, L) on the examples."""
-        return await _in_thread(self.lock, demo_perplexities, self.factory, draws, examples)
+        return await _in_thread(self.lock, self.factory.demo_perplexities, draws, examples)
 
     def check_health(self) -> None:
         if self.factory.swap.model is None:
