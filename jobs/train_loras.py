@@ -68,6 +68,7 @@ def _snapshot_and_checkpoint(engine, cfg: PipelineConfig, loop: dict, *, step: i
     zoo_root, task = Path(loop["zoo_root"]), loop["task"]
     gather = (deepspeed.zero.GatheredParameters(list(engine.module.parameters()))
               if cfg.zoo.zero_stage == 3 else contextlib.nullcontext())
+    phase_started = time.perf_counter()
     with gather:
         if rank == 0:
             engine.module.eval()
@@ -78,6 +79,8 @@ def _snapshot_and_checkpoint(engine, cfg: PipelineConfig, loop: dict, *, step: i
                 "node_id": ray.get_runtime_context().get_node_id()})
             progress["eval_ppl"] = ppl
             write_json_atomic(task_dir(zoo_root, task) / "losses.json", progress["losses"])
+    saving_started = time.perf_counter()
+    progress["snapshot_seconds"] = progress.get("snapshot_seconds", 0.0) + saving_started - phase_started
     with tempfile.TemporaryDirectory() as tmp:
         # Leave the frozen base out (538 MB for SmolLM2), tied weights included (see
         # exclude_tied_frozen_params_from_checkpoints); only the last checkpoint is kept.
@@ -87,10 +90,13 @@ def _snapshot_and_checkpoint(engine, cfg: PipelineConfig, loop: dict, *, step: i
         torch.distributed.barrier()
         ray.train.report({"step": step, "loss": progress["losses"][-1][1]},
                          checkpoint=ray.train.Checkpoint.from_directory(tmp))
+    # DeepSpeed save + Ray Train's copy into its storage (a resumed run loses its last one).
+    progress["checkpoint_seconds"] = progress.get("checkpoint_seconds", 0.0) + time.perf_counter() - saving_started
 
 
 def train_func(loop: dict) -> dict:
     """Runs on every worker of one task's TorchTrainer; rank 0's return value is the summary."""
+    entered = time.perf_counter()
     import deepspeed
 
     cfg = PipelineConfig.model_validate(loop["config"])
@@ -117,8 +123,11 @@ def train_func(loop: dict) -> dict:
         if rank == 0:
             _progress(f"[zoo {loop['task']}] resuming from step {progress['step']}")
     elif rank == 0:
+        base_eval_started = time.perf_counter()
         progress["base_ppl"] = score_texts(model, tokenizer, eval_texts,
                                            max_length=cfg.zoo.seq_len).perplexity
+        progress["base_eval_seconds"] = time.perf_counter() - base_eval_started
+    setup_seconds = time.perf_counter() - entered - progress.get("base_eval_seconds", 0.0)
     layout = LoraLayout.load(Path(loop["zoo_root"]) / LAYOUT_FILE)
     snaps = set(snapshot_steps(cfg.zoo.steps, cfg.zoo.snapshots, cfg.zoo.snapshot_start))
     every = max(1, cfg.zoo.steps // 10)
@@ -140,7 +149,13 @@ def train_func(loop: dict) -> dict:
             "lora_ppl": progress.get("eval_ppl"), "train_seconds": progress["train_seconds"],
             "tokens": progress["tokens"],
             "tokens_per_s": progress["tokens"] / max(progress["train_seconds"], 1e-9),
-            "workers": world}
+            "workers": world,
+            # Where a trainer's time goes besides the steps (this attempt's setup; the rest summed
+            # over attempts): imports, process group, model load, DeepSpeed init = setup.
+            "setup_seconds": setup_seconds,
+            "base_eval_seconds": progress.get("base_eval_seconds", 0.0),
+            "snapshot_seconds": progress.get("snapshot_seconds", 0.0),
+            "checkpoint_seconds": progress.get("checkpoint_seconds", 0.0)}
 
 
 # ----------------------------------------------------------------------------- driver side

@@ -60,6 +60,27 @@ def plain_loop_tokens_per_s(cfg, task) -> float:
     return tokens / seconds
 
 
+PHASES = ("train_seconds", "setup_seconds", "base_eval_seconds", "snapshot_seconds", "checkpoint_seconds")
+
+
+def print_trainer_breakdown(frame: pd.DataFrame) -> None:
+    """Where one trainer's wall time goes (sequential run, so trainers do not share CPUs)."""
+    rest = frame["wall_seconds"] - frame[list(PHASES)].sum(axis=1)
+    print("\n### One task trainer's wall time by phase (sequential run, median over tasks)\n")
+    print("| phase | s | share |\n|---|---:|---:|")
+    wall = frame["wall_seconds"].median()
+    labels = {"train_seconds": "training steps", "setup_seconds": "DeepSpeed import + init, model load",
+              "base_eval_seconds": "base-model eval", "snapshot_seconds": "snapshot evals + writes",
+              "checkpoint_seconds": "DeepSpeed checkpoints + Ray Train reports"}
+    for phase in PHASES:
+        print(f"| {labels[phase]} | {frame[phase].median():.1f} | {frame[phase].median() / wall:.0%} |")
+    print(f"| Ray Train: controller, worker processes, imports (the rest) | {rest.median():.1f} | "
+          f"{rest.median() / wall:.0%} |")
+    print(f"| **trainer wall** | **{wall:.1f}** | |")
+    print(f"\nFixed cost per trainer (wall - training steps): median "
+          f"{(frame['wall_seconds'] - frame['train_seconds']).median():.1f} s")
+
+
 def run_zoo(config: str, root: Path, tasks: list[str], *overrides: str) -> tuple[float, pd.DataFrame]:
     """The real zoo job in a subprocess; returns (wall seconds, summary rows)."""
     started = time.perf_counter()
@@ -102,7 +123,6 @@ def main() -> None:
     print(f"| plain PyTorch + peft loop | {plain_median:.0f} | {', '.join(f'{r:.0f}' for r in plain_rates)} |")
     print(f"| **ratio** | **{ray_median / plain_median:.2f}** | goal >= 0.9 |")
 
-    startup = sequential["wall_seconds"] - sequential["train_seconds"]
     print(f"\n### {len(tasks)} task trainers: concurrent vs one after another\n")
     print("| schedule | wall s (whole job) | median trainer wall s | median train s |\n|---|---:|---:|---:|")
     for name, wall, frame in (("concurrent (CPUs allow)", concurrent_wall, concurrent),
@@ -110,10 +130,7 @@ def main() -> None:
         print(f"| {name} | {wall:.1f} | {frame['wall_seconds'].median():.1f} | "
               f"{frame['train_seconds'].median():.1f} |")
     print(f"| **speed-up** | **{sequential_wall / concurrent_wall:.2f}x** | | |")
-    print(f"\nFixed cost per trainer (wall - training steps, sequential run; includes start-up, "
-          f"model load, base + snapshot evals, checkpoints): median {startup.median():.1f} s "
-          f"(runs: {', '.join(f'{s:.1f}' for s in startup)})")
-
+    print_trainer_breakdown(sequential)
     if args.zoo:
         summary = pd.read_parquet(Path(args.zoo) / "summary.parquet")
         groups = {t.name: t.group for t in suite.tasks.values()}

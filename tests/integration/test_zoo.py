@@ -52,6 +52,8 @@ def test_zoo_trains_every_training_task_and_the_multitask_lora(smoke_zoo):
     assert {"train_loss", "eval_ppl", "path", "adapter_sha256", "node_id"} <= set(manifest.columns)
     summary = pd.read_parquet(zoo / "summary.parquet")
     assert (summary["lora_ppl"] < summary["base_ppl"]).all() and (summary["tokens_per_s"] > 0).all()
+    phases = summary[["setup_seconds", "base_eval_seconds", "snapshot_seconds", "checkpoint_seconds"]]
+    assert (phases > 0).all().all() and (phases.sum(axis=1) < summary["wall_seconds"]).all()
     assert (zoo / "losses.png").stat().st_size > 10_000
     identity = json.loads((zoo / "zoo.json").read_text())
     assert identity["model_spec"] == "tiny-llama" and identity["lora"]["init_seed"] == 0
