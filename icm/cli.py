@@ -106,7 +106,7 @@ def _cmd_models_prepare(args: argparse.Namespace) -> int:
         folder = ensure_smollm2_cache(args.cache_dir, verify_hashes=args.verify)
         print(f"{SMOLLM2} cache ready at {folder} ({time.perf_counter() - started:.1f} s)")
     loaded = time.perf_counter()
-    model, _ = load_base_model(args.spec, cache_dir=args.cache_dir)
+    model, _ = load_base_model(args.spec, cache_dir=args.cache_dir, device="cpu")
     params = sum(p.numel() for p in model.parameters())
     print(f"{args.spec}: {type(model).__name__}, {params:,} parameters, loads in "
           f"{time.perf_counter() - loaded:.2f} s")

@@ -41,9 +41,11 @@ class AdapterFactory:
     Args:
         generator_dir: a generator artifact (``<storage.root>/generator``).
         cache_dir: model cache (None: the default).
+        dtype: the base model's weights dtype (bfloat16 on GPUs; it goes to the GPU if one is seen).
     """
 
-    def __init__(self, generator_dir: str | Path, *, cache_dir: str | None = None):
+    def __init__(self, generator_dir: str | Path, *, cache_dir: str | None = None,
+                 dtype: str = "float32"):
         from icm.adapter_swap import SwappableLora
         from icm.config import TaskVectorConfig
         from icm.generator import LoraGenerator
@@ -53,7 +55,8 @@ class AdapterFactory:
         self.generator = LoraGenerator.load(generator_dir)
         spec = self.generator.condition_spec
         self.key = (int(spec["layer"]), str(spec["pooling"]))
-        model, self.tokenizer = load_base_model(self.generator.model_spec, cache_dir=cache_dir)
+        model, self.tokenizer = load_base_model(self.generator.model_spec, cache_dir=cache_dir,
+                                                dtype=dtype)
         if "task_vectors" not in spec:
             # A silent default could encode requests differently from the training conditions.
             raise GenerateInputError(f"generator {generator_dir} does not record the task-vector "

@@ -192,7 +192,7 @@ def initial_lora_state(model_spec: str, lora: Mapping[str, Any], *, cache_dir: s
     from icm.lora_train import build_lora_model
     from icm.models import load_base_model
 
-    model, _ = load_base_model(model_spec, cache_dir=cache_dir)
+    model, _ = load_base_model(model_spec, cache_dir=cache_dir, device="cpu")  # the layout only
     state = adapter_state_dict(build_lora_model(model, ZooConfig(**{k: lora[k] for k in LORA_FIELDS})))
     return LoraLayout.of(state), state
 

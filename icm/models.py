@@ -238,8 +238,13 @@ def load_tokenizer(spec: str = SMOLLM2, *, cache_dir: str | os.PathLike | None =
 
 
 def load_base_model(spec: str = SMOLLM2, *, cache_dir: str | os.PathLike | None = None,
-                    dtype: str = "float32"):
+                    dtype: str = "float32", device: str = "auto"):
     """Load a base causal LM and its tokenizer, in eval mode, with no hub access for builtins.
+
+    Args:
+        device: "auto" puts the model on the GPU when this process sees one (a Ray actor or
+            Serve replica given ``num_gpus``; Ray hides GPUs from the others), else the CPU.
+            Callers move their inputs to ``next(model.parameters()).device``.
 
     Returns:
         (model, tokenizer): a ``transformers`` causal LM and its tokenizer (pad token set).
@@ -257,6 +262,10 @@ def load_base_model(spec: str = SMOLLM2, *, cache_dir: str | os.PathLike | None 
             model = _load_smollm2(cache_dir, DTYPES[dtype])
         else:
             model = _from_pretrained(AutoModelForCausalLM, source, dtype=DTYPES[dtype])
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device != "cpu":
+        model = model.to(device)
     model.eval()
     return model, tokenizer
 

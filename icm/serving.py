@@ -526,7 +526,7 @@ class CompletionEngine:
     def _generate(self, model, ids: list[int], params: SamplingParams) -> list[Generated]:
         greedy = params.temperature == 0
         rows = 1 if greedy else params.n  # greedy choices are identical: decode once
-        input_ids = torch.tensor([ids])  # (1, T)
+        input_ids = torch.tensor([ids], device=next(model.parameters()).device)  # (1, T)
         kwargs: dict[str, Any] = dict(
             max_new_tokens=params.max_tokens, do_sample=not greedy, num_return_sequences=rows,
             attention_mask=torch.ones_like(input_ids), pad_token_id=self.tokenizer.pad_token_id,

@@ -364,9 +364,8 @@ class TaskVectorExtractor:
         from icm.models import load_base_model
 
         cfg = TaskVectorConfig.model_validate(config)
+        # On the GPU when the actor was given one (``task_vectors.gpus_per_actor``).
         model, tokenizer = load_base_model(model_spec, cache_dir=cache_dir, dtype=dtype)
-        if torch.cuda.is_available():  # an actor given a GPU sees it; CPU actors see none
-            model = model.to("cuda")
         self.encoder = TaskEncoder(model, tokenizer, cfg)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -31,7 +31,7 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import yaml
@@ -72,6 +72,9 @@ class GeneratorAppArgs(BaseModel):
         "Where generated adapters are stored (local or shared path); None: ``served_adapters`` "
         "beside the generator. Relative paths resolve against the directory Ray started in."))
     cache_dir: str | None = Field(None, description="Model cache (None: $ICM_CACHE_DIR/default).")
+    model_dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description=(
+        "Weights dtype of the base model in TaskEncoder and Completions replicas: bfloat16 on "
+        "GPUs (placed on the replica's GPU when it has one), float32 on CPU."))
     max_adapters_per_replica: int = Field(8, ge=1, description=(
         "Adapters each Completions replica keeps loaded (the multiplexing LRU)."))
     limits: ServeLimits = Field(default_factory=ServeLimits, description="Request limits.")
@@ -99,10 +102,10 @@ def _in_thread(lock: threading.Lock, function, *args):
 class TaskEncoderDeployment:
     """Base LM -> task vector (and demo perplexities of sampled adapters)."""
 
-    def __init__(self, generator_dir: str, cache_dir: str | None):
+    def __init__(self, generator_dir: str, cache_dir: str | None, dtype: str = "float32"):
         from icm.generate import AdapterFactory
 
-        self.factory = AdapterFactory(generator_dir, cache_dir=cache_dir)
+        self.factory = AdapterFactory(generator_dir, cache_dir=cache_dir, dtype=dtype)
         self.lock = threading.Lock()  # the encoder and the scorer share one wrapped model
         self.factory.task_vector("Warm-up.", None)  # the first forward pass is slow: not a user's
 
@@ -202,12 +205,13 @@ def completions_deployment(max_adapters: int):
     class CompletionsDeployment:
         """The base LM with the request's adapter copied in (multiplexed LRU per replica)."""
 
-        def __init__(self, generator_dir: str, adapter_dir: str, cache_dir: str | None):
+        def __init__(self, generator_dir: str, adapter_dir: str, cache_dir: str | None,
+                     dtype: str = "float32"):
             from icm.generator import LoraGenerator
             from icm.models import load_base_model
 
             generator = LoraGenerator.load(generator_dir)
-            model, tokenizer = load_base_model(generator.model_spec, cache_dir=cache_dir)
+            model, tokenizer = load_base_model(generator.model_spec, cache_dir=cache_dir, dtype=dtype)
             self.engine = CompletionEngine(model, tokenizer, generator.peft_config,
                                            generator.layout)
             self.store = AdapterStore(adapter_dir)
@@ -433,11 +437,11 @@ def _build(args: GeneratorAppArgs, options: dict[str, dict[str, Any]]) -> serve.
         return deployment.options(**options[deployment.name]) if deployment.name in options else (
             deployment)
 
-    encoder = configured(TaskEncoderDeployment).bind(args.generator_dir, args.cache_dir)
+    encoder = configured(TaskEncoderDeployment).bind(args.generator_dir, args.cache_dir, args.model_dtype)
     generator = configured(AdapterGeneratorDeployment).bind(encoder, args.generator_dir,
                                                             args.adapter_dir)
     completions = configured(completions_deployment(args.max_adapters_per_replica)).bind(
-        args.generator_dir, args.adapter_dir, args.cache_dir)
+        args.generator_dir, args.adapter_dir, args.cache_dir, args.model_dtype)
     return configured(Ingress).bind(generator, completions, args.model_dump(mode="json"))
 
 

@@ -197,15 +197,38 @@ def test_rayservice_embeds_the_serve_config_verbatim():
     assert service["apiVersion"] == "ray.io/v1"
     spec = service["spec"]
     assert set(spec) <= RAYSERVICE_SPEC_FIELDS, set(spec) - RAYSERVICE_SPEC_FIELDS
-    serve_config = (CLUSTER_DIR / "serve_config.yaml").read_text()
+    serve_config = (CLUSTER_DIR / "serve_config_gpu.yaml").read_text()
     assert spec["serveConfigV2"] == serve_config, (
-        "cluster/rayservice.yaml: serveConfigV2 must be cluster/serve_config.yaml verbatim; "
+        "cluster/rayservice.yaml: serveConfigV2 must be cluster/serve_config_gpu.yaml verbatim; "
         "paste the file again (indented under `serveConfigV2: |`)")
     schema = ServeDeploySchema.model_validate(yaml.safe_load(spec["serveConfigV2"]))
     for app in schema.applications:  # every application's code is in this repository
         module = app.import_path.replace(":", ".").rsplit(".", 1)[0]
         assert (REPO_ROOT / (module.replace(".", "/") + ".py")).is_file(), app.import_path
     _check_ray_cluster_spec(spec["rayClusterConfig"], _claims())
+
+
+def test_the_cluster_serve_config_is_the_dev_one_with_cluster_values():
+    from serve_apps.lora_generator import GeneratorAppArgs
+
+    dev, gpu = (yaml.safe_load((CLUSTER_DIR / name).read_text())
+                for name in ("serve_config.yaml", "serve_config_gpu.yaml"))
+    dev_app, gpu_app = dev["applications"][0], gpu["applications"][0]
+    # The same service: one import path, the same deployments, the same request limits.
+    assert gpu_app["import_path"] == dev_app["import_path"] and gpu_app["args"]["limits"] == dev_app["args"]["limits"]
+    assert [d["name"] for d in gpu_app["deployments"]] == [d["name"] for d in dev_app["deployments"]]
+    args = GeneratorAppArgs.model_validate(gpu_app["args"])  # no unknown or mistyped argument
+    # Reachable from outside the node, and artifacts where every node reads them: the gpu run's.
+    assert gpu["http_options"]["host"] == "0.0.0.0" and dev["http_options"]["host"] == "127.0.0.1"
+    assert args.generator_dir == load_config("gpu").storage.root + "/generator"
+    assert args.adapter_dir.startswith(SHARED_MOUNT + "/") and args.model_dtype == "bfloat16"
+    # The model-holding replicas get GPUs, and all of them fit the serve_gpu nodes at max_replicas.
+    options = {d["name"]: d for d in gpu_app["deployments"]}
+    gpus = {name: d["ray_actor_options"].get("num_gpus", 0) * d["autoscaling_config"]["max_replicas"]
+            for name, d in options.items()}
+    assert gpus["TaskEncoder"] > 0 and gpus["Completions"] > 0
+    serve_nodes = _launcher_config()["available_node_types"]["serve_gpu"]
+    assert sum(gpus.values()) <= serve_nodes["max_workers"] * serve_nodes["resources"]["GPU"]
 
 
 # ----------------------------------------------------------------------------- the gpu preset

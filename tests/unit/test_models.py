@@ -33,6 +33,15 @@ def test_tiny_llama_is_small_seeded_and_uses_smollm2_tokenizer(tiny_llama, smoll
                            model.model.embed_tokens.weight)
 
 
+def test_the_model_goes_to_the_requested_device_and_auto_means_cpu_without_a_gpu():
+    # "auto" is what Serve replicas, evaluation tasks and task-vector actors use: the GPU Ray gave
+    # them, else the CPU. "meta" stands in for a device this box lacks, to prove the move happens.
+    auto, _ = load_base_model("tiny-llama")
+    moved, _ = load_base_model("tiny-llama", device="meta")
+    assert next(auto.parameters()).device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert {p.device.type for p in moved.parameters()} == {"meta"} and not moved.training
+
+
 def test_unknown_spec_is_a_clear_error():
     with pytest.raises(ModelError, match=r"unknown model spec 'smollm3'.*smollm2-135m.*tiny-llama"):
         load_base_model("smollm3")
