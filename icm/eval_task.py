@@ -78,8 +78,13 @@ def evaluate_task(inputs: TaskInputs, shared: Mapping[str, torch.Tensor], genera
         demo_ppl.append(swap.score(tokenizer, demos, max_length=cfg.max_length,
                                    batch_size=cfg.batch_size).perplexity)
     best = int(np.argmin(demo_ppl))
-    score("generated-best-of-k", draws[best], sample=best, adapter_seconds=seconds * cfg.best_of,
-          demo_ppl=demo_ppl[best])
+    if best < cfg.samples:  # already scored as one of the samples: the same adapter, same texts
+        scored = next(r for r in rows if r["variant"] == "generated" and r["sample"] == best)
+        rows.append({**scored, "variant": "generated-best-of-k", "adapter_seconds": seconds * cfg.best_of,
+                     "demo_ppl": demo_ppl[best]})
+    else:
+        score("generated-best-of-k", draws[best], sample=best, adapter_seconds=seconds * cfg.best_of,
+              demo_ppl=demo_ppl[best])
     for variant, condition in (("generated-z0", both),
                                ("cond-description", inputs.conditions.get("description")),
                                ("cond-demos", inputs.conditions.get("demos")),
