@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from icm.io import sha256_json, write_yaml_atomic
+from icm.storage import default_mirror, is_uri, join
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "jobs" / "configs"
 RESOLVED_CONFIG_FILE = "config.resolved.yaml"
@@ -34,20 +35,65 @@ class StageConfig(BaseModel):
 
 class StorageConfig(StageConfig):
     root: str = Field("icm-runs/default", description=(
-        "Where every stage writes its outputs: a local path, relative paths taken from the "
-        "working directory. (Object-store URIs such as s3:// come with the cluster work.)"))
+        "Where every stage writes its outputs: a local path (relative paths taken from the "
+        "working directory) or a URI pyarrow.fs understands (s3://bucket/dir, gs://bucket/dir, "
+        "file:///abs/dir). With a URI, stages work in `local_mirror` and push each stage's "
+        "folder to the URI when it finishes (stage.json last)."))
+    local_mirror: str | None = Field(None, description=(
+        "Local working copy of a URI root (None: <model cache>/storage-mirrors/<hash of the URI>); "
+        "may be emptied at any time, stages pull what they need. Local roots have none."))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_mirror(cls, data: Any) -> Any:
+        if isinstance(data, dict) and is_uri(data.get("root") or "") and data.get("local_mirror") is None:
+            try:
+                data = {**data, "local_mirror": str(default_mirror(_normal_uri(data["root"])))}
+            except ValueError:
+                pass  # the root's own validator names the field
+        return data
 
     @field_validator("root")
     @classmethod
-    def _local_only(cls, value: str) -> str:
-        if "://" in value and not value.startswith("file://"):
-            raise ValueError("only local paths are supported so far; use a directory path")
+    def _absolute_or_uri(cls, value: str) -> str:
+        if is_uri(value):
+            return _normal_uri(value)
         # Absolute from here on: the config travels to Ray workers, whose working directory is
         # not the driver's, and Ray Tune/Train refuse relative storage paths.
-        return str(Path(value.removeprefix("file://")).expanduser().resolve())
+        return str(Path(value).expanduser().resolve())
+
+    @field_validator("local_mirror")
+    @classmethod
+    def _absolute(cls, value: str | None) -> str | None:
+        return None if value is None else str(Path(value).expanduser().resolve())
+
+    @model_validator(mode="after")
+    def _mirror_only_for_uris(self) -> StorageConfig:
+        if self.local_mirror is not None and not self.is_remote:
+            raise ValueError("storage.local_mirror is only used with a URI storage.root; drop it "
+                             "(a local root is its own working copy)")
+        return self
+
+    @property
+    def is_remote(self) -> bool:
+        """True when ``root`` is a URI: stages then work in ``local_mirror`` and push to it."""
+        return is_uri(self.root)
 
     def path(self, *parts: str) -> Path:
-        return Path(self.root).joinpath(*parts)
+        """A local path under the root (a URI root: under its local mirror)."""
+        return Path(self.local_mirror if self.is_remote else self.root).joinpath(*parts)
+
+    def uri(self, *parts: str) -> str:
+        """The authoritative location under the root: a URI, or the local path for local roots."""
+        return join(self.root, *parts) if self.is_remote else str(self.path(*parts))
+
+
+def _normal_uri(value: str) -> str:
+    scheme, _, rest = value.partition("://")
+    if not scheme or not rest.strip("/"):
+        raise ValueError(f"{value!r} is not a storage URI; use scheme://bucket/dir or a local path")
+    base, sep, query = rest.partition("?")
+    return f"{scheme}://{base.rstrip('/') or '/'}{sep}{query}"
 
 
 class RayConfig(StageConfig):

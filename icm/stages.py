@@ -4,23 +4,37 @@ Each stage owns ``<storage.root>/<stage>/``. When it finishes it writes ``stage.
 (the fingerprint of the config sections and inputs it used, its outputs, timings) and the
 resolved config. A rerun with the same fingerprint skips the stage; any change re-runs it.
 ``stage.json`` is written last and atomically, so a killed stage is never taken as done.
+
+With a URI ``storage.root`` (s3://, gs://, file://) the URI is the truth and
+``storage.local_mirror`` a working copy: `stage` pulls the stage's folder into the mirror unless
+the mirror already holds the remote's ``stage.json``, `Stage.is_current` reads the remote
+``stage.json``, `Stage.begin` deletes it, and `Stage.finish` pushes the folder with
+``stage.json`` last. Ray Train/Tune write their own ``ray/`` folders straight to the URI; those
+are never mirrored. Work done on other nodes moves with `push_local` / `pull_local`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
+import logging
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from icm import storage
 from icm.config import PipelineConfig, save_resolved_config
-from icm.io import sha256_json, write_json_atomic
+from icm.io import atomic_directory, sha256_json, write_json_atomic
 from icm.models import default_cache_dir
 from icm.tasks import Suite, load_suite
 
 STAGE_FILE = "stage.json"
+RAY_DIR = "ray"  # Ray Train/Tune storage inside a stage folder: on the URI itself, never mirrored
+log = logging.getLogger("icm.stages")
 
 
 @dataclass(frozen=True)
@@ -28,12 +42,16 @@ class Stage:
     name: str
     directory: Path
     fingerprint: str
+    remote: str | None = None  # the stage's folder under a URI storage.root
 
     def is_current(self) -> bool:
         record = self.record()
         return record is not None and record.get("fingerprint") == self.fingerprint
 
     def record(self) -> dict[str, Any] | None:
+        """The stage.json of the authoritative copy (the URI's, for URI roots)."""
+        if self.remote is not None:
+            return storage.read_json(storage.join(self.remote, STAGE_FILE))
         path = self.directory / STAGE_FILE
         try:
             return json.loads(path.read_text())
@@ -41,22 +59,87 @@ class Stage:
             return None
 
     def begin(self, config: PipelineConfig) -> float:
+        # An old stage.json must not outlive the outputs this run starts replacing: a kill
+        # midway would leave it vouching for a mix of old and new files.
+        (self.directory / STAGE_FILE).unlink(missing_ok=True)
+        if self.remote is not None:
+            storage.delete(storage.join(self.remote, STAGE_FILE))
         self.directory.mkdir(parents=True, exist_ok=True)
         save_resolved_config(config, self.directory)
         return time.time()
 
-    def finish(self, started: float, outputs: dict[str, Any]) -> dict[str, Any]:
+    def finish(self, started: float, outputs: dict[str, Any], *,
+               pushed: Sequence[str] = ()) -> dict[str, Any]:
+        """Write stage.json (and, for a URI root, push the folder, stage.json last).
+        ``pushed``: top-level subfolders already uploaded piece by piece while the stage ran."""
         record = {"stage": self.name, "fingerprint": self.fingerprint, "outputs": outputs,
                   "started": started, "finished": time.time(),
                   "seconds": round(time.time() - started, 2)}
         write_json_atomic(self.directory / STAGE_FILE, record)
+        if self.remote is not None:
+            storage.push_dir(self.directory, self.remote, skip=(RAY_DIR, *pushed), last=(STAGE_FILE,))
         return record
 
 
 def stage(config: PipelineConfig, name: str, *inputs: Any, sections: tuple[str, ...]) -> Stage:
-    """The stage ``name`` of this run, fingerprinted by config ``sections`` and ``inputs``."""
+    """The stage ``name`` of this run, fingerprinted by config ``sections`` and ``inputs``.
+    With a URI root its folder is pulled into the mirror first (outputs to skip with, or the
+    partial work of a killed run to resume)."""
     fingerprint = sha256_json({"config": config.fingerprint(*sections), "inputs": inputs})
-    return Stage(name, config.storage.path(name), fingerprint)
+    pull_stages(config, name)
+    remote = config.storage.uri(name) if config.storage.is_remote else None
+    return Stage(name, config.storage.path(name), fingerprint, remote)
+
+
+def pull_stages(config: PipelineConfig, *names: str) -> None:
+    """Make the mirror's copy of each stage folder the URI's, unless it already holds the same
+    stage.json (or the URI holds nothing). No-op for local roots. Safe from many processes."""
+    s = config.storage
+    for name in names if s.is_remote else ():
+        with _mirror_lock(s.path(), name):
+            remote = storage.read_json(s.uri(name, STAGE_FILE))
+            local = storage.read_json(s.path(name, STAGE_FILE))
+            if (remote is not None and remote == local) or not storage.list_files(s.uri(name)):
+                continue
+            with atomic_directory(s.path(name)) as staging:
+                count = storage.pull_dir(s.uri(name), staging, skip=(RAY_DIR,), last=(STAGE_FILE,))
+            log.info("storage: pulled %s (%d files) from %s", name, count, s.uri(name))
+
+
+def push_local(config: PipelineConfig, path: Path, *, last: Sequence[str] = ()) -> None:
+    """Upload a file or folder of the mirror to the same place under a URI root (``last``
+    names after the rest); no-op for local roots. For outputs written on a worker node."""
+    s = config.storage
+    if not s.is_remote:
+        return
+    target = s.uri(*Path(path).relative_to(s.path()).parts)
+    if Path(path).is_dir():
+        storage.push_dir(path, target, last=last)
+    else:
+        storage.copy_file(path, target)
+
+
+def pull_local(config: PipelineConfig, path: Path, *, last: Sequence[str] = ()) -> None:
+    """Fetch a file or folder from under a URI root into the same place in this node's mirror,
+    keeping local files of the same size (write-once outputs); no-op for local roots."""
+    s = config.storage
+    if not s.is_remote:
+        return
+    source = s.uri(*Path(path).relative_to(s.path()).parts)
+    if storage.list_files(source):
+        storage.pull_dir(source, path, last=last, keep_same_size=True)
+    elif not Path(path).is_file() and storage.exists(source):
+        storage.copy_file(source, path)
+
+
+@contextlib.contextmanager
+def _mirror_lock(mirror: Path, name: str) -> Iterator[None]:
+    """Processes on one node (a driver, its Ray tasks) pull a stage one at a time."""
+    locks = mirror / ".locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    with open(locks / f"{name}.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
 
 
 def default_suite_dir(config: PipelineConfig) -> Path:

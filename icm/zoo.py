@@ -76,8 +76,10 @@ def load_vector(snapshot: str | Path) -> torch.Tensor:
 
 
 def snapshot_records(zoo_root: Path) -> list[dict[str, Any]]:
-    """Every snapshot's record found on disk, ordered by (task, step)."""
-    rows = [json.loads(p.read_text()) for p in Path(zoo_root).glob(f"tasks/*/snapshots/*/{SNAPSHOT_FILE}")]
+    """Every snapshot's record found on disk, ordered by (task, step). ``path`` is where it was
+    found: a snapshot written on another node (or pulled from a URI root) lives here now."""
+    rows = [{**json.loads(p.read_text()), "path": str(p.parent)}
+            for p in Path(zoo_root).glob(f"tasks/*/snapshots/*/{SNAPSHOT_FILE}")]
     return sorted(rows, key=lambda r: (r["task"], r["step"]))
 
 

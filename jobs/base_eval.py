@@ -21,7 +21,7 @@ from icm.evaluation import evaluate_task_base
 from icm.io import write_bytes_atomic, write_text_atomic
 from icm.stages import open_suite, stage
 from icm.tasks import Suite
-from jobs.common import parse_job_args, user_errors_exit_2
+from jobs.common import ensure_writable_root, parse_job_args, user_errors_exit_2
 from jobs.ray_setup import init_ray
 
 log = logging.getLogger("jobs.base_eval")
@@ -73,6 +73,7 @@ def run(config: PipelineConfig, suite: Suite) -> dict:
 @user_errors_exit_2
 def main(argv: Sequence[str] | None = None) -> int:
     config = parse_job_args(__doc__.split("\n\n")[0], argv)
+    ensure_writable_root(config)  # a URI root: proves it writable before any work
     suite = open_suite(config)
     init_ray(config.ray, cache_dir=config.model.cache_dir)
     started = time.perf_counter()

@@ -10,6 +10,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from icm import storage
 from icm.cli import USER_ERRORS
 from icm.config import ConfigError, PipelineConfig, list_presets, load_config
 from icm.io import probe_writable
@@ -26,13 +27,17 @@ def parse_job_args(description: str, argv: Sequence[str] | None) -> PipelineConf
 
 
 def ensure_writable_root(config: PipelineConfig) -> Path:
-    """Create ``storage.root`` (and prove it writable) before any work starts."""
+    """Prove ``storage.root`` writable before any work starts (a URI: one small object written
+    and deleted, after its local mirror); returns the local working root."""
     root = config.storage.path()
+    field = "storage.local_mirror" if config.storage.is_remote else "storage.root"
     try:
         probe_writable(root)
     except OSError as err:
-        raise ConfigError(f"storage.root {str(root)!r} is not writable ({err.strerror}). "
-                          "Fix: set storage.root=DIR to a writable directory.") from None
+        raise ConfigError(f"{field} {str(root)!r} is not writable ({err.strerror}). "
+                          f"Fix: set {field}=DIR to a writable directory.") from None
+    if config.storage.is_remote:
+        storage.probe_writable(config.storage.root)  # StorageError names storage.root and the fix
     return root
 
 

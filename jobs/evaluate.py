@@ -26,8 +26,9 @@ from icm.eval_inputs import MODES, gather_inputs, random_conditions
 from icm.eval_report import markdown_report, per_task, plot_gap_by_group, plot_per_task
 from icm.eval_task import evaluate_task
 from icm.io import write_bytes_atomic, write_text_atomic
-from icm.stages import open_suite, stage
+from icm.stages import open_suite, pull_stages, stage
 from icm.tasks import Suite
+from icm.zoo import write_manifest
 from jobs.common import ensure_writable_root, parse_job_args, user_errors_exit_2
 from jobs.ray_setup import init_ray
 
@@ -55,8 +56,18 @@ def load_task_means(cfg: PipelineConfig, tasks: Sequence[str]) -> dict:
             for mode in MODES if mode in cfg.task_vectors.modes}
 
 
+def evaluate_on_node(pipeline: PipelineConfig, *args, **kwargs) -> list[dict]:
+    """`evaluate_task` on any node: with a URI root, this node's mirror first gets the zoo and
+    the generator (no-op where they are already current, e.g. the driver's node)."""
+    pull_stages(pipeline, "zoo", "generator")
+    return evaluate_task(*args, **kwargs)
+
+
 def run(cfg: PipelineConfig, suite: Suite, *, command: str = "python -m jobs.evaluate") -> dict:
+    pull_stages(cfg, "zoo", "task_vectors", "generator")  # a URI root: the inputs, into the mirror
     upstream = [_upstream(cfg, name)["fingerprint"] for name in ("zoo", "task_vectors", "generator")]
+    if cfg.storage.is_remote:  # snapshot paths as this mirror holds them (it may be a new one)
+        write_manifest(cfg.storage.path("zoo"))
     current = stage(cfg, "evaluate", suite.fingerprint(), sorted(suite.tasks), upstream,
                     sections=("model", "evaluate"))
     if current.is_current():
@@ -70,10 +81,10 @@ def run(cfg: PipelineConfig, suite: Suite, *, command: str = "python -m jobs.eva
     control = random_conditions({t: v for t, v in means["both"].items() if t in training},
                                 count=1, seed=cfg.evaluate.seed)[0]
     remote = ray.remote(num_cpus=cfg.evaluate.cpus_per_task,
-                        num_gpus=cfg.evaluate.gpus_per_task)(evaluate_task)
+                        num_gpus=cfg.evaluate.gpus_per_task)(evaluate_on_node)
     shared_ref = ray.put(shared)
     generator_dir = str(cfg.storage.path("generator").resolve())
-    pending = {remote.remote(item, shared_ref, generator_dir, model=cfg.model, cfg=cfg.evaluate,
+    pending = {remote.remote(cfg, item, shared_ref, generator_dir, model=cfg.model, cfg=cfg.evaluate,
                              random_condition=control): item.task for item in inputs}
     rows = []
     while pending:

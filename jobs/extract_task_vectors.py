@@ -33,7 +33,8 @@ from ray.data.expressions import col
 from icm.config import PipelineConfig
 from icm.io import atomic_directory, write_bytes_atomic, write_json_atomic, write_text_atomic
 from icm.models import load_base_model
-from icm.stages import Stage, open_suite, stage
+from icm import storage
+from icm.stages import Stage, open_suite, push_local, stage
 from icm.task_vector_report import (compute_task_means, metrics_table, plot_projection,
                                     stage_metrics, write_metrics)
 from icm.task_vectors import (EPISODES_FILE, MEANS_FILE, TEMPLATE_FILE, VECTORS_DIR, TaskEncoder,
@@ -106,8 +107,9 @@ class ParquetTaskVectorExtractor(TaskVectorExtractor):
         return vectors_table(super().__call__(batch))
 
 
-def extract_shard(cfg: PipelineConfig, episodes_path: Path, shard: int, out_dir: Path) -> None:
-    """One streaming Ray Data run over the episodes of ``shard``, written into ``out_dir``."""
+def extract_shard(cfg: PipelineConfig, episodes_path: str | Path, shard: int, out_dir: str | Path) -> None:
+    """One streaming Ray Data run over the episodes of ``shard``, written into ``out_dir``
+    (paths or URIs: read and write tasks run on any node)."""
     tv = cfg.task_vectors
     gpus = {"num_gpus": tv.gpus_per_actor} if tv.gpus_per_actor else {}
     ds = (ray.data.read_parquet(str(episodes_path))  # filter and projection push down into the read
@@ -158,10 +160,11 @@ def _shard_done(folder: Path, fingerprint: str, tasks: list[str]) -> bool:
 def extract_vectors(cfg: PipelineConfig, current: Stage, episodes_path: Path,
                     shards: dict[str, int]) -> dict:
     """Run every shard not already done for this fingerprint; stale and partial shards go."""
+    if cfg.storage.is_remote:
+        return _extract_to_uri(cfg, current, shards)
     vectors_dir = current.directory / VECTORS_DIR
     vectors_dir.mkdir(parents=True, exist_ok=True)
-    wanted = {f"shard-{s:05d}": (s, sorted(t for t, i in shards.items() if i == s))
-              for s in sorted(set(shards.values()))}
+    wanted = _wanted_shards(shards)
     for path in vectors_dir.iterdir():  # a killed run's staging dirs, other configs' shards
         plan = wanted.get(path.name)
         if plan is None or not _shard_done(path, current.fingerprint, plan[1]):
@@ -183,6 +186,43 @@ def extract_vectors(cfg: PipelineConfig, current: Stage, episodes_path: Path,
             "extract_seconds": round(time.perf_counter() - started, 2)}
 
 
+def _wanted_shards(shards: dict[str, int]) -> dict[str, tuple[int, list[str]]]:
+    return {f"shard-{s:05d}": (s, sorted(t for t, i in shards.items() if i == s))
+            for s in sorted(set(shards.values()))}
+
+
+def _extract_to_uri(cfg: PipelineConfig, current: Stage, shards: dict[str, int]) -> dict:
+    """`extract_vectors` for a URI root: Ray Data reads the episodes from and writes each shard
+    to the URI (its tasks run on any node), ``_shard.json`` last as the shard's commit marker;
+    the mirror then gets a copy of every finished shard."""
+    local_dir, remote_dir = current.directory / VECTORS_DIR, cfg.storage.uri("task_vectors", VECTORS_DIR)
+    wanted = _wanted_shards(shards)
+    marker = {name: storage.read_json(storage.join(remote_dir, name, SHARD_DONE_FILE)) for name in wanted}
+    done = {name for name, (_, tasks) in wanted.items()
+            if marker[name] == {"fingerprint": current.fingerprint, "tasks": tasks}}
+    # Other configs' shards and a killed run's partial writes go, on both sides.
+    for name in {n.split("/")[0] for n in storage.list_files(remote_dir)} - done:
+        storage.delete(storage.join(remote_dir, name))
+    for path in local_dir.iterdir() if local_dir.is_dir() else ():
+        if path.name not in done:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    started = time.perf_counter()
+    for name, (shard, tasks) in wanted.items():
+        target = storage.join(remote_dir, name)
+        if name in done:
+            log.info("task_vectors: %s already done, keeping it", name)
+        else:
+            extract_shard(cfg, cfg.storage.uri("task_vectors", EPISODES_FILE), shard, target)
+            storage.write_json(storage.join(target, SHARD_DONE_FILE),
+                               {"fingerprint": current.fingerprint, "tasks": tasks})
+            log.info("task_vectors: %s done (%d tasks)", name, len(tasks))
+        if not _shard_done(local_dir / name, current.fingerprint, tasks):
+            with atomic_directory(local_dir / name) as staging:
+                storage.pull_dir(target, staging, last=(SHARD_DONE_FILE,))
+    return {"shards": len(wanted), "shards_reused": len(done),
+            "extract_seconds": round(time.perf_counter() - started, 2)}
+
+
 def run(cfg: PipelineConfig, suite: Suite) -> dict:
     """Run (or skip, when up to date) the ``task_vectors`` stage; returns its stage record."""
     tv = cfg.task_vectors
@@ -195,13 +235,14 @@ def run(cfg: PipelineConfig, suite: Suite) -> dict:
         return current.record()
     check_actor_resources(cfg)
     model, tokenizer = load_base_model(cfg.model.spec, cache_dir=cfg.model.cache_dir,
-                                       dtype=cfg.model.dtype)
+                                       dtype=cfg.model.dtype, device="cpu")  # GPUs: the actors'
     encoder = TaskEncoder(model, tokenizer, tv)  # checks layers and token budget before any work
     started = current.begin(cfg)
     directory = current.directory
     write_text_atomic(directory / TEMPLATE_FILE, template_text())
     shards = plan_shards(suite, tv.episodes * len(tv.modes), SHARD_ROWS)
     counts = write_episodes(cfg, suite, encoder, directory / EPISODES_FILE, shards)
+    push_local(cfg, directory / EPISODES_FILE)  # a URI root: Ray Data reads it from there
     del model, encoder  # the actors hold their own copies
     if counts["truncated"]:
         log.warning("task_vectors: %d of %d prompts were cut to max_prompt_tokens=%d "
@@ -218,7 +259,8 @@ def run(cfg: PipelineConfig, suite: Suite) -> dict:
     return current.finish(started, {
         **counts, **extraction, "tasks": len(suite.tasks), "heldout": list(suite.heldout),
         "episodes_file": EPISODES_FILE, "vectors": VECTORS_DIR, "task_means": MEANS_FILE,
-        "metrics": "metrics.json", "projection": "projection.png", "template": TEMPLATE_FILE})
+        "metrics": "metrics.json", "projection": "projection.png", "template": TEMPLATE_FILE},
+        pushed=(VECTORS_DIR,) if cfg.storage.is_remote else ())  # written there by Ray Data
 
 
 @user_errors_exit_2

@@ -24,7 +24,7 @@ import pandas as pd
 from icm.config import PipelineConfig, save_resolved_config
 from icm.io import write_text_atomic
 from icm.models import load_base_model, resolve_spec
-from icm.stages import open_suite, stage
+from icm.stages import open_suite, push_local, stage
 from icm.tasks import Suite, format_stats_table, validate_suite
 from jobs import base_eval, evaluate, extract_task_vectors, train_generator, train_loras, tune_cvae
 from jobs.common import ensure_writable_root, parse_job_args, user_errors_exit_2
@@ -42,7 +42,7 @@ def run_prepare(config: PipelineConfig, suite: Suite) -> dict:
         return current.record()
     started = current.begin(config)
     model, tokenizer = load_base_model(config.model.spec, cache_dir=config.model.cache_dir,
-                                       dtype=config.model.dtype)
+                                       dtype=config.model.dtype, device="cpu")  # a load check
     count = lambda texts: sum(map(len, tokenizer(texts, add_special_tokens=False)["input_ids"]))  # noqa: E731
     stats = validate_suite(suite, count_tokens=count)
     table = format_stats_table(stats)
@@ -60,9 +60,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     config = parse_job_args(__doc__.split("\n\n")[0], argv)
     root = ensure_writable_root(config)
-    save_resolved_config(config, root)
+    push_local(config, save_resolved_config(config, root))
     suite = open_suite(config)
-    log.info("run %r -> %s; suite %s, %d tasks", config.name, root.resolve(), suite.path, len(suite.tasks))
+    log.info("run %r -> %s; suite %s, %d tasks", config.name, config.storage.uri(), suite.path, len(suite.tasks))
 
     timings = {"prepare": _timed(run_prepare, config, suite)}
     init_ray(config.ray, cache_dir=config.model.cache_dir)
@@ -100,7 +100,7 @@ def _print_summary(config: PipelineConfig, suite: Suite, root, timings: dict, to
         print("\nGenerated adapters vs trained LoRAs and baselines (medians over tasks):")
         print(variant_summary(table).to_markdown(index=False, floatfmt=".3f"))
         print("\n" + "\n".join(f"  {k}: {v:.3f}" for k, v in headline(table).items()))
-    print(f"\nArtifacts under {root.resolve()}: " + ", ".join(
+    print(f"\nArtifacts under {config.storage.uri()}: " + ", ".join(
         name for name in ("prepare/suite.txt", "base_eval/summary.md", "zoo/manifest.parquet",
                           "task_vectors/projection.png", "tune/best_config.json", "generator/",
                           "evaluate/EVAL.md") if (root / name).exists())

@@ -7,8 +7,9 @@ runs first when it is missing or out of date) when ``tune.enabled``, else ``gene
 configured. Unlike the search's trials, the final generator sees all training tasks and all their
 snapshots (no validation split); held-out tasks never enter. Training runs as one Ray task
 (``generator.cpus_per_task`` CPUs) that checkpoints every ``generator.report_every`` steps to
-``<storage.root>/generator-checkpoint/`` and resumes from it after a kill. Output:
-``<storage.root>/generator/`` (see ``icm/generator.py``), written atomically.
+``<storage.root>/generator-checkpoint/`` and resumes from it after a kill (a URI root: in the
+local mirror of the node it ran on). Output: ``<storage.root>/generator/`` (see
+``icm/generator.py``), written atomically.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from icm.cvae_train import load_checkpoint
 from icm.generator import train_generator
 from icm.generator_inputs import GeneratorInputs, load_generator_inputs
 from icm.io import atomic_directory, write_json_atomic
-from icm.stages import open_suite, stage
+from icm.stages import open_suite, pull_local, pull_stages, push_local, stage
 from icm.tasks import Suite
 from jobs import tune_cvae
 from jobs.common import ensure_writable_root, parse_job_args, user_errors_exit_2
@@ -51,6 +52,8 @@ def build_generator(config: dict, generator_config: dict, suite: Suite, inputs: 
     """Ray task: train on everything, checkpointing for resume, then write the artifact."""
     cfg = PipelineConfig.model_validate(config)
     gen_cfg = GeneratorConfig.model_validate(generator_config)
+    if inputs is None:
+        pull_stages(cfg, "zoo", "task_vectors")  # a URI root: this node's mirror may lack them
     inputs = inputs or load_generator_inputs(cfg, suite)
     work = cfg.storage.path(CHECKPOINT_DIR)
     marker = work / "fingerprint.json"
@@ -70,6 +73,7 @@ def build_generator(config: dict, generator_config: dict, suite: Suite, inputs: 
                                 condition_spec=inputs.condition_spec, init_state=inputs.init_state,
                                 report=report, resume_state=resume)
     out = generator.save(cfg.storage.path("generator"), resolved_config=cfg)
+    push_local(cfg, out)  # a URI root: the driver (maybe on another node) pulls it from there
     shutil.rmtree(work, ignore_errors=True)
     meta = json.loads((out / "generator.json").read_text())
     return {"trained_on": generator.summary["trained_on"], "final": generator.summary["final"],
@@ -79,6 +83,7 @@ def build_generator(config: dict, generator_config: dict, suite: Suite, inputs: 
 def run(cfg: PipelineConfig, suite: Suite, *, inputs: GeneratorInputs | None = None) -> dict:
     """The ``generator`` stage (skipped when up to date). ``inputs`` default to storage."""
     given = inputs
+    pull_stages(cfg, "zoo", "task_vectors")  # a URI root: the inputs, into the local mirror
     inputs = inputs or load_generator_inputs(cfg, suite)
     gen_cfg, source = chosen_config(cfg, suite, inputs)
     trained = gen_cfg.model_dump(mode="json", exclude={"cpus_per_task"})  # not a scheduling knob
@@ -94,6 +99,7 @@ def run(cfg: PipelineConfig, suite: Suite, *, inputs: GeneratorInputs | None = N
     # The task reads the zoo itself (shared storage) unless inputs were handed in (tests).
     summary = ray.get(task.remote(cfg.model_dump(mode="json"), gen_cfg.model_dump(mode="json"), suite,
                                   given, current.fingerprint))
+    pull_local(cfg, current.directory)  # a URI root: the task may have run on another node
     return current.finish(started, {"generator": str(Path(current.directory).resolve()),
                                     "hyperparameters_from": source, **summary})
 

@@ -34,10 +34,11 @@ from icm.lora_train import (TrainInputError, batch_for_step, build_lora_model, d
                             exclude_tied_frozen_params_from_checkpoints, iterate_steps,
                             skip_deepspeed_shm_build, snapshot_steps, tokenize_texts, train_step)
 from icm.models import load_base_model
-from icm.stages import open_suite, stage
+from icm.stages import RAY_DIR, open_suite, pull_local, push_local, stage
 from icm.tasks import Suite, load_task
-from icm.zoo import (LAYOUT_FILE, MULTITASK, TASK_DONE_FILE, check_or_create_zoo, plot_losses,
-                     task_dir, write_manifest, write_snapshot, zoo_identity)
+from icm.zoo import (LAYOUT_FILE, MULTITASK, SNAPSHOT_FILE, TASK_DONE_FILE, ZOO_FILE,
+                     check_or_create_zoo, plot_losses, snapshot_dir, task_dir, write_manifest,
+                     write_snapshot, zoo_identity)
 from jobs.common import ensure_writable_root, parse_job_args, user_errors_exit_2
 from jobs.ray_setup import init_ray
 
@@ -79,6 +80,9 @@ def _snapshot_and_checkpoint(engine, cfg: PipelineConfig, loop: dict, *, step: i
                 "node_id": ray.get_runtime_context().get_node_id()})
             progress["eval_ppl"] = ppl
             write_json_atomic(task_dir(zoo_root, task) / "losses.json", progress["losses"])
+            # A URI root: this node's mirror is not the driver's; snapshot.json goes up last.
+            push_local(cfg, snapshot_dir(zoo_root, task, step), last=(SNAPSHOT_FILE,))
+            push_local(cfg, task_dir(zoo_root, task) / "losses.json")
     saving_started = time.perf_counter()
     progress["snapshot_seconds"] = progress.get("snapshot_seconds", 0.0) + saving_started - phase_started
     with tempfile.TemporaryDirectory() as tmp:
@@ -128,6 +132,7 @@ def train_func(loop: dict) -> dict:
                                            max_length=cfg.zoo.seq_len).perplexity
         progress["base_eval_seconds"] = time.perf_counter() - base_eval_started
     setup_seconds = time.perf_counter() - entered - progress.get("base_eval_seconds", 0.0)
+    pull_local(cfg, Path(loop["zoo_root"]) / LAYOUT_FILE)  # a URI root: maybe another node
     layout = LoraLayout.load(Path(loop["zoo_root"]) / LAYOUT_FILE)
     snaps = set(snapshot_steps(cfg.zoo.steps, cfg.zoo.snapshots, cfg.zoo.snapshot_start))
     every = max(1, cfg.zoo.steps // 10)
@@ -178,7 +183,7 @@ def fit_task(config: dict, task: str, task_paths: list[str], zoo_root: str) -> d
                                                use_gpu=z.gpus_per_worker > 0,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
-            name=f"lora-{task}", storage_path=str(Path(zoo_root) / "ray"),
+            name=f"lora-{task}", storage_path=cfg.storage.uri("zoo", RAY_DIR),  # a URI as is
             failure_config=ray.train.FailureConfig(max_failures=2),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1)))  # resume needs the last only
     summary = trainer.fit().return_value
@@ -203,7 +208,9 @@ def prepare_zoo(cfg: PipelineConfig, suite: Suite) -> tuple[Path, dict[str, list
     if cfg.zoo.batch_size % cfg.zoo.num_workers:
         raise TrainInputError(f"zoo.batch_size ({cfg.zoo.batch_size}) must be divisible by "
                               f"zoo.num_workers ({cfg.zoo.num_workers}).")
-    model, _ = load_base_model(cfg.model.spec, cache_dir=cfg.model.cache_dir, dtype=cfg.model.dtype)
+    # The driver only reads the LoRA layout: CPU, leaving a GPU it may see to the trainers.
+    model, _ = load_base_model(cfg.model.spec, cache_dir=cfg.model.cache_dir, dtype=cfg.model.dtype,
+                               device="cpu")
     peft_model = build_lora_model(model, cfg.zoo)
     layout = LoraLayout.of(adapter_state_dict(peft_model))
     lora = cfg.zoo.model_dump(include={"rank", "alpha", "dropout", "target_modules", "init_seed"})
@@ -224,6 +231,8 @@ def run(cfg: PipelineConfig, suite: Suite) -> dict:
         log.info("zoo: up to date, skipping (%s)", current.directory)
         return current.record()
     zoo_root, jobs = prepare_zoo(cfg, suite)  # every input check, before Ray or training starts
+    for name in (ZOO_FILE, LAYOUT_FILE):  # workers on other nodes read the layout from the URI
+        push_local(cfg, zoo_root / name)
     init_ray(cfg.ray, cache_dir=cfg.model.cache_dir)
     started = current.begin(cfg)
     done = {name for name in jobs
@@ -241,7 +250,9 @@ def run(cfg: PipelineConfig, suite: Suite) -> dict:
         ready, _ = ray.wait(list(in_flight), num_returns=1)
         name = in_flight.pop(ready[0])
         summary = ray.get(ready[0])
+        pull_local(cfg, task_dir(zoo_root, name), last=(SNAPSHOT_FILE,))  # snapshots made on other nodes
         write_json_atomic(task_dir(zoo_root, name) / TASK_DONE_FILE, {**summary, "fingerprint": current.fingerprint})
+        push_local(cfg, task_dir(zoo_root, name) / TASK_DONE_FILE)
         write_manifest(zoo_root)
         log.info("zoo %d/%d %-24s base ppl %.2f -> LoRA %.2f  (%.0f tok/s, %.0f s)", len(jobs) - len(todo) - len(in_flight),
                  len(jobs), name, summary["base_ppl"], summary["lora_ppl"], summary["tokens_per_s"], summary["wall_seconds"])
@@ -256,7 +267,8 @@ def _finish(current, started: float, zoo_root: Path, jobs: dict) -> dict:
     write_bytes_atomic(zoo_root / "summary.parquet", summary.drop(columns=["fingerprint"]).to_parquet(index=False))
     plot_losses(zoo_root)
     return current.finish(started, {"zoo": str(zoo_root), "tasks": len(jobs),
-                                    "snapshots": len(manifest), "manifest": "zoo/manifest.parquet"})
+                                    "snapshots": len(manifest), "manifest": "zoo/manifest.parquet"},
+                          pushed=("tasks",))  # uploaded task by task as they finished
 
 
 @user_errors_exit_2

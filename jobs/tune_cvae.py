@@ -21,7 +21,6 @@ import functools
 import json
 import logging
 import math
-import shutil
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -38,7 +37,8 @@ from icm.generator import fit_generator, generator_from_state
 from icm.generator_data import PreparedData, prepare_data
 from icm.generator_inputs import GeneratorInputs, load_generator_inputs
 from icm.io import write_bytes_atomic, write_json_atomic
-from icm.stages import open_suite, stage
+from icm.stages import RAY_DIR, open_suite, pull_stages, stage
+from icm.storage import delete, join, read_json, write_json
 from icm.tasks import Suite
 from jobs.common import ensure_writable_root, parse_job_args, user_errors_exit_2
 from jobs.ray_setup import init_ray
@@ -104,20 +104,22 @@ def trainable(config: dict[str, Any], data: PreparedData, base: dict[str, Any]) 
     fit_generator(data, cfg, report=report, resume_state=resume)
 
 
-def make_tuner(cfg: PipelineConfig, data: PreparedData, storage: Path, *, name: str = EXPERIMENT,
+def make_tuner(cfg: PipelineConfig, data: PreparedData, storage: str | Path, *, name: str = EXPERIMENT,
                asha: bool = True, grid: list[dict] | None = None) -> tune.Tuner:
     """A new Tuner, or the restored one when ``storage/name`` holds an unfinished experiment.
 
+    ``storage``: a local folder or a URI (s3://...; Tune writes there itself, from any node).
     ``grid`` (the benchmark's full-budget reference) runs exactly those trials, no early stop.
     """
     g, t = cfg.generator, cfg.tune
     resources = {"cpu": t.cpus_per_trial}
     fn = tune.with_resources(tune.with_parameters(trainable, data=data, base=g.model_dump(mode="json")),
                              resources)
-    path = storage / name
+    location = str(storage.resolve()) if isinstance(storage, Path) else storage
+    path = join(location, name)
     if tune.Tuner.can_restore(path):
         log.info("tune: restoring the experiment at %s", path)
-        return tune.Tuner.restore(str(path), trainable=fn, resume_errored=True)
+        return tune.Tuner.restore(path, trainable=fn, resume_errored=True)
     reports = math.ceil(g.steps / g.report_every)
     # metric/mode are set exactly once: on the searcher and the scheduler, which need them
     # (a define-by-run Optuna space ignores TuneConfig's), never also on TuneConfig (ValueError).
@@ -134,17 +136,18 @@ def make_tuner(cfg: PipelineConfig, data: PreparedData, storage: Path, *, name: 
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler,
                                     num_samples=1 if grid else t.num_samples,
                                     max_concurrent_trials=t.max_concurrent),
-        run_config=tune.RunConfig(name=name, storage_path=str(storage.resolve()), verbose=1,
+        run_config=tune.RunConfig(name=name, storage_path=location, verbose=1,
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                                   failure_config=tune.FailureConfig(max_failures=1)))
 
 
-def search(cfg: PipelineConfig, data: PreparedData, storage: Path, fingerprint: str):
-    """Run (or resume) the search; an experiment left by another config is discarded first."""
-    marker = storage / "search.json"
-    if marker.is_file() and json.loads(marker.read_text()).get("fingerprint") != fingerprint:
-        shutil.rmtree(storage / EXPERIMENT, ignore_errors=True)
-    write_json_atomic(marker, {"fingerprint": fingerprint})
+def search(cfg: PipelineConfig, data: PreparedData, storage: str, fingerprint: str):
+    """Run (or resume) the search in ``storage`` (a folder or a URI); an experiment left by
+    another config is discarded first."""
+    marker = join(storage, "search.json")
+    if (found := read_json(marker)) is not None and found.get("fingerprint") != fingerprint:
+        delete(join(storage, EXPERIMENT))
+    write_json(marker, {"fingerprint": fingerprint})
     results = make_tuner(cfg, data, storage).fit()
     if results.num_errors == len(results):
         raise RuntimeError(f"every Tune trial failed; first error: {results.errors[0]}")
@@ -224,6 +227,7 @@ def _write_outputs(directory: Path, cfg: PipelineConfig, data: PreparedData, row
 
 def run(cfg: PipelineConfig, suite: Suite, *, inputs: GeneratorInputs | None = None) -> dict:
     """The ``tune`` stage (skipped when up to date). ``inputs`` default to the stored zoo + task vectors."""
+    pull_stages(cfg, "zoo", "task_vectors")  # a URI root: the inputs, into the local mirror
     inputs = inputs or load_generator_inputs(cfg, suite)
     # Scheduling knobs change nothing that is searched: a resumed search may use other values.
     knobs = cfg.tune.model_dump(mode="json", exclude={"max_concurrent", "cpus_per_trial"})
@@ -242,7 +246,7 @@ def run(cfg: PipelineConfig, suite: Suite, *, inputs: GeneratorInputs | None = N
     log.info("tune: %d trials over %s; train tasks %s, validation tasks %s", cfg.tune.num_samples,
              cfg.tune.archs, split["train_tasks"], split["val_tasks"])
     init_ray(cfg.ray, cache_dir=cfg.model.cache_dir)
-    rows = trial_rows(search(cfg, data, current.directory / "ray", current.fingerprint))
+    rows = trial_rows(search(cfg, data, cfg.storage.uri("tune", RAY_DIR), current.fingerprint))
     finite = [r for r in rows if math.isfinite(r["val_mse"])]  # diverged trials are not candidates
     rescored = rescore(cfg, suite, data, finite[:cfg.tune.rescore_top]) if cfg.tune.rescore_top else []
     record = _write_outputs(current.directory, cfg, data, rows, rescored)

@@ -51,6 +51,9 @@ def test_every_stage_runs_and_writes_its_outputs(smoke_run):
     assert {"base", "trained", "generated", "generated-best-of-k", "soup", "nearest", "multitask",
             "cond-description", "cond-demos", "control-random", "control-shuffled"} <= variants
     assert not results.query("task == 'dogs' and variant == 'trained'").size  # held out: no oracle
+    for _, best in results.query("variant == 'generated-best-of-k'").iterrows():  # the chosen sample's score
+        chosen = results.query(f"task == '{best['task']}' and variant == 'generated' and sample == {best['sample']}")
+        assert chosen["perplexity"].tolist() == [best["perplexity"]]
     assert results["perplexity"].between(1, 1e7).all()
     report = (root / "evaluate" / "EVAL.md").read_text()
     assert "seen_median_ratio_generated_to_trained" in report and "heldout_share_generated_beats_base" in report
@@ -131,22 +134,43 @@ def test_rerun_skips_every_stage_and_a_changed_section_reruns_only_its_stage(smo
 
 
 @pytest.mark.slow
-def test_killed_pipeline_resumes_without_redoing_finished_stages(tmp_path):
+def test_killed_pipeline_resumes_from_a_uri_root_on_a_fresh_mirror(tmp_path):
+    """Kill-and-resume with a URI storage root (``file://``: pyarrow's filesystem layer, the code
+    path s3:// and gs:// take). The resumed run starts from an empty local mirror, as on another
+    machine: what it needs comes from the URI. A third run from yet another mirror redoes nothing."""
     suite = make_suite(tmp_path / "suite")
-    root = tmp_path / "run"
-    args = [sys.executable, "-m", "jobs.pipeline", "--config", "smoke", *FAST,
-            f"suite.path={suite}", f"storage.root={root}"]
+    remote = tmp_path / "remote"
+    uri = f"storage.root=file://{remote}"
+    args = [sys.executable, "-m", "jobs.pipeline", "--config", "smoke", *FAST, f"suite.path={suite}",
+            uri, f"storage.local_mirror={tmp_path / 'mirror-1'}"]
     driver = subprocess.Popen(args, cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 600
-    while time.time() < deadline and not (root / "zoo" / "stage.json").is_file():
+    while time.time() < deadline and not (remote / "zoo" / "stage.json").is_file():
         time.sleep(0.5)
     os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray it started, mid-pipeline
     driver.wait()
     time.sleep(3)
-    assert (root / "zoo" / "stage.json").is_file() and not (root / "evaluate" / "stage.json").is_file()
-    resumed = _pipeline(f"suite.path={suite}", f"storage.root={root}")
-    assert "zoo: up to date" in resumed.stderr and (root / "evaluate" / "stage.json").is_file()
+    assert (remote / "zoo" / "stage.json").is_file() and not (remote / "evaluate" / "stage.json").is_file()
+
+    resumed = _pipeline(f"suite.path={suite}", uri, f"storage.local_mirror={tmp_path / 'mirror-2'}")
+    assert "zoo: up to date" in resumed.stderr and f"Artifacts under file://{remote}" in resumed.stdout
+    for stage in STAGES:  # every stage on the URI, each with its commit marker and config
+        assert json.loads((remote / stage / "stage.json").read_text())["stage"] == stage
+        assert (remote / stage / "config.resolved.yaml").is_file()
+    # What Ray workers wrote went up too: every snapshot (with its snapshot.json), task vectors.
+    manifest = pd.read_parquet(remote / "zoo" / "manifest.parquet")
+    assert set(manifest["task"]) == {"cats", "code", "sums", "multitask"}
+    assert len(list((remote / "zoo" / "tasks").glob("*/snapshots/*/snapshot.json"))) == len(manifest)
+    assert list((remote / "task_vectors" / "vectors").glob("shard-*/_shard.json"))
+    assert (remote / "zoo" / "ray").is_dir() and (remote / "tune" / "ray").is_dir()
+    assert not (tmp_path / "mirror-2" / "zoo" / "ray").exists()  # Ray's own storage is not mirrored
+
+    third = _pipeline(f"suite.path={suite}", uri, f"storage.local_mirror={tmp_path / 'mirror-3'}")
+    for stage in STAGES:
+        assert f"{stage}: up to date" in third.stderr, stage
+    assert (tmp_path / "mirror-3" / "evaluate" / "per_task.parquet").is_file()  # pulled for the summary
+    assert "Generated adapters vs trained LoRAs" in third.stdout
 
 
 def test_pipeline_rejects_an_unwritable_storage_root(tmp_path):

@@ -51,8 +51,8 @@ def test_bad_values_name_the_field():
         load_config("smoke", ["model.max_length=2"])
     with pytest.raises(ConfigError, match=r"'model.dtype'"):
         load_config("smoke", ["model.dtype=float8"])
-    with pytest.raises(ConfigError, match=r"'storage.root'.*only local paths"):
-        load_config("smoke", ["storage.root=s3://bucket/run"])
+    with pytest.raises(ConfigError, match=r"'storage.root'.*not a storage URI"):
+        load_config("smoke", ["storage.root=s3:///"])
     with pytest.raises(ConfigError, match="must look like section.field=value"):
         load_config("smoke", ["model.spec"])
 
@@ -102,3 +102,11 @@ def test_a_relative_storage_root_is_made_absolute(tmp_path, monkeypatch):
     config = load_config("smoke", ["storage.root=runs/a"])
     assert config.storage.root == str(tmp_path.resolve() / "runs" / "a")
     assert config.storage.path("zoo") == tmp_path.resolve() / "runs" / "a" / "zoo"
+
+
+def test_a_uri_storage_root_is_kept_and_gets_an_absolute_local_mirror(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = load_config("smoke", ["storage.root=gs://bucket/runs/a", "storage.local_mirror=m"])
+    assert config.storage.root == "gs://bucket/runs/a" and config.storage.is_remote
+    assert config.storage.path("zoo") == tmp_path.resolve() / "m" / "zoo"
+    assert config.storage.uri("zoo") == "gs://bucket/runs/a/zoo"
