@@ -26,26 +26,32 @@ class Echo:
     async def echo(self, body: dict) -> dict:
         return {"id": "x" * 16, "cached": True}
 
-direct = os.environ.get("RAY_SERVE_ENABLE_DIRECT_INGRESS") == "1"
-ray.init(num_cpus=2, include_dashboard=False)
-serve.start(http_options={"host": "127.0.0.1", "port": 8123})
-serve.run(Echo.bind(), route_prefix="/")
-time.sleep(3)
-port = 8123
-if direct:
-    for p in list(range(30000, 30050)) + [8000, 8123]:
-        try:
-            r = requests.post(f"http://127.0.0.1:{p}/v1/echo", json={"a": 1}, timeout=1)
-            if r.ok: port = p; break
-        except Exception:
-            pass
-s = requests.Session()
-url = f"http://127.0.0.1:{port}/v1/echo"
-for _ in range(20): s.post(url, json={"description": "d" * 100})
-times = []
-for _ in range(200):
-    t = time.perf_counter(); r = s.post(url, json={"description": "d" * 100}); times.append((time.perf_counter() - t) * 1000)
-    assert r.ok
-times.sort()
-print(f"direct={direct} port={port} p50={statistics.median(times):.2f} ms p99={times[197]:.2f} ms")
-serve.shutdown(); ray.shutdown()
+
+def main() -> None:
+    direct = os.environ.get("RAY_SERVE_ENABLE_DIRECT_INGRESS") == "1"
+    ray.init(num_cpus=2, include_dashboard=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": 8123})
+    serve.run(Echo.bind(), route_prefix="/")
+    time.sleep(3)
+    port = 8123
+    if direct:
+        for p in list(range(30000, 30050)) + [8000, 8123]:
+            try:
+                r = requests.post(f"http://127.0.0.1:{p}/v1/echo", json={"a": 1}, timeout=1)
+                if r.ok: port = p; break
+            except Exception:
+                pass
+    s = requests.Session()
+    url = f"http://127.0.0.1:{port}/v1/echo"
+    for _ in range(20): s.post(url, json={"description": "d" * 100})
+    times = []
+    for _ in range(200):
+        t = time.perf_counter(); r = s.post(url, json={"description": "d" * 100}); times.append((time.perf_counter() - t) * 1000)
+        assert r.ok
+    times.sort()
+    print(f"direct={direct} port={port} p50={statistics.median(times):.2f} ms p99={times[197]:.2f} ms")
+    serve.shutdown(); ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()
