@@ -421,6 +421,16 @@ def load_config(name_or_path: str | os.PathLike | None = None,
     return build_config(apply_overrides(data, overrides))  # type: ignore[return-value]
 
 
+def shareable_dump(config: PipelineConfig) -> dict[str, Any]:
+    """The resolved config for a report others read: a storage root inside the working directory
+    is shown relative to it (as presets write it), not as this machine's absolute path."""
+    dump = config.model_dump(mode="json")
+    root = dump["storage"]["root"]
+    if not config.storage.is_remote and Path(root).is_relative_to(Path.cwd()):
+        dump["storage"]["root"] = str(Path(root).relative_to(Path.cwd()))
+    return dump
+
+
 def save_resolved_config(config: StageConfig, directory: str | os.PathLike) -> Path:
     """Write the fully resolved config next to a stage's outputs."""
     return write_yaml_atomic(Path(directory) / RESOLVED_CONFIG_FILE, config.model_dump(mode="json"))

@@ -21,7 +21,7 @@ import pandas as pd
 import ray
 import yaml
 
-from icm.config import PipelineConfig
+from icm.config import PipelineConfig, shareable_dump
 from icm.eval_inputs import MODES, gather_inputs, random_conditions
 from icm.eval_report import markdown_report, per_task, plot_gap_by_group, plot_per_task
 from icm.eval_task import evaluate_task
@@ -109,7 +109,7 @@ def _write_outputs(cfg: PipelineConfig, current, started: float, results: pd.Dat
     plot_per_task(table, out / "per_task.png")
     plot_gap_by_group(table, out / "gap_by_group.png")
     report = markdown_report(table, command=command, title=f"icm-ray evaluation: run {cfg.name!r}",
-                             config_yaml=yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+                             config_yaml=yaml.safe_dump(shareable_dump(cfg), sort_keys=False))
     write_text_atomic(out / "EVAL.md", report)
     return current.finish(started, {"results": "results.parquet", "report": "EVAL.md",
                                     "tasks": int(results["task"].nunique()), "rows": len(results)})

@@ -86,7 +86,7 @@ def _timed(function, *args, **kwargs) -> float:
 
 
 def _print_summary(config: PipelineConfig, suite: Suite, root, timings: dict, total: float) -> None:
-    print(f"\nStage wall times (s, 0 = up to date): "
+    print("\nStage wall times (s, 0 = up to date): "
           + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
     if "base_eval" in timings:
         results = pd.read_parquet(config.storage.path("base_eval", "results.parquet"))

@@ -110,3 +110,15 @@ def test_a_uri_storage_root_is_kept_and_gets_an_absolute_local_mirror(tmp_path, 
     assert config.storage.root == "gs://bucket/runs/a" and config.storage.is_remote
     assert config.storage.path("zoo") == tmp_path.resolve() / "m" / "zoo"
     assert config.storage.uri("zoo") == "gs://bucket/runs/a/zoo"
+
+
+def test_a_shareable_dump_shows_a_root_under_the_working_directory_relative(tmp_path, monkeypatch):
+    from icm.config import shareable_dump
+
+    monkeypatch.chdir(tmp_path)
+    inside = load_config("demo")  # root icm-runs/demo, made absolute at load
+    assert inside.storage.root == str(tmp_path / "icm-runs" / "demo")
+    assert shareable_dump(inside)["storage"]["root"] == "icm-runs/demo"
+    elsewhere = load_config("demo", ["storage.root=/srv/runs/a"])
+    assert shareable_dump(elsewhere)["storage"]["root"] == "/srv/runs/a"
+    assert shareable_dump(inside)["zoo"] == inside.model_dump(mode="json")["zoo"]  # nothing else changes
