@@ -161,7 +161,12 @@ class ZooConfig(StageConfig):
     gpus_per_worker: float = Field(0.0, ge=0, description="GPUs per worker (>0: NCCL + bf16).")
     max_concurrent: int | None = Field(None, ge=1, description=(
         "Task trainers running at once; None: as many as the cluster's resources allow."))
-    eval_max_texts: int | None = Field(32, ge=1, description="Eval texts per snapshot perplexity.")
+    tasks_per_trainer: int | None = Field(None, ge=1, description=(
+        "Tasks one TorchTrainer trains one after another in the same worker processes (each "
+        "trainer pays ~30 s of process start, imports and process-group set-up once); None: "
+        "the tasks dealt evenly over the trainers that run at once; 1: a trainer per task."))
+    eval_max_texts: int | None = Field(32, ge=1, description=(
+        "Eval texts for the perplexity of the base model and of each task's final snapshot."))
     multitask: bool = Field(True, description="Also train one LoRA on the union of training tasks.")
 
     @field_validator("target_modules")

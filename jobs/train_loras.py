@@ -14,7 +14,9 @@ Outputs: ``<storage.root>/zoo/`` (see ``icm/zoo.py``), ``summary.parquet``, ``lo
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
+import math
 import logging
 import sys
 import tempfile
@@ -60,25 +62,29 @@ def _texts(task_paths: Sequence[str], split: str, limit: int | None = None) -> l
     return texts[:limit] if limit else texts
 
 
-def _snapshot_and_checkpoint(engine, cfg: PipelineConfig, loop: dict, *, step: int, rank: int,
-                             progress: dict, layout: LoraLayout, eval_texts, tokenizer) -> None:
-    """Rank 0 evaluates and writes the snapshot; every rank saves its DeepSpeed shard; then a
-    Ray Train report (a barrier) registers the merged checkpoint."""
+def _snapshot_and_checkpoint(engine, cfg: PipelineConfig, loop: dict, task: str, *, step: int,
+                             rank: int, progress: dict, layout: LoraLayout, eval_texts,
+                             tokenizer) -> None:
+    """Rank 0 writes the snapshot (and, at the last step only, its eval perplexity: nothing
+    downstream reads the earlier ones); every rank saves its DeepSpeed shard; then a Ray Train
+    report (a barrier) registers the merged checkpoint."""
     import deepspeed
 
-    zoo_root, task = Path(loop["zoo_root"]), loop["task"]
+    zoo_root = Path(loop["zoo_root"])
     gather = (deepspeed.zero.GatheredParameters(list(engine.module.parameters()))
               if cfg.zoo.zero_stage == 3 else contextlib.nullcontext())
     phase_started = time.perf_counter()
     with gather:
         if rank == 0:
-            engine.module.eval()
-            ppl = score_texts(engine.module, tokenizer, eval_texts, max_length=cfg.zoo.seq_len).perplexity
-            engine.module.train()
+            ppl = None
+            if step == cfg.zoo.steps:
+                engine.module.eval()
+                ppl = score_texts(engine.module, tokenizer, eval_texts, max_length=cfg.zoo.seq_len).perplexity
+                engine.module.train()
+                progress["eval_ppl"] = ppl
             write_snapshot(engine.module, layout, zoo_root, task=task, step=step, record={
                 "train_loss": progress["losses"][-1][1], "eval_ppl": ppl,
                 "node_id": ray.get_runtime_context().get_node_id()})
-            progress["eval_ppl"] = ppl
             write_json_atomic(task_dir(zoo_root, task) / "losses.json", progress["losses"])
             # A URI root: this node's mirror is not the driver's; snapshot.json goes up last.
             push_local(cfg, snapshot_dir(zoo_root, task, step), last=(SNAPSHOT_FILE,))
@@ -90,16 +96,37 @@ def _snapshot_and_checkpoint(engine, cfg: PipelineConfig, loop: dict, *, step: i
         # exclude_tied_frozen_params_from_checkpoints); only the last checkpoint is kept.
         engine.save_checkpoint(tmp, tag="ckpt", exclude_frozen_parameters=True)
         if rank == 0:
-            write_json_atomic(Path(tmp) / "progress.json", {**progress, "step": step})
+            write_json_atomic(Path(tmp) / "progress.json", {**progress, "task": task, "step": step})
         torch.distributed.barrier()
-        ray.train.report({"step": step, "loss": progress["losses"][-1][1]},
+        ray.train.report({"task": task, "step": step, "loss": progress["losses"][-1][1]},
                          checkpoint=ray.train.Checkpoint.from_directory(tmp))
     # DeepSpeed save + Ray Train's copy into its storage (a resumed run loses its last one).
     progress["checkpoint_seconds"] = progress.get("checkpoint_seconds", 0.0) + time.perf_counter() - saving_started
 
 
-def train_func(loop: dict) -> dict:
-    """Runs on every worker of one task's TorchTrainer; rank 0's return value is the summary."""
+def _restored_task() -> str | None:
+    """The task the trainer's restored Ray Train checkpoint belongs to (None: no checkpoint)."""
+    if (checkpoint := ray.train.get_checkpoint()) is None:
+        return None
+    with checkpoint.as_directory() as folder:
+        return json.loads((Path(folder) / "progress.json").read_text()).get("task")
+
+
+def _is_done(cfg: PipelineConfig, zoo_root: str, task: str, fingerprint: str) -> bool:
+    """Rank 0's view (the node that writes the summaries), shared with every rank."""
+    path = task_dir(Path(zoo_root), task) / TASK_DONE_FILE
+    if torch.distributed.get_rank() == 0:
+        pull_local(cfg, path)  # a URI root: finished on another node before a kill
+    answer = [path.is_file() and json.loads(path.read_text()).get("fingerprint") == fingerprint]
+    torch.distributed.broadcast_object_list(answer, src=0)
+    return bool(answer[0])
+
+
+def train_func(loop: dict) -> list[dict]:
+    """Runs on every worker of one TorchTrainer: its tasks one after another, in the same
+    processes (process start, imports and the process group are paid once per trainer, not per
+    task). A task finished earlier (its ``task.json`` carries this run's fingerprint) is skipped;
+    the task of a restored checkpoint resumes from it. Returns rank 0's per-task summaries."""
     entered = time.perf_counter()
     import deepspeed
 
@@ -110,6 +137,25 @@ def train_func(loop: dict) -> dict:
     if not on_gpu:
         skip_deepspeed_shm_build()
     deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
+    pull_local(cfg, Path(loop["zoo_root"]) / LAYOUT_FILE)  # a URI root: maybe another node
+    layout = LoraLayout.load(Path(loop["zoo_root"]) / LAYOUT_FILE)
+    restored = _restored_task()
+    summaries = []
+    for task, task_paths in loop["tasks"]:
+        if _is_done(cfg, loop["zoo_root"], task, loop["fingerprint"]):
+            continue
+        summaries.append(_train_task(cfg, loop, task, task_paths, rank=rank, world=world,
+                                     on_gpu=on_gpu, layout=layout, resume=task == restored,
+                                     entered=entered))
+        entered = time.perf_counter()  # the next task's set-up starts now
+    return summaries
+
+
+def _train_task(cfg: PipelineConfig, loop: dict, task: str, task_paths: list[str], *, rank: int,
+                world: int, on_gpu: bool, layout: LoraLayout, resume: bool, entered: float) -> dict:
+    """One task's LoRA: fresh base model + DeepSpeed engine, steps, snapshots, ``task.json``."""
+    import deepspeed
+
     model, tokenizer = load_base_model(cfg.model.spec, cache_dir=cfg.model.cache_dir,
                                        dtype=cfg.model.dtype)
     peft_model = build_lora_model(model, cfg.zoo)
@@ -117,23 +163,21 @@ def train_func(loop: dict) -> dict:
         model=peft_model, config=deepspeed_config(cfg.zoo, world_size=world, bf16=on_gpu),
         model_parameters=[p for p in peft_model.parameters() if p.requires_grad])
     exclude_tied_frozen_params_from_checkpoints(engine)
-    sequences = tokenize_texts(tokenizer, _texts(loop["task_paths"], "train"), cfg.zoo.seq_len)
-    eval_texts = _texts(loop["task_paths"], "eval", cfg.zoo.eval_max_texts)
+    sequences = tokenize_texts(tokenizer, _texts(task_paths, "train"), cfg.zoo.seq_len)
+    eval_texts = _texts(task_paths, "eval", cfg.zoo.eval_max_texts)
     progress: dict = {"losses": [], "tokens": 0, "train_seconds": 0.0}
-    if (checkpoint := ray.train.get_checkpoint()) is not None:
-        with checkpoint.as_directory() as folder:
+    if resume:
+        with ray.train.get_checkpoint().as_directory() as folder:
             engine.load_checkpoint(folder, tag="ckpt", load_module_strict=False)
             progress = json.loads((Path(folder) / "progress.json").read_text())
         if rank == 0:
-            _progress(f"[zoo {loop['task']}] resuming from step {progress['step']}")
+            _progress(f"[zoo {task}] resuming from step {progress['step']}")
     elif rank == 0:
         base_eval_started = time.perf_counter()
         progress["base_ppl"] = score_texts(model, tokenizer, eval_texts,
                                            max_length=cfg.zoo.seq_len).perplexity
         progress["base_eval_seconds"] = time.perf_counter() - base_eval_started
     setup_seconds = time.perf_counter() - entered - progress.get("base_eval_seconds", 0.0)
-    pull_local(cfg, Path(loop["zoo_root"]) / LAYOUT_FILE)  # a URI root: maybe another node
-    layout = LoraLayout.load(Path(loop["zoo_root"]) / LAYOUT_FILE)
     snaps = set(snapshot_steps(cfg.zoo.steps, cfg.zoo.snapshots, cfg.zoo.snapshot_start))
     every = max(1, cfg.zoo.steps // 10)
     for step in iterate_steps(progress.get("step", 0), cfg.zoo.steps):
@@ -146,28 +190,40 @@ def train_func(loop: dict) -> dict:
         progress["tokens"] += int(batch["attention_mask"].sum()) * world
         progress["losses"].append([step, loss])
         if rank == 0 and step % every == 0:
-            _progress(f"[zoo {loop['task']}] step {step}/{cfg.zoo.steps} loss {loss:.3f}")
+            _progress(f"[zoo {task}] step {step}/{cfg.zoo.steps} loss {loss:.3f}")
         if step in snaps:
-            _snapshot_and_checkpoint(engine, cfg, loop, step=step, rank=rank, progress=progress,
-                                     layout=layout, eval_texts=eval_texts, tokenizer=tokenizer)
-    return {"task": loop["task"], "base_ppl": progress.get("base_ppl"),
-            "lora_ppl": progress.get("eval_ppl"), "train_seconds": progress["train_seconds"],
-            "tokens": progress["tokens"],
-            "tokens_per_s": progress["tokens"] / max(progress["train_seconds"], 1e-9),
-            "workers": world,
-            # Where a trainer's time goes besides the steps (this attempt's setup; the rest summed
-            # over attempts): imports, process group, model load, DeepSpeed init = setup.
-            "setup_seconds": setup_seconds,
-            "base_eval_seconds": progress.get("base_eval_seconds", 0.0),
-            "snapshot_seconds": progress.get("snapshot_seconds", 0.0),
-            "checkpoint_seconds": progress.get("checkpoint_seconds", 0.0)}
+            _snapshot_and_checkpoint(engine, cfg, loop, task, step=step, rank=rank,
+                                     progress=progress, layout=layout, eval_texts=eval_texts,
+                                     tokenizer=tokenizer)
+    summary = {"task": task, "base_ppl": progress.get("base_ppl"),
+               "lora_ppl": progress.get("eval_ppl"), "train_seconds": progress["train_seconds"],
+               "tokens": progress["tokens"],
+               "tokens_per_s": progress["tokens"] / max(progress["train_seconds"], 1e-9),
+               "workers": world,
+               # Where a task's time goes besides the steps (this attempt's setup; the rest summed
+               # over attempts): model load, DeepSpeed init (+ imports and the process group for
+               # a trainer's first task) = setup.
+               "setup_seconds": setup_seconds,
+               "base_eval_seconds": progress.get("base_eval_seconds", 0.0),
+               "snapshot_seconds": progress.get("snapshot_seconds", 0.0),
+               "checkpoint_seconds": progress.get("checkpoint_seconds", 0.0),
+               "wall_seconds": time.perf_counter() - entered}
+    if rank == 0:  # the task is done once this lands: a rerun skips it
+        done = task_dir(Path(loop["zoo_root"]), task) / TASK_DONE_FILE
+        write_json_atomic(done, {**summary, "fingerprint": loop["fingerprint"]})
+        push_local(cfg, done)
+        _progress(f"[zoo {task}] done: eval ppl {summary['base_ppl']:.2f} -> {summary['lora_ppl']:.2f}")
+    torch.distributed.barrier()
+    del engine, peft_model, model  # the next task builds its own
+    return summary
 
 
 # ----------------------------------------------------------------------------- driver side
 
 
-def fit_task(config: dict, task: str, task_paths: list[str], zoo_root: str) -> dict:
-    """Launcher (a ``num_cpus=0`` Ray task): one TorchTrainer for one task, resumable by name."""
+def fit_tasks(config: dict, name: str, tasks: list[list], zoo_root: str, fingerprint: str) -> dict:
+    """Launcher (a ``num_cpus=0`` Ray task): one TorchTrainer for ``tasks`` ([name, paths]
+    pairs), resumable by its ``name``."""
     from ray.train.torch import TorchConfig, TorchTrainer
 
     cfg = PipelineConfig.model_validate(config)
@@ -176,18 +232,42 @@ def fit_task(config: dict, task: str, task_paths: list[str], zoo_root: str) -> d
     started = time.perf_counter()
     trainer = TorchTrainer(
         train_func,
-        train_loop_config={"config": config, "task": task, "task_paths": task_paths,
-                           "zoo_root": zoo_root},
+        train_loop_config={"config": config, "tasks": tasks, "zoo_root": zoo_root,
+                           "fingerprint": fingerprint},
         torch_config=TorchConfig(backend="nccl" if z.gpus_per_worker else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=z.num_workers,
                                                use_gpu=z.gpus_per_worker > 0,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
-            name=f"lora-{task}", storage_path=cfg.storage.uri("zoo", RAY_DIR),  # a URI as is
+            name=name, storage_path=cfg.storage.uri("zoo", RAY_DIR),  # a URI as is
             failure_config=ray.train.FailureConfig(max_failures=2),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1)))  # resume needs the last only
-    summary = trainer.fit().return_value
-    return {**summary, "wall_seconds": time.perf_counter() - started}
+    summaries = trainer.fit().return_value
+    return {"summaries": summaries, "wall_seconds": time.perf_counter() - started}
+
+
+def trainer_groups(jobs: dict[str, list[str]], tasks_per_trainer: int | None,
+                   concurrency: int) -> dict[str, list[list]]:
+    """Trainer name -> its [task, paths] pairs. Built from the whole job list (never from what
+    is left), so a rerun after a kill finds the same trainer names and their checkpoints.
+
+    Default (``tasks_per_trainer=None``): the tasks dealt round-robin over the trainers that run
+    at once, so each pays its start-up once and all finish together.
+    """
+    names = list(jobs)
+    if tasks_per_trainer:  # contiguous chunks of the given size
+        groups = [names[i:i + tasks_per_trainer] for i in range(0, len(names), tasks_per_trainer)]
+    else:  # dealt round-robin over the trainers that run at once
+        count = min(concurrency, len(names))
+        groups = [names[i::count] for i in range(count)]
+
+    def trainer_name(group: list[str]) -> str:
+        if len(group) == 1:
+            return f"lora-{group[0]}"
+        digest = hashlib.sha256("\n".join(group).encode()).hexdigest()[:8]
+        return f"lora-{group[0]}-and-{len(group) - 1}-more-{digest}"
+
+    return {trainer_name(group): [[task, jobs[task]] for task in group] for group in groups}
 
 
 def _concurrency(cfg: PipelineConfig) -> int:
@@ -224,7 +304,8 @@ def prepare_zoo(cfg: PipelineConfig, suite: Suite) -> tuple[Path, dict[str, list
 
 def run(cfg: PipelineConfig, suite: Suite) -> dict:
     # Scheduling knobs do not change what is trained: a resumed run may use other values.
-    trained = cfg.zoo.model_dump(mode="json", exclude={"max_concurrent", "cpus_per_worker"})
+    trained = cfg.zoo.model_dump(mode="json", exclude={"max_concurrent", "cpus_per_worker",
+                                                                "tasks_per_trainer"})
     current = stage(cfg, "zoo", suite.fingerprint(), sorted(t.name for t in suite.training_tasks()),
                     trained, sections=("model",))
     if current.is_current():
@@ -235,27 +316,34 @@ def run(cfg: PipelineConfig, suite: Suite) -> dict:
         push_local(cfg, zoo_root / name)
     init_ray(cfg.ray, cache_dir=cfg.model.cache_dir)
     started = current.begin(cfg)
+    for name in jobs:  # a URI root: tasks finished on other nodes before a kill
+        pull_local(cfg, task_dir(zoo_root, name) / TASK_DONE_FILE)
     done = {name for name in jobs
             if (task_dir(zoo_root, name) / TASK_DONE_FILE).is_file()
             and json.loads((task_dir(zoo_root, name) / TASK_DONE_FILE).read_text()).get("fingerprint") == current.fingerprint}
-    todo = [name for name in jobs if name not in done]
     concurrency = _concurrency(cfg)
-    log.info("zoo: %d tasks (%d already done), %d trainers at a time", len(jobs), len(done), concurrency)
-    launcher = ray.remote(num_cpus=0)(fit_task)
-    config_dict, in_flight = cfg.model_dump(mode="json"), {}
+    groups = trainer_groups(jobs, cfg.zoo.tasks_per_trainer, concurrency)
+    todo = [name for name, tasks in groups.items() if any(task not in done for task, _ in tasks)]
+    log.info("zoo: %d tasks (%d already done) in %d trainers, %d at a time", len(jobs), len(done),
+             len(groups), concurrency)
+    launcher = ray.remote(num_cpus=0)(fit_tasks)
+    config_dict, in_flight, finished = cfg.model_dump(mode="json"), {}, len(done)
     while todo or in_flight:
         while todo and len(in_flight) < concurrency:
             name = todo.pop(0)
-            in_flight[launcher.remote(config_dict, name, jobs[name], str(zoo_root))] = name
+            ref = launcher.remote(config_dict, name, groups[name], str(zoo_root), current.fingerprint)
+            in_flight[ref] = name
         ready, _ = ray.wait(list(in_flight), num_returns=1)
-        name = in_flight.pop(ready[0])
-        summary = ray.get(ready[0])
-        pull_local(cfg, task_dir(zoo_root, name), last=(SNAPSHOT_FILE,))  # snapshots made on other nodes
-        write_json_atomic(task_dir(zoo_root, name) / TASK_DONE_FILE, {**summary, "fingerprint": current.fingerprint})
-        push_local(cfg, task_dir(zoo_root, name) / TASK_DONE_FILE)
+        in_flight.pop(ready[0])
+        result = ray.get(ready[0])
+        for summary in result["summaries"]:
+            name = summary["task"]
+            pull_local(cfg, task_dir(zoo_root, name), last=(SNAPSHOT_FILE, TASK_DONE_FILE))  # other nodes
+            finished += 1
+            log.info("zoo %d/%d %-24s base ppl %.2f -> LoRA %.2f  (%.0f tok/s, %.0f s)", finished,
+                     len(jobs), name, summary["base_ppl"], summary["lora_ppl"],
+                     summary["tokens_per_s"], summary["wall_seconds"])
         write_manifest(zoo_root)
-        log.info("zoo %d/%d %-24s base ppl %.2f -> LoRA %.2f  (%.0f tok/s, %.0f s)", len(jobs) - len(todo) - len(in_flight),
-                 len(jobs), name, summary["base_ppl"], summary["lora_ppl"], summary["tokens_per_s"], summary["wall_seconds"])
     return _finish(current, started, zoo_root, jobs)
 
 
