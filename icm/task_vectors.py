@@ -373,6 +373,25 @@ class TaskVectorExtractor:
         return explode_rows(batch, vectors)
 
 
+def vectors_table(columns: dict[str, np.ndarray]):
+    """The extractor's output as an Arrow table whose ``vector`` column is list<float32>."""
+    import pyarrow as pa
+
+    matrix = np.ascontiguousarray(columns["vector"], np.float32)  # (n, D)
+    offsets = np.arange(0, matrix.size + 1, max(matrix.shape[1], 1), dtype=np.int32)
+    vectors = pa.ListArray.from_arrays(pa.array(offsets), pa.array(matrix.reshape(-1)))
+    return pa.table({**{name: values for name, values in columns.items() if name != "vector"},
+                     "vector": vectors})
+
+
+class ParquetTaskVectorExtractor(TaskVectorExtractor):
+    """`TaskVectorExtractor` returning Arrow: Ray Data would store a 2-D numpy column as its own
+    tensor extension type; plain list<float32> reads anywhere (pandas, pyarrow, no Ray)."""
+
+    def __call__(self, batch: dict[str, np.ndarray]):  # type: ignore[override]
+        return vectors_table(super().__call__(batch))
+
+
 # ----------------------------------------------------------------------------- reading outputs
 
 

@@ -37,9 +37,9 @@ from icm import storage
 from icm.stages import Stage, open_suite, push_local, stage
 from icm.task_vector_report import (compute_task_means, metrics_table, plot_projection,
                                     stage_metrics, write_metrics)
-from icm.task_vectors import (EPISODES_FILE, MEANS_FILE, TEMPLATE_FILE, VECTORS_DIR, TaskEncoder,
-                              TaskVectorExtractor, TaskVectorInputError, build_episodes,
-                              template_text)
+from icm.task_vectors import (EPISODES_FILE, MEANS_FILE, TEMPLATE_FILE, VECTORS_DIR,
+                              ParquetTaskVectorExtractor, TaskEncoder, TaskVectorInputError,
+                              build_episodes, template_text)
 from icm.tasks import Suite
 from jobs.common import ensure_writable_root, parse_job_args, user_errors_exit_2
 from jobs.ray_setup import init_ray
@@ -71,40 +71,37 @@ def plan_shards(suite: Suite, rows_per_task: int, shard_rows: int = SHARD_ROWS) 
 
 def write_episodes(cfg: PipelineConfig, suite: Suite, encoder: TaskEncoder, path: Path,
                    shards: dict[str, int]) -> dict:
-    """Build, fit and write every episode, one parquet row group per task (the driver never
-    holds more than one task's prompts)."""
+    """Build, fit and write every episode, one parquet row group per shard (the driver never
+    holds more than one shard's prompts: at most ``SHARD_ROWS``).
+
+    Within a shard, rows go shortest prompt first: Ray Data batches consecutive rows, and a
+    batch pads to its longest prompt, so a description-only prompt (~30 tokens) batched with
+    demonstrations (~300) would cost as much as they do (1.57x the tokens on the demo suite).
+    """
     truncated = rows = 0
     partial = path.with_name(f".{path.name}.partial")
+    by_shard: dict[int, list[str]] = {}
+    for name in sorted(suite.tasks):
+        by_shard.setdefault(shards[name], []).append(name)
     with pq.ParquetWriter(partial, EPISODE_SCHEMA) as writer:
-        for name, task in sorted(suite.tasks.items()):
-            episodes = [encoder.fit_episode(e) for mode in cfg.task_vectors.modes
-                        for e in build_episodes(task, cfg.task_vectors, mode=mode)]
-            columns = {field: [getattr(e, field) for e in episodes] for field in EPISODE_FIELDS}
-            columns |= {"group": [task.group] * len(episodes),
-                        "heldout": [suite.is_heldout(name)] * len(episodes),
-                        "shard": [shards[name]] * len(episodes)}
-            writer.write_table(pa.table(columns, schema=EPISODE_SCHEMA))
+        for shard, names in sorted(by_shard.items()):
+            columns = {field: [] for field in (*EPISODE_FIELDS, "group", "heldout", "shard")}
+            for name in names:
+                task = suite.tasks[name]
+                for mode in cfg.task_vectors.modes:
+                    for episode in build_episodes(task, cfg.task_vectors, mode=mode):
+                        fitted = encoder.fit_episode(episode)
+                        for field in EPISODE_FIELDS:
+                            columns[field].append(getattr(fitted, field))
+                        columns["group"].append(task.group)
+                        columns["heldout"].append(suite.is_heldout(name))
+                        columns["shard"].append(shard)
+            table = pa.table(columns, schema=EPISODE_SCHEMA)
+            writer.write_table(table.sort_by([("n_tokens", "ascending")]))  # stable: ties keep order
             truncated += sum(columns["truncated"])
-            rows += len(episodes)
+            rows += table.num_rows
     partial.replace(path)  # atomic: readers see the old file or the complete new one
     return {"episodes": rows, "truncated": truncated}
-
-
-def vectors_table(columns: dict[str, np.ndarray]) -> pa.Table:
-    """The extractor's output as an Arrow table whose ``vector`` column is list<float32>."""
-    matrix = np.ascontiguousarray(columns["vector"], np.float32)  # (n, D)
-    offsets = np.arange(0, matrix.size + 1, max(matrix.shape[1], 1), dtype=np.int32)
-    vectors = pa.ListArray.from_arrays(pa.array(offsets), pa.array(matrix.reshape(-1)))
-    return pa.table({**{name: values for name, values in columns.items() if name != "vector"},
-                     "vector": vectors})
-
-
-class ParquetTaskVectorExtractor(TaskVectorExtractor):
-    """`TaskVectorExtractor` returning Arrow: Ray Data would store a 2-D numpy column as its own
-    tensor extension type; plain list<float32> reads anywhere (pandas, pyarrow, no Ray)."""
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:  # type: ignore[override]
-        return vectors_table(super().__call__(batch))
 
 
 def extract_shard(cfg: PipelineConfig, episodes_path: str | Path, shard: int, out_dir: str | Path) -> None:

@@ -45,6 +45,39 @@ os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))  # run as a script from a checkout
 
+
+def loop_child(spec_json: str) -> None:
+    """The plain loop's process (see `plain_loop_pass`): no Ray imported, only what a plain
+    script needs - the same extractor class the Ray Data actors run, called batch by batch."""
+    import json
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import torch
+
+    from icm.config import PipelineConfig
+    from icm.task_vectors import ParquetTaskVectorExtractor
+
+    spec = json.loads(spec_json)
+    cfg = PipelineConfig.model_validate(spec["config"])
+    torch.set_num_threads(spec["threads"])  # the cores the actors share
+    extractor = ParquetTaskVectorExtractor(cfg.model.spec, cfg.model.cache_dir,
+                                           cfg.task_vectors.model_dump(mode="json"),
+                                           dtype=cfg.model.dtype)
+    columns = ["task", "group", "heldout", "episode", "mode", "prompt"]  # job.INPUT_COLUMNS
+    episodes = pq.read_table(spec["episodes"], columns=columns).to_pydict()
+    size, tables = cfg.task_vectors.batch_size, []
+    for begin in range(0, len(episodes["prompt"]), size):
+        tables.append(extractor({k: np.asarray(v[begin:begin + size]) for k, v in episodes.items()}))
+    Path(spec["out"]).mkdir(parents=True)
+    pq.write_table(pa.concat_tables(tables), Path(spec["out"]) / "vectors.parquet")
+
+
+if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "--loop-child":
+    loop_child(sys.argv[2])
+    sys.exit(0)
+
 import pandas as pd  # noqa: E402
 import psutil  # noqa: E402
 import ray  # noqa: E402
@@ -74,14 +107,18 @@ def ray_data_pass(cfg, episodes_path: Path, out_dir: Path) -> float:
     return time.perf_counter() - started
 
 
-def plain_loop_pass(cfg, prompts: list[str]) -> float:
-    """Wall seconds of the same prompts through one process: load once, encode chunk by chunk."""
+def plain_loop_pass(cfg, episodes_path: Path, out_dir: Path, threads: int) -> float:
+    """Wall seconds of the same work as a plain script would do it, started the same way the
+    Ray path's actors start (a new process: imports and model load included): read the episodes,
+    encode them chunk by chunk in one process, write the vectors as parquet."""
+    import json
+    import subprocess
+
+    shutil.rmtree(out_dir, ignore_errors=True)
+    spec = json.dumps({"config": cfg.model_dump(mode="json"), "episodes": str(episodes_path),
+                       "out": str(out_dir), "threads": threads})
     started = time.perf_counter()
-    encoder = TaskEncoder(*load_base_model(cfg.model.spec, cache_dir=cfg.model.cache_dir,
-                                           dtype=cfg.model.dtype), cfg.task_vectors)
-    size = cfg.task_vectors.batch_size
-    for begin in range(0, len(prompts), size):
-        encoder.encode_prompts(prompts[begin:begin + size])
+    subprocess.run([sys.executable, __file__, "--loop-child", spec], check=True)
     return time.perf_counter() - started
 
 
@@ -90,18 +127,18 @@ def throughput(cfg, suite: Suite, work: Path, repeats: int) -> str:
                           cfg.task_vectors)
     episodes_path = work / "episodes.parquet"
     counts = job.write_episodes(cfg, suite, encoder, episodes_path, {name: 0 for name in suite.tasks})
-    prompts = pd.read_parquet(episodes_path)["prompt"].to_list()
     threads = int(ray.cluster_resources().get("CPU", 1))
-    torch.set_num_threads(threads)  # the loop gets the cores the actors share
     times: dict[str, list[float]] = {"Ray Data (job path)": [], "plain loop": []}
     for _ in range(repeats):
         times["Ray Data (job path)"].append(ray_data_pass(cfg, episodes_path, work / "out"))
-        times["plain loop"].append(plain_loop_pass(cfg, prompts))
+        times["plain loop"].append(plain_loop_pass(cfg, episodes_path, work / "loop-out", threads))
     tv, rows = cfg.task_vectors, counts["episodes"]
     medians = {label: statistics.median(values) for label, values in times.items()}
     lines = [f"{rows} episodes of {len(suite.tasks)} tasks, {cfg.model.spec}, batch_size {tv.batch_size}; "
              f"Ray: {tv.actors} actors x {tv.cpus_per_actor} CPU on a {threads}-CPU local Ray; loop: "
-             f"{threads} torch threads. Median of {repeats}, alternating; model loads included.\n",
+             f"{threads} torch threads. Median of {repeats}, alternating. Both start cold the same way: "
+             "Ray's actors and the loop's process each import, load the model, read the "
+             "episodes and write parquet (the local Ray itself is up before either).\n",
              "| path | episodes/s | median s | all runs s |", "|---|---:|---:|---|"]
     for label, values in times.items():
         lines.append(f"| {label} | {rows / medians[label]:.2f} | {medians[label]:.1f} | "

@@ -92,6 +92,10 @@ def test_outputs_have_the_documented_layout_and_schema(first_run):
     episodes = pd.read_parquet(stage_dir / "episodes.parquet")
     assert {"task", "episode", "mode", "prompt", "n_demos", "truncated"} <= set(episodes.columns)
     assert len(episodes) == 4 * 3 * 4 and episodes.groupby(["task", "mode"]).size().eq(4).all()
+    # shortest prompt first within each shard: a Ray Data batch of consecutive rows pads little
+    for _, shard in episodes.groupby("shard", sort=False):
+        assert shard["n_tokens"].is_monotonic_increasing and shard["mode"].nunique() == 3
+    assert episodes["shard"].is_monotonic_increasing
     assert (stage_dir / "prompt_template.txt").read_text() == template_text()
     means = pd.read_parquet(stage_dir / "task_means.parquet")
     assert len(means) == 4 * 3 * 2 * 2 and (means["episodes"] == 4).all()
