@@ -26,6 +26,8 @@ deployment in ``cluster/serve_config.yaml``; `app_from_config` applies the same 
 import argparse
 import asyncio
 import logging
+import os
+import signal
 import sys
 import threading
 import time
@@ -51,6 +53,7 @@ from icm.serving import (ADAPTER_ID_PATTERN, ADAPTER_MODEL_PREFIX, GENERATION_RE
                          ChatCompletionRequest, ChatCompletionResponse, CompletionChoice,
                          CompletionEngine, CompletionRequest, CompletionResponse, ErrorResponse,
                          Generated, ModelCard, ModelList, PromptBuilder, SamplingParams,
+                         SERVE_INGRESS_ENV, SERVE_LATENCY_ENV,
                          ServeLimits, Usage, adapter_id_for,
                          check_adapter_request, check_messages, check_prompts, check_sampling,
                          completion_id, error_body, generator_fingerprint, now,
@@ -504,8 +507,20 @@ def serve_main(argv: Sequence[str] | None = None) -> int:
         print(f"icm serve: error: {err}", file=sys.stderr)
         return 2
     if not ray.is_initialized():
+        # Read by the Serve processes this Ray starts (an existing cluster keeps its own).
+        for key, value in {**SERVE_LATENCY_ENV, **SERVE_INGRESS_ENV}.items():
+            os.environ.setdefault(key, value)
         ray.init(namespace="serve")
     serve.start(http_options={"host": args.host or http.get("host", "127.0.0.1"),
                               "port": args.port or http.get("port", 8000)})
-    serve.run(app, name=name, route_prefix=route_prefix, blocking=True)
+    # SIGTERM (a process manager, `kill`) shuts down like Ctrl-C: Serve stops its replicas and
+    # the HAProxy it started, which would otherwise outlive this process and keep the port.
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        serve.run(app, name=name, route_prefix=route_prefix, blocking=True)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve.shutdown()
+        ray.shutdown()
     return 0

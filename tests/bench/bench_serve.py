@@ -56,7 +56,13 @@ def start_app(args, workdir: Path) -> str:
     from serve_apps.lora_generator import app_from_config
     from tests.integration.test_serve import build_tiny_generator, free_port
 
+    from icm.serving import SERVE_INGRESS_ENV, SERVE_LATENCY_ENV
+
     generator = build_tiny_generator(workdir / "generator") if args.tiny else Path(args.generator)
+    # As icm serve starts it: Serve reads these when its processes start.
+    for key, value in {**SERVE_LATENCY_ENV,
+                       **(SERVE_INGRESS_ENV if args.ingress == "haproxy" else {})}.items():
+        os.environ.setdefault(key, value)
     ray.init(num_cpus=os.cpu_count(), num_gpus=0, include_dashboard=False,
              object_store_memory=300 * 1024**2)
     port = free_port()
@@ -265,6 +271,8 @@ def main(argv=None) -> int:
     parser.add_argument("--downscale-delay-s", type=float, default=None,
                         help="override the config's downscale_delay_s (default: keep it)")
     parser.add_argument("--downscale-timeout-s", type=float, default=180)
+    parser.add_argument("--ingress", choices=("haproxy", "proxy"), default="haproxy",
+                        help="HTTP entry: HAProxy (what icm serve uses) or Serve's proxy actor")
     args = parser.parse_args(argv)
     import ray
     from ray import serve

@@ -132,9 +132,14 @@ def served(tmp_path_factory):
 
     from serve_apps.lora_generator import app_from_config
 
+    from icm.serving import SERVE_INGRESS_ENV, SERVE_LATENCY_ENV
+
     root = tmp_path_factory.mktemp("serve")
     generator_dir = build_tiny_generator(root / "generator")
-    ray.init(num_cpus=2, num_gpus=0, object_store_memory=200 * 1024**2, include_dashboard=False)
+    with pytest.MonkeyPatch.context() as patch:  # Serve as icm serve starts it: HAProxy in front
+        for key, value in {**SERVE_LATENCY_ENV, **SERVE_INGRESS_ENV}.items():
+            patch.setenv(key, value)
+        ray.init(num_cpus=2, num_gpus=0, object_store_memory=200 * 1024**2, include_dashboard=False)
     try:
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -331,3 +336,14 @@ def test_fuzzing_the_openapi_schema_finds_no_server_errors(served, tmp_path):
     assert result.returncode == 0, report
     passed = re.search(r"(\d+) passed", report)
     assert passed and int(passed.group(1)) > 0 and " failed" not in report, report
+
+
+def test_http_port_is_served_by_haproxy_as_icm_serve_starts_it(served):
+    """SERVE_INGRESS_ENV is in effect: an HAProxy process owns the HTTP port (no proxy hop)."""
+    import psutil
+
+    port = int(served.url.rsplit(":", 1)[1])
+    owners = {c.pid for c in psutil.net_connections("tcp")
+              if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
+    assert owners and all(psutil.Process(pid).name() == "haproxy" for pid in owners), owners
+    assert served.post("/v1/adapters", CATS).status_code == 200

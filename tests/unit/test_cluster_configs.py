@@ -208,6 +208,19 @@ def test_rayservice_embeds_the_serve_config_verbatim():
     _check_ray_cluster_spec(spec["rayClusterConfig"], _claims())
 
 
+def test_rayservice_pods_start_serve_as_icm_serve_does():
+    """HAProxy and the latency settings reach every Serve process only through the pods' env."""
+    from icm.serving import SERVE_INGRESS_ENV, SERVE_LATENCY_ENV
+
+    cluster = _documents("rayservice.yaml")["RayService"]["spec"]["rayClusterConfig"]
+    pods = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+    wanted = {**SERVE_LATENCY_ENV, "RAY_SERVE_ENABLE_HA_PROXY": SERVE_INGRESS_ENV["RAY_SERVE_ENABLE_HA_PROXY"]}
+    for pod in pods:
+        for container in pod["template"]["spec"]["containers"]:
+            env = {e["name"]: e["value"] for e in container.get("env", [])}
+            assert {k: env.get(k) for k in wanted} == wanted, container["name"]
+
+
 def test_the_cluster_serve_config_is_the_dev_one_with_cluster_values():
     from serve_apps.lora_generator import GeneratorAppArgs
 
