@@ -2,12 +2,15 @@
 
     python -m jobs.train_loras --config smoke [key=value ...]     (or: icm train-loras ...)
 
-Per task a ``TorchTrainer`` (``zoo.num_workers`` workers) runs `train_func`, which trains a peft
-LoRA through ``deepspeed.initialize`` (ZeRO ``zoo.zero_stage``; gloo on CPU, NCCL + bf16 on GPU)
-and, at each snapshot step, writes a snapshot and a Ray Train checkpoint. Trainers are launched
-from ``num_cpus=0`` tasks, at most ``zoo.max_concurrent`` at once (default: what the cluster's
-CPUs/GPUs hold). Held-out tasks never enter. Rerunning after a kill skips finished tasks and
-resumes interrupted ones from their last checkpoint (same ``RunConfig(name, storage_path)``).
+A ``TorchTrainer`` (``zoo.num_workers`` workers) runs `train_func` over its share of the tasks
+(``zoo.tasks_per_trainer``; default: the tasks dealt over the trainers that run at once), one
+after another in the same worker processes: per task, a peft LoRA trained through
+``deepspeed.initialize`` (ZeRO ``zoo.zero_stage``; gloo on CPU, NCCL + bf16 on GPU), and at each
+snapshot step a snapshot and a Ray Train checkpoint. Trainers are launched from ``num_cpus=0``
+tasks, at most ``zoo.max_concurrent`` at once (default: what the cluster's CPUs/GPUs hold).
+Held-out tasks never enter. Rerunning after a kill skips finished tasks (their ``task.json``)
+and resumes the interrupted one from its trainer's last checkpoint (same
+``RunConfig(name, storage_path)``: trainer names come from the whole task list).
 Outputs: ``<storage.root>/zoo/`` (see ``icm/zoo.py``), ``summary.parquet``, ``losses.png``.
 """
 
@@ -16,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import math
 import logging
 import sys
 import tempfile
@@ -334,8 +336,10 @@ def run(cfg: PipelineConfig, suite: Suite) -> dict:
             ref = launcher.remote(config_dict, name, groups[name], str(zoo_root), current.fingerprint)
             in_flight[ref] = name
         ready, _ = ray.wait(list(in_flight), num_returns=1)
-        in_flight.pop(ready[0])
+        trainer = in_flight.pop(ready[0])
         result = ray.get(ready[0])
+        log.info("zoo: trainer %s finished %d task(s) in %.0f s", trainer, len(result["summaries"]),
+                 result["wall_seconds"])
         for summary in result["summaries"]:
             name = summary["task"]
             pull_local(cfg, task_dir(zoo_root, name), last=(SNAPSHOT_FILE, TASK_DONE_FILE))  # other nodes

@@ -96,7 +96,7 @@ def main() -> None:
     if args.child:
         print("RESULT " + json.dumps(measure()), flush=True)
         return
-    print(f"| ingress mode | p50 ms | p99 ms |\n|---|---:|---:|")
+    print("| ingress mode | p50 ms | p99 ms |\n|---|---:|---:|")
     for mode in args.modes.split(","):
         env = {**os.environ, "RAY_AUTH_MODE": "disabled", **mode_env(mode)}
         out = subprocess.run([sys.executable, __file__, "--child", mode], env=env,

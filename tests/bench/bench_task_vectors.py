@@ -78,10 +78,8 @@ if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "--loop-chil
     loop_child(sys.argv[2])
     sys.exit(0)
 
-import pandas as pd  # noqa: E402
 import psutil  # noqa: E402
 import ray  # noqa: E402
-import torch  # noqa: E402
 import yaml  # noqa: E402
 
 from icm.config import load_config  # noqa: E402

@@ -14,7 +14,7 @@ from icm.adapters import apply_adapter
 from icm.baselines import cosine, gap_recovered, model_soup, nearest_task, shuffled_partner
 from icm.eval_report import headline, markdown_report, per_task, variant_summary
 from icm.evaluation import score_texts
-from icm.lora_io import LoraLayout, adapter_state_dict, flatten, peft_config_json, save_adapter
+from icm.lora_io import LoraLayout, adapter_state_dict, peft_config_json, save_adapter
 from icm.models import load_base_model
 
 TEXTS = ["The cat sat on the mat.", "def add(a, b):\n    return a + b\n", "Dogs bark at night."]
