@@ -485,6 +485,10 @@ def app_from_config(config_path: str | Path = DEFAULT_CONFIG, *,
     return _build(args, options), entry.name, entry.route_prefix or "/"
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def serve_main(argv: Sequence[str] | None = None) -> int:
     """``icm serve --generator DIR``: start Ray and Serve with cluster/serve_config.yaml; blocks."""
     import ray
@@ -515,7 +519,7 @@ def serve_main(argv: Sequence[str] | None = None) -> int:
                               "port": args.port or http.get("port", 8000)})
     # SIGTERM (a process manager, `kill`) shuts down like Ctrl-C: Serve stops its replicas and
     # the HAProxy it started, which would otherwise outlive this process and keep the port.
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         serve.run(app, name=name, route_prefix=route_prefix, blocking=True)
     except KeyboardInterrupt:
