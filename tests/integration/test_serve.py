@@ -338,12 +338,18 @@ def test_fuzzing_the_openapi_schema_finds_no_server_errors(served, tmp_path):
     assert passed and int(passed.group(1)) > 0 and " failed" not in report, report
 
 
+def listeners(port: int) -> set[int]:
+    """Pids of the processes listening on ``port`` on this machine."""
+    import psutil
+
+    return {c.pid for c in psutil.net_connections("tcp")
+            if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
+
+
 def test_http_port_is_served_by_haproxy_as_icm_serve_starts_it(served):
     """SERVE_INGRESS_ENV is in effect: an HAProxy process owns the HTTP port (no proxy hop)."""
     import psutil
 
-    port = int(served.url.rsplit(":", 1)[1])
-    owners = {c.pid for c in psutil.net_connections("tcp")
-              if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
-    assert owners and all(psutil.Process(pid).name() == "haproxy" for pid in owners), owners
+    owners = listeners(int(served.url.rsplit(":", 1)[1]))
+    assert owners and {psutil.Process(pid).name() for pid in owners} == {"haproxy"}, owners
     assert served.post("/v1/adapters", CATS).status_code == 200

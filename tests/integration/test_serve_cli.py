@@ -13,7 +13,7 @@ import pytest
 import requests
 
 from tests.conftest import REPO_ROOT
-from tests.integration.test_serve import build_tiny_generator, free_port
+from tests.integration.test_serve import build_tiny_generator, free_port, listeners
 
 pytestmark = pytest.mark.slow
 
@@ -42,8 +42,7 @@ def test_icm_serve_answers_behind_haproxy(tmp_path):
         reply = requests.post(url + "/v1/adapters", timeout=60,
                               json={"description": "Short texts about cats."})
         assert reply.status_code == 200, reply.text
-        owners = {c.pid for c in psutil.net_connections("tcp")
-                  if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
+        owners = listeners(port)
         assert owners and {psutil.Process(p).name() for p in owners} == {"haproxy"}
     finally:
         server.send_signal(signal.SIGTERM)  # as a process manager stops it: a graceful shutdown
@@ -56,8 +55,7 @@ def test_icm_serve_answers_behind_haproxy(tmp_path):
             server.wait()
         log.close()
     assert stopped, "icm serve did not exit on SIGTERM"
-    leftovers = [c for c in psutil.net_connections("tcp")
-                 if c.status == psutil.CONN_LISTEN and c.laddr.port == port]
-    for conn in leftovers:  # leave the machine clean for the next test, then fail
-        psutil.Process(conn.pid).kill()
+    leftovers = listeners(port)
+    for pid in leftovers:  # leave the machine clean for the next test, then fail
+        psutil.Process(pid).kill()
     assert not leftovers, "a process (HAProxy) outlived icm serve and kept its port"
