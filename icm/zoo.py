@@ -43,6 +43,12 @@ def task_dir(zoo_root: Path, task: str) -> Path:
     return Path(zoo_root) / "tasks" / task
 
 
+def task_finished(zoo_root: Path, task: str, fingerprint: str) -> bool:
+    """Whether ``task``'s LoRA was finished by a zoo run with this stage ``fingerprint``."""
+    path = task_dir(zoo_root, task) / TASK_DONE_FILE
+    return path.is_file() and json.loads(path.read_text()).get("fingerprint") == fingerprint
+
+
 def snapshot_dir(zoo_root: Path, task: str, step: int) -> Path:
     return task_dir(zoo_root, task) / "snapshots" / f"step-{step:06d}"
 

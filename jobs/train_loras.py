@@ -41,8 +41,8 @@ from icm.models import load_base_model
 from icm.stages import RAY_DIR, open_suite, pull_local, push_local, stage
 from icm.tasks import Suite, load_task
 from icm.zoo import (LAYOUT_FILE, MULTITASK, SNAPSHOT_FILE, TASK_DONE_FILE, ZOO_FILE,
-                     check_or_create_zoo, plot_losses, snapshot_dir, task_dir, write_manifest,
-                     write_snapshot, zoo_identity)
+                     check_or_create_zoo, plot_losses, snapshot_dir, task_dir, task_finished,
+                     write_manifest, write_snapshot, zoo_identity)
 from jobs.common import ensure_writable_root, parse_job_args, user_errors_exit_2
 from jobs.ray_setup import init_ray
 
@@ -116,10 +116,9 @@ def _restored_task() -> str | None:
 
 def _is_done(cfg: PipelineConfig, zoo_root: str, task: str, fingerprint: str) -> bool:
     """Rank 0's view (the node that writes the summaries), shared with every rank."""
-    path = task_dir(Path(zoo_root), task) / TASK_DONE_FILE
-    if torch.distributed.get_rank() == 0:
-        pull_local(cfg, path)  # a URI root: finished on another node before a kill
-    answer = [path.is_file() and json.loads(path.read_text()).get("fingerprint") == fingerprint]
+    if torch.distributed.get_rank() == 0:  # a URI root: finished on another node before a kill
+        pull_local(cfg, task_dir(Path(zoo_root), task) / TASK_DONE_FILE)
+    answer = [task_finished(Path(zoo_root), task, fingerprint)]
     torch.distributed.broadcast_object_list(answer, src=0)
     return bool(answer[0])
 
@@ -306,8 +305,8 @@ def prepare_zoo(cfg: PipelineConfig, suite: Suite) -> tuple[Path, dict[str, list
 
 def run(cfg: PipelineConfig, suite: Suite) -> dict:
     # Scheduling knobs do not change what is trained: a resumed run may use other values.
-    trained = cfg.zoo.model_dump(mode="json", exclude={"max_concurrent", "cpus_per_worker",
-                                                                "tasks_per_trainer"})
+    trained = cfg.zoo.model_dump(mode="json",
+                                 exclude={"max_concurrent", "cpus_per_worker", "tasks_per_trainer"})
     current = stage(cfg, "zoo", suite.fingerprint(), sorted(t.name for t in suite.training_tasks()),
                     trained, sections=("model",))
     if current.is_current():
@@ -320,9 +319,7 @@ def run(cfg: PipelineConfig, suite: Suite) -> dict:
     started = current.begin(cfg)
     for name in jobs:  # a URI root: tasks finished on other nodes before a kill
         pull_local(cfg, task_dir(zoo_root, name) / TASK_DONE_FILE)
-    done = {name for name in jobs
-            if (task_dir(zoo_root, name) / TASK_DONE_FILE).is_file()
-            and json.loads((task_dir(zoo_root, name) / TASK_DONE_FILE).read_text()).get("fingerprint") == current.fingerprint}
+    done = {name for name in jobs if task_finished(zoo_root, name, current.fingerprint)}
     concurrency = _concurrency(cfg)
     groups = trainer_groups(jobs, cfg.zoo.tasks_per_trainer, concurrency)
     todo = [name for name, tasks in groups.items() if any(task not in done for task, _ in tasks)]

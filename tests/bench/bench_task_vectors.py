@@ -65,8 +65,7 @@ def loop_child(spec_json: str) -> None:
     extractor = ParquetTaskVectorExtractor(cfg.model.spec, cfg.model.cache_dir,
                                            cfg.task_vectors.model_dump(mode="json"),
                                            dtype=cfg.model.dtype)
-    columns = ["task", "group", "heldout", "episode", "mode", "prompt"]  # job.INPUT_COLUMNS
-    episodes = pq.read_table(spec["episodes"], columns=columns).to_pydict()
+    episodes = pq.read_table(spec["episodes"], columns=spec["columns"]).to_pydict()
     size, tables = cfg.task_vectors.batch_size, []
     for begin in range(0, len(episodes["prompt"]), size):
         tables.append(extractor({k: np.asarray(v[begin:begin + size]) for k, v in episodes.items()}))
@@ -114,7 +113,7 @@ def plain_loop_pass(cfg, episodes_path: Path, out_dir: Path, threads: int) -> fl
 
     shutil.rmtree(out_dir, ignore_errors=True)
     spec = json.dumps({"config": cfg.model_dump(mode="json"), "episodes": str(episodes_path),
-                       "out": str(out_dir), "threads": threads})
+                       "out": str(out_dir), "threads": threads, "columns": job.INPUT_COLUMNS})
     started = time.perf_counter()
     subprocess.run([sys.executable, __file__, "--loop-child", spec], check=True)
     return time.perf_counter() - started
