@@ -46,6 +46,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 # Subcommands that are Ray jobs: name -> (module, help). Each takes --config and overrides only.
 JOB_COMMANDS = {
     "train-loras": ("jobs.train_loras", "train the LoRA zoo on Ray Train + DeepSpeed"),
+    "oracles": ("jobs.oracles", "train measurement-only oracle and replicate LoRAs"),
     "task-vectors": ("jobs.extract_task_vectors", "task vectors of every task with Ray Data"),
     "tune-generator": ("jobs.tune_cvae", "search generator hyperparameters with Ray Tune"),
     "train-generator": ("jobs.train_generator", "train the generator (best Tune config if any)"),

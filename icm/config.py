@@ -120,11 +120,20 @@ class ModelConfig(StageConfig):
 class SuiteConfig(StageConfig):
     path: str | None = Field(None, description=(
         "Suite directory in the public format; None builds (once) and uses the default suite."))
+    subset: Literal["core", "all"] = Field("all", description=(
+        "Default suite only: 'core' = its first 32 tasks in 4 groups (the demo's suite), 'all' = "
+        "every task (>= 128 in >= 10 groups; the study's). Held-out status is kept."))
     tasks: list[str] | None = Field(None, description=(
         "Restrict the run to these task names (held-out status is kept); None: all tasks."))
     seed: int = Field(0, description="Split seed of the default suite (ignored with `path`).")
     max_train: int = Field(400, ge=1, description="Default suite: train texts per task, at most.")
     max_eval: int = Field(48, ge=1, description="Default suite: eval texts per task, at most.")
+
+    @field_validator("path")
+    @classmethod
+    def _absolute_path(cls, value: str | None) -> str | None:
+        # Absolute from here on: Ray workers read task folders from another working directory.
+        return None if value is None else str(Path(value).expanduser().resolve())
 
 
 class BaseEvalConfig(StageConfig):
@@ -168,6 +177,9 @@ class ZooConfig(StageConfig):
     eval_max_texts: int | None = Field(32, ge=1, description=(
         "Eval texts for the perplexity of the base model and of each task's final snapshot."))
     multitask: bool = Field(True, description="Also train one LoRA on the union of training tasks.")
+    multitask_steps: Literal["one-task", "matched"] = Field("one-task", description=(
+        "Compute of the multi-task LoRA: 'one-task' = zoo.steps (cheap, a weak baseline); "
+        "'matched' = zoo.steps x training tasks, the zoo's whole compute (the honest baseline)."))
 
     @field_validator("target_modules")
     @classmethod
@@ -175,6 +187,18 @@ class ZooConfig(StageConfig):
         if len(set(value)) != len(value):
             raise ValueError("lists a module twice")
         return value
+
+
+class OracleConfig(StageConfig):
+    """Measurement-only LoRAs (the ``oracles`` stage), trained with the zoo's settings into
+    ``<storage.root>/oracles/``; no training, Tune or generator input ever reads that folder."""
+
+    heldout: bool = Field(True, description=(
+        "Train an oracle LoRA for every held-out task: the target its generated adapter is judged by."))
+    replicates: int = Field(0, ge=0, description=(
+        "Seen tasks that get an independent replicate LoRA (data seed + 1): replicate vs the "
+        "zoo's LoRA is the noise floor of 'as good as the trained LoRA'."))
+    snapshots: int = Field(1, ge=1, description="Snapshots kept per oracle (only the last is used).")
 
 
 Mode = Literal["description", "demos", "both"]
@@ -265,7 +289,8 @@ class TuneConfig(StageConfig):
         "Architectures in the search space (conv1d is slow on CPU for large adapters)."))
     rescore_top: int = Field(2, ge=0, description=(
         "Top trials re-scored by the eval perplexity of the adapters they generate (validation tasks)."))
-    rescore_max_texts: int = Field(8, ge=1, description="Eval texts per validation task when re-scoring.")
+    rescore_max_texts: int = Field(8, ge=1, description=(
+        "Texts per validation task when re-scoring: the tail of its train split, never eval texts."))
     seed: int = Field(0, description="Searcher seed.")
 
 
@@ -279,6 +304,18 @@ class EvalConfig(StageConfig):
     best_of: int = Field(5, ge=1, description="K for best-of-K selection by demonstration perplexity.")
     select_texts: int = Field(8, ge=1, description="Train texts used as demonstrations for best-of-K.")
     seed: int = Field(0, description="Seed of z sampling and controls.")
+    variants: list[str] | None = Field(None, description=(
+        "Variants to score (icm/eval/variants.py registry names); None: every one that applies."))
+    seen_tasks: int | None = Field(None, ge=0, description=(
+        "Training tasks scored in the 'seen' setting, dealt over the groups (the oracles stage's "
+        "replicate tasks come first); None: all of them."))
+    folds: int = Field(0, ge=0, description=(
+        "Group folds: each holds out whole groups from a generator refit on the rest; 0: none."))
+    groups_per_fold: int = Field(1, ge=1, description="Groups each fold holds out.")
+    fold_seed: int = Field(0, description="Seed of the (fixed, result-blind) group-to-fold assignment.")
+    soup_k: int = Field(5, ge=1, description="similarity-soup: nearest training tasks averaged.")
+    soup_temperature: float = Field(0.05, gt=0, description="similarity-soup: softmax temperature on cosines.")
+    bootstrap: int = Field(2000, ge=100, description="Bootstrap resamples of every interval.")
     cpus_per_task: float = Field(1.0, gt=0, description="Ray CPUs per evaluation task.")
     gpus_per_task: float = Field(0.0, ge=0, description="Ray GPUs per evaluation task.")
 
@@ -288,8 +325,9 @@ class PipelineConfig(StageConfig):
 
     name: str = Field("default", description="Run name, used in artifact paths and Ray run names.")
     seed: int = Field(0, description="Global seed for everything not seeded more specifically.")
-    stages: list[Literal["base_eval", "zoo", "task_vectors", "tune", "generator", "evaluate"]] = Field(
-        ["base_eval", "zoo", "task_vectors", "tune", "generator", "evaluate"], description=(
+    stages: list[Literal["base_eval", "zoo", "oracles", "task_vectors", "tune", "generator",
+                         "evaluate"]] = Field(
+        ["base_eval", "zoo", "oracles", "task_vectors", "tune", "generator", "evaluate"], description=(
             "Stages `icm run` runs after `prepare`, always in pipeline order."))
     storage: StorageConfig = StorageConfig()
     ray: RayConfig = RayConfig()
@@ -297,6 +335,7 @@ class PipelineConfig(StageConfig):
     suite: SuiteConfig = SuiteConfig()
     base_eval: BaseEvalConfig = BaseEvalConfig()
     zoo: ZooConfig = ZooConfig()
+    oracles: OracleConfig = OracleConfig()
     task_vectors: TaskVectorConfig = TaskVectorConfig()
     generator: GeneratorConfig = GeneratorConfig()
     tune: TuneConfig = TuneConfig()

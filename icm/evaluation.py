@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 
@@ -24,6 +24,10 @@ class TextScore:
     characters: int  # characters covered by the scored tokens
     texts: int
     truncated: int  # texts cut at max_length
+    # Per text, in the order given: summed token NLL and scored tokens. Kept so that intervals
+    # can be bootstrapped over texts (a total alone cannot give one).
+    text_nll: tuple[float, ...] = field(default=(), repr=False)
+    text_tokens: tuple[int, ...] = field(default=(), repr=False)
 
     @property
     def perplexity(self) -> float:
@@ -34,7 +38,10 @@ class TextScore:
         return self.nll_nats / (math.log(2) * self.characters) if self.characters else float("nan")
 
     def as_dict(self) -> dict:
-        return {**asdict(self), "perplexity": self.perplexity, "bits_per_char": self.bits_per_char}
+        """Flat row: totals, perplexity, bits/char, and the per-text lists (as lists)."""
+        row = asdict(self)
+        row["text_nll"], row["text_tokens"] = list(self.text_nll), list(self.text_tokens)
+        return {**row, "perplexity": self.perplexity, "bits_per_char": self.bits_per_char}
 
 
 def _encode(tokenizer, texts: Sequence[str], max_length: int) -> tuple[list[list[int]], list[int], int]:
@@ -67,7 +74,7 @@ def score_texts(model, tokenizer, texts: Sequence[str], *, max_length: int = 256
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     # Sorting by length keeps padding (wasted compute) small; sums do not depend on order.
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    nll, tokens = 0.0, 0
+    text_nll, text_tokens = [0.0] * len(ids), [0] * len(ids)
     for begin in range(0, len(order), batch_size):
         batch = [ids[i] for i in order[begin:begin + batch_size]]
         input_ids, mask = (t.to(device) for t in right_pad(batch, pad))  # (B, T) each
@@ -76,10 +83,13 @@ def score_texts(model, tokenizer, texts: Sequence[str], *, max_length: int = 256
         token_nll = torch.nn.functional.cross_entropy(
             logits.float().transpose(1, 2), target, reduction="none")  # (B, T-1)
         target_mask = mask[:, 1:].float()
-        nll += float((token_nll * target_mask).sum())
-        tokens += int(target_mask.sum())
-    return TextScore(nll_nats=nll, tokens=tokens, characters=sum(chars), texts=len(texts),
-                     truncated=truncated)
+        per_text = (token_nll * target_mask).sum(dim=1).tolist()  # (B,)
+        counts = target_mask.sum(dim=1).long().tolist()  # (B,)
+        for offset, index in enumerate(order[begin:begin + batch_size]):
+            text_nll[index], text_tokens[index] = per_text[offset], counts[offset]
+    return TextScore(nll_nats=float(sum(text_nll)), tokens=sum(text_tokens), characters=sum(chars),
+                     texts=len(texts), truncated=truncated, text_nll=tuple(text_nll),
+                     text_tokens=tuple(text_tokens))
 
 
 def evaluate_task_base(task_path: str, *, model_spec: str, cache_dir: str | None, dtype: str,

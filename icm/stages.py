@@ -155,8 +155,8 @@ def default_suite_dir(config: PipelineConfig) -> Path:
 
 
 def open_suite(config: PipelineConfig) -> Suite:
-    """The suite a run uses: ``suite.path``, or the default suite (built on first use),
-    restricted to ``suite.tasks`` when given."""
+    """The suite a run uses: ``suite.path``, or the default suite (built on first use; its
+    ``suite.subset``), restricted to ``suite.tasks`` when given."""
     if config.suite.path is not None:
         suite = load_suite(Path(config.suite.path).expanduser())
     else:
@@ -167,4 +167,8 @@ def open_suite(config: PipelineConfig) -> Suite:
             build_default_suite(folder, seed=config.suite.seed, max_train=config.suite.max_train,
                                 max_eval=config.suite.max_eval)
         suite = load_suite(folder)
+        if config.suite.subset == "core":
+            from icm.default_suite import CORE_TASKS
+
+            suite = suite.select(list(CORE_TASKS))
     return suite.select(config.suite.tasks)

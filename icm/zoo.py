@@ -17,14 +17,16 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from icm.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS
-from icm.io import atomic_directory, sha256_file, write_bytes_atomic, write_json_atomic
+from icm.io import atomic_directory, sha256_file, sha256_json, write_bytes_atomic, write_json_atomic
 from icm.lora_io import LoraLayout, adapter_state_dict, flatten, peft_config_json
+from icm.tasks import SPLIT_FILES
 
 ZOO_FILE = "zoo.json"
 LAYOUT_FILE = "lora_layout.json"
@@ -33,6 +35,94 @@ SNAPSHOT_FILE = "snapshot.json"
 TASK_DONE_FILE = "task.json"
 VECTOR_FILE = "vector.safetensors"
 MULTITASK = "multitask"  # the multi-task LoRA baseline's "task" name
+REPLICATE_PREFIX = "replicate-of-"  # an independent replicate LoRA of a seen task (oracles stage)
+# Settings that only schedule the work: a resumed or enlarged run may change them freely.
+SCHEDULING_KNOBS = frozenset({"max_concurrent", "cpus_per_worker", "tasks_per_trainer", "multitask",
+                              "multitask_steps"})
+
+
+@dataclass(frozen=True)
+class LoraJob:
+    """One LoRA to train: a name, the task folders whose train texts it reads, and the zoo
+    settings it changes (steps of the compute-matched multi-task LoRA, another data seed for a
+    replicate, fewer snapshots for an oracle). ``fingerprint`` covers the texts and every
+    setting that changes the weights, so a finished LoRA is reused by any later run that asks
+    for the same one (adding tasks to a suite retrains nothing that is done)."""
+
+    name: str
+    paths: tuple[str, ...]
+    overrides: tuple[tuple[str, Any], ...] = ()
+    fingerprint: str = ""
+
+    def zoo_config(self, zoo):
+        """This job's copy of the zoo config (``zoo``: a ``ZooConfig``)."""
+        return zoo.model_copy(update=dict(self.overrides)) if self.overrides else zoo
+
+    def cost(self, zoo) -> int:
+        """Optimizer steps: what the trainers are balanced by."""
+        return self.zoo_config(zoo).steps
+
+    def as_list(self) -> list:
+        """Plain data for Ray: [name, paths, overrides, fingerprint]."""
+        return [self.name, list(self.paths), [list(kv) for kv in self.overrides], self.fingerprint]
+
+    @classmethod
+    def from_list(cls, data: list) -> LoraJob:
+        name, paths, overrides, fingerprint = data
+        return cls(name, tuple(paths), tuple((k, v) for k, v in overrides), fingerprint)
+
+
+def lora_job(name: str, tasks, zoo, model_spec: str, **overrides: Any) -> LoraJob:
+    """A `LoraJob` over ``tasks`` (loaded `Task`s), fingerprinted by their files, the model and
+    the zoo settings that change weights (``zoo``: the run's ``ZooConfig``)."""
+    trained = {k: v for k, v in zoo.model_dump(mode="json").items() if k not in SCHEDULING_KNOBS}
+    trained.update(overrides)
+    # Only the train texts shape the weights (a task's description or eval split may change
+    # without making its LoRA stale).
+    fingerprint = sha256_json({"model": model_spec, "zoo": trained,
+                               "texts": [sha256_file(Path(task.path) / SPLIT_FILES["train"])
+                                         for task in tasks]})
+    return LoraJob(name, tuple(str(task.path) for task in tasks), tuple(sorted(overrides.items())),
+                   fingerprint)
+
+
+def zoo_jobs(suite, zoo, model_spec: str) -> list[LoraJob]:
+    """The zoo's LoRAs: one per training task, plus the multi-task LoRA over all of them
+    (``zoo.multitask_steps``: 'one-task' = one task's steps; 'matched' = the zoo's total,
+    tasks x steps, so the baseline gets the compute the zoo got). Held-out tasks never enter."""
+    training = suite.training_tasks()
+    jobs = [lora_job(task.name, [task], zoo, model_spec) for task in training]
+    if zoo.multitask:
+        steps = zoo.steps * len(training) if zoo.multitask_steps == "matched" else zoo.steps
+        jobs.append(lora_job(MULTITASK, training, zoo, model_spec, steps=steps))
+    return jobs
+
+
+def oracle_jobs(suite, zoo, oracles, model_spec: str) -> list[LoraJob]:
+    """Measurement-only LoRAs, trained with the zoo's own settings into their own folder:
+    an oracle per held-out task, and independent replicates (another data seed) of
+    ``oracles.replicates`` seen tasks spread over the groups (replicate vs trained = noise floor)."""
+    jobs = []
+    if oracles.heldout:
+        jobs += [lora_job(task.name, [task], zoo, model_spec, snapshots=oracles.snapshots)
+                 for task in suite.heldout_tasks()]
+    for task in replicate_tasks(suite, oracles.replicates):
+        jobs.append(lora_job(REPLICATE_PREFIX + task.name, [task], zoo, model_spec,
+                             snapshots=oracles.snapshots, data_seed=zoo.data_seed + 1))
+    return jobs
+
+
+def replicate_tasks(suite, count: int) -> list:
+    """``count`` seen tasks dealt round-robin over the groups (name order inside each), so the
+    noise floor is not one group's."""
+    by_group: dict[str, list] = {}
+    for task in sorted(suite.training_tasks(), key=lambda t: (t.group, t.name)):
+        by_group.setdefault(task.group, []).append(task)
+    chosen, rank = [], 0
+    while len(chosen) < count and any(rank < len(v) for v in by_group.values()):
+        chosen += [tasks[rank] for tasks in by_group.values() if rank < len(tasks)]
+        rank += 1
+    return chosen[:count]
 
 
 class ZooMismatchError(ValueError):
@@ -44,7 +134,7 @@ def task_dir(zoo_root: Path, task: str) -> Path:
 
 
 def task_finished(zoo_root: Path, task: str, fingerprint: str) -> bool:
-    """Whether ``task``'s LoRA was finished by a zoo run with this stage ``fingerprint``."""
+    """Whether ``task``'s LoRA was finished with this job ``fingerprint`` (`LoraJob`)."""
     path = task_dir(zoo_root, task) / TASK_DONE_FILE
     return path.is_file() and json.loads(path.read_text()).get("fingerprint") == fingerprint
 
@@ -99,7 +189,8 @@ def write_manifest(zoo_root: Path):
     frame = pd.DataFrame(rows, columns=None if rows else columns)
     if rows:
         frame["snapshot"] = frame.groupby("task").cumcount()
-        frame["kind"] = ["multitask" if t == MULTITASK else "task" for t in frame["task"]]
+        frame["kind"] = ["multitask" if t == MULTITASK else "replicate" if t.startswith(REPLICATE_PREFIX)
+                         else "task" for t in frame["task"]]
         frame = frame[columns + [c for c in frame.columns if c not in columns]]
     write_bytes_atomic(Path(zoo_root) / MANIFEST_FILE, frame.to_parquet(index=False))
     return frame

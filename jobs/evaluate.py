@@ -1,12 +1,17 @@
-"""Evaluate generated adapters against the base model, trained LoRAs and baselines, on Ray.
+"""Evaluate generated adapters against oracles and the strongest baselines, on Ray.
 
-    python -m jobs.evaluate --config demo [key=value ...]      (or: icm eval-all ...)
+    python -m jobs.evaluate --config study [key=value ...]      (or: icm eval-all ...)
 
-One Ray task per suite task (``evaluate.cpus_per_task`` CPUs, ``gpus_per_task`` GPUs) loads the
-base model once and scores every variant (see ``icm/eval_task.py``) on the task's eval split.
-Needs the zoo, task-vector and generator stages. Writes ``<storage.root>/evaluate/``:
-``results.parquet`` (one row per task x variant x sample), ``per_task.parquet``, ``EVAL.md``,
-``per_task.png``, ``gap_by_group.png``, ``config.resolved.yaml``, ``stage.json``.
+Settings (``icm/eval/inputs.py``): the fixed held-out set against oracle LoRAs (the ``oracles``
+stage), group folds (``evaluate.folds``: a generator refit per fold without any task of the
+fold's groups, baselines rebuilt from the fold's training tasks), and seen tasks against their
+own zoo LoRA with lookup and replicate controls. Variants come from the registry in
+``icm/eval/variants.py``. One Ray task per (task, setting) loads the base model once and
+scores every variant on the task's eval texts, storing per-text NLL; each finished item is
+written at once, so a killed evaluation resumes where it stopped. Writes
+``<storage.root>/evaluate/``: ``results.parquet`` (one row per task x setting x variant x
+sample), ``EVAL.md`` (intervals from a paired bootstrap over tasks and texts), ``per_task.png``,
+``folds/fold-K/generator/`` (the fold generators), ``config.resolved.yaml``, ``stage.json``.
 """
 
 from __future__ import annotations
@@ -16,34 +21,37 @@ import logging
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import pandas as pd
 import ray
 import yaml
 
 from icm.config import PipelineConfig, shareable_dump
-from icm.eval_inputs import MODES, gather_inputs, random_conditions
-from icm.eval_report import markdown_report, per_task, plot_gap_by_group, plot_per_task
-from icm.eval_task import evaluate_task
-from icm.io import write_bytes_atomic, write_text_atomic
+from icm.eval.folds import fold_suite, fold_tasks, group_folds
+from icm.eval.inputs import MODES, SettingPlan, build_items
+from icm.eval.report import markdown_report, plot_per_task
+from icm.eval.scoring import evaluate_item
+from icm.errors import InputError
+from icm.io import sha256_json, write_bytes_atomic, write_json_atomic, write_text_atomic
 from icm.stages import open_suite, pull_stages, stage
 from icm.tasks import Suite
-from icm.zoo import write_manifest
+from icm.zoo import replicate_tasks
 from jobs.common import ensure_writable_root, parse_job_args, user_errors_exit_2
 from jobs.ray_setup import init_ray
 
 log = logging.getLogger("jobs.evaluate")
+ROWS_DIR = "rows"  # one parquet per finished (setting, task): what a resumed run skips
 
 
-def _upstream(cfg: PipelineConfig, name: str) -> dict:
-    record = json.loads((cfg.storage.path(name) / "stage.json").read_text()) \
-        if (cfg.storage.path(name) / "stage.json").is_file() else None
-    if record is None:
-        from icm.errors import InputError
-
+def _upstream(cfg: PipelineConfig, name: str, *, required: bool = True) -> dict | None:
+    path = cfg.storage.path(name) / "stage.json"
+    if not path.is_file():
+        if not required:
+            return None
         raise InputError(f"stage '{name}' has no finished output under {cfg.storage.path(name)}. "
                          f"Fix: run it first (icm run --config ... runs every stage in order).")
-    return record
+    return json.loads(path.read_text())
 
 
 def load_task_means(cfg: PipelineConfig, tasks: Sequence[str]) -> dict:
@@ -56,60 +64,157 @@ def load_task_means(cfg: PipelineConfig, tasks: Sequence[str]) -> dict:
             for mode in MODES if mode in cfg.task_vectors.modes}
 
 
-def evaluate_on_node(pipeline: PipelineConfig, *args, **kwargs) -> list[dict]:
-    """`evaluate_task` on any node: with a URI root, this node's mirror first gets the zoo and
-    the generator (no-op where they are already current, e.g. the driver's node)."""
-    pull_stages(pipeline, "zoo", "generator")
-    return evaluate_task(*args, **kwargs)
+# ----------------------------------------------------------------------------- fold generators
+
+
+def train_fold_generator(config: dict, suite: Suite, held_groups: list[str], out: str) -> dict:
+    """Ray task: a generator trained without any task of ``held_groups`` (written atomically)."""
+    from icm.config import GeneratorConfig
+    from icm.generator import train_generator
+    from icm.generator_inputs import load_generator_inputs
+
+    cfg = PipelineConfig.model_validate(config)
+    inputs = load_generator_inputs(cfg, fold_suite(suite, held_groups))
+    gen_cfg = GeneratorConfig.model_validate(_generator_config(cfg))
+    generator = train_generator(inputs.zoo, inputs.conditions, gen_cfg, validation=False,
+                                condition_spec=inputs.condition_spec, init_state=inputs.init_state)
+    generator.save(out, resolved_config=cfg)
+    return {"trained_on": sorted(inputs.zoo.vectors), "held_groups": held_groups}
+
+
+def _generator_config(cfg: PipelineConfig) -> dict:
+    """The main generator's hyperparameters (Tune's winner when Tune ran), for every fold."""
+    recorded = json.loads((cfg.storage.path("generator") / "generator.json").read_text())
+    return recorded.get("config") or cfg.generator.model_dump(mode="json")
+
+
+def fold_generators(cfg: PipelineConfig, suite: Suite, folds: list[list[str]], directory: Path) -> list[str]:
+    """Train (or reuse: same fingerprint) one generator per fold; returns their folders."""
+    upstream = [_upstream(cfg, n)["fingerprint"] for n in ("zoo", "task_vectors", "generator")]
+    pending, folders = {}, []
+    remote = ray.remote(num_cpus=cfg.generator.cpus_per_task)(train_fold_generator)
+    for index, groups in enumerate(folds):
+        out = directory / f"fold-{index}"
+        folders.append(str(out / "generator"))
+        fingerprint = sha256_json([upstream, groups])
+        marker = out / "fold.json"
+        if marker.is_file() and json.loads(marker.read_text()).get("fingerprint") == fingerprint:
+            continue
+        ref = remote.remote(cfg.model_dump(mode="json"), suite, groups, str(out / "generator"))
+        pending[ref] = (marker, fingerprint, index)
+    for ref, (marker, fingerprint, index) in pending.items():
+        summary = ray.get(ref)
+        write_json_atomic(marker, {"fingerprint": fingerprint, **summary})
+        log.info("evaluate: fold %d generator trained on %d tasks (held out: %s)", index,
+                 len(summary["trained_on"]), ", ".join(summary["held_groups"]))
+    return folders
+
+
+# ----------------------------------------------------------------------------- plans and items
+
+
+def plans_for(cfg: PipelineConfig, suite: Suite, directory: Path) -> tuple[list[SettingPlan], list]:
+    """The settings this run scores: held-out (when oracles exist), folds, seen."""
+    e, main_generator = cfg.evaluate, str(cfg.storage.path("generator").resolve())
+    training = [t.name for t in suite.training_tasks()]
+    plans = []
+    if suite.heldout and _upstream(cfg, "oracles", required=False):
+        plans.append(SettingPlan("heldout", list(suite.heldout), training, main_generator))
+    elif suite.heldout:
+        log.warning("evaluate: no oracles stage output; held-out tasks are not scored (add "
+                    "'oracles' to stages)")
+    folds = group_folds([t.group for t in suite.tasks.values()], e.folds, e.groups_per_fold,
+                        e.fold_seed) if e.folds else []
+    for index, (groups, folder) in enumerate(zip(folds, fold_generators(cfg, suite, folds, directory / "folds"))):
+        held = set(fold_tasks(suite, groups))
+        plans.append(SettingPlan("fold", sorted(held), [t for t in training if t not in held],
+                                 folder, fold=index))
+    seen = [t.name for t in replicate_tasks(suite, len(training) if e.seen_tasks is None else e.seen_tasks)]
+    if seen:
+        plans.append(SettingPlan("seen", seen, training, main_generator))
+    return plans, folds
+
+
+def _item_file(directory: Path, item) -> Path:
+    fold = "" if item.fold is None else str(item.fold)
+    return directory / ROWS_DIR / f"{item.setting}{fold}--{item.task}.parquet"
 
 
 def run(cfg: PipelineConfig, suite: Suite, *, command: str = "python -m jobs.evaluate") -> dict:
-    pull_stages(cfg, "zoo", "task_vectors", "generator")  # a URI root: the inputs, into the mirror
-    upstream = [_upstream(cfg, name)["fingerprint"] for name in ("zoo", "task_vectors", "generator")]
-    if cfg.storage.is_remote:  # snapshot paths as this mirror holds them (it may be a new one)
-        write_manifest(cfg.storage.path("zoo"))
+    pull_stages(cfg, "zoo", "oracles", "task_vectors", "generator")  # a URI root: into the mirror
+    names = ("zoo", "oracles", "task_vectors", "generator")
+    upstream = [(r or {}).get("fingerprint") for r in (_upstream(cfg, n, required=n != "oracles")
+                                                        for n in names)]
     current = stage(cfg, "evaluate", suite.fingerprint(), sorted(suite.tasks), upstream,
-                    sections=("model", "evaluate"))
+                    sections=("model", "evaluate", "task_vectors"))
     if current.is_current():
         log.info("evaluate: up to date, skipping (%s)", current.directory)
         return current.record()
     init_ray(cfg.ray, cache_dir=cfg.model.cache_dir)
     started = current.begin(cfg)
+    marker = current.directory / ROWS_DIR / "fingerprint.json"
+    if not marker.is_file() or json.loads(marker.read_text()).get("fingerprint") != current.fingerprint:
+        for old in (current.directory / ROWS_DIR).glob("*.parquet"):  # another config's rows
+            old.unlink()
+        write_json_atomic(marker, {"fingerprint": current.fingerprint})
+    plans, folds = plans_for(cfg, suite, current.directory)
     means = load_task_means(cfg, sorted(suite.tasks))
-    inputs, shared = gather_inputs(suite, cfg.storage.path("zoo"), means)
-    training = {t.name for t in suite.training_tasks()}
-    control = random_conditions({t: v for t, v in means["both"].items() if t in training},
-                                count=1, seed=cfg.evaluate.seed)[0]
+    items, record, finals = build_items(
+        suite, plans, means, zoo_root=cfg.storage.path("zoo"), oracle_root=cfg.storage.path("oracles"),
+        options={"soup_k": cfg.evaluate.soup_k, "soup_temperature": cfg.evaluate.soup_temperature},
+        variant_names=cfg.evaluate.variants)
+    results = _score_items(cfg, current.directory, items, finals)
+    return _write_outputs(cfg, current, started, results, command,
+                          {**record, "folds": folds, "settings": [vars(p) for p in plans]})
+
+
+def _score_items(cfg: PipelineConfig, directory: Path, items: list, finals: dict) -> pd.DataFrame:
+    """Every item on Ray, a few in flight at once (each holds its adapters' arguments)."""
     remote = ray.remote(num_cpus=cfg.evaluate.cpus_per_task,
-                        num_gpus=cfg.evaluate.gpus_per_task)(evaluate_on_node)
-    shared_ref = ray.put(shared)
-    generator_dir = str(cfg.storage.path("generator").resolve())
-    pending = {remote.remote(cfg, item, shared_ref, generator_dir, model=cfg.model, cfg=cfg.evaluate,
-                             random_condition=control): item.task for item in inputs}
-    rows = []
-    while pending:
-        done, _ = ray.wait(list(pending), num_returns=1)
-        task = pending.pop(done[0])
-        task_rows = ray.get(done[0])
-        rows += task_rows
-        by = {r["variant"]: r["perplexity"] for r in task_rows}
-        log.info("evaluate %d/%d %-24s base %.2f trained %s generated %.2f soup %.2f",
-                 len(inputs) - len(pending), len(inputs), task, by["base"],
-                 f"{by['trained']:.2f}" if "trained" in by else "-", by.get("generated", float("nan")),
-                 by.get("soup", float("nan")))
-    return _write_outputs(cfg, current, started, pd.DataFrame(rows), command)
+                        num_gpus=cfg.evaluate.gpus_per_task)(evaluate_item)
+    finals_ref = ray.put(finals)
+    todo = [item for item in items if not _item_file(directory, item).is_file()]
+    log.info("evaluate: %d items (%d done before), %s", len(items), len(items) - len(todo),
+             ", ".join(f"{s} {sum(i.setting == s for i in items)}" for s in ("heldout", "fold", "seen")))
+    limit = max(2, int(ray.cluster_resources().get("CPU", 2) // cfg.evaluate.cpus_per_task) + 1)
+    pending: dict = {}
+    done = len(items) - len(todo)
+    while todo or pending:
+        while todo and len(pending) < limit:
+            item = todo.pop(0)
+            pending[remote.remote(item, finals_ref, model=cfg.model, cfg=cfg.evaluate,
+                                  task_vectors=cfg.task_vectors)] = item
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        item = pending.pop(ready[0])
+        rows = pd.DataFrame(ray.get(ready[0]))
+        write_bytes_atomic(_item_file(directory, item), rows.to_parquet(index=False))
+        done += 1
+        by = rows.groupby("variant")["perplexity"].mean()
+        log.info("evaluate %d/%d %-7s %-26s base %.2f oracle %.2f generated %.2f best baseline %.2f",
+                 done, len(items), item.setting + ("" if item.fold is None else str(item.fold)),
+                 item.task, by.get("base", float("nan")), by.get("oracle", float("nan")),
+                 by.get("generated", float("nan")),
+                 min((by[v] for v in by.index if v in _baselines()), default=float("nan")))
+    files = [_item_file(directory, item) for item in items]
+    return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+
+
+def _baselines() -> set[str]:
+    from icm.eval.variants import baseline_names
+
+    return set(baseline_names())
 
 
 def _write_outputs(cfg: PipelineConfig, current, started: float, results: pd.DataFrame,
-                   command: str) -> dict:
+                   command: str, record: dict) -> dict:
     out = current.directory
     write_bytes_atomic(out / "results.parquet", results.to_parquet(index=False))
-    table = per_task(results)
-    write_bytes_atomic(out / "per_task.parquet", table.to_parquet(index=False))
-    plot_per_task(table, out / "per_task.png")
-    plot_gap_by_group(table, out / "gap_by_group.png")
-    report = markdown_report(table, command=command, title=f"icm-ray evaluation: run {cfg.name!r}",
-                             config_yaml=yaml.safe_dump(shareable_dump(cfg), sort_keys=False))
+    write_json_atomic(out / "baselines.json", record)
+    plot_per_task(results, out / "per_task.png")
+    report = markdown_report(results, command=command, title=f"icm-ray evaluation: run {cfg.name!r}",
+                             config_yaml=yaml.safe_dump(shareable_dump(cfg), sort_keys=False),
+                             resamples=cfg.evaluate.bootstrap, seed=cfg.evaluate.seed,
+                             folds=record["folds"])
     write_text_atomic(out / "EVAL.md", report)
     return current.finish(started, {"results": "results.parquet", "report": "EVAL.md",
                                     "tasks": int(results["task"].nunique()), "rows": len(results)})

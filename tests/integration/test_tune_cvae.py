@@ -156,3 +156,14 @@ def test_train_generator_command_reads_stored_zoo_and_task_vectors(local_ray, wo
     assert generator.summary["trained_on"]["episodes"] == 2 * episodes
     assert generator.summary["trained_on"]["tasks"] == ["cats", "code", "sums"]
     assert train_generator.main(args) == 0  # up to date: skipped
+
+
+def test_model_selection_scores_a_train_slice_never_eval_texts(tiny_suite):
+    """Tune's re-scoring read eval_texts()[:8]: exactly the texts the evaluation then reported."""
+    from icm.tasks import load_suite
+    from jobs.tune_cvae import validation_texts
+
+    for task in load_suite(tiny_suite).tasks.values():
+        texts = validation_texts(task, 4)
+        assert len(texts) == 4 and set(texts) <= set(task.train_texts())
+        assert not set(texts) & set(task.eval_texts())

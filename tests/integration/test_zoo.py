@@ -199,15 +199,62 @@ def test_unwritable_storage_and_foreign_zoo_fail_before_training(tmp_path, capsy
     assert "model.spec" in err and "smollm2-135m" in err and "tiny-llama" in err
 
 
+def _jobs(costs: dict[str, int]):
+    from icm.zoo import LoraJob
+
+    jobs = [LoraJob(name, (f"/suite/{name}",), (("steps", steps),), f"fp-{name}")
+            for name, steps in costs.items()]
+    return jobs, costs
+
+
 def test_trainer_groups_are_stable_and_cover_every_task_once():
     from jobs.train_loras import trainer_groups
 
-    jobs = {name: [f"/suite/{name}"] for name in ["a", "b", "c", "d", "e"]}
-    dealt = trainer_groups(jobs, None, concurrency=2)  # default: one trainer per slot
-    assert [[t for t, _ in group] for group in dealt.values()] == [["a", "c", "e"], ["b", "d"]]
-    assert dealt == trainer_groups(dict(jobs), None, concurrency=2)  # same names on a rerun
-    chunks = trainer_groups(jobs, 2, concurrency=2)
-    assert [[t for t, _ in group] for group in chunks.values()] == [["a", "b"], ["c", "d"], ["e"]]
-    assert list(trainer_groups(jobs, 1, concurrency=2)) == [f"lora-{n}" for n in jobs]
-    assert sorted(t for g in chunks.values() for t, _ in g) == sorted(jobs)
-    assert trainer_groups(jobs, None, concurrency=8).keys() == trainer_groups(jobs, 1, 8).keys()
+    jobs, costs = _jobs({name: 16 for name in ["a", "b", "c", "d", "e"]})
+    dealt = trainer_groups(jobs, costs, None, concurrency=2)  # default: one trainer per slot
+    assert [[row[0] for row in group] for group in dealt.values()] == [["a", "c", "e"], ["b", "d"]]
+    assert dealt == trainer_groups(list(jobs), dict(costs), None, concurrency=2)  # same names on a rerun
+    chunks = trainer_groups(jobs, costs, 2, concurrency=2)
+    assert [[row[0] for row in group] for group in chunks.values()] == [["a", "b"], ["c", "d"], ["e"]]
+    assert list(trainer_groups(jobs, costs, 1, concurrency=2)) == [f"lora-{j.name}" for j in jobs]
+    assert sorted(row[0] for g in chunks.values() for row in g) == sorted(costs)
+    assert trainer_groups(jobs, costs, None, concurrency=8).keys() == trainer_groups(jobs, costs, 1, 8).keys()
+
+
+def test_trainer_groups_balance_the_compute_matched_multitask_lora():
+    """Round-robin dealing put the 4-task multi-task LoRA on top of half the tasks; by steps, its
+    trainer gets nothing else while the other trains all the tasks."""
+    from jobs.train_loras import trainer_groups
+
+    jobs, costs = _jobs({"a": 16, "b": 16, "c": 16, "d": 16, MULTITASK: 64})
+    dealt = list(trainer_groups(jobs, costs, None, concurrency=2).values())
+    loads = sorted(sum(costs[row[0]] for row in group) for group in dealt)
+    assert loads == [64, 64] and [MULTITASK] in [[row[0] for row in g] for g in dealt]
+
+
+def test_lora_jobs_fingerprint_their_own_texts_and_settings(tmp_path):
+    """A finished LoRA is reused when the suite grows: a job's fingerprint is its own texts and
+    weight-changing settings, not the whole suite; scheduling knobs never retrain anything."""
+    from icm.config import OracleConfig, ZooConfig
+    from icm.tasks import load_suite
+    from icm.zoo import REPLICATE_PREFIX, oracle_jobs, zoo_jobs
+
+    suite = load_suite(make_suite(tmp_path / "suite"))
+    zoo = ZooConfig(steps=16)
+    jobs = {j.name: j for j in zoo_jobs(suite, zoo, "tiny-llama")}
+    assert sorted(jobs) == ["cats", "code", MULTITASK, "sums"]  # "dogs" is held out
+    assert jobs[MULTITASK].cost(zoo) == 16
+    matched = {j.name: j for j in zoo_jobs(suite, zoo.model_copy(update={"multitask_steps": "matched"}),
+                                           "tiny-llama")}
+    assert matched[MULTITASK].cost(zoo) == 16 * 3 and matched[MULTITASK].fingerprint != jobs[MULTITASK].fingerprint
+    assert matched["cats"] == jobs["cats"]  # multitask compute is not a per-task setting
+    smaller = {j.name: j for j in zoo_jobs(suite.select(["cats", "code", "dogs"]), zoo, "tiny-llama")}
+    assert smaller["cats"] == jobs["cats"] and smaller[MULTITASK].fingerprint != jobs[MULTITASK].fingerprint
+    rescheduled = zoo.model_copy(update={"max_concurrent": 1, "tasks_per_trainer": 3})
+    assert zoo_jobs(suite, rescheduled, "tiny-llama")[0] == jobs["cats"]
+    assert zoo_jobs(suite, zoo.model_copy(update={"lr": 0.1}), "tiny-llama")[0] != jobs["cats"]
+    oracles = {j.name: j for j in oracle_jobs(suite, zoo, OracleConfig(replicates=2), "tiny-llama")}
+    assert sorted(oracles) == ["dogs", REPLICATE_PREFIX + "cats", REPLICATE_PREFIX + "code"]
+    replicate = oracles[REPLICATE_PREFIX + "cats"].zoo_config(zoo)
+    assert replicate.data_seed == zoo.data_seed + 1 and replicate.snapshots == 1
+    assert oracles["dogs"].zoo_config(zoo).data_seed == zoo.data_seed  # the zoo's own settings

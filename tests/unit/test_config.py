@@ -122,3 +122,12 @@ def test_a_shareable_dump_shows_a_root_under_the_working_directory_relative(tmp_
     elsewhere = load_config("demo", ["storage.root=/srv/runs/a"])
     assert shareable_dump(elsewhere)["storage"]["root"] == "/srv/runs/a"
     assert shareable_dump(inside)["zoo"] == inside.model_dump(mode="json")["zoo"]  # nothing else changes
+
+
+def test_relative_suite_path_becomes_absolute(tmp_path, monkeypatch):
+    """Ray workers run in another working directory: a relative suite.path failed there."""
+    from icm.config import load_config
+
+    monkeypatch.chdir(tmp_path)
+    config = load_config("smoke", ["suite.path=my-suite"])
+    assert config.suite.path == str(tmp_path / "my-suite")

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 
 import icm.default_suite as default_suite
-from icm.default_suite import (DEFAULT_SUITE_VERSION, TASKS, build_default_suite, heldout_names,
-                               pack, split_long)
+from icm.default_suite import (CORE_TASKS, DEFAULT_SUITE_VERSION, TASKS, build_default_suite,
+                               heldout_names, pack, split_long, task_source)
 from icm.tasks import load_suite, validate_suite
 
 MIN_CHARS, MAX_CHARS = 40, 600
@@ -96,7 +97,8 @@ def test_suite_meta_records_sources_and_build(suite_dir):
     assert meta["build"] == {"seed": 0, "max_train": 400, "max_eval": 48, "max_chars": 600,
                              "min_chars": 40, "version": DEFAULT_SUITE_VERSION}
     sources = {source["name"]: source for source in meta["sources"]}
-    assert set(sources) == {"fortunes", "python-docs", "python-code", "bible"}
+    assert set(sources) == set(default_suite.SOURCES) >= {"fortunes", "python-docs",
+                                                           "python-code", "bible"}
     for source in sources.values():
         assert set(source) == {"name", "package", "version", "path", "license"}
         assert source["version"] and source["license"]
@@ -152,3 +154,110 @@ def test_missing_source_names_package_and_install_command(monkeypatch, tmp_path,
 def test_module_does_not_import_ray():
     source = Path(default_suite.__file__).read_text()
     assert not re.search(r"^\s*(import ray|from ray)", source, re.M)
+
+
+# The 32 tasks of suite version 1 with their held-out flags: the ``core`` subset, unchanged.
+CORE_V1 = {
+    "fortunes-computers": False, "fortunes-definitions": False, "fortunes-law": False,
+    "fortunes-politics": True, "fortunes-science": False, "fortunes-songs-poems": True,
+    "fortunes-startrek": False, "fortunes-zippy": False,
+    "pydocs-tutorial": False, "pydocs-howto": True, "pydocs-faq": False,
+    "pydocs-reference": False, "pydocs-c-api": False, "pydocs-whatsnew": False,
+    "pydocs-lib-datatypes": False, "pydocs-lib-internet": True,
+    "pycode-asyncio": False, "pycode-email": False, "pycode-http": True,
+    "pycode-importlib": False, "pycode-logging": False, "pycode-multiprocessing": True,
+    "pycode-unittest": False, "pycode-xml": False,
+    "bible-law": False, "bible-history": False, "bible-psalms": False, "bible-wisdom": True,
+    "bible-major-prophets": False, "bible-minor-prophets": False, "bible-gospels": True,
+    "bible-epistles": False,
+}
+
+# Packages of an external evaluation: no text of the suite may come from them.
+RESERVED_PACKAGES = ("dict-devil", "jargon-text", "gnu-standards", "debian-faq", "manpages-dev",
+                     "units", "git-man", "sqlite3-doc", "iso-codes", "vim-runtime")
+RESERVED_PATTERNS = (r"/usr/share/info/standards", r"/usr/share/dict/devil", r"/jargon",
+                     r"/usr/share/doc/debian/FAQ", r"/usr/share/man/man[23]",
+                     r"/usr/share/units", r"/usr/share/iso-codes", r"/usr/share/xml/iso-codes",
+                     r"/usr/share/vim/", r"sqlite3-doc", r"git-man")
+
+
+def test_extended_suite_shape(suite):
+    groups = suite.groups()
+    assert len(suite.tasks) >= 128 and len(groups) >= 10
+    assert len(suite.heldout) >= 24
+    assert all(len(names) >= 6 for names in groups.values()), groups
+    for group, names in groups.items():
+        assert len([n for n in names if suite.is_heldout(n)]) >= 2, group
+    for task in suite.tasks.values():
+        assert task.metadata["n_texts"] >= 48 + 64, task.name
+
+
+def test_core_tasks_are_version_one_unchanged(suite):
+    assert CORE_TASKS == tuple(CORE_V1)
+    specs = {spec.name: spec for spec in TASKS}
+    assert [spec.name for spec in TASKS[:32]] == list(CORE_V1)
+    for name, heldout in CORE_V1.items():
+        assert specs[name].heldout is heldout, name
+        assert suite.is_heldout(name) is heldout, name
+    assert {specs[name].group for name in CORE_TASKS} == {"fortunes", "python-docs",
+                                                         "python-code", "bible"}
+    assert not {spec.group for spec in TASKS[32:]} & {"fortunes", "python-docs",
+                                                     "python-code", "bible"}
+
+
+def test_descriptions_non_empty_and_distinct():
+    descriptions = [spec.description.strip() for spec in TASKS]
+    assert all(descriptions) and len(set(descriptions)) == len(descriptions)
+    assert len({spec.name for spec in TASKS}) == len(TASKS)
+
+
+def _source_paths() -> list[str]:
+    """Every file a task is read from (the selector paths, expanded)."""
+    paths = []
+    for spec in TASKS:
+        if spec.group == "gnu-info":
+            paths += [str(p) for item in spec.select for p in default_suite.info_files(item)]
+        elif spec.group in ("fortunes", "python-docs", "python-code", "bible"):
+            paths.append(task_source(spec))
+        elif spec.group.startswith("fortunes-"):
+            paths += [str(default_suite.FORTUNES_DIR / item) for item in spec.select]
+        else:
+            suffix = {"perl-code": ".pm", "perl-docs": ".pod", "c-headers": ".h",
+                      "ruby-code": ".rb", "go-code": ".go"}[spec.group]
+            paths += [str(p) for item in spec.select
+                      for p in default_suite.tree_files(spec.group, item, suffix)]
+    return paths
+
+
+def _reserved_files() -> set[str]:
+    files: set[str] = set()
+    for package in RESERVED_PACKAGES:
+        try:
+            result = subprocess.run(["dpkg", "-L", package], capture_output=True, text=True,
+                                    timeout=60, check=False)
+        except (OSError, subprocess.SubprocessError):
+            continue
+        if result.returncode == 0:
+            files |= {line.strip() for line in result.stdout.splitlines() if line.strip()}
+    return files
+
+
+def test_no_source_comes_from_a_reserved_package():
+    paths = _source_paths()
+    assert len(paths) > len(TASKS)
+    reserved = _reserved_files()
+    for path in paths:
+        assert not any(re.search(pattern, path) for pattern in RESERVED_PATTERNS), path
+        resolved = str(Path(path).resolve()) if path.startswith("/") else path
+        assert path not in reserved and resolved not in reserved, path
+    for source in default_suite.SOURCES.values():
+        assert source.package not in RESERVED_PACKAGES
+        assert not set(source.install.split()) & set(RESERVED_PACKAGES), source.install
+
+
+def test_missing_new_package_names_its_install_command(monkeypatch, tmp_path):
+    monkeypatch.setattr(default_suite, "GO_DIR", tmp_path / "no-go")
+    with pytest.raises(FileNotFoundError) as err:
+        build_default_suite(tmp_path / "out")
+    assert "apt-get install golang-1.19-src" in str(err.value)
+    assert not (tmp_path / "out").exists()

@@ -88,3 +88,14 @@ def test_evaluate_cli_base_and_adapter(tiny_llama, tiny_suite, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "icm", "evaluate", "--task", str(tiny_suite / "cats"),
                           "--model", "tiny-llama", "--adapter", str(tmp_path)], capture_output=True, text=True)
     assert bad.returncode == 2 and "adapter_config.json is missing" in bad.stderr
+
+
+def test_per_text_nll_and_tokens_match_each_text_alone(tiny_llama):
+    """Intervals are bootstrapped over texts: each text's own NLL must be stored, in input order."""
+    model, tokenizer = tiny_llama
+    score = score_texts(model, tokenizer, TEXTS, batch_size=3)  # batches sorted by length inside
+    parts = [_reference_nll(model, tokenizer, t) for t in TEXTS]
+    assert list(score.text_tokens) == [n for _, n in parts]
+    assert list(score.text_nll) == pytest.approx([nll for nll, _ in parts], rel=1e-4)
+    row = score.as_dict()
+    assert row["text_nll"] == list(score.text_nll) and sum(row["text_tokens"]) == score.tokens

@@ -1,0 +1,1 @@
+"""Evaluation: inputs, variants, scoring, statistics, report."""

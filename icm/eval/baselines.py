@@ -1,0 +1,265 @@
+"""The strongest honest baselines a user could build without the generator.
+
+* `similarity_soup`: a softmax-weighted mean of the adapters of the k training tasks whose task
+  vectors are most similar to the new task's (a soft, smoothed nearest neighbour).
+* `RidgeMap`: a linear map from task vector to flat adapter vector, ridge-regularised, with the
+  penalty chosen by closed-form leave-one-out error over the training tasks.
+* `score_in_context`: no adapter at all; the base model reads k demonstrations (the same prompt
+  the task vectors are computed from) and then scores each eval text.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+
+from icm.evaluation import TextScore, _encode
+from icm.models import right_pad, text_start_token_id
+from icm.task_vectors import clip_demos, format_prompt
+
+# The eval text follows the prompt's final cue ("Text:") after this, as demonstrations do.
+TEXT_SEPARATOR = " "
+
+# ----------------------------------------------------------------------------- similarity soup
+
+
+def _centred_cosines(query: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+    """Cosine of ``query`` (D,) with each row of ``candidates`` (N, D), both centred on the mean
+    candidate. Raw task vectors share a large common component (raw cosines are all ~0.95), so
+    only the deviations from the mean tell tasks apart. A zero deviation has similarity 0."""
+    mean = candidates.mean(axis=0)  # (D,)
+    rows, centred_query = candidates - mean, query - mean  # (N, D), (D,)
+    norms = np.linalg.norm(rows, axis=1) * np.linalg.norm(centred_query)  # (N,)
+    dots = rows @ centred_query  # (N,)
+    return np.divide(dots, norms, out=np.zeros_like(dots), where=norms > 0)
+
+
+def similarity_soup(query: np.ndarray | torch.Tensor,
+                    conditions: Mapping[str, np.ndarray | torch.Tensor],
+                    adapters: Mapping[str, torch.Tensor], *, k: int = 5,
+                    temperature: float = 0.05, exclude: Sequence[str] = ()
+                    ) -> tuple[torch.Tensor, dict[str, float]]:
+    """Softmax-weighted mean of the adapters of the ``k`` tasks most similar to ``query``.
+
+    Args:
+        query: the new task's vector, (D,).
+        conditions: task -> task vector (D,); every task not in ``exclude`` is a candidate.
+        adapters: task -> flat adapter vector (L,), for every candidate.
+        k: how many nearest tasks to mix (fewer when fewer candidates exist).
+        temperature: softmax temperature over centred cosines; -> 0 gives the nearest adapter.
+        exclude: tasks never used (e.g. the query task itself when it is in ``conditions``).
+
+    Returns:
+        The mixed adapter vector (L,) and task -> weight for the k tasks used (sums to 1).
+    """
+    weights = similarity_weights(query, {n: v for n, v in conditions.items() if n not in set(exclude)},
+                                 k=k, temperature=temperature)
+    missing = [name for name in weights if name not in adapters]
+    if missing:
+        raise ValueError(f"no adapter for candidate task(s) {missing}")
+    stacked = torch.stack([adapters[name] for name in weights])  # (k, L)
+    mixed = (torch.as_tensor(list(weights.values()), dtype=stacked.dtype)[:, None] * stacked).sum(dim=0)
+    return mixed, weights
+
+
+def similarity_weights(query: np.ndarray | torch.Tensor,
+                       conditions: Mapping[str, np.ndarray | torch.Tensor], *, k: int = 5,
+                       temperature: float = 0.05) -> dict[str, float]:
+    """Task -> softmax weight for the ``k`` candidates most similar to ``query`` (sums to 1);
+    the similarity soup is the weighted mean of those tasks' adapters."""
+    if k < 1 or not temperature > 0:
+        raise ValueError(f"need k >= 1 and temperature > 0, got k={k}, temperature={temperature}")
+    names = sorted(conditions)
+    if not names:
+        raise ValueError("no candidate task left for the similarity soup")
+    candidates = np.stack([np.asarray(conditions[n], np.float64).reshape(-1) for n in names])
+    similarity = _centred_cosines(np.asarray(query, np.float64).reshape(-1), candidates)  # (N,)
+    # Highest similarity first; ties broken by name so the choice is deterministic.
+    nearest = sorted(range(len(names)), key=lambda i: (-similarity[i], names[i]))[:k]
+    logits = similarity[nearest] / temperature  # (k,)
+    weights = np.exp(logits - logits.max())  # shifted: no overflow at tiny temperatures
+    weights /= weights.sum()
+    return {names[i]: float(w) for i, w in zip(nearest, weights)}
+
+
+# ----------------------------------------------------------------------------- ridge map
+
+_GRAM_CHUNK = 65_536  # output columns per float64 chunk when forming Y Y^T (bounds memory)
+
+
+class RidgeMap:
+    """Ridge regression from task vector (D,) to flat adapter vector (L,), solved in dual form.
+
+    X is standardised with the training mean/std and Y centred on the training mean; then
+    ``W = X^T (X X^T + alpha I)^-1 Yc`` is never formed: only the dual coefficients
+    ``(K + alpha I)^-1 Yc`` (T, L) are kept, with K = X X^T (T, T), so memory stays ~T x L even
+    for L ~ 460,800.
+
+    Multi-output ridge is separable per output column, so for a given alpha a per-tensor
+    rescaling of the adapter weights (the generator's normalisation) scales that tensor's
+    predictions by the same factor and changes nothing else (only the leave-one-out choice of
+    alpha weighs columns by their scale). Its predictions lie in the span of the centred
+    training adapters plus their mean, the same representation as the generator's PCA subspace.
+
+    Attributes (after `fit`):
+        alpha: the chosen penalty.
+        loo_errors: alpha -> leave-one-out squared error over the training tasks, relative to
+            the centred targets' total square (about 1 = no better than the training mean).
+    """
+
+    def __init__(self) -> None:
+        self.alpha: float | None = None
+        self.loo_errors: dict[float, float] = {}
+
+    def fit(self, X: np.ndarray | torch.Tensor, Y: np.ndarray | torch.Tensor, *,
+            alphas: Sequence[float] = (0.1, 1, 10, 100, 1000)) -> RidgeMap:
+        """Fit on T training tasks: X (T, D) task vectors, Y (T, L) flat adapter vectors."""
+        X = torch.as_tensor(X, dtype=torch.float64)  # (T, D)
+        Y = torch.as_tensor(Y)
+        Y = Y if Y.is_floating_point() else Y.float()  # (T, L), kept in its own float dtype
+        if X.ndim != 2 or Y.ndim != 2 or len(X) != len(Y) or len(X) < 2:
+            raise ValueError(f"need X (T, D) and Y (T, L) with T >= 2, got {tuple(X.shape)} "
+                             f"and {tuple(Y.shape)}")
+        if not alphas or min(alphas) <= 0:
+            raise ValueError(f"alphas must be positive, got {alphas}")
+        self.x_mean, std = X.mean(dim=0), X.std(dim=0)  # (D,) each
+        self.x_std = torch.where(std > 0, std, torch.ones_like(std))  # constant features: as is
+        self.x_train = (X - self.x_mean) / self.x_std  # (T, D)
+        self.y_mean = Y.mean(dim=0)  # (L,)
+        centred = Y - self.y_mean  # (T, L)
+        eigenvalues, eigenvectors = torch.linalg.eigh(self.x_train @ self.x_train.T)  # (T,), (T, T)
+        eigenvalues = eigenvalues.clamp(min=0)  # K is PSD; round-off can dip below zero
+        target_gram = eigenvectors.T @ _gram(centred) @ eigenvectors  # (T, T) = U^T Yc Yc^T U
+        self.loo_errors = {float(a): _loo_error(eigenvalues, eigenvectors, target_gram, float(a))
+                           for a in alphas}
+        self.alpha = min(self.loo_errors, key=self.loo_errors.get)
+        self.inverse = (eigenvectors / (eigenvalues + self.alpha)) @ eigenvectors.T  # (T, T)
+        self.dual = self.inverse.to(centred.dtype) @ centred  # (T, L)
+        return self
+
+    def combination_weights(self, x: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """The prediction for x (D,) as weights over the T training adapters, in fit order:
+        predict(x) = sum_i w_i Y_i (the intercept folded in: ridge predictions are affine
+        combinations of the training targets), (T,). Lets a worker rebuild the prediction from
+        the training adapters it already holds."""
+        if self.alpha is None:
+            raise RuntimeError("RidgeMap.combination_weights before fit")
+        x = torch.as_tensor(x, dtype=torch.float64)
+        kernel = ((x - self.x_mean) / self.x_std) @ self.x_train.T  # (T,)
+        coefficients = kernel @ self.inverse  # (T,) on the centred targets
+        return coefficients + (1.0 - coefficients.sum()) / len(coefficients)
+
+    def predict(self, x: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Adapter vector(s) for task vector(s): x (D,) -> (L,), or (N, D) -> (N, L)."""
+        if self.alpha is None:
+            raise RuntimeError("RidgeMap.predict before fit")
+        x = torch.as_tensor(x, dtype=torch.float64)
+        kernel = ((x - self.x_mean) / self.x_std) @ self.x_train.T  # (T,) or (N, T)
+        return kernel.to(self.dual.dtype) @ self.dual + self.y_mean  # (L,) or (N, L)
+
+
+def _gram(rows: torch.Tensor) -> torch.Tensor:
+    """rows @ rows.T (T, T) accumulated in float64, a slab of columns at a time."""
+    gram = torch.zeros(len(rows), len(rows), dtype=torch.float64)
+    for begin in range(0, rows.shape[1], _GRAM_CHUNK):
+        slab = rows[:, begin:begin + _GRAM_CHUNK].double()  # (T, <=chunk)
+        gram += slab @ slab.T
+    return gram
+
+
+def _loo_error(eigenvalues: torch.Tensor, eigenvectors: torch.Tensor,
+               target_gram: torch.Tensor, alpha: float) -> float:
+    """Closed-form leave-one-out error of kernel ridge at ``alpha``, relative to sum ||Yc_i||^2.
+
+    With K = U diag(s) U^T: hat matrix H = U diag(s/(s+a)) U^T, residuals R = U diag(a/(s+a)) Z
+    (Z = U^T Yc), and the LOO residual of task i is R_i / (1 - H_ii). ||R_i||^2 needs only
+    G = Z Z^T (T, T), so no (T, L) array is formed per alpha.
+    """
+    leverage = (eigenvectors ** 2 @ (eigenvalues / (eigenvalues + alpha)))  # (T,) = diag(H)
+    mixing = eigenvectors * (alpha / (eigenvalues + alpha))  # (T, T) = U diag(a/(s+a))
+    residual_sq = ((mixing @ target_gram) * mixing).sum(dim=1)  # (T,) = ||R_i||^2
+    loo_sq = residual_sq / (1 - leverage).clamp(min=1e-12) ** 2  # (T,)
+    total = float(torch.trace(target_gram))  # sum ||Yc_i||^2 (U is orthogonal)
+    return float(loo_sq.sum()) / total if total > 0 else float("nan")
+
+
+# ----------------------------------------------------------------------------- in-context prompting
+
+
+def in_context_prefix(description: str | None, demos: Sequence[str], max_demo_chars: int) -> str:
+    """The task-vector prompt (icm.task_vectors.format_prompt) as a prefix for scoring texts.
+
+    Mode "both" when a description is given, else "demos"; it ends with the cue "Text:". Each
+    demonstration is clipped to ``max_demo_chars`` characters, as for task vectors.
+    """
+    mode = "both" if description is not None else "demos"
+    return format_prompt(description, clip_demos(demos, max_demo_chars), mode=mode)
+
+
+@torch.inference_mode()
+def score_in_context(model, tokenizer, texts: Sequence[str], prefix: str, *,
+                     max_length: int = 256, batch_size: int = 8) -> TextScore:
+    """Token NLL of each text read after ``prefix`` + TEXT_SEPARATOR, summed as in score_texts.
+
+    Only the text's own tokens are scored, the same tokens `score_texts` scores (the text
+    tokenised on its own, cut to ``max_length - 1`` tokens, its characters counted the same
+    way); the first one is predicted from the prefix instead of from the text-start token. So
+    the separator is the prefix's last token rather than merged into the text's first token.
+    The prefix runs once; its key/value cache is copied for every batch of texts.
+    """
+    if not texts:
+        raise ValueError("score_in_context needs at least one text")
+    if max_length < 2:
+        raise ValueError(f"max_length must be >= 2, got {max_length}")
+    encoded, chars, truncated = _encode(tokenizer, texts, max_length)
+    text_ids = [ids[1:] for ids in encoded]  # drop score_texts' start token: the prefix replaces it
+    device = next(model.parameters()).device
+    prefix_ids = [text_start_token_id(tokenizer),
+                  *tokenizer(prefix + TEXT_SEPARATOR, add_special_tokens=False)["input_ids"]]
+    _check_context(model, len(prefix_ids) + max(map(len, text_ids)))
+    prefix_out = model(input_ids=torch.tensor([prefix_ids], device=device), use_cache=True)
+    first_logits = prefix_out.logits[:, -1:].float()  # (1, 1, V): predicts each text's 1st token
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    order = sorted(range(len(text_ids)), key=lambda i: len(text_ids[i]))  # less padding
+    text_nll, text_tokens = [0.0] * len(texts), [0] * len(texts)
+    for begin in range(0, len(order), batch_size):
+        rows = order[begin:begin + batch_size]
+        nll, counts = _score_batch(model, prefix_out.past_key_values, first_logits,
+                                   [text_ids[i] for i in rows], len(prefix_ids), pad, device)
+        for offset, index in enumerate(rows):
+            text_nll[index], text_tokens[index] = nll[offset], counts[offset]
+    return TextScore(nll_nats=float(sum(text_nll)), tokens=sum(text_tokens), characters=sum(chars),
+                     texts=len(texts), truncated=truncated, text_nll=tuple(text_nll),
+                     text_tokens=tuple(text_tokens))
+
+
+def _score_batch(model, prefix_cache, first_logits: torch.Tensor, batch: list[list[int]],
+                 prefix_length: int, pad: int, device) -> tuple[list[float], list[int]]:
+    """Summed NLL and token count per text of one batch, each text continuing the prefix."""
+    if not max(map(len, batch)):  # only empty texts: nothing to score, nothing to run
+        return [0.0] * len(batch), [0] * len(batch)
+    input_ids, text_mask = (t.to(device) for t in right_pad(batch, pad))  # (B, T) each
+    cache = copy.deepcopy(prefix_cache)  # the forward pass appends to it in place
+    cache.batch_repeat_interleave(len(batch))  # (1, ...) -> (B, ...) per layer
+    prefix_mask = torch.ones(len(batch), prefix_length, dtype=text_mask.dtype, device=device)
+    mask = torch.cat([prefix_mask, text_mask], dim=1)  # (B, P+T)
+    logits = model(input_ids=input_ids, attention_mask=mask, past_key_values=cache,
+                   use_cache=True).logits.float()  # (B, T, V)
+    # Token j of the text is predicted by the logits at token j-1; token 0 by the prefix's last.
+    predicting = torch.cat([first_logits.expand(len(batch), -1, -1), logits[:, :-1]], dim=1)
+    # Flattened rows: cross_entropy over a transposed (B, V, T) view is several times slower.
+    token_nll = torch.nn.functional.cross_entropy(
+        predicting.reshape(-1, predicting.shape[-1]), input_ids.reshape(-1),
+        reduction="none").view(input_ids.shape)  # (B, T)
+    text_mask = text_mask.float()
+    return (token_nll * text_mask).sum(dim=1).tolist(), text_mask.sum(dim=1).long().tolist()
+
+
+def _check_context(model, needed: int) -> None:
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context is not None and needed > context:
+        raise ValueError(f"prefix + text take {needed} tokens, more than the model's context of "
+                         f"{context}: use fewer or shorter demonstrations, or a smaller max_length")

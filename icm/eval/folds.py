@@ -1,0 +1,38 @@
+"""Group folds: whole groups held out from the generator, to measure transfer to a kind of text
+it never saw (the fixed held-out set always has siblings of its tasks in training).
+
+The fold assignment is fixed by the config and a seed before any result is seen: the suite's
+groups in name order, shuffled by ``evaluate.fold_seed``, dealt ``groups_per_fold`` at a time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from collections.abc import Sequence
+
+from icm.tasks import Suite
+
+
+def group_folds(groups: Sequence[str], folds: int, groups_per_fold: int, seed: int) -> list[list[str]]:
+    """``folds`` disjoint lists of ``groups_per_fold`` groups each."""
+    if folds * groups_per_fold > len(set(groups)):
+        raise ValueError(f"evaluate.folds={folds} x evaluate.groups_per_fold={groups_per_fold} needs "
+                         f"that many groups; the suite has {len(set(groups))}. Fix: lower either.")
+    shuffled = sorted(set(groups))
+    random.Random(f"folds:{seed}").shuffle(shuffled)
+    return [shuffled[i * groups_per_fold:(i + 1) * groups_per_fold] for i in range(folds)]
+
+
+def fold_suite(suite: Suite, held_groups: Sequence[str]) -> Suite:
+    """The suite as a fold's generator sees it: every task of ``held_groups`` is held out too."""
+    held = {name for name, task in suite.tasks.items() if task.group in set(held_groups)}
+    if len(held | set(suite.heldout)) == len(suite.tasks):
+        raise ValueError(f"holding out groups {list(held_groups)} leaves no training task")
+    ordered = tuple(suite.heldout) + tuple(sorted(held - set(suite.heldout)))
+    return dataclasses.replace(suite, heldout=ordered)
+
+
+def fold_tasks(suite: Suite, held_groups: Sequence[str]) -> list[str]:
+    """The tasks a fold evaluates: every task of its groups (training and held-out alike)."""
+    return sorted(name for name, task in suite.tasks.items() if task.group in set(held_groups))

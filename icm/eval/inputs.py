@@ -1,0 +1,137 @@
+"""What the evaluation scores, gathered once by the driver: one `EvalItem` per (task, setting).
+
+Settings (see `icm.eval.variants`):
+
+* ``heldout``: the suite's fixed held-out tasks; the generator trained on every training task;
+  the target is each task's oracle LoRA from ``<root>/oracles/`` (measurement only).
+* ``fold``: every task of the groups a group fold holds out; that fold's generator never saw
+  any task of those groups; baselines are rebuilt from the fold's training tasks only.
+* ``seen``: some training tasks, against their own zoo LoRA, with the lookup and replicate
+  controls (replicate vs trained is the noise floor).
+
+Every baseline adapter is a weighted combination of training tasks' final LoRAs (or a snapshot
+folder), so a worker needs the shared final vectors once and a few numbers per item.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from icm.eval.variants import AdapterSource, TaskContext, variants_for
+from icm.zoo import MANIFEST_FILE, MULTITASK, REPLICATE_PREFIX, load_vector
+
+MODES = ("both", "description", "demos")
+
+
+@dataclass
+class EvalItem:
+    """One task in one setting: everything its worker needs besides the models."""
+
+    task: str
+    task_path: str
+    group: str
+    setting: str  # "heldout" | "fold" | "seen"
+    fold: int | None
+    generator_dir: str
+    conditions: dict[str, np.ndarray]  # "both", "description", "shuffled" -> (D,)
+    adapters: dict[str, AdapterSource]  # adapter variant -> where its vector comes from
+    variants: list[str]  # what to score, in order
+    extra: dict = field(default_factory=dict)
+
+
+def final_snapshots(root: Path) -> dict[str, str]:
+    """Task -> folder of its last snapshot (highest step), from a zoo-layout manifest."""
+    path = Path(root) / MANIFEST_FILE
+    if not path.is_file():
+        return {}
+    manifest = pd.read_parquet(path)
+    last = manifest.sort_values("step").groupby("task").tail(1)
+    return {row.task: str(row.path) for row in last.itertuples()}
+
+
+def all_snapshots(root: Path, task: str) -> tuple[str, ...]:
+    manifest = pd.read_parquet(Path(root) / MANIFEST_FILE)
+    return tuple(manifest[manifest["task"] == task].sort_values("step")["path"].astype(str))
+
+
+def load_finals(finals: Mapping[str, str], tasks: Sequence[str]) -> dict[str, torch.Tensor]:
+    """The final (L,) vectors of ``tasks``."""
+    return {task: load_vector(finals[task]) for task in tasks}
+
+
+def ridge_weights(training: Mapping[str, np.ndarray], vectors: Mapping[str, torch.Tensor],
+                  queries: Mapping[str, np.ndarray]) -> tuple[dict[str, dict[str, float]], dict]:
+    """Ridge from task vector to LoRA weights, fit on ``training`` (alpha by leave-one-task-out),
+    as weights over the training tasks for each query task; plus the fit's record."""
+    from icm.eval.baselines import RidgeMap
+
+    names = sorted(training)
+    x = np.stack([training[t] for t in names])  # (T, D)
+    y = torch.stack([vectors[t] for t in names])  # (T, L)
+    ridge = RidgeMap().fit(x, y)
+    weights = {task: dict(zip(names, ridge.combination_weights(query).tolist()))
+               for task, query in queries.items()}
+    return weights, {"alpha": ridge.alpha, "loo_errors": ridge.loo_errors}
+
+
+@dataclass
+class SettingPlan:
+    """A setting's tasks and what they are judged with."""
+
+    setting: str
+    tasks: list[str]
+    training: list[str]  # the training tasks its generator and baselines may use
+    generator_dir: str
+    fold: int | None = None
+
+
+def build_items(suite, plans: Sequence[SettingPlan], means: Mapping[str, Mapping[str, np.ndarray]], *,
+                zoo_root: Path, oracle_root: Path, options: Mapping, variant_names: list[str] | None
+                ) -> tuple[list[EvalItem], dict]:
+    """Items for every plan, and a record of how baselines were fit (ridge alpha per setting)."""
+    from icm.baselines import shuffled_partner
+
+    zoo_finals, oracle_finals = final_snapshots(zoo_root), final_snapshots(oracle_root)
+    both = means["both"]
+    items, record = [], {}
+    finals = load_finals(zoo_finals, sorted({t for p in plans for t in p.training}))
+    for plan in plans:
+        training = {t: both[t] for t in plan.training}
+        ridge, record[f"{plan.setting}{'' if plan.fold is None else plan.fold}"] = ridge_weights(
+            training, finals, {t: both[t] for t in plan.tasks})
+        names = [v.name for v in variants_for(plan.setting, variant_names)]
+        for task in plan.tasks:
+            context = TaskContext(
+                task=task, setting=plan.setting, condition=both[task], training=training,
+                oracle=(zoo_finals if task in zoo_finals and not suite.is_heldout(task)
+                        else oracle_finals).get(task),
+                own_snapshots=all_snapshots(zoo_root, task) if plan.setting == "seen" else (),
+                replicate=oracle_finals.get(REPLICATE_PREFIX + task) if plan.setting == "seen" else None,
+                multitask=zoo_finals.get(MULTITASK) if plan.setting != "fold" else None,
+                ridge_weights=ridge[task], options=dict(options))
+            adapters = {}
+            for variant in variants_for(plan.setting, variant_names):
+                if variant.kind == "adapter" and (source := variant.source(context)) is not None:
+                    adapters[variant.name] = source
+            partner = shuffled_partner(task, list(suite.tasks))
+            conditions = {mode: means[mode][task] for mode in MODES if task in means.get(mode, {})}
+            conditions["shuffled"] = both[partner]
+            spec = suite.tasks[task]
+            items.append(EvalItem(
+                task=task, task_path=str(spec.path), group=spec.group, setting=plan.setting,
+                fold=plan.fold, generator_dir=plan.generator_dir, conditions=conditions,
+                adapters=adapters, variants=[n for n in names if _available(n, adapters)],
+                extra={"shuffled_partner": partner}))
+    return items, {"shared_vectors": sorted(finals), "ridge": record}, finals
+
+
+def _available(name: str, adapters: Mapping[str, AdapterSource]) -> bool:
+    from icm.eval.variants import VARIANTS
+
+    return VARIANTS[name].kind != "adapter" or name in adapters

@@ -1,0 +1,247 @@
+"""EVAL.md and its plot, from the per-text results of the evaluation (Ray-free).
+
+``results`` has one row per (task, setting, fold, variant, sample) with ``text_nll`` and
+``text_tokens`` lists. A variant's per-text NLL is the mean over its samples (the expected
+score of one draw). Every comparison is paired text by text and its interval comes from the
+two-level bootstrap of `icm.eval.stats` (tasks, then texts within each task).
+
+The headline is the share of the base -> oracle log-perplexity gap a generated adapter closes on
+tasks the generator never saw, and its perplexity ratio to the strongest baseline, on the fixed
+held-out set and on the group folds, whichever way it comes out.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from icm.eval.stats import gap_recovered_ci, ratio_ci
+from icm.eval.variants import VARIANTS, baseline_names
+
+HEADLINE_VARIANT = "generated"
+KEY = ["setting", "fold", "task"]
+
+
+@dataclass
+class Paired:
+    """Per-text NLL of several variants on the same tasks and texts (tasks all variants have)."""
+
+    keys: list[tuple]
+    nll: dict[str, list[np.ndarray]]  # variant -> per task (n_i,)
+    tokens: list[np.ndarray]  # per task (n_i,)
+
+
+def per_text(results: pd.DataFrame, variants: Sequence[str]) -> Paired:
+    """Per-text NLL of ``variants`` (mean over samples), restricted to tasks that have all of them."""
+    frame = results[results["variant"].isin(variants)].copy()
+    frame["fold"] = frame["fold"].fillna(-1)
+    grouped = {}
+    for (setting, fold, task, variant), rows in frame.groupby(KEY + ["variant"], sort=True):
+        nll = np.mean(np.stack([np.asarray(v, dtype=np.float64) for v in rows["text_nll"]]), axis=0)
+        grouped[(setting, fold, task, variant)] = (nll, np.asarray(rows["text_tokens"].iloc[0], dtype=np.float64))
+    keys = sorted({k[:3] for k in grouped if all((*k[:3], v) in grouped for v in variants)})
+    return Paired(keys, {v: [grouped[(*k, v)][0] for k in keys] for v in variants},
+                  [grouped[(*k, variants[0])][1] for k in keys])
+
+
+def task_log_ppl(results: pd.DataFrame) -> pd.DataFrame:
+    """(setting, fold, task) x variant table of log perplexity (samples pooled by mean NLL)."""
+    rows = []
+    frame = results.assign(fold=results["fold"].fillna(-1))
+    for (setting, fold, task, variant), group in frame.groupby(KEY + ["variant"]):
+        nll = np.mean(np.stack([np.asarray(v, dtype=np.float64) for v in group["text_nll"]]), axis=0)
+        rows.append({"setting": setting, "fold": fold, "task": task, "group": group["group"].iloc[0],
+                     "variant": variant, "log_ppl": nll.sum() / float(np.sum(group["text_tokens"].iloc[0]))})
+    return pd.DataFrame(rows).pivot(index=["setting", "fold", "task", "group"], columns="variant",
+                                    values="log_ppl")
+
+
+def _fmt_ci(ci) -> str:
+    return f"{ci.estimate:.3f} [{ci.low:.3f}, {ci.high:.3f}]" if ci.n else "n/a"
+
+
+def gap_row(results: pd.DataFrame, variant: str, resamples: int, seed: int):
+    paired = per_text(results, [variant, "base", "oracle"])
+    if not paired.keys:
+        return None
+    return gap_recovered_ci(paired.nll[variant], paired.nll["base"], paired.nll["oracle"],
+                            paired.tokens, resamples=resamples, seed=seed)
+
+
+def ratio_row(results: pd.DataFrame, variant: str, rival: str, resamples: int, seed: int):
+    paired = per_text(results, [variant, rival])
+    if not paired.keys:
+        return None
+    return ratio_ci(paired.nll[variant], paired.nll[rival], paired.tokens, resamples=resamples, seed=seed)
+
+
+def strongest_baseline(results: pd.DataFrame) -> str | None:
+    """The baseline with the lowest geometric-mean perplexity over the setting's tasks."""
+    table = task_log_ppl(results)
+    present = [b for b in baseline_names() if b in table.columns and table[b].notna().all()]
+    return min(present, key=lambda b: table[b].mean()) if present else None
+
+
+def comparison_table(results: pd.DataFrame, resamples: int, seed: int) -> pd.DataFrame:
+    """Every variant of a setting: gap recovered (CI), ratio to the oracle, and the generated
+    adapter's ratio to it (CI, wins, sign test)."""
+    rows = []
+    variants = [v for v in VARIANTS if v in set(results["variant"])]
+    for variant in variants:
+        gap = gap_row(results, variant, resamples, seed) if variant not in ("base", "oracle") else None
+        to_oracle = ratio_row(results, variant, "oracle", resamples, seed) if variant != "oracle" else None
+        versus = (ratio_row(results, HEADLINE_VARIANT, variant, resamples, seed)
+                  if variant != HEADLINE_VARIANT else None)
+        rows.append({
+            "variant": variant, "baseline": VARIANTS[variant].baseline,
+            "tasks": int(results.loc[results["variant"] == variant, "task"].nunique()),
+            "gap recovered, median [95% CI]": _fmt_ci(gap) if gap else "",
+            "ppl / oracle [95% CI]": _fmt_ci(to_oracle) if to_oracle else "",
+            "generated / this [95% CI]": _fmt_ci(versus) if versus else "",
+            "generated wins": f"{versus.wins}/{versus.n}" if versus else "",
+            "sign p": f"{versus.sign_p:.3g}" if versus else ""})
+    return pd.DataFrame(rows)
+
+
+def headline_row(label: str, results: pd.DataFrame, resamples: int, seed: int) -> dict:
+    best = strongest_baseline(results)
+    gap = gap_row(results, HEADLINE_VARIANT, resamples, seed)
+    best_gap = gap_row(results, best, resamples, seed) if best else None
+    versus = ratio_row(results, HEADLINE_VARIANT, best, resamples, seed) if best else None
+    return {"tasks evaluated": label, "n": int(results["task"].nunique()),
+            "generated: gap to oracle recovered, median [95% CI]": _fmt_ci(gap) if gap else "n/a",
+            "strongest baseline": best or "-",
+            "its gap recovered": _fmt_ci(best_gap) if best_gap else "n/a",
+            "generated / strongest baseline, ppl ratio [95% CI]": _fmt_ci(versus) if versus else "n/a",
+            "wins": f"{versus.wins}/{versus.n} (p {versus.sign_p:.2g})" if versus else "n/a"}
+
+
+def headline_table(results: pd.DataFrame, folds: Sequence[Sequence[str]], resamples: int, seed: int) -> pd.DataFrame:
+    rows = []
+    held = results[results["setting"] == "heldout"]
+    if len(held):
+        rows.append(headline_row("fixed held-out set", held, resamples, seed))
+    fold_rows = results[results["setting"] == "fold"]
+    if len(fold_rows):
+        rows.append(headline_row(f"group folds ({len(folds)} folds pooled)", fold_rows, resamples, seed))
+        for index, groups in enumerate(folds):
+            part = fold_rows[fold_rows["fold"] == index]
+            if len(part):
+                rows.append(headline_row(f"fold {index}: {', '.join(groups)}", part, resamples, seed))
+    return pd.DataFrame(rows)
+
+
+def seen_table(results: pd.DataFrame, resamples: int, seed: int) -> pd.DataFrame:
+    """Seen tasks: each variant's ppl ratio to the task's own trained LoRA, and dW cosine to it."""
+    seen = results[results["setting"] == "seen"]
+    rows = []
+    for variant in [v for v in VARIANTS if v in set(seen["variant"]) and v != "oracle"]:
+        ratio = ratio_row(seen, variant, "oracle", resamples, seed)
+        cosine = seen.loc[seen["variant"] == variant, "delta_cosine_to_oracle"].dropna()
+        rows.append({"variant": variant, "ppl / trained LoRA [95% CI]": _fmt_ci(ratio) if ratio else "",
+                     "tasks": ratio.n if ratio else 0,
+                     "median dW cosine to trained": f"{cosine.median():.3f}" if len(cosine) else ""})
+    return pd.DataFrame(rows)
+
+
+def per_task_table(results: pd.DataFrame, setting: str) -> pd.DataFrame:
+    part = results[results["setting"] == setting]
+    if not len(part):
+        return pd.DataFrame()
+    table = np.exp(task_log_ppl(part)).reset_index().drop(columns=["setting"])
+    order = ["fold", "task", "group"] + [v for v in VARIANTS if v in table.columns]
+    table = table[order]
+    if setting != "fold":
+        table = table.drop(columns=["fold"])
+    return table.sort_values([c for c in ("fold", "group", "task") if c in table.columns])
+
+
+def markdown_report(results: pd.DataFrame, *, command: str, config_yaml: str, title: str,
+                    resamples: int = 2000, seed: int = 0, folds: Sequence[Sequence[str]] = ()) -> str:
+    lines = [f"# {title}", "", f"Produced by `{command}`; the resolved config is at the end.", "",
+             "## Headline: tasks the generator never saw", "",
+             "Gap recovered = (log ppl base - log ppl variant) / (log ppl base - log ppl oracle), "
+             "median over tasks; the oracle is a LoRA trained on the task with the zoo's settings. "
+             "Ratios are geometric means over tasks of ppl(generated) / ppl(baseline): below 1 the "
+             f"generated adapter is better. 95% CIs: paired bootstrap over tasks and texts "
+             f"({resamples} resamples). Wins: tasks where generated has the lower perplexity; p: "
+             "exact two-sided sign test.", ""]
+    headline = headline_table(results, folds, resamples, seed)
+    lines += [headline.to_markdown(index=False) if len(headline) else "(no unseen tasks scored)", ""]
+    for setting, heading in (("heldout", "Fixed held-out set: every variant"),
+                             ("fold", "Group folds (pooled): every variant")):
+        part = results[results["setting"] == setting]
+        if len(part):
+            lines += [f"## {heading}", "", comparison_table(part, resamples, seed).to_markdown(index=False), ""]
+    if (results["setting"] == "seen").any():
+        lines += ["## Seen tasks: against their own trained LoRA", "",
+                  "The replicate is an independent LoRA of the task (another data seed): its ratio is "
+                  "the noise floor of 'as good as the trained LoRA'. The lookup is the mean of the "
+                  "task's own snapshots. dW cosine compares B @ A per module, not the raw vectors.", "",
+                  seen_table(results, resamples, seed).to_markdown(index=False), ""]
+    spread = results.loc[results["variant"] == "generated-best-of-k", "draw_spread"].dropna() \
+        if "draw_spread" in results else pd.Series(dtype=float)
+    if len(spread):
+        lines += [f"Spread of the generator's draws (mean distance from their mean / its norm): "
+                  f"median {spread.median():.4f} over {len(spread)} tasks.", ""]
+    lines += ["## Variants", "", "| variant | what it is |", "|---|---|"]
+    lines += [f"| {v.name} | {v.description} |" for v in VARIANTS.values() if v.name in set(results["variant"])]
+    for setting in ("heldout", "fold", "seen"):
+        table = per_task_table(results, setting)
+        if len(table):
+            lines += ["", f"## Per task ({setting}): eval perplexity", "",
+                      table.to_markdown(index=False, floatfmt=".2f")]
+    lines += ["", "## Resolved config", "", "```yaml", config_yaml.rstrip(), "```", ""]
+    return "\n".join(lines)
+
+
+def plot_per_task(results: pd.DataFrame, out: Path,
+                  variants=("oracle", "generated", "similarity-soup", "soup", "nearest", "ridge",
+                            "in-context", "multitask")) -> Path:
+    """Per unseen task (held-out and folds): log-ppl gap recovered by each variant."""
+    from matplotlib.figure import Figure
+
+    unseen = results[results["setting"] != "seen"]
+    fig = Figure(figsize=(12, 5))
+    ax = fig.subplots()
+    if len(unseen):
+        table = task_log_ppl(unseen)
+        gap = (table["base"].values[:, None] - table.values) / (table["base"] - table["oracle"]).values[:, None]
+        frame = pd.DataFrame(gap, index=table.index, columns=table.columns)
+        present = [v for v in variants if v in frame.columns]
+        labels = [f"{s[0]}{'' if f < 0 else int(f)}:{t}" for s, f, t, _ in frame.index]
+        width = 0.8 / max(len(present), 1)
+        for i, variant in enumerate(present):
+            ax.bar(np.arange(len(frame)) + i * width, frame[variant].clip(-1, 1.5), width, label=variant)
+        ax.set_xticks(np.arange(len(frame)) + 0.4 - width / 2)
+        ax.set_xticklabels(labels, rotation=80, fontsize=5)
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.axhline(0.0, color="grey", linewidth=0.6)
+        ax.legend(fontsize=6, ncol=4)
+    ax.set_ylabel("gap to oracle recovered (1 = oracle, 0 = base; clipped)")
+    ax.set_title("Unseen tasks (h = held-out set, f<k> = fold k)")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp.png")
+    fig.tight_layout()
+    fig.savefig(tmp, dpi=110)
+    tmp.replace(out)
+    return out
+
+
+def headline_numbers(results: pd.DataFrame, resamples: int = 500, seed: int = 0) -> dict[str, float]:
+    """A few numbers for the pipeline's summary line (NaN where a setting is missing)."""
+    out: dict[str, float] = {}
+    for setting in ("heldout", "fold"):
+        part = results[results["setting"] == setting]
+        gap = gap_row(part, HEADLINE_VARIANT, resamples, seed) if len(part) else None
+        out[f"{setting}_gap_recovered_median"] = gap.estimate if gap else math.nan
+        best = strongest_baseline(part) if len(part) else None
+        versus = ratio_row(part, HEADLINE_VARIANT, best, resamples, seed) if best else None
+        out[f"{setting}_ratio_to_strongest_baseline"] = versus.estimate if versus else math.nan
+    return out

@@ -1,0 +1,146 @@
+"""Score every variant of one `EvalItem` on its task's eval texts, on one loaded base model.
+
+Rows: one per (variant, sample) with totals, perplexity, bits/char and the per-text NLL and
+token counts that the intervals are bootstrapped from. Every variant of a task is scored on the
+same texts, cut at the same length, so the comparisons are paired text by text.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from icm.config import EvalConfig, ModelConfig, TaskVectorConfig
+from icm.eval.inputs import EvalItem
+from icm.eval.variants import VARIANTS, AdapterSource, Variant
+
+
+def adapter_vector(source: AdapterSource, finals: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """(L,) flat vector: the mean of the named snapshots, or the weighted sum of final LoRAs."""
+    from icm.zoo import load_vector
+
+    if source.snapshots:
+        return torch.stack([load_vector(path) for path in source.snapshots]).mean(dim=0)
+    return sum(weight * finals[task] for task, weight in source.combination)
+
+
+class ItemScorer:
+    """Holds one task's model, generator, texts and demonstrations while its variants are scored."""
+
+    def __init__(self, item: EvalItem, finals: Mapping[str, torch.Tensor], *, model: ModelConfig,
+                 cfg: EvalConfig, task_vectors: TaskVectorConfig):
+        from icm.adapter_swap import SwappableLora
+        from icm.generator import LoraGenerator
+        from icm.models import load_base_model
+        from icm.task_vectors import sample_demos
+        from icm.tasks import load_task
+
+        self.item, self.finals, self.cfg = item, finals, cfg
+        task = load_task(item.task_path)
+        self.texts = task.eval_texts()[:cfg.max_texts] if cfg.max_texts else task.eval_texts()
+        # The demonstrations of episode 0, as the task vectors drew them: what best-of-K selects on
+        # and what the in-context baseline reads.
+        self.demos = sample_demos(task, task_vectors, episode=0)
+        self.description = task.description
+        self.max_demo_chars = task_vectors.max_demo_chars
+        self.model, self.tokenizer = load_base_model(model.spec, cache_dir=model.cache_dir,
+                                                     dtype=model.dtype)
+        self.generator = LoraGenerator.load(item.generator_dir)
+        self.swap = SwappableLora(self.model, self.generator.peft_config, self.generator.layout)
+        self.rows: list[dict[str, Any]] = []
+        self.oracle: torch.Tensor | None = None
+
+    def score(self, variant: str, vector: torch.Tensor | None, **extra) -> None:
+        started = time.perf_counter()
+        if vector is not None:
+            self.swap.load(vector, variant)
+        result = self.swap.score(self.tokenizer, self.texts, max_length=self.cfg.max_length,
+                                 batch_size=self.cfg.batch_size, base=vector is None)
+        self._row(variant, result, vector, started, **extra)
+
+    def _row(self, variant: str, result, vector: torch.Tensor | None, started: float, **extra) -> None:
+        from icm.eval.weights import delta_cosine
+
+        similarity = None
+        if vector is not None and self.oracle is not None:
+            similarity = delta_cosine(vector, self.oracle, self.generator.layout)
+        self.rows.append({"variant": variant, **result.as_dict(), "delta_cosine_to_oracle": similarity,
+                          "eval_seconds": time.perf_counter() - started, **extra})
+
+    def run(self, variant: Variant) -> None:
+        if variant.kind == "base":
+            self.score(variant.name, None)
+        elif variant.kind == "adapter":
+            vector = adapter_vector(self.item.adapters[variant.name], self.finals)
+            if variant.name == "oracle":
+                self.oracle = vector
+            self.score(variant.name, vector)
+        elif variant.kind == "generated":
+            self._generated(variant)
+        elif variant.kind == "in-context":
+            self._in_context(variant)
+        else:
+            raise ValueError(f"variant {variant.name!r}: unknown kind {variant.kind!r}")
+
+    def _draw(self, condition: np.ndarray, count: int, z: str) -> tuple[torch.Tensor, float]:
+        started = time.perf_counter()
+        draws = self.generator.sample(np.asarray(condition, dtype=np.float32), num_samples=count,
+                                      seed=self.cfg.seed, z=z)  # (count, L)
+        return draws, (time.perf_counter() - started) / count
+
+    def _generated(self, variant: Variant) -> None:
+        condition = self.item.conditions.get(variant.condition)
+        if condition is None:
+            return
+        if variant.z == "zero":
+            draws, seconds = self._draw(condition, 1, "zero")
+            self.score(variant.name, draws[0], adapter_seconds=seconds)
+        elif variant.z == "random":
+            draws, seconds = self._draw(condition, self.cfg.samples, "random")
+            for index in range(self.cfg.samples):
+                self.score(variant.name, draws[index], sample=index, adapter_seconds=seconds)
+        else:  # best of K by perplexity on the demonstrations (the same seed: the same first draws)
+            draws, seconds = self._draw(condition, self.cfg.best_of, "random")
+            demo_ppl = []
+            for index in range(self.cfg.best_of):
+                self.swap.load(draws[index], f"draw-{index}")
+                demo_ppl.append(self.swap.score(self.tokenizer, list(self.demos), max_length=self.cfg.max_length,
+                                                batch_size=self.cfg.batch_size).perplexity)
+            best = int(np.argmin(demo_ppl))
+            self.score(variant.name, draws[best], sample=best, adapter_seconds=seconds * self.cfg.best_of,
+                       demo_ppl=demo_ppl[best], draw_spread=_spread(draws))
+
+    def _in_context(self, variant: Variant) -> None:
+        from icm.eval.baselines import in_context_prefix, score_in_context
+
+        started = time.perf_counter()
+        prefix = in_context_prefix(self.description, self.demos, self.max_demo_chars)
+        with self.swap.base() as model:
+            result = score_in_context(model, self.tokenizer, self.texts, prefix,
+                                      max_length=self.cfg.max_length, batch_size=self.cfg.batch_size)
+        self._row(variant.name, result, None, started)
+
+
+def _spread(draws: torch.Tensor) -> float:
+    """Mean distance of the draws from their mean, relative to the mean's norm: how much the
+    latent changes the adapter (0 = every draw the same)."""
+    centre = draws.mean(dim=0)
+    return float((draws - centre).norm(dim=1).mean() / centre.norm().clamp_min(1e-12))
+
+
+def evaluate_item(item: EvalItem, finals: Mapping[str, torch.Tensor], *, model: ModelConfig,
+                  cfg: EvalConfig, task_vectors: TaskVectorConfig) -> list[dict]:
+    """Rows of (variant, sample, perplexity, per-text NLL, ...) for one task in one setting.
+    The oracle is scored first so that every later adapter's dW cosine to it is recorded."""
+    scorer = ItemScorer(item, finals, model=model, cfg=cfg, task_vectors=task_vectors)
+    order = sorted(item.variants, key=lambda name: name != "oracle")
+    for name in order:
+        scorer.run(VARIANTS[name])
+    for row in scorer.rows:
+        row.update(task=item.task, group=item.group, setting=item.setting, fold=item.fold,
+                   heldout=item.setting != "seen")
+    return scorer.rows

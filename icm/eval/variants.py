@@ -1,0 +1,200 @@
+"""The registry of evaluation variants: every adapter (or no adapter) a task is scored with.
+
+A variant is one registry entry. Its *kind* says how the worker gets what it scores:
+
+    base         the base model alone
+    adapter      a LoRA the driver names: a snapshot, a mean of snapshots, or a weighted
+                 combination of training tasks' final LoRAs (every baseline here is one)
+    generated    the generator's output for one of the task's condition vectors
+    in-context   the base model reading k demonstrations before each eval text
+
+Each entry also says in which *settings* it applies: ``seen`` (a training task, judged against
+its own zoo LoRA), ``heldout`` (the fixed held-out set, judged against its oracle LoRA) and
+``fold`` (a task of a group a fold's generator never saw, judged against its oracle). A new
+baseline is one `register` call with a function that returns its adapter for a task, here and
+nowhere else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+SETTINGS = ("heldout", "fold", "seen")
+ALL = frozenset(SETTINGS)
+UNSEEN = frozenset({"heldout", "fold"})
+Kind = Literal["base", "adapter", "generated", "in-context"]
+
+
+@dataclass(frozen=True)
+class AdapterSource:
+    """Where an adapter's flat vector comes from, as plain data the driver sends to a worker.
+
+    ``snapshots``: snapshot folders whose vectors are averaged (one folder: that snapshot);
+    ``combination``: training task -> weight over the setting's final training LoRAs.
+    """
+
+    snapshots: tuple[str, ...] = ()
+    combination: tuple[tuple[str, float], ...] = ()
+
+    @classmethod
+    def weights(cls, weights: Mapping[str, float]) -> AdapterSource:
+        return cls(combination=tuple(sorted((t, float(w)) for t, w in weights.items() if w != 0.0)))
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One way of scoring a task (see the module docstring)."""
+
+    name: str
+    kind: Kind
+    settings: frozenset[str]
+    description: str
+    baseline: bool = False  # a rival the generator must beat (what a user gets without it)
+    # adapter: (context) -> AdapterSource | None (None: not available for this task)
+    source: Callable[[Any], AdapterSource | None] | None = None
+    # generated: which condition vector, and z = "random" (``samples`` draws) or "zero"
+    condition: str = "both"
+    z: str = "random"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+VARIANTS: dict[str, Variant] = {}
+
+
+def register(variant: Variant) -> Variant:
+    if variant.name in VARIANTS:
+        raise ValueError(f"variant {variant.name!r} is registered twice")
+    unknown = set(variant.settings) - ALL
+    if unknown:
+        raise ValueError(f"variant {variant.name!r}: unknown settings {sorted(unknown)}")
+    VARIANTS[variant.name] = variant
+    return variant
+
+
+def variants_for(setting: str, names: list[str] | None = None) -> list[Variant]:
+    """The registered variants that apply in ``setting`` (restricted to ``names`` if given),
+    in registry order."""
+    if names is not None:
+        unknown = sorted(set(names) - set(VARIANTS))
+        if unknown:
+            raise ValueError(f"evaluate.variants: unknown {unknown}; known: {sorted(VARIANTS)}")
+    return [v for v in VARIANTS.values() if setting in v.settings and (names is None or v.name in names)]
+
+
+def baseline_names() -> list[str]:
+    return [v.name for v in VARIANTS.values() if v.baseline]
+
+
+# ----------------------------------------------------------------------------- adapter sources
+
+
+@dataclass
+class TaskContext:
+    """What the adapter sources of one (task, setting) may use; built by `icm.eval.inputs`.
+
+    Vectors are (D,) task-mean condition vectors; folders are snapshot directories.
+    """
+
+    task: str
+    setting: str
+    condition: np.ndarray  # (D,) the task's mean "both" vector
+    training: dict[str, np.ndarray]  # training task -> (D,) mean "both" vector, this setting's
+    oracle: str | None  # the oracle's (seen: the task's own zoo LoRA's) final snapshot folder
+    own_snapshots: tuple[str, ...] = ()  # seen tasks: every zoo snapshot of the task
+    replicate: str | None = None  # seen tasks: an independent replicate's final snapshot
+    multitask: str | None = None  # the multi-task LoRA's final snapshot (never in folds)
+    ridge_weights: dict[str, float] | None = None  # training task -> weight (`RidgeMap`)
+    options: dict[str, Any] = field(default_factory=dict)  # k, temperature
+
+
+def _oracle(ctx: TaskContext) -> AdapterSource | None:
+    return AdapterSource(snapshots=(ctx.oracle,)) if ctx.oracle else None
+
+
+def _lookup(ctx: TaskContext) -> AdapterSource | None:
+    return AdapterSource(snapshots=ctx.own_snapshots) if ctx.own_snapshots else None
+
+
+def _replicate(ctx: TaskContext) -> AdapterSource | None:
+    return AdapterSource(snapshots=(ctx.replicate,)) if ctx.replicate else None
+
+
+def _multitask(ctx: TaskContext) -> AdapterSource | None:
+    return AdapterSource(snapshots=(ctx.multitask,)) if ctx.multitask else None
+
+
+def _others(ctx: TaskContext) -> dict[str, np.ndarray]:
+    return {t: v for t, v in ctx.training.items() if t != ctx.task}
+
+
+def _soup(ctx: TaskContext) -> AdapterSource | None:
+    others = _others(ctx)
+    return AdapterSource.weights({t: 1.0 / len(others) for t in others}) if others else None
+
+
+def _nearest(ctx: TaskContext) -> AdapterSource | None:
+    from icm.baselines import nearest_task
+
+    others = _others(ctx)
+    return AdapterSource.weights({nearest_task(ctx.condition, others): 1.0}) if others else None
+
+
+def _similarity_soup(ctx: TaskContext) -> AdapterSource | None:
+    from icm.eval.baselines import similarity_weights
+
+    others = _others(ctx)
+    if not others:
+        return None
+    return AdapterSource.weights(similarity_weights(
+        ctx.condition, others, k=ctx.options.get("soup_k", 5),
+        temperature=ctx.options.get("soup_temperature", 0.05)))
+
+
+def _ridge(ctx: TaskContext) -> AdapterSource | None:
+    return AdapterSource.weights(ctx.ridge_weights) if ctx.ridge_weights else None
+
+
+# ----------------------------------------------------------------------------- the registry
+
+register(Variant("base", "base", ALL, "the base model alone"))
+register(Variant("oracle", "adapter", ALL, (
+    "the task's own LoRA, trained with the zoo's settings (seen: its zoo LoRA; unseen: the "
+    "measurement-only oracle): what fine-tuning on the task gives"), source=_oracle))
+register(Variant("generated", "generated", ALL, (
+    "the generator fed the task's mean 'both' vector, z ~ N(0, I); per-text NLL averaged over "
+    "the draws"), condition="both", z="random"))
+register(Variant("generated-best-of-k", "generated", ALL, (
+    "of K draws, the one with the lowest perplexity on the k demonstrations"),
+    condition="both", z="best-of-k"))
+register(Variant("cond-description", "generated", frozenset({"heldout"}), (
+    "z = 0, conditioned on the description-only vector (a request with no examples)"),
+    condition="description", z="zero"))
+register(Variant("control-shuffled", "generated", frozenset({"heldout", "seen"}), (
+    "z = 0, conditioned on another task's vector: shows whether the condition is used"),
+    condition="shuffled", z="zero"))
+register(Variant("lookup", "adapter", frozenset({"seen"}), (
+    "the mean of the task's own zoo snapshots: what a lookup table of trained tasks gives"),
+    source=_lookup))
+register(Variant("replicate", "adapter", frozenset({"seen"}), (
+    "an independent LoRA of the task (same settings, another data seed): the noise floor"),
+    source=_replicate))
+register(Variant("soup", "adapter", ALL, "the uniform mean of the training tasks' LoRAs",
+                 baseline=True, source=_soup))
+register(Variant("similarity-soup", "adapter", ALL, (
+    "the k nearest training tasks' LoRAs by task vector, softmax(cosine / T) weights"),
+    baseline=True, source=_similarity_soup))
+register(Variant("nearest", "adapter", ALL, "the nearest training task's LoRA by task vector",
+                 baseline=True, source=_nearest))
+register(Variant("ridge", "adapter", ALL, (
+    "ridge regression from task vector to LoRA weights, alpha by leave-one-task-out"),
+    baseline=True, source=_ridge))
+register(Variant("multitask", "adapter", frozenset({"heldout", "seen"}), (
+    "one LoRA trained on the union of the training tasks (zoo.multitask_steps sets its compute)"),
+    baseline=True, source=_multitask))
+register(Variant("in-context", "in-context", ALL, (
+    "the base model reading the description and the same k demonstrations as an episode "
+    "before each eval text"), baseline=True))

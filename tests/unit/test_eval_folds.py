@@ -1,0 +1,31 @@
+"""Group folds: fixed, disjoint, whole groups held out from the fold's generator."""
+
+from __future__ import annotations
+
+import pytest
+
+from icm.eval.folds import fold_suite, fold_tasks, group_folds
+from icm.tasks import load_suite
+
+
+def test_group_folds_are_disjoint_fixed_by_seed_and_checked():
+    groups = ["a", "b", "c", "d", "e", "a", "b"]
+    folds = group_folds(groups, folds=2, groups_per_fold=2, seed=0)
+    assert len(folds) == 2 and all(len(f) == 2 for f in folds)
+    assert len({g for f in folds for g in f}) == 4  # disjoint
+    assert folds == group_folds(list(reversed(groups)), 2, 2, seed=0)  # order of tasks does not matter
+    assert any(group_folds(groups, 2, 2, seed=s) != folds for s in range(1, 5))  # the seed does
+    with pytest.raises(ValueError, match="evaluate.folds"):
+        group_folds(groups, folds=3, groups_per_fold=2, seed=0)
+
+
+def test_fold_suite_holds_out_whole_groups_and_keeps_the_fixed_heldout(tiny_suite):
+    suite = load_suite(tiny_suite)  # cats, dogs (held out): animals; sums: math; code: code
+    fold = fold_suite(suite, ["animals"])
+    assert sorted(t.name for t in fold.training_tasks()) == ["code", "sums"]
+    assert set(fold.heldout) == {"cats", "dogs"} and fold_tasks(suite, ["animals"]) == ["cats", "dogs"]
+    math_fold = fold_suite(suite, ["math"])
+    assert sorted(t.name for t in math_fold.training_tasks()) == ["cats", "code"]
+    assert "dogs" in math_fold.heldout  # the suite's own held-out tasks stay out of every fold
+    with pytest.raises(ValueError, match="no training task"):
+        fold_suite(suite, ["animals", "math", "code"])

@@ -1,0 +1,52 @@
+"""The variant registry: one entry per variant, and the adapter each baseline builds."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from icm.eval.variants import (ALL, VARIANTS, TaskContext, Variant, baseline_names, register,
+                               variants_for)
+
+
+def _context(setting="heldout", **extra) -> TaskContext:
+    training = {"a": np.array([1.0, 0.0, 0.0]), "b": np.array([0.0, 1.0, 0.0]),
+                "c": np.array([0.9, 0.1, 0.0]), "q": np.array([0.0, 0.0, 1.0])}
+    return TaskContext(task="q", setting=setting, condition=np.array([1.0, 0.05, 0.0]),
+                       training=training, oracle="/oracle/q", **extra)
+
+
+def test_every_setting_has_base_oracle_generated_and_the_strong_baselines():
+    for setting in ("heldout", "fold", "seen"):
+        names = [v.name for v in variants_for(setting)]
+        assert {"base", "oracle", "generated", "soup", "similarity-soup", "nearest", "ridge",
+                "in-context"} <= set(names)
+    assert "multitask" not in [v.name for v in variants_for("fold")]  # it saw the fold's tasks
+    assert {"lookup", "replicate"} <= {v.name for v in variants_for("seen")}
+    assert not {"lookup", "replicate"} & {v.name for v in variants_for("heldout")}
+    assert set(baseline_names()) == {"soup", "similarity-soup", "nearest", "ridge", "multitask", "in-context"}
+    with pytest.raises(ValueError, match="unknown"):
+        variants_for("heldout", ["generated", "not-a-variant"])
+
+
+def test_register_refuses_duplicates_and_unknown_settings():
+    with pytest.raises(ValueError, match="twice"):
+        register(Variant("soup", "adapter", ALL, "again"))
+    with pytest.raises(ValueError, match="unknown settings"):
+        register(Variant("new-one", "base", frozenset({"elsewhere"}), "x"))
+    assert "new-one" not in VARIANTS
+
+
+def test_baseline_sources_never_use_the_task_itself():
+    ctx = _context()
+    soup = dict(VARIANTS["soup"].source(ctx).combination)
+    assert set(soup) == {"a", "b", "c"} and sum(soup.values()) == pytest.approx(1.0)
+    assert dict(VARIANTS["nearest"].source(ctx).combination) == {"a": 1.0}
+    similar = dict(VARIANTS["similarity-soup"].source(_context(options={"soup_k": 2})).combination)
+    assert set(similar) == {"a", "c"} and sum(similar.values()) == pytest.approx(1.0)
+    assert VARIANTS["oracle"].source(ctx).snapshots == ("/oracle/q",)
+    assert VARIANTS["ridge"].source(ctx) is None  # no ridge fit given: not scored
+    assert VARIANTS["replicate"].source(ctx) is None and VARIANTS["multitask"].source(ctx) is None
+    seen = _context("seen", own_snapshots=("/s1", "/s2"), replicate="/r", multitask="/m")
+    assert VARIANTS["lookup"].source(seen).snapshots == ("/s1", "/s2")
+    assert VARIANTS["replicate"].source(seen).snapshots == ("/r",)
