@@ -93,8 +93,9 @@ class SettingPlan:
 
 def build_items(suite, plans: Sequence[SettingPlan], means: Mapping[str, Mapping[str, np.ndarray]], *,
                 zoo_root: Path, oracle_root: Path, options: Mapping, variant_names: list[str] | None
-                ) -> tuple[list[EvalItem], dict]:
-    """Items for every plan, and a record of how baselines were fit (ridge alpha per setting)."""
+                ) -> tuple[list[EvalItem], dict, dict[str, torch.Tensor]]:
+    """Items for every plan, a record of how baselines were fit (ridge alpha per setting), and
+    the final (L,) vectors of every training task the items' combinations name."""
     from icm.baselines import shuffled_partner
 
     zoo_finals, oracle_finals = final_snapshots(zoo_root), final_snapshots(oracle_root)

@@ -1,0 +1,100 @@
+"""The evaluation's items: per setting, the right oracle, baselines built from the right tasks,
+and the generated, in-context and adapter variants scored on the same texts (tiny-llama)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from icm.config import EvalConfig, ModelConfig, TaskVectorConfig
+from icm.eval.inputs import SettingPlan, build_items, final_snapshots
+from icm.eval.scoring import adapter_vector, evaluate_item
+from icm.tasks import load_suite
+from icm.zoo import REPLICATE_PREFIX
+from tests.conftest import make_suite
+from tests.unit.test_generator import FAST, write_zoo
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A suite (dogs held out), a zoo of cats/sums/code (+ multitask), oracles of dogs and a
+    replicate of cats, their task vectors, and a small generator trained on the zoo."""
+    from icm.config import GeneratorConfig
+    from icm.generator import train_generator
+    from icm.generator_inputs import initial_lora_state, load_zoo
+    from tests.unit.test_generator import LORA
+
+    base = tmp_path_factory.mktemp("eval")
+    suite = load_suite(make_suite(base / "suite"))
+    conditions = write_zoo(base / "zoo", ["cats", "sums", "code"])
+    conditions |= write_zoo(base / "oracles", ["dogs", REPLICATE_PREFIX + "cats"], multitask=False, seed=1)
+    means = {"both": {t: c.mean(axis=0) for t, c in conditions.items()}}
+    means["description"] = {t: v + 0.01 for t, v in means["both"].items()}
+    zoo = load_zoo(base / "zoo", include=["cats", "sums", "code"])
+    _, init_state = initial_lora_state("tiny-llama", LORA.model_dump(mode="json"))
+    generator = train_generator(zoo, {t: conditions[t] for t in zoo.vectors},
+                                GeneratorConfig(**{**FAST, "steps": 50}), init_state=init_state)
+    generator.save(base / "generator")
+    return base, suite, means
+
+
+def _items(world, plans):
+    base, suite, means = world
+    return build_items(suite, plans, means, zoo_root=base / "zoo", oracle_root=base / "oracles",
+                       options={"soup_k": 2}, variant_names=None)
+
+
+def test_items_take_oracles_and_baselines_from_the_right_place(world):
+    base, suite, _ = world
+    generator = str(base / "generator")
+    training = ["cats", "code", "sums"]
+    plans = [SettingPlan("heldout", ["dogs"], training, generator),
+             SettingPlan("fold", ["cats", "dogs"], ["code", "sums"], generator, fold=0),
+             SettingPlan("seen", ["cats"], training, generator)]
+    items, record, finals = _items(world, plans)
+    by = {(i.setting, i.task): i for i in items}
+    dogs = by[("heldout", "dogs")]
+    assert dogs.adapters["oracle"].snapshots == (final_snapshots(base / "oracles")["dogs"],)
+    assert "multitask" in dogs.adapters and "lookup" not in dogs.variants
+    ridge = dict(dogs.adapters["ridge"].combination)
+    assert set(ridge) <= set(training) and sum(ridge.values()) == pytest.approx(1.0)
+    assert set(dict(dogs.adapters["soup"].combination)) == set(training)
+    fold_cats = by[("fold", "cats")]
+    assert fold_cats.adapters["oracle"].snapshots == (final_snapshots(base / "zoo")["cats"],)
+    assert "multitask" not in fold_cats.variants  # it trained on the fold's tasks
+    for name in ("soup", "similarity-soup", "nearest", "ridge"):  # only the fold's training tasks
+        assert set(dict(fold_cats.adapters[name].combination)) <= {"code", "sums"}, name
+    seen = by[("seen", "cats")]
+    assert len(seen.adapters["lookup"].snapshots) == 4
+    assert seen.adapters["replicate"].snapshots == (final_snapshots(base / "oracles")[REPLICATE_PREFIX + "cats"],)
+    assert "cats" not in dict(seen.adapters["nearest"].combination)  # never the task itself
+    assert set(finals) == set(training) and set(record["ridge"]) == {"heldout", "fold0", "seen"}
+    mixed = adapter_vector(dogs.adapters["soup"], finals)
+    assert torch.allclose(mixed, torch.stack(list(finals.values())).mean(0), atol=1e-6)
+
+
+def test_every_variant_is_scored_on_the_same_texts_with_per_text_nll(world):
+    base, _, _ = world
+    plans = [SettingPlan("heldout", ["dogs"], ["cats", "code", "sums"], str(base / "generator"))]
+    items, _, finals = _items(world, plans)
+    cfg = EvalConfig(max_texts=2, max_length=32, samples=2, best_of=2, select_texts=2)
+    rows = evaluate_item(items[0], finals, model=ModelConfig(spec="tiny-llama", max_length=32),
+                         cfg=cfg, task_vectors=TaskVectorConfig(k=2, max_demo_chars=100))
+    variants = [r["variant"] for r in rows]
+    assert variants[0] == "oracle" and variants.count("generated") == 2
+    assert set(items[0].variants) == set(variants)
+    tokens = {tuple(r["text_tokens"]) for r in rows}
+    assert len(tokens) == 1 and all(len(r["text_nll"]) == 2 for r in rows)  # paired texts
+    by = {r["variant"]: r for r in rows if r["variant"] != "generated"}
+    assert by["oracle"]["delta_cosine_to_oracle"] == pytest.approx(1.0)
+    assert by["base"]["delta_cosine_to_oracle"] is None
+    assert by["in-context"]["nll_nats"] != pytest.approx(by["base"]["nll_nats"])
+    best = by["generated-best-of-k"]
+    chosen = [r for r in rows if r["variant"] == "generated" and r["sample"] == best["sample"]]
+    assert chosen and chosen[0]["nll_nats"] == pytest.approx(best["nll_nats"], rel=1e-5)
+    assert best["draw_spread"] > 0  # the latent changes the adapter
+    assert np.isfinite([r["perplexity"] for r in rows]).all()
+    assert all(r["setting"] == "heldout" and r["task"] == "dogs" for r in rows)
