@@ -1,18 +1,16 @@
-"""Evaluation building blocks: adapter swapping, baselines, and the report's arithmetic."""
+"""Evaluation building blocks: adapter swapping and the simple baselines (the report: test_eval_report.py)."""
 
 from __future__ import annotations
 
 import math
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 
 from icm.adapter_swap import SwappableLora
 from icm.adapters import apply_adapter
 from icm.baselines import cosine, gap_recovered, model_soup, nearest_task, shuffled_partner
-from icm.eval_report import headline, markdown_report, per_task, variant_summary
 from icm.evaluation import score_texts
 from icm.lora_io import LoraLayout, adapter_state_dict, peft_config_json, save_adapter
 from icm.models import load_base_model
@@ -75,39 +73,3 @@ def test_soup_nearest_shuffled_and_gap():
     assert gap_recovered(100.0, 50.0, 50.0) == pytest.approx(1.0)
     assert gap_recovered(100.0, 200.0, 50.0) < 0
     assert math.isnan(gap_recovered(50.0, 40.0, 60.0))  # the reference does not beat base
-
-
-def _results() -> pd.DataFrame:
-    rows = []
-    ppl = {"seen1": {"base": 40, "trained": 20, "generated": [21, 23], "soup": 30, "multitask": 25},
-           "seen2": {"base": 10, "trained": 8, "generated": [8.2, 8.2], "soup": 9, "multitask": 8.5},
-           "new1": {"base": 50, "generated": [40, 44], "soup": 45, "multitask": 35}}
-    for task, variants in ppl.items():
-        for variant, values in variants.items():
-            for sample, value in enumerate(values if isinstance(values, list) else [values]):
-                rows.append({"task": task, "group": "g", "heldout": task.startswith("new"),
-                             "variant": variant, "sample": sample, "perplexity": float(value),
-                             "bits_per_char": 1.0, "cosine_to_trained": None, "adapter_seconds": 0.1})
-    return pd.DataFrame(rows)
-
-
-def test_report_aggregates_samples_and_relates_to_the_right_reference(tmp_path):
-    table = per_task(_results())
-    row = table.query("task == 'seen1' and variant == 'generated'").iloc[0]
-    assert row.ppl == 22 and row.samples == 2 and row.ppl_std == pytest.approx(np.std([21, 23], ddof=1))
-    assert row.ratio_to_reference == pytest.approx(22 / 20)  # seen: the task's trained LoRA
-    assert row.gap_recovered == pytest.approx((math.log(40) - math.log(22)) / (math.log(40) - math.log(20)))
-    new = table.query("task == 'new1' and variant == 'generated'").iloc[0]
-    assert new.ratio_to_reference == pytest.approx(42 / 35)  # held-out: the multi-task LoRA
-    numbers = headline(table)
-    assert numbers["seen_median_ratio_generated_to_trained"] == pytest.approx(np.median([22 / 20, 8.2 / 8]))
-    assert numbers["heldout_share_generated_beats_base"] == 1.0
-    assert numbers["heldout_share_generated_beats_multitask"] == 0.0  # reported even when it loses
-    summary = variant_summary(table)
-    assert set(summary["split"]) == {"seen", "held-out"}
-    text = markdown_report(table, command="icm run --config x", config_yaml="a: 1", title="T")
-    assert "| seen_median_ratio_generated_to_trained |" in text and "icm run --config x" in text
-    from icm.eval_report import plot_gap_by_group, plot_per_task
-
-    for plot in (plot_per_task, plot_gap_by_group):
-        assert plot(table, tmp_path / f"{plot.__name__}.png").stat().st_size > 5_000
