@@ -168,3 +168,18 @@ def train_step(engine, batch: dict[str, torch.Tensor]) -> float:
 def iterate_steps(start: int, total: int) -> Iterator[int]:
     """1-based step numbers still to run after ``start`` completed steps."""
     return iter(range(start + 1, total + 1))
+
+
+def release_engine(engine) -> None:
+    """Free a finished task's DeepSpeed engine and model before the next task in the same process.
+
+    DeepSpeed keeps every module's and parameter's name, with references to them, in a global
+    debug table until ``engine.destroy()``; without it each task's model (and its optimizer
+    state) stayed alive: ~0.7 GB more per task in a zoo trainer, enough to exhaust memory over a
+    hundred tasks. The caller drops its own references; cycles are collected here.
+    """
+    import gc
+
+    engine.destroy()
+    gc.collect()
+

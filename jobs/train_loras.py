@@ -35,7 +35,7 @@ from icm.evaluation import score_texts
 from icm.io import write_bytes_atomic, write_json_atomic
 from icm.lora_io import LoraLayout, adapter_state_dict
 from icm.lora_train import (TrainInputError, batch_for_step, build_lora_model, deepspeed_config,
-                            exclude_tied_frozen_params_from_checkpoints, iterate_steps,
+                            exclude_tied_frozen_params_from_checkpoints, iterate_steps, release_engine,
                             skip_deepspeed_shm_build, snapshot_steps, tokenize_texts, train_step)
 from icm.models import load_base_model
 from icm.stages import RAY_DIR, open_suite, pull_local, push_local, stage
@@ -217,6 +217,7 @@ def _train_task(cfg: PipelineConfig, loop: dict, task: str, task_paths: list[str
         push_local(cfg, done)
         _progress(f"[zoo {task}] done: eval ppl {summary['base_ppl']:.2f} -> {summary['lora_ppl']:.2f}")
     torch.distributed.barrier()
+    release_engine(engine)  # DeepSpeed's global tables held every task's model alive
     del engine, peft_model, model  # the next task builds its own
     return summary
 

@@ -116,3 +116,41 @@ def test_real_deepspeed_zero2_trains_a_lora_on_cpu(tmp_path):
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.3
     # The checkpoint holds the LoRA weights only: not the tied, frozen lm_head (113 MB on SmolLM2).
     assert result["saved_keys"] and all("lora_" in key for key in result["saved_keys"]), result["saved_keys"]
+
+
+RELEASE_SCRIPT = r"""
+import gc, json, os, sys, weakref
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1], RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+import deepspeed
+from icm.config import ZooConfig
+from icm.lora_train import *
+from icm.models import load_base_model
+skip_deepspeed_shm_build()
+deepspeed.init_distributed(dist_backend="gloo")
+cfg = ZooConfig(rank=4, steps=4, batch_size=4, seq_len=32, zero_stage=2)
+alive = {}
+for release in (False, True):
+    model, _ = load_base_model("tiny-llama")
+    peft_model = build_lora_model(model, cfg)
+    engine, *_ = deepspeed.initialize(model=peft_model, config=deepspeed_config(cfg, world_size=1, bf16=False),
+                                      model_parameters=[p for p in peft_model.parameters() if p.requires_grad])
+    watch = weakref.ref(model)
+    if release:
+        release_engine(engine)
+    del engine, peft_model, model, _
+    gc.collect()
+    alive[str(release)] = watch() is not None
+print(json.dumps(alive))
+"""
+
+
+def test_release_engine_frees_the_task_model_for_the_next_task():
+    """A zoo trainer trains a hundred tasks in one process: each finished task's model must die.
+    Without release_engine DeepSpeed's global tables keep it alive (the control shows they do)."""
+    out = subprocess.run([sys.executable, "-c", RELEASE_SCRIPT, "29637"], cwd=REPO_ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    alive = json.loads(out.stdout.strip().splitlines()[-1])
+    assert alive == {"False": True, "True": False}, alive
+
