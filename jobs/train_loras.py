@@ -322,6 +322,9 @@ def train_jobs(cfg: PipelineConfig, stage_name: str, jobs: list[LoraJob]) -> dic
         log.info("%s: up to date, skipping (%s)", stage_name, current.directory)
         return current.record()
     root = cfg.storage.path(stage_name).resolve()
+    if not jobs:  # e.g. oracles for a suite without held-out tasks and no replicates asked for
+        log.info("%s: nothing to train", stage_name)
+        return current.finish(current.begin(cfg), {"zoo": str(root), "tasks": 0, "snapshots": 0})
     prepare_zoo(cfg, root)  # every input check, before Ray or training starts
     for name in (ZOO_FILE, LAYOUT_FILE):  # workers on other nodes read the layout from the URI
         push_local(cfg, root / name)

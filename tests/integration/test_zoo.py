@@ -258,3 +258,15 @@ def test_lora_jobs_fingerprint_their_own_texts_and_settings(tmp_path):
     replicate = oracles[REPLICATE_PREFIX + "cats"].zoo_config(zoo)
     assert replicate.data_seed == zoo.data_seed + 1 and replicate.snapshots == 1
     assert oracles["dogs"].zoo_config(zoo).data_seed == zoo.data_seed  # the zoo's own settings
+
+
+def test_oracles_stage_with_nothing_to_train_finishes_empty(tmp_path, capsys):
+    """A suite without held-out tasks and no replicates: the oracles stage (in the default
+    stages) records an empty stage instead of failing on an empty summary."""
+    from jobs.oracles import main as oracles_main
+
+    suite = make_suite(tmp_path / "suite", heldout=())
+    code = oracles_main(["--config", "smoke", f"suite.path={suite}", f"storage.root={tmp_path / 'run'}",
+                         *FAST, "oracles.replicates=0"])
+    assert code == 0 and "oracles: 0 LoRAs" in capsys.readouterr().out
+    assert json.loads((tmp_path / "run" / "oracles" / "stage.json").read_text())["outputs"]["tasks"] == 0
