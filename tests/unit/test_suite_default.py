@@ -14,7 +14,7 @@ def test_cli_validate_prints_the_table(default_suite):
     out = subprocess.run([sys.executable, "-m", "icm", "tasks", "validate", str(default_suite.path)],
                          capture_output=True, text=True, cwd=REPO_ROOT)
     assert out.returncode == 0, out.stderr
-    assert re.search(r"32 tasks\s+4 groups\s+8 held out", out.stdout)
+    assert re.search(r"145 tasks\s+14 groups\s+28 held out", out.stdout)
     assert "tokens" in out.stdout and "bible-psalms" in out.stdout
 
 
