@@ -3,7 +3,6 @@ and the generated, in-context and adapter variants scored on the same texts (tin
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
