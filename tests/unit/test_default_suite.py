@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -229,27 +228,13 @@ def _source_paths() -> list[str]:
     return paths
 
 
-def _reserved_files() -> set[str]:
-    files: set[str] = set()
-    for package in RESERVED_PACKAGES:
-        try:
-            result = subprocess.run(["dpkg", "-L", package], capture_output=True, text=True,
-                                    timeout=60, check=False)
-        except (OSError, subprocess.SubprocessError):
-            continue
-        if result.returncode == 0:
-            files |= {line.strip() for line in result.stdout.splitlines() if line.strip()}
-    return files
-
-
 def test_no_source_comes_from_a_reserved_package():
     paths = _source_paths()
     assert len(paths) > len(TASKS)
-    reserved = _reserved_files()
+    # Checked by path only: the reserved packages are never queried or read, not even by dpkg.
     for path in paths:
-        assert not any(re.search(pattern, path) for pattern in RESERVED_PATTERNS), path
         resolved = str(Path(path).resolve()) if path.startswith("/") else path
-        assert path not in reserved and resolved not in reserved, path
+        assert not any(re.search(pattern, p) for pattern in RESERVED_PATTERNS for p in (path, resolved)), path
     for source in default_suite.SOURCES.values():
         assert source.package not in RESERVED_PACKAGES
         assert not set(source.install.split()) & set(RESERVED_PACKAGES), source.install
