@@ -32,6 +32,7 @@ from icm.eval.folds import fold_suite, fold_tasks, group_folds
 from icm.eval.inputs import MODES, SettingPlan, build_items
 from icm.eval.report import markdown_report, plot_per_task
 from icm.eval.scoring import evaluate_item
+from icm.eval.variants import baseline_names
 from icm.errors import InputError
 from icm.io import sha256_json, write_bytes_atomic, write_json_atomic, write_text_atomic
 from icm.stages import open_suite, pull_stages, stage
@@ -178,7 +179,7 @@ def _score_items(cfg: PipelineConfig, directory: Path, items: list, finals: dict
              ", ".join(f"{s} {sum(i.setting == s for i in items)}" for s in ("heldout", "fold", "seen")))
     limit = max(2, int(ray.cluster_resources().get("CPU", 2) // cfg.evaluate.cpus_per_task) + 1)
     pending: dict = {}
-    done = len(items) - len(todo)
+    done, baselines = len(items) - len(todo), set(baseline_names())
     while todo or pending:
         while todo and len(pending) < limit:
             item = todo.pop(0)
@@ -194,15 +195,9 @@ def _score_items(cfg: PipelineConfig, directory: Path, items: list, finals: dict
                  done, len(items), item.setting + ("" if item.fold is None else str(item.fold)),
                  item.task, by.get("base", float("nan")), by.get("oracle", float("nan")),
                  by.get("generated", float("nan")),
-                 min((by[v] for v in by.index if v in _baselines()), default=float("nan")))
+                 min((by[v] for v in by.index if v in baselines), default=float("nan")))
     files = [_item_file(directory, item) for item in items]
     return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
-
-
-def _baselines() -> set[str]:
-    from icm.eval.variants import baseline_names
-
-    return set(baseline_names())
 
 
 def _write_outputs(cfg: PipelineConfig, current, started: float, results: pd.DataFrame,

@@ -45,19 +45,19 @@ class EvalItem:
     extra: dict = field(default_factory=dict)
 
 
-def final_snapshots(root: Path) -> dict[str, str]:
-    """Task -> folder of its last snapshot (highest step), from a zoo-layout manifest."""
+def snapshot_folders(root: Path) -> dict[str, tuple[str, ...]]:
+    """Task -> its snapshot folders in step order (the last is the final one), from a
+    zoo-layout manifest read once."""
     path = Path(root) / MANIFEST_FILE
     if not path.is_file():
         return {}
-    manifest = pd.read_parquet(path)
-    last = manifest.sort_values("step").groupby("task").tail(1)
-    return {row.task: str(row.path) for row in last.itertuples()}
+    manifest = pd.read_parquet(path).sort_values("step")
+    return {task: tuple(rows["path"].astype(str)) for task, rows in manifest.groupby("task")}
 
 
-def all_snapshots(root: Path, task: str) -> tuple[str, ...]:
-    manifest = pd.read_parquet(Path(root) / MANIFEST_FILE)
-    return tuple(manifest[manifest["task"] == task].sort_values("step")["path"].astype(str))
+def final_snapshots(root: Path) -> dict[str, str]:
+    """Task -> folder of its last snapshot (highest step)."""
+    return {task: folders[-1] for task, folders in snapshot_folders(root).items()}
 
 
 def load_finals(finals: Mapping[str, str], tasks: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -98,7 +98,9 @@ def build_items(suite, plans: Sequence[SettingPlan], means: Mapping[str, Mapping
     the final (L,) vectors of every training task the items' combinations name."""
     from icm.baselines import shuffled_partner
 
-    zoo_finals, oracle_finals = final_snapshots(zoo_root), final_snapshots(oracle_root)
+    zoo_snapshots = snapshot_folders(zoo_root)
+    zoo_finals = {task: folders[-1] for task, folders in zoo_snapshots.items()}
+    oracle_finals = final_snapshots(oracle_root)
     both = means["both"]
     items, record = [], {}
     finals = load_finals(zoo_finals, sorted({t for p in plans for t in p.training}))
@@ -112,7 +114,7 @@ def build_items(suite, plans: Sequence[SettingPlan], means: Mapping[str, Mapping
                 task=task, setting=plan.setting, condition=both[task], training=training,
                 oracle=(zoo_finals if task in zoo_finals and not suite.is_heldout(task)
                         else oracle_finals).get(task),
-                own_snapshots=all_snapshots(zoo_root, task) if plan.setting == "seen" else (),
+                own_snapshots=zoo_snapshots.get(task, ()) if plan.setting == "seen" else (),
                 replicate=oracle_finals.get(REPLICATE_PREFIX + task) if plan.setting == "seen" else None,
                 multitask=zoo_finals.get(MULTITASK) if plan.setting != "fold" else None,
                 ridge_weights=ridge[task], options=dict(options))

@@ -36,14 +36,19 @@ class Paired:
     tokens: list[np.ndarray]  # per task (n_i,)
 
 
+def _mean_text_nll(rows: pd.DataFrame) -> np.ndarray:
+    """(n,) per-text NLL of one (task, variant), averaged over its samples."""
+    return np.mean(np.stack([np.asarray(v, dtype=np.float64) for v in rows["text_nll"]]), axis=0)
+
+
 def per_text(results: pd.DataFrame, variants: Sequence[str]) -> Paired:
     """Per-text NLL of ``variants`` (mean over samples), restricted to tasks that have all of them."""
     frame = results[results["variant"].isin(variants)].copy()
     frame["fold"] = frame["fold"].fillna(-1)
     grouped = {}
     for (setting, fold, task, variant), rows in frame.groupby(KEY + ["variant"], sort=True):
-        nll = np.mean(np.stack([np.asarray(v, dtype=np.float64) for v in rows["text_nll"]]), axis=0)
-        grouped[(setting, fold, task, variant)] = (nll, np.asarray(rows["text_tokens"].iloc[0], dtype=np.float64))
+        grouped[(setting, fold, task, variant)] = (_mean_text_nll(rows),
+                                                   np.asarray(rows["text_tokens"].iloc[0], dtype=np.float64))
     keys = sorted({k[:3] for k in grouped if all((*k[:3], v) in grouped for v in variants)})
     return Paired(keys, {v: [grouped[(*k, v)][0] for k in keys] for v in variants},
                   [grouped[(*k, variants[0])][1] for k in keys])
@@ -54,7 +59,7 @@ def task_log_ppl(results: pd.DataFrame) -> pd.DataFrame:
     rows = []
     frame = results.assign(fold=results["fold"].fillna(-1))
     for (setting, fold, task, variant), group in frame.groupby(KEY + ["variant"]):
-        nll = np.mean(np.stack([np.asarray(v, dtype=np.float64) for v in group["text_nll"]]), axis=0)
+        nll = _mean_text_nll(group)
         rows.append({"setting": setting, "fold": fold, "task": task, "group": group["group"].iloc[0],
                      "variant": variant, "log_ppl": nll.sum() / float(np.sum(group["text_tokens"].iloc[0]))})
     return pd.DataFrame(rows).pivot(index=["setting", "fold", "task", "group"], columns="variant",
