@@ -67,7 +67,7 @@ class LoraGenerator:
     # ------------------------------------------------------------------------- generation
 
     def _conditions(self, conditions) -> torch.Tensor:
-        c = torch.as_tensor(np.asarray(conditions, dtype=np.float32))
+        c = torch.from_numpy(np.array(conditions, dtype=np.float32))  # a copy: inputs may be read-only
         c = c.unsqueeze(0) if c.dim() == 1 else c
         if c.dim() != 2 or c.shape[1] != self.condition_dim:
             s = self.condition_spec

@@ -20,7 +20,9 @@ from icm.evaluation import TextScore, _encode
 from icm.models import right_pad, text_start_token_id
 from icm.task_vectors import clip_demos, format_prompt
 
-# The eval text follows the prompt's final cue ("Text:") after this, as demonstrations do.
+# The eval text follows the prompt's final cue ("Text:") after this, as demonstrations do
+# ("Text: {demo}"). It is tokenised together with the text, so the space merges into the text's
+# first token exactly as it does in every demonstration.
 TEXT_SEPARATOR = " "
 
 # ----------------------------------------------------------------------------- similarity soup
@@ -87,7 +89,10 @@ def similarity_weights(query: np.ndarray | torch.Tensor,
 
 # ----------------------------------------------------------------------------- ridge map
 
-_GRAM_CHUNK = 65_536  # output columns per float64 chunk when forming Y Y^T (bounds memory)
+_GRAM_CHUNK = 65_536
+# Penalties tried by leave-one-out: 1e-4 .. 1e5 (the study's first grid, 0.1 .. 1000, chose its
+# lower edge, so the grid now reaches well past both ends of what the data has picked).
+RIDGE_ALPHAS = tuple(float(10.0 ** e) for e in range(-4, 6))  # output columns per float64 chunk when forming Y Y^T (bounds memory)
 
 
 class RidgeMap:
@@ -115,7 +120,7 @@ class RidgeMap:
         self.loo_errors: dict[float, float] = {}
 
     def fit(self, X: np.ndarray | torch.Tensor, Y: np.ndarray | torch.Tensor, *,
-            alphas: Sequence[float] = (0.1, 1, 10, 100, 1000)) -> RidgeMap:
+            alphas: Sequence[float] = RIDGE_ALPHAS) -> RidgeMap:
         """Fit on T training tasks: X (T, D) task vectors, Y (T, L) flat adapter vectors."""
         X = torch.as_tensor(X, dtype=torch.float64)  # (T, D)
         Y = torch.as_tensor(Y)
@@ -202,38 +207,52 @@ def in_context_prefix(description: str | None, demos: Sequence[str], max_demo_ch
 @torch.inference_mode()
 def score_in_context(model, tokenizer, texts: Sequence[str], prefix: str, *,
                      max_length: int = 256, batch_size: int = 8) -> TextScore:
-    """Token NLL of each text read after ``prefix`` + TEXT_SEPARATOR, summed as in score_texts.
+    """NLL of each text read after ``prefix`` (ending in the cue "Text:"), as in score_texts.
 
-    Only the text's own tokens are scored, the same tokens `score_texts` scores (the text
-    tokenised on its own, cut to ``max_length - 1`` tokens, its characters counted the same
-    way); the first one is predicted from the prefix instead of from the text-start token. So
-    the separator is the prefix's last token rather than merged into the text's first token.
-    The prefix runs once; its key/value cache is copied for every batch of texts.
+    Each text is tokenised as TEXT_SEPARATOR + text, the way a demonstration follows its cue,
+    so its first token carries the leading space as in every demonstration (tokenising the
+    separator alone would show the model a lone space token it never saw before a word). The
+    same characters as `score_texts` are scored (its cut at ``max_length - 1`` tokens), and
+    ``text_tokens`` is `score_texts`' token count for them, so per-token perplexities of this
+    and the adapter variants share one denominator and differ only in summed NLL. The prefix
+    runs once; its key/value cache is copied for every batch of texts.
     """
     if not texts:
         raise ValueError("score_in_context needs at least one text")
     if max_length < 2:
         raise ValueError(f"max_length must be >= 2, got {max_length}")
-    encoded, chars, truncated = _encode(tokenizer, texts, max_length)
-    text_ids = [ids[1:] for ids in encoded]  # drop score_texts' start token: the prefix replaces it
+    encoded, chars, truncated = _encode(tokenizer, texts, max_length)  # the plain tokenisation
+    text_ids = [spaced_text_ids(tokenizer, text, covered) for text, covered in zip(texts, chars)]
     device = next(model.parameters()).device
     prefix_ids = [text_start_token_id(tokenizer),
-                  *tokenizer(prefix + TEXT_SEPARATOR, add_special_tokens=False)["input_ids"]]
+                  *tokenizer(prefix, add_special_tokens=False)["input_ids"]]
     _check_context(model, len(prefix_ids) + max(map(len, text_ids)))
     prefix_out = model(input_ids=torch.tensor([prefix_ids], device=device), use_cache=True)
     first_logits = prefix_out.logits[:, -1:].float()  # (1, 1, V): predicts each text's 1st token
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     order = sorted(range(len(text_ids)), key=lambda i: len(text_ids[i]))  # less padding
-    text_nll, text_tokens = [0.0] * len(texts), [0] * len(texts)
+    text_nll = [0.0] * len(texts)
     for begin in range(0, len(order), batch_size):
         rows = order[begin:begin + batch_size]
-        nll, counts = _score_batch(model, prefix_out.past_key_values, first_logits,
-                                   [text_ids[i] for i in rows], len(prefix_ids), pad, device)
+        nll, _ = _score_batch(model, prefix_out.past_key_values, first_logits,
+                              [text_ids[i] for i in rows], len(prefix_ids), pad, device)
         for offset, index in enumerate(rows):
-            text_nll[index], text_tokens[index] = nll[offset], counts[offset]
+            text_nll[index] = nll[offset]
+    text_tokens = [len(ids) - 1 for ids in encoded]  # score_texts' count (its start token dropped)
     return TextScore(nll_nats=float(sum(text_nll)), tokens=sum(text_tokens), characters=sum(chars),
                      texts=len(texts), truncated=truncated, text_nll=tuple(text_nll),
                      text_tokens=tuple(text_tokens))
+
+
+def spaced_text_ids(tokenizer, text: str, covered: int) -> list[int]:
+    """Token ids of TEXT_SEPARATOR + ``text``, keeping the tokens that end within the first
+    ``covered`` characters of the text (the part `score_texts` scores); none for an empty one."""
+    if covered <= 0:
+        return []
+    encoded = tokenizer(TEXT_SEPARATOR + text, add_special_tokens=False, return_offsets_mapping=True)
+    limit = covered + len(TEXT_SEPARATOR)
+    return [token for token, (_, end) in zip(encoded["input_ids"], encoded["offset_mapping"])
+            if end <= limit]
 
 
 def _score_batch(model, prefix_cache, first_logits: torch.Tensor, batch: list[list[int]],

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from icm.eval.baselines import (TEXT_SEPARATOR, RidgeMap, in_context_prefix, score_in_context,
-                                similarity_soup, similarity_weights)
+from icm.eval.baselines import (RidgeMap, in_context_prefix, score_in_context, similarity_soup,
+                                similarity_weights, spaced_text_ids)
 from icm.evaluation import score_texts
 from icm.models import text_start_token_id
 
@@ -130,15 +130,19 @@ TEXTS = ["Cats sleep.", "The old dog slept by the fire all afternoon long.", "x"
 
 def _naive_in_context_nll(model, tokenizer, prefix: str, text: str, max_length: int
                           ) -> tuple[float, int]:
-    """Start token + prefix + separator + text in one unbatched pass; NLL of the text's tokens."""
+    """Start token + prefix, then separator + text, in one unbatched pass; NLL of the text's
+    tokens (its plain token count is what perplexity divides by)."""
     prefix_ids = [text_start_token_id(tokenizer),
-                  *tokenizer(prefix + TEXT_SEPARATOR, add_special_tokens=False).input_ids]
-    text_ids = tokenizer(text, add_special_tokens=False).input_ids[:max_length - 1]
+                  *tokenizer(prefix, add_special_tokens=False).input_ids]
+    plain = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    kept = plain.offset_mapping[:max_length - 1]
+    covered = kept[-1][1] if kept else 0
+    text_ids = spaced_text_ids(tokenizer, text, covered)
     ids = torch.tensor([prefix_ids + text_ids])
     with torch.inference_mode():
         log_probs = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), dim=-1)
     positions = torch.arange(len(prefix_ids) - 1, ids.shape[1] - 1)  # predict the text tokens
-    return float(-log_probs[positions, ids[0, positions + 1]].sum()), len(text_ids)
+    return float(-log_probs[positions, ids[0, positions + 1]].sum()), len(kept)
 
 
 def test_in_context_prefix_is_the_task_vector_prompt():
@@ -146,6 +150,19 @@ def test_in_context_prefix_is_the_task_vector_prompt():
     assert prefix.startswith("Task: Short animal texts.\n\nText: The cat sa\n\n")
     assert prefix.endswith("\n\nText:")
     assert in_context_prefix(None, DEMOS, 100).startswith("Text: The cat sat")
+
+
+def test_in_context_text_is_tokenised_as_a_demonstration_is(tiny_llama):
+    """The eval text after the cue gets the tokens a demonstration gets after its cue: the
+    space merges into its first word (a lone space token would be scored otherwise)."""
+    _, tokenizer = tiny_llama
+    text = "Cats sleep all day."
+    in_prompt = tokenizer("Text: " + text, add_special_tokens=False).input_ids
+    ids = spaced_text_ids(tokenizer, text, len(text))
+    assert in_prompt[-len(ids):] == ids and len(ids) < len(in_prompt)
+    assert ids[0] != tokenizer(" ", add_special_tokens=False).input_ids[0]
+    assert spaced_text_ids(tokenizer, text, len("Cats")) == ids[:1]  # a cut text: its kept part
+    assert spaced_text_ids(tokenizer, "", 0) == []
 
 
 @pytest.mark.parametrize("batch_size", [1, 3])

@@ -69,7 +69,9 @@ def test_items_take_oracles_and_baselines_from_the_right_place(world):
     seen = by[("seen", "cats")]
     assert len(seen.adapters["lookup"].snapshots) == 4
     assert seen.adapters["replicate"].snapshots == (final_snapshots(base / "oracles")[REPLICATE_PREFIX + "cats"],)
-    assert "cats" not in dict(seen.adapters["nearest"].combination)  # never the task itself
+    for name in ("soup", "similarity-soup", "nearest", "ridge"):  # never the task itself
+        assert "cats" not in dict(seen.adapters[name].combination), name
+    assert set(record["ridge"]["seen"]) == {"without cats"}  # refit without the seen task
     assert set(finals) == set(training) and set(record["ridge"]) == {"heldout", "fold0", "seen"}
     mixed = adapter_vector(dogs.adapters["soup"], finals)
     assert torch.allclose(mixed, torch.stack(list(finals.values())).mean(0), atol=1e-6)

@@ -8,6 +8,8 @@ benchmark import them.
 
 from __future__ import annotations
 
+import warnings
+
 import json
 from pathlib import Path
 
@@ -170,6 +172,11 @@ def test_sampling_shapes_seeds_and_zero_latent():
     zero = generator.sample(c[0], num_samples=2, z="zero", seed=5)  # (D,) input works too
     assert zero.shape == (2, zoo.layout.numel) and torch.equal(zero[0], zero[1])
     assert torch.allclose(zero[:1], generator.sample(c[:1], z="zero", seed=9), atol=1e-6)
+    frozen = c.copy()
+    frozen.flags.writeable = False  # as task vectors read from parquet arrive
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch warns on a non-writable array it would share
+        assert torch.equal(generator.sample(frozen, num_samples=3, seed=1), draws)
 
 
 def test_target_b_keeps_the_zoos_initial_a(tmp_path):
