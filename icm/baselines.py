@@ -23,10 +23,18 @@ def model_soup(vectors: Mapping[str, torch.Tensor]) -> torch.Tensor:
 
 
 def cosine(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor) -> float:
-    a = torch.as_tensor(a, dtype=torch.float64).reshape(-1)
-    b = torch.as_tensor(b, dtype=torch.float64).reshape(-1)
+    a = _float64_vector(a)
+    b = _float64_vector(b)
     denominator = float(a.norm() * b.norm())
     return float(a @ b) / denominator if denominator > 0 else float("nan")
+
+
+def _float64_vector(values: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """A flat float64 tensor; NumPy input is copied (a read-only array, as parquet gives,
+    would make torch warn that it cannot share it)."""
+    if isinstance(values, torch.Tensor):
+        return values.to(torch.float64).reshape(-1)
+    return torch.from_numpy(np.array(values, dtype=np.float64)).reshape(-1)
 
 
 def nearest_task(query: np.ndarray, candidates: Mapping[str, np.ndarray], *,

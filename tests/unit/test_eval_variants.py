@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -66,6 +67,12 @@ def test_soup_nearest_shuffled_and_gap():
     means = {"a": np.array([1.0, 0.0]), "b": np.array([0.0, 1.0]), "c": np.array([0.9, 0.1])}
     assert nearest_task(np.array([1.0, 0.05]), means) == "a"
     assert nearest_task(means["a"], means, exclude=["a"]) == "c"  # never the task itself
+    frozen = {t: v.copy() for t, v in means.items()}
+    for vector in frozen.values():
+        vector.flags.writeable = False  # task vectors read from parquet are read-only
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch warns when it cannot share a read-only array
+        assert nearest_task(frozen["a"], frozen, exclude=["a"]) == "c"
     partners = {t: shuffled_partner(t, list(means)) for t in means}
     assert all(p != t for t, p in partners.items()) and sorted(partners.values()) == sorted(means)
     assert cosine([1, 0], [0, 1]) == 0.0 and cosine([2, 2], [1, 1]) == pytest.approx(1.0)
