@@ -241,9 +241,11 @@ class GeneratorConfig(StageConfig):
         "a description alone, examples alone, or both (each episode of each mode is a sample)."))
     condition_layer: int = Field(-1, description="Which hidden-state layer conditions it.")
     condition_pooling: Pooling = Field("mean", description="Which pooling conditions it.")
-    arch: Literal["mlp", "conv1d"] = Field("mlp", description=(
-        "mlp: MLP encoder/decoder (in the zoo's principal subspace when subspace_dim is set); "
-        "conv1d: the reference's strided 1-D convolutions over the padded flat vector."))
+    arch: str = Field("mlp", description=(
+        "A name in icm/generator/archs.py: mlp (MLP encoder/decoder in the zoo's principal "
+        "subspace when subspace_dim is set), conv1d (the reference's strided 1-D convolutions "
+        "over the padded flat vector), hyper (a per-module hypernetwork emitting each module's "
+        "LoRA factors from the task vector and learned layer/module-type embeddings)."))
     subspace_dim: int | None = Field(64, ge=1, description=(
         "mlp only: learn in the top-k principal directions of the normalised training zoo "
         "(stored in the artifact; at most snapshots - 1 are used); None works on the raw flat vector."))
@@ -253,6 +255,8 @@ class GeneratorConfig(StageConfig):
     conv_stages: int = Field(12, ge=1, le=16, description=(
         "conv1d only: stride-2 stages (the reference: 12); the vector is zero-padded to a "
         "multiple of 2**conv_stages and the padding is masked out of the loss."))
+    embedding_dim: int = Field(32, ge=1, description=(
+        "hyper only: size of the learned layer-index and module-type embeddings."))
     latent_dim: int = Field(32, ge=1, description="Size of the latent z.")
     width: int = Field(256, ge=1, description="Hidden width (mlp) / base channels (conv1d; reference 8).")
     depth: int = Field(2, ge=1, description="Hidden layers of each MLP (mlp).")
@@ -275,6 +279,20 @@ class GeneratorConfig(StageConfig):
     report_every: int = Field(100, ge=1, description="Steps between metric reports / checkpoints.")
     cpus_per_task: float = Field(1.0, gt=0, description="Ray CPUs of the final generator training task.")
 
+    @field_validator("arch")
+    @classmethod
+    def _known_arch(cls, value: str) -> str:
+        return _check_arch(value)
+
+
+def _check_arch(value: str) -> str:
+    """A registered generator architecture (icm/generator/archs.py), else a clear error."""
+    from icm.generator.archs import ARCHITECTURES  # late: the registry imports torch
+
+    if value not in ARCHITECTURES:
+        raise ValueError(f"unknown generator arch {value!r}; known: {', '.join(sorted(ARCHITECTURES))}")
+    return value
+
 
 class TuneConfig(StageConfig):
     """Ray Tune search over generator hyperparameters (ASHA + Optuna)."""
@@ -285,8 +303,14 @@ class TuneConfig(StageConfig):
     grace_period: int = Field(2, ge=1, description="ASHA: reports before a trial can be stopped.")
     reduction_factor: int = Field(3, ge=2, description="ASHA reduction factor.")
     cpus_per_trial: float = Field(1.0, gt=0, description="CPUs per trial.")
-    archs: list[Literal["mlp", "conv1d"]] = Field(["mlp"], min_length=1, description=(
+    archs: list[str] = Field(["mlp"], min_length=1, description=(
         "Architectures in the search space (conv1d is slow on CPU for large adapters)."))
+
+    @field_validator("archs")
+    @classmethod
+    def _known_archs(cls, value: list[str]) -> list[str]:
+        return [_check_arch(name) for name in value]
+
     rescore_top: int = Field(2, ge=0, description=(
         "Top trials re-scored by the eval perplexity of the adapters they generate (validation tasks)."))
     rescore_max_texts: int = Field(8, ge=1, description=(

@@ -72,7 +72,7 @@ def train_fold_generator(config: dict, suite: Suite, held_groups: list[str], out
     """Ray task: a generator trained without any task of ``held_groups`` (written atomically)."""
     from icm.config import GeneratorConfig
     from icm.generator import train_generator
-    from icm.generator_inputs import load_generator_inputs
+    from icm.generator.inputs import load_generator_inputs
 
     cfg = PipelineConfig.model_validate(config)
     inputs = load_generator_inputs(cfg, fold_suite(suite, held_groups))

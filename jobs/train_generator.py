@@ -9,7 +9,7 @@ snapshots (no validation split); held-out tasks never enter. Training runs as on
 (``generator.cpus_per_task`` CPUs) that checkpoints every ``generator.report_every`` steps to
 ``<storage.root>/generator-checkpoint/`` and resumes from it after a kill (a URI root: in the
 local mirror of the node it ran on). Output: ``<storage.root>/generator/`` (see
-``icm/generator.py``), written atomically.
+``icm/generator/``), written atomically.
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ from pathlib import Path
 import ray
 
 from icm.config import GeneratorConfig, PipelineConfig
-from icm.cvae_train import load_checkpoint
+from icm.generator.training import load_checkpoint
 from icm.generator import train_generator
-from icm.generator_inputs import GeneratorInputs, load_generator_inputs
+from icm.generator.inputs import GeneratorInputs, load_generator_inputs
 from icm.io import atomic_directory, write_json_atomic
 from icm.stages import open_suite, pull_local, pull_stages, push_local, stage
 from icm.tasks import Suite

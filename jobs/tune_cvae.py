@@ -32,10 +32,10 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from icm.config import GeneratorConfig, PipelineConfig
-from icm.cvae_train import load_checkpoint
+from icm.generator.training import load_checkpoint
 from icm.generator import fit_generator, generator_from_state
-from icm.generator_data import PreparedData, prepare_data
-from icm.generator_inputs import GeneratorInputs, load_generator_inputs
+from icm.generator.data import PreparedData, prepare_data
+from icm.generator.inputs import GeneratorInputs, load_generator_inputs
 from icm.io import write_bytes_atomic, write_json_atomic
 from icm.stages import RAY_DIR, open_suite, pull_stages, stage
 from icm.storage import delete, join, read_json, write_json

@@ -40,7 +40,7 @@ import torch  # noqa: E402
 
 from icm.config import load_config  # noqa: E402
 from icm.generator import fit_generator, generator_from_state  # noqa: E402
-from icm.generator_data import prepare_data  # noqa: E402
+from icm.generator.data import prepare_data  # noqa: E402
 
 
 def load_inputs(cfg, synthetic: int | None):
@@ -52,7 +52,7 @@ def load_inputs(cfg, synthetic: int | None):
                                         dim=64, episodes=8)
         zoo.adapter_bytes = sum(len(v) for v in zoo.vectors.values()) * zoo.layout.numel * 4
         return zoo, conditions, None, {"mode": "synthetic"}
-    from icm.generator_inputs import load_generator_inputs
+    from icm.generator.inputs import load_generator_inputs
     from icm.stages import open_suite
 
     inputs = load_generator_inputs(cfg, open_suite(cfg))

@@ -141,7 +141,7 @@ def test_oracles_are_measurement_only(smoke_run):
 
     from icm.config import load_config
     from icm.generator import train_generator
-    from icm.generator_inputs import load_generator_inputs
+    from icm.generator.inputs import load_generator_inputs
     from icm.tasks import load_suite
 
     opened: list[str] = []

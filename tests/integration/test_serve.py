@@ -50,7 +50,7 @@ def _train_tiny_generator(out_dir: Path, tasks, steps: int, snapshots: int) -> P
 
     from icm.config import GeneratorConfig, TaskVectorConfig, ZooConfig
     from icm.generator import train_generator
-    from icm.generator_inputs import ZooData
+    from icm.generator.inputs import ZooData
     from icm.lora_io import LoraLayout, adapter_state_dict, flatten, peft_config_json
     from icm.lora_train import batch_for_step, build_lora_model, tokenize_texts
     from icm.models import load_base_model

@@ -16,7 +16,7 @@ import torch
 from icm.adapters import apply_adapter
 from icm.config import load_config
 from icm.generator import LoraGenerator
-from icm.generator_inputs import load_generator_inputs
+from icm.generator.inputs import load_generator_inputs
 from icm.models import load_base_model
 from icm.tasks import load_suite
 from jobs import train_generator, tune_cvae

@@ -6,8 +6,10 @@ import pytest
 import torch
 
 from icm.config import GeneratorConfig
-from icm.cvae import CVAE, CVAESpec, cvae_loss, kl_divergence, kl_weight, reconstruction_error
-from icm.cvae_train import SampleSet, fit_cvae, generation_mse, load_checkpoint
+from icm.generator.archs import build_network
+from icm.generator.data import SampleSet
+from icm.generator.networks import CVAESpec, cvae_loss, kl_divergence, kl_weight, reconstruction_error
+from icm.generator.training import fit_cvae, generation_mse, load_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -27,7 +29,7 @@ SPECS = {
 def test_output_shape_equals_target_shape_exactly(name):
     spec = SPECS[name]
     torch.manual_seed(0)
-    model = CVAE(spec)
+    model = build_network(spec)
     x, c = torch.randn(5, spec.input_dim), torch.randn(5, spec.condition_dim)  # (B, F), (B, D)
     x_hat, mu, logvar = model(x, c, torch.randn(5, spec.latent_dim))
     assert x_hat.shape == x.shape == (5, spec.input_dim)
@@ -75,12 +77,12 @@ def test_conv_channels_follow_the_reference():
     spec = CVAESpec("conv1d", input_dim=4096, condition_dim=8, latent_dim=8, width=8)
     assert spec.conv_channels() == [8, 16, 32, 64, 128, 256, 256, 128, 64, 32, 16, 8]
     with pytest.raises(ValueError, match="multiple of"):
-        CVAESpec("conv1d", input_dim=4000, condition_dim=8, latent_dim=8, width=8)
+        build_network(CVAESpec("conv1d", input_dim=4000, condition_dim=8, latent_dim=8, width=8))
 
 
 def test_film_starts_as_identity_and_then_depends_on_the_condition():
     torch.manual_seed(0)
-    model = CVAE(SPECS["mlp-film"])
+    model = build_network(SPECS["mlp-film"])
     z, c = torch.zeros(2, 4), torch.randn(2, 6)
     assert torch.allclose(model.decode(z, c), model.decode(z, torch.zeros(2, 6)))  # FiLM zero-initialised
     for film in model.decoder.films:
@@ -107,7 +109,7 @@ def test_training_fits_the_data_and_resumes_exactly(name, tmp_path):
     cfg = GeneratorConfig(steps=120, report_every=40, batch_size=16, lr=3e-3, beta=1e-4,
                           kl_warmup_steps=20)
     torch.manual_seed(0)
-    model = CVAE(spec)
+    model = build_network(spec)
     start = generation_mse(model, data, weights)
     saved = []
     def report(metrics, save):
@@ -119,7 +121,7 @@ def test_training_fits_the_data_and_resumes_exactly(name, tmp_path):
     assert result.final["val_mse"] == result.final["val_mse"] < start / 4  # finite, and learnt
     # Resuming from step 80 replays steps 81..120 exactly.
     torch.manual_seed(0)
-    again = CVAE(spec)
+    again = build_network(spec)
     fit_cvae(again, data, cfg, weights=weights, resume_state=load_checkpoint(tmp_path / "80"))
     for a, b in zip(model.state_dict().values(), again.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-6)

@@ -23,7 +23,7 @@ def world(tmp_path_factory):
     replicate of cats, their task vectors, and a small generator trained on the zoo."""
     from icm.config import GeneratorConfig
     from icm.generator import train_generator
-    from icm.generator_inputs import initial_lora_state, load_zoo
+    from icm.generator.inputs import initial_lora_state, load_zoo
     from tests.unit.test_generator import LORA
 
     base = tmp_path_factory.mktemp("eval")

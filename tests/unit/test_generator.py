@@ -19,8 +19,8 @@ import torch
 
 from icm.config import GeneratorConfig, ZooConfig, load_config
 from icm.generator import LoraGenerator, train_generator
-from icm.generator_data import Subspace, TensorNorm, WeightCodec, prepare_data, split_tasks
-from icm.generator_inputs import (ConditionMismatchError, GeneratorInputError, ZooData, ZooInputError,
+from icm.generator.data import Subspace, TensorNorm, WeightCodec, prepare_data, split_tasks
+from icm.generator.inputs import (ConditionMismatchError, GeneratorInputError, ZooData, ZooInputError,
                                   compare_layouts, initial_lora_state, load_generator_inputs, load_zoo)
 from icm.lora_io import LoraLayout
 from tests.conftest import make_suite

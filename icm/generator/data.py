@@ -5,10 +5,10 @@
       -> per-LoRA-tensor normalisation (statistics of the training snapshots only)
       -> model space: top-k principal coefficients (mlp + subspace_dim), or the raw normalised
          vector, zero-padded for conv1d
-      -> `SampleSet`s that `icm.cvae_train.fit_cvae` draws (snapshot, episode) pairs from.
+      -> `SampleSet`s that `icm.generator.training.fit_cvae` draws (snapshot, episode) pairs from.
 
 Everything here takes plain structures (`ZooData`, dicts of arrays); reading them from storage
-is `icm.generator_inputs`, where held-out tasks are dropped before anything below sees them.
+is `icm.generator.inputs`, where held-out tasks are dropped before anything below sees them.
 """
 
 from __future__ import annotations
@@ -22,13 +22,51 @@ import numpy as np
 import torch
 
 from icm.config import GeneratorConfig
-from icm.cvae_train import SampleSet, baseline_mse
-from icm.generator_inputs import GeneratorInputError, ZooData, ZooInputError, check_conditions
+from icm.generator.inputs import GeneratorInputError, ZooData, ZooInputError, check_conditions
 from icm.lora_io import LoraLayout
 
 # Fields of GeneratorConfig that shape the prepared data (all others are model/optimiser knobs).
 CHUNK = 1 << 16  # columns per float64 block in the PCA
 DATA_FIELDS = ("target", "subspace_dim", "basis_dtype", "conv_stages", "val_tasks", "val_snapshots", "seed")
+
+
+# ----------------------------------------------------------------------------- samples
+
+
+@dataclass
+class SampleSet:
+    """Snapshots in model space, each paired with the episode vectors of its task."""
+
+    inputs: torch.Tensor  # (N, F) snapshot vectors in model space
+    offsets: torch.Tensor  # (N,) error outside the model space (full-space residual / L)
+    task_of: torch.Tensor  # (N,) long, index into ``tasks``
+    conditions: torch.Tensor  # (M, D) z-scored episode vectors of all tasks, stacked
+    episode_start: torch.Tensor  # (T,) long, first row of each task in ``conditions``
+    episode_count: torch.Tensor  # (T,) long
+    tasks: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return self.inputs.shape[0]
+
+    def sample_batch(self, batch_size: int, generator: torch.Generator
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Random (snapshot, episode of the same task) pairs: x (B, F), c (B, D), offset (B,)."""
+        rows = torch.randint(len(self), (batch_size,), generator=generator)  # (B,)
+        task = self.task_of[rows]
+        pick = (torch.rand(batch_size, generator=generator) * self.episode_count[task]).long()
+        episodes = self.episode_start[task] + pick.clamp_max(self.episode_count[task] - 1)
+        return self.inputs[rows], self.conditions[episodes], self.offsets[rows]
+
+    def task_episodes(self, t: int) -> torch.Tensor:
+        start = int(self.episode_start[t])
+        return self.conditions[start:start + int(self.episode_count[t])]  # (E_t, D)
+
+
+@torch.no_grad()
+def baseline_mse(train: SampleSet, samples: SampleSet, weights: torch.Tensor) -> float:
+    """Error of always emitting the training zoo's mean vector (what a generator must beat)."""
+    mean = train.inputs.mean(0)  # (F,)
+    return float((((samples.inputs - mean).square() * weights).sum(-1) + samples.offsets).mean())
 
 
 # ----------------------------------------------------------------------------- checks and split
@@ -196,9 +234,14 @@ class ConditionNorm:
 
 def representation_key(cfg: GeneratorConfig) -> str:
     """Which model space an architecture works in (trials of one Tune run share them)."""
-    if cfg.arch == "conv1d":
-        return f"padded-{2 ** cfg.conv_stages}"
-    return f"subspace-{cfg.subspace_dim}" if cfg.subspace_dim else "flat"
+    return model_space(cfg).key
+
+
+def model_space(cfg: GeneratorConfig):
+    """The `icm.generator.archs.Space` of ``cfg.arch`` under ``cfg``."""
+    from icm.generator.archs import architecture
+
+    return architecture(cfg.arch).space(cfg)
 
 
 @dataclass
@@ -269,16 +312,16 @@ def _sample_set(codec: WeightCodec, part: dict[str, torch.Tensor], conds: dict[s
 def _representation(parts: dict[str, dict[str, torch.Tensor]], conds, cond_norm: ConditionNorm,
                     norm: TensorNorm, cfg: GeneratorConfig) -> Representation:
     train = torch.cat([parts["train"][t] for t in sorted(parts["train"])])  # (N, L_gen) normalised
-    subspace, info = None, {}
-    if cfg.arch == "mlp" and cfg.subspace_dim:
-        exact = Subspace.fit(train, cfg.subspace_dim)
+    subspace, info, space = None, {}, model_space(cfg)
+    if space.subspace_dim:
+        exact = Subspace.fit(train, space.subspace_dim)
         subspace = exact
         if cfg.basis_dtype == "float16":  # train with the basis exactly as the artifact stores it
             subspace = Subspace(exact.mean, exact.basis.half().float(), exact.scale, exact.explained)
             w = exact.project(train)
             info["basis_fp16_mse"] = float((exact.reconstruct(w) - subspace.reconstruct(w)).square().mean())
         info.update(subspace_dim=len(exact.scale), explained_variance=float(exact.explained.sum()))
-    codec = WeightCodec(norm, subspace, 2 ** cfg.conv_stages if cfg.arch == "conv1d" else 1)
+    codec = WeightCodec(norm, subspace, space.pad_multiple)
     sets = {name: _sample_set(codec, part, conds, cond_norm) for name, part in parts.items()}
     train_set = sets.pop("train")
     weights = codec.weights()

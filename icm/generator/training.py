@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,39 +24,15 @@ from typing import Any
 import torch
 
 from icm.config import GeneratorConfig
-from icm.cvae import CVAE, cvae_loss, kl_weight
+from icm.generator.archs import architecture, build_network
+from icm.generator.artifact import LoraGenerator
+from icm.generator.data import PreparedData, SampleSet, prepare_data
+from icm.generator.hyper import module_segments
+from icm.generator.inputs import ZooData
+from icm.generator.networks import CVAE, CVAESpec, cvae_loss, kl_weight
 
 CHECKPOINT_FILE = "cvae_state.pt"
 Report = Callable[[dict[str, Any], Callable[[str | Path], None]], None]
-
-
-@dataclass
-class SampleSet:
-    """Snapshots in model space, each paired with the episode vectors of its task."""
-
-    inputs: torch.Tensor  # (N, F) snapshot vectors in model space
-    offsets: torch.Tensor  # (N,) error outside the model space (full-space residual / L)
-    task_of: torch.Tensor  # (N,) long, index into ``tasks``
-    conditions: torch.Tensor  # (M, D) z-scored episode vectors of all tasks, stacked
-    episode_start: torch.Tensor  # (T,) long, first row of each task in ``conditions``
-    episode_count: torch.Tensor  # (T,) long
-    tasks: tuple[str, ...]
-
-    def __len__(self) -> int:
-        return self.inputs.shape[0]
-
-    def sample_batch(self, batch_size: int, generator: torch.Generator
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Random (snapshot, episode of the same task) pairs: x (B, F), c (B, D), offset (B,)."""
-        rows = torch.randint(len(self), (batch_size,), generator=generator)  # (B,)
-        task = self.task_of[rows]
-        pick = (torch.rand(batch_size, generator=generator) * self.episode_count[task]).long()
-        episodes = self.episode_start[task] + pick.clamp_max(self.episode_count[task] - 1)
-        return self.inputs[rows], self.conditions[episodes], self.offsets[rows]
-
-    def task_episodes(self, t: int) -> torch.Tensor:
-        start = int(self.episode_start[t])
-        return self.conditions[start:start + int(self.episode_count[t])]  # (E_t, D)
 
 
 @torch.no_grad()
@@ -75,13 +51,6 @@ def generation_mse(model: CVAE, samples: SampleSet, weights: torch.Tensor) -> fl
             errors.append(((row - targets).square() * weights).sum(-1) + offsets)  # (S,)
     model.train()
     return float(torch.cat(errors).mean()) if errors else float("nan")
-
-
-@torch.no_grad()
-def baseline_mse(train: SampleSet, samples: SampleSet, weights: torch.Tensor) -> float:
-    """Error of always emitting the training zoo's mean vector (what a generator must beat)."""
-    mean = train.inputs.mean(0)  # (F,)
-    return float((((samples.inputs - mean).square() * weights).sum(-1) + samples.offsets).mean())
 
 
 def save_checkpoint(directory: str | Path, state: dict[str, Any]) -> Path:
@@ -185,3 +154,76 @@ def fit_cvae(model: CVAE, train: SampleSet, cfg: GeneratorConfig, *, weights: to
             break
     model.eval()
     return result
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def build_cvae(cfg: GeneratorConfig, input_dim: int, condition_dim: int,
+               segments: tuple = ()) -> CVAE:
+    """The network for ``cfg``, initialised from ``cfg.seed`` alone. ``segments``: the
+    generated tensors' (layer, module type, part, numel), for architectures that read them."""
+    spec = CVAESpec(arch=cfg.arch, input_dim=input_dim, condition_dim=condition_dim,
+                    latent_dim=cfg.latent_dim, width=cfg.width, depth=cfg.depth,
+                    injection=cfg.injection, conv_stages=cfg.conv_stages, segments=segments,
+                    embedding_dim=cfg.embedding_dim)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        return build_network(spec)
+
+
+def generator_from_state(data: PreparedData, cfg: GeneratorConfig, model_state: Mapping | None = None,
+                         *, summary: dict | None = None) -> LoraGenerator:
+    """A `LoraGenerator` over ``data``'s codec, with CVAE weights ``model_state`` (None: fresh)."""
+    rep = data.representation(cfg)
+    segments = ()
+    if architecture(cfg.arch).needs_segments:
+        sizes = [data.layout.sizes[data.layout.keys.index(k)] for k in data.generated_keys]
+        segments = module_segments(data.generated_keys, sizes)
+    model = build_cvae(cfg, rep.codec.model_dim, data.condition_spec["condition_dim"], segments)
+    model.fit_data(rep.train.inputs)
+    if model_state is not None:
+        model.load_state_dict(model_state)
+    return LoraGenerator(model=model, codec=rep.codec, condition_norm=data.condition_norm,
+                         layout=data.layout, generated_keys=data.generated_keys, fixed=data.fixed,
+                         peft_config=data.peft_config, model_spec=data.model_spec,
+                         condition_spec=data.condition_spec, config=cfg, summary=summary)
+
+
+def fit_generator(data: PreparedData, cfg: GeneratorConfig, *, report: Report | None = None,
+                  resume_state: dict | None = None) -> LoraGenerator:
+    """Train a generator with hyperparameters ``cfg`` on prepared data (one Tune trial)."""
+    rep = data.representation(cfg)
+    generator = generator_from_state(data, cfg)
+    result = fit_cvae(generator.model, rep.train, cfg, weights=rep.codec.weights(),
+                      validation=rep.validation, report=report, resume_state=resume_state)
+    split = data.split
+    generator.summary = {
+        "trained_on": {"tasks": list(split.train_tasks), "snapshots": len(rep.train),
+                       "episodes": int(rep.train.episode_count.sum()),
+                       "held_out_snapshots_per_task": split.val_snapshots,
+                       "validation_tasks": list(split.val_tasks)},
+        "steps": result.steps, "train_seconds": result.train_seconds,
+        "samples_per_s": result.steps * cfg.batch_size / max(result.train_seconds, 1e-9),
+        "final": result.final, "history": result.history, "baselines": rep.baselines,
+        "representation": rep.info, "zoo": data.zoo_summary}
+    return generator
+
+
+def train_generator(zoo: ZooData, conditions: Mapping[str, Any], cfg: GeneratorConfig, *,
+                    validation: bool = False, condition_spec: Mapping[str, Any] | None = None,
+                    init_state: Mapping[str, torch.Tensor] | None = None, report: Report | None = None,
+                    resume_state: dict | None = None) -> LoraGenerator:
+    """Prepare the data and train one generator (both generator jobs and the tests use this).
+
+    Args:
+        zoo: training tasks' snapshots (`icm.generator.inputs.load_zoo`, or built in memory).
+        conditions: task -> (E, D) episode task vectors.
+        validation: keep validation tasks / snapshots out (model selection); False (the final
+            generator) trains on every task and snapshot of ``zoo``.
+        init_state: the zoo's initial adapter, needed for ``cfg.target == "b"``.
+        report, resume_state: see `fit_cvae`.
+    """
+    data = prepare_data(zoo, conditions, cfg, validation=validation, init_state=init_state,
+                        condition_spec=condition_spec)
+    return fit_generator(data, cfg, report=report, resume_state=resume_state)

@@ -1,6 +1,7 @@
 """The conditional VAE over LoRA weights: one model for every task, conditioned on a task vector.
 
-Two architectures share one interface (``encode`` / ``decode`` / ``forward``):
+Architectures share one interface (``encode`` / ``decode`` / ``forward``); the registry in
+`icm.generator.archs` lists them (the per-module hypernetwork is in `icm.generator.hyper`):
 
 - ``mlp``: MLP encoder and decoder over a vector of ``input_dim`` features (the zoo's principal
   coefficients, or the whole normalised flat adapter for small adapters).
@@ -31,7 +32,7 @@ from torch import nn
 class CVAESpec:
     """Everything needed to rebuild the network (stored in the generator artifact)."""
 
-    arch: Literal["mlp", "conv1d"]
+    arch: str  # a name in icm.generator.archs.ARCHITECTURES
     input_dim: int  # F: features of one (model-space) sample
     condition_dim: int  # D: task-vector size
     latent_dim: int
@@ -40,17 +41,18 @@ class CVAESpec:
     injection: Literal["concat", "film"] = "concat"
     conv_stages: int = 12
     kernel: int = 7
-
-    def __post_init__(self) -> None:
-        if self.arch == "conv1d" and self.input_dim % (2 ** self.conv_stages):
-            raise ValueError(f"conv1d input_dim {self.input_dim} must be a multiple of "
-                             f"2**conv_stages = {2 ** self.conv_stages} (pad the vector)")
+    # hyper only: each generated tensor in flat order as (layer, module type, part, numel),
+    # e.g. (3, "self_attn.q_proj", "lora_A", 4608); see icm.generator.hyper.module_segments
+    segments: tuple[tuple[int, str, str, int], ...] = ()
+    embedding_dim: int = 32  # hyper only: size of the learned layer and module-type embeddings
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> CVAESpec:
+        data = dict(data)
+        data["segments"] = tuple(tuple(s) for s in data.get("segments", ()))
         return cls(**data)
 
     def conv_channels(self) -> list[int]:
@@ -119,51 +121,30 @@ class ConvStack(nn.Module):
 
 
 class CVAE(nn.Module):
-    """Conditional VAE: q(z | x, c) and p(x | z, c) with a standard normal prior on z."""
+    """Conditional VAE: q(z | x, c) and p(x | z, c) with a standard normal prior on z.
+
+    Subclasses (one per architecture, listed in `icm.generator.archs`) give ``encode`` and
+    ``decode``; the reparameterised forward pass is shared.
+    """
 
     def __init__(self, spec: CVAESpec):
         super().__init__()
         self.spec = spec
-        s, film = spec, spec.injection == "film"
-        cond = 0 if film else s.condition_dim  # extra inputs when concatenating
-        if s.arch == "mlp":
-            self.encoder = MLPStack(s.input_dim + cond, s.width, s.depth, s.condition_dim, film)
-            self.decoder = MLPStack(s.latent_dim + cond, s.width, s.depth, s.condition_dim, film)
-            self.posterior = nn.Linear(s.width, 2 * s.latent_dim)
-            self.output = nn.Linear(s.width, s.input_dim)
-        elif s.arch == "conv1d":
-            chans = s.conv_channels()
-            self.last = s.input_dim // 2 ** s.conv_stages  # length after the encoder
-            self.encoder = ConvStack([1, *chans], kernel=s.kernel, transpose=False,
-                                     condition_dim=s.condition_dim, film=film)
-            self.features = nn.Linear(chans[-1] * self.last, s.latent_dim)
-            self.posterior = nn.Linear(s.latent_dim + cond, 2 * s.latent_dim)
-            self.expand = nn.Linear(s.latent_dim + cond, chans[-1] * self.last)
-            self.decoder = ConvStack([*chans[::-1], chans[0]], kernel=s.kernel, transpose=True,
-                                     condition_dim=s.condition_dim, film=film)
-            self.output = nn.Conv1d(chans[0], 1, s.kernel, padding=s.kernel // 2)
-        else:
-            raise ValueError(f"unknown arch {s.arch!r}")
 
     def _join(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         return h if self.spec.injection == "film" else torch.cat([h, c], dim=-1)
 
+    def fit_data(self, train_inputs: torch.Tensor) -> None:
+        """Statistics a network keeps from its training inputs (N, F) before training starts;
+        none by default."""
+
     def encode(self, x: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, F), (B, D) -> posterior mean and log-variance, (B, latent) each."""
-        if self.spec.arch == "mlp":
-            h = self.encoder(self._join(x, c), c)  # (B, width)
-        else:
-            h = self.encoder(x.unsqueeze(1), c).flatten(1)  # (B, C * last)
-            h = self._join(self.features(h), c)  # (B, latent [+ D])
-        mu, logvar = self.posterior(h).chunk(2, dim=-1)
-        return mu, logvar.clamp(-30.0, 20.0)
+        raise NotImplementedError
 
     def decode(self, z: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """(B, latent), (B, D) -> (B, F)."""
-        if self.spec.arch == "mlp":
-            return self.output(self.decoder(self._join(z, c), c))
-        h = self.expand(self._join(z, c)).view(z.shape[0], -1, self.last)  # (B, C, last)
-        return self.output(self.decoder(h, c)).squeeze(1)  # (B, F)
+        raise NotImplementedError
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, eps: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -172,6 +153,62 @@ class CVAE(nn.Module):
         mu, logvar = self.encode(x, c)
         z = mu if eps is None else mu + eps * torch.exp(0.5 * logvar)  # (B, latent)
         return self.decode(z, c), mu, logvar
+
+
+def split_posterior(out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, 2 * latent) -> mean and clamped log-variance (no overflow in exp)."""
+    mu, logvar = out.chunk(2, dim=-1)
+    return mu, logvar.clamp(-30.0, 20.0)
+
+
+class MLPCVAE(CVAE):
+    """MLP encoder and decoder over ``input_dim`` features (principal coefficients or the flat
+    normalised adapter)."""
+
+    def __init__(self, spec: CVAESpec):
+        super().__init__(spec)
+        s, film = spec, spec.injection == "film"
+        cond = 0 if film else s.condition_dim  # extra inputs when concatenating
+        self.encoder = MLPStack(s.input_dim + cond, s.width, s.depth, s.condition_dim, film)
+        self.decoder = MLPStack(s.latent_dim + cond, s.width, s.depth, s.condition_dim, film)
+        self.posterior = nn.Linear(s.width, 2 * s.latent_dim)
+        self.output = nn.Linear(s.width, s.input_dim)
+
+    def encode(self, x: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return split_posterior(self.posterior(self.encoder(self._join(x, c), c)))
+
+    def decode(self, z: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return self.output(self.decoder(self._join(z, c), c))
+
+
+class ConvCVAE(CVAE):
+    """The reference's strided 1-D convolutions over the zero-padded flat vector."""
+
+    def __init__(self, spec: CVAESpec):
+        super().__init__(spec)
+        s, film = spec, spec.injection == "film"
+        if s.input_dim % (2 ** s.conv_stages):
+            raise ValueError(f"conv1d input_dim {s.input_dim} must be a multiple of "
+                             f"2**conv_stages = {2 ** s.conv_stages} (pad the vector)")
+        cond = 0 if film else s.condition_dim
+        chans = s.conv_channels()
+        self.last = s.input_dim // 2 ** s.conv_stages  # length after the encoder
+        self.encoder = ConvStack([1, *chans], kernel=s.kernel, transpose=False,
+                                 condition_dim=s.condition_dim, film=film)
+        self.features = nn.Linear(chans[-1] * self.last, s.latent_dim)
+        self.posterior = nn.Linear(s.latent_dim + cond, 2 * s.latent_dim)
+        self.expand = nn.Linear(s.latent_dim + cond, chans[-1] * self.last)
+        self.decoder = ConvStack([*chans[::-1], chans[0]], kernel=s.kernel, transpose=True,
+                                 condition_dim=s.condition_dim, film=film)
+        self.output = nn.Conv1d(chans[0], 1, s.kernel, padding=s.kernel // 2)
+
+    def encode(self, x: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.encoder(x.unsqueeze(1), c).flatten(1)  # (B, C * last)
+        return split_posterior(self.posterior(self._join(self.features(h), c)))
+
+    def decode(self, z: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        h = self.expand(self._join(z, c)).view(z.shape[0], -1, self.last)  # (B, C, last)
+        return self.output(self.decoder(h, c)).squeeze(1)  # (B, F)
 
 
 def reconstruction_error(x_hat: torch.Tensor, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

@@ -23,18 +23,12 @@ import numpy as np
 import torch
 
 from icm.config import GeneratorConfig, StageConfig, save_resolved_config
-from icm.cvae import CVAE, CVAESpec
-from icm.cvae_train import Report, fit_cvae
-from icm.generator_data import (ConditionNorm, PreparedData, Subspace, TensorNorm, WeightCodec,
-                                key_positions, prepare_data)
-from icm.generator_inputs import (ConditionMismatchError, GeneratorInputError, GeneratorInputs,
-                                  ZooData, ZooInputError, load_generator_inputs)
+from icm.generator.archs import build_network
+from icm.generator.data import ConditionNorm, Subspace, TensorNorm, WeightCodec, key_positions
+from icm.generator.inputs import ConditionMismatchError, GeneratorInputError
+from icm.generator.networks import CVAE, CVAESpec
 from icm.io import atomic_directory, sha256_file, write_json_atomic
 from icm.lora_io import LoraLayout, save_adapter, unflatten
-
-__all__ = ["LoraGenerator", "train_generator", "fit_generator", "generator_from_state",
-           "prepare_data", "load_generator_inputs", "GeneratorInputs", "GeneratorInputError",
-           "ConditionMismatchError", "ZooInputError"]
 
 FORMAT = "icm-lora-generator"
 FORMAT_VERSION = 1
@@ -180,7 +174,7 @@ class LoraGenerator:
             raise GeneratorInputError(f"{folder / META_FILE}: format {meta.get('format')!r} version "
                                       f"{meta.get('version')} is not {FORMAT!r} v{FORMAT_VERSION}.")
         t = load_file(str(folder / WEIGHTS_FILE))
-        model = CVAE(CVAESpec.from_json(meta["cvae"]))
+        model = build_network(CVAESpec.from_json(meta["cvae"]))
         model.load_state_dict({k[5:]: v for k, v in t.items() if k.startswith("cvae.")})
         subspace = (Subspace(t["subspace.mean"], t["subspace.basis"].float(), t["subspace.scale"],
                              t["subspace.explained"]) if "subspace.basis" in t else None)
@@ -193,68 +187,3 @@ class LoraGenerator:
                    peft_config=meta["peft_config"], model_spec=meta["model_spec"],
                    condition_spec=meta["condition_spec"], config=GeneratorConfig(**meta["config"]),
                    summary=meta.get("training"))
-
-
-# ----------------------------------------------------------------------------- training
-
-
-def build_cvae(cfg: GeneratorConfig, input_dim: int, condition_dim: int) -> CVAE:
-    """The network for ``cfg``, initialised from ``cfg.seed`` alone."""
-    spec = CVAESpec(arch=cfg.arch, input_dim=input_dim, condition_dim=condition_dim,
-                    latent_dim=cfg.latent_dim, width=cfg.width, depth=cfg.depth,
-                    injection=cfg.injection, conv_stages=cfg.conv_stages)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        return CVAE(spec)
-
-
-def generator_from_state(data: PreparedData, cfg: GeneratorConfig, model_state: Mapping | None = None,
-                         *, summary: dict | None = None) -> LoraGenerator:
-    """A `LoraGenerator` over ``data``'s codec, with CVAE weights ``model_state`` (None: fresh)."""
-    rep = data.representation(cfg)
-    model = build_cvae(cfg, rep.codec.model_dim, data.condition_spec["condition_dim"])
-    if model_state is not None:
-        model.load_state_dict(model_state)
-    return LoraGenerator(model=model, codec=rep.codec, condition_norm=data.condition_norm,
-                         layout=data.layout, generated_keys=data.generated_keys, fixed=data.fixed,
-                         peft_config=data.peft_config, model_spec=data.model_spec,
-                         condition_spec=data.condition_spec, config=cfg, summary=summary)
-
-
-def fit_generator(data: PreparedData, cfg: GeneratorConfig, *, report: Report | None = None,
-                  resume_state: dict | None = None) -> LoraGenerator:
-    """Train a generator with hyperparameters ``cfg`` on prepared data (one Tune trial)."""
-    rep = data.representation(cfg)
-    generator = generator_from_state(data, cfg)
-    result = fit_cvae(generator.model, rep.train, cfg, weights=rep.codec.weights(),
-                      validation=rep.validation, report=report, resume_state=resume_state)
-    split = data.split
-    generator.summary = {
-        "trained_on": {"tasks": list(split.train_tasks), "snapshots": len(rep.train),
-                       "episodes": int(rep.train.episode_count.sum()),
-                       "held_out_snapshots_per_task": split.val_snapshots,
-                       "validation_tasks": list(split.val_tasks)},
-        "steps": result.steps, "train_seconds": result.train_seconds,
-        "samples_per_s": result.steps * cfg.batch_size / max(result.train_seconds, 1e-9),
-        "final": result.final, "history": result.history, "baselines": rep.baselines,
-        "representation": rep.info, "zoo": data.zoo_summary}
-    return generator
-
-
-def train_generator(zoo: ZooData, conditions: Mapping[str, Any], cfg: GeneratorConfig, *,
-                    validation: bool = False, condition_spec: Mapping[str, Any] | None = None,
-                    init_state: Mapping[str, torch.Tensor] | None = None, report: Report | None = None,
-                    resume_state: dict | None = None) -> LoraGenerator:
-    """Prepare the data and train one generator (both generator jobs and the tests use this).
-
-    Args:
-        zoo: training tasks' snapshots (`icm.generator_inputs.load_zoo`, or built in memory).
-        conditions: task -> (E, D) episode task vectors.
-        validation: keep validation tasks / snapshots out (model selection); False (the final
-            generator) trains on every task and snapshot of ``zoo``.
-        init_state: the zoo's initial adapter, needed for ``cfg.target == "b"``.
-        report, resume_state: see `icm.cvae_train.fit_cvae`.
-    """
-    data = prepare_data(zoo, conditions, cfg, validation=validation, init_state=init_state,
-                        condition_spec=condition_spec)
-    return fit_generator(data, cfg, report=report, resume_state=resume_state)
