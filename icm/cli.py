@@ -24,6 +24,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from icm.adapters import AdapterError
 from icm.config import ConfigError, list_presets, load_config
@@ -133,6 +134,49 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval_compare(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from icm.eval.compare import merge_runs
+    from icm.eval.report import markdown_report, plot_per_task
+    from icm.io import write_text_atomic
+
+    def results(folder: str) -> pd.DataFrame:
+        path = Path(folder) / "results.parquet" if Path(folder).is_dir() else Path(folder)
+        if not path.is_file():
+            raise InputError(f"{path} does not exist. Fix: pass an evaluate stage folder "
+                             "(<storage.root>/evaluate) or its results.parquet.")
+        return pd.read_parquet(path)
+
+    others = {}
+    for spec in args.run:
+        label, sep, folder = spec.partition("=")
+        if not sep or not label or not folder:
+            raise InputError(f"--run {spec!r} must be LABEL=FOLDER, e.g. --run hyper=icm-runs/study-hyper/evaluate")
+        others[label] = results(folder)
+    merged = merge_runs(results(args.reference), others)
+    config = "\n".join(f"{label}: {folder}" for label, folder in
+                        [("reference", args.reference), *[r.split("=", 1) for r in args.run]])
+    report = markdown_report(merged, command="icm eval-compare " + " ".join(sys.argv[2:]),
+                             title="icm-ray evaluation: generators compared", config_yaml=config,
+                             resamples=args.bootstrap, seed=0, folds=_folds_of(args.reference))
+    out = Path(args.out)
+    write_text_atomic(out, report)
+    plot_per_task(merged, out.with_suffix(".png"),
+                  variants=("oracle", "generated", *[f"generated[{k}]" for k in others],
+                            "similarity-soup", "in-context", "multitask"))
+    print(f"eval-compare: {merged['task'].nunique()} tasks, generators "
+          f"{['generated', *[f'generated[{k}]' for k in others]]} -> {out}")
+    return 0
+
+
+def _folds_of(reference: str) -> list:
+    """The reference run's fold groups (baselines.json beside its results), for the headline."""
+    folder = Path(reference) if Path(reference).is_dir() else Path(reference).parent
+    record = folder / "baselines.json"
+    return json.loads(record.read_text()).get("folds", []) if record.is_file() else []
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     from icm.generate import AdapterFactory, GenerateInputError, read_examples, task_context
 
@@ -217,6 +261,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("serve", help="Ray Serve app: an adapter per request + OpenAI-compatible "
                    "completions (serve_apps.lora_generator; `icm serve --help`)")
+
+    compare = sub.add_parser("eval-compare", help="another run's generators beside a reference "
+                             "evaluation's baselines, paired per text (EVAL-style report)")
+    compare.add_argument("--reference", required=True, help="evaluate stage folder or results.parquet")
+    compare.add_argument("--run", action="append", required=True, metavar="LABEL=FOLDER",
+                         help="another evaluation of the same tasks with another generator")
+    compare.add_argument("--out", required=True, help="markdown report to write (a .png goes beside it)")
+    compare.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples")
+    compare.set_defaults(func=_cmd_eval_compare)
 
     generate = sub.add_parser("generate", help="a task's context in, a peft adapter out")
     generate.add_argument("--generator", required=True, help="generator artifact directory")

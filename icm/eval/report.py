@@ -66,6 +66,23 @@ def task_log_ppl(results: pd.DataFrame) -> pd.DataFrame:
                                     values="log_ppl")
 
 
+def ordered_variants(results: pd.DataFrame) -> list[str]:
+    """The variants present, in registry order, then any others (e.g. another generator's
+    ``generated[hyper]`` rows merged by `icm.eval.compare`) by name."""
+    present = set(results["variant"])
+    return [v for v in VARIANTS if v in present] + sorted(present - set(VARIANTS))
+
+
+def is_baseline(variant: str) -> bool:
+    return variant in VARIANTS and VARIANTS[variant].baseline
+
+
+def generated_variants(results: pd.DataFrame) -> list[str]:
+    """The generator's own variant and every merged generator's (``generated[label]``)."""
+    return [v for v in ordered_variants(results)
+            if v == HEADLINE_VARIANT or v.startswith(HEADLINE_VARIANT + "[")]
+
+
 def _fmt_ci(ci) -> str:
     return f"{ci.estimate:.3f} [{ci.low:.3f}, {ci.high:.3f}]" if ci.n else "n/a"
 
@@ -96,14 +113,13 @@ def comparison_table(results: pd.DataFrame, resamples: int, seed: int) -> pd.Dat
     """Every variant of a setting: gap recovered (CI), ratio to the oracle, and the generated
     adapter's ratio to it (CI, wins, sign test)."""
     rows = []
-    variants = [v for v in VARIANTS if v in set(results["variant"])]
-    for variant in variants:
+    for variant in ordered_variants(results):
         gap = gap_row(results, variant, resamples, seed) if variant not in ("base", "oracle") else None
         to_oracle = ratio_row(results, variant, "oracle", resamples, seed) if variant != "oracle" else None
         versus = (ratio_row(results, HEADLINE_VARIANT, variant, resamples, seed)
                   if variant != HEADLINE_VARIANT else None)
         rows.append({
-            "variant": variant, "baseline": VARIANTS[variant].baseline,
+            "variant": variant, "baseline": is_baseline(variant),
             "tasks": int(results.loc[results["variant"] == variant, "task"].nunique()),
             "gap recovered, median [95% CI]": _fmt_ci(gap) if gap else "",
             "ppl / oracle [95% CI]": _fmt_ci(to_oracle) if to_oracle else "",
@@ -141,11 +157,28 @@ def headline_table(results: pd.DataFrame, folds: Sequence[Sequence[str]], resamp
     return pd.DataFrame(rows)
 
 
+def generators_table(results: pd.DataFrame, resamples: int, seed: int) -> pd.DataFrame:
+    """Per unseen setting and generator: gap recovered, and its perplexity ratio to every
+    baseline (95% CI; below 1 the generator is better, wins in brackets)."""
+    rows = []
+    for setting, label in (("heldout", "held-out"), ("fold", "folds")):
+        part = results[results["setting"] == setting]
+        baselines = [v for v in ordered_variants(part) if is_baseline(v)]
+        for variant in generated_variants(part):
+            gap = gap_row(part, variant, resamples, seed)
+            row = {"setting": label, "generator": variant, "gap recovered": _fmt_ci(gap) if gap else "n/a"}
+            for rival in baselines:
+                ci = ratio_row(part, variant, rival, resamples, seed)
+                row[f"/ {rival}"] = f"{_fmt_ci(ci)} ({ci.wins}/{ci.n})" if ci else "n/a"
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def seen_table(results: pd.DataFrame, resamples: int, seed: int) -> pd.DataFrame:
     """Seen tasks: each variant's ppl ratio to the task's own trained LoRA, and dW cosine to it."""
     seen = results[results["setting"] == "seen"]
     rows = []
-    for variant in [v for v in VARIANTS if v in set(seen["variant"]) and v != "oracle"]:
+    for variant in [v for v in ordered_variants(seen) if v != "oracle"]:
         ratio = ratio_row(seen, variant, "oracle", resamples, seed)
         cosine = seen.loc[seen["variant"] == variant, "delta_cosine_to_oracle"].dropna()
         rows.append({"variant": variant, "ppl / trained LoRA [95% CI]": _fmt_ci(ratio) if ratio else "",
@@ -159,7 +192,7 @@ def per_task_table(results: pd.DataFrame, setting: str) -> pd.DataFrame:
     if not len(part):
         return pd.DataFrame()
     table = np.exp(task_log_ppl(part)).reset_index().drop(columns=["setting"])
-    order = ["fold", "task", "group"] + [v for v in VARIANTS if v in table.columns]
+    order = ["fold", "task", "group"] + [v for v in ordered_variants(part) if v in table.columns]
     table = table[order]
     if setting != "fold":
         table = table.drop(columns=["fold"])
@@ -178,6 +211,12 @@ def markdown_report(results: pd.DataFrame, *, command: str, config_yaml: str, ti
              "exact two-sided sign test.", ""]
     headline = headline_table(results, folds, resamples, seed)
     lines += [headline.to_markdown(index=False) if len(headline) else "(no unseen tasks scored)", ""]
+    generators = generators_table(results, resamples, seed)
+    if len(generators):
+        lines += ["## Each generator against each baseline (unseen tasks)", "",
+                  "Perplexity ratio generator / baseline, geometric mean over tasks [95% CI] "
+                  "(tasks the generator wins / tasks).", "",
+                  generators.to_markdown(index=False), ""]
     for setting, heading in (("heldout", "Fixed held-out set: every variant"),
                              ("fold", "Group folds (pooled): every variant")):
         part = results[results["setting"] == setting]
@@ -195,7 +234,7 @@ def markdown_report(results: pd.DataFrame, *, command: str, config_yaml: str, ti
         lines += [f"Spread of the generator's draws (mean distance from their mean / its norm): "
                   f"median {spread.median():.4f} over {len(spread)} tasks.", ""]
     lines += ["## Variants", "", "| variant | what it is |", "|---|---|"]
-    lines += [f"| {v.name} | {v.description} |" for v in VARIANTS.values() if v.name in set(results["variant"])]
+    lines += [f"| {v} | {_describe(v)} |" for v in ordered_variants(results)]
     for setting in ("heldout", "fold", "seen"):
         table = per_task_table(results, setting)
         if len(table):
@@ -203,6 +242,14 @@ def markdown_report(results: pd.DataFrame, *, command: str, config_yaml: str, ti
                       table.to_markdown(index=False, floatfmt=".2f")]
     lines += ["", "## Resolved config", "", "```yaml", config_yaml.rstrip(), "```", ""]
     return "\n".join(lines)
+
+
+def _describe(variant: str) -> str:
+    if variant in VARIANTS:
+        return VARIANTS[variant].description
+    base, _, label = variant.partition("[")
+    what = VARIANTS[base].description if base in VARIANTS else variant
+    return f"as {base}, from the generator of run '{label.rstrip(']')}': {what}"
 
 
 def plot_per_task(results: pd.DataFrame, out: Path,

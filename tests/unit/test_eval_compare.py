@@ -1,0 +1,56 @@
+"""Comparing generators: another run's generated rows beside the reference's baselines, only
+when both runs scored the same texts (icm eval-compare)."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from icm.cli import main
+from icm.errors import InputError
+from icm.eval.compare import merge_runs
+from icm.eval.report import generators_table, markdown_report
+from tests.unit.test_eval_report import _results
+
+
+def _other_run(shift: float) -> pd.DataFrame:
+    """A second evaluation of the same tasks and texts (same seed: same base and oracle NLL)
+    with a generator whose log ppl is 4.0 + shift."""
+    other = _results(generated_shift=shift)
+    return other[other["variant"].isin(["base", "oracle", "generated"])]
+
+
+def test_merged_generator_is_compared_with_every_baseline():
+    merged = merge_runs(_results(generated_shift=-0.3), {"hyper": _other_run(-0.8)})
+    assert {"generated", "generated[hyper]"} <= set(merged["variant"])
+    assert (merged["variant"] == "base").sum() == (_results()["variant"] == "base").sum()  # not twice
+    table = generators_table(merged, resamples=200, seed=0).set_index(["setting", "generator"])
+    hyper = table.loc[("held-out", "generated[hyper]")]
+    assert hyper["gap recovered"].startswith("0.8") and hyper["/ soup"].endswith("(12/12)")
+    assert float(table.loc[("held-out", "generated"), "/ soup"].split()[0]) > 1  # 3.7 vs 3.6
+    text = markdown_report(merged, command="c", config_yaml="", title="T", resamples=100)
+    assert "## Each generator against each baseline" in text and "from the generator of run 'hyper'" in text
+
+
+def test_runs_on_other_texts_are_refused():
+    other = _other_run(-0.8)
+    other.loc[other["variant"] == "base", "text_nll"] = other.loc[
+        other["variant"] == "base", "text_nll"].map(lambda v: [x * 1.01 for x in v])
+    with pytest.raises(InputError, match="scored 'base'.*not be paired"):
+        merge_runs(_results(), {"hyper": other})
+    no_generator = _other_run(-0.8).query("variant != 'generated'")
+    with pytest.raises(InputError, match="no generated rows"):
+        merge_runs(_results(), {"hyper": no_generator})
+
+
+def test_eval_compare_command_writes_the_report(tmp_path, capsys):
+    _results().to_parquet(tmp_path / "reference.parquet")
+    (tmp_path / "hyper").mkdir()
+    _other_run(-0.8).to_parquet(tmp_path / "hyper" / "results.parquet")
+    out = tmp_path / "compare.md"
+    assert main(["eval-compare", "--reference", str(tmp_path / "reference.parquet"),
+                 "--run", f"hyper={tmp_path / 'hyper'}", "--out", str(out), "--bootstrap", "50"]) == 0
+    assert "generated[hyper]" in out.read_text() and out.with_suffix(".png").is_file()
+    assert main(["eval-compare", "--reference", str(tmp_path / "reference.parquet"),
+                 "--run", "hyper", "--out", str(out)]) == 2
+    assert "must be LABEL=FOLDER" in capsys.readouterr().err
