@@ -278,6 +278,20 @@ class GeneratorConfig(StageConfig):
         "Snapshots per seen task kept out of generator training for validation."))
     report_every: int = Field(100, ge=1, description="Steps between metric reports / checkpoints.")
     cpus_per_task: float = Field(1.0, gt=0, description="Ray CPUs of the final generator training task.")
+    objective: Literal["reconstruction", "lm", "hybrid"] = Field("reconstruction", description=(
+        "reconstruction: the CVAE loss on zoo snapshots (the paper's). lm: after it, fine-tune by "
+        "the frozen base model's LM loss on the training tasks' train texts with the generated "
+        "LoRA applied (Ray Train). hybrid: that LM loss plus lm_reconstruction_weight x the CVAE loss."))
+    lm_steps: int = Field(200, ge=1, description="lm/hybrid: fine-tuning steps.")
+    lm_lr: float = Field(1e-4, gt=0, description="lm/hybrid: AdamW learning rate.")
+    lm_tasks: int = Field(4, ge=1, description="lm/hybrid: training tasks per step and worker.")
+    lm_texts: int = Field(2, ge=1, description="lm/hybrid: train texts per task and step.")
+    lm_seq_len: int = Field(48, ge=2, description="lm/hybrid: tokens per text (the zoo's seq_len).")
+    lm_max_texts: int = Field(64, ge=1, description="lm/hybrid: train texts per task drawn from.")
+    lm_reconstruction_weight: float = Field(1.0, ge=0, description=(
+        "hybrid: weight of the CVAE loss beside the LM loss."))
+    lm_workers: int = Field(1, ge=1, description=(
+        "lm/hybrid: Ray Train data-parallel workers (each draws its own tasks per step)."))
 
     @field_validator("arch")
     @classmethod

@@ -55,6 +55,16 @@ class LoraGenerator:
         self._template = torch.cat([base[k].reshape(-1) for k in layout.keys])  # (L,)
 
     @property
+    def template(self) -> torch.Tensor:
+        """(L,) flat vector with the fixed tensors in place and zeros where generated."""
+        return self._template
+
+    @property
+    def positions(self) -> torch.Tensor:
+        """(L_gen,) positions of the generated values in the flat layout."""
+        return self._positions
+
+    @property
     def condition_dim(self) -> int:
         return int(self.condition_spec["condition_dim"])
 

@@ -1,0 +1,223 @@
+"""The end-to-end objective: train the generator by the frozen base model's language-modelling
+loss with the generated LoRA applied (``generator.objective: lm``, or ``hybrid`` with the
+reconstruction loss beside it).
+
+Per step, for each of ``lm_tasks`` training tasks: one of its episode vectors c, z ~ N(0, I),
+the generated adapter W = G(z, c), and the mean token NLL of a few of its *train* texts under
+base + W. The adapter is applied through `torch.func.functional_call` on a base model wrapped
+once in peft, so the loss back-propagates through the frozen model into the generator. Eval
+texts are never read, and only training tasks (held-out ones were dropped with the zoo) take
+part.
+
+Ray-free: `jobs/train_generator.py` runs `fit_lm` in a Ray Train `TorchTrainer` (data-parallel
+workers, each with its own tasks per step, gradients averaged by DDP).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from icm.config import GeneratorConfig
+from icm.generator.artifact import LoraGenerator
+from icm.generator.data import SampleSet
+from icm.generator.networks import cvae_loss
+from icm.lora_io import LoraLayout
+
+LM_CHECKPOINT_FILE = "lm_state.pt"
+
+
+class FunctionalLora:
+    """A frozen base model in a peft LoRA wrapper whose LoRA tensors come from a flat vector
+    per call, differentiably (the generator's output), instead of from its parameters."""
+
+    def __init__(self, base_model, peft_config: Mapping[str, Any], layout: LoraLayout):
+        from peft import get_peft_model
+
+        from icm.adapter_swap import lora_config_from_json
+
+        for parameter in base_model.parameters():
+            parameter.requires_grad_(False)
+        self.model = get_peft_model(base_model, lora_config_from_json(peft_config)).eval()
+        self.layout = layout
+        names = {self._key(name): name for name, _ in self.model.named_parameters()
+                 if ".lora_" in name}
+        missing = [key for key in layout.keys if key not in names]
+        if missing:
+            raise ValueError(f"LoRA tensors {missing[:2]} of the layout are not in the model: "
+                             "the generator was built for another base model or LoRA config")
+        self.names = [names[key] for key in layout.keys]
+
+    def _key(self, name: str) -> str:
+        """Parameter name -> adapter state-dict key (peft drops the adapter's name)."""
+        adapter = self.model.active_adapter
+        return name.replace(f".{adapter}.", ".")
+
+    def nll(self, vector: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Mean token NLL of ``batch`` (input_ids, attention_mask, labels; (B, T) each) under
+        base + the LoRA ``vector`` (L,); differentiable in ``vector``."""
+        pieces = torch.split(vector, list(self.layout.sizes))
+        params = {name: piece.reshape(shape) for name, piece, shape in
+                  zip(self.names, pieces, self.layout.shapes)}
+        out = torch.func.functional_call(self.model, params, args=(), kwargs=dict(batch))
+        return out.loss
+
+
+def generated_vectors(generator: LoraGenerator, conditions: torch.Tensor, z: torch.Tensor
+                      ) -> torch.Tensor:
+    """Full flat adapters (B, L) from z-scored conditions (B, D) and latents (B, latent), with
+    gradients to the generator's network (`LoraGenerator.sample` is the no-grad path)."""
+    generated = generator.codec.decode(generator.model.decode(z, conditions))  # (B, L_gen)
+    out = generator.template.repeat(len(z), 1)  # (B, L): fixed tensors (target b's A) in place
+    out[:, generator.positions] = generated
+    return out
+
+
+def average_gradients(parameters) -> None:
+    """Data parallelism: every worker's gradients replaced by their mean over workers (a
+    no-op outside torch.distributed). Each worker drew its own tasks for the step."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() < 2:
+        return
+    world = dist.get_world_size()
+    for parameter in parameters:
+        if parameter.grad is None:
+            parameter.grad = torch.zeros_like(parameter)
+        dist.all_reduce(parameter.grad)
+        parameter.grad /= world
+
+
+@dataclass
+class LmTask:
+    """One training task's LM data: tokenised train texts and its episode vectors."""
+
+    name: str
+    sequences: list[list[int]]  # start token + text + EOS, cut to lm_seq_len
+    episodes: torch.Tensor  # (E, D) z-scored episode vectors
+
+
+def lm_tasks(train_texts: Mapping[str, Sequence[str]], conditions: Mapping[str, Any],
+             generator: LoraGenerator, tokenizer, cfg: GeneratorConfig) -> list[LmTask]:
+    """LM data for every task in ``train_texts`` (train split texts only: the caller never
+    passes eval texts or held-out tasks), at most ``cfg.lm_max_texts`` texts each."""
+    import numpy as np
+
+    from icm.lora_train import tokenize_texts
+
+    tasks = []
+    for name in sorted(train_texts):
+        texts = [t for t in train_texts[name] if t.strip()][:cfg.lm_max_texts]
+        if not texts:
+            continue
+        raw = torch.from_numpy(np.array(conditions[name], dtype=np.float32))  # (E, D)
+        tasks.append(LmTask(name, tokenize_texts(tokenizer, texts, cfg.lm_seq_len),
+                            generator.condition_norm.apply(raw)))
+    if not tasks:
+        raise ValueError("no training task has train texts for the LM objective")
+    return tasks
+
+
+@dataclass
+class LmResult:
+    history: list[dict[str, Any]] = field(default_factory=list)
+    steps: int = 0
+    train_seconds: float = 0.0
+
+
+def _step_choices(tasks: Sequence[LmTask], cfg: GeneratorConfig, step: int, rank: int
+                  ) -> list[tuple[LmTask, int, list[int]]]:
+    """Rank ``rank``'s (task, episode, text indices) at ``step``: a function of (seed, step,
+    rank) only, so a resumed run draws what an uninterrupted one would have."""
+    rng = random.Random(f"lm-{cfg.seed}-{step}-{rank}")
+    picks = []
+    for task in rng.sample(list(tasks), min(cfg.lm_tasks, len(tasks))):
+        texts = [rng.randrange(len(task.sequences)) for _ in range(cfg.lm_texts)]
+        picks.append((task, rng.randrange(len(task.episodes)), texts))
+    return picks
+
+
+def lm_step_loss(generator: LoraGenerator, applier: FunctionalLora, tasks: Sequence[LmTask],
+                 cfg: GeneratorConfig, step: int, rank: int, pad_id: int) -> torch.Tensor:
+    """Mean over this step's tasks of the LM loss of their generated adapters."""
+    from icm.lora_train import collate
+
+    picks = _step_choices(tasks, cfg, step, rank)
+    conditions = torch.stack([task.episodes[episode] for task, episode, _ in picks])  # (T, D)
+    seed = random.Random(f"z-{cfg.seed}-{step}-{rank}").randrange(2 ** 31)
+    z = torch.randn(len(picks), generator.model.spec.latent_dim,
+                    generator=torch.Generator().manual_seed(seed))  # (T, latent)
+    vectors = generated_vectors(generator, conditions, z)  # (T, L)
+    losses = [applier.nll(vector, collate([task.sequences[i] for i in texts], pad_id))
+              for vector, (task, _, texts) in zip(vectors, picks)]
+    return torch.stack(losses).mean()
+
+
+def fit_lm(generator: LoraGenerator, applier: FunctionalLora, tasks: Sequence[LmTask],
+           cfg: GeneratorConfig, *, pad_id: int,
+           reconstruction: tuple[SampleSet, torch.Tensor] | None = None, rank: int = 0,
+           report: Callable[[dict[str, Any], dict[str, Any]], None] | None = None,
+           resume_state: dict[str, Any] | None = None) -> LmResult:
+    """Train ``generator.model`` by the LM loss for ``cfg.lm_steps`` steps; with
+    ``reconstruction`` = (zoo samples, loss weights) add ``cfg.lm_reconstruction_weight`` x
+    the CVAE loss (the ``hybrid`` objective), which keeps the latent meaningful and the output
+    near the zoo. Under torch.distributed each rank draws its own tasks and gradients are
+    averaged over ranks, so every rank holds the same network after each step.
+
+    ``report(metrics, state)`` is called every ``cfg.report_every`` steps and at the end with
+    the full training state (what `resume_state` takes back).
+    """
+    network = generator.model
+    opt = torch.optim.AdamW(network.parameters(), lr=cfg.lm_lr, weight_decay=cfg.weight_decay)
+    result, gen = LmResult(), torch.Generator().manual_seed(cfg.seed + 1000 * rank)
+    if resume_state is not None:
+        network.load_state_dict(resume_state["model"])
+        opt.load_state_dict(resume_state["optimizer"])
+        gen.set_state(resume_state["rng"])
+        result = LmResult(resume_state["history"], resume_state["step"], resume_state["train_seconds"])
+    network.train()
+    running = {"lm": 0.0, "recon": 0.0, "n": 0}
+    while result.steps < cfg.lm_steps:
+        started = time.perf_counter()
+        loss = lm = lm_step_loss(generator, applier, tasks, cfg, result.steps, rank, pad_id)
+        if reconstruction is not None:
+            samples, weights = reconstruction
+            x, c, offset = samples.sample_batch(cfg.batch_size, gen)
+            x_hat, mu, logvar = network(x, c, torch.randn(len(x), generator.model.spec.latent_dim, generator=gen))
+            terms = cvae_loss(x_hat, x, mu, logvar, weights=weights, offset=offset, beta=cfg.beta)
+            loss = lm + cfg.lm_reconstruction_weight * terms["loss"]
+            running["recon"] += float(terms["recon"].detach())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        average_gradients(network.parameters())
+        torch.nn.utils.clip_grad_norm_(network.parameters(), 1.0)
+        opt.step()
+        result.steps += 1
+        result.train_seconds += time.perf_counter() - started
+        running["lm"] += float(lm.detach())
+        running["n"] += 1
+        diverged = not math.isfinite(float(loss.detach()))
+        if result.steps % cfg.report_every and result.steps < cfg.lm_steps and not diverged:
+            continue
+        n = max(running["n"], 1)
+        metrics = {"lm_step": result.steps, "train_lm_nll": running["lm"] / n,
+                   "train_lm_ppl": math.exp(min(running["lm"] / n, 50.0)),
+                   "train_recon": running["recon"] / n if reconstruction is not None else None,
+                   "train_seconds": result.train_seconds, "diverged": diverged}
+        result.history.append(metrics)
+        running = {"lm": 0.0, "recon": 0.0, "n": 0}
+        if report is not None:  # a copy: state_dict tensors alias the live parameters
+            report(metrics, copy.deepcopy({
+                "model": network.state_dict(), "optimizer": opt.state_dict(), "rng": gen.get_state(),
+                "step": result.steps, "history": result.history, "train_seconds": result.train_seconds}))
+        if diverged:
+            break
+    network.eval()
+    return result

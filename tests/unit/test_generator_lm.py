@@ -1,0 +1,98 @@
+"""The end-to-end LM objective: a generated LoRA applied functionally to the frozen base model,
+its loss back-propagated into the generator, deterministic and resumable (tiny-llama)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from icm.config import GeneratorConfig
+from icm.generator import LoraGenerator, fit_generator
+from icm.generator.data import prepare_data
+from icm.generator.inputs import initial_lora_state, load_zoo
+from icm.generator.lm import FunctionalLora, fit_lm, generated_vectors, lm_tasks
+from icm.lora_train import collate, tokenize_texts
+from icm.models import load_base_model
+from tests.unit.test_generator import FAST, LORA, write_zoo
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+TEXTS = {
+    "cats": ["The cat sat on the mat and purred.", "Cats nap in the warm sun all day."] * 4,
+    "sums": ["1 + 1 = 2, 2 + 2 = 4, 3 + 3 = 6.", "10 + 5 = 15 and 7 + 8 = 15."] * 4,
+    "code": ["def add(a, b):\n    return a + b", "for i in range(3):\n    print(i)"] * 4,
+}
+LM = dict(lm_steps=12, lm_lr=3e-2, lm_tasks=2, lm_texts=2, lm_seq_len=24, report_every=4)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A tiny-llama zoo of three tasks, a generator trained on it by reconstruction (saved, so
+    each test starts from the same weights), and the prepared reconstruction data."""
+    base = tmp_path_factory.mktemp("lm")
+    conditions = write_zoo(base / "zoo", sorted(TEXTS), multitask=False)
+    zoo = load_zoo(base / "zoo", include=sorted(TEXTS))
+    _, init_state = initial_lora_state("tiny-llama", LORA.model_dump(mode="json"))
+    cfg = GeneratorConfig(**{**FAST, "steps": 40}, val_tasks=0, val_snapshots=0)
+    data = prepare_data(zoo, conditions, cfg, validation=False, init_state=init_state)
+    fit_generator(data, cfg).save(base / "generator")
+    return base, conditions, data.representation(cfg)
+
+
+def _setup(world, **overrides):
+    base, conditions, representation = world
+    generator = LoraGenerator.load(base / "generator")
+    model, tokenizer = load_base_model("tiny-llama")
+    cfg = GeneratorConfig(**{**FAST, **LM, **overrides})
+    return (generator, FunctionalLora(model, generator.peft_config, generator.layout),
+            lm_tasks(TEXTS, conditions, generator, tokenizer, cfg), cfg, tokenizer)
+
+
+def test_functional_lora_scores_like_the_loaded_adapter_and_passes_gradients(world, tmp_path):
+    from peft import PeftModel
+
+    generator, applier, _, _, tokenizer = _setup(world)
+    conditions = world[1]
+    batch = collate(tokenize_texts(tokenizer, TEXTS["cats"][:2], 24), tokenizer.pad_token_id or 0)
+    vector = generator.sample(conditions["cats"].mean(0), z="zero")[0]  # (L,)
+    loaded = PeftModel.from_pretrained(load_base_model("tiny-llama")[0],
+                                       str(generator.write_adapter(vector, tmp_path / "a"))).eval()
+    with torch.no_grad():
+        assert float(applier.nll(vector, batch)) == pytest.approx(float(loaded(**batch).loss), rel=1e-5)
+    z = torch.zeros(1, generator.model.spec.latent_dim)
+    c = generator.condition_norm.apply(torch.as_tensor(conditions["cats"][:1]))
+    applier.nll(generated_vectors(generator, c, z)[0], batch).backward()
+    assert any(float(p.grad.abs().sum()) > 0 for p in generator.model.parameters() if p.grad is not None)
+    assert all(p.grad is None for p in applier.model.parameters())  # the base stays frozen
+
+
+def _task_loss(generator, applier, task, tokenizer) -> float:
+    """The z = 0 adapter's loss on all of a task's texts (fixed: comparable before and after)."""
+    with torch.no_grad():
+        c = task.episodes.mean(0, keepdim=True)
+        vector = generated_vectors(generator, c, torch.zeros(1, generator.model.spec.latent_dim))[0]
+        return float(applier.nll(vector, collate(task.sequences, tokenizer.pad_token_id or 0)))
+
+
+def test_lm_objective_lowers_the_training_loss_and_resumes_exactly(world):
+    generator, applier, tasks, cfg, tokenizer = _setup(world)
+    pad, states = tokenizer.pad_token_id or 0, {}
+    before = [_task_loss(generator, applier, task, tokenizer) for task in tasks]
+    result = fit_lm(generator, applier, tasks, cfg, pad_id=pad,
+                    report=lambda metrics, state: states.setdefault(metrics["lm_step"], state))
+    after = [_task_loss(generator, applier, task, tokenizer) for task in tasks]
+    assert len(result.history) == 3
+    assert all(a < b - 0.01 for a, b in zip(after, before)), (before, after)
+    again, applier2, tasks2, _, _ = _setup(world)  # the same start, resumed from step 4's state
+    resumed = fit_lm(again, applier2, tasks2, cfg, pad_id=pad, resume_state=states[4])
+    assert resumed.steps == cfg.lm_steps and len(resumed.history) == 3
+    for key, value in again.model.state_dict().items():
+        assert torch.allclose(value, generator.model.state_dict()[key], atol=1e-6), key
+
+
+def test_hybrid_adds_the_reconstruction_term(world):
+    generator, applier, tasks, cfg, tokenizer = _setup(world, lm_steps=4, objective="hybrid")
+    representation = world[2]
+    result = fit_lm(generator, applier, tasks, cfg, pad_id=tokenizer.pad_token_id or 0,
+                    reconstruction=(representation.train, representation.codec.weights()))
+    assert all(h["train_recon"] > 0 for h in result.history)
