@@ -36,6 +36,13 @@ from jobs.ray_setup import init_ray
 
 log = logging.getLogger("jobs.train_generator")
 CHECKPOINT_DIR = "generator-checkpoint"
+# objective lm/hybrid: the reconstruction-trained start the LM fine-tuning resumes from
+RECONSTRUCTION_DIR = "generator-reconstruction"
+
+
+def _finished(folder: Path, fingerprint: str) -> bool:
+    marker = folder / "fingerprint.json"
+    return marker.is_file() and json.loads(marker.read_text()).get("fingerprint") == fingerprint
 
 
 def chosen_config(cfg: PipelineConfig, suite: Suite, inputs: GeneratorInputs) -> tuple[GeneratorConfig, str]:
@@ -48,8 +55,9 @@ def chosen_config(cfg: PipelineConfig, suite: Suite, inputs: GeneratorInputs) ->
 
 
 def build_generator(config: dict, generator_config: dict, suite: Suite, inputs: GeneratorInputs | None,
-                    fingerprint: str) -> dict:
-    """Ray task: train on everything, checkpointing for resume, then write the artifact."""
+                    fingerprint: str, out: str | None = None) -> dict:
+    """Ray task: train on everything by reconstruction, checkpointing for resume, then write
+    the artifact to ``out`` (default: the stage folder)."""
     cfg = PipelineConfig.model_validate(config)
     gen_cfg = GeneratorConfig.model_validate(generator_config)
     if inputs is None:
@@ -72,7 +80,7 @@ def build_generator(config: dict, generator_config: dict, suite: Suite, inputs: 
     generator = train_generator(inputs.zoo, inputs.conditions, gen_cfg, validation=False,
                                 condition_spec=inputs.condition_spec, init_state=inputs.init_state,
                                 report=report, resume_state=resume)
-    out = generator.save(cfg.storage.path("generator"), resolved_config=cfg)
+    out = generator.save(out or cfg.storage.path("generator"), resolved_config=cfg)
     push_local(cfg, out)  # a URI root: the driver (maybe on another node) pulls it from there
     shutil.rmtree(work, ignore_errors=True)
     meta = json.loads((out / "generator.json").read_text())
@@ -96,9 +104,20 @@ def run(cfg: PipelineConfig, suite: Suite, *, inputs: GeneratorInputs | None = N
     log.info("generator: training %s on all %d training tasks with hyperparameters from %s",
              gen_cfg.arch, len(inputs.zoo.vectors), source)
     task = ray.remote(num_cpus=gen_cfg.cpus_per_task)(build_generator)
+    end_to_end = gen_cfg.objective != "reconstruction"
+    start = cfg.storage.path(RECONSTRUCTION_DIR) if end_to_end else None
     # The task reads the zoo itself (shared storage) unless inputs were handed in (tests).
-    summary = ray.get(task.remote(cfg.model_dump(mode="json"), gen_cfg.model_dump(mode="json"), suite,
-                                  given, current.fingerprint))
+    if not (end_to_end and _finished(start, current.fingerprint)):
+        summary = ray.get(task.remote(cfg.model_dump(mode="json"), gen_cfg.model_dump(mode="json"),
+                                      suite, given, current.fingerprint,
+                                      str(start) if start else None))
+        if end_to_end:
+            write_json_atomic(start / "fingerprint.json", {"fingerprint": current.fingerprint})
+    if end_to_end:
+        from jobs.generator_lm import finetune
+
+        pull_local(cfg, start)
+        summary = finetune(cfg, gen_cfg, suite, inputs, start, current.fingerprint)
     pull_local(cfg, current.directory)  # a URI root: the task may have run on another node
     return current.finish(started, {"generator": str(Path(current.directory).resolve()),
                                     "hyperparameters_from": source, **summary})

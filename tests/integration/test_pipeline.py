@@ -12,6 +12,7 @@ import time
 
 import pandas as pd
 import pytest
+import torch
 import yaml
 
 from tests.conftest import REPO_ROOT, make_suite
@@ -233,3 +234,53 @@ def test_pipeline_rejects_bad_config_before_starting_ray(tmp_path):
                              "model.max_length=-1"], cwd=REPO_ROOT, capture_output=True, text=True)
     assert direct.returncode == 2 and "'model.max_length'" in direct.stderr
     assert "Traceback" not in direct.stderr
+
+
+@pytest.mark.slow
+def test_generator_lm_objective_fine_tunes_on_ray_train_and_skips_when_done(smoke_run, tmp_path):
+    """objective=hybrid: the reconstruction-trained start, then 4 LM steps on 2 Ray Train
+    workers; the artifact records the LM history and loads like any generator."""
+    from icm.generator import LoraGenerator
+
+    root, suite, _ = smoke_run
+    lm_root = tmp_path / "lm"
+    lm_root.mkdir()
+    for upstream in ("zoo", "task_vectors"):  # the smoke run's inputs, the generator anew
+        (lm_root / upstream).symlink_to(root / upstream)
+    args = [f"suite.path={suite}", f"storage.root={lm_root}", "tune.enabled=false",
+            "generator.objective=hybrid", "generator.lm_steps=4", "generator.lm_workers=2",
+            "generator.cpus_per_task=0.5", "generator.report_every=2", "generator.lm_seq_len=24"]
+    command = [sys.executable, "-m", "jobs.train_generator", "--config", "smoke", *FAST, *args]
+    first = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-6000:]
+    meta = json.loads((lm_root / "generator" / "generator.json").read_text())
+    lm = meta["training"]["lm"]
+    assert meta["training"]["objective"] == "hybrid" and lm["steps"] == 4 and lm["workers"] == 2
+    assert [h["lm_step"] for h in lm["history"]] == [2, 4] and "dogs" not in lm["tasks"]
+    assert all(h["train_recon"] > 0 for h in lm["history"])
+    assert (lm_root / "generator-lm").is_dir() and (lm_root / "generator-reconstruction").is_dir()
+    start = LoraGenerator.load(lm_root / "generator-reconstruction")
+    tuned = LoraGenerator.load(lm_root / "generator")
+    vector = start.model.state_dict()["decoder.linears.0.weight"]
+    assert not torch.equal(vector, tuned.model.state_dict()["decoder.linears.0.weight"])
+    again = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "generator: up to date" in again.stderr
+
+
+def test_lm_texts_are_train_texts_of_training_tasks_only(tmp_path):
+    from icm.tasks import load_suite
+    from jobs.generator_lm import lm_train_texts
+
+    suite = load_suite(make_suite(tmp_path / "suite"))
+    texts = lm_train_texts(suite, ["cats", "sums"], limit=3)
+    assert texts["cats"] == load_task_texts(suite, "cats")[:3]
+    with pytest.raises(ValueError, match="held-out tasks \\['dogs'\\]"):
+        lm_train_texts(suite, ["cats", "dogs"], limit=3)
+
+
+def load_task_texts(suite, task):
+    from icm.tasks import load_task
+
+    task = load_task(suite.tasks[task].path)
+    assert not set(task.train_texts()) & set(task.eval_texts())
+    return task.train_texts()

@@ -1,0 +1,131 @@
+"""The generator's end-to-end objective on Ray Train (``generator.objective: lm | hybrid``).
+
+Called by the ``generator`` stage after the reconstruction-trained start is written to
+``<storage.root>/generator-reconstruction/``. A ``TorchTrainer`` with ``generator.lm_workers``
+data-parallel workers runs `lm_train_func`: each loads the frozen base model and the start,
+draws its own training tasks per step, and back-propagates the LM loss of their generated LoRAs
+on their *train* texts (`icm.generator.lm`); gradients are averaged over workers. Rank 0
+checkpoints every ``generator.report_every`` steps into Ray Train's storage
+(``<storage.root>/generator-lm/``), and a rerun with the same config resumes from the last
+checkpoint. Held-out tasks never enter: the texts come from the suite's training tasks that the
+generator was trained on, eval texts are never read.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import ray
+import ray.train
+import torch
+
+from icm.config import GeneratorConfig, PipelineConfig
+from icm.generator.inputs import GeneratorInputs
+from icm.stages import push_local
+from icm.tasks import Suite, load_task
+
+log = logging.getLogger("jobs.generator_lm")
+LM_DIR = "generator-lm"
+STATE_FILE = "lm_state.pt"
+
+
+def lm_train_texts(suite: Suite, tasks: list[str], limit: int) -> dict[str, list[str]]:
+    """Train-split texts of ``tasks`` (at most ``limit`` each); a held-out task is refused."""
+    held = sorted(set(tasks) & set(suite.heldout))
+    if held:
+        raise ValueError(f"held-out tasks {held} may not train the generator")
+    return {task: load_task(suite.tasks[task].path).train_texts()[:limit] for task in tasks}
+
+
+def lm_train_func(loop: dict) -> None:
+    """One data-parallel worker of the LM fine-tuning (see the module docstring)."""
+    from icm.generator import LoraGenerator
+    from icm.generator.data import prepare_data
+    from icm.generator.lm import FunctionalLora, fit_lm, lm_tasks
+    from icm.models import load_base_model
+
+    cfg = PipelineConfig.model_validate(loop["config"])
+    gen_cfg = GeneratorConfig.model_validate(loop["generator_config"])
+    rank = ray.train.get_context().get_world_rank()
+    generator = LoraGenerator.load(loop["start"])
+    model, tokenizer = load_base_model(cfg.model.spec, cache_dir=cfg.model.cache_dir,
+                                       dtype=cfg.model.dtype)
+    applier = FunctionalLora(model, generator.peft_config, generator.layout)
+    tasks = lm_tasks(loop["texts"], loop["conditions"], generator, tokenizer, gen_cfg)
+    reconstruction = None
+    if gen_cfg.objective == "hybrid":  # each worker reads the zoo (never through Ray's store)
+        from icm.generator.inputs import load_generator_inputs
+
+        inputs = load_generator_inputs(cfg, loop["suite"])
+        data = prepare_data(inputs.zoo, inputs.conditions, gen_cfg, validation=False,
+                            init_state=inputs.init_state, condition_spec=inputs.condition_spec)
+        representation = data.representation(gen_cfg)
+        reconstruction = (representation.train, representation.codec.weights())
+    resume = None
+    if (checkpoint := ray.train.get_checkpoint()) is not None:
+        with checkpoint.as_directory() as folder:
+            resume = torch.load(Path(folder) / STATE_FILE, weights_only=False)
+        print(f"[generator-lm] rank {rank} resuming from step {resume['step']}", flush=True)
+
+    def report(metrics: dict, state: dict) -> None:
+        print(f"[generator-lm] step {metrics['lm_step']}/{gen_cfg.lm_steps} LM nll "
+              f"{metrics['train_lm_nll']:.4f}" + (f" recon {metrics['train_recon']:.4g}"
+                                                  if metrics["train_recon"] is not None else ""),
+              flush=True)
+        with tempfile.TemporaryDirectory() as folder:
+            if rank == 0:  # every rank holds the same network: one checkpoint is enough
+                torch.save(state, Path(folder) / STATE_FILE)
+            checkpoint = ray.train.Checkpoint.from_directory(folder) if rank == 0 else None
+            ray.train.report({k: v for k, v in metrics.items() if v is not None}, checkpoint=checkpoint)
+
+    fit_lm(generator, applier, tasks, gen_cfg, pad_id=tokenizer.pad_token_id or 0,
+           reconstruction=reconstruction, rank=rank, report=report, resume_state=resume)
+
+
+def finetune(cfg: PipelineConfig, gen_cfg: GeneratorConfig, suite: Suite, inputs: GeneratorInputs,
+             start: Path, fingerprint: str) -> dict:
+    """Run the TorchTrainer from the reconstruction-trained ``start``; write the final
+    generator to the stage folder with the LM history in its training summary."""
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from icm.generator import LoraGenerator
+
+    started = time.perf_counter()
+    texts = lm_train_texts(suite, sorted(inputs.conditions), gen_cfg.lm_max_texts)
+    loop = {"config": cfg.model_dump(mode="json"), "generator_config": gen_cfg.model_dump(mode="json"),
+            "start": str(start), "texts": texts, "conditions": inputs.conditions,
+            "suite": suite}
+    log.info("generator: %s fine-tuning, %d steps x %d workers x %d tasks x %d texts of %d tokens",
+             gen_cfg.objective, gen_cfg.lm_steps, gen_cfg.lm_workers, gen_cfg.lm_tasks,
+             gen_cfg.lm_texts, gen_cfg.lm_seq_len)
+    trainer = TorchTrainer(
+        lm_train_func, train_loop_config=loop, torch_config=TorchConfig(backend="gloo"),
+        scaling_config=ray.train.ScalingConfig(num_workers=gen_cfg.lm_workers,
+                                               resources_per_worker={"CPU": gen_cfg.cpus_per_task}),
+        run_config=ray.train.RunConfig(
+            name=f"lm-{fingerprint[:12]}", storage_path=cfg.storage.uri(LM_DIR),  # resumable by name
+            failure_config=ray.train.FailureConfig(max_failures=2),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1)))
+    result = trainer.fit()
+    with result.checkpoint.as_directory() as folder:
+        state = torch.load(Path(folder) / STATE_FILE, weights_only=False)
+    generator = LoraGenerator.load(start)
+    generator.model.load_state_dict(state["model"])
+    generator.config = gen_cfg
+    generator.summary = {**generator.summary, "objective": gen_cfg.objective,
+                         "lm": {"steps": state["step"], "history": state["history"],
+                                "train_seconds": state["train_seconds"],
+                                "wall_seconds": time.perf_counter() - started,
+                                "workers": gen_cfg.lm_workers,
+                                "tasks": sorted(texts)}}
+    out = generator.save(cfg.storage.path("generator"), resolved_config=cfg)
+    push_local(cfg, out)
+    meta = json.loads((out / "generator.json").read_text())
+    final = state["history"][-1] if state["history"] else {}
+    return {"trained_on": generator.summary["trained_on"], "final": {**generator.summary["final"], **final},
+            "samples_per_s": generator.summary["samples_per_s"], "size": meta["size"],
+            "objective": gen_cfg.objective}
