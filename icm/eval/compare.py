@@ -47,6 +47,13 @@ def merge_runs(reference: pd.DataFrame, others: Mapping[str, pd.DataFrame], *,
     return pd.concat(frames, ignore_index=True)
 
 
+def _by_key(frame: pd.DataFrame, variant: str | None, column: str) -> dict:
+    """(setting, fold, task) -> ``column`` of a row of ``variant`` (None: any variant)."""
+    rows = frame if variant is None else frame[frame["variant"] == variant]
+    return {(r["setting"], -1 if pd.isna(r["fold"]) else r["fold"], r["task"]): r[column]
+            for _, r in rows.iterrows()}
+
+
 def _check_shared(reference: pd.DataFrame, other: pd.DataFrame, label: str, rtol: float) -> None:
     def table(frame: pd.DataFrame, variant: str) -> dict:
         first = frame["sample"].fillna(0).eq(0) if "sample" in frame else True
@@ -63,6 +70,12 @@ def _check_shared(reference: pd.DataFrame, other: pd.DataFrame, label: str, rtol
                                  "reference run: not the same texts, model or oracle, so the "
                                  "comparison would not be paired. Fix: evaluate it on the "
                                  "reference run's zoo, oracles, task vectors and evaluate config.")
+    tokens = {key: tuple(r) for key, r in _by_key(reference, "base", "text_tokens").items()}
+    for key, counts in _by_key(other, None, "text_tokens").items():
+        if key in tokens and tuple(counts) != tokens[key]:
+            raise InputError(f"run {label!r} scored other texts than the reference on {key} (token "
+                             "counts differ), so the comparison would not be paired. Fix: evaluate "
+                             "it with the reference run's suite and evaluate config.")
     missing = set(map(tuple, other[KEY].fillna(-1).values)) - set(map(tuple, reference[KEY].fillna(-1).values))
     if missing:
         raise InputError(f"run {label!r} scored {len(missing)} (setting, fold, task) the reference "

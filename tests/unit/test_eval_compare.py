@@ -38,6 +38,12 @@ def test_runs_on_other_texts_are_refused():
         other["variant"] == "base", "text_nll"].map(lambda v: [x * 1.01 for x in v])
     with pytest.raises(InputError, match="scored 'base'.*not be paired"):
         merge_runs(_results(), {"hyper": other})
+    shorter = _other_run(-0.8).query("variant == 'generated'").copy()  # generated rows only
+    shorter["text_tokens"] = shorter["text_tokens"].map(lambda v: [x - 1 for x in v])
+    with pytest.raises(InputError, match="other texts"):
+        merge_runs(_results(), {"hyper": shorter})
+    alone = _other_run(-0.8).query("variant == 'generated'")  # no base rows: token counts pair it
+    assert "generated[hyper]" in set(merge_runs(_results(), {"hyper": alone})["variant"])
     no_generator = _other_run(-0.8).query("variant != 'generated'")
     with pytest.raises(InputError, match="no generated rows"):
         merge_runs(_results(), {"hyper": no_generator})
