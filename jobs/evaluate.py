@@ -27,7 +27,7 @@ import pandas as pd
 import ray
 import yaml
 
-from icm.config import PipelineConfig, shareable_dump
+from icm.config import GeneratorConfig, PipelineConfig, shareable_dump
 from icm.eval.folds import fold_suite, fold_tasks, group_folds
 from icm.eval.inputs import MODES, SettingPlan, build_items
 from icm.eval.report import markdown_report, plot_per_task
@@ -70,7 +70,6 @@ def load_task_means(cfg: PipelineConfig, tasks: Sequence[str]) -> dict:
 
 def train_fold_generator(config: dict, suite: Suite, held_groups: list[str], out: str) -> dict:
     """Ray task: a generator trained without any task of ``held_groups`` (written atomically)."""
-    from icm.config import GeneratorConfig
     from icm.generator import train_generator
     from icm.generator.inputs import load_generator_inputs
 
@@ -90,10 +89,15 @@ def _generator_config(cfg: PipelineConfig) -> dict:
 
 
 def fold_generators(cfg: PipelineConfig, suite: Suite, folds: list[list[str]], directory: Path) -> list[str]:
-    """Train (or reuse: same fingerprint) one generator per fold; returns their folders."""
+    """Train (or reuse: same fingerprint) one generator per fold; returns their folders. With
+    ``generator.objective`` lm/hybrid each is trained by reconstruction into
+    ``fold-K/reconstruction`` and then fine-tuned on Ray Train like the main generator, from
+    the fold's training tasks only."""
     upstream = [_upstream(cfg, n)["fingerprint"] for n in ("zoo", "task_vectors", "generator")]
     pending, folders = {}, []
     remote = ray.remote(num_cpus=cfg.generator.cpus_per_task)(train_fold_generator)
+    gen_cfg = GeneratorConfig.model_validate(_generator_config(cfg))
+    end_to_end = gen_cfg.objective != "reconstruction"
     for index, groups in enumerate(folds):
         out = directory / f"fold-{index}"
         folders.append(str(out / "generator"))
@@ -101,10 +105,17 @@ def fold_generators(cfg: PipelineConfig, suite: Suite, folds: list[list[str]], d
         marker = out / "fold.json"
         if marker.is_file() and json.loads(marker.read_text()).get("fingerprint") == fingerprint:
             continue
-        ref = remote.remote(cfg.model_dump(mode="json"), suite, groups, str(out / "generator"))
+        first = out / ("reconstruction" if end_to_end else "generator")
+        ref = remote.remote(cfg.model_dump(mode="json"), suite, groups, str(first))
         pending[ref] = (marker, fingerprint, index)
     for ref, (marker, fingerprint, index) in pending.items():
         summary = ray.get(ref)
+        if end_to_end:  # the same end-to-end fine-tuning as the main generator, fold-only tasks
+            from jobs.generator_lm import finetune
+
+            out = directory / f"fold-{index}"
+            finetune(cfg, gen_cfg, fold_suite(suite, folds[index]), out / "reconstruction",
+                     fingerprint, out=out / "generator")
         write_json_atomic(marker, {"fingerprint": fingerprint, **summary})
         log.info("evaluate: fold %d generator trained on %d tasks (held out: %s)", index,
                  len(summary["trained_on"]), ", ".join(summary["held_groups"]))

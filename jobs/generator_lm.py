@@ -24,7 +24,6 @@ import ray.train
 import torch
 
 from icm.config import GeneratorConfig, PipelineConfig
-from icm.generator.inputs import GeneratorInputs
 from icm.stages import push_local
 from icm.tasks import Suite, load_task
 
@@ -86,18 +85,21 @@ def lm_train_func(loop: dict) -> None:
            reconstruction=reconstruction, rank=rank, report=report, resume_state=resume)
 
 
-def finetune(cfg: PipelineConfig, gen_cfg: GeneratorConfig, suite: Suite, inputs: GeneratorInputs,
-             start: Path, fingerprint: str) -> dict:
-    """Run the TorchTrainer from the reconstruction-trained ``start``; write the final
-    generator to the stage folder with the LM history in its training summary."""
+def finetune(cfg: PipelineConfig, gen_cfg: GeneratorConfig, suite: Suite, start: Path,
+             fingerprint: str, out: Path | None = None) -> dict:
+    """Run the TorchTrainer from the reconstruction-trained ``start`` (trained on ``suite``'s
+    training tasks); write the final generator to ``out`` (default: the stage folder) with the
+    LM history in its training summary."""
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from icm.generator import LoraGenerator
+    from icm.generator.inputs import load_task_conditions
 
     started = time.perf_counter()
-    texts = lm_train_texts(suite, sorted(inputs.conditions), gen_cfg.lm_max_texts)
+    trained_on = LoraGenerator.load(start).summary["trained_on"]["tasks"]
+    texts = lm_train_texts(suite, trained_on, gen_cfg.lm_max_texts)
     loop = {"config": cfg.model_dump(mode="json"), "generator_config": gen_cfg.model_dump(mode="json"),
-            "start": str(start), "texts": texts, "conditions": inputs.conditions,
+            "start": str(start), "texts": texts, "conditions": load_task_conditions(cfg, trained_on),
             "suite": suite}
     log.info("generator: %s fine-tuning, %d steps x %d workers x %d tasks x %d texts of %d tokens",
              gen_cfg.objective, gen_cfg.lm_steps, gen_cfg.lm_workers, gen_cfg.lm_tasks,
@@ -122,7 +124,7 @@ def finetune(cfg: PipelineConfig, gen_cfg: GeneratorConfig, suite: Suite, inputs
                                 "wall_seconds": time.perf_counter() - started,
                                 "workers": gen_cfg.lm_workers,
                                 "tasks": sorted(texts)}}
-    out = generator.save(cfg.storage.path("generator"), resolved_config=cfg)
+    out = generator.save(out or cfg.storage.path("generator"), resolved_config=cfg)
     push_local(cfg, out)
     meta = json.loads((out / "generator.json").read_text())
     final = state["history"][-1] if state["history"] else {}

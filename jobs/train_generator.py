@@ -117,7 +117,7 @@ def run(cfg: PipelineConfig, suite: Suite, *, inputs: GeneratorInputs | None = N
         from jobs.generator_lm import finetune
 
         pull_local(cfg, start)
-        summary = finetune(cfg, gen_cfg, suite, inputs, start, current.fingerprint)
+        summary = finetune(cfg, gen_cfg, suite, start, current.fingerprint)
     pull_local(cfg, current.directory)  # a URI root: the task may have run on another node
     return current.finish(started, {"generator": str(Path(current.directory).resolve()),
                                     "hyperparameters_from": source, **summary})

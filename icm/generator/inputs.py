@@ -241,12 +241,20 @@ def load_generator_inputs(cfg: PipelineConfig, suite, *,
     if diff := compare_layouts(layout, zoo.layout):
         raise ZooInputError(f"the zoo at {zoo.root} does not fit model.spec={cfg.model.spec!r} with "
                             f"these zoo settings: {diff}. Fix: retrain the zoo.")
+    conditions = load_task_conditions(cfg, sorted(zoo.vectors), load_conditions=load_conditions)
+    return GeneratorInputs(zoo, conditions, condition_spec_of(cfg), init_state)
+
+
+def load_task_conditions(cfg: PipelineConfig, tasks: Sequence[str], *,
+                         load_conditions: Callable[..., Mapping[str, Any]] | None = None
+                         ) -> dict[str, np.ndarray]:
+    """Task -> (E x modes, D) episode vectors of ``cfg.generator``'s modes, layer and pooling
+    (tasks without vectors are left out)."""
     g = cfg.generator
     per_mode = [(load_conditions or _task_vector_loader)(
         cfg.storage.path("task_vectors"), mode=mode, layer=g.condition_layer,
-        pooling=g.condition_pooling, tasks=sorted(zoo.vectors)) for mode in g.condition_modes]
+        pooling=g.condition_pooling, tasks=sorted(tasks)) for mode in g.condition_modes]
     # Every episode of every mode is one more context of the same task: (E x modes, D) per task.
-    conditions = {t: np.concatenate([np.asarray(m[t], dtype=np.float32).reshape(-1, m[t].shape[-1])
-                                     for m in per_mode if t in m])
-                  for t in zoo.vectors if any(t in m for m in per_mode)}
-    return GeneratorInputs(zoo, conditions, condition_spec_of(cfg), init_state)
+    return {t: np.concatenate([np.asarray(m[t], dtype=np.float32).reshape(-1, m[t].shape[-1])
+                               for m in per_mode if t in m])
+            for t in tasks if any(t in m for m in per_mode)}

@@ -245,7 +245,7 @@ def test_generator_lm_objective_fine_tunes_on_ray_train_and_skips_when_done(smok
     root, suite, _ = smoke_run
     lm_root = tmp_path / "lm"
     lm_root.mkdir()
-    for upstream in ("zoo", "task_vectors"):  # the smoke run's inputs, the generator anew
+    for upstream in ("zoo", "oracles", "task_vectors"):  # the smoke run's inputs, generators anew
         (lm_root / upstream).symlink_to(root / upstream)
     args = [f"suite.path={suite}", f"storage.root={lm_root}", "tune.enabled=false",
             "generator.objective=hybrid", "generator.lm_steps=4", "generator.lm_workers=2",
@@ -265,6 +265,18 @@ def test_generator_lm_objective_fine_tunes_on_ray_train_and_skips_when_done(smok
     assert not torch.equal(vector, tuned.model.state_dict()["decoder.linears.0.weight"])
     again = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "generator: up to date" in again.stderr
+    # The fold generator gets the same fine-tuning, from the fold's training tasks only.
+    evaluate = [sys.executable, "-m", "jobs.evaluate", "--config", "smoke", *FAST, *args,
+                "evaluate.variants=[generated]", "evaluate.seen_tasks=0"]
+    scored = subprocess.run(evaluate, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert scored.returncode == 0, scored.stdout[-3000:] + scored.stderr[-6000:]
+    fold = lm_root / "evaluate" / "folds" / "fold-0"
+    fold_lm = json.loads((fold / "generator" / "generator.json").read_text())["training"]["lm"]
+    assert (fold / "reconstruction").is_dir() and fold_lm["steps"] == 4
+    held = json.loads((lm_root / "evaluate" / "baselines.json").read_text())["folds"][0]
+    groups = {"cats": "animals", "dogs": "animals", "sums": "math", "code": "code"}
+    assert not {t for t in fold_lm["tasks"] if groups[t] in held}  # never a task of the fold
+    assert set(pd.read_parquet(lm_root / "evaluate" / "results.parquet")["variant"]) == {"generated"}
 
 
 def test_lm_texts_are_train_texts_of_training_tasks_only(tmp_path):
