@@ -292,6 +292,8 @@ class GeneratorConfig(StageConfig):
         "hybrid: weight of the CVAE loss beside the LM loss."))
     lm_workers: int = Field(1, ge=1, description=(
         "lm/hybrid: Ray Train data-parallel workers (each draws its own tasks per step)."))
+    lm_gpus_per_worker: float = Field(0.0, ge=0, description=(
+        "lm/hybrid: GPUs per worker (NCCL between them); 0 trains on CPU (gloo)."))
 
     @field_validator("arch")
     @classmethod

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import ray
 import ray.train
+import ray.train.torch
 import torch
 
 from icm.config import GeneratorConfig, PipelineConfig
@@ -50,9 +51,10 @@ def lm_train_func(loop: dict) -> None:
     cfg = PipelineConfig.model_validate(loop["config"])
     gen_cfg = GeneratorConfig.model_validate(loop["generator_config"])
     rank = ray.train.get_context().get_world_rank()
-    generator = LoraGenerator.load(loop["start"])
+    device = ray.train.torch.get_device()  # cuda:<local rank> on a GPU worker, else cpu
+    generator = LoraGenerator.load(loop["start"]).to(device)
     model, tokenizer = load_base_model(cfg.model.spec, cache_dir=cfg.model.cache_dir,
-                                       dtype=cfg.model.dtype)
+                                       dtype=cfg.model.dtype, device=str(device))
     applier = FunctionalLora(model, generator.peft_config, generator.layout)
     tasks = lm_tasks(loop["texts"], loop["conditions"], generator, tokenizer, gen_cfg)
     reconstruction = None
@@ -104,10 +106,13 @@ def finetune(cfg: PipelineConfig, gen_cfg: GeneratorConfig, suite: Suite, start:
     log.info("generator: %s fine-tuning, %d steps x %d workers x %d tasks x %d texts of %d tokens",
              gen_cfg.objective, gen_cfg.lm_steps, gen_cfg.lm_workers, gen_cfg.lm_tasks,
              gen_cfg.lm_texts, gen_cfg.lm_seq_len)
+    gpus = gen_cfg.lm_gpus_per_worker
     trainer = TorchTrainer(
-        lm_train_func, train_loop_config=loop, torch_config=TorchConfig(backend="gloo"),
-        scaling_config=ray.train.ScalingConfig(num_workers=gen_cfg.lm_workers,
-                                               resources_per_worker={"CPU": gen_cfg.cpus_per_task}),
+        lm_train_func, train_loop_config=loop,
+        torch_config=TorchConfig(backend="nccl" if gpus else "gloo"),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=gen_cfg.lm_workers, use_gpu=gpus > 0,
+            resources_per_worker={"CPU": gen_cfg.cpus_per_task, **({"GPU": gpus} if gpus else {})}),
         run_config=ray.train.RunConfig(
             name=f"lm-{fingerprint[:12]}", storage_path=cfg.storage.uri(LM_DIR),  # resumable by name
             failure_config=ray.train.FailureConfig(max_failures=2),
@@ -116,7 +121,7 @@ def finetune(cfg: PipelineConfig, gen_cfg: GeneratorConfig, suite: Suite, start:
     with result.checkpoint.as_directory() as folder:
         state = torch.load(Path(folder) / STATE_FILE, weights_only=False)
     generator = LoraGenerator.load(start)
-    generator.model.load_state_dict(state["model"])
+    generator.model.load_state_dict({k: v.cpu() for k, v in state["model"].items()})
     generator.config = gen_cfg
     generator.summary = {**generator.summary, "objective": gen_cfg.objective,
                          "lm": {"steps": state["step"], "history": state["history"],

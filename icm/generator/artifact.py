@@ -54,6 +54,16 @@ class LoraGenerator:
         base.update(self.fixed)
         self._template = torch.cat([base[k].reshape(-1) for k in layout.keys])  # (L,)
 
+    def to(self, device) -> LoraGenerator:
+        """Move the network and every tensor generation uses to ``device`` (in place)."""
+        from icm.generator.data import moved
+
+        self.model.to(device)
+        self.codec = self.codec.to(device)
+        self.condition_norm = moved(self.condition_norm, device)
+        self._template, self._positions = self._template.to(device), self._positions.to(device)
+        return self
+
     @property
     def template(self) -> torch.Tensor:
         """(L,) flat vector with the fixed tensors in place and zeros where generated."""

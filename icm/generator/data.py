@@ -30,6 +30,17 @@ CHUNK = 1 << 16  # columns per float64 block in the PCA
 DATA_FIELDS = ("target", "subspace_dim", "basis_dtype", "conv_stages", "val_tasks", "val_snapshots", "seed")
 
 
+# ----------------------------------------------------------------------------- devices
+
+
+def moved(obj, device):
+    """A copy of dataclass ``obj`` with every tensor field on ``device`` (others kept)."""
+    from dataclasses import fields, replace
+
+    return replace(obj, **{f.name: getattr(obj, f.name).to(device) for f in fields(obj)
+                           if isinstance(getattr(obj, f.name), torch.Tensor)})
+
+
 # ----------------------------------------------------------------------------- samples
 
 
@@ -133,7 +144,7 @@ class TensorNorm:
         return cls(tuple(sizes), mean.float(), std.float())
 
     def _expand(self, v: torch.Tensor) -> torch.Tensor:
-        return torch.repeat_interleave(v, torch.tensor(self.sizes))  # (L_gen,)
+        return torch.repeat_interleave(v, torch.tensor(self.sizes, device=v.device))  # (L_gen,)
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self._expand(self.mean)) / self._expand(self.std)
@@ -208,6 +219,10 @@ class WeightCodec:
         w = self.subspace.project(xn)
         residual = (xn - self.subspace.reconstruct(w)).square().sum(1) / self.length
         return w, residual
+
+    def to(self, device) -> WeightCodec:
+        subspace = moved(self.subspace, device) if self.subspace is not None else None
+        return WeightCodec(moved(self.norm, device), subspace, self.pad_multiple)
 
     def decode(self, out: torch.Tensor) -> torch.Tensor:
         """Model outputs (N, F) -> de-normalised generated vectors (N, L)."""

@@ -41,6 +41,8 @@ class FunctionalLora:
     def __init__(self, base_model, peft_config: Mapping[str, Any], layout: LoraLayout):
         from peft import get_peft_model
 
+        self.device = next(base_model.parameters()).device
+
         from icm.adapter_swap import lora_config_from_json
 
         for parameter in base_model.parameters():
@@ -66,7 +68,8 @@ class FunctionalLora:
         pieces = torch.split(vector, list(self.layout.sizes))
         params = {name: piece.reshape(shape) for name, piece, shape in
                   zip(self.names, pieces, self.layout.shapes)}
-        out = torch.func.functional_call(self.model, params, args=(), kwargs=dict(batch))
+        batch = {key: value.to(self.device) for key, value in batch.items()}
+        out = torch.func.functional_call(self.model, params, args=(), kwargs=batch)
         return out.loss
 
 
@@ -119,7 +122,7 @@ def lm_tasks(train_texts: Mapping[str, Sequence[str]], conditions: Mapping[str, 
             continue
         raw = torch.from_numpy(np.array(conditions[name], dtype=np.float32))  # (E, D)
         tasks.append(LmTask(name, tokenize_texts(tokenizer, texts, cfg.lm_seq_len),
-                            generator.condition_norm.apply(raw)))
+                            generator.condition_norm.apply(raw.to(generator.template.device))))
     if not tasks:
         raise ValueError("no training task has train texts for the LM objective")
     return tasks
@@ -153,7 +156,7 @@ def lm_step_loss(generator: LoraGenerator, applier: FunctionalLora, tasks: Seque
     conditions = torch.stack([task.episodes[episode] for task, episode, _ in picks])  # (T, D)
     seed = random.Random(f"z-{cfg.seed}-{step}-{rank}").randrange(2 ** 31)
     z = torch.randn(len(picks), generator.model.spec.latent_dim,
-                    generator=torch.Generator().manual_seed(seed))  # (T, latent)
+                    generator=torch.Generator().manual_seed(seed)).to(conditions.device)  # (T, latent)
     vectors = generated_vectors(generator, conditions, z)  # (T, L)
     losses = [applier.nll(vector, collate([task.sequences[i] for i in texts], pad_id))
               for vector, (task, _, texts) in zip(vectors, picks)]
@@ -189,9 +192,12 @@ def fit_lm(generator: LoraGenerator, applier: FunctionalLora, tasks: Sequence[Lm
         loss = lm = lm_step_loss(generator, applier, tasks, cfg, result.steps, rank, pad_id)
         if reconstruction is not None:
             samples, weights = reconstruction
-            x, c, offset = samples.sample_batch(cfg.batch_size, gen)
-            x_hat, mu, logvar = network(x, c, torch.randn(len(x), generator.model.spec.latent_dim, generator=gen))
-            terms = cvae_loss(x_hat, x, mu, logvar, weights=weights, offset=offset, beta=cfg.beta)
+            device = generator.template.device
+            x, c, offset = (t.to(device) for t in samples.sample_batch(cfg.batch_size, gen))
+            eps = torch.randn(len(x), generator.model.spec.latent_dim, generator=gen).to(device)
+            x_hat, mu, logvar = network(x, c, eps)
+            terms = cvae_loss(x_hat, x, mu, logvar, weights=weights.to(device), offset=offset,
+                              beta=cfg.beta)
             loss = lm + cfg.lm_reconstruction_weight * terms["loss"]
             running["recon"] += float(terms["recon"].detach())
         opt.zero_grad(set_to_none=True)
