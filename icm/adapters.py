@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from icm.errors import InputError
+
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
-class AdapterError(ValueError):
+class AdapterError(InputError):
     """An adapter directory that cannot be applied; the message names the file or field."""
 
 

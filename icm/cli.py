@@ -26,17 +26,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from icm.adapters import AdapterError
-from icm.config import ConfigError, list_presets, load_config
+from icm.config import list_presets, load_config
 from icm.errors import InputError
-from icm.lora_io import LayoutError
-from icm.lora_train import TrainInputError
-from icm.models import BUILTIN_SPECS, SMOLLM2, ModelError
-from icm.tasks import SuiteError
-from icm.zoo import ZooMismatchError
-
-USER_ERRORS = (InputError, ConfigError, ModelError, SuiteError, AdapterError, LayoutError, TrainInputError,
-               ZooMismatchError, FileNotFoundError)
+from icm.models import BUILTIN_SPECS, SMOLLM2
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -297,7 +289,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         return args.func(args)
-    except USER_ERRORS as err:
+    except (InputError, FileNotFoundError) as err:  # every user error is an InputError
         print(f"icm: error: {err}", file=sys.stderr)
         return 2
 

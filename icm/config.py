@@ -16,6 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from icm.errors import InputError
 from icm.io import sha256_json, write_yaml_atomic
 from icm.storage import default_mirror, is_uri, join
 
@@ -23,7 +24,7 @@ PRESET_DIR = Path(__file__).resolve().parent.parent / "jobs" / "configs"
 RESOLVED_CONFIG_FILE = "config.resolved.yaml"
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A config that cannot be used; the message names the field and the fix."""
 
 

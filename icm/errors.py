@@ -1,7 +1,8 @@
 """The one base class for bad user input that every stage raises.
 
-Commands catch `InputError` (and the older specific errors) and print one line naming the field
-and the fix, exit code 2, never a traceback. Stage modules subclass it for their own errors.
+Commands catch `InputError` and print one line naming the field and the fix, exit code 2, never
+a traceback. Every module's own user-error class (ConfigError, SuiteError, ModelError,
+AdapterError, LayoutError, TrainInputError, ZooMismatchError, ...) subclasses it.
 """
 
 from __future__ import annotations

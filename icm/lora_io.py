@@ -20,10 +20,11 @@ from typing import Any
 import torch
 
 from icm.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, check_adapter_dir
+from icm.errors import InputError
 from icm.io import atomic_directory, sha256_json, write_json_atomic
 
 
-class LayoutError(ValueError):
+class LayoutError(InputError):
     """A state dict or vector that does not match the recorded layout."""
 
 

@@ -17,13 +17,14 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from icm.config import ZooConfig
+from icm.errors import InputError
 from icm.models import right_pad, text_start_token_id
 
 log = logging.getLogger(__name__)
 IGNORE_INDEX = -100  # labels with this value add nothing to the loss (padding)
 
 
-class TrainInputError(ValueError):
+class TrainInputError(InputError):
     """A zoo setting that cannot work with this model or data; names the config field."""
 
 

