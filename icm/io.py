@@ -100,3 +100,32 @@ def sha256_file(path: str | os.PathLike, chunk_bytes: int = 1 << 20) -> str:
 def sha256_json(obj: Any) -> str:
     """Stable hash of a JSON-serialisable object (key order does not matter)."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def default_cache_dir() -> Path:
+    """``$ICM_CACHE_DIR``, else the platform's user cache directory for icm-ray
+    (``$XDG_CACHE_HOME/icm-ray`` or ``~/.cache/icm-ray`` on Linux)."""
+    if os.environ.get("ICM_CACHE_DIR"):
+        return Path(os.environ["ICM_CACHE_DIR"]).expanduser()
+    from platformdirs import user_cache_path
+
+    return user_cache_path("icm-ray", appauthor=False)
+
+
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike, *, blocking: bool = True) -> Iterator[bool]:
+    """An inter-process lock on ``path`` (its folder is created); yields whether it was taken
+    (always True when ``blocking``; False at once when another process holds it)."""
+    from filelock import FileLock, Timeout
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(path), timeout=-1 if blocking else 0)
+    try:
+        lock.acquire()
+    except Timeout:
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        lock.release()

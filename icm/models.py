@@ -14,7 +14,6 @@ Specs understood by `load_base_model`:
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import importlib.metadata
 import importlib.util
 import json
@@ -28,7 +27,8 @@ from pathlib import Path
 import torch
 
 from icm.errors import InputError
-from icm.io import atomic_directory, probe_writable, sha256_file, write_json_atomic
+from icm.io import (atomic_directory, default_cache_dir, file_lock, probe_writable, sha256_file,
+                    write_json_atomic)
 
 log = logging.getLogger(__name__)
 
@@ -47,14 +47,6 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 class ModelError(InputError, RuntimeError):
     """A model spec that cannot be loaded; the message says why and how to fix it."""
-
-
-def default_cache_dir() -> Path:
-    """``$ICM_CACHE_DIR``, else ``$XDG_CACHE_HOME/icm-ray``, else ``~/.cache/icm-ray``."""
-    if os.environ.get("ICM_CACHE_DIR"):
-        return Path(os.environ["ICM_CACHE_DIR"]).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(xdg).expanduser() / "icm-ray"
 
 
 def _cache_root(cache_dir: str | os.PathLike | None) -> Path:
@@ -99,18 +91,6 @@ def _quiet_progress_bars() -> Iterator[None]:
     finally:
         if enabled:
             hf_logging.enable_progress_bar()
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """Inter-process lock so concurrent workers convert the cache once, not N times."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _cache_problem(folder: Path, *, verify_hashes: bool = False) -> str | None:
@@ -176,7 +156,7 @@ def ensure_smollm2_cache(cache_dir: str | os.PathLike | None = None, *,
     if _cache_problem(target) is None and not verify_hashes:
         return target
     _check_writable(target.parent)
-    with _file_lock(target.parent / f".{target.name}.lock"):
+    with file_lock(target.parent / f".{target.name}.lock"):
         problem = _cache_problem(target, verify_hashes=verify_hashes)
         if problem is not None:
             if target.exists():
@@ -279,7 +259,7 @@ def _load_smollm2(cache_dir, dtype: torch.dtype):
         return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
     except Exception as err:  # noqa: BLE001 - any load failure of a cache means: rebuild it
         log.warning("model cache %s failed to load (%s); converting again", folder, err)
-        with _file_lock(folder.parent / f".{folder.name}.lock"):
+        with file_lock(folder.parent / f".{folder.name}.lock"):
             _convert_smollm2(folder)
         return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
 

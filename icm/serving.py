@@ -17,7 +17,6 @@ an adapter's flat vector into it per request, so serving another adapter costs m
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import gzip
 import io
 import os
@@ -36,7 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from icm.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from icm.errors import InputError
-from icm.io import sha256_file, sha256_json
+from icm.io import file_lock, sha256_file, sha256_json
 
 ADAPTER_ID_LENGTH = 24  # hex characters: 96 bits of the request's content hash
 ADAPTER_ID_PATTERN = f"^[0-9a-f]{{{ADAPTER_ID_LENGTH}}}$"
@@ -375,18 +374,9 @@ class AdapterStore:
         Replicas generating the same adapter take turns on it, so only one of them generates;
         the others find the finished directory once they get the lock.
         """
-        lock_dir = self.root / LOCKS_DIR
-        lock_dir.mkdir(exist_ok=True)
-        with open(lock_dir / f"{check_adapter_id(adapter_id)}.lock", "w") as handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                yield False
-                return
-            try:
-                yield True
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+        with file_lock(self.root / LOCKS_DIR / f"{check_adapter_id(adapter_id)}.lock",
+                       blocking=False) as acquired:
+            yield acquired
 
 
 def pack_adapter(folder: str | os.PathLike, arcname: str) -> bytes:

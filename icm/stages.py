@@ -16,7 +16,6 @@ are never mirrored. Work done on other nodes moves with `push_local` / `pull_loc
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import logging
@@ -28,8 +27,7 @@ from typing import Any
 
 from icm import storage
 from icm.config import PipelineConfig, save_resolved_config
-from icm.io import atomic_directory, sha256_json, write_json_atomic
-from icm.models import default_cache_dir
+from icm.io import atomic_directory, default_cache_dir, file_lock, sha256_json, write_json_atomic
 from icm.tasks import Suite, load_suite
 
 STAGE_FILE = "stage.json"
@@ -135,10 +133,7 @@ def pull_local(config: PipelineConfig, path: Path, *, last: Sequence[str] = ()) 
 @contextlib.contextmanager
 def _mirror_lock(mirror: Path, name: str) -> Iterator[None]:
     """Processes on one node (a driver, its Ray tasks) pull a stage one at a time."""
-    locks = mirror / ".locks"
-    locks.mkdir(parents=True, exist_ok=True)
-    with open(locks / f"{name}.lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+    with file_lock(mirror / ".locks" / f"{name}.lock"):
         yield
 
 

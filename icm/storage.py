@@ -56,14 +56,11 @@ def join(location: str | os.PathLike, *parts: str) -> str:
 def default_mirror(uri: str) -> Path:
     """The local working copy of a URI root: ``<cache>/storage-mirrors/<hash of the URI>``.
 
-    The cache is the model cache's default (``$ICM_CACHE_DIR``, ``$XDG_CACHE_HOME/icm-ray``,
-    ``~/.cache/icm-ray``), worked out here because icm.models would import torch.
+    The cache is the model cache's default (`icm.io.default_cache_dir`).
     """
-    if os.environ.get("ICM_CACHE_DIR"):
-        cache = Path(os.environ["ICM_CACHE_DIR"]).expanduser()
-    else:
-        cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "icm-ray"
-    return cache / "storage-mirrors" / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    from icm.io import default_cache_dir
+
+    return default_cache_dir() / "storage-mirrors" / hashlib.sha256(uri.encode()).hexdigest()[:16]
 
 
 def resolve(location: str | os.PathLike) -> tuple[pafs.FileSystem, str]:

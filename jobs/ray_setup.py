@@ -9,7 +9,7 @@ import os
 import ray
 
 from icm.config import RayConfig
-from icm.models import default_cache_dir
+from icm.io import default_cache_dir
 
 log = logging.getLogger(__name__)
 

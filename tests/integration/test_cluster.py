@@ -94,7 +94,7 @@ class LocalRayHead:
     """
 
     def __init__(self, home: Path, num_cpus: int = 2, env: dict | None = None):
-        from icm.models import default_cache_dir
+        from icm.io import default_cache_dir
 
         self.temp_dir = _private_ray_tmpdir()
         self.port, self.dashboard_port = _free_port(), _free_port()
