@@ -125,27 +125,26 @@ def metrics_table(rows: Sequence[dict]) -> str:
 def plot_projection(stage_dir: str | Path, rows: Sequence[dict], out_path: str | Path) -> Path:
     """PCA 2-D projection per (mode, layer, pooling): episode vectors as dots, task means as big
     markers coloured by group, held-out tasks as black-edged stars."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure  # no pyplot: no global backend, no open figures
+    from matplotlib.lines import Line2D
     from sklearn.decomposition import PCA
 
     means = pd.read_parquet(Path(stage_dir) / MEANS_FILE)
     combos = sorted({(r["layer"], r["pooling"]) for r in rows})
     modes = [m for m in ("description", "demos", "both") if any(r["mode"] == m for r in rows)]
     groups = sorted(means["group"].unique())
-    colour = {g: plt.get_cmap("tab10")(i % 10) for i, g in enumerate(groups)}
-    fig, axes = plt.subplots(len(modes), len(combos), squeeze=False,
-                             figsize=(4.2 * len(combos), 3.8 * len(modes)))
+    colour = {g: colormaps["tab10"](i % 10) for i, g in enumerate(groups)}
+    fig = Figure(figsize=(4.2 * len(combos), 3.8 * len(modes)))
+    axes = fig.subplots(len(modes), len(combos), squeeze=False)
     for row in rows:
         ax = axes[modes.index(row["mode"])][combos.index((row["layer"], row["pooling"]))]
         combo = means[(means["mode"] == row["mode"]) & (means["layer"] == row["layer"])
                       & (means["pooling"] == row["pooling"])].sort_values("task")
         _draw_panel(ax, combo, stage_dir, row, colour, PCA)
-    handles = [plt.Line2D([], [], marker="o", ls="", color=colour[g], label=g) for g in groups]
-    handles.append(plt.Line2D([], [], marker="*", ls="", color="grey", mec="black", ms=12,
-                              label="held out"))
+    handles = [Line2D([], [], marker="o", ls="", color=colour[g], label=g) for g in groups]
+    handles.append(Line2D([], [], marker="*", ls="", color="grey", mec="black", ms=12,
+                          label="held out"))
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False)
     fig.tight_layout(rect=(0, 0.05, 1, 1))
     import io
@@ -154,7 +153,6 @@ def plot_projection(stage_dir: str | Path, rows: Sequence[dict], out_path: str |
 
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
     return write_bytes_atomic(out_path, buffer.getvalue())
 
 

@@ -223,13 +223,11 @@ def check_or_create_zoo(zoo_root: Path, identity: dict[str, Any], layout: LoraLa
 
 def plot_losses(zoo_root: Path, out: Path | None = None) -> Path:
     """PNG of the training-loss curve of every task (from each task's ``losses.json``)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no global backend, no open figures
 
     out = out or Path(zoo_root) / "losses.png"
-    fig, ax = plt.subplots(figsize=(9, 5))
+    fig = Figure(figsize=(9, 5))
+    ax = fig.subplots()
     for path in sorted(Path(zoo_root).glob("tasks/*/losses.json")):
         points = json.loads(path.read_text())
         ax.plot([p[0] for p in points], [p[1] for p in points], label=path.parent.name, linewidth=1)
@@ -241,6 +239,5 @@ def plot_losses(zoo_root: Path, out: Path | None = None) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=110)
-    plt.close(fig)
     tmp.replace(out)
     return out
