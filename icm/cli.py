@@ -28,6 +28,7 @@ from pathlib import Path
 
 from icm.config import list_presets, load_config
 from icm.errors import InputError
+from icm.logs import quiet_known_noise, set_verbose
 from icm.models import BUILTIN_SPECS, SMOLLM2
 
 
@@ -197,7 +198,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="icm", description=__doc__.split("\n\n")[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="debug logging and every library's warnings (also: ICM_LOG_LEVEL=DEBUG)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run the pipeline on Ray (stages skip when up to date)")
@@ -284,6 +286,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Its options belong to serve_apps (which imports Ray): hand them over unparsed.
         return importlib.import_module("serve_apps.lora_generator").serve_main(argv[1:])
     args = build_parser().parse_args(argv)
+    set_verbose(args.verbose)
+    quiet_known_noise()
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -13,6 +13,7 @@ from pathlib import Path
 from icm import storage
 from icm.config import ConfigError, PipelineConfig, list_presets, load_config
 from icm.errors import InputError
+from icm.logs import quiet_known_noise, set_verbose, verbose
 from icm.io import probe_writable
 
 
@@ -21,8 +22,13 @@ def parse_job_args(description: str, argv: Sequence[str] | None) -> PipelineConf
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", default="demo", help=f"preset {list_presets()} or a YAML path")
     parser.add_argument("overrides", nargs="*", help="section.field=value")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="every library's warnings and logs (also: ICM_LOG_LEVEL=DEBUG)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    set_verbose(args.verbose)
+    quiet_known_noise()
+    logging.basicConfig(level=logging.DEBUG if verbose() else logging.INFO,
+                        format="%(asctime)s %(name)s: %(message)s")
     return load_config(args.config, args.overrides)
 
 

@@ -27,6 +27,7 @@ import torch
 from icm.config import GeneratorConfig, PipelineConfig
 from icm.stages import push_local
 from icm.tasks import Suite, load_task
+from jobs.ray_setup import train_logging
 
 log = logging.getLogger("jobs.generator_lm")
 LM_DIR = "generator-lm"
@@ -115,7 +116,7 @@ def finetune(cfg: PipelineConfig, gen_cfg: GeneratorConfig, suite: Suite, start:
             resources_per_worker={"CPU": gen_cfg.cpus_per_task, **({"GPU": gpus} if gpus else {})}),
         run_config=ray.train.RunConfig(
             name=f"lm-{fingerprint[:12]}", storage_path=cfg.storage.uri(LM_DIR),  # resumable by name
-            failure_config=ray.train.FailureConfig(max_failures=2),
+            failure_config=ray.train.FailureConfig(max_failures=2), logging_config=train_logging(),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1)))
     result = trainer.fit()
     with result.checkpoint.as_directory() as folder:

@@ -10,13 +10,16 @@ import ray
 
 from icm.config import RayConfig
 from icm.io import default_cache_dir
+from icm.logs import LOG_LEVEL_ENV, verbose
 
 log = logging.getLogger(__name__)
 
 # Passed to every worker so that workers behave like the driver: no hub access, the same
 # model cache, no usage reporting.
 WORKER_ENV_KEYS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "ICM_CACHE_DIR", "HF_HOME",
-                   "DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR")
+                   "DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR", LOG_LEVEL_ENV)
+# Every worker process filters the known noise of other libraries as it starts (icm/logs.py).
+WORKER_SETUP_HOOK = "icm.logs.quiet_known_noise"
 
 
 def submitted_job_env_vars() -> dict[str, str]:
@@ -47,7 +50,9 @@ def init_ray(config: RayConfig, *, cache_dir: str | None = None) -> None:
     if ray.is_initialized():
         return
     env = worker_env_vars(cache_dir, submitted_job_env_vars())
-    runtime_env = {"env_vars": env} if env else None
+    runtime_env = {"env_vars": env, "worker_process_setup_hook": WORKER_SETUP_HOOK}
+    if not verbose():  # Tune's per-save advice about experiment-state syncing, ~200 lines a run
+        os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "3600")
     if config.address:
         log.info("joining Ray cluster at %s", config.address)
         ray.init(address=config.address, runtime_env=runtime_env)
@@ -56,7 +61,17 @@ def init_ray(config: RayConfig, *, cache_dir: str | None = None) -> None:
     # dashboard and job CLI on a single machine; clusters set RAY_AUTH_MODE=token themselves.
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # One node, no spot preemption: the watcher only adds an error line per trainer.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     store = config.object_store_memory_mb * 1024**2 if config.object_store_memory_mb else None
     ray.init(num_cpus=config.num_cpus, num_gpus=config.num_gpus, object_store_memory=store,
              include_dashboard=config.include_dashboard, runtime_env=runtime_env)
     log.info("started local Ray: %s", ray.cluster_resources())
+
+
+def train_logging():
+    """Ray Train's own log level: WARNING, so that "Checkpoint successfully created" and the
+    like (one line per report per worker) stay out; INFO when verbose."""
+    import ray.train
+
+    return ray.train.LoggingConfig(log_level="INFO" if verbose() else "WARNING")

@@ -44,7 +44,7 @@ from icm.zoo import (LAYOUT_FILE, SNAPSHOT_FILE, TASK_DONE_FILE, ZOO_FILE, LoraJ
                      check_or_create_zoo, oracle_jobs, plot_losses, snapshot_dir, task_dir,
                      task_finished, write_manifest, write_snapshot, zoo_identity, zoo_jobs)
 from jobs.common import ensure_writable_root, parse_job_args, user_errors_exit_2
-from jobs.ray_setup import init_ray
+from jobs.ray_setup import init_ray, train_logging
 
 log = logging.getLogger("jobs.train_loras")
 
@@ -244,6 +244,7 @@ def fit_tasks(config: dict, name: str, tasks: list[list], zoo_root: str, stage_n
         run_config=ray.train.RunConfig(
             name=name, storage_path=cfg.storage.uri(stage_name, RAY_DIR),  # a URI as is
             failure_config=ray.train.FailureConfig(max_failures=2),
+            logging_config=train_logging(),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1)))  # resume needs the last only
     summaries = trainer.fit().return_value
     return {"summaries": summaries, "wall_seconds": time.perf_counter() - started}

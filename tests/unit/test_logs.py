@@ -1,0 +1,41 @@
+"""Quiet by default: only the named noise is filtered, verbose keeps everything (icm/logs.py).
+Each case runs in a fresh interpreter: the filters are process-wide."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+PROBE = """
+import logging, warnings
+from icm.logs import quiet_known_noise
+quiet_known_noise()
+logging.basicConfig(level=logging.INFO, format="%(name)s %(message)s")
+warnings.warn("`is_gradient_checkpointing` is deprecated and will be removed", FutureWarning)
+warnings.warn("a real deprecation", FutureWarning)
+ds = logging.getLogger("DeepSpeed")
+ds.warning("Attempting to get learning rate from scheduler before it has started")
+ds.warning("Setting ds_accelerator to cpu (auto detect)")
+ds.warning("a real DeepSpeed warning")
+"""
+
+
+def _run(env_extra: dict) -> str:
+    env = {key: value for key, value in os.environ.items() if key != "ICM_LOG_LEVEL"}
+    env.update(env_extra)
+    out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, env=env,
+                         check=True)
+    return out.stderr
+
+
+def test_known_noise_is_filtered_and_real_warnings_pass():
+    err = _run({})
+    assert "a real deprecation" in err and "a real DeepSpeed warning" in err
+    assert "is_gradient_checkpointing" not in err
+    assert "Attempting to get learning rate" not in err and "Setting ds_accelerator" not in err
+
+
+def test_verbose_keeps_everything():
+    err = _run({"ICM_LOG_LEVEL": "DEBUG"})
+    assert "is_gradient_checkpointing" in err and "Attempting to get learning rate" in err
