@@ -35,6 +35,7 @@ from icm.eval.scoring import evaluate_item
 from icm.eval.variants import baseline_names
 from icm.errors import InputError
 from icm.io import sha256_json, write_bytes_atomic, write_json_atomic, write_text_atomic
+from icm.progress import Progress
 from icm.stages import open_suite, pull_stages, stage
 from icm.tasks import Suite
 from icm.zoo import replicate_tasks
@@ -191,6 +192,7 @@ def _score_items(cfg: PipelineConfig, directory: Path, items: list, finals: dict
     limit = max(2, int(ray.cluster_resources().get("CPU", 2) // cfg.evaluate.cpus_per_task) + 1)
     pending: dict = {}
     done, baselines = len(items) - len(todo), set(baseline_names())
+    progress = Progress("evaluate", len(items), "items", initial=done)
     while todo or pending:
         while todo and len(pending) < limit:
             item = todo.pop(0)
@@ -201,12 +203,14 @@ def _score_items(cfg: PipelineConfig, directory: Path, items: list, finals: dict
         rows = pd.DataFrame(ray.get(ready[0]))
         write_bytes_atomic(_item_file(directory, item), rows.to_parquet(index=False))
         done += 1
+        progress.update(done)
         by = rows.groupby("variant")["perplexity"].mean()
         log.info("evaluate %d/%d %-7s %-26s base %.2f oracle %.2f generated %.2f best baseline %.2f",
                  done, len(items), item.setting + ("" if item.fold is None else str(item.fold)),
                  item.task, by.get("base", float("nan")), by.get("oracle", float("nan")),
                  by.get("generated", float("nan")),
                  min((by[v] for v in by.index if v in baselines), default=float("nan")))
+    progress.close()
     files = [_item_file(directory, item) for item in items]
     return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
 

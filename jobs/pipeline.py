@@ -69,10 +69,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     timings = {"prepare": _timed(run_prepare, config, suite)}
     init_ray(config.ray, cache_dir=config.model.cache_dir)
     command = "icm run " + " ".join(sys.argv[1:] if argv is None else argv)
-    for name, job in STAGES.items():
-        if name in config.stages and (name != "tune" or config.tune.enabled):
-            kwargs = {"command": command} if name == "evaluate" else {}
-            timings[name] = _timed(job.run, config, suite, **kwargs)
+    chosen = [name for name in STAGES if name in config.stages and (name != "tune" or config.tune.enabled)]
+    for index, name in enumerate(chosen, start=1):
+        log.info("[%d/%d] %s", index, len(chosen), name)  # one header line per stage
+        kwargs = {"command": command} if name == "evaluate" else {}
+        timings[name] = _timed(STAGES[name].run, config, suite, **kwargs)
     _print_summary(config, suite, root, timings, time.perf_counter() - started)
     return 0
 

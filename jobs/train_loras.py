@@ -38,6 +38,7 @@ from icm.lora_train import (TrainInputError, batch_for_step, build_lora_model, d
                             exclude_tied_frozen_params_from_checkpoints, iterate_steps, release_engine,
                             skip_deepspeed_shm_build, snapshot_steps, tokenize_texts, train_step)
 from icm.models import load_base_model
+from icm.progress import FileCountWatcher, Progress
 from icm.stages import RAY_DIR, open_suite, pull_local, push_local, stage
 from icm.tasks import Suite, load_task
 from icm.zoo import (LAYOUT_FILE, SNAPSHOT_FILE, TASK_DONE_FILE, ZOO_FILE, LoraJob,
@@ -341,7 +342,18 @@ def train_jobs(cfg: PipelineConfig, stage_name: str, jobs: list[LoraJob]) -> dic
     log.info("%s: %d LoRAs (%d already done) in %d trainers, %d at a time", stage_name, len(jobs),
              len(done), len(groups), concurrency)
     launcher = ray.remote(num_cpus=0)(fit_tasks)
-    config_dict, in_flight, finished = cfg.model_dump(mode="json"), {}, len(done)
+    finished = len(done)
+    progress = Progress(stage_name, len(jobs), "LoRAs", initial=len(done))
+    # Trainers return when all their tasks are done; a task's task.json lands as it finishes.
+    with FileCountWatcher(progress, lambda: sum(task_finished(root, j.name, j.fingerprint) for j in jobs)):
+        _run_trainers(cfg, stage_name, root, jobs, groups, todo, concurrency, launcher, finished)
+    return _finish(current, started, root, [job.name for job in jobs])
+
+
+def _run_trainers(cfg: PipelineConfig, stage_name: str, root: Path, jobs: list[LoraJob],
+                  groups: dict, todo: list[str], concurrency: int, launcher, finished: int) -> None:
+    """Launch trainers, ``concurrency`` at a time, and log each one's LoRAs as it returns."""
+    config_dict, in_flight = cfg.model_dump(mode="json"), {}
     while todo or in_flight:
         while todo and len(in_flight) < concurrency:
             name = todo.pop(0)
@@ -360,7 +372,6 @@ def train_jobs(cfg: PipelineConfig, stage_name: str, jobs: list[LoraJob]) -> dic
                      finished, len(jobs), name, summary["base_ppl"], summary["lora_ppl"],
                      summary["tokens_per_s"], summary["wall_seconds"])
         write_manifest(root)
-    return _finish(current, started, root, [job.name for job in jobs])
 
 
 def _finish(current, started: float, zoo_root: Path, names: list[str]) -> dict:
