@@ -74,7 +74,10 @@ def test_each_progress_line_reaches_the_driver_once(smoke_zoo):
 @pytest.mark.slow
 def test_manifest_matches_the_files(smoke_zoo):
     zoo, _, _ = smoke_zoo
-    for row in pd.read_parquet(zoo / "manifest.parquet").itertuples():
+    manifest = pd.read_parquet(zoo / "manifest.parquet")
+    assert len(manifest) == 4 * 8  # 3 tasks + the multi-task LoRA, 8 snapshots each: not vacuous
+    assert len(list(zoo.glob("tasks/*/snapshots/step-*/vector.safetensors"))) == len(manifest)
+    for row in manifest.itertuples():
         assert sha256_file(f"{row.path}/adapter_model.safetensors") == row.adapter_sha256
         assert sha256_file(f"{row.path}/vector.safetensors") == row.vector_sha256
 
