@@ -39,18 +39,24 @@ Report = Callable[[dict[str, Any], Callable[[str | Path], None]], None]
 def generation_mse(model: CVAE, samples: SampleSet, weights: torch.Tensor) -> float:
     """Mean over tasks, episodes and snapshots of the error of the z = 0 adapter."""
     model.eval()
-    errors = []
+    device = _device(model)
+    weights, errors = weights.to(device), []
     for t in range(len(samples.tasks)):
         mine = (samples.task_of == t).nonzero().squeeze(1)
         if len(mine) == 0:
             continue
-        cond = samples.task_episodes(t)  # (E, D)
-        decoded = model.decode(torch.zeros(len(cond), model.spec.latent_dim), cond)  # (E, F)
-        targets, offsets = samples.inputs[mine], samples.offsets[mine]  # (S, F), (S,)
+        cond = samples.task_episodes(t).to(device)  # (E, D)
+        decoded = model.decode(torch.zeros(len(cond), model.spec.latent_dim, device=device), cond)  # (E, F)
+        targets, offsets = samples.inputs[mine].to(device), samples.offsets[mine].to(device)  # (S, F), (S,)
         for row in decoded:
             errors.append(((row - targets).square() * weights).sum(-1) + offsets)  # (S,)
     model.train()
     return float(torch.cat(errors).mean()) if errors else float("nan")
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    """Where the network lives; sample sets stay in host memory and batches follow it."""
+    return next(model.parameters()).device
 
 
 def save_checkpoint(directory: str | Path, state: dict[str, Any]) -> Path:
@@ -117,14 +123,17 @@ def fit_cvae(model: CVAE, train: SampleSet, cfg: GeneratorConfig, *, weights: to
         gen.set_state(resume_state["rng"])
         result = FitResult(resume_state["history"], resume_state["step"], resume_state["train_seconds"])
     model.train()
+    device = _device(model)
+    device_weights = weights.to(device)
     running = {"loss": 0.0, "recon": 0.0, "kl": 0.0, "n": 0}
     while result.steps < cfg.steps:
         started = time.perf_counter()
-        x, c, offset = train.sample_batch(cfg.batch_size, gen)  # (B, F), (B, D), (B,)
-        x_in = x + cfg.noise * torch.randn(x.shape, generator=gen) if cfg.noise else x
-        eps = torch.randn(x.shape[0], model.spec.latent_dim, generator=gen)
+        x, c, offset = (t.to(device) for t in train.sample_batch(cfg.batch_size, gen))  # (B, F), (B, D), (B,)
+        # Random numbers come from the CPU generator whatever the device: the same run anywhere.
+        x_in = x + cfg.noise * torch.randn(x.shape, generator=gen).to(device) if cfg.noise else x
+        eps = torch.randn(x.shape[0], model.spec.latent_dim, generator=gen).to(device)
         x_hat, mu, logvar = model(x_in, c, eps)
-        terms = cvae_loss(x_hat, x, mu, logvar, weights=weights, offset=offset,
+        terms = cvae_loss(x_hat, x, mu, logvar, weights=device_weights, offset=offset,
                           beta=kl_weight(result.steps, cfg.beta, cfg.kl_warmup_steps))
         opt.zero_grad(set_to_none=True)
         terms["loss"].backward()
@@ -191,12 +200,15 @@ def generator_from_state(data: PreparedData, cfg: GeneratorConfig, model_state: 
 
 
 def fit_generator(data: PreparedData, cfg: GeneratorConfig, *, report: Report | None = None,
-                  resume_state: dict | None = None) -> LoraGenerator:
-    """Train a generator with hyperparameters ``cfg`` on prepared data (one Tune trial)."""
+                  resume_state: dict | None = None, device: str | torch.device = "cpu") -> LoraGenerator:
+    """Train a generator with hyperparameters ``cfg`` on prepared data (one Tune trial); the
+    network trains on ``device`` and comes back to the CPU."""
     rep = data.representation(cfg)
     generator = generator_from_state(data, cfg)
+    generator.model.to(device)
     result = fit_cvae(generator.model, rep.train, cfg, weights=rep.codec.weights(),
                       validation=rep.validation, report=report, resume_state=resume_state)
+    generator.model.to("cpu")
     split = data.split
     generator.summary = {
         "trained_on": {"tasks": list(split.train_tasks), "snapshots": len(rep.train),
@@ -213,7 +225,7 @@ def fit_generator(data: PreparedData, cfg: GeneratorConfig, *, report: Report | 
 def train_generator(zoo: ZooData, conditions: Mapping[str, Any], cfg: GeneratorConfig, *,
                     validation: bool = False, condition_spec: Mapping[str, Any] | None = None,
                     init_state: Mapping[str, torch.Tensor] | None = None, report: Report | None = None,
-                    resume_state: dict | None = None) -> LoraGenerator:
+                    resume_state: dict | None = None, device: str | torch.device = "cpu") -> LoraGenerator:
     """Prepare the data and train one generator (both generator jobs and the tests use this).
 
     Args:
@@ -223,7 +235,8 @@ def train_generator(zoo: ZooData, conditions: Mapping[str, Any], cfg: GeneratorC
             generator) trains on every task and snapshot of ``zoo``.
         init_state: the zoo's initial adapter, needed for ``cfg.target == "b"``.
         report, resume_state: see `fit_cvae`.
+        device: where the network trains (the artifact comes back on the CPU).
     """
     data = prepare_data(zoo, conditions, cfg, validation=validation, init_state=init_state,
                         condition_spec=condition_spec)
-    return fit_generator(data, cfg, report=report, resume_state=resume_state)
+    return fit_generator(data, cfg, report=report, resume_state=resume_state, device=device)
