@@ -111,10 +111,11 @@ class LoraGenerator:
             raise GeneratorInputError(f"num_samples must be >= 1, got {num_samples}.")
         if z not in ("random", "zero"):
             raise GeneratorInputError(f"z must be 'random' or 'zero', got {z!r}.")
-        c = self.condition_norm.apply(self._conditions(conditions)).repeat_interleave(num_samples, 0)
+        device = self._template.device  # where `to` put the generator (the CPU by default)
+        c = self.condition_norm.apply(self._conditions(conditions).to(device)).repeat_interleave(num_samples, 0)
         shape = (len(c), self.model.spec.latent_dim)
         latent = (torch.randn(shape, generator=torch.Generator().manual_seed(seed)) if z == "random"
-                  else torch.zeros(shape))
+                  else torch.zeros(shape)).to(device)  # drawn on the CPU: the same draws anywhere
         generated = self.codec.decode(self.model.decode(latent, c))  # (B, L_gen)
         out = self._template.repeat(len(c), 1)  # (B, L)
         out[:, self._positions] = generated
