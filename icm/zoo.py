@@ -34,6 +34,7 @@ LAYOUT_FILE = "lora_layout.json"
 MANIFEST_FILE = "manifest.parquet"
 SNAPSHOT_FILE = "snapshot.json"
 TASK_DONE_FILE = "task.json"
+SNAPSHOT_INDEX_FILE = "snapshots.json"  # a finished task's snapshot records, read by the manifest
 VECTOR_FILE = "vector.safetensors"
 MULTITASK = "multitask"  # the multi-task LoRA baseline's "task" name
 REPLICATE_PREFIX = "replicate-of-"  # an independent replicate LoRA of a seen task (oracles stage)
@@ -172,11 +173,45 @@ def load_vector(snapshot: str | Path) -> torch.Tensor:
     return load_file(str(Path(snapshot) / VECTOR_FILE))["vector"]
 
 
+def task_snapshot_records(zoo_root: Path, task: str) -> list[dict[str, Any]]:
+    """One task's snapshot records from its ``snapshot.json`` files, by step. ``path`` is where
+    each was found: a snapshot written on another node (or pulled from a URI root) lives here."""
+    folder = task_dir(zoo_root, task) / "snapshots"
+    rows = [{**json.loads(p.read_text()), "path": str(p.parent)} for p in folder.glob(f"*/{SNAPSHOT_FILE}")]
+    return sorted(rows, key=lambda r: r["step"])
+
+
+def write_task_index(zoo_root: Path, task: str) -> list[dict[str, Any]]:
+    """Record a finished task's snapshots in one file, so that building the manifest reads one
+    file per task instead of one per snapshot. Paths are stored relative to the task folder."""
+    rows = task_snapshot_records(zoo_root, task)
+    base = task_dir(zoo_root, task)
+    stored = [{**row, "path": str(Path(row["path"]).relative_to(base))} for row in rows]
+    write_json_atomic(base / SNAPSHOT_INDEX_FILE, stored)
+    return rows
+
+
+def _indexed_records(zoo_root: Path, task: str) -> list[dict[str, Any]] | None:
+    """A task's records from its index, or None when there is none or it does not list exactly
+    the snapshot folders on disk (a crash between a snapshot and the index: read the files)."""
+    base = task_dir(zoo_root, task)
+    index = base / SNAPSHOT_INDEX_FILE
+    if not index.is_file():
+        return None
+    rows = json.loads(index.read_text())
+    on_disk = {p.parent.name for p in (base / "snapshots").glob(f"*/{SNAPSHOT_FILE}")}
+    if {Path(row["path"]).name for row in rows} != on_disk:
+        return None
+    return [{**row, "path": str(base / row["path"])} for row in rows]
+
+
 def snapshot_records(zoo_root: Path) -> list[dict[str, Any]]:
-    """Every snapshot's record found on disk, ordered by (task, step). ``path`` is where it was
-    found: a snapshot written on another node (or pulled from a URI root) lives here now."""
-    rows = [{**json.loads(p.read_text()), "path": str(p.parent)}
-            for p in Path(zoo_root).glob(f"tasks/*/snapshots/*/{SNAPSHOT_FILE}")]
+    """Every snapshot's record on disk, ordered by (task, step): a task's index when it is
+    current, else its ``snapshot.json`` files."""
+    rows = []
+    for folder in sorted(Path(zoo_root).glob("tasks/*")):
+        records = _indexed_records(zoo_root, folder.name)
+        rows += records if records is not None else task_snapshot_records(zoo_root, folder.name)
     return sorted(rows, key=lambda r: (r["task"], r["step"]))
 
 

@@ -41,9 +41,10 @@ from icm.models import load_base_model
 from icm.progress import FileCountWatcher, Progress
 from icm.stages import RAY_DIR, open_suite, pull_local, push_local, stage
 from icm.tasks import Suite, load_task
-from icm.zoo import (LAYOUT_FILE, SNAPSHOT_FILE, TASK_DONE_FILE, ZOO_FILE, LoraJob,
-                     check_or_create_zoo, oracle_jobs, plot_losses, snapshot_dir, task_dir,
-                     task_finished, write_manifest, write_snapshot, zoo_identity, zoo_jobs)
+from icm.zoo import (LAYOUT_FILE, SNAPSHOT_FILE, SNAPSHOT_INDEX_FILE, TASK_DONE_FILE, ZOO_FILE,
+                     LoraJob, check_or_create_zoo, oracle_jobs, plot_losses, snapshot_dir, task_dir,
+                     task_finished, write_manifest, write_snapshot, write_task_index, zoo_identity,
+                     zoo_jobs)
 from jobs.common import ensure_writable_root, parse_job_args, user_errors_exit_2
 from jobs.ray_setup import init_ray, train_logging
 
@@ -213,8 +214,10 @@ def _train_task(cfg: PipelineConfig, loop: dict, task: str, task_paths: list[str
                "checkpoint_seconds": progress.get("checkpoint_seconds", 0.0),
                "wall_seconds": time.perf_counter() - entered}
     if rank == 0:  # the task is done once this lands: a rerun skips it
+        index = write_task_index(Path(loop["zoo_root"]), task)  # the manifest reads this, not S files
+        push_local(cfg, task_dir(Path(loop["zoo_root"]), task) / SNAPSHOT_INDEX_FILE)
         done = task_dir(Path(loop["zoo_root"]), task) / TASK_DONE_FILE
-        write_json_atomic(done, {**summary, "fingerprint": fingerprint})
+        write_json_atomic(done, {**summary, "fingerprint": fingerprint, "snapshots": len(index)})
         push_local(cfg, done)
         _progress(f"[zoo {task}] done: eval ppl {summary['base_ppl']:.2f} -> {summary['lora_ppl']:.2f}")
     torch.distributed.barrier()
@@ -371,7 +374,7 @@ def _run_trainers(cfg: PipelineConfig, stage_name: str, root: Path, jobs: list[L
             log.info("%s %d/%d %-24s base ppl %.2f -> LoRA %.2f  (%.0f tok/s, %.0f s)", stage_name,
                      finished, len(jobs), name, summary["base_ppl"], summary["lora_ppl"],
                      summary["tokens_per_s"], summary["wall_seconds"])
-        write_manifest(root)
+    # The manifest is built once, at the end (_finish), from one index file per task.
 
 
 def _finish(current, started: float, zoo_root: Path, names: list[str]) -> dict:

@@ -77,6 +77,8 @@ def test_manifest_matches_the_files(smoke_zoo):
     manifest = pd.read_parquet(zoo / "manifest.parquet")
     assert len(manifest) == 4 * 8  # 3 tasks + the multi-task LoRA, 8 snapshots each: not vacuous
     assert len(list(zoo.glob("tasks/*/snapshots/step-*/vector.safetensors"))) == len(manifest)
+    for task in manifest["task"].unique():  # each finished task's index, which the manifest reads
+        assert len(json.loads((zoo / "tasks" / task / "snapshots.json").read_text())) == 8
     for row in manifest.itertuples():
         assert sha256_file(f"{row.path}/adapter_model.safetensors") == row.adapter_sha256
         assert sha256_file(f"{row.path}/vector.safetensors") == row.vector_sha256

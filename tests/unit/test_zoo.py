@@ -18,3 +18,32 @@ def test_loss_plot_draws_every_task_without_pyplot(tmp_path):
             "assert 'matplotlib.pyplot' not in sys.modules\n")
     subprocess.run([sys.executable, "-c", code], check=True)
     assert (tmp_path / "losses.png").is_file() and not list(tmp_path.glob("*.tmp.png"))
+
+
+def _snapshot(root, task: str, step: int) -> None:
+    from icm.zoo import SNAPSHOT_FILE, snapshot_dir
+
+    folder = snapshot_dir(root, task, step)
+    folder.mkdir(parents=True)
+    record = {"task": task, "step": step, "train_loss": 1.0 / step, "eval_ppl": None,
+              "adapter_sha256": "a", "vector_sha256": "v", "node_id": "n"}
+    (folder / SNAPSHOT_FILE).write_text(json.dumps(record))
+
+
+def test_manifest_reads_one_index_per_finished_task_and_the_files_otherwise(tmp_path, monkeypatch):
+    from icm import zoo
+
+    for step in (2, 4):
+        _snapshot(tmp_path, "cats", step)
+        _snapshot(tmp_path, "sums", step)
+    full = zoo.write_manifest(tmp_path)  # no index yet: every snapshot.json
+    zoo.write_task_index(tmp_path, "cats")
+    reads = []
+    original = zoo.Path.read_text
+    monkeypatch.setattr(zoo.Path, "read_text", lambda self, *a, **k: reads.append(self.name) or original(self, *a, **k))
+    indexed = zoo.write_manifest(tmp_path)
+    assert indexed.equals(full)  # the same rows, paths included
+    assert reads.count(zoo.SNAPSHOT_INDEX_FILE) == 1 and reads.count(zoo.SNAPSHOT_FILE) == 2  # sums: files
+    _snapshot(tmp_path, "cats", 6)  # a snapshot the index does not list: read the files again
+    assert list(zoo.write_manifest(tmp_path).query("task == 'cats'")["step"]) == [2, 4, 6]
+    assert len(zoo.write_manifest(tmp_path)) == 5
