@@ -74,10 +74,11 @@ def lm_train_func(loop: dict) -> None:
         print(f"[generator-lm] rank {rank} resuming from step {resume['step']}", flush=True)
 
     def report(metrics: dict, state: dict) -> None:
-        print(f"[generator-lm] step {metrics['lm_step']}/{gen_cfg.lm_steps} LM nll "
-              f"{metrics['train_lm_nll']:.4f}" + (f" recon {metrics['train_recon']:.4g}"
-                                                  if metrics["train_recon"] is not None else ""),
-              flush=True)
+        if rank == 0:  # the same line from every rank would only repeat it
+            print(f"[generator-lm] step {metrics['lm_step']}/{gen_cfg.lm_steps} LM nll "
+                  f"{metrics['train_lm_nll']:.4f}" + (f" recon {metrics['train_recon']:.4g}"
+                                                      if metrics["train_recon"] is not None else ""),
+                  flush=True)
         with tempfile.TemporaryDirectory() as folder:
             if rank == 0:  # every rank holds the same network: one checkpoint is enough
                 torch.save(state, Path(folder) / STATE_FILE)
