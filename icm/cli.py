@@ -1,12 +1,13 @@
 """The ``icm`` command line.
 
     icm run --config demo [key=value ...]     the whole pipeline on a local Ray (jobs.pipeline)
-    icm train-loras --config demo [k=v ...]   the LoRA zoo alone (jobs.train_loras)
+    icm zoo --config demo [k=v ...]           one stage alone (zoo, oracles, task-vectors, tune,
+                                              generator, evaluate: jobs.<stage>)
     icm config show --config smoke [k=v ...]  print a resolved config
     icm tasks validate DIR                    check a suite, print its table
     icm tasks build-default OUT               build the default suite from installed packages
     icm models prepare [--spec smollm2-135m]  convert / verify the offline model cache
-    icm evaluate (--base-only | --adapter DIR) --task TASK_DIR   perplexity + bits/char as JSON
+    icm score (--base-only | --adapter DIR) --task TASK_DIR [--config P]   perplexity + bits/char
     icm serve --generator DIR [--adapters DIR --config YAML]   the Ray Serve app (serve_apps)
     icm generate --generator DIR (--task TASK_DIR | --description TEXT [--examples F.jsonl])
                  --out ADAPTER_DIR [--samples K --select demo-ppl] [--seed S]
@@ -37,19 +38,23 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return pipeline.main(["--config", args.config, *args.overrides])
 
 
-# Subcommands that are Ray jobs: name -> (module, help). Each takes --config and overrides only.
+# Subcommands that are Ray jobs, one per stage: the same name as the stage in `stages:`, its
+# config section and its module jobs.<name> ("-" for "_"). Each takes --config and overrides.
 JOB_COMMANDS = {
-    "train-loras": ("jobs.train_loras", "train the LoRA zoo on Ray Train + DeepSpeed"),
-    "oracles": ("jobs.oracles", "train measurement-only oracle and replicate LoRAs"),
-    "task-vectors": ("jobs.extract_task_vectors", "task vectors of every task with Ray Data"),
-    "tune-generator": ("jobs.tune_cvae", "search generator hyperparameters with Ray Tune"),
-    "train-generator": ("jobs.train_generator", "train the generator (best Tune config if any)"),
-    "eval-all": ("jobs.evaluate", "evaluate generated adapters and baselines on every task"),
+    "zoo": "train the LoRA zoo on Ray Train + DeepSpeed",
+    "oracles": "train measurement-only oracle and replicate LoRAs",
+    "task-vectors": "task vectors of every task with Ray Data",
+    "tune": "search generator hyperparameters with Ray Tune",
+    "generator": "train the generator (best Tune config if any)",
+    "evaluate": "evaluate generated adapters and baselines on every task",
 }
+# Names of the previous release: still accepted, with a deprecation line.
+DEPRECATED_COMMANDS = {"train-loras": "zoo", "tune-generator": "tune", "train-generator": "generator",
+                       "eval-all": "evaluate"}
 
 
 def _cmd_job(args: argparse.Namespace) -> int:
-    job = importlib.import_module(JOB_COMMANDS[args.command][0])
+    job = importlib.import_module("jobs." + args.command.replace("-", "_"))
     return job.main(["--config", args.config, *args.overrides])
 
 
@@ -108,20 +113,26 @@ def _cmd_models_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_evaluate(args: argparse.Namespace) -> int:
+def _cmd_score(args: argparse.Namespace) -> int:
     from icm.evaluation import score_texts
     from icm.models import load_base_model
     from icm.tasks import load_task
 
+    # Defaults from the same typed config the evaluate stage uses: a preset's number is
+    # reproduced by `icm score --config PRESET` (flags given explicitly still win).
+    evaluate = load_config(args.config, []).evaluate
+    max_length = args.max_length or evaluate.max_length
+    batch_size = args.batch_size or evaluate.batch_size
     task = load_task(args.task)
     texts = task.eval_texts()
+    if args.max_texts or evaluate.max_texts:
+        texts = texts[:args.max_texts or evaluate.max_texts]
     model, tokenizer = load_base_model(args.model, cache_dir=args.cache_dir)
     if args.adapter:
         from icm.adapters import apply_adapter
 
         model = apply_adapter(model, args.adapter)
-    score = score_texts(model, tokenizer, texts, max_length=args.max_length,
-                        batch_size=args.batch_size)
+    score = score_texts(model, tokenizer, texts, max_length=max_length, batch_size=batch_size)
     result = {"task": task.name, "model": args.model, "adapter": args.adapter, **score.as_dict()}
     print(json.dumps(result, indent=2))
     return 0
@@ -207,8 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("overrides", nargs="*", help="section.field=value overrides")
     run.set_defaults(func=_cmd_run)
 
-    for name, (module, help_text) in JOB_COMMANDS.items():
-        job = sub.add_parser(name, help=f"{help_text} ({module})")
+    for name, help_text in JOB_COMMANDS.items():
+        job = sub.add_parser(name, help=f"{help_text} (jobs.{name.replace('-', '_')})")
         job.add_argument("--config", default="demo", help=f"preset {list_presets()} or a YAML path")
         job.add_argument("overrides", nargs="*", help="section.field=value overrides")
         job.set_defaults(func=_cmd_job)
@@ -242,16 +253,20 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--verify", action="store_true", help="check every cached file's sha256")
     prepare.set_defaults(func=_cmd_models_prepare)
 
-    evaluate = sub.add_parser("evaluate", help="perplexity and bits/char on a task's eval split")
-    which = evaluate.add_mutually_exclusive_group(required=True)
+    score = sub.add_parser("score", help="perplexity and bits/char of one adapter (or the base "
+                           "model) on a task's eval split, as the evaluate stage scores it")
+    which = score.add_mutually_exclusive_group(required=True)
     which.add_argument("--adapter", help="peft adapter directory to apply to the base model")
     which.add_argument("--base-only", action="store_true", help="the base model alone")
-    evaluate.add_argument("--task", required=True, help="task folder in the suite format")
-    evaluate.add_argument("--model", default=SMOLLM2, help="base model spec")
-    evaluate.add_argument("--cache-dir", default=None)
-    evaluate.add_argument("--max-length", type=int, default=256)
-    evaluate.add_argument("--batch-size", type=int, default=8)
-    evaluate.set_defaults(func=_cmd_evaluate)
+    score.add_argument("--task", required=True, help="task folder in the suite format")
+    score.add_argument("--config", default="demo", help=f"preset {list_presets()} or a YAML path "
+                       "whose evaluate section gives the defaults below")
+    score.add_argument("--model", default=SMOLLM2, help="base model spec")
+    score.add_argument("--cache-dir", default=None)
+    score.add_argument("--max-length", type=int, default=None, help="default: evaluate.max_length")
+    score.add_argument("--batch-size", type=int, default=None, help="default: evaluate.batch_size")
+    score.add_argument("--max-texts", type=int, default=None, help="default: evaluate.max_texts")
+    score.set_defaults(func=_cmd_score)
 
     sub.add_parser("serve", help="Ray Serve app: an adapter per request + OpenAI-compatible "
                    "completions (serve_apps.lora_generator; `icm serve --help`)")
@@ -280,11 +295,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _renamed(argv: list[str]) -> list[str]:
+    """Old subcommand names, rewritten to today's with a deprecation line on stderr."""
+    if argv and argv[0] in DEPRECATED_COMMANDS:
+        new = DEPRECATED_COMMANDS[argv[0]]
+        print(f"icm: '{argv[0]}' is deprecated and will be removed; use 'icm {new}'", file=sys.stderr)
+        return [new, *argv[1:]]
+    if argv[:1] == ["evaluate"] and {"--adapter", "--base-only", "--task"} & set(argv):
+        print("icm: 'icm evaluate --adapter/--base-only' is now 'icm score'; 'icm evaluate' is the "
+              "evaluate stage", file=sys.stderr)
+        return ["score", *argv[1:]]
+    return argv
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["serve"]:
         # Its options belong to serve_apps (which imports Ray): hand them over unparsed.
         return importlib.import_module("serve_apps.lora_generator").serve_main(argv[1:])
+    argv = _renamed(argv)
     args = build_parser().parse_args(argv)
     set_verbose(args.verbose)
     quiet_known_noise()

@@ -61,7 +61,7 @@ class AdapterFactory:
             # A silent default could encode requests differently from the training conditions.
             raise GenerateInputError(f"generator {generator_dir} does not record the task-vector "
                                      "config its conditions were made with (condition_spec."
-                                     "task_vectors). Fix: retrain it with `icm train-generator`.")
+                                     "task_vectors). Fix: retrain it with `icm generator`.")
         self.task_vector_config = TaskVectorConfig.model_validate(spec["task_vectors"])
         self.encoder = TaskEncoder(model, self.tokenizer, self.task_vector_config)
         # The encoder keeps the bare base model; scoring draws wraps it in a LoRA that is only

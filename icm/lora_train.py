@@ -1,6 +1,6 @@
 """Ray-free pieces of LoRA fine-tuning for the zoo: model, batches, schedule, DeepSpeed config.
 
-The Ray Train job (``jobs/train_loras.py``) calls these from its ``train_func``; a plain
+The Ray Train job (``jobs/zoo.py``) calls these from its ``train_func``; a plain
 single-process loop (benchmarks, tests) calls the same functions, so both paths train on the
 same batches with the same initialisation.
 """

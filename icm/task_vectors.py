@@ -11,7 +11,7 @@ average. No fine-tuning is involved, so a new task gets a vector from one forwar
 `TaskEncoder.fit_prompt`, and a single request calls `TaskEncoder.encode`, which runs those two
 same steps for one description / example list.
 
-Outputs of the ``task_vectors`` stage (written by ``jobs/extract_task_vectors.py``)::
+Outputs of the ``task_vectors`` stage (written by ``jobs/task_vectors.py``)::
 
     task_vectors/episodes.parquet     task, group, heldout, episode, mode, prompt, n_demos,
                                       truncated, n_tokens, shard

@@ -1,6 +1,6 @@
 """Evaluate generated adapters against oracles and the strongest baselines, on Ray.
 
-    python -m jobs.evaluate --config study [key=value ...]      (or: icm eval-all ...)
+    python -m jobs.evaluate --config study [key=value ...]      (or: icm evaluate ...)
 
 Settings (``icm/eval/inputs.py``): the fixed held-out set against oracle LoRAs (the ``oracles``
 stage), group folds (``evaluate.folds``: a generator refit per fold without any task of the

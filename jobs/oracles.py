@@ -2,7 +2,7 @@
 
     python -m jobs.oracles --config study [key=value ...]      (or: icm oracles ...)
 
-The same Ray Train + DeepSpeed trainers and the zoo's own settings as ``jobs.train_loras``, into
+The same Ray Train + DeepSpeed trainers and the zoo's own settings as ``jobs.zoo``, into
 their own folder ``<storage.root>/oracles/`` (same layout as the zoo). Nothing that trains, tunes
 or feeds the generator reads that folder (a test watches every file those stages open); only
 the evaluation does, to measure how much of the base -> oracle gap a generated adapter closes.
@@ -18,7 +18,7 @@ from icm.config import PipelineConfig
 from icm.stages import open_suite
 from icm.tasks import Suite
 from jobs.common import ensure_writable_root, parse_job_args, user_errors_exit_2
-from jobs.train_loras import run_oracles
+from jobs.zoo import run_oracles
 
 
 def run(cfg: PipelineConfig, suite: Suite) -> dict:

@@ -27,8 +27,7 @@ from icm.io import write_text_atomic
 from icm.models import load_base_model, resolve_spec
 from icm.stages import open_suite, push_local, stage
 from icm.tasks import Suite, format_stats_table, validate_suite
-from jobs import (base_eval, evaluate, extract_task_vectors, oracles, train_generator, train_loras,
-                  tune_cvae)
+from jobs import base_eval, evaluate, generator, oracles, task_vectors, tune, zoo
 from jobs.common import ensure_writable_root, parse_job_args, user_errors_exit_2
 from jobs.ray_setup import init_ray
 
@@ -78,9 +77,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-STAGES = {"base_eval": base_eval, "zoo": train_loras, "oracles": oracles,
-          "task_vectors": extract_task_vectors,
-          "tune": tune_cvae, "generator": train_generator, "evaluate": evaluate}
+# Stage name -> its job module, jobs.<stage name>: one name everywhere.
+STAGES = {"base_eval": base_eval, "zoo": zoo, "oracles": oracles, "task_vectors": task_vectors,
+          "tune": tune, "generator": generator, "evaluate": evaluate}
 
 
 def _timed(function, *args, **kwargs) -> float:

@@ -189,7 +189,7 @@ class LoraGenerator:
         folder = Path(directory)
         if not (folder / META_FILE).is_file() or not (folder / WEIGHTS_FILE).is_file():
             raise GeneratorInputError(f"{folder} is not a generator ({META_FILE} or {WEIGHTS_FILE} missing). "
-                                      "Fix: run `icm train-generator` first, or pass its output directory.")
+                                      "Fix: run `icm generator` first, or pass its output directory.")
         meta = json.loads((folder / META_FILE).read_text())
         if meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
             raise GeneratorInputError(f"{folder / META_FILE}: format {meta.get('format')!r} version "

@@ -98,7 +98,7 @@ def load_zoo(zoo_root: str | Path, *, include: Sequence[str] | None = None, excl
     root = Path(zoo_root)
     if not (root / ZOO_FILE).is_file() or not (root / MANIFEST_FILE).is_file():
         raise ZooInputError(f"no LoRA zoo at {root} ({ZOO_FILE} or {MANIFEST_FILE} missing). Fix: run "
-                            "`icm train-loras` with the same storage.root first.")
+                            "`icm zoo` with the same storage.root first.")
     identity = json.loads((root / ZOO_FILE).read_text())
     if model_spec is not None and identity.get("model_spec") != model_spec:
         raise ZooInputError(f"model.spec: the zoo at {root} was trained on {identity.get('model_spec')!r}, "
@@ -115,7 +115,7 @@ def load_zoo(zoo_root: str | Path, *, include: Sequence[str] | None = None, excl
         log.warning("zoo has snapshots of held-out task(s) %s; they are ignored", dropped)
     if not len(rows):
         raise ZooInputError(f"the zoo at {root} has no snapshots of training tasks (manifest tasks: "
-                            f"{sorted(set(frame.get('task', [])))}). Fix: run `icm train-loras` first.")
+                            f"{sorted(set(frame.get('task', [])))}). Fix: run `icm zoo` first.")
     vectors, peft_config, size = _read_vectors(root, rows, zoo_layout)
     fingerprint = sha256_json([zoo_layout.fingerprint(), rows[["task", "step", "vector_sha256"]]
                                .astype(str).values.tolist()])

@@ -9,7 +9,7 @@ once in peft, so the loss back-propagates through the frozen model into the gene
 texts are never read, and only training tasks (held-out ones were dropped with the zoo) take
 part.
 
-Ray-free: `jobs/train_generator.py` runs `fit_lm` in a Ray Train `TorchTrainer` (data-parallel
+Ray-free: `jobs/generator.py` runs `fit_lm` in a Ray Train `TorchTrainer` (data-parallel
 workers, each with its own tasks per step, gradients averaged by DDP).
 """
 

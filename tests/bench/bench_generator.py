@@ -4,7 +4,7 @@
     python tests/bench/bench_generator.py --config smoke --synthetic 12 [key=value ...]   (no inputs needed)
 
 Side by side in one run, on the same prepared data (one split, one PCA) and the same local Ray:
-1. **Search**: the Tune job's search (`jobs.tune_cvae.make_tuner`: Optuna + ASHA,
+1. **Search**: the Tune job's search (`jobs.tune.make_tuner`: Optuna + ASHA,
    ``tune.num_samples`` trials) -> best ``val_mse`` and the compute it used (generator training
    samples summed over trials; wall time).
 2. **Full budget**: exactly the configurations the search tried, each trained for all
@@ -60,7 +60,7 @@ def load_inputs(cfg, synthetic: int | None):
 
 
 def run_tuner(cfg, data, storage: Path, **kwargs) -> tuple[list[dict], float]:
-    from jobs.tune_cvae import make_tuner, trial_rows
+    from jobs.tune import make_tuner, trial_rows
 
     started = time.perf_counter()
     rows = trial_rows(make_tuner(cfg, data, storage, **kwargs).fit())

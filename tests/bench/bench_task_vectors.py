@@ -87,7 +87,7 @@ from icm.stages import open_suite  # noqa: E402
 from icm.task_vector_report import metrics_table  # noqa: E402
 from icm.task_vectors import TaskEncoder  # noqa: E402
 from icm.tasks import SUITE_FILE, TASK_FILE, Suite, load_suite  # noqa: E402
-from jobs import extract_task_vectors as job  # noqa: E402
+from jobs import task_vectors as job  # noqa: E402
 from jobs.ray_setup import init_ray  # noqa: E402
 
 MiB = 1024**2

@@ -88,7 +88,7 @@ def print_trainer_breakdown(frame: pd.DataFrame) -> None:
 def run_zoo(config: str, root: Path, tasks: list[str], *overrides: str) -> tuple[float, pd.DataFrame]:
     """The real zoo job in a subprocess; returns (wall seconds, summary rows)."""
     started = time.perf_counter()
-    out = subprocess.run([sys.executable, "-m", "jobs.train_loras", "--config", config,
+    out = subprocess.run([sys.executable, "-m", "jobs.zoo", "--config", config,
                           f"storage.root={root}", f"suite.tasks=[{','.join(tasks)}]",
                           "zoo.multitask=false", *overrides], cwd=REPO, capture_output=True, text=True)
     if out.returncode:

@@ -72,7 +72,7 @@ def test_two_node_cluster_spreads_the_zoo_over_both_nodes(two_node_cluster, tmp_
     # Each trainer's single worker takes a whole 1-CPU node, and both run at once: the scheduler
     # must put one on each node. The driver joins the cluster instead of starting its own Ray.
     out = subprocess.run(
-        [sys.executable, "-m", "jobs.train_loras", "--config", "smoke", f"suite.path={suite}",
+        [sys.executable, "-m", "jobs.zoo", "--config", "smoke", f"suite.path={suite}",
          f"storage.root={tmp_path / 'run'}", f"ray.address={two_node_cluster.address}",
          "suite.tasks=[cats,sums]", "zoo.multitask=false", "zoo.cpus_per_worker=1",
          "zoo.num_workers=1", "zoo.max_concurrent=2", *ZOO_FAST],

@@ -103,9 +103,15 @@ def test_generate_writes_a_peft_adapter_for_a_task_folder_or_a_description(smoke
         base = model(**ids).logits
         adapted = PeftModel.from_pretrained(model, str(tmp_path / "from-text"))(**ids).logits
     assert not torch.allclose(base, adapted)  # the unchanged base model + the generated adapter
-    scored = _icm("evaluate", "--adapter", str(tmp_path / "from-task"), "--task", str(suite / "dogs"),
-                  "--model", "tiny-llama")
+    scored = _icm("score", "--adapter", str(tmp_path / "from-task"), "--task", str(suite / "dogs"),
+                  "--model", "tiny-llama", "--config", "smoke")
     assert scored.returncode == 0 and json.loads(scored.stdout)["perplexity"] > 1
+    # The smoke preset's evaluate section sets the defaults: what the evaluate stage scores.
+    assert json.loads(scored.stdout)["texts"] == 4
+    old = _icm("evaluate", "--adapter", str(tmp_path / "from-task"), "--task", str(suite / "dogs"),
+               "--model", "tiny-llama", "--config", "smoke")  # the previous name, for one release
+    assert old.returncode == 0 and "is now 'icm score'" in old.stderr
+    assert json.loads(old.stdout)["perplexity"] == json.loads(scored.stdout)["perplexity"]
 
 
 def test_generate_rejects_a_request_without_context(tmp_path):
@@ -250,7 +256,7 @@ def test_generator_lm_objective_fine_tunes_on_ray_train_and_skips_when_done(smok
     args = [f"suite.path={suite}", f"storage.root={lm_root}", "tune.enabled=false",
             "generator.objective=hybrid", "generator.lm_steps=4", "generator.lm_workers=2",
             "generator.cpus_per_task=0.5", "generator.report_every=2", "generator.lm_seq_len=24"]
-    command = [sys.executable, "-m", "jobs.train_generator", "--config", "smoke", *FAST, *args]
+    command = [sys.executable, "-m", "jobs.generator", "--config", "smoke", *FAST, *args]
     first = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-6000:]
     meta = json.loads((lm_root / "generator" / "generator.json").read_text())

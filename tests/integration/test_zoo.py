@@ -18,7 +18,7 @@ from icm.io import sha256_file
 from icm.lora_io import LoraLayout, save_adapter, unflatten
 from icm.models import load_base_model
 from icm.zoo import MULTITASK, load_vector
-from jobs.train_loras import main as train_loras_main
+from jobs.zoo import main as zoo_main
 from tests.conftest import REPO_ROOT, make_suite
 
 FAST = ["zoo.steps=16", "zoo.seq_len=32", "zoo.batch_size=4", "zoo.eval_max_texts=2",
@@ -26,7 +26,7 @@ FAST = ["zoo.steps=16", "zoo.seq_len=32", "zoo.batch_size=4", "zoo.eval_max_text
 
 
 def _zoo(suite, root, *extra, timeout=900, **popen):
-    return subprocess.run([sys.executable, "-m", "jobs.train_loras", "--config", "smoke",
+    return subprocess.run([sys.executable, "-m", "jobs.zoo", "--config", "smoke",
                            f"suite.path={suite}", f"storage.root={root}", *FAST, *extra],
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout, **popen)
 
@@ -140,7 +140,7 @@ def _registered_checkpoint_tasks(ray_dir) -> set[str]:
 def test_kill_and_resume_loses_and_duplicates_nothing(tmp_path):
     suite = make_suite(tmp_path / "suite")
     args = ["zoo.max_concurrent=1", "zoo.multitask=false", "zoo.steps=24"]
-    driver = subprocess.Popen([sys.executable, "-m", "jobs.train_loras", "--config", "smoke",
+    driver = subprocess.Popen([sys.executable, "-m", "jobs.zoo", "--config", "smoke",
                                f"suite.path={suite}", f"storage.root={tmp_path / 'run'}", *FAST, *args],
                               cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               start_new_session=True)
@@ -177,7 +177,7 @@ def test_kill_and_resume_loses_and_duplicates_nothing(tmp_path):
 ])
 def test_bad_input_fails_before_training(tmp_path, capsys, override, message):
     suite = make_suite(tmp_path / "suite")
-    code = train_loras_main(["--config", "smoke", f"suite.path={suite}", f"storage.root={tmp_path / 'run'}",
+    code = zoo_main(["--config", "smoke", f"suite.path={suite}", f"storage.root={tmp_path / 'run'}",
                              *FAST, override])
     assert code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "run" / "zoo" / "tasks").exists()
@@ -186,7 +186,7 @@ def test_bad_input_fails_before_training(tmp_path, capsys, override, message):
 def test_unwritable_storage_and_foreign_zoo_fail_before_training(tmp_path, capsys, tiny_llama):
     suite = make_suite(tmp_path / "suite")
     (tmp_path / "file").write_text("")
-    assert train_loras_main(["--config", "smoke", f"suite.path={suite}",
+    assert zoo_main(["--config", "smoke", f"suite.path={suite}",
                              f"storage.root={tmp_path / 'file' / 'run'}", *FAST]) == 2
     assert "storage.root" in capsys.readouterr().err
     # a zoo recorded for tiny-llama refuses another base model
@@ -198,7 +198,7 @@ def test_unwritable_storage_and_foreign_zoo_fail_before_training(tmp_path, capsy
     layout = LoraLayout.of(adapter_state_dict(build_lora_model(load_base_model("tiny-llama")[0], ZooConfig())))
     lora = ZooConfig().model_dump(include={"rank", "alpha", "dropout", "target_modules", "init_seed"})
     check_or_create_zoo(tmp_path / "run" / "zoo", zoo_identity("smollm2-135m", lora, layout), layout)
-    assert train_loras_main(["--config", "smoke", f"suite.path={suite}",
+    assert zoo_main(["--config", "smoke", f"suite.path={suite}",
                              f"storage.root={tmp_path / 'run'}", *FAST]) == 2
     err = capsys.readouterr().err
     assert "model.spec" in err and "smollm2-135m" in err and "tiny-llama" in err
@@ -213,7 +213,7 @@ def _jobs(costs: dict[str, int]):
 
 
 def test_trainer_groups_are_stable_and_cover_every_task_once():
-    from jobs.train_loras import trainer_groups
+    from jobs.zoo import trainer_groups
 
     jobs, costs = _jobs({name: 16 for name in ["a", "b", "c", "d", "e"]})
     dealt = trainer_groups(jobs, costs, None, concurrency=2)  # default: one trainer per slot
@@ -229,7 +229,7 @@ def test_trainer_groups_are_stable_and_cover_every_task_once():
 def test_trainer_groups_balance_the_compute_matched_multitask_lora():
     """Round-robin dealing put the 4-task multi-task LoRA on top of half the tasks; by steps, its
     trainer gets nothing else while the other trains all the tasks."""
-    from jobs.train_loras import trainer_groups
+    from jobs.zoo import trainer_groups
 
     jobs, costs = _jobs({"a": 16, "b": 16, "c": 16, "d": 16, MULTITASK: 64})
     dealt = list(trainer_groups(jobs, costs, None, concurrency=2).values())

@@ -19,7 +19,8 @@ from icm.generator import LoraGenerator
 from icm.generator.inputs import load_generator_inputs
 from icm.models import load_base_model
 from icm.tasks import load_suite
-from jobs import train_generator, tune_cvae
+from jobs import generator as generator_job
+from jobs import tune as tune_job
 from tests.conftest import make_suite
 from tests.unit.test_generator import write_zoo
 
@@ -56,7 +57,7 @@ def workspace(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tuned(local_ray, workspace):
     cfg, suite, inputs = workspace
-    return tune_cvae.run(cfg, suite, inputs=inputs)
+    return tune_job.run(cfg, suite, inputs=inputs)
 
 
 @pytest.mark.slow
@@ -84,11 +85,11 @@ def test_tune_search_with_asha_writes_the_best_config(tuned, workspace):
 @pytest.mark.slow
 def test_rerun_skips_and_a_lost_record_restores_the_experiment(tuned, workspace, caplog):
     cfg, suite, inputs = workspace
-    caplog.set_level(logging.INFO, logger="jobs.tune_cvae")
-    assert tune_cvae.run(cfg, suite, inputs=inputs)["fingerprint"] == tuned["fingerprint"]
+    caplog.set_level(logging.INFO, logger="jobs.tune")
+    assert tune_job.run(cfg, suite, inputs=inputs)["fingerprint"] == tuned["fingerprint"]
     assert "tune: up to date" in caplog.text
     (cfg.storage.path("tune") / "stage.json").unlink()  # as if killed after the search
-    again = tune_cvae.run(cfg, suite, inputs=inputs)
+    again = tune_job.run(cfg, suite, inputs=inputs)
     assert "restoring the experiment" in caplog.text
     assert again["outputs"]["best_trial"] == tuned["outputs"]["best_trial"]  # same trials, none new
 
@@ -96,11 +97,11 @@ def test_rerun_skips_and_a_lost_record_restores_the_experiment(tuned, workspace,
 @pytest.mark.slow
 def test_final_generator_trains_on_every_training_task_with_the_best_config(tuned, workspace, tmp_path):
     cfg, suite, inputs = workspace
-    record = train_generator.run(cfg, suite, inputs=inputs)
+    record = generator_job.run(cfg, suite, inputs=inputs)
     out = cfg.storage.path("generator")
     assert {p.name for p in out.iterdir()} == {"generator.json", "generator.safetensors",
                                                 "config.resolved.yaml", "stage.json"}
-    assert not cfg.storage.path(train_generator.CHECKPOINT_DIR).exists()
+    assert not cfg.storage.path(generator_job.CHECKPOINT_DIR).exists()
     generator = LoraGenerator.load(out)
     best = json.loads(cfg.storage.path("tune", "best_config.json").read_text())
     assert generator.config.model_dump(mode="json") == best["generator_config"]
@@ -116,7 +117,7 @@ def test_final_generator_trains_on_every_training_task_with_the_best_config(tune
         assert not torch.allclose(apply_adapter(model, adapter)(**ids).logits, base_logits)
 
 
-@pytest.mark.parametrize("job", [tune_cvae, train_generator])
+@pytest.mark.parametrize("job", [tune_job, generator_job])
 def test_jobs_report_a_missing_zoo_as_one_line(job, tmp_path, capsys):
     suite = make_suite(tmp_path / "suite")
     code = job.main(["--config", "smoke", f"storage.root={tmp_path / 'run'}", f"suite.path={suite}",
@@ -147,7 +148,7 @@ def test_train_generator_command_reads_stored_zoo_and_task_vectors(local_ray, wo
     args = ["--config", "smoke", f"storage.root={tmp_path / 'run'}", f"suite.path={suite.path}",
             *OVERRIDES, "tune.enabled=false", "generator.steps=20",
             "generator.condition_modes=[description,both]"]
-    assert train_generator.main(args) == 0
+    assert generator_job.main(args) == 0
     assert "trained on all 3 training tasks (12 snapshots" in capsys.readouterr().out
     generator = LoraGenerator.load(tmp_path / "run" / "generator")
     assert generator.condition_spec["condition_dim"] == 16 and generator.condition_spec["modes"] == ["description", "both"]
@@ -155,13 +156,13 @@ def test_train_generator_command_reads_stored_zoo_and_task_vectors(local_ray, wo
     episodes = sum(len(stored[t]) for t in ("cats", "code", "sums"))
     assert generator.summary["trained_on"]["episodes"] == 2 * episodes
     assert generator.summary["trained_on"]["tasks"] == ["cats", "code", "sums"]
-    assert train_generator.main(args) == 0  # up to date: skipped
+    assert generator_job.main(args) == 0  # up to date: skipped
 
 
 def test_model_selection_scores_a_train_slice_never_eval_texts(tiny_suite):
     """Tune's re-scoring read eval_texts()[:8]: exactly the texts the evaluation then reported."""
     from icm.tasks import load_suite
-    from jobs.tune_cvae import validation_texts
+    from jobs.tune import validation_texts
 
     for task in load_suite(tiny_suite).tasks.values():
         texts = validation_texts(task, 4)

@@ -16,7 +16,7 @@ from icm.config import load_config
 from icm.models import load_base_model
 from icm.stages import open_suite
 from icm.task_vectors import (TaskEncoder, load_episode_vectors, load_task_means, template_text)
-from jobs import extract_task_vectors as job
+from jobs import task_vectors as job
 from tests.conftest import make_suite
 
 KEYS = ["task", "mode", "episode", "layer", "pooling"]

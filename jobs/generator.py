@@ -1,0 +1,141 @@
+"""Train the final LoRA generator on every training task and snapshot; write the artifact.
+
+    python -m jobs.generator --config smoke [key=value ...]     (or: icm generator ...)
+
+Hyperparameters: the Tune search's winner (``<storage.root>/tune/best_config.json``; the search
+runs first when it is missing or out of date) when ``tune.enabled``, else ``generator`` as
+configured. Unlike the search's trials, the final generator sees all training tasks and all their
+snapshots (no validation split); held-out tasks never enter. Training runs as one Ray task
+(``generator.cpus_per_task`` CPUs) that checkpoints every ``generator.report_every`` steps to
+``<storage.root>/generator-checkpoint/`` and resumes from it after a kill (a URI root: in the
+local mirror of the node it ran on). Output: ``<storage.root>/generator/`` (see
+``icm/generator/``), written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import ray
+
+from icm.config import GeneratorConfig, PipelineConfig
+from icm.generator.training import load_checkpoint
+from icm.generator import train_generator
+from icm.generator.inputs import GeneratorInputs, load_generator_inputs
+from icm.io import atomic_directory, write_json_atomic
+from icm.stages import open_suite, pull_local, pull_stages, push_local, stage
+from icm.tasks import Suite
+from jobs import tune as tune_stage
+from jobs.common import ensure_writable_root, parse_job_args, user_errors_exit_2
+from jobs.ray_setup import init_ray
+
+log = logging.getLogger("jobs.generator")
+CHECKPOINT_DIR = "generator-checkpoint"
+# objective lm/hybrid: the reconstruction-trained start the LM fine-tuning resumes from
+RECONSTRUCTION_DIR = "generator-reconstruction"
+
+
+def _finished(folder: Path, fingerprint: str) -> bool:
+    marker = folder / "fingerprint.json"
+    return marker.is_file() and json.loads(marker.read_text()).get("fingerprint") == fingerprint
+
+
+def chosen_config(cfg: PipelineConfig, suite: Suite, inputs: GeneratorInputs) -> tuple[GeneratorConfig, str]:
+    """The hyperparameters to train with, and where they came from."""
+    if not cfg.tune.enabled:
+        return cfg.generator, "the generator config (tune.enabled=false)"
+    tune_stage.run(cfg, suite, inputs=inputs)  # skipped when up to date
+    best = json.loads(cfg.storage.path("tune", "best_config.json").read_text())
+    return GeneratorConfig.model_validate(best["generator_config"]), f"Tune trial {best['trial_id']}"
+
+
+def build_generator(config: dict, generator_config: dict, suite: Suite, inputs: GeneratorInputs | None,
+                    fingerprint: str, out: str | None = None) -> dict:
+    """Ray task: train on everything by reconstruction, checkpointing for resume, then write
+    the artifact to ``out`` (default: the stage folder)."""
+    cfg = PipelineConfig.model_validate(config)
+    gen_cfg = GeneratorConfig.model_validate(generator_config)
+    if inputs is None:
+        pull_stages(cfg, "zoo", "task_vectors")  # a URI root: this node's mirror may lack them
+    inputs = inputs or load_generator_inputs(cfg, suite)
+    work = cfg.storage.path(CHECKPOINT_DIR)
+    marker = work / "fingerprint.json"
+    resume = None
+    if marker.is_file() and json.loads(marker.read_text()).get("fingerprint") == fingerprint:
+        resume = load_checkpoint(work)
+        print(f"[generator] resuming from step {resume['step']}", flush=True)
+
+    def report(metrics: dict, save) -> None:
+        with atomic_directory(work) as staging:
+            save(staging)
+            write_json_atomic(staging / "fingerprint.json", {"fingerprint": fingerprint})
+        print(f"[generator] step {metrics['step']}/{gen_cfg.steps} recon {metrics['train_recon']:.4g} "
+              f"kl {metrics['train_kl']:.3g} gen_mse {metrics['train_gen_mse']:.4g}", flush=True)
+
+    generator = train_generator(inputs.zoo, inputs.conditions, gen_cfg, validation=False,
+                                condition_spec=inputs.condition_spec, init_state=inputs.init_state,
+                                report=report, resume_state=resume)
+    out = generator.save(out or cfg.storage.path("generator"), resolved_config=cfg)
+    push_local(cfg, out)  # a URI root: the driver (maybe on another node) pulls it from there
+    shutil.rmtree(work, ignore_errors=True)
+    meta = json.loads((out / "generator.json").read_text())
+    return {"trained_on": generator.summary["trained_on"], "final": generator.summary["final"],
+            "samples_per_s": generator.summary["samples_per_s"], "size": meta["size"]}
+
+
+def run(cfg: PipelineConfig, suite: Suite, *, inputs: GeneratorInputs | None = None) -> dict:
+    """The ``generator`` stage (skipped when up to date). ``inputs`` default to storage."""
+    given = inputs
+    pull_stages(cfg, "zoo", "task_vectors")  # a URI root: the inputs, into the local mirror
+    inputs = inputs or load_generator_inputs(cfg, suite)
+    gen_cfg, source = chosen_config(cfg, suite, inputs)
+    trained = gen_cfg.model_dump(mode="json", exclude={"cpus_per_task"})  # not a scheduling knob
+    current = stage(cfg, "generator", inputs.fingerprint(), trained, sections=("model",))
+    if current.is_current():
+        log.info("generator: up to date, skipping (%s)", current.directory)
+        return current.record()
+    init_ray(cfg.ray, cache_dir=cfg.model.cache_dir)
+    started = current.begin(cfg)
+    log.info("generator: training %s on all %d training tasks with hyperparameters from %s",
+             gen_cfg.arch, len(inputs.zoo.vectors), source)
+    task = ray.remote(num_cpus=gen_cfg.cpus_per_task)(build_generator)
+    end_to_end = gen_cfg.objective != "reconstruction"
+    start = cfg.storage.path(RECONSTRUCTION_DIR) if end_to_end else None
+    # The task reads the zoo itself (shared storage) unless inputs were handed in (tests).
+    if not (end_to_end and _finished(start, current.fingerprint)):
+        summary = ray.get(task.remote(cfg.model_dump(mode="json"), gen_cfg.model_dump(mode="json"),
+                                      suite, given, current.fingerprint,
+                                      str(start) if start else None))
+        if end_to_end:
+            write_json_atomic(start / "fingerprint.json", {"fingerprint": current.fingerprint})
+    if end_to_end:
+        from jobs.generator_lm import finetune
+
+        pull_local(cfg, start)
+        summary = finetune(cfg, gen_cfg, suite, start, current.fingerprint)
+    pull_local(cfg, current.directory)  # a URI root: the task may have run on another node
+    return current.finish(started, {"generator": str(Path(current.directory).resolve()),
+                                    "hyperparameters_from": source, **summary})
+
+
+@user_errors_exit_2
+def main(argv: Sequence[str] | None = None) -> int:
+    cfg = parse_job_args(__doc__.split("\n\n")[0], argv)
+    ensure_writable_root(cfg)
+    out = run(cfg, open_suite(cfg))["outputs"]
+    size, trained = out["size"], out["trained_on"]
+    ratio = f"{100 * size['ratio_to_zoo']:.1f}% of" if size["ratio_to_zoo"] else "vs"
+    print(f"generator: trained on all {len(trained['tasks'])} training tasks ({trained['snapshots']} "
+          f"snapshots x their episodes; hyperparameters from {out['hyperparameters_from']}) -> "
+          f"{out['generator']}; {size['generator_bytes'] / 1e6:.2f} MB = {ratio} the zoo's "
+          f"{size['zoo_adapter_bytes'] / 1e6:.2f} MB of adapters")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

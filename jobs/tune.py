@@ -1,0 +1,281 @@
+"""Search generator hyperparameters with Ray Tune (ASHA + Optuna), then re-score by perplexity.
+
+    python -m jobs.tune --config smoke [key=value ...]     (or: icm tune ...)
+
+Data: the zoo's training tasks x their episode task vectors (held-out tasks never enter), split
+once on the driver: ``generator.val_tasks`` whole tasks and the last ``generator.val_snapshots``
+snapshots of every other task are kept out of training. Each Tune function trial trains one
+generator (`icm.generator.fit_generator`) and reports every ``generator.report_every`` steps with a
+checkpoint; ASHA stops weak trials on ``val_mse`` = mean of ``val_seen_mse`` (held-out
+snapshots of seen tasks) and ``val_unseen_mse`` (validation tasks), the per-element MSE of the
+z = 0 adapter in normalised weight space. The ``tune.rescore_top`` best trials then generate
+adapters for the validation tasks, scored by eval perplexity on the base model; the best wins.
+A killed search resumes (``tune.Tuner.restore``) when rerun with the same config.
+Outputs under ``<storage.root>/tune/``: ``best_config.json``, ``trials.parquet``, ``split.json``,
+``ray/cvae-search/`` (Tune's experiment: trial checkpoints, results).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search.optuna import OptunaSearch
+
+from icm.config import GeneratorConfig, PipelineConfig
+from icm.generator.training import load_checkpoint
+from icm.generator import fit_generator, generator_from_state
+from icm.generator.data import PreparedData, prepare_data
+from icm.generator.inputs import GeneratorInputs, load_generator_inputs
+from icm.io import write_bytes_atomic, write_json_atomic
+from icm.stages import RAY_DIR, open_suite, pull_stages, stage
+from icm.storage import delete, join, read_json, write_json
+from icm.tasks import Suite
+from jobs.common import ensure_writable_root, parse_job_args, user_errors_exit_2
+from jobs.ray_setup import init_ray
+
+log = logging.getLogger("jobs.tune")
+EXPERIMENT = "cvae-search"
+METRIC = "val_mse"
+# Value sets of the categorical dimensions; the configured value is always added.
+LATENTS, NOISES = (8, 16, 32, 64), (0.0, 0.01, 0.05, 0.1)
+WIDTHS = {"mlp": (128, 256, 512), "conv1d": (4, 8, 16)}  # hidden width / base channels
+
+
+def _choices(values: Sequence, configured) -> list:
+    return sorted(set(values) | {configured})
+
+
+def search_space(trial, archs: tuple[str, ...], defaults: dict[str, Any]) -> None:
+    """Optuna define-by-run space: lr, beta, latent size, noise, architecture, width, depth."""
+    arch = trial.suggest_categorical("arch", list(archs))
+    trial.suggest_float("lr", min(1e-4, defaults["lr"]), max(1e-2, defaults["lr"]), log=True)
+    trial.suggest_float("beta", 1e-6, max(1e-1, defaults["beta"]), log=True)
+    trial.suggest_categorical("latent_dim", _choices(LATENTS, defaults["latent_dim"]))
+    trial.suggest_categorical("noise", _choices(NOISES, defaults["noise"]))
+    own = defaults["width"] if defaults["arch"] == arch else WIDTHS[arch][0]
+    trial.suggest_categorical(f"width_{arch}", _choices(WIDTHS[arch], own))  # per-arch name: other values
+    if arch == "mlp":
+        trial.suggest_int("depth", 1, max(3, defaults["depth"]))
+
+
+def default_point(defaults: dict[str, Any], archs: Sequence[str]) -> list[dict[str, Any]]:
+    """The configured generator as the first trial, so the search never does worse than it."""
+    if defaults["arch"] not in archs:
+        return []
+    point = {"arch": defaults["arch"], "lr": defaults["lr"], "beta": max(defaults["beta"], 1e-6),
+             "latent_dim": defaults["latent_dim"], "noise": defaults["noise"],
+             f"width_{defaults['arch']}": defaults["width"]}
+    return [point | ({"depth": defaults["depth"]} if defaults["arch"] == "mlp" else {})]
+
+
+def trial_config(base: dict[str, Any], params: dict[str, Any]) -> GeneratorConfig:
+    """The generator config of one trial: ``base`` with the sampled hyperparameters."""
+    params = params.get("params", params)  # grid runs (the benchmark) nest them
+    update = {k: params[k] for k in ("arch", "lr", "beta", "latent_dim", "noise")}
+    update["width"] = params[f"width_{params['arch']}"]
+    if "depth" in params:
+        update["depth"] = params["depth"]
+    return GeneratorConfig.model_validate({**base, **update})
+
+
+def trainable(config: dict[str, Any], data: PreparedData, base: dict[str, Any]) -> None:
+    """One Tune trial: train a generator, report (with a checkpoint) every report_every steps."""
+    cfg = trial_config(base, config)
+    resume = None
+    if (checkpoint := tune.get_checkpoint()) is not None:
+        with checkpoint.as_directory() as folder:
+            resume = load_checkpoint(folder)
+
+    def report(metrics: dict, save) -> None:
+        with tempfile.TemporaryDirectory() as folder:
+            save(folder)
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+
+    fit_generator(data, cfg, report=report, resume_state=resume)
+
+
+def make_tuner(cfg: PipelineConfig, data: PreparedData, storage: str | Path, *, name: str = EXPERIMENT,
+               asha: bool = True, grid: list[dict] | None = None) -> tune.Tuner:
+    """A new Tuner, or the restored one when ``storage/name`` holds an unfinished experiment.
+
+    ``storage``: a local folder or a URI (s3://...; Tune writes there itself, from any node).
+    ``grid`` (the benchmark's full-budget reference) runs exactly those trials, no early stop.
+    """
+    g, t = cfg.generator, cfg.tune
+    resources = {"cpu": t.cpus_per_trial}
+    fn = tune.with_resources(tune.with_parameters(trainable, data=data, base=g.model_dump(mode="json")),
+                             resources)
+    location = str(storage.resolve()) if isinstance(storage, Path) else storage
+    path = join(location, name)
+    if tune.Tuner.can_restore(path):
+        log.info("tune: restoring the experiment at %s", path)
+        return tune.Tuner.restore(path, trainable=fn, resume_errored=True)
+    reports = math.ceil(g.steps / g.report_every)
+    # metric/mode are set exactly once: on the searcher and the scheduler, which need them
+    # (a define-by-run Optuna space ignores TuneConfig's), never also on TuneConfig (ValueError).
+    objective = {"metric": METRIC, "mode": "min"}
+    scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=reports,
+                               grace_period=min(t.grace_period, reports),
+                               reduction_factor=t.reduction_factor, **objective) if asha else None)
+    defaults = g.model_dump(mode="json")
+    searcher = None if grid else OptunaSearch(
+        space=functools.partial(search_space, archs=tuple(t.archs), defaults=defaults),
+        points_to_evaluate=default_point(defaults, t.archs), seed=t.seed, **objective)
+    return tune.Tuner(
+        fn, param_space={"params": tune.grid_search(grid)} if grid else {},
+        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler,
+                                    num_samples=1 if grid else t.num_samples,
+                                    max_concurrent_trials=t.max_concurrent),
+        run_config=tune.RunConfig(name=name, storage_path=location, verbose=1,
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                                  failure_config=tune.FailureConfig(max_failures=1)))
+
+
+def search(cfg: PipelineConfig, data: PreparedData, storage: str, fingerprint: str):
+    """Run (or resume) the search in ``storage`` (a folder or a URI); an experiment left by
+    another config is discarded first."""
+    marker = join(storage, "search.json")
+    if (found := read_json(marker)) is not None and found.get("fingerprint") != fingerprint:
+        delete(join(storage, EXPERIMENT))
+    write_json(marker, {"fingerprint": fingerprint})
+    results = make_tuner(cfg, data, storage).fit()
+    if results.num_errors == len(results):
+        raise RuntimeError(f"every Tune trial failed; first error: {results.errors[0]}")
+    return results
+
+
+def trial_rows(results) -> list[dict[str, Any]]:
+    """One row per trial: its hyperparameters, its last metrics, its compute."""
+    rows = []
+    for result in results:
+        if result.error is not None or not result.metrics:
+            continue
+        m = result.metrics
+        rows.append({"trial_id": m["trial_id"], "params": result.config.get("params", result.config),
+                     "val_mse": m[METRIC], "val_seen_mse": m.get("val_seen_mse"),
+                     "val_unseen_mse": m.get("val_unseen_mse"), "steps": m["step"],
+                     "samples": m["samples"], "train_seconds": m["train_seconds"],
+                     "reports": m["training_iteration"], "checkpoint": result.checkpoint})
+    return sorted(rows, key=lambda r: r["val_mse"] if math.isfinite(r["val_mse"]) else math.inf)
+
+
+def validation_texts(task, count: int) -> list[str]:
+    """The texts model selection scores a validation task on: the last ``count`` of its train
+    split, never its eval texts (those are what the evaluation reports; selecting on them would
+    bias it). The generator never trains on a validation task, so these texts are unseen by it."""
+    return task.train_texts()[-count:]
+
+
+def rescore(cfg: PipelineConfig, suite: Suite, data: PreparedData, rows: list[dict]) -> list[dict]:
+    """Eval perplexity of each candidate's z = 0 adapter on the validation tasks (base model + adapter)."""
+    from icm.adapters import apply_adapter
+    from icm.evaluation import score_texts
+    from icm.models import load_base_model
+
+    tasks = list(data.split.val_tasks) or list(data.split.train_tasks[:2])
+    texts = {t: validation_texts(suite.tasks[t], cfg.tune.rescore_max_texts) for t in tasks}
+    m = cfg.model
+
+    def perplexity(adapter_dir: Path | None, task: str) -> float:
+        model, tokenizer = load_base_model(m.spec, cache_dir=m.cache_dir, dtype=m.dtype)
+        model = apply_adapter(model, adapter_dir) if adapter_dir else model
+        return score_texts(model, tokenizer, texts[task], max_length=cfg.evaluate.max_length,
+                           batch_size=cfg.evaluate.batch_size).perplexity
+
+    base = {t: perplexity(None, t) for t in tasks}
+    out = []
+    for row in rows:
+        gen_cfg = trial_config(cfg.generator.model_dump(mode="json"), row["params"])
+        with row["checkpoint"].as_directory() as folder:
+            generator = generator_from_state(data, gen_cfg, load_checkpoint(folder)["model"])
+        ppl = {}
+        for task in tasks:
+            with tempfile.TemporaryDirectory() as tmp:
+                vector = generator.sample(data.task_means[task], z="zero")[0]
+                ppl[task] = perplexity(generator.write_adapter(vector, Path(tmp) / "adapter"), task)
+        out.append({"trial_id": row["trial_id"], "perplexity": ppl, "base_perplexity": base,
+                    "mean_log_perplexity": sum(math.log(p) for p in ppl.values()) / len(ppl)})
+        log.info("tune: trial %s val_mse %.4g -> eval perplexity %s (base %s)", row["trial_id"],
+                 row["val_mse"], {t: round(p, 3) for t, p in ppl.items()},
+                 {t: round(p, 3) for t, p in base.items()})
+    return out
+
+
+def _write_outputs(directory: Path, cfg: PipelineConfig, data: PreparedData, rows, rescored) -> dict:
+    import pandas as pd
+
+    best_id = (min(rescored, key=lambda r: r["mean_log_perplexity"])["trial_id"] if rescored
+               else rows[0]["trial_id"])
+    best = next(r for r in rows if r["trial_id"] == best_id)
+    gen_cfg = trial_config(cfg.generator.model_dump(mode="json"), best["params"])
+    frame = pd.DataFrame([{k: v for k, v in r.items() if k != "checkpoint"}
+                          | {"params": json.dumps(r["params"])} for r in rows])
+    write_bytes_atomic(directory / "trials.parquet", frame.to_parquet(index=False))
+    rep = data.representation(gen_cfg)
+    record = {"trial_id": best_id, "selected_by": "perplexity" if rescored else METRIC,
+              "hyperparameters": best["params"], "generator_config": gen_cfg.model_dump(mode="json"),
+              "metrics": {k: best[k] for k in ("val_mse", "val_seen_mse", "val_unseen_mse", "steps")},
+              "rescored": rescored, "baselines": rep.baselines, "representation": rep.info,
+              "compute": {"trials": len(rows), "samples": sum(r["samples"] for r in rows),
+                          "full_budget_samples": len(rows) * cfg.generator.steps * cfg.generator.batch_size}}
+    write_json_atomic(directory / "best_config.json", record)
+    return record
+
+
+def run(cfg: PipelineConfig, suite: Suite, *, inputs: GeneratorInputs | None = None) -> dict:
+    """The ``tune`` stage (skipped when up to date). ``inputs`` default to the stored zoo + task vectors."""
+    pull_stages(cfg, "zoo", "task_vectors")  # a URI root: the inputs, into the local mirror
+    inputs = inputs or load_generator_inputs(cfg, suite)
+    # Scheduling knobs change nothing that is searched: a resumed search may use other values.
+    knobs = cfg.tune.model_dump(mode="json", exclude={"max_concurrent", "cpus_per_trial"})
+    generator = cfg.generator.model_dump(mode="json", exclude={"cpus_per_task"})
+    current = stage(cfg, "tune", inputs.fingerprint(), generator, knobs,
+                    cfg.evaluate.max_length, cfg.evaluate.batch_size, sections=("model",))
+    if current.is_current():
+        log.info("tune: up to date, skipping (%s)", current.directory)
+        return current.record()
+    data = prepare_data(inputs.zoo, inputs.conditions, cfg.generator, validation=True, archs=cfg.tune.archs,
+                        init_state=inputs.init_state, condition_spec=inputs.condition_spec)
+    split = {"train_tasks": list(data.split.train_tasks), "val_tasks": list(data.split.val_tasks),
+             "val_snapshots_per_task": data.split.val_snapshots, "heldout_excluded": list(suite.heldout)}
+    started = current.begin(cfg)
+    write_json_atomic(current.directory / "split.json", split)
+    log.info("tune: %d trials over %s; train tasks %s, validation tasks %s", cfg.tune.num_samples,
+             cfg.tune.archs, split["train_tasks"], split["val_tasks"])
+    init_ray(cfg.ray, cache_dir=cfg.model.cache_dir)
+    rows = trial_rows(search(cfg, data, cfg.storage.uri("tune", RAY_DIR), current.fingerprint))
+    finite = [r for r in rows if math.isfinite(r["val_mse"])]  # diverged trials are not candidates
+    rescored = rescore(cfg, suite, data, finite[:cfg.tune.rescore_top]) if cfg.tune.rescore_top else []
+    record = _write_outputs(current.directory, cfg, data, rows, rescored)
+    return current.finish(started, {"best_config": "tune/best_config.json", "trials": len(rows),
+                                    "best_trial": record["trial_id"], "selected_by": record["selected_by"],
+                                    "best_val_mse": record["metrics"]["val_mse"], **split})
+
+
+@user_errors_exit_2
+def main(argv: Sequence[str] | None = None) -> int:
+    cfg = parse_job_args(__doc__.split("\n\n")[0], argv)
+    ensure_writable_root(cfg)
+    if not cfg.tune.enabled:
+        print("tune: tune.enabled is false; nothing to search (the generator stage uses `generator`).")
+        return 0
+    out = run(cfg, open_suite(cfg))["outputs"]
+    best = json.loads(cfg.storage.path("tune", "best_config.json").read_text())
+    print(f"tune: {out['trials']} trials; best {out['best_trial']} (by {out['selected_by']}, val_mse "
+          f"{out['best_val_mse']:.4g}): {best['hyperparameters']} -> "
+          f"{cfg.storage.path('tune', 'best_config.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
