@@ -111,15 +111,20 @@ def stage_metrics(stage_dir: str | Path) -> list[dict]:
 
 def metrics_table(rows: Sequence[dict]) -> str:
     """The metrics as a Markdown table (mode, layer, pooling, silhouettes, nearest-group share)."""
-    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
-    lines = ["| mode | layer | pooling | silhouette (tasks) | silhouette (episodes) "
-             "| held-out NN in own group |", "|---|---|---|---|---|---|"]
-    for r in rows:
-        share, n = r["heldout_nearest_same_group"], r["heldout_tasks"]
-        share = "-" if share is None else f"{share:.2f} ({round(share * n)}/{n})"
-        lines.append(f"| {r['mode']} | {r['layer']} | {r['pooling']} | {fmt(r['silhouette'])} | "
-                     f"{fmt(r.get('silhouette_episodes'))} | {share} |")
-    return "\n".join(lines)
+    from tabulate import tabulate
+
+    def number(value) -> str:
+        return "-" if value is None else f"{value:.3f}"
+
+    def share(row) -> str:
+        value, n = row["heldout_nearest_same_group"], row["heldout_tasks"]
+        return "-" if value is None else f"{value:.2f} ({round(value * n)}/{n})"
+
+    table = [(r["mode"], r["layer"], r["pooling"], number(r["silhouette"]),
+              number(r.get("silhouette_episodes")), share(r)) for r in rows]
+    return tabulate(table, headers=("mode", "layer", "pooling", "silhouette (tasks)",
+                                    "silhouette (episodes)", "held-out NN in own group"),
+                    tablefmt="github", disable_numparse=True)
 
 
 def plot_projection(stage_dir: str | Path, rows: Sequence[dict], out_path: str | Path) -> Path:

@@ -312,20 +312,18 @@ def validate_suite(suite: Suite | str | Path,
 
 
 def format_stats_table(stats: Sequence[TaskStats]) -> str:
-    """A fixed-width table (task, group, held-out, #train, #eval, tokens) with a totals line."""
-    header = ("task", "group", "held-out", "#train", "#eval", "tokens")
-    rows = [(s.name, s.group, "yes" if s.heldout else "", str(s.n_train), str(s.n_eval),
-             "-" if s.tokens is None else str(s.tokens)) for s in stats]
-    groups = {s.group for s in stats}
+    """A plain-text table (task, group, held-out, #train, #eval, tokens) with a totals line."""
+    from tabulate import SEPARATING_LINE, tabulate
+
+    rows = [(s.name, s.group, "yes" if s.heldout else "", s.n_train, s.n_eval,
+             "-" if s.tokens is None else s.tokens) for s in stats]
     total_tokens = None if any(s.tokens is None for s in stats) else sum(s.tokens for s in stats)
-    rows.append((f"{len(stats)} tasks", f"{len(groups)} groups",
-                 f"{sum(s.heldout for s in stats)} held out", str(sum(s.n_train for s in stats)),
-                 str(sum(s.n_eval for s in stats)), "-" if total_tokens is None else str(total_tokens)))
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    fmt = lambda r: "  ".join(c.rjust(w) if i >= 3 else c.ljust(w)  # noqa: E731
-                              for i, (c, w) in enumerate(zip(r, widths)))
-    rule = "  ".join("-" * w for w in widths)
-    return "\n".join([fmt(header), rule, *map(fmt, rows[:-1]), rule, fmt(rows[-1])])
+    totals = (f"{len(stats)} tasks", f"{len({s.group for s in stats})} groups",
+              f"{sum(s.heldout for s in stats)} held out", sum(s.n_train for s in stats),
+              sum(s.n_eval for s in stats), "-" if total_tokens is None else total_tokens)
+    return tabulate([*rows, SEPARATING_LINE, totals],
+                    headers=("task", "group", "held-out", "#train", "#eval", "tokens"),
+                    tablefmt="simple", colalign=("left", "left", "left", "right", "right", "right"))
 
 
 # ----------------------------------------------------------------------------- writing

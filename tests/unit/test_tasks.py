@@ -25,6 +25,11 @@ def test_valid_suite_loads_and_validates(tiny_suite):
     assert by_name["dogs"].heldout and not by_name["cats"].heldout
     table = format_stats_table(stats)
     assert "held-out" in table and "4 tasks" in table and "3 groups" in table
+    lines = table.splitlines()
+    assert len(lines) == 2 + 4 + 2 and lines[-2].startswith("----")  # header, rule, 4 tasks, totals
+    totals = lines[-1].split()
+    assert totals[-3:] == [str(sum(s.n_train for s in stats)), str(sum(s.n_eval for s in stats)),
+                           str(sum(s.tokens for s in stats))]
 
 
 def test_select_keeps_heldout_status_and_rejects_unknown(tiny_suite):
