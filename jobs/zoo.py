@@ -289,7 +289,11 @@ def _concurrency(cfg: PipelineConfig) -> int:
     per_task_cpu = cfg.zoo.num_workers * cfg.zoo.cpus_per_worker
     bound = int(resources.get("CPU", 1) // per_task_cpu)
     if cfg.zoo.gpus_per_worker:
-        bound = min(bound, int(resources.get("GPU", 0) // (cfg.zoo.num_workers * cfg.zoo.gpus_per_worker)))
+        gpus = int(resources.get("GPU", 0) // (cfg.zoo.num_workers * cfg.zoo.gpus_per_worker))
+        if gpus == 0:  # an autoscaling cluster starts with no GPU node: what is visible is not the max
+            log.warning("zoo: no GPUs are up yet, so 1 trainer at a time; on an autoscaling cluster "
+                        "set zoo.max_concurrent to what its largest size holds")
+        bound = min(bound, gpus)
     return max(1, bound)
 
 
