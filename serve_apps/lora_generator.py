@@ -53,11 +53,11 @@ from icm.serving import (ADAPTER_ID_PATTERN, ADAPTER_MODEL_PREFIX, GENERATION_RE
                          ChatCompletionRequest, ChatCompletionResponse, CompletionChoice,
                          CompletionEngine, CompletionRequest, CompletionResponse, ErrorResponse,
                          Generated, ModelCard, ModelList, PromptBuilder, SamplingParams,
-                         SERVE_INGRESS_ENV, SERVE_LATENCY_ENV,
                          ServeLimits, Usage, adapter_id_for,
                          check_adapter_request, check_messages, check_prompts, check_sampling,
                          completion_id, error_body, generator_fingerprint, now,
                          pack_adapter, parse_model)
+from serve_apps.serve_env import SERVE_INGRESS_ENV, SERVE_LATENCY_ENV
 
 log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parent.parent

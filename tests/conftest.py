@@ -14,6 +14,7 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 
 from icm.tasks import write_suite_meta, write_task  # noqa: E402
+import jobs  # noqa: E402,F401  (registers the project's presets: --config smoke, demo, ...)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

@@ -56,7 +56,7 @@ def start_app(args, workdir: Path) -> str:
     from serve_apps.lora_generator import app_from_config
     from tests.integration.test_serve import build_tiny_generator, free_port
 
-    from icm.serving import SERVE_INGRESS_ENV, SERVE_LATENCY_ENV
+    from serve_apps.serve_env import SERVE_INGRESS_ENV, SERVE_LATENCY_ENV
 
     generator = build_tiny_generator(workdir / "generator") if args.tiny else Path(args.generator)
     # As icm serve starts it: Serve reads these when its processes start.

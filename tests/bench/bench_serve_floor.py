@@ -6,7 +6,7 @@ requests on one keep-alive connection after 20 warm-up ones, always on the one H
     RAY_AUTH_MODE=disabled python tests/bench/bench_serve_floor.py [--modes proxy,haproxy,...]
 
 Each mode runs in its own process with its own local Ray, because Serve reads these settings
-from the environment when its processes start (``icm.serving.SERVE_INGRESS_ENV`` lists them):
+from the environment when its processes start (``serve_apps.serve_env.SERVE_INGRESS_ENV`` lists them):
 
     proxy           Serve's HTTP proxy actor (the default)
     proxy-tuned     the proxy, user code on the replica's event loop, router in the caller's loop
@@ -36,7 +36,7 @@ MODES = {
 
 def mode_env(mode: str) -> dict[str, str]:
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
-    from icm.serving import SERVE_INGRESS_ENV, SERVE_LATENCY_ENV
+    from serve_apps.serve_env import SERVE_INGRESS_ENV, SERVE_LATENCY_ENV
 
     spec = MODES[mode]
     if spec == "tuned":

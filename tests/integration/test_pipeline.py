@@ -72,7 +72,7 @@ def test_every_stage_runs_and_writes_its_outputs(smoke_run):
 
 
 def _icm(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "icm", *args], cwd=REPO_ROOT, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "jobs", *args], cwd=REPO_ROOT, capture_output=True,
                           text=True, timeout=300)
 
 
@@ -232,7 +232,7 @@ def test_pipeline_rejects_an_unwritable_storage_root(tmp_path):
 
 
 def test_pipeline_rejects_bad_config_before_starting_ray(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "icm", "run", "--config", "smoke",
+    out = subprocess.run([sys.executable, "-m", "jobs", "run", "--config", "smoke",
                           "model.spec_typo=1"], cwd=REPO_ROOT, capture_output=True, text=True)
     assert out.returncode == 2 and "unknown key 'model.spec_typo'" in out.stderr
     assert "Traceback" not in out.stderr

@@ -132,7 +132,7 @@ def served(tmp_path_factory):
 
     from serve_apps.lora_generator import app_from_config
 
-    from icm.serving import SERVE_INGRESS_ENV, SERVE_LATENCY_ENV
+    from serve_apps.serve_env import SERVE_INGRESS_ENV, SERVE_LATENCY_ENV
 
     root = tmp_path_factory.mktemp("serve")
     generator_dir = build_tiny_generator(root / "generator")

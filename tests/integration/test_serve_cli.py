@@ -25,7 +25,7 @@ def test_icm_serve_answers_behind_haproxy(tmp_path):
     for key in [k for k in env if k.startswith("RAY_SERVE_")]:  # icm serve sets its own
         env.pop(key)
     log = open(tmp_path / "serve.log", "w")
-    server = subprocess.Popen([sys.executable, "-m", "icm.cli", "serve", "--generator", str(generator),
+    server = subprocess.Popen([sys.executable, "-m", "jobs.cli", "serve", "--generator", str(generator),
                                "--adapters", str(tmp_path / "adapters"), "--port", str(port)],
                               cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
                               start_new_session=True)

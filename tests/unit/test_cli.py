@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from icm.cli import DEPRECATED_COMMANDS, JOB_COMMANDS, _renamed, build_parser, main
+from jobs.cli import DEPRECATED_COMMANDS, JOB_COMMANDS, _renamed, build_parser, main
 from icm.config import PipelineConfig
 
 

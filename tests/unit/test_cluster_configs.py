@@ -216,7 +216,7 @@ def test_rayservice_embeds_the_serve_config_verbatim():
 
 def test_rayservice_pods_start_serve_as_icm_serve_does():
     """HAProxy and the latency settings reach every Serve process only through the pods' env."""
-    from icm.serving import SERVE_INGRESS_ENV, SERVE_LATENCY_ENV
+    from serve_apps.serve_env import SERVE_INGRESS_ENV, SERVE_LATENCY_ENV
 
     cluster = _documents("rayservice.yaml")["RayService"]["spec"]["rayClusterConfig"]
     pods = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]

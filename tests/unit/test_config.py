@@ -8,8 +8,9 @@ import sys
 import pytest
 import yaml
 
-from icm.config import (PRESET_DIR, ConfigError, PipelineConfig, list_presets, load_config,
+from icm.config import (ConfigError, PipelineConfig, list_presets, load_config,
                         save_resolved_config)
+from jobs import PRESETS
 
 
 @pytest.mark.parametrize("preset", list_presets())
@@ -17,7 +18,7 @@ def test_every_shipped_preset_loads(preset):
     config = load_config(preset)
     assert isinstance(config, PipelineConfig) and config.name == preset
     # Each preset opens with the exact command that runs it (as torchtune's configs do).
-    assert f"--config {preset}" in (PRESET_DIR / f"{preset}.yaml").read_text().splitlines()[1]
+    assert f"--config {preset}" in (PRESETS / f"{preset}.yaml").read_text().splitlines()[1]
 
 
 def test_presets_required_by_the_design_exist():
@@ -76,10 +77,10 @@ def test_yaml_file_config_and_resolved_copy(tmp_path):
 
 
 def test_config_show_cli(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "icm", "config", "show", "--config", "smoke",
+    out = subprocess.run([sys.executable, "-m", "jobs", "config", "show", "--config", "smoke",
                           "model.max_length=99"], capture_output=True, text=True, check=True)
     assert yaml.safe_load(out.stdout)["model"]["max_length"] == 99
-    bad = subprocess.run([sys.executable, "-m", "icm", "config", "show", "--config", "smoke",
+    bad = subprocess.run([sys.executable, "-m", "jobs", "config", "show", "--config", "smoke",
                           "model.nope=1"], capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown key 'model.nope'" in bad.stderr
     assert "Traceback" not in bad.stderr

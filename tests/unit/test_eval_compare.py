@@ -6,7 +6,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from icm.cli import main
+from jobs.cli import main
 from icm.errors import InputError
 from icm.eval.compare import merge_runs
 from icm.eval.report import generators_table, markdown_report

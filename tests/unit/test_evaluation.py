@@ -76,7 +76,7 @@ def test_evaluate_cli_base_and_adapter(tiny_llama, tiny_suite, tmp_path):
     peft_model.unload()  # leave the shared fixture model as it was
 
     def run(*extra):
-        out = subprocess.run([sys.executable, "-m", "icm", "score", "--task",
+        out = subprocess.run([sys.executable, "-m", "jobs", "score", "--task",
                               str(tiny_suite / "cats"), "--model", "tiny-llama", *extra],
                              capture_output=True, text=True)
         assert out.returncode == 0, out.stderr
@@ -85,7 +85,7 @@ def test_evaluate_cli_base_and_adapter(tiny_llama, tiny_suite, tmp_path):
     base, adapted = run("--base-only"), run("--adapter", str(tmp_path / "adapter"))
     assert base["texts"] == adapted["texts"] == 2 and base["tokens"] == adapted["tokens"]
     assert base["perplexity"] != adapted["perplexity"]
-    bad = subprocess.run([sys.executable, "-m", "icm", "score", "--task", str(tiny_suite / "cats"),
+    bad = subprocess.run([sys.executable, "-m", "jobs", "score", "--task", str(tiny_suite / "cats"),
                           "--model", "tiny-llama", "--adapter", str(tmp_path)], capture_output=True, text=True)
     assert bad.returncode == 2 and "adapter_config.json is missing" in bad.stderr
 

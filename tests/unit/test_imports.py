@@ -42,3 +42,16 @@ def test_every_user_error_of_the_library_is_an_input_error():
     assert len(errors) >= 15, sorted(errors)
     assert [n for n, cls in errors.items() if not issubclass(cls, InputError)] == []
 
+
+
+def test_the_library_never_imports_the_layers_above_it():
+    """icm/ is imported by jobs/ and serve_apps/, never the other way round (the command line
+    and the presets live in jobs/)."""
+    import re
+    from pathlib import Path
+
+    root = Path(icm.__file__).parent
+    imports = re.compile(r"^\s*(from|import)\s+(jobs|serve_apps)\b|import_module\(\s*[\"'](jobs|serve_apps)",
+                         re.MULTILINE)
+    offenders = [str(p.relative_to(root)) for p in root.rglob("*.py") if imports.search(p.read_text())]
+    assert offenders == [], offenders

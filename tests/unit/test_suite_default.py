@@ -11,7 +11,7 @@ from tests.conftest import REPO_ROOT
 
 
 def test_cli_validate_prints_the_table(default_suite):
-    out = subprocess.run([sys.executable, "-m", "icm", "tasks", "validate", str(default_suite.path)],
+    out = subprocess.run([sys.executable, "-m", "jobs", "tasks", "validate", str(default_suite.path)],
                          capture_output=True, text=True, cwd=REPO_ROOT)
     assert out.returncode == 0, out.stderr
     assert re.search(r"145 tasks\s+14 groups\s+28 held out", out.stdout)
@@ -20,7 +20,7 @@ def test_cli_validate_prints_the_table(default_suite):
 
 def test_cli_validate_reports_a_broken_suite(tiny_suite):
     (tiny_suite / "code" / "train.jsonl").write_text('{"text": "ok"}\n{"text": \n')
-    out = subprocess.run([sys.executable, "-m", "icm", "tasks", "validate", str(tiny_suite),
+    out = subprocess.run([sys.executable, "-m", "jobs", "tasks", "validate", str(tiny_suite),
                           "--no-tokens"], capture_output=True, text=True, cwd=REPO_ROOT)
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert "task 'code'" in out.stderr and "train.jsonl" in out.stderr and "line 2" in out.stderr

@@ -1,4 +1,6 @@
-"""The ``icm`` command line.
+"""The ``icm`` command line (also ``python -m jobs``): the one front end over the library and
+the jobs. It lives beside the jobs, not in ``icm/``, so that the library never names the layers
+above it.
 
     icm run --config demo [key=value ...]     the whole pipeline on a local Ray (jobs.pipeline)
     icm zoo --config demo [k=v ...]           one stage alone (zoo, oracles, task-vectors, tune,
@@ -12,7 +14,8 @@
     icm generate --generator DIR (--task TASK_DIR | --description TEXT [--examples F.jsonl])
                  --out ADAPTER_DIR [--samples K --select demo-ppl] [--seed S]
 
-Subcommands that need Ray import ``jobs.*`` lazily, so ``import icm`` never imports Ray.
+Subcommands that need Ray import their job module lazily: ``icm --help``, ``icm tasks`` or
+``icm score`` start without importing Ray.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import jobs  # noqa: F401  (registers the project's presets)
 from icm.config import list_presets, load_config
 from icm.errors import InputError
 from icm.logs import quiet_known_noise, set_verbose

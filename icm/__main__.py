@@ -1,5 +1,0 @@
-import sys
-
-from icm.cli import main
-
-sys.exit(main())
