@@ -1,0 +1,77 @@
+"""One request end to end (icm/generate.py): context -> task vector -> K draws -> the draw with
+the lowest demonstration perplexity -> a peft adapter (tiny-llama, a small trained generator)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from icm.config import GeneratorConfig, TaskVectorConfig
+from icm.generate import AdapterFactory, GenerateInputError, task_context
+from icm.generator import train_generator
+from icm.generator.inputs import initial_lora_state, load_zoo
+from tests.unit.test_generator import FAST, LORA, write_zoo
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+EXAMPLES = ["The cat sat on the mat.", "A cat slept in the sun all day."]
+
+
+@pytest.fixture(scope="module")
+def generator_dir(tmp_path_factory):
+    """A generator over a tiny-llama zoo, conditioned on 64-d vectors (tiny-llama's hidden
+    size) and recording the task-vector config a request is encoded with."""
+    base = tmp_path_factory.mktemp("generate")
+    conditions = write_zoo(base / "zoo", ["cats", "sums", "code"], dim=64)
+    zoo = load_zoo(base / "zoo", include=["cats", "sums", "code"])
+    _, init_state = initial_lora_state("tiny-llama", LORA.model_dump(mode="json"))
+    spec = {"layer": -1, "pooling": "mean", "model_spec": "tiny-llama",
+            "task_vectors": TaskVectorConfig(k=2, layers=[-1], poolings=["mean"]).model_dump(mode="json")}
+    generator = train_generator(zoo, conditions, GeneratorConfig(**{**FAST, "steps": 30}),
+                                init_state=init_state, condition_spec=spec)
+    return generator.save(base / "generator")
+
+
+def test_best_of_k_keeps_the_draw_with_the_lowest_demo_perplexity(generator_dir, tmp_path):
+    factory = AdapterFactory(generator_dir)
+    vector = factory.task_vector("Short texts about cats.", EXAMPLES)
+    assert vector.shape == (64,) and np.isfinite(vector).all()
+    result = factory.generate("Short texts about cats.", EXAMPLES, samples=3, seed=1)
+    assert len(result.demo_perplexities) == 3
+    assert result.chosen == int(np.argmin(result.demo_perplexities))
+    draws = factory.generator.sample(vector, num_samples=3, seed=1)
+    assert torch.equal(result.vector, draws[result.chosen])  # the same draws, seeded
+    assert {"encode_s", "sample_s", "select_s"} <= set(result.timings)
+    out = factory.write(result, tmp_path / "adapter", {"description": "Short texts about cats."})
+    record = json.loads((out / "icm_generation.json").read_text())
+    assert record["chosen_sample"] == result.chosen and (out / "adapter_config.json").is_file()
+
+
+def test_description_alone_and_first_draw(generator_dir):
+    factory = AdapterFactory(generator_dir)
+    first = factory.generate("Short texts about cats.", None, samples=2, select="first", seed=3)
+    assert first.chosen == 0 and first.demo_perplexities == []
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"samples": 0}, "'samples' must be >= 1"),
+    ({"select": "best"}, "'select' must be"),
+    ({"samples": 2, "examples": None}, "needs examples"),
+])
+def test_bad_requests_are_named(generator_dir, kwargs, message):
+    factory = AdapterFactory(generator_dir)
+    call = {"description": "Cats.", "examples": EXAMPLES, **kwargs}
+    with pytest.raises(GenerateInputError, match=message):
+        factory.generate(call.pop("description"), call.pop("examples"), **call)
+
+
+def test_task_context_is_seeded_train_texts(tiny_suite):
+    description, demos = task_context(tiny_suite / "cats", k=2, seed=0)
+    again = task_context(tiny_suite / "cats", k=2, seed=0)
+    assert (description, demos) == again and len(demos) == 2
+    from icm.tasks import load_task
+
+    task = load_task(tiny_suite / "cats")
+    assert set(demos) <= set(task.train_texts()) and not set(demos) & set(task.eval_texts())
