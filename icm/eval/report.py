@@ -261,7 +261,9 @@ def plot_per_task(results: pd.DataFrame, out: Path,
     unseen = results[results["setting"] != "seen"]
     fig = Figure(figsize=(12, 5))
     ax = fig.subplots()
-    if len(unseen):
+    # The gap needs base and oracle; a run that scored only a generator (icm eval-compare's
+    # other runs) has neither: its plot stays empty, the merged report draws it.
+    if len(unseen) and {"base", "oracle"} <= set(unseen["variant"]):
         table = task_log_ppl(unseen)
         gap = (table["base"].values[:, None] - table.values) / (table["base"] - table["oracle"]).values[:, None]
         frame = pd.DataFrame(gap, index=table.index, columns=table.columns)

@@ -69,3 +69,11 @@ def test_report_has_the_headline_every_setting_the_noise_floor_and_a_plot(tmp_pa
     seen = seen_table(results, 200, 0).set_index("variant")
     assert seen.loc["replicate", "ppl / trained LoRA [95% CI]"].startswith("1.0")
     assert plot_per_task(results, tmp_path / "p.png").stat().st_size > 5_000
+
+
+def test_a_generated_only_run_still_gets_its_report_and_plot(tmp_path):
+    """eval-compare's other runs score only `generated`: no base, no oracle, no baselines."""
+    results = _results().query("variant == 'generated'")
+    text = markdown_report(results, command="c", config_yaml="", title="T", resamples=50)
+    assert "## Headline" in text and "n/a" in text
+    assert plot_per_task(results, tmp_path / "p.png").is_file()
