@@ -3,10 +3,11 @@ run's baselines, paired text by text.
 
 A second generator (another ``generator.arch`` or objective) is evaluated in its own storage
 root whose upstream stages (zoo, oracles, task vectors) are the reference run's, with
-``evaluate.variants`` cut to what it adds (e.g. ``[base, generated]``). `merge_runs` takes its
-generated rows, renames them ``generated[<label>]``, and checks that both runs scored the same
-texts with the same base model: the per-text NLL of every variant the two share (``base``,
-``oracle``) must agree, or the comparison would not be paired.
+``evaluate.variants`` cut to what it adds (``[generated]``, as scripts/compare_generators.sh
+does). `merge_runs` takes its generated rows, renames them ``generated[<label>]``, and checks
+that both runs scored the same texts: every text's token count must match the reference's, and
+the per-text NLL of any variant the two share (``base``, ``oracle``) must agree, or the
+comparison would not be paired.
 """
 
 from __future__ import annotations
