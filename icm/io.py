@@ -129,3 +129,10 @@ def file_lock(path: str | os.PathLike, *, blocking: bool = True) -> Iterator[boo
         yield True
     finally:
         lock.release()
+
+
+def fingerprint_matches(marker: str | os.PathLike, fingerprint: str) -> bool:
+    """Whether the JSON file ``marker`` exists and records ``fingerprint``: finished work that
+    a rerun with the same inputs may skip."""
+    path = Path(marker)
+    return path.is_file() and json.loads(path.read_text()).get("fingerprint") == fingerprint

@@ -25,7 +25,8 @@ import torch
 
 from icm.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from icm.errors import InputError
-from icm.io import atomic_directory, sha256_file, sha256_json, write_bytes_atomic, write_json_atomic
+from icm.io import (atomic_directory, fingerprint_matches, sha256_file, sha256_json, write_bytes_atomic,
+                    write_json_atomic)
 from icm.lora_io import LoraLayout, adapter_state_dict, flatten, peft_config_json
 from icm.tasks import SPLIT_FILES
 
@@ -138,7 +139,7 @@ def task_dir(zoo_root: Path, task: str) -> Path:
 def task_finished(zoo_root: Path, task: str, fingerprint: str) -> bool:
     """Whether ``task``'s LoRA was finished with this job ``fingerprint`` (`LoraJob`)."""
     path = task_dir(zoo_root, task) / TASK_DONE_FILE
-    return path.is_file() and json.loads(path.read_text()).get("fingerprint") == fingerprint
+    return fingerprint_matches(path, fingerprint)
 
 
 def snapshot_dir(zoo_root: Path, task: str, step: int) -> Path:

@@ -34,7 +34,8 @@ from icm.eval.report import markdown_report, plot_per_task
 from icm.eval.scoring import evaluate_item
 from icm.eval.variants import baseline_names
 from icm.errors import InputError
-from icm.io import sha256_json, write_bytes_atomic, write_json_atomic, write_text_atomic
+from icm.io import (fingerprint_matches, sha256_json, write_bytes_atomic, write_json_atomic,
+                    write_text_atomic)
 from icm.progress import Progress
 from icm.stages import open_suite, pull_stages, stage
 from icm.tasks import Suite
@@ -104,7 +105,7 @@ def fold_generators(cfg: PipelineConfig, suite: Suite, folds: list[list[str]], d
         folders.append(str(out / "generator"))
         fingerprint = sha256_json([upstream, groups])
         marker = out / "fold.json"
-        if marker.is_file() and json.loads(marker.read_text()).get("fingerprint") == fingerprint:
+        if fingerprint_matches(marker, fingerprint):
             continue
         first = out / ("reconstruction" if end_to_end else "generator")
         ref = remote.remote(cfg.model_dump(mode="json"), suite, groups, str(first))
@@ -166,7 +167,7 @@ def run(cfg: PipelineConfig, suite: Suite, *, command: str = "python -m jobs.eva
     init_ray(cfg.ray, cache_dir=cfg.model.cache_dir)
     started = current.begin(cfg)
     marker = current.directory / ROWS_DIR / "fingerprint.json"
-    if not marker.is_file() or json.loads(marker.read_text()).get("fingerprint") != current.fingerprint:
+    if not fingerprint_matches(marker, current.fingerprint):
         for old in (current.directory / ROWS_DIR).glob("*.parquet"):  # another config's rows
             old.unlink()
         write_json_atomic(marker, {"fingerprint": current.fingerprint})

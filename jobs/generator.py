@@ -27,7 +27,7 @@ from icm.config import GeneratorConfig, PipelineConfig
 from icm.generator.training import load_checkpoint
 from icm.generator import train_generator
 from icm.generator.inputs import GeneratorInputs, load_generator_inputs
-from icm.io import atomic_directory, write_json_atomic
+from icm.io import atomic_directory, fingerprint_matches, write_json_atomic
 from icm.stages import open_suite, pull_local, pull_stages, push_local, stage
 from icm.tasks import Suite
 from jobs import tune as tune_stage
@@ -39,10 +39,6 @@ CHECKPOINT_DIR = "generator-checkpoint"
 # objective lm/hybrid: the reconstruction-trained start the LM fine-tuning resumes from
 RECONSTRUCTION_DIR = "generator-reconstruction"
 
-
-def _finished(folder: Path, fingerprint: str) -> bool:
-    marker = folder / "fingerprint.json"
-    return marker.is_file() and json.loads(marker.read_text()).get("fingerprint") == fingerprint
 
 
 def chosen_config(cfg: PipelineConfig, suite: Suite, inputs: GeneratorInputs) -> tuple[GeneratorConfig, str]:
@@ -66,7 +62,7 @@ def build_generator(config: dict, generator_config: dict, suite: Suite, inputs: 
     work = cfg.storage.path(CHECKPOINT_DIR)
     marker = work / "fingerprint.json"
     resume = None
-    if marker.is_file() and json.loads(marker.read_text()).get("fingerprint") == fingerprint:
+    if fingerprint_matches(marker, fingerprint):
         resume = load_checkpoint(work)
         print(f"[generator] resuming from step {resume['step']}", flush=True)
 
@@ -107,7 +103,7 @@ def run(cfg: PipelineConfig, suite: Suite, *, inputs: GeneratorInputs | None = N
     end_to_end = gen_cfg.objective != "reconstruction"
     start = cfg.storage.path(RECONSTRUCTION_DIR) if end_to_end else None
     # The task reads the zoo itself (shared storage) unless inputs were handed in (tests).
-    if not (end_to_end and _finished(start, current.fingerprint)):
+    if not (end_to_end and fingerprint_matches(start / "fingerprint.json", current.fingerprint)):
         summary = ray.get(task.remote(cfg.model_dump(mode="json"), gen_cfg.model_dump(mode="json"),
                                       suite, given, current.fingerprint,
                                       str(start) if start else None))

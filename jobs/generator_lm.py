@@ -100,7 +100,8 @@ def finetune(cfg: PipelineConfig, gen_cfg: GeneratorConfig, suite: Suite, start:
     from icm.generator.inputs import load_task_conditions
 
     started = time.perf_counter()
-    trained_on = LoraGenerator.load(start).summary["trained_on"]["tasks"]
+    generator = LoraGenerator.load(start)  # the start: its training tasks now, its weights at the end
+    trained_on = generator.summary["trained_on"]["tasks"]
     texts = lm_train_texts(suite, trained_on, gen_cfg.lm_max_texts)
     loop = {"config": cfg.model_dump(mode="json"), "generator_config": gen_cfg.model_dump(mode="json"),
             "start": str(start), "texts": texts, "conditions": load_task_conditions(cfg, trained_on),
@@ -122,7 +123,6 @@ def finetune(cfg: PipelineConfig, gen_cfg: GeneratorConfig, suite: Suite, start:
     result = trainer.fit()
     with result.checkpoint.as_directory() as folder:
         state = torch.load(Path(folder) / STATE_FILE, weights_only=False)
-    generator = LoraGenerator.load(start)
     generator.model.load_state_dict({k: v.cpu() for k, v in state["model"].items()})
     generator.config = gen_cfg
     generator.summary = {**generator.summary, "objective": gen_cfg.objective,

@@ -352,9 +352,22 @@ def train_jobs(cfg: PipelineConfig, stage_name: str, jobs: list[LoraJob]) -> dic
     finished = len(done)
     progress = Progress(stage_name, len(jobs), "LoRAs", initial=len(done))
     # Trainers return when all their tasks are done; a task's task.json lands as it finishes.
-    with FileCountWatcher(progress, lambda: sum(task_finished(root, j.name, j.fingerprint) for j in jobs)):
+    with FileCountWatcher(progress, _finished_counter(root, jobs, done)):
         _run_trainers(cfg, stage_name, root, jobs, groups, todo, concurrency, launcher, finished)
     return _finish(current, started, root, [job.name for job in jobs])
+
+
+def _finished_counter(root: Path, jobs: list[LoraJob], done: set[str]):
+    """A count of finished jobs that reads only the task.json files of jobs not yet seen
+    finished: each poll costs the unfinished tasks, not the whole zoo."""
+    finished = set(done)
+
+    def count() -> int:
+        finished.update(j.name for j in jobs
+                        if j.name not in finished and task_finished(root, j.name, j.fingerprint))
+        return len(finished)
+
+    return count
 
 
 def _run_trainers(cfg: PipelineConfig, stage_name: str, root: Path, jobs: list[LoraJob],

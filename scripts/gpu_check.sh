@@ -10,9 +10,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -n "${WHEELS:-}" ]; then
+    site=$(mktemp -d -t icm-site-XXXXXX)  # the wheels' install target, this run only
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/icm-site "$WHEELS"/*.whl
-    export PYTHONPATH="/tmp/icm-site:${PYTHONPATH:-}"
+        --target "$site" "$WHEELS"/*.whl
+    export PYTHONPATH="$site:${PYTHONPATH:-}"
 fi
 export PYTHONPATH="$PWD:${PYTHONPATH:-}" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
 if ! python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then

@@ -56,17 +56,11 @@ def _by_key(frame: pd.DataFrame, variant: str | None, column: str) -> dict:
 
 
 def _check_shared(reference: pd.DataFrame, other: pd.DataFrame, label: str, rtol: float) -> None:
-    def table(frame: pd.DataFrame, variant: str) -> dict:
-        first = frame["sample"].fillna(0).eq(0) if "sample" in frame else True
-        rows = frame[(frame["variant"] == variant) & first]
-        return {tuple(r[k] if k != "fold" or pd.notna(r[k]) else -1 for k in KEY):
-                np.asarray(r["text_nll"], dtype=np.float64) for _, r in rows.iterrows()}
-
-    for variant in SHARED_CHECK:
-        mine, theirs = table(reference, variant), table(other, variant)
-        common = sorted(set(mine) & set(theirs))
-        for key in common:
-            if mine[key].shape != theirs[key].shape or not np.allclose(mine[key], theirs[key], rtol=rtol):
+    for variant in SHARED_CHECK:  # one row per task: base and oracle are not sampled
+        mine, theirs = _by_key(reference, variant, "text_nll"), _by_key(other, variant, "text_nll")
+        for key in sorted(set(mine) & set(theirs)):
+            a, b = np.asarray(mine[key], dtype=np.float64), np.asarray(theirs[key], dtype=np.float64)
+            if a.shape != b.shape or not np.allclose(a, b, rtol=rtol):
                 raise InputError(f"run {label!r} scored {variant!r} on {key} differently from the "
                                  "reference run: not the same texts, model or oracle, so the "
                                  "comparison would not be paired. Fix: evaluate it on the "

@@ -70,11 +70,6 @@ class LoraGenerator:
         return self._template
 
     @property
-    def positions(self) -> torch.Tensor:
-        """(L_gen,) positions of the generated values in the flat layout."""
-        return self._positions
-
-    @property
     def condition_dim(self) -> int:
         return int(self.condition_spec["condition_dim"])
 
@@ -116,8 +111,12 @@ class LoraGenerator:
         shape = (len(c), self.model.spec.latent_dim)
         latent = (torch.randn(shape, generator=torch.Generator().manual_seed(seed)) if z == "random"
                   else torch.zeros(shape)).to(device)  # drawn on the CPU: the same draws anywhere
-        generated = self.codec.decode(self.model.decode(latent, c))  # (B, L_gen)
-        out = self._template.repeat(len(c), 1)  # (B, L)
+        return self.full_vectors(self.codec.decode(self.model.decode(latent, c)))
+
+    def full_vectors(self, generated: torch.Tensor) -> torch.Tensor:
+        """Generated values (B, L_gen) placed into full flat adapters (B, L), the fixed tensors
+        (target "b": the shared lora_A) around them; keeps gradients."""
+        out = self._template.repeat(len(generated), 1)  # (B, L)
         out[:, self._positions] = generated
         return out
 

@@ -77,10 +77,7 @@ def generated_vectors(generator: LoraGenerator, conditions: torch.Tensor, z: tor
                       ) -> torch.Tensor:
     """Full flat adapters (B, L) from z-scored conditions (B, D) and latents (B, latent), with
     gradients to the generator's network (`LoraGenerator.sample` is the no-grad path)."""
-    generated = generator.codec.decode(generator.model.decode(z, conditions))  # (B, L_gen)
-    out = generator.template.repeat(len(z), 1)  # (B, L): fixed tensors (target b's A) in place
-    out[:, generator.positions] = generated
-    return out
+    return generator.full_vectors(generator.codec.decode(generator.model.decode(z, conditions)))
 
 
 def average_gradients(parameters) -> None:

@@ -21,6 +21,8 @@ broadcast that made every output learn the batch mean.
 
 from __future__ import annotations
 
+import abc
+
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -120,7 +122,7 @@ class ConvStack(nn.Module):
         return h
 
 
-class CVAE(nn.Module):
+class CVAE(nn.Module, abc.ABC):
     """Conditional VAE: q(z | x, c) and p(x | z, c) with a standard normal prior on z.
 
     Subclasses (one per architecture, listed in `icm.generator.archs`) give ``encode`` and
@@ -138,13 +140,13 @@ class CVAE(nn.Module):
         """Statistics a network keeps from its training inputs (N, F) before training starts;
         none by default."""
 
+    @abc.abstractmethod
     def encode(self, x: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, F), (B, D) -> posterior mean and log-variance, (B, latent) each."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def decode(self, z: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """(B, latent), (B, D) -> (B, F)."""
-        raise NotImplementedError
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, eps: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
