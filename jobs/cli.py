@@ -35,6 +35,7 @@ from icm.config import list_presets, load_config
 from icm.errors import InputError
 from icm.logs import quiet_known_noise, set_verbose
 from icm.models import BUILTIN_SPECS, SMOLLM2
+from serve_apps.serve_env import DEFAULT_SERVE_CONFIG
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -140,6 +141,14 @@ def _cmd_score(args: argparse.Namespace) -> int:
     result = {"task": task.name, "model": args.model, "adapter": args.adapter, **score.as_dict()}
     print(json.dumps(result, indent=2))
     return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    # Imported here: serve_apps imports Ray and Serve, which `icm --help` should not wait for.
+    from serve_apps.lora_generator import run_server
+
+    return run_server(generator=args.generator, adapters=args.adapters, config=args.config,
+                      host=args.host, port=args.port, cache_dir=args.cache_dir)
 
 
 def _cmd_eval_compare(args: argparse.Namespace) -> int:
@@ -272,8 +281,15 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--max-texts", type=int, default=None, help="default: evaluate.max_texts")
     score.set_defaults(func=_cmd_score)
 
-    sub.add_parser("serve", help="Ray Serve app: an adapter per request + OpenAI-compatible "
-                   "completions (serve_apps.lora_generator; `icm serve --help`)")
+    serve = sub.add_parser("serve", help="Ray Serve app: an adapter per request + OpenAI-compatible "
+                           "completions (serve_apps.lora_generator); blocks until Ctrl-C/SIGTERM")
+    serve.add_argument("--generator", required=True, help="generator artifact directory")
+    serve.add_argument("--adapters", default=None, help="adapter storage (default: beside it)")
+    serve.add_argument("--config", default=str(DEFAULT_SERVE_CONFIG), help="Serve config YAML")
+    serve.add_argument("--host", default=None, help="HTTP host (default: the config's)")
+    serve.add_argument("--port", type=int, default=None, help="HTTP port (default: the config's)")
+    serve.add_argument("--cache-dir", default=None, help="model cache")
+    serve.set_defaults(func=_cmd_serve)
 
     compare = sub.add_parser("eval-compare", help="another run's generators beside a reference "
                              "evaluation's baselines, paired per text (EVAL-style report)")
@@ -314,9 +330,6 @@ def _renamed(argv: list[str]) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["serve"]:
-        # Its options belong to serve_apps (which imports Ray): hand them over unparsed.
-        return importlib.import_module("serve_apps.lora_generator").serve_main(argv[1:])
     argv = _renamed(argv)
     args = build_parser().parse_args(argv)
     set_verbose(args.verbose)

@@ -23,7 +23,6 @@ Autoscaling, queue limits (503 + Retry-After on overload) and health checks are 
 deployment in ``cluster/serve_config.yaml``; `app_from_config` applies the same file in Python.
 """
 
-import argparse
 import asyncio
 import logging
 import os
@@ -57,11 +56,10 @@ from icm.serving import (ADAPTER_ID_PATTERN, ADAPTER_MODEL_PREFIX, GENERATION_RE
                          check_adapter_request, check_messages, check_prompts, check_sampling,
                          completion_id, error_body, generator_fingerprint, now,
                          pack_adapter, parse_model)
+from serve_apps.serve_env import DEFAULT_SERVE_CONFIG as DEFAULT_CONFIG
 from serve_apps.serve_env import SERVE_INGRESS_ENV, SERVE_LATENCY_ENV
 
 log = logging.getLogger(__name__)
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_CONFIG = REPO_ROOT / "cluster" / "serve_config.yaml"
 LATENCY_BUCKETS_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60]
 
 
@@ -489,24 +487,20 @@ def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
-def serve_main(argv: Sequence[str] | None = None) -> int:
-    """``icm serve --generator DIR``: start Ray and Serve with cluster/serve_config.yaml; blocks."""
+def run_server(*, generator: str, adapters: str | None = None, config: str | Path = DEFAULT_CONFIG,
+               host: str | None = None, port: int | None = None, cache_dir: str | None = None) -> int:
+    """Start Ray and Serve with the Serve config and block (``icm serve`` parses the flags).
+
+    A bad generator directory or config is one line on stderr and exit status 2.
+    """
     import ray
 
-    parser = argparse.ArgumentParser(prog="icm serve", description=serve_main.__doc__)
-    parser.add_argument("--generator", required=True, help="generator artifact directory")
-    parser.add_argument("--adapters", default=None, help="adapter storage (default: beside it)")
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="Serve config YAML")
-    parser.add_argument("--host", default=None, help="HTTP host (default: the config's)")
-    parser.add_argument("--port", type=int, default=None, help="HTTP port (default: the config's)")
-    parser.add_argument("--cache-dir", default=None, help="model cache")
-    args = parser.parse_args(argv)
-    overrides = {"generator_dir": args.generator, "cache_dir": args.cache_dir}
-    if args.adapters:
-        overrides["adapter_dir"] = args.adapters
+    overrides = {"generator_dir": generator, "cache_dir": cache_dir}
+    if adapters:
+        overrides["adapter_dir"] = adapters
     try:
-        http = yaml.safe_load(Path(args.config).read_text()).get("http_options") or {}
-        app, name, route_prefix = app_from_config(args.config, **overrides)
+        http = yaml.safe_load(Path(config).read_text()).get("http_options") or {}
+        app, name, route_prefix = app_from_config(config, **overrides)
     except (InputError, OSError, ValueError) as err:  # bad dir or config: one line, exit 2
         print(f"icm serve: error: {err}", file=sys.stderr)
         return 2
@@ -515,8 +509,8 @@ def serve_main(argv: Sequence[str] | None = None) -> int:
         for key, value in {**SERVE_LATENCY_ENV, **SERVE_INGRESS_ENV}.items():
             os.environ.setdefault(key, value)
         ray.init(namespace="serve")
-    serve.start(http_options={"host": args.host or http.get("host", "127.0.0.1"),
-                              "port": args.port or http.get("port", 8000)})
+    serve.start(http_options={"host": host or http.get("host", "127.0.0.1"),
+                              "port": port or http.get("port", 8000)})
     # SIGTERM (a process manager, `kill`) shuts down like Ctrl-C: Serve stops its replicas and
     # the HAProxy it started, which would otherwise outlive this process and keep the port.
     signal.signal(signal.SIGTERM, _interrupt)

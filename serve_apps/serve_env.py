@@ -1,4 +1,9 @@
-"""Ray Serve settings that live in the environment of the processes Serve starts."""
+"""Ray Serve settings that live in the environment of the processes Serve starts, and the Serve
+config ``icm serve`` starts from (no Ray import here: the ``icm`` parser reads it)."""
+
+from pathlib import Path
+
+DEFAULT_SERVE_CONFIG = Path(__file__).resolve().parent.parent / "cluster" / "serve_config.yaml"
 
 # Ray Serve reads these from the environment of the processes it starts (set them before Ray
 # starts: ``icm serve`` does, ``serve run`` needs them in its shell, clusters in the pod env).

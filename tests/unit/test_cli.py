@@ -38,3 +38,17 @@ def test_a_user_error_is_one_line_and_exit_code_2(capsys, tmp_path):
     assert err.startswith("icm: error:") and "Traceback" not in err
     with pytest.raises(SystemExit):
         main(["train-loras", "--no-such-flag"])
+
+
+def test_serve_flags_are_parsed_by_the_one_front_end_without_importing_ray():
+    import subprocess
+    import sys
+
+    code = ("import sys; from jobs.cli import build_parser; "
+            "a = build_parser().parse_args(['serve', '--generator', 'g', '--port', '8123']); "
+            "assert (a.generator, a.port, a.adapters) == ('g', 8123, None), a; "
+            "assert a.config.endswith('cluster/serve_config.yaml'); "
+            "assert 'ray' not in sys.modules, 'icm serve --help would wait for Ray'")
+    subprocess.run([sys.executable, "-c", code], check=True)
+    with pytest.raises(SystemExit):  # --generator is required, by the same parser
+        build_parser().parse_args(["serve"])
