@@ -14,7 +14,9 @@ is `icm.generator.inputs`, where held-out tasks are dropped before anything belo
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping, Sequence
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,12 +24,16 @@ import numpy as np
 import torch
 
 from icm.config import GeneratorConfig
-from icm.generator.inputs import GeneratorInputError, ZooData, ZooInputError, check_conditions
+from icm.generator.inputs import (GeneratorInputError, ZooData, ZooInputError, check_conditions,
+                                  snapshot_counts)
 from icm.lora_io import LoraLayout
 
 # Fields of GeneratorConfig that shape the prepared data (all others are model/optimiser knobs).
 CHUNK = 1 << 16  # columns per float64 block in the PCA
-DATA_FIELDS = ("target", "subspace_dim", "basis_dtype", "conv_stages", "val_tasks", "val_snapshots", "seed")
+DATA_FIELDS = ("target", "subspace_dim", "basis_dtype", "conv_stages", "val_tasks", "val_snapshots", "seed",
+               "data_memory_mb")
+# Randomized PCA of a streamed zoo: extra sketch columns and power iterations (Halko et al. 2011).
+SKETCH_OVERSAMPLE, SKETCH_POWER_ITERS = 16, 2
 
 
 # ----------------------------------------------------------------------------- devices
@@ -98,7 +104,7 @@ def split_tasks(zoo: ZooData, cfg: GeneratorConfig, *, validation: bool) -> Spli
     if cfg.val_tasks >= len(tasks):
         raise GeneratorInputError(f"generator.val_tasks={cfg.val_tasks} leaves no training task out of "
                                   f"{len(tasks)} zoo tasks. Fix: lower generator.val_tasks.")
-    fewest = min(len(v) for v in zoo.vectors.values())
+    fewest = min(snapshot_counts(zoo.vectors).values())
     if cfg.val_snapshots >= fewest:
         raise GeneratorInputError(f"generator.val_snapshots={cfg.val_snapshots} leaves no training snapshot "
                                   f"(a task has only {fewest}). Fix: lower generator.val_snapshots.")
@@ -137,9 +143,21 @@ class TensorNorm:
 
     @classmethod
     def fit(cls, x: torch.Tensor, sizes: Sequence[int]) -> TensorNorm:
-        chunks = torch.split(x.double(), list(sizes), dim=1)  # T x (N, size)
-        mean = torch.stack([c.mean() for c in chunks])
-        std = torch.stack([c.std(unbiased=False) for c in chunks])
+        return cls.fit_blocks([x], sizes)
+
+    @classmethod
+    def fit_blocks(cls, blocks: Iterable[torch.Tensor], sizes: Sequence[int]) -> TensorNorm:
+        """From row blocks (R, L) of the training snapshots: float64 sums, one pass."""
+        sums = squares = torch.zeros(len(sizes), dtype=torch.float64)
+        rows = 0
+        for x in blocks:
+            chunks = torch.split(x.double(), list(sizes), dim=1)  # T x (R, size)
+            sums = sums + torch.stack([c.sum() for c in chunks])
+            squares = squares + torch.stack([c.square().sum() for c in chunks])
+            rows += len(x)
+        count = rows * torch.tensor(sizes, dtype=torch.float64)  # (T,) elements per tensor
+        mean = sums / count
+        std = (squares / count - mean.square()).clamp_min(0).sqrt()
         std = torch.where(std > 1e-12, std, torch.ones_like(std))  # constant tensors (e.g. B = 0)
         return cls(tuple(sizes), mean.float(), std.float())
 
@@ -178,6 +196,46 @@ class Subspace:
         basis = torch.cat([(vecs[:, :k].T @ c) / s[:, None] for c in chunks], 1)  # (k, L)
         return cls(mean.float(), basis.float(), (s / len(x) ** 0.5).float(),
                    (vals[:k] / vals.sum()).float())
+
+    @classmethod
+    def fit_streamed(cls, blocks: Callable[[], Iterable[torch.Tensor]], k: int, *, seed: int = 0) -> Subspace:
+        """Randomized PCA over row blocks that ``blocks()`` reads anew for each pass (8 passes).
+
+        Memory is O(L x (k + oversample)) plus one block, whatever the number of snapshots N:
+        the exact `fit` needs the whole (N, L) matrix and an (N, N) Gram matrix.
+        """
+        rows, sums, squares = 0, 0.0, 0.0
+        for x in blocks():
+            rows, sums, squares = rows + len(x), sums + x.double().sum(0), squares + x.double().square().sum()
+        mean = sums / rows  # (L,) float64
+        total_variance = float(squares - rows * mean.square().sum())
+        width = min(k + SKETCH_OVERSAMPLE, rows)
+
+        def times(m: torch.Tensor) -> torch.Tensor:  # centred zoo (N, L) @ m (L, r) -> (N, r)
+            return torch.cat([(x.double() - mean) @ m for x in blocks()])
+
+        def transposed_times(q: torch.Tensor) -> torch.Tensor:  # centred zoo^T @ q (N, r) -> (L, r)
+            out, start = torch.zeros(len(mean), q.shape[1], dtype=torch.float64), 0
+            for x in blocks():
+                out += (x.double() - mean).T @ q[start:start + len(x)]
+                start += len(x)
+            return out
+
+        sketch = torch.randn(len(mean), width, generator=torch.Generator().manual_seed(seed),
+                             dtype=torch.float64)  # (L, r)
+        y = times(sketch)  # (N, r): spans the top directions' scores, sharpened by power passes
+        for _ in range(SKETCH_POWER_ITERS):
+            y = times(torch.linalg.qr(transposed_times(torch.linalg.qr(y).Q)).Q)
+        b = transposed_times(torch.linalg.qr(y).Q).T  # (r, L): the zoo in that basis
+        vals, vecs = torch.linalg.eigh(b @ b.T)  # (r,), (r, r) ascending: b's squared singular values
+        vals, vecs = vals.flip(0), vecs.flip(1)
+        k = min(k, int((vals > 1e-9 * vals[0].clamp_min(1e-30)).sum()))
+        if k == 0:
+            raise GeneratorInputError("the training snapshots are all identical: nothing to learn.")
+        s = vals[:k].sqrt()
+        basis = (vecs[:, :k].T @ b) / s[:, None]  # (k, L), orthonormal rows
+        return cls(mean.float(), basis.float(), (s / rows ** 0.5).float(),
+                   (vals[:k] / max(total_variance, 1e-30)).float())
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         return ((x - self.mean) @ self.basis.T) / self.scale  # (N, k)
@@ -313,36 +371,121 @@ def _fixed_tensors(layout: LoraLayout, keys: Sequence[str], init_state, target: 
     return fixed
 
 
-def _sample_set(codec: WeightCodec, part: dict[str, torch.Tensor], conds: dict[str, np.ndarray],
-                cond_norm: ConditionNorm) -> SampleSet:
-    tasks = tuple(sorted(part))
-    inputs, offsets = codec.encode_normalised(torch.cat([part[t] for t in tasks]))
-    task_of = torch.cat([torch.full((len(part[t]),), i, dtype=torch.long) for i, t in enumerate(tasks)])
+@dataclass
+class ZooParts:
+    """The zoo's snapshot rows of each part (train, val_seen, val_unseen), read task by task.
+
+    ``read(task)`` gives the task's (S, L_gen) snapshots (generated keys only); ``rows`` says
+    which snapshot range of each task belongs to which part. With ``norm`` set, blocks come out
+    normalised. The same code serves a zoo held in memory and one streamed from storage.
+    """
+
+    read: Callable[[str], torch.Tensor]
+    rows: dict[str, dict[str, tuple[int, int]]]  # part -> task -> (first, stop) snapshot
+    norm: TensorNorm | None = None
+
+    def blocks(self, part: str) -> Iterator[tuple[str, torch.Tensor]]:
+        for task, (first, stop) in sorted(self.rows[part].items()):
+            x = self.read(task)[first:stop]  # (S_part, L_gen)
+            yield task, (self.norm.normalize(x) if self.norm is not None else x)
+
+    def matrices(self, part: str) -> Iterator[torch.Tensor]:
+        return (x for _, x in self.blocks(part))
+
+    def count(self, part: str) -> int:
+        return sum(stop - first for first, stop in self.rows[part].values())
+
+
+def _scratch_rows(rows: int, cols: int) -> torch.Tensor:
+    """A (rows, cols) float32 tensor backed by an unlinked scratch file: the kernel pages it in
+    and out, so a streamed flat-space zoo never has to fit in memory (Linux keeps a mapped file
+    alive after unlink, and frees its disk space when the mapping goes)."""
+    fd, path = tempfile.mkstemp(prefix="icm-generator-rows-", suffix=".f32")
+    os.close(fd)
+    try:
+        array = np.memmap(path, dtype=np.float32, mode="w+", shape=(rows, cols))
+    finally:
+        os.unlink(path)
+    return torch.from_numpy(array)
+
+
+def _sample_set(codec: WeightCodec, parts: ZooParts, part: str, conds: dict[str, np.ndarray],
+                cond_norm: ConditionNorm, *, memory_mapped: bool) -> SampleSet:
+    tasks = tuple(sorted(parts.rows[part]))
+    inputs = _scratch_rows(parts.count(part), codec.model_dim) if memory_mapped else None
+    pieces, offsets, start = [], [], 0
+    for _, x in parts.blocks(part):
+        encoded, offset = codec.encode_normalised(x)  # (S, F), (S,)
+        if inputs is None:
+            pieces.append(encoded)
+        else:
+            inputs[start:start + len(encoded)] = encoded
+        start += len(encoded)
+        offsets.append(offset)
+    sizes = [stop - first for first, stop in (parts.rows[part][t] for t in tasks)]
+    task_of = torch.cat([torch.full((n,), i, dtype=torch.long) for i, n in enumerate(sizes)])
     episodes = [cond_norm.apply(torch.from_numpy(conds[t])) for t in tasks]  # (E_t, D) each
     counts = torch.tensor([len(e) for e in episodes])
-    return SampleSet(inputs, offsets, task_of, torch.cat(episodes), torch.cumsum(counts, 0) - counts,
-                     counts, tasks)
+    return SampleSet(torch.cat(pieces) if inputs is None else inputs, torch.cat(offsets), task_of,
+                     torch.cat(episodes), torch.cumsum(counts, 0) - counts, counts, tasks)
 
 
-def _representation(parts: dict[str, dict[str, torch.Tensor]], conds, cond_norm: ConditionNorm,
-                    norm: TensorNorm, cfg: GeneratorConfig) -> Representation:
-    train = torch.cat([parts["train"][t] for t in sorted(parts["train"])])  # (N, L_gen) normalised
+def _subspace(parts: ZooParts, cfg: GeneratorConfig, k: int, streamed: bool) -> tuple[Subspace, dict]:
+    """The principal subspace of the normalised training snapshots: exact in memory, randomized
+    over streamed blocks when the zoo is over ``cfg.data_memory_mb``."""
+    exact = (Subspace.fit_streamed(lambda: parts.matrices("train"), k, seed=cfg.seed) if streamed
+             else Subspace.fit(torch.cat(list(parts.matrices("train"))), k))
+    info = {"subspace_dim": len(exact.scale), "explained_variance": float(exact.explained.sum()),
+            "pca": "randomized, streamed" if streamed else "exact"}
+    if cfg.basis_dtype == "float32":
+        return exact, info
+    # Train with the basis exactly as the artifact stores it (float16) and record its error.
+    stored = Subspace(exact.mean, exact.basis.half().float(), exact.scale, exact.explained)
+    error, elements = 0.0, 0
+    for x in parts.matrices("train"):
+        w = exact.project(x)
+        error += float((exact.reconstruct(w) - stored.reconstruct(w)).square().sum())
+        elements += x.numel()
+    return stored, {**info, "basis_fp16_mse": error / elements}
+
+
+def _representation(parts: ZooParts, conds, cond_norm: ConditionNorm, norm: TensorNorm,
+                    cfg: GeneratorConfig, *, streamed: bool) -> Representation:
     subspace, info, space = None, {}, model_space(cfg)
     if space.subspace_dim:
-        exact = Subspace.fit(train, space.subspace_dim)
-        subspace = exact
-        if cfg.basis_dtype == "float16":  # train with the basis exactly as the artifact stores it
-            subspace = Subspace(exact.mean, exact.basis.half().float(), exact.scale, exact.explained)
-            w = exact.project(train)
-            info["basis_fp16_mse"] = float((exact.reconstruct(w) - subspace.reconstruct(w)).square().mean())
-        info.update(subspace_dim=len(exact.scale), explained_variance=float(exact.explained.sum()))
+        subspace, info = _subspace(parts, cfg, space.subspace_dim, streamed)
     codec = WeightCodec(norm, subspace, space.pad_multiple)
-    sets = {name: _sample_set(codec, part, conds, cond_norm) for name, part in parts.items()}
+    memory_mapped = streamed and subspace is None  # a subspace's coefficients are small
+    sets = {name: _sample_set(codec, parts, name, conds, cond_norm, memory_mapped=memory_mapped)
+            for name in parts.rows}
     train_set = sets.pop("train")
     weights = codec.weights()
     baselines = {f"{name}_mean_mse": baseline_mse(train_set, s, weights) for name, s in sets.items()}
     info["train_residual_mse"] = float(train_set.offsets.mean())
     return Representation(codec, train_set, sets, baselines, info)
+
+
+def _zoo_parts(zoo: ZooData, split: Split, positions: torch.Tensor, streamed: bool) -> ZooParts:
+    """Which snapshots of which task go where; in memory, each task is read from storage once."""
+    counts = snapshot_counts(zoo.vectors)
+    keep = {t: counts[t] - split.val_snapshots for t in split.train_tasks}
+    rows = {"train": {t: (0, keep[t]) for t in split.train_tasks}}
+    if split.val_snapshots:
+        rows["val_seen"] = {t: (keep[t], counts[t]) for t in split.train_tasks}
+    if split.val_tasks:
+        rows["val_unseen"] = {t: (0, counts[t]) for t in split.val_tasks}
+
+    def read(task: str) -> torch.Tensor:
+        v = zoo.vectors[task]
+        if v.dim() != 2 or len(v) != counts[task] or v.shape[1] != zoo.layout.numel:
+            raise ZooInputError(f"zoo task {task!r}: vectors of shape {tuple(v.shape)}, the layout needs "
+                                f"({counts[task]} snapshots, {zoo.layout.numel}).")
+        return v[:, positions]  # (S, L_gen)
+
+    if streamed:
+        return ZooParts(read, rows)
+    held = {t: read(t) for t in sorted(set(split.train_tasks) | set(split.val_tasks))}
+    return ZooParts(held.__getitem__, rows)
 
 
 def prepare_data(zoo: ZooData, conditions: Mapping[str, Any], cfg: GeneratorConfig, *,
@@ -351,6 +494,9 @@ def prepare_data(zoo: ZooData, conditions: Mapping[str, Any], cfg: GeneratorConf
                  condition_spec: Mapping[str, Any] | None = None) -> PreparedData:
     """Split, normalise and encode the zoo for the architectures in ``archs`` (default cfg.arch).
 
+    A zoo whose generated part fits ``cfg.data_memory_mb`` is read whole; a larger one is
+    streamed from storage task by task in every pass (see `Subspace.fit_streamed`).
+
     Args:
         zoo: training tasks only (held-out tasks were dropped when it was read).
         conditions: task -> (E, D) episode vectors; tasks outside the zoo are ignored.
@@ -358,38 +504,32 @@ def prepare_data(zoo: ZooData, conditions: Mapping[str, Any], cfg: GeneratorConf
             of the others (model selection); False trains on everything (the final generator).
         init_state: the zoo's initial adapter state dict (needed for ``cfg.target == "b"``).
     """
-    if not zoo.vectors:
+    counts = snapshot_counts(zoo.vectors)
+    if not counts:
         raise ZooInputError("the zoo is empty: no snapshots of any training task. Fix: train the zoo first.")
-    for task, v in zoo.vectors.items():
-        if v.dim() != 2 or len(v) == 0 or v.shape[1] != zoo.layout.numel:
-            raise ZooInputError(f"zoo task {task!r}: vectors of shape {tuple(v.shape)}, the layout needs "
-                                f"(snapshots >= 1, {zoo.layout.numel}).")
+    if empty := [t for t, n in counts.items() if n == 0]:
+        raise ZooInputError(f"zoo task(s) {empty} have no snapshots. Fix: retrain them or drop them.")
     conds = check_conditions(conditions, sorted(zoo.vectors))
     split = split_tasks(zoo, cfg, validation=validation)
     keys = generated_keys(zoo.layout, cfg.target)
     positions = key_positions(zoo.layout, keys)
     fixed = _fixed_tensors(zoo.layout, keys, init_state, cfg.target)
-    keep = {t: len(zoo.vectors[t]) - split.val_snapshots for t in split.train_tasks}
-    raw = {"train": {t: zoo.vectors[t][:keep[t], positions] for t in split.train_tasks}}
-    if split.val_snapshots:
-        raw["val_seen"] = {t: zoo.vectors[t][keep[t]:, positions] for t in split.train_tasks}
-    if split.val_tasks:
-        raw["val_unseen"] = {t: zoo.vectors[t][:, positions] for t in split.val_tasks}
+    streamed = sum(counts.values()) * len(positions) * 4 > cfg.data_memory_mb * 2 ** 20
+    parts = _zoo_parts(zoo, split, positions, streamed)
     sizes = [zoo.layout.sizes[zoo.layout.keys.index(k)] for k in keys]
-    norm = TensorNorm.fit(torch.cat(list(raw["train"].values())), sizes)
+    parts.norm = TensorNorm.fit_blocks(parts.matrices("train"), sizes)
     cond_norm = ConditionNorm.fit(torch.from_numpy(np.concatenate([conds[t] for t in split.train_tasks])))
-    parts = {name: {t: norm.normalize(v) for t, v in part.items()} for name, part in raw.items()}
     reps: dict[str, Representation] = {}
     for arch in archs or [cfg.arch]:
         arch_cfg = cfg.model_copy(update={"arch": arch})
         if (key := representation_key(arch_cfg)) not in reps:
-            reps[key] = _representation(parts, conds, cond_norm, norm, arch_cfg)
+            reps[key] = _representation(parts, conds, cond_norm, parts.norm, arch_cfg, streamed=streamed)
     dim = next(iter(conds.values())).shape[1]
     return PreparedData(
         zoo.layout, zoo.model_spec, zoo.peft_config, keys, fixed, cond_norm,
         {**(condition_spec or {}), "condition_dim": dim}, split,
         {t: conds[t].mean(0) for t in sorted(zoo.vectors)}, reps,
-        {k: getattr(cfg, k) for k in DATA_FIELDS}, zoo.summary())
+        {k: getattr(cfg, k) for k in DATA_FIELDS}, {**zoo.summary(), "streamed": streamed})
 
 
 # ----------------------------------------------------------------------------- from storage

@@ -46,7 +46,7 @@ class ZooData:
     """The training part of a LoRA zoo in memory: flat vectors per task, in step order."""
 
     layout: LoraLayout
-    vectors: dict[str, torch.Tensor]  # task -> (S, L) float32
+    vectors: Mapping[str, torch.Tensor]  # task -> (S, L) float32 (a `ZooVectors` when read from storage)
     model_spec: str
     peft_config: dict[str, Any]
     lora: dict[str, Any] = field(default_factory=dict)  # zoo.json's LoRA settings
@@ -56,7 +56,7 @@ class ZooData:
 
     def summary(self) -> dict[str, Any]:
         return {"root": self.root, "model_spec": self.model_spec, "lora": self.lora,
-                "tasks": sorted(self.vectors), "snapshots": sum(len(v) for v in self.vectors.values()),
+                "tasks": sorted(self.vectors), "snapshots": sum(snapshot_counts(self.vectors).values()),
                 "adapter_bytes": self.adapter_bytes, "fingerprint": self.fingerprint,
                 "layout_fingerprint": self.layout.fingerprint()}
 
@@ -83,7 +83,7 @@ def compare_layouts(expected: LoraLayout, found: LoraLayout) -> str | None:
 
 def load_zoo(zoo_root: str | Path, *, include: Sequence[str] | None = None, exclude: Sequence[str] = (),
              model_spec: str | None = None, layout: LoraLayout | None = None) -> ZooData:
-    """Read the per-task snapshots of a zoo (never the multi-task LoRA).
+    """The per-task snapshots of a zoo (never the multi-task LoRA), read lazily (`ZooVectors`).
 
     Args:
         include: task names allowed (e.g. the suite's training tasks); None: all.
@@ -116,31 +116,63 @@ def load_zoo(zoo_root: str | Path, *, include: Sequence[str] | None = None, excl
     if not len(rows):
         raise ZooInputError(f"the zoo at {root} has no snapshots of training tasks (manifest tasks: "
                             f"{sorted(set(frame.get('task', [])))}). Fix: run `icm zoo` first.")
-    vectors, peft_config, size = _read_vectors(root, rows, zoo_layout)
+    vectors, peft_config, size = _zoo_vectors(root, rows, zoo_layout)
     fingerprint = sha256_json([zoo_layout.fingerprint(), rows[["task", "step", "vector_sha256"]]
                                .astype(str).values.tolist()])
     return ZooData(zoo_layout, vectors, identity["model_spec"], peft_config, identity.get("lora", {}),
                    size, str(root), fingerprint)
 
 
-def _read_vectors(root: Path, rows, layout: LoraLayout) -> tuple[dict[str, torch.Tensor], dict, int]:
-    """Snapshot vectors per task in step order, the peft config template, the adapters' bytes."""
-    from safetensors import safe_open
+class ZooVectors(Mapping):
+    """Task -> (S, L) float32 snapshot vectors in step order, read from storage on each access.
 
-    vectors, peft_config, size = {}, None, 0
-    for task, group in rows.sort_values("step").groupby("task", sort=True):
+    Nothing is held in memory: `icm.generator.data.prepare_data` reads the zoo whole when it fits
+    ``generator.data_memory_mb`` and task by task (blocks) otherwise, so no process needs the
+    whole zoo. Snapshot counts come from the manifest, without reading a vector.
+    """
+
+    def __init__(self, root: Path, steps: Mapping[str, Sequence[int]], layout: LoraLayout):
+        self.root, self.layout = Path(root), layout
+        self.steps = {task: [int(s) for s in steps[task]] for task in sorted(steps)}
+
+    def __getitem__(self, task: str) -> torch.Tensor:
+        from safetensors import safe_open
+
         stack = []
-        for step in group["step"]:
-            folder = snapshot_dir(root, task, int(step))
-            with safe_open(str(folder / VECTOR_FILE), "pt") as handle:
-                if (handle.metadata() or {}).get("layout_fingerprint") != layout.fingerprint():
-                    raise ZooInputError(f"{folder / VECTOR_FILE} was written with another key order or "
-                                        f"shapes than {root / LAYOUT_FILE}. Fix: rebuild the zoo.")
+        for step in self.steps[task]:
+            path = snapshot_dir(self.root, task, step) / VECTOR_FILE
+            with safe_open(str(path), "pt") as handle:
+                if (handle.metadata() or {}).get("layout_fingerprint") != self.layout.fingerprint():
+                    raise ZooInputError(f"{path} was written with another key order or shapes than "
+                                        f"{self.root / LAYOUT_FILE}. Fix: rebuild the zoo.")
                 stack.append(handle.get_tensor("vector").float())
-            size += (folder / "adapter_model.safetensors").stat().st_size
-            peft_config = peft_config or json.loads((folder / "adapter_config.json").read_text())
-        vectors[task] = torch.stack(stack)  # (S, L)
-    return vectors, peft_config, size
+        return torch.stack(stack)  # (S, L)
+
+    def __iter__(self):
+        return iter(self.steps)
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def count(self, task: str) -> int:
+        return len(self.steps[task])
+
+
+def snapshot_counts(vectors: Mapping[str, Any]) -> dict[str, int]:
+    """Snapshots per task, without reading a lazily stored zoo."""
+    if isinstance(vectors, ZooVectors):
+        return {task: vectors.count(task) for task in vectors}
+    return {task: len(v) for task, v in vectors.items()}
+
+
+def _zoo_vectors(root: Path, rows, layout: LoraLayout) -> tuple[ZooVectors, dict, int]:
+    """The lazy snapshot vectors, the peft config template, the bytes of the adapters they replace."""
+    steps = {task: group.sort_values("step")["step"].tolist() for task, group in rows.groupby("task")}
+    first = snapshot_dir(root, *next((t, s[0]) for t, s in sorted(steps.items())))
+    peft_config = json.loads((first / "adapter_config.json").read_text())
+    size = sum((snapshot_dir(root, t, s) / "adapter_model.safetensors").stat().st_size
+               for t, task_steps in steps.items() for s in task_steps)
+    return ZooVectors(root, steps, layout), peft_config, size
 
 
 def check_conditions(conditions: Mapping[str, Any], tasks: Sequence[str]) -> dict[str, np.ndarray]:

@@ -136,6 +136,68 @@ def test_validation_split_is_seeded_and_keeps_the_last_snapshots_out():
     assert len(final.representation(cfg).train) == 30 and final.split.val_tasks == ()
 
 
+def test_streamed_pca_finds_the_exact_principal_subspace():
+    g = torch.Generator().manual_seed(0)
+    scales = torch.tensor([8.0, 6.0, 4.0, 3.0, 2.0, 1.5])  # a decaying spectrum, then noise
+    x = (torch.randn(60, 6, generator=g) * scales) @ torch.linalg.qr(torch.randn(900, 6, generator=g)).Q.T
+    x = x + 0.05 * torch.randn(60, 900, generator=g) + 3.0  # (60, 900), off-centre
+    exact = Subspace.fit(x, 4)
+    streamed = Subspace.fit_streamed(lambda: iter(x.split(7)), 4)  # blocks of 7 rows, as tasks come
+    assert torch.allclose(streamed.mean, exact.mean, atol=1e-5)
+    overlap = torch.linalg.svdvals(streamed.basis @ exact.basis.T)  # cosines of principal angles
+    assert overlap.min() > 0.999, overlap
+    assert torch.allclose(streamed.scale, exact.scale, rtol=1e-3)
+    assert torch.allclose(streamed.explained, exact.explained, rtol=1e-3)
+
+
+def test_a_zoo_over_the_memory_budget_is_streamed_with_the_same_result():
+    zoo, conditions = synthetic_zoo(tasks=("a", "b", "c", "d", "e"))
+    reads = []
+
+    class CountingVectors(dict):  # how often, and how much at once, preparation reads
+        def __getitem__(self, task):
+            reads.append(task)
+            return super().__getitem__(task)
+
+    zoo.vectors = CountingVectors(zoo.vectors)
+    for arch, extra in (("mlp", {}), ("hyper", {"subspace_dim": None})):
+        cfg = GeneratorConfig(**{**FAST, **extra}, arch=arch, val_tasks=1, val_snapshots=1)
+        reads.clear()
+        whole = prepare_data(zoo, conditions, cfg, validation=True)
+        assert sorted(reads) == ["a", "b", "c", "d", "e"] and not whole.zoo_summary["streamed"]
+        tiny = cfg.model_copy(update={"data_memory_mb": 0})  # 30 x 1,792 floats are over 0 MB
+        reads.clear()
+        streamed = prepare_data(zoo, conditions, tiny, validation=True)
+        assert streamed.zoo_summary["streamed"] and len(reads) > 5  # one task at a time, per pass
+        a, b = whole.representation(cfg), streamed.representation(tiny)
+        assert torch.allclose(a.codec.norm.mean, b.codec.norm.mean, atol=1e-6)
+        assert torch.allclose(a.codec.norm.std, b.codec.norm.std, rtol=1e-5)
+        for name in ("val_seen", "val_unseen"):
+            assert b.validation[name].tasks == a.validation[name].tasks
+            assert b.baselines[f"{name}_mean_mse"] == pytest.approx(a.baselines[f"{name}_mean_mse"], rel=1e-3)
+        if arch == "mlp":  # coefficients agree up to each direction's sign
+            assert b.info["pca"] == "randomized, streamed" and a.info["pca"] == "exact"
+            assert torch.allclose(b.train.inputs.abs(), a.train.inputs.abs(), atol=1e-2)
+            assert b.info["train_residual_mse"] == pytest.approx(a.info["train_residual_mse"], rel=1e-2)
+        else:  # flat inputs, in a memory-mapped scratch file, equal the in-memory ones
+            assert torch.allclose(b.train.inputs, a.train.inputs, atol=1e-5)
+
+
+def test_a_stored_snapshot_of_another_layout_is_named_when_read(disk_zoo, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    zoo_root, _ = disk_zoo
+    copy = tmp_path / "zoo"
+    shutil.copytree(zoo_root, copy)
+    zoo = load_zoo(copy, include=["cats"])  # lazy: nothing read yet
+    vector_file = next((copy / "tasks" / "cats").rglob("vector.safetensors"))
+    save_file(load_file(vector_file), vector_file, metadata={"layout_fingerprint": "another"})
+    with pytest.raises(ZooInputError, match="another key order or shapes"):
+        zoo.vectors["cats"]
+
+
 # ----------------------------------------------------------------------------- training + sampling
 
 
