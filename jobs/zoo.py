@@ -31,6 +31,7 @@ import ray.train
 import torch
 
 from icm.config import PipelineConfig
+from icm.errors import InputError
 from icm.evaluation import score_texts
 from icm.io import write_bytes_atomic, write_json_atomic
 from icm.lora_io import LoraLayout, adapter_state_dict
@@ -283,16 +284,26 @@ def trainer_groups(jobs: Sequence[LoraJob], costs: dict[str, int], tasks_per_tra
 
 
 def _concurrency(cfg: PipelineConfig) -> int:
+    return trainer_concurrency(cfg, ray.cluster_resources())
+
+
+def trainer_concurrency(cfg: PipelineConfig, resources: dict[str, float]) -> int:
+    """Trainers at once: ``zoo.max_concurrent``, else what ``resources`` (the cluster now) hold.
+
+    A GPU zoo on a cluster that has no GPU node up yet (one that autoscales from zero) would
+    run one trainer at a time for the whole stage: that is refused with the fix, not guessed.
+    """
     if cfg.zoo.max_concurrent:
         return cfg.zoo.max_concurrent
-    resources = ray.cluster_resources()
     per_task_cpu = cfg.zoo.num_workers * cfg.zoo.cpus_per_worker
     bound = int(resources.get("CPU", 1) // per_task_cpu)
     if cfg.zoo.gpus_per_worker:
         gpus = int(resources.get("GPU", 0) // (cfg.zoo.num_workers * cfg.zoo.gpus_per_worker))
-        if gpus == 0:  # an autoscaling cluster starts with no GPU node: what is visible is not the max
-            log.warning("zoo: no GPUs are up yet, so 1 trainer at a time; on an autoscaling cluster "
-                        "set zoo.max_concurrent to what its largest size holds")
+        if gpus == 0:
+            raise InputError("zoo.max_concurrent is unset and no GPU is up yet, so the cluster's size "
+                             "is unknown (an autoscaling cluster starts with no GPU node). Fix: set "
+                             "zoo.max_concurrent to the trainers its largest size holds (the gpu "
+                             "preset: 16).")
         bound = min(bound, gpus)
     return max(1, bound)
 

@@ -47,3 +47,20 @@ def test_manifest_reads_one_index_per_finished_task_and_the_files_otherwise(tmp_
     _snapshot(tmp_path, "cats", 6)  # a snapshot the index does not list: read the files again
     assert list(zoo.write_manifest(tmp_path).query("task == 'cats'")["step"]) == [2, 4, 6]
     assert len(zoo.write_manifest(tmp_path)) == 5
+
+
+def test_trainer_concurrency_comes_from_the_config_or_refuses_to_guess_without_gpus():
+    import pytest
+
+    from icm.config import load_config
+    from icm.errors import InputError
+    from jobs.zoo import trainer_concurrency
+
+    cpu = load_config("smoke", ["zoo.max_concurrent=null", "zoo.cpus_per_worker=1"])
+    assert trainer_concurrency(cpu, {"CPU": 6.0}) == 6
+    gpu = load_config("smoke", ["zoo.max_concurrent=null", "zoo.gpus_per_worker=1", "zoo.num_workers=2"])
+    assert trainer_concurrency(gpu, {"CPU": 64.0, "GPU": 8.0}) == 4
+    with pytest.raises(InputError, match="zoo.max_concurrent"):  # autoscaling from zero GPUs
+        trainer_concurrency(gpu, {"CPU": 2.0})
+    fixed = gpu.model_copy(update={"zoo": gpu.zoo.model_copy(update={"max_concurrent": 16})})
+    assert trainer_concurrency(fixed, {"CPU": 2.0}) == 16
