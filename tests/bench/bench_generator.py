@@ -38,6 +38,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
+import jobs  # noqa: E402,F401  (registers the project's presets: study, demo, ...)
 from icm.config import load_config  # noqa: E402
 from icm.generator import fit_generator, generator_from_state  # noqa: E402
 from icm.generator.data import prepare_data  # noqa: E402

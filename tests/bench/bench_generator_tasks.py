@@ -34,6 +34,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
+import jobs  # noqa: E402,F401  (registers the project's presets: study, demo, ...)
 from icm.config import load_config  # noqa: E402
 
 

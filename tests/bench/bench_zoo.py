@@ -34,6 +34,7 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))  # run as a script from a checkout
 
+import jobs  # noqa: E402,F401  (registers the project's presets: study, demo, ...)
 from icm.config import load_config  # noqa: E402
 from icm.lora_train import batch_for_step, build_lora_model, tokenize_texts  # noqa: E402
 from icm.models import load_base_model  # noqa: E402
