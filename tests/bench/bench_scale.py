@@ -264,8 +264,7 @@ def config_for(n_dir: Path, suite: Path, address: str, args):
         "zoo.warmup_steps=2", "zoo.batch_size=2", "zoo.seq_len=16", "zoo.eval_max_texts=2",
         f"zoo.multitask={str(args.multitask).lower()}", "zoo.num_workers=1", "zoo.cpus_per_worker=1",
         "task_vectors.k=2", "task_vectors.episodes=2", "task_vectors.max_prompt_tokens=128",
-        "task_vectors.max_demo_chars=80", "task_vectors.batch_size=16",
-        "generator.val_tasks=0", "generator.val_snapshots=0"]
+        "task_vectors.max_demo_chars=80", "task_vectors.batch_size=16"]
     if "data_memory_mb" in GeneratorConfig.model_fields:
         overrides.append(f"generator.data_memory_mb={args.data_memory_mb}")
     return load_config("smoke", overrides + list(args.overrides))
