@@ -103,7 +103,7 @@ def main(argv=None) -> int:
     out = Path(args.out or cfg.storage.path("bench-tasks"))
     out.mkdir(parents=True, exist_ok=True)
     frame = pd.DataFrame(rows)
-    print(frame.to_markdown(index=False, floatfmt=".4f"))
+    print(frame.to_markdown(index=False, floatfmt=".4g"))
     (out / "tasks_scaling.json").write_text(json.dumps(
         {"validation_tasks": validation, "rows": rows, "generator": cfg.generator.model_dump(mode="json")},
         indent=2))
