@@ -221,9 +221,10 @@ class Subspace:
                 start += len(x)
             return out
 
-        sketch = torch.randn(len(mean), width, generator=torch.Generator().manual_seed(seed),
-                             dtype=torch.float64)  # (L, r)
-        y = times(sketch)  # (N, r): spans the top directions' scores, sharpened by power passes
+        # (N, r): scores on a random sketch (L, r), then sharpened by power passes; peak memory
+        # is two or three (L, r) float64 matrices, ~3.2 GB each for a 7B model's rank-8 LoRA.
+        y = times(torch.randn(len(mean), width, generator=torch.Generator().manual_seed(seed),
+                              dtype=torch.float64))
         for _ in range(SKETCH_POWER_ITERS):
             y = times(torch.linalg.qr(transposed_times(torch.linalg.qr(y).Q)).Q)
         b = transposed_times(torch.linalg.qr(y).Q).T  # (r, L): the zoo in that basis
