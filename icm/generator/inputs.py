@@ -111,8 +111,8 @@ def load_zoo(zoo_root: str | Path, *, include: Sequence[str] | None = None, excl
     rows = frame[(frame["kind"] == "task") & ~frame["task"].isin(list(exclude))] if len(frame) else frame
     if include is not None and len(rows):
         rows = rows[rows["task"].isin(list(include))]
-    if dropped := sorted(set(frame.get("task", [])) & set(exclude)):
-        log.warning("zoo has snapshots of held-out task(s) %s; they are ignored", dropped)
+    if dropped := sorted(set(frame.get("task", [])) & set(exclude)):  # e.g. a fold's group: by design
+        log.debug("zoo: %d task(s) held out from this generator are not read: %s", len(dropped), dropped)
     if not len(rows):
         raise ZooInputError(f"the zoo at {root} has no snapshots of training tasks (manifest tasks: "
                             f"{sorted(set(frame.get('task', [])))}). Fix: run `icm zoo` first.")

@@ -13,7 +13,9 @@ a fresh synthetic suite (N training tasks in groups of ``--group-size``, plus ``
 held-out tasks that the zoo never trains) and a fresh storage root; model ``tiny-llama`` on the
 ``smoke`` preset, ``zoo.steps=--steps``, ``zoo.snapshots=--snapshots`` (snapshot_start=0, so 8
 steps give 8 distinct snapshots), tiny batches and sequences, no multi-task LoRA (``--multitask``
-adds it). Then, per N:
+adds it), one task-vector actor (``--tv-actors``: two 0.5-CPU actors on two 1-CPU nodes leave
+no node a whole CPU for Ray Data's read and write tasks, and the job hangs; the script refuses
+such a layout up front). Then, per N:
 
 * **zoo wall s**: wall time of ``jobs.zoo.run(cfg, suite)`` in this process (the driver).
 * **overhead s/task** = (zoo wall - sum over tasks of the task's ``wall_seconds`` / c) / N, where
@@ -91,6 +93,7 @@ def prep_child(spec_json: str) -> None:
     spec = json.loads(spec_json)
     cfg = PipelineConfig.model_validate(spec["config"])
     suite = load_suite(spec["suite"])
+    warm_up(cfg)  # lazy imports and the base model's first build are not the data's memory
     baseline = _status_kib("VmRSS") * 1024
     try:
         Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
@@ -119,6 +122,26 @@ def prep_child(spec_json: str) -> None:
     print("PREP " + json.dumps({"load_s": loaded - started, "prep_s": done - loaded,
                                 "baseline_mb": baseline / MiB, "peak_increase_mb": (high - baseline) / MiB,
                                 "method": method, "streamed": streamed}), flush=True)
+
+
+def warm_up(cfg) -> None:
+    """Pay the one-time costs before measuring: the lazy imports (transformers, peft, pyarrow
+    datasets, safetensors, matplotlib) and one build of the base model + LoRA (what
+    ``load_generator_inputs`` and the zoo's driver both do), then drop it."""
+    import gc
+
+    import matplotlib.figure  # noqa: F401  (the zoo's loss plot)
+    import pyarrow.dataset  # noqa: F401  (the task-vector reader)
+    import safetensors.torch  # noqa: F401
+
+    from icm.lora_io import adapter_state_dict
+    from icm.lora_train import build_lora_model
+    from icm.models import load_base_model
+
+    model, _ = load_base_model(cfg.model.spec, cache_dir=cfg.model.cache_dir, device="cpu")
+    adapter_state_dict(build_lora_model(model, cfg.zoo))
+    del model
+    gc.collect()
 
 
 if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "--prep-child":
@@ -245,12 +268,28 @@ def start_cluster(workers: int, head_cpus: int, worker_cpus: int):
     store = 100 * MiB
     cluster = Cluster(initialize_head=True, head_node_args={
         "wait": False, "num_cpus": head_cpus, "num_gpus": 0, "include_dashboard": False,
+        "dashboard_port": _free_port(),
         "object_store_memory": store, "dashboard_agent_listen_port": _free_port()})
     for _ in range(workers):
         cluster.add_node(wait=False, num_cpus=worker_cpus, num_gpus=0, object_store_memory=store,
                          dashboard_agent_listen_port=_free_port())
     cluster.wait_for_nodes(timeout=180)
     return cluster, temp_dir
+
+
+def check_data_can_schedule(args) -> None:
+    """Ray Data's read/write tasks need 1 whole CPU on one node. If the actors can be placed so
+    that no node keeps 1 CPU free (e.g. 2 x 0.5-CPU actors on two 1-CPU nodes, one each), the
+    task-vector job waits forever; jobs.task_vectors.check_actor_resources only checks a local
+    Ray (it skips any ray.address), so check it here before starting anything."""
+    nodes = [args.head_cpus] + [args.worker_cpus] * args.nodes
+    size = args.tv_cpus_per_actor
+    needed = [int((c - 1) // size) + 1 for c in nodes if c >= 1]  # actors that leave it < 1 CPU
+    if all(k * size <= c for k, c in zip(needed, [c for c in nodes if c >= 1])) and args.tv_actors >= sum(needed):
+        raise SystemExit(f"{args.tv_actors} task-vector actors x {size} CPU can leave no node of "
+                         f"{nodes} CPUs with 1 CPU free for Ray Data's read/write tasks (it would "
+                         "hang): use fewer --tv-actors, a smaller --tv-cpus-per-actor or more "
+                         "--worker-cpus.")
 
 
 # ----------------------------------------------------------------------------- one N
@@ -264,7 +303,8 @@ def config_for(n_dir: Path, suite: Path, address: str, args):
         "zoo.warmup_steps=2", "zoo.batch_size=2", "zoo.seq_len=16", "zoo.eval_max_texts=2",
         f"zoo.multitask={str(args.multitask).lower()}", "zoo.num_workers=1", "zoo.cpus_per_worker=1",
         "task_vectors.k=2", "task_vectors.episodes=2", "task_vectors.max_prompt_tokens=128",
-        "task_vectors.max_demo_chars=80", "task_vectors.batch_size=16"]
+        "task_vectors.max_demo_chars=80", "task_vectors.batch_size=16",
+        f"task_vectors.actors={args.tv_actors}", f"task_vectors.cpus_per_actor={args.tv_cpus_per_actor}"]
     if "data_memory_mb" in GeneratorConfig.model_fields:
         overrides.append(f"generator.data_memory_mb={args.data_memory_mb}")
     return load_config("smoke", overrides + list(args.overrides))
@@ -295,6 +335,7 @@ def bench_one(n: int, args, cluster, opens: OpenCounter, work: Path) -> dict:
     cfg = config_for(n_dir, suite_dir, cluster.address, args)
     suite = open_suite(cfg)
     init_ray(cfg.ray, cache_dir=cfg.model.cache_dir)  # joins the cluster once; later N: no-op
+    warm_up(cfg)  # the first N's driver CPU without the one-time imports (later N: ~free)
     concurrency = min(zoo_job._concurrency(cfg), n)
     row: dict = {"N": n, "heldout": args.heldout, "concurrency": concurrency,
                  "cluster_cpus": ray.cluster_resources().get("CPU", 0)}
@@ -379,9 +420,17 @@ COLUMNS = [  # (key, header, format, per-task column for the growth line)
 ]
 
 
+MARGINAL = [("zoo_wall_per_task", "zoo wall s"), ("overhead_s_per_task", "overhead s"),
+            ("driver_cpu_s_per_task", "driver CPU s"), ("driver_opens_per_task", "driver opens"),
+            ("files_per_task", "files"), ("manifest_s_per_task", "manifest ms"),
+            ("tv_s_per_task_n", "task-vector s")]
+
+
 def report(rows: list[dict], args) -> str:
     for row in rows:
         row["manifest_s_per_task"] = 1000 * row["manifest_s"] / row["N"]
+        row["zoo_wall_per_task"] = row["zoo_wall_s"] / row["N"]
+        row["tv_s_per_task_n"] = row["tv_s"] / row["N"]  # per training task: the N steps apart
     table = tabulate([[row[k] for k, *_ in COLUMNS] for row in rows], headers=[h for _, h, *_ in COLUMNS],
                      tablefmt="github", floatfmt=[f for *_, f, _ in COLUMNS])
     first, last = rows[0], rows[-1]
@@ -397,9 +446,12 @@ def report(rows: list[dict], args) -> str:
                 ratios.append(f"{header} x{last[key] / first[key]:.2f}")
         lines.append(f"Growth N={first['N']} -> N={last['N']} (x{last['N'] / first['N']:.1f} tasks; "
                      "flat = x1.00): " + ", ".join(ratios))
-        marginal = [f"{a['N']}->{b['N']}: {(b['zoo_wall_s'] - a['zoo_wall_s']) / (b['N'] - a['N']):.3f}"
-                    for a, b in zip(rows, rows[1:])]
-        lines.append("Marginal zoo wall s/task (fixed costs removed): " + ", ".join(marginal))
+        lines.append("Marginal cost per added task between successive N, (total(N2) - total(N1)) / "
+                     "(N2 - N1): the fixed costs (trainer start-up, model loads) removed:")
+        for key, label in MARGINAL:
+            steps = [f"{a['N']}->{b['N']}: {(b[key] * b['N'] - a[key] * a['N']) / (b['N'] - a['N']):.3f}"
+                     for a, b in zip(rows, rows[1:])]
+            lines.append(f"  {label}: " + ", ".join(steps))
         lines.append("")
     phases = ("wall_seconds", "train_seconds", "setup_seconds", "base_eval_seconds", "snapshot_seconds",
               "checkpoint_seconds")
@@ -427,6 +479,8 @@ def main() -> None:
     parser.add_argument("--snapshots", type=int, default=8)
     parser.add_argument("--heldout", type=int, default=2, help="held-out tasks beside the N (fixed)")
     parser.add_argument("--group-size", type=int, default=10)
+    parser.add_argument("--tv-actors", type=int, default=1, help="task_vectors.actors")
+    parser.add_argument("--tv-cpus-per-actor", type=float, default=0.5, help="task_vectors.cpus_per_actor")
     parser.add_argument("--multitask", action="store_true", help="also train the multi-task LoRA")
     parser.add_argument("--data-memory-mb", type=int, default=64,
                         help="generator.data_memory_mb (only where GeneratorConfig has it)")
@@ -439,6 +493,7 @@ def main() -> None:
     from icm.logs import quiet_known_noise
 
     quiet_known_noise()
+    check_data_can_schedule(args)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-scale-")).resolve()
     work.mkdir(parents=True, exist_ok=True)
     opens = OpenCounter()
