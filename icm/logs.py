@@ -6,7 +6,9 @@ filters only the lines named here, each harmless and repeated once per worker:
 
 * transformers' FutureWarning that ``is_gradient_checkpointing`` is deprecated (peft calls it);
 * DeepSpeed's "Attempting to get learning rate from scheduler before it has started" (its
-  WarmupDecayLR before step 1) and its accelerator-selection line.
+  WarmupDecayLR before step 1) and its accelerator-selection line;
+* the INFO lines of Ray Data, Tune, Train and Optuna (`QUIET_LOGGERS`): per-report and
+  per-checkpoint lines, Ray Data's progress dumps. Our own progress lines replace them.
 
 Real warnings pass. ``ICM_LOG_LEVEL=DEBUG`` (the commands' ``-v``/``--verbose`` sets it, and
 Ray passes it to the workers) leaves everything on.
@@ -29,6 +31,8 @@ NOISY_WARNINGS = (
 NOISY_RECORDS = {
     "DeepSpeed": (r"Attempting to get learning rate from scheduler before it has started",
                   r"Setting (ds_)?accelerator to"),
+    # Ray Data's notice when its progress bars are off: ours replace them (jobs/task_vectors.py).
+    "ray.data._internal.progress": (r"Progress bars disabled",),
 }
 
 
@@ -51,6 +55,29 @@ class _DropMessages(logging.Filter):
         return not self.pattern.search(record.getMessage())
 
 
+# Libraries whose INFO lines repeat what our own lines say (stage headers, progress): WARNING
+# and above pass. Ray Train's per-report line ("Reporting training result 3: TrainingReport(...)")
+# comes from a logger named after its module's file path, resolved without importing it.
+QUIET_LOGGERS = ("ray.data", "ray.tune", "ray.train", "optuna", "ray.util.state")
+QUIET_RAY_FILES = ("train/v2/_internal/execution/context.py",)  # relative to the ray package
+
+
+def quiet_library_loggers() -> None:
+    """Raise the level of `QUIET_LOGGERS` to WARNING (cheap, imports nothing; a no-op when
+    verbose). Call it again after importing a library that configures its own loggers."""
+    import importlib.util
+    from pathlib import Path
+
+    if verbose():
+        return
+    names = list(QUIET_LOGGERS)
+    ray_spec = importlib.util.find_spec("ray")  # finds, does not import
+    if ray_spec is not None and ray_spec.origin:
+        names += [str(Path(ray_spec.origin).parent / f) for f in QUIET_RAY_FILES]
+    for name in names:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def quiet_known_noise() -> None:
     """Install the filters (once per process; a no-op when verbose)."""
     if verbose() or getattr(quiet_known_noise, "installed", False):
@@ -59,4 +86,5 @@ def quiet_known_noise() -> None:
         warnings.filterwarnings("ignore", message=message, category=category)
     for name, patterns in NOISY_RECORDS.items():
         logging.getLogger(name).addFilter(_DropMessages(patterns))
+    quiet_library_loggers()
     quiet_known_noise.installed = True

@@ -51,11 +51,12 @@ def init_ray(config: RayConfig, *, cache_dir: str | None = None) -> None:
         return
     env = worker_env_vars(cache_dir, submitted_job_env_vars())
     runtime_env = {"env_vars": env, "worker_process_setup_hook": WORKER_SETUP_HOOK}
-    if not verbose():  # Tune's per-save advice about experiment-state syncing, ~200 lines a run
-        os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "3600")
+    if not verbose():  # Tune's per-save advice about experiment-state syncing, ~200 lines a run:
+        # it fires when two syncs are closer than this many seconds, so 0 (not a large value) is off
+        os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     if config.address:
         log.info("joining Ray cluster at %s", config.address)
-        ray.init(address=config.address, runtime_env=runtime_env)
+        ray.init(address=config.address, runtime_env=runtime_env, logging_level=_ray_log_level())
         return
     # Local clusters: token auth (on by default since Ray 2.59) only gets in the way of the
     # dashboard and job CLI on a single machine; clusters set RAY_AUTH_MODE=token themselves.
@@ -65,8 +66,14 @@ def init_ray(config: RayConfig, *, cache_dir: str | None = None) -> None:
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     store = config.object_store_memory_mb * 1024**2 if config.object_store_memory_mb else None
     ray.init(num_cpus=config.num_cpus, num_gpus=config.num_gpus, object_store_memory=store,
-             include_dashboard=config.include_dashboard, runtime_env=runtime_env)
+             include_dashboard=config.include_dashboard, runtime_env=runtime_env,
+             logging_level=_ray_log_level())
     log.info("started local Ray: %s", ray.cluster_resources())
+
+
+def _ray_log_level() -> int:
+    """Ray's own driver-side INFO lines ("Started a local Ray instance") only when verbose."""
+    return logging.INFO if verbose() else logging.WARNING
 
 
 def train_logging():

@@ -21,7 +21,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import pyarrow as pa
@@ -30,6 +30,8 @@ import ray
 from ray.data.expressions import col
 
 from icm.config import PipelineConfig
+from icm.logs import quiet_library_loggers, verbose
+from icm.progress import Progress
 from icm.io import atomic_directory, write_bytes_atomic, write_json_atomic, write_text_atomic
 from icm.models import load_base_model
 from icm import storage
@@ -103,9 +105,12 @@ def write_episodes(cfg: PipelineConfig, suite: Suite, encoder: TaskEncoder, path
     return {"episodes": rows, "truncated": truncated}
 
 
-def extract_shard(cfg: PipelineConfig, episodes_path: str | Path, shard: int, out_dir: str | Path) -> None:
-    """One streaming Ray Data run over the episodes of ``shard``, written into ``out_dir``
-    (paths or URIs: read and write tasks run on any node)."""
+def extract_shard(cfg: PipelineConfig, episodes_path: str | Path, shard: int, out_dir: str | Path,
+                  progress: Progress | None = None) -> None:
+    """One streaming Ray Data run over the episodes of ``shard``, written into ``out_dir`` (a
+    path or a URI) as the vectors arrive at the driver, each batch counted in ``progress``."""
+    quiet_library_loggers()  # Ray Data configures its loggers when first imported
+    ray.data.DataContext.get_current().enable_progress_bars = verbose()  # ours is `progress`
     tv = cfg.task_vectors
     gpus = {"num_gpus": tv.gpus_per_actor} if tv.gpus_per_actor else {}
     ds = (ray.data.read_parquet(str(episodes_path))  # filter and projection push down into the read
@@ -116,7 +121,31 @@ def extract_shard(cfg: PipelineConfig, episodes_path: str | Path, shard: int, ou
         compute=ray.data.ActorPoolStrategy(size=tv.actors),
         fn_constructor_kwargs={"model_spec": cfg.model.spec, "cache_dir": cfg.model.cache_dir,
                                "config": tv.model_dump(mode="json"), "dtype": cfg.model.dtype})
-    ds.write_parquet(str(out_dir), min_rows_per_file=ROWS_PER_FILE)
+    write_batches(ds.iter_batches(batch_size=None, batch_format="pyarrow"), str(out_dir), progress)
+
+
+def write_batches(batches: Iterable[pa.Table], out_dir: str, progress: Progress | None = None) -> int:
+    """Parquet files of <= ROWS_PER_FILE rows from arrow batches (the vectors are small: the
+    driver writing them costs nothing and sees each batch finish); returns the rows written."""
+    fs, root = storage.resolve(out_dir)  # a path or any URI the storage root may be
+    fs.create_dir(root, recursive=True)
+    stream = writer = None
+    rows = in_file = files = 0
+    for batch in batches:
+        if writer is None:
+            stream = fs.open_output_stream(f"{root}/part-{files:05d}.parquet")
+            writer = pq.ParquetWriter(stream, batch.schema)
+        writer.write_table(batch)
+        rows, in_file = rows + batch.num_rows, in_file + batch.num_rows
+        if progress is not None:
+            progress.update(progress.done + batch.num_rows)
+        if in_file >= ROWS_PER_FILE:
+            writer.close(), stream.close()
+            stream = writer = None
+            in_file, files = 0, files + 1
+    if writer is not None:
+        writer.close(), stream.close()
+    return rows
 
 
 def check_actor_resources(cfg: PipelineConfig) -> None:
@@ -169,17 +198,26 @@ def extract_vectors(cfg: PipelineConfig, current: Stage, episodes_path: Path,
             else:
                 path.unlink()
     started, done_before = time.perf_counter(), sum((vectors_dir / n).exists() for n in wanted)
-    for name, (shard, tasks) in wanted.items():
-        if (vectors_dir / name).exists():
-            log.info("task_vectors: %s already done, keeping it", name)
-            continue
-        with atomic_directory(vectors_dir / name) as staging:
-            extract_shard(cfg, episodes_path, shard, staging)
-            write_json_atomic(staging / SHARD_DONE_FILE,
-                              {"fingerprint": current.fingerprint, "tasks": tasks})
-        log.info("task_vectors: %s done (%d tasks)", name, len(tasks))
+    todo = {n: plan for n, plan in wanted.items() if not (vectors_dir / n).exists()}
+    if len(todo) < len(wanted):
+        log.info("task_vectors: %d of %d shards already done, keeping them", len(wanted) - len(todo), len(wanted))
+    with _prompt_progress(cfg, todo) as progress:
+        for name, (shard, tasks) in todo.items():
+            with atomic_directory(vectors_dir / name) as staging:
+                extract_shard(cfg, episodes_path, shard, staging, progress)
+                write_json_atomic(staging / SHARD_DONE_FILE,
+                                  {"fingerprint": current.fingerprint, "tasks": tasks})
+            log.debug("task_vectors: %s done (%d tasks)", name, len(tasks))
     return {"shards": len(wanted), "shards_reused": done_before,
             "extract_seconds": round(time.perf_counter() - started, 2)}
+
+
+def _prompt_progress(cfg: PipelineConfig, todo: dict[str, tuple[int, list[str]]]) -> Progress:
+    """Vectors to extract in the shards ``todo``: a task has episodes x modes prompts, each
+    giving a vector (one output row) per layer and pooling."""
+    tv = cfg.task_vectors
+    per_task = tv.episodes * len(tv.modes) * len(tv.layers) * len(tv.poolings)
+    return Progress("task_vectors", per_task * sum(len(tasks) for _, tasks in todo.values()), "vectors")
 
 
 def _wanted_shards(shards: dict[str, int]) -> dict[str, tuple[int, list[str]]]:
@@ -203,18 +241,20 @@ def _extract_to_uri(cfg: PipelineConfig, current: Stage, shards: dict[str, int])
         if path.name not in done:
             shutil.rmtree(path) if path.is_dir() else path.unlink()
     started = time.perf_counter()
+    progress = _prompt_progress(cfg, {n: plan for n, plan in wanted.items() if n not in done})
     for name, (shard, tasks) in wanted.items():
         target = storage.join(remote_dir, name)
         if name in done:
             log.info("task_vectors: %s already done, keeping it", name)
         else:
-            extract_shard(cfg, cfg.storage.uri("task_vectors", EPISODES_FILE), shard, target)
+            extract_shard(cfg, cfg.storage.uri("task_vectors", EPISODES_FILE), shard, target, progress)
             storage.write_json(storage.join(target, SHARD_DONE_FILE),
                                {"fingerprint": current.fingerprint, "tasks": tasks})
-            log.info("task_vectors: %s done (%d tasks)", name, len(tasks))
+            log.debug("task_vectors: %s done (%d tasks)", name, len(tasks))
         if not _shard_done(local_dir / name, current.fingerprint, tasks):
             with atomic_directory(local_dir / name) as staging:
                 storage.pull_dir(target, staging, last=(SHARD_DONE_FILE,))
+    progress.close()
     return {"shards": len(wanted), "shards_reused": len(done),
             "extract_seconds": round(time.perf_counter() - started, 2)}
 

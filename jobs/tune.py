@@ -21,6 +21,7 @@ import functools
 import json
 import logging
 import math
+import os
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -37,6 +38,8 @@ from icm.generator import fit_generator, generator_from_state
 from icm.generator.data import PreparedData, prepare_data
 from icm.generator.inputs import GeneratorInputs, load_generator_inputs
 from icm.io import write_bytes_atomic, write_json_atomic
+from icm.logs import verbose
+from icm.progress import Progress
 from icm.stages import RAY_DIR, open_suite, pull_stages, stage
 from icm.storage import delete, join, read_json, write_json
 from icm.tasks import Suite
@@ -104,6 +107,28 @@ def trainable(config: dict[str, Any], data: PreparedData, base: dict[str, Any]) 
     fit_generator(data, cfg, report=report, resume_state=resume)
 
 
+class TrialProgress(tune.Callback):
+    """The search's progress line: finished trials (ASHA-stopped ones included) of all, rate, ETA.
+    Tune's own trial tables are left to ``-v``."""
+
+    def __init__(self, total: int):
+        self.total, self.finished, self.progress = total, 0, None
+
+    def setup(self, **info) -> None:  # on the driver, when the experiment starts
+        self.progress = Progress("tune", self.total, "trials")
+
+    def on_trial_complete(self, iteration: int, trials, trial, **info) -> None:
+        self.finished += 1
+        if self.progress is not None:
+            self.progress.update(self.finished)
+
+    on_trial_error = on_trial_complete
+
+    def on_experiment_end(self, trials, **info) -> None:
+        if self.progress is not None:
+            self.progress.close()
+
+
 def make_tuner(cfg: PipelineConfig, data: PreparedData, storage: str | Path, *, name: str = EXPERIMENT,
                asha: bool = True, grid: list[dict] | None = None) -> tune.Tuner:
     """A new Tuner, or the restored one when ``storage/name`` holds an unfinished experiment.
@@ -128,6 +153,14 @@ def make_tuner(cfg: PipelineConfig, data: PreparedData, storage: str | Path, *, 
                                grace_period=min(t.grace_period, reports),
                                reduction_factor=t.reduction_factor, **objective) if asha else None)
     defaults = g.model_dump(mode="json")
+    if not verbose():
+        import optuna
+
+        # "A new study created in memory ..." (optuna sets its own level on first use).
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        # Tune's new console output prints its experiment box even at verbose=0; the legacy
+        # reporter at 0 prints nothing, and TrialProgress gives the progress line.
+        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     searcher = None if grid else OptunaSearch(
         space=functools.partial(search_space, archs=tuple(t.archs), defaults=defaults),
         points_to_evaluate=default_point(defaults, t.archs), seed=t.seed, **objective)
@@ -136,7 +169,8 @@ def make_tuner(cfg: PipelineConfig, data: PreparedData, storage: str | Path, *, 
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler,
                                     num_samples=1 if grid else t.num_samples,
                                     max_concurrent_trials=t.max_concurrent),
-        run_config=tune.RunConfig(name=name, storage_path=location, verbose=1,
+        run_config=tune.RunConfig(name=name, storage_path=location, verbose=1 if verbose() else 0,
+                                  callbacks=[TrialProgress(len(grid) if grid else t.num_samples)],
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                                   failure_config=tune.FailureConfig(max_failures=1)))
 

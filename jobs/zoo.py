@@ -34,6 +34,7 @@ from icm.config import PipelineConfig
 from icm.errors import InputError
 from icm.evaluation import score_texts
 from icm.io import write_bytes_atomic, write_json_atomic
+from icm.logs import verbose
 from icm.lora_io import LoraLayout, adapter_state_dict
 from icm.lora_train import (TrainInputError, batch_for_step, build_lora_model, deepspeed_config,
                             exclude_tied_frozen_params_from_checkpoints, iterate_steps, release_engine,
@@ -195,7 +196,7 @@ def _train_task(cfg: PipelineConfig, loop: dict, task: str, task_paths: list[str
         progress["train_seconds"] += time.perf_counter() - started
         progress["tokens"] += int(batch["attention_mask"].sum()) * world
         progress["losses"].append([step, loss])
-        if rank == 0 and step % every == 0:
+        if rank == 0 and step % every == 0 and verbose():  # the driver's progress counts tasks
             _progress(f"[zoo {task}] step {step}/{cfg.zoo.steps} loss {loss:.3f}")
         if step in snaps:
             _snapshot_and_checkpoint(engine, cfg, loop, task, step=step, rank=rank,

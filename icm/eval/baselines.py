@@ -122,8 +122,8 @@ class RidgeMap:
     def fit(self, X: np.ndarray | torch.Tensor, Y: np.ndarray | torch.Tensor, *,
             alphas: Sequence[float] = RIDGE_ALPHAS) -> RidgeMap:
         """Fit on T training tasks: X (T, D) task vectors, Y (T, L) flat adapter vectors."""
-        X = torch.as_tensor(X, dtype=torch.float64)  # (T, D)
-        Y = torch.as_tensor(Y)
+        X = _tensor(X, torch.float64)  # (T, D)
+        Y = _tensor(Y)
         Y = Y if Y.is_floating_point() else Y.float()  # (T, L), kept in its own float dtype
         if X.ndim != 2 or Y.ndim != 2 or len(X) != len(Y) or len(X) < 2:
             raise ValueError(f"need X (T, D) and Y (T, L) with T >= 2, got {tuple(X.shape)} "
@@ -152,7 +152,7 @@ class RidgeMap:
         the training adapters it already holds."""
         if self.alpha is None:
             raise RuntimeError("RidgeMap.combination_weights before fit")
-        x = torch.as_tensor(x, dtype=torch.float64)
+        x = _tensor(x, torch.float64)
         kernel = ((x - self.x_mean) / self.x_std) @ self.x_train.T  # (T,)
         coefficients = kernel @ self.inverse  # (T,) on the centred targets
         return coefficients + (1.0 - coefficients.sum()) / len(coefficients)
@@ -161,9 +161,17 @@ class RidgeMap:
         """Adapter vector(s) for task vector(s): x (D,) -> (L,), or (N, D) -> (N, L)."""
         if self.alpha is None:
             raise RuntimeError("RidgeMap.predict before fit")
-        x = torch.as_tensor(x, dtype=torch.float64)
+        x = _tensor(x, torch.float64)
         kernel = ((x - self.x_mean) / self.x_std) @ self.x_train.T  # (T,) or (N, T)
         return kernel.to(self.dual.dtype) @ self.dual + self.y_mean  # (L,) or (N, L)
+
+
+def _tensor(a: np.ndarray | torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A tensor of ``a``; a read-only NumPy array (e.g. read from parquet) is copied, since
+    torch would share memory it may not write (and warn)."""
+    if isinstance(a, np.ndarray) and not a.flags.writeable:
+        a = a.copy()
+    return torch.as_tensor(a, dtype=dtype)
 
 
 def _gram(rows: torch.Tensor) -> torch.Tensor:

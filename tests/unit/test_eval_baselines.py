@@ -203,3 +203,18 @@ def test_similarity_weights_match_the_soup():
     mixed, weights = similarity_soup(np.array([1.0, 0.1]), conditions, adapters, k=2)
     assert weights == similarity_weights(np.array([1.0, 0.1]), conditions, k=2)
     assert torch.allclose(mixed, sum(w * adapters[t] for t, w in weights.items()))
+
+
+def test_ridge_takes_read_only_arrays_without_a_warning():
+    import warnings
+
+    rng = np.random.default_rng(0)
+    X, Y = rng.normal(size=(6, 4)), rng.normal(size=(6, 10)).astype(np.float32)
+    x = rng.normal(size=4)
+    for array in (X, Y, x):
+        array.flags.writeable = False  # as arrays read from parquet arrive
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "The given NumPy array is not writable" would raise
+        ridge = RidgeMap().fit(X, Y, alphas=(0.1, 1.0))
+        assert ridge.predict(x).shape == (10,)
+        assert ridge.combination_weights(x).shape == (6,)

@@ -18,6 +18,12 @@ ds = logging.getLogger("DeepSpeed")
 ds.warning("Attempting to get learning rate from scheduler before it has started")
 ds.warning("Setting ds_accelerator to cpu (auto detect)")
 ds.warning("a real DeepSpeed warning")
+logging.getLogger("ray.data._internal.progress").warning("Progress bars disabled. To enable ...")
+logging.getLogger("ray.tune.tune").info("a library INFO line")
+logging.getLogger("ray.tune.tune").warning("a real Tune warning")
+import importlib.util, pathlib
+context = pathlib.Path(importlib.util.find_spec("ray").origin).parent / "train/v2/_internal/execution/context.py"
+logging.getLogger(str(context)).info("Reporting training result 1: TrainingReport(...)")
 """
 
 
@@ -34,8 +40,11 @@ def test_known_noise_is_filtered_and_real_warnings_pass():
     assert "a real deprecation" in err and "a real DeepSpeed warning" in err
     assert "is_gradient_checkpointing" not in err
     assert "Attempting to get learning rate" not in err and "Setting ds_accelerator" not in err
+    assert "Progress bars disabled" not in err and "a library INFO line" not in err
+    assert "Reporting training result" not in err and "a real Tune warning" in err
 
 
 def test_verbose_keeps_everything():
     err = _run({"ICM_LOG_LEVEL": "DEBUG"})
     assert "is_gradient_checkpointing" in err and "Attempting to get learning rate" in err
+    assert "a library INFO line" in err and "Reporting training result" in err
