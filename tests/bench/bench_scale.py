@@ -14,8 +14,9 @@ held-out tasks that the zoo never trains) and a fresh storage root; model ``tiny
 ``smoke`` preset, ``zoo.steps=--steps``, ``zoo.snapshots=--snapshots`` (snapshot_start=0, so 8
 steps give 8 distinct snapshots), tiny batches and sequences, no multi-task LoRA (``--multitask``
 adds it), one task-vector actor (``--tv-actors``: two 0.5-CPU actors on two 1-CPU nodes leave
-no node a whole CPU for Ray Data's read and write tasks, and the job hangs; the script refuses
-such a layout up front). Then, per N:
+no node a whole CPU for Ray Data's read tasks, and the job hangs; the script refuses such a
+layout up front). ``--steps`` must be >= 3 (DeepSpeed's warm-up runs the first 2 steps at lr 0).
+Then, per N:
 
 * **zoo wall s**: wall time of ``jobs.zoo.run(cfg, suite)`` in this process (the driver).
 * **overhead s/task** = (zoo wall - sum over tasks of the task's ``wall_seconds`` / c) / N, where
@@ -27,8 +28,6 @@ such a layout up front). Then, per N:
   steps (the above plus the per-task set-up, snapshot and checkpoint work on the workers).
 * **driver CPU s/task**: CPU seconds (user + system) of the driver process during the zoo stage
   / N: the driver's own cost, whatever the workers do.
-* **marginal zoo s/task**: (zoo wall(N2) - zoo wall(N1)) / (N2 - N1) between successive N, free of
-  fixed costs (cluster warm-up, trainer start-up).
 * **manifest s**: ``icm.zoo.write_manifest(zoo_root)`` timed again on its own after the stage
   (the stage builds it once too); O(N) means manifest s / N flat.
 * **driver opens/task**: files under the storage root that the driver process opened during the
@@ -40,18 +39,25 @@ such a layout up front). Then, per N:
 * **task-vector s** and **s/task**: wall time of ``jobs.task_vectors.run(cfg, suite)`` (all
   N + heldout tasks get vectors), and that / (N + heldout).
 * **gen load s / gen prep s / prep peak MB**: in a fresh subprocess per N (everything imported
-  first): ``icm.generator.inputs.load_generator_inputs(cfg, suite)`` then
-  ``icm.generator.data.prepare_data(inputs.zoo, inputs.conditions, cfg.generator,
-  validation=False)``; the peak is VmHWM after both minus VmRSS before them (VmHWM reset through
-  /proc/self/clear_refs; where that is refused, a 5 ms RSS sampler), in MiB. The budget
-  ``generator.data_memory_mb=--data-memory-mb`` is passed only where ``GeneratorConfig`` has that
-  field. **zoo matrix MB**: training snapshots x layout numel x 4 bytes, what an in-memory
-  preparation holds at least once: the peak should follow the budget, not this column.
+  and the base model built once first): ``icm.generator.inputs.load_generator_inputs(cfg, suite)``
+  then ``icm.generator.data.prepare_data(inputs.zoo, inputs.conditions, cfg.generator,
+  validation=False)``; the peak is the highest RSS during both minus the RSS before them, in MiB
+  (VmHWM, reset through /proc/self/clear_refs; where that is refused, a 5 ms RSS sampler; the
+  child runs with MALLOC_MMAP_THRESHOLD_=131072 so that the peak does not depend on whether
+  glibc happens to reuse the warm-up's freed heap). It
+  includes the base model that ``load_generator_inputs`` builds (``initial_lora_state``), shown
+  alone as "model floor MB", constant in N. The budget ``generator.data_memory_mb=
+  --data-memory-mb`` is passed only where ``GeneratorConfig`` has that field. **zoo matrix MB**:
+  training snapshots x layout numel x 4 bytes, what an in-memory preparation holds at least
+  once: the peak should follow the budget, not this column.
+* **marginal** costs: (total at N2 - total at N1) / (N2 - N1) for the zoo wall, overhead, driver
+  CPU and opens, files, manifest and task-vector time: per added task, fixed costs removed.
 
 Printed: one table, a growth line (value at the largest N / value at the smallest N, for the
-per-task columns and the peak), and the worker-side per-task phases (medians from
-``summary.parquet``). ``--out PATH`` writes the same as Markdown to PATH and every number as JSON
-beside it (PATH with suffix .json).
+per-task columns and the peak), the marginal costs, the worker-side per-task phases (medians of
+``summary.parquet``) and the driver I/O and generator memory in detail. ``--out PATH`` writes
+the same as Markdown to PATH and every number as JSON beside it (PATH with suffix .json);
+``--keep`` keeps the suites and storage roots (``--workdir`` says where).
 """
 
 from __future__ import annotations
@@ -79,12 +85,46 @@ def _status_kib(field: str) -> int:
     raise KeyError(field)
 
 
+class PeakRss:
+    """This process's peak RSS since the last `reset`: VmHWM, reset through /proc/self/clear_refs
+    ("5"); where the kernel refuses that, a thread sampling RSS every 5 ms."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.method, self.peak = "VmHWM", 0
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            self.method = "sampler"
+            threading.Thread(target=self._sample, daemon=True).start()
+
+    @staticmethod
+    def rss() -> int:
+        return _status_kib("VmRSS") * 1024
+
+    def _sample(self) -> None:
+        while True:
+            self.peak = max(self.peak, self.rss())
+            time.sleep(0.005)
+
+    def reset(self) -> int:
+        """Start a new peak here; returns the RSS now."""
+        if self.method == "VmHWM":
+            Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+        now = self.peak = self.rss()
+        return now
+
+    def high(self) -> int:
+        return _status_kib("VmHWM") * 1024 if self.method == "VmHWM" else max(self.peak, self.rss())
+
+
 def prep_child(spec_json: str) -> None:
-    """A fresh process: import, then measure load_generator_inputs + prepare_data; one JSON line."""
-    import threading
-
-    import psutil
-
+    """A fresh process: import, then measure load_generator_inputs + prepare_data; one JSON line.
+    Peaks are increases over the RSS just before each phase, in MiB: ``load`` (reading the zoo and
+    the task vectors, one build of the base model included), ``prep`` (prepare_data, over what
+    the loaded inputs already hold), ``total`` (both, over the RSS before loading); ``model_floor``
+    is the peak of one base-model build alone (part of ``load`` and ``total`` at every N)."""
     from icm.config import PipelineConfig
     from icm.generator.data import prepare_data
     from icm.generator.inputs import load_generator_inputs
@@ -94,34 +134,25 @@ def prep_child(spec_json: str) -> None:
     cfg = PipelineConfig.model_validate(spec["config"])
     suite = load_suite(spec["suite"])
     warm_up(cfg)  # lazy imports and the base model's first build are not the data's memory
-    baseline = _status_kib("VmRSS") * 1024
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
-        method = "VmHWM"
-    except OSError:
-        method = "sampler"
-    peak, stop = [baseline], threading.Event()
-
-    def sample() -> None:
-        me = psutil.Process()
-        while not stop.wait(0.005):
-            peak[0] = max(peak[0], me.memory_info().rss)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    if method == "sampler":
-        sampler.start()
+    meter = PeakRss()
+    before = meter.reset()
+    warm_up(cfg)
+    floor = meter.high() - before
+    baseline = meter.reset()
     started = time.perf_counter()
     inputs = load_generator_inputs(cfg, suite)
-    loaded = time.perf_counter()
+    loaded, load_high = time.perf_counter(), meter.high()
+    after_load = meter.reset()
     prepared = prepare_data(inputs.zoo, inputs.conditions, cfg.generator, validation=False)
-    done = time.perf_counter()
-    stop.set()
-    high = _status_kib("VmHWM") * 1024 if method == "VmHWM" else peak[0]
+    done, prep_high = time.perf_counter(), meter.high()
+    held = meter.rss() - baseline
     streamed = next((v["streamed"] for v in vars(prepared).values()
                      if isinstance(v, dict) and "streamed" in v), None)
-    print("PREP " + json.dumps({"load_s": loaded - started, "prep_s": done - loaded,
-                                "baseline_mb": baseline / MiB, "peak_increase_mb": (high - baseline) / MiB,
-                                "method": method, "streamed": streamed}), flush=True)
+    print("PREP " + json.dumps({
+        "load_s": loaded - started, "prep_s": done - loaded, "baseline_mb": baseline / MiB,
+        "load_peak_mb": (load_high - baseline) / MiB, "prep_peak_mb": (prep_high - after_load) / MiB,
+        "total_peak_mb": (max(load_high, prep_high) - baseline) / MiB, "held_mb": held / MiB,
+        "model_floor_mb": floor / MiB, "method": meter.method, "streamed": streamed}), flush=True)
 
 
 def warm_up(cfg) -> None:
@@ -153,17 +184,16 @@ import logging  # noqa: E402
 import resource  # noqa: E402
 import shutil  # noqa: E402
 import socket  # noqa: E402
-import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 
 import pandas as pd  # noqa: E402
 from tabulate import tabulate  # noqa: E402
 
+import jobs  # noqa: E402,F401  (registers the presets of jobs/configs: smoke)
 from icm.config import GeneratorConfig, load_config  # noqa: E402
 from icm.tasks import load_suite, validate_suite, write_suite_meta, write_task  # noqa: E402
 
-log = logging.getLogger("bench_scale")
 WORDS = ("amber", "basil", "cedar", "delta", "ember", "fjord", "garnet", "harbor", "indigo", "juniper",
          "kelp", "lumen", "maple", "nectar", "onyx", "pebble", "quartz", "raven", "saffron", "tundra")
 
@@ -192,8 +222,8 @@ def build_suite(folder: Path, n: int, *, heldout: int, group_size: int) -> Path:
 
 
 class OpenCounter:
-    """Counts the driver's Python-level file opens (and directory scans) under ``root`` while
-    ``active``; audit hooks cannot be removed, so one is installed for the whole run."""
+    """Counts the driver's Python-level file opens (and directory scans) under a root between
+    `start` and `stop`; audit hooks cannot be removed, so one is installed for the whole run."""
 
     WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
 
@@ -278,18 +308,17 @@ def start_cluster(workers: int, head_cpus: int, worker_cpus: int):
 
 
 def check_data_can_schedule(args) -> None:
-    """Ray Data's read/write tasks need 1 whole CPU on one node. If the actors can be placed so
-    that no node keeps 1 CPU free (e.g. 2 x 0.5-CPU actors on two 1-CPU nodes, one each), the
-    task-vector job waits forever; jobs.task_vectors.check_actor_resources only checks a local
-    Ray (it skips any ray.address), so check it here before starting anything."""
-    nodes = [args.head_cpus] + [args.worker_cpus] * args.nodes
+    """Ray Data's read tasks need 1 whole CPU on one node. If the actors can be placed so that no
+    node keeps 1 CPU free (e.g. 2 x 0.5-CPU actors on two 1-CPU nodes, one each), the task-vector
+    job waits forever: jobs.task_vectors.check_actor_resources only checks a local Ray (it returns
+    at once for any ray.address), so this checks the bench's cluster before starting anything."""
+    usable = [c for c in [args.head_cpus] + [args.worker_cpus] * args.nodes if c >= 1]
     size = args.tv_cpus_per_actor
-    needed = [int((c - 1) // size) + 1 for c in nodes if c >= 1]  # actors that leave it < 1 CPU
-    if all(k * size <= c for k, c in zip(needed, [c for c in nodes if c >= 1])) and args.tv_actors >= sum(needed):
-        raise SystemExit(f"{args.tv_actors} task-vector actors x {size} CPU can leave no node of "
-                         f"{nodes} CPUs with 1 CPU free for Ray Data's read/write tasks (it would "
-                         "hang): use fewer --tv-actors, a smaller --tv-cpus-per-actor or more "
-                         "--worker-cpus.")
+    needed = [int((c - 1) // size) + 1 for c in usable]  # actors that leave such a node < 1 CPU
+    if all(k * size <= c for k, c in zip(needed, usable)) and args.tv_actors >= sum(needed):
+        raise SystemExit(f"{args.tv_actors} task-vector actors x {size} CPU can leave no node of this "
+                         "cluster with 1 CPU free for Ray Data's read tasks (it would hang): use fewer "
+                         "--tv-actors, a smaller --tv-cpus-per-actor or more --worker-cpus.")
 
 
 # ----------------------------------------------------------------------------- one N
@@ -312,7 +341,11 @@ def config_for(n_dir: Path, suite: Path, address: str, args):
 
 def generator_prep(cfg, suite: Path) -> dict:
     spec = json.dumps({"config": cfg.model_dump(mode="json"), "suite": str(suite)})
-    out = subprocess.run([sys.executable, __file__, "--prep-child", spec], cwd=REPO,
+    # A fixed glibc mmap threshold: every block >= 128 KiB is its own mapping, returned on free.
+    # glibc's default (a threshold that rises after frees) lets the measured phase reuse or not
+    # reuse the warm-up's freed heap by chance: +-30 MB between identical runs at small N.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
+    out = subprocess.run([sys.executable, __file__, "--prep-child", spec], cwd=REPO, env=env,
                          capture_output=True, text=True)
     lines = [line for line in out.stdout.splitlines() if line.startswith("PREP ")]
     if out.returncode or not lines:
@@ -392,7 +425,9 @@ def bench_one(n: int, args, cluster, opens: OpenCounter, work: Path) -> dict:
     print(f"== N={n}: generator data preparation (fresh process)", flush=True)
     prep = generator_prep(cfg, suite_dir)
     row.update({"gen_load_s": prep["load_s"], "gen_prep_s": prep["prep_s"],
-                "prep_peak_mb": prep["peak_increase_mb"], "prep_baseline_mb": prep["baseline_mb"],
+                "prep_peak_mb": prep["total_peak_mb"], "prep_load_peak_mb": prep["load_peak_mb"],
+                "prep_only_peak_mb": prep["prep_peak_mb"], "prep_held_mb": prep["held_mb"],
+                "prep_model_floor_mb": prep["model_floor_mb"], "prep_baseline_mb": prep["baseline_mb"],
                 "prep_peak_method": prep["method"], "prep_streamed": prep["streamed"],
                 "data_memory_mb": getattr(cfg.generator, "data_memory_mb", None)})
     row["bench_s"] = None  # filled by the caller
@@ -455,16 +490,25 @@ def report(rows: list[dict], args) -> str:
         lines.append("")
     phases = ("wall_seconds", "train_seconds", "setup_seconds", "base_eval_seconds", "snapshot_seconds",
               "checkpoint_seconds")
-    lines.append("Worker side, per task (medians of summary.parquet):\n")
-    lines.append(tabulate([[row["N"], *(row["worker_median"][p] for p in phases), row["task_folder_files_per_task"],
-                            row["driver_reads_per_task"], row["driver_writes_per_task"],
-                            row["driver_scans_per_task"], row["manifest_opens_per_task"],
-                            row["tv_driver_opens_per_task"], row["prep_streamed"], row["bench_s"]]
-                           for row in rows],
+    lines.append("Worker side, per task (medians of summary.parquet; checkpoint = DeepSpeed save + "
+                 "Ray Train report, once per snapshot):\n")
+    lines.append(tabulate([[row["N"], *(row["worker_median"][p] for p in phases),
+                            row["task_folder_files_per_task"]] for row in rows],
                           headers=["N", "task wall s", "train s", "setup s", "base eval s", "snapshot s",
-                                   "checkpoint s", "task-folder files/task", "driver reads/task",
-                                   "driver writes/task", "driver dir scans/task", "manifest opens/task",
-                                   "tv driver opens/task", "prep streamed", "bench s for this N"],
+                                   "checkpoint s", "task-folder files/task"],
+                          tablefmt="github", floatfmt=".3f"))
+    lines.append("\nDriver I/O per task and generator memory (MB: increase over the RSS before each "
+                 "phase; model floor = one base-model build, inside load and total at every N):\n")
+    lines.append(tabulate([[row["N"], row["driver_reads_per_task"], row["driver_writes_per_task"],
+                            row["driver_scans_per_task"], row["manifest_opens_per_task"],
+                            row["tv_driver_opens_per_task"], row["prep_load_peak_mb"],
+                            row["prep_only_peak_mb"], row["prep_peak_mb"], row["prep_held_mb"],
+                            row["prep_model_floor_mb"], row["zoo_matrix_mb"], row["prep_streamed"],
+                            row["bench_s"]] for row in rows],
+                          headers=["N", "zoo driver reads", "zoo driver writes", "zoo driver dir scans",
+                                   "manifest opens", "task-vector driver opens", "load peak MB",
+                                   "prep peak MB", "total peak MB", "held after MB", "model floor MB",
+                                   "zoo matrix MB", "streamed", "bench s for this N"],
                           tablefmt="github", floatfmt=".3f"))
     return "\n".join(lines)
 
@@ -487,8 +531,13 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="Markdown report path (JSON beside it)")
     parser.add_argument("--keep", action="store_true", help="keep the suites and storage roots")
     parser.add_argument("--workdir", default=None, help="where suites and roots go (default: a temp dir)")
-    parser.add_argument("overrides", nargs="*", help="extra section.field=value overrides")
+    parser.add_argument("overrides", nargs="*", help="extra section.field=value overrides (before "
+                        "--tasks, or after --, since --tasks takes every number after it)")
     args = parser.parse_args()
+    if args.steps < 3:  # icm/lora_train.py deepspeed_config + DeepSpeed's WarmupLR (warm-up >= 2)
+        parser.error("--steps must be >= 3: DeepSpeed's WarmupDecayLR runs the first 2 steps at lr 0, "
+                     "so shorter runs leave every LoRA at its initialisation (and the generator "
+                     "refuses a zoo of identical snapshots)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     from icm.logs import quiet_known_noise
 
@@ -499,7 +548,8 @@ def main() -> None:
     opens = OpenCounter()
     started = time.perf_counter()
     cluster, ray_tmp = start_cluster(args.nodes, args.head_cpus, args.worker_cpus)
-    print(f"cluster up in {time.perf_counter() - started:.0f} s: {cluster.address}, work dir {work}", flush=True)
+    print(f"cluster up in {time.perf_counter() - started:.0f} s: {cluster.address}, work dir {work}",
+          flush=True)
     rows = []
     try:
         for n in sorted(args.tasks):
