@@ -259,10 +259,12 @@ class GeneratorConfig(StageConfig):
     basis_dtype: Literal["float16", "float32"] = Field("float16", description=(
         "Storage (and training) precision of the principal basis; float16 halves the artifact, "
         "its error is recorded in the training summary (basis_fp16_mse)."))
-    data_memory_mb: int = Field(2048, ge=1, description=(
-        "Memory for the zoo matrix while preparing generator data. A zoo that fits is read whole "
-        "(exact PCA); a larger one is streamed from storage task by task: a randomized PCA in a "
-        "few passes, and for flat archs a memory-mapped scratch file, so no process holds the zoo."))
+    data_memory_mb: int = Field(8192, ge=1, description=(
+        "Memory for preparing generator data. A zoo whose in-memory preparation fits (the zoo, "
+        "its normalised copy, the PCA's fp64 copy and Gram matrix: icm.generator.data."
+        "in_memory_bytes) is read whole, exact PCA; a larger one is streamed from storage task "
+        "by task: a randomized PCA in a few passes (memory ~ the basis), and for flat archs a "
+        "memory-mapped scratch file, so no process holds the zoo."))
     conv_stages: int = Field(12, ge=1, le=16, description=(
         "conv1d only: stride-2 stages (the reference: 12); the vector is zero-padded to a "
         "multiple of 2**conv_stages and the padding is masked out of the loss."))

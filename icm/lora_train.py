@@ -103,6 +103,18 @@ def snapshot_steps(total_steps: int, count: int, start_fraction: float) -> list[
     return steps
 
 
+def warmup_decay_params(cfg: ZooConfig) -> dict:
+    """DeepSpeed WarmupDecayLR settings for a linear warm-up whose FIRST step already trains.
+
+    DeepSpeed's linear warm-up gives step i (from 0) min + (max - min) * i / W with W >= 2, so
+    from min 0 the first optimizer step had lr 0: a 12-step LoRA trained 11 steps. With min =
+    max / (W + 1) step i gets max * (i + 1) / (W + 1), reaching max at W, then decays to min.
+    """
+    warmup = max(2, min(cfg.warmup_steps, max(cfg.steps - 1, 1)))  # DeepSpeed's floor is 2
+    return {"warmup_min_lr": cfg.lr / (warmup + 1), "warmup_max_lr": cfg.lr, "warmup_type": "linear",
+            "warmup_num_steps": warmup, "total_num_steps": cfg.steps}
+
+
 def deepspeed_config(cfg: ZooConfig, *, world_size: int, bf16: bool) -> dict:
     """The DeepSpeed config for one task's LoRA run (a plain dict, recorded with the outputs)."""
     return {
@@ -115,10 +127,7 @@ def deepspeed_config(cfg: ZooConfig, *, world_size: int, bf16: bool) -> dict:
         # torch's AdamW: DeepSpeedCPUAdam would JIT-compile a C++ op (~40 s) on first use.
         "optimizer": {"type": "AdamW", "params": {"lr": cfg.lr, "weight_decay": cfg.weight_decay,
                                                   "torch_adam": True}},
-        "scheduler": {"type": "WarmupDecayLR", "params": {
-            "warmup_min_lr": 0.0, "warmup_max_lr": cfg.lr, "warmup_type": "linear",
-            "warmup_num_steps": min(cfg.warmup_steps, max(cfg.steps - 1, 1)),
-            "total_num_steps": cfg.steps}},
+        "scheduler": {"type": "WarmupDecayLR", "params": warmup_decay_params(cfg)},
         "steps_per_print": 10**9,  # progress is reported through Ray, not DeepSpeed's logger
         "wall_clock_breakdown": False,
     }

@@ -466,6 +466,13 @@ def _representation(parts: ZooParts, conds, cond_norm: ConditionNorm, norm: Tens
     return Representation(codec, train_set, sets, baselines, info)
 
 
+def in_memory_bytes(snapshots: int, length: int) -> int:
+    """Peak bytes of preparing a zoo of ``snapshots`` x ``length`` weights in memory: the zoo
+    read (fp32), its normalised training rows (fp32), the PCA's centred fp64 copy, and the
+    (N, N) Gram matrix with its eigendecomposition (~3 fp64 copies)."""
+    return 16 * snapshots * length + 24 * snapshots ** 2
+
+
 def _zoo_parts(zoo: ZooData, split: Split, positions: torch.Tensor, streamed: bool) -> ZooParts:
     """Which snapshots of which task go where; in memory, each task is read from storage once."""
     counts = snapshot_counts(zoo.vectors)
@@ -515,7 +522,7 @@ def prepare_data(zoo: ZooData, conditions: Mapping[str, Any], cfg: GeneratorConf
     keys = generated_keys(zoo.layout, cfg.target)
     positions = key_positions(zoo.layout, keys)
     fixed = _fixed_tensors(zoo.layout, keys, init_state, cfg.target)
-    streamed = sum(counts.values()) * len(positions) * 4 > cfg.data_memory_mb * 2 ** 20
+    streamed = in_memory_bytes(sum(counts.values()), len(positions)) > cfg.data_memory_mb * 2 ** 20
     parts = _zoo_parts(zoo, split, positions, streamed)
     sizes = [zoo.layout.sizes[zoo.layout.keys.index(k)] for k in keys]
     parts.norm = TensorNorm.fit_blocks(parts.matrices("train"), sizes)

@@ -75,6 +75,26 @@ def test_deepspeed_config_and_zoo_config_validation():
             ZooConfig(**bad)
 
 
+@pytest.mark.parametrize("steps,warmup", [(12, 2), (3, 0), (2, 2), (50, 10)])
+def test_every_optimizer_step_trains_from_the_first(steps, warmup):
+    """DeepSpeed's own WarmupDecayLR, driven as the engine drives it: no step at lr 0."""
+    import torch
+    from deepspeed.runtime.lr_schedules import WarmupDecayLR
+
+    cfg = ZooConfig(steps=steps, warmup_steps=warmup, lr=0.005)
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+    params = deepspeed_config(cfg, world_size=1, bf16=False)["scheduler"]["params"]
+    scheduler = WarmupDecayLR(optimizer, **params)
+    rates = []
+    for _ in range(steps):
+        rates.append(optimizer.param_groups[0]["lr"])  # the rate this optimizer step uses
+        optimizer.step()
+        scheduler.step()
+    assert min(rates) > 0, rates  # min lr 0 gave the first two steps lr 0
+    if steps >= params["warmup_num_steps"] + 2:  # long enough to finish the warm-up
+        assert max(rates) == pytest.approx(cfg.lr)
+
+
 DEEPSPEED_SCRIPT = r"""
 import json, os, sys
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1], RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
