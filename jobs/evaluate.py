@@ -154,6 +154,15 @@ def _item_file(directory: Path, item) -> Path:
     return directory / ROWS_DIR / f"{item.setting}{fold}--{item.task}.parquet"
 
 
+def _perplexities(by_variant: pd.Series, baselines: set[str]) -> str:
+    """One item's result line: the variants it scored (a generated-only run has no base)."""
+    parts = [f"{name} {by_variant[name]:.2f}" for name in ("base", "oracle", "generated")
+             if name in by_variant.index]
+    if scored := [by_variant[v] for v in by_variant.index if v in baselines]:
+        parts.append(f"best baseline {min(scored):.2f}")
+    return "  ".join(parts)
+
+
 def run(cfg: PipelineConfig, suite: Suite, *, command: str = "python -m jobs.evaluate") -> dict:
     pull_stages(cfg, "zoo", "oracles", "task_vectors", "generator")  # a URI root: into the mirror
     names = ("zoo", "oracles", "task_vectors", "generator")
@@ -205,12 +214,9 @@ def _score_items(cfg: PipelineConfig, directory: Path, items: list, finals: dict
         write_bytes_atomic(_item_file(directory, item), rows.to_parquet(index=False))
         done += 1
         progress.update(done)
-        by = rows.groupby("variant")["perplexity"].mean()
-        log.info("evaluate %d/%d %-7s %-26s base %.2f oracle %.2f generated %.2f best baseline %.2f",
-                 done, len(items), item.setting + ("" if item.fold is None else str(item.fold)),
-                 item.task, by.get("base", float("nan")), by.get("oracle", float("nan")),
-                 by.get("generated", float("nan")),
-                 min((by[v] for v in by.index if v in baselines), default=float("nan")))
+        log.info("evaluate %d/%d %-7s %-26s %s", done, len(items),
+                 item.setting + ("" if item.fold is None else str(item.fold)), item.task,
+                 _perplexities(rows.groupby("variant")["perplexity"].mean(), baselines))
     progress.close()
     files = [_item_file(directory, item) for item in items]
     return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
