@@ -66,9 +66,10 @@ def test_zoo_trains_every_training_task_and_the_multitask_lora(smoke_zoo):
 @pytest.mark.slow
 def test_each_progress_line_reaches_the_driver_once(smoke_zoo):
     _, _, root = smoke_zoo
-    lines = [line.split(")", 1)[-1].strip() for line in (root / "driver.log").read_text().splitlines()
-             if "[zoo cats] step" in line]
-    assert lines and len(lines) == len(set(lines)), lines  # Ray Train's print patch doubled them
+    log = (root / "driver.log").read_text()
+    done = [line for line in log.splitlines() if "[zoo cats] done" in line]
+    assert len(done) == 1, done  # Ray Train's print patch doubled worker lines
+    assert "[zoo cats] step" not in log  # per-step losses are for -v; the driver counts tasks
 
 
 @pytest.mark.slow
