@@ -8,7 +8,8 @@ filters only the lines named here, each harmless and repeated once per worker:
 * DeepSpeed's "Attempting to get learning rate from scheduler before it has started" (its
   WarmupDecayLR before step 1) and its accelerator-selection line;
 * the INFO lines of Ray Data, Tune, Train and Optuna (`QUIET_LOGGERS`): per-report and
-  per-checkpoint lines, Ray Data's progress dumps. Our own progress lines replace them.
+  per-checkpoint lines, Ray Data's progress dumps. Our own progress lines replace them;
+* the "Exception ignored ... SystemExit" traceback of a worker that Tune stops (SIGTERM).
 
 Real warnings pass. ``ICM_LOG_LEVEL=DEBUG`` (the commands' ``-v``/``--verbose`` sets it, and
 Ray passes it to the workers) leaves everything on.
@@ -19,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import sys
 import warnings
 
 LOG_LEVEL_ENV = "ICM_LOG_LEVEL"
@@ -87,4 +89,18 @@ def quiet_known_noise() -> None:
     for name, patterns in NOISY_RECORDS.items():
         logging.getLogger(name).addFilter(_DropMessages(patterns))
     quiet_library_loggers()
+    sys.unraisablehook = _drop_exit_during_teardown(sys.unraisablehook)
     quiet_known_noise.installed = True
+
+
+def _drop_exit_during_teardown(default):
+    """A Ray worker that Tune or Serve stops gets SIGTERM; Ray's handler raises SystemExit, and
+    when that lands inside a garbage-collection callback Python prints "Exception ignored in:
+    <function WeakSet...>" and an 8-line traceback. That one case is dropped; every other
+    unraisable exception goes to the previous hook."""
+
+    def hook(unraisable) -> None:
+        if not issubclass(unraisable.exc_type, SystemExit):
+            default(unraisable)
+
+    return hook

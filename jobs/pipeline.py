@@ -16,6 +16,7 @@ the config and its inputs, so a killed run resumes by running the same command a
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import time
 from collections.abc import Sequence
@@ -100,7 +101,8 @@ def _print_summary(config: PipelineConfig, suite: Suite, root, timings: dict, to
         from icm.eval.report import headline_numbers
 
         print("\nGenerated adapters on unseen tasks (full tables with intervals: evaluate/EVAL.md):")
-        print("\n".join(f"  {k}: {v:.3f}" for k, v in headline_numbers(pd.read_parquet(results)).items()))
+        numbers = headline_numbers(pd.read_parquet(results))
+        print("\n".join(f"  {k}: {v:.3f}" for k, v in numbers.items() if math.isfinite(v)))  # no folds: none
     print(f"\nArtifacts under {config.storage.uri()}: " + ", ".join(
         name for name in ("prepare/suite.txt", "base_eval/summary.md", "zoo/manifest.parquet", "oracles/manifest.parquet",
                           "task_vectors/projection.png", "tune/best_config.json", "generator/",

@@ -24,6 +24,14 @@ logging.getLogger("ray.tune.tune").warning("a real Tune warning")
 import importlib.util, pathlib
 context = pathlib.Path(importlib.util.find_spec("ray").origin).parent / "train/v2/_internal/execution/context.py"
 logging.getLogger(str(context)).info("Reporting training result 1: TrainingReport(...)")
+import weakref
+class Holder: pass
+def exit_in_gc(_):  # what Ray's SIGTERM handler does when it fires inside a GC callback
+    raise SystemExit(1)
+def real_error_in_gc(_):
+    raise KeyError("a real unraisable error")
+for callback in (exit_in_gc, real_error_in_gc):
+    holder = Holder(); ref = weakref.ref(holder, callback); del holder
 """
 
 
@@ -42,9 +50,11 @@ def test_known_noise_is_filtered_and_real_warnings_pass():
     assert "Attempting to get learning rate" not in err and "Setting ds_accelerator" not in err
     assert "Progress bars disabled" not in err and "a library INFO line" not in err
     assert "Reporting training result" not in err and "a real Tune warning" in err
+    assert "SystemExit" not in err and "a real unraisable error" in err
 
 
 def test_verbose_keeps_everything():
     err = _run({"ICM_LOG_LEVEL": "DEBUG"})
     assert "is_gradient_checkpointing" in err and "Attempting to get learning rate" in err
     assert "a library INFO line" in err and "Reporting training result" in err
+    assert "SystemExit" in err
