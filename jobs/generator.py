@@ -40,7 +40,6 @@ CHECKPOINT_DIR = "generator-checkpoint"
 RECONSTRUCTION_DIR = "generator-reconstruction"
 
 
-
 def chosen_config(cfg: PipelineConfig, suite: Suite, inputs: GeneratorInputs) -> tuple[GeneratorConfig, str]:
     """The hyperparameters to train with, and where they came from."""
     if not cfg.tune.enabled:

@@ -51,9 +51,13 @@ def init_ray(config: RayConfig, *, cache_dir: str | None = None) -> None:
         return
     env = worker_env_vars(cache_dir, submitted_job_env_vars())
     runtime_env = {"env_vars": env, "worker_process_setup_hook": WORKER_SETUP_HOOK}
-    if not verbose():  # Tune's per-save advice about experiment-state syncing, ~200 lines a run:
-        # it fires when two syncs are closer than this many seconds, so 0 (not a large value) is off
+    if not verbose():  # Tune's console output (read by the driver when a Tuner runs):
+        # its per-save advice about experiment-state syncing fires when two syncs are closer
+        # than this many seconds, so 0 (not a large value) is off; and its new output engine
+        # prints an experiment box even at verbose=0, the legacy one nothing (jobs.tune's
+        # TrialProgress gives the progress line).
         os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     if config.address:
         log.info("joining Ray cluster at %s", config.address)
         ray.init(address=config.address, runtime_env=runtime_env, logging_level=_ray_log_level())

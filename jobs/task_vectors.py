@@ -201,7 +201,7 @@ def extract_vectors(cfg: PipelineConfig, current: Stage, episodes_path: Path,
     todo = {n: plan for n, plan in wanted.items() if not (vectors_dir / n).exists()}
     if len(todo) < len(wanted):
         log.info("task_vectors: %d of %d shards already done, keeping them", len(wanted) - len(todo), len(wanted))
-    with _prompt_progress(cfg, todo) as progress:
+    with _vector_progress(cfg, todo) as progress:
         for name, (shard, tasks) in todo.items():
             with atomic_directory(vectors_dir / name) as staging:
                 extract_shard(cfg, episodes_path, shard, staging, progress)
@@ -212,7 +212,7 @@ def extract_vectors(cfg: PipelineConfig, current: Stage, episodes_path: Path,
             "extract_seconds": round(time.perf_counter() - started, 2)}
 
 
-def _prompt_progress(cfg: PipelineConfig, todo: dict[str, tuple[int, list[str]]]) -> Progress:
+def _vector_progress(cfg: PipelineConfig, todo: dict[str, tuple[int, list[str]]]) -> Progress:
     """Vectors to extract in the shards ``todo``: a task has episodes x modes prompts, each
     giving a vector (one output row) per layer and pooling."""
     tv = cfg.task_vectors
@@ -241,20 +241,19 @@ def _extract_to_uri(cfg: PipelineConfig, current: Stage, shards: dict[str, int])
         if path.name not in done:
             shutil.rmtree(path) if path.is_dir() else path.unlink()
     started = time.perf_counter()
-    progress = _prompt_progress(cfg, {n: plan for n, plan in wanted.items() if n not in done})
-    for name, (shard, tasks) in wanted.items():
-        target = storage.join(remote_dir, name)
-        if name in done:
-            log.info("task_vectors: %s already done, keeping it", name)
-        else:
-            extract_shard(cfg, cfg.storage.uri("task_vectors", EPISODES_FILE), shard, target, progress)
-            storage.write_json(storage.join(target, SHARD_DONE_FILE),
-                               {"fingerprint": current.fingerprint, "tasks": tasks})
-            log.debug("task_vectors: %s done (%d tasks)", name, len(tasks))
-        if not _shard_done(local_dir / name, current.fingerprint, tasks):
-            with atomic_directory(local_dir / name) as staging:
-                storage.pull_dir(target, staging, last=(SHARD_DONE_FILE,))
-    progress.close()
+    with _vector_progress(cfg, {n: plan for n, plan in wanted.items() if n not in done}) as progress:
+        for name, (shard, tasks) in wanted.items():
+            target = storage.join(remote_dir, name)
+            if name in done:
+                log.info("task_vectors: %s already done, keeping it", name)
+            else:
+                extract_shard(cfg, cfg.storage.uri("task_vectors", EPISODES_FILE), shard, target, progress)
+                storage.write_json(storage.join(target, SHARD_DONE_FILE),
+                                   {"fingerprint": current.fingerprint, "tasks": tasks})
+                log.debug("task_vectors: %s done (%d tasks)", name, len(tasks))
+            if not _shard_done(local_dir / name, current.fingerprint, tasks):
+                with atomic_directory(local_dir / name) as staging:
+                    storage.pull_dir(target, staging, last=(SHARD_DONE_FILE,))
     return {"shards": len(wanted), "shards_reused": len(done),
             "extract_seconds": round(time.perf_counter() - started, 2)}
 

@@ -21,7 +21,6 @@ import functools
 import json
 import logging
 import math
-import os
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -153,14 +152,10 @@ def make_tuner(cfg: PipelineConfig, data: PreparedData, storage: str | Path, *, 
                                grace_period=min(t.grace_period, reports),
                                reduction_factor=t.reduction_factor, **objective) if asha else None)
     defaults = g.model_dump(mode="json")
-    if not verbose():
+    if not verbose():  # "A new study created in memory ..." (optuna sets its level on first use)
         import optuna
 
-        # "A new study created in memory ..." (optuna sets its own level on first use).
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        # Tune's new console output prints its experiment box even at verbose=0; the legacy
-        # reporter at 0 prints nothing, and TrialProgress gives the progress line.
-        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     searcher = None if grid else OptunaSearch(
         space=functools.partial(search_space, archs=tuple(t.archs), defaults=defaults),
         points_to_evaluate=default_point(defaults, t.archs), seed=t.seed, **objective)

@@ -186,16 +186,23 @@ class Subspace:
         mean = x.double().mean(0)
         # float64 in column chunks: small directions stay orthonormal, memory stays ~ one copy of x
         chunks = [(c.double() - m) for c, m in zip(x.split(CHUNK, 1), mean.split(CHUNK))]
-        vals, vecs = torch.linalg.eigh(sum(c @ c.T for c in chunks))  # (N,), (N, N), ascending
+        return cls._top_directions(mean, chunks, k, rows=len(x))
+
+    @classmethod
+    def _top_directions(cls, mean: torch.Tensor, columns: Sequence[torch.Tensor], k: int, *, rows: int,
+                        total_variance: float | None = None) -> Subspace:
+        """The top-k directions of the row space of M = [columns] (n, L), through its (n, n) Gram
+        matrix: basis (k, L) = V_k^T M / s_k. M is the centred zoo (`fit`, n = N) or the zoo in
+        a sketched basis (`fit_streamed`, n = k + oversample); ``rows`` = N snapshots."""
+        vals, vecs = torch.linalg.eigh(sum(c @ c.T for c in columns))  # (n,), (n, n), ascending
         vals, vecs = vals.flip(0), vecs.flip(1)
-        rank = int((vals > 1e-9 * vals[0].clamp_min(1e-30)).sum())
-        k = min(k, rank)
+        k = min(k, int((vals > 1e-9 * vals[0].clamp_min(1e-30)).sum()))
         if k == 0:
             raise GeneratorInputError("the training snapshots are all identical: nothing to learn.")
         s = vals[:k].sqrt()  # singular values
-        basis = torch.cat([(vecs[:, :k].T @ c) / s[:, None] for c in chunks], 1)  # (k, L)
-        return cls(mean.float(), basis.float(), (s / len(x) ** 0.5).float(),
-                   (vals[:k] / vals.sum()).float())
+        basis = torch.cat([(vecs[:, :k].T @ c) / s[:, None] for c in columns], 1)  # (k, L)
+        total = vals.sum() if total_variance is None else max(total_variance, 1e-30)
+        return cls(mean.float(), basis.float(), (s / rows ** 0.5).float(), (vals[:k] / total).float())
 
     @classmethod
     def fit_streamed(cls, blocks: Callable[[], Iterable[torch.Tensor]], k: int, *, seed: int = 0) -> Subspace:
@@ -228,15 +235,7 @@ class Subspace:
         for _ in range(SKETCH_POWER_ITERS):
             y = times(torch.linalg.qr(transposed_times(torch.linalg.qr(y).Q)).Q)
         b = transposed_times(torch.linalg.qr(y).Q).T  # (r, L): the zoo in that basis
-        vals, vecs = torch.linalg.eigh(b @ b.T)  # (r,), (r, r) ascending: b's squared singular values
-        vals, vecs = vals.flip(0), vecs.flip(1)
-        k = min(k, int((vals > 1e-9 * vals[0].clamp_min(1e-30)).sum()))
-        if k == 0:
-            raise GeneratorInputError("the training snapshots are all identical: nothing to learn.")
-        s = vals[:k].sqrt()
-        basis = (vecs[:, :k].T @ b) / s[:, None]  # (k, L), orthonormal rows
-        return cls(mean.float(), basis.float(), (s / rows ** 0.5).float(),
-                   (vals[:k] / max(total_variance, 1e-30)).float())
+        return cls._top_directions(mean, [b], k, rows=rows, total_variance=total_variance)
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         return ((x - self.mean) @ self.basis.T) / self.scale  # (N, k)
