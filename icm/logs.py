@@ -35,6 +35,10 @@ NOISY_RECORDS = {
                   r"Setting (ds_)?accelerator to"),
     # Ray Data's notice when its progress bars are off: ours replace them (jobs/task_vectors.py).
     "ray.data._internal.progress": (r"Progress bars disabled",),
+    # Ray Train's placement-group cleaner polls the State API, which a Ray started without its
+    # dashboard (ray.include_dashboard: false, the smoke preset) does not serve: once a second.
+    "ray.train.v2._internal.execution.controller.placement_group_cleaner": (
+        r"Failed to query Ray Train Controller actor state",),
 }
 
 

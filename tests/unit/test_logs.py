@@ -20,6 +20,8 @@ ds.warning("Setting ds_accelerator to cpu (auto detect)")
 ds.warning("a real DeepSpeed warning")
 logging.getLogger("ray.data._internal.progress").warning("Progress bars disabled. To enable ...")
 logging.getLogger("ray.tune.tune").info("a library INFO line")
+logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").warning(
+    "Failed to query Ray Train Controller actor state. State API may be temporarily unavailable.")
 logging.getLogger("ray.tune.tune").warning("a real Tune warning")
 import importlib.util, pathlib
 context = pathlib.Path(importlib.util.find_spec("ray").origin).parent / "train/v2/_internal/execution/context.py"
@@ -51,6 +53,7 @@ def test_known_noise_is_filtered_and_real_warnings_pass():
     assert "Progress bars disabled" not in err and "a library INFO line" not in err
     assert "Reporting training result" not in err and "a real Tune warning" in err
     assert "SystemExit" not in err and "a real unraisable error" in err
+    assert "Failed to query Ray Train Controller" not in err
 
 
 def test_verbose_keeps_everything():
