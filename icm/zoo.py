@@ -41,7 +41,7 @@ MULTITASK = "multitask"  # the multi-task LoRA baseline's "task" name
 REPLICATE_PREFIX = "replicate-of-"  # an independent replicate LoRA of a seen task (oracles stage)
 # Settings that only schedule the work: a resumed or enlarged run may change them freely.
 SCHEDULING_KNOBS = frozenset({"max_concurrent", "cpus_per_worker", "tasks_per_trainer", "multitask",
-                              "multitask_steps"})
+                              "multitask_steps", "checkpoint_interval_s"})
 
 
 @dataclass(frozen=True)

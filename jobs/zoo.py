@@ -6,10 +6,12 @@ A ``TorchTrainer`` (``zoo.num_workers`` workers) runs `train_func` over its shar
 (``zoo.tasks_per_trainer``; default: the tasks dealt over the trainers that run at once), one
 after another in the same worker processes: per task, a peft LoRA trained through
 ``deepspeed.initialize`` (ZeRO ``zoo.zero_stage``; gloo on CPU, NCCL + bf16 on GPU), and at each
-snapshot step a snapshot and a Ray Train checkpoint. Trainers are launched from ``num_cpus=0``
+snapshot step a snapshot, and a Ray Train checkpoint where ``zoo.checkpoint_interval_s`` has
+passed since the task's last one (0: at every snapshot). Trainers are launched from ``num_cpus=0``
 tasks, at most ``zoo.max_concurrent`` at once (default: what the cluster's CPUs/GPUs hold).
 Held-out tasks never enter. Rerunning after a kill skips finished tasks (their ``task.json``)
-and resumes the interrupted one from its trainer's last checkpoint (same
+and resumes the interrupted one from its trainer's last checkpoint (or from its start where
+it had none; same
 ``RunConfig(name, storage_path)``: trainer names come from the whole task list).
 Outputs: ``<storage.root>/zoo/`` (see ``icm/zoo.py``), ``summary.parquet``, ``losses.png``.
 """
@@ -68,12 +70,10 @@ def _texts(task_paths: Sequence[str], split: str, limit: int | None = None) -> l
     return texts[:limit] if limit else texts
 
 
-def _snapshot_and_checkpoint(engine, cfg: PipelineConfig, loop: dict, task: str, *, step: int,
-                             rank: int, progress: dict, layout: LoraLayout, eval_texts,
-                             tokenizer) -> None:
+def _write_snapshot(engine, cfg: PipelineConfig, loop: dict, task: str, *, step: int, rank: int,
+                    progress: dict, layout: LoraLayout, eval_texts, tokenizer) -> None:
     """Rank 0 writes the snapshot (and, at the last step only, its eval perplexity: nothing
-    downstream reads the earlier ones); every rank saves its DeepSpeed shard; then a Ray Train
-    report (a barrier) registers the merged checkpoint."""
+    downstream reads the earlier ones)."""
     import deepspeed
 
     zoo_root = Path(loop["zoo_root"])
@@ -95,8 +95,24 @@ def _snapshot_and_checkpoint(engine, cfg: PipelineConfig, loop: dict, task: str,
             # A URI root: this node's mirror is not the driver's; snapshot.json goes up last.
             push_local(cfg, snapshot_dir(zoo_root, task, step), last=(SNAPSHOT_FILE,))
             push_local(cfg, task_dir(zoo_root, task) / "losses.json")
+    progress["snapshot_seconds"] = progress.get("snapshot_seconds", 0.0) + time.perf_counter() - phase_started
+
+
+def _checkpoint_due(since: float, interval_s: float) -> bool:
+    """Whether ``interval_s`` has passed since ``since`` (perf_counter), by rank 0's clock: the
+    save and the report are collective, so every rank must take the same answer."""
+    if interval_s == 0:
+        return True
+    answer = [time.perf_counter() - since >= interval_s]
+    torch.distributed.broadcast_object_list(answer, src=0)
+    return bool(answer[0])
+
+
+def _checkpoint(engine, task: str, *, step: int, rank: int, progress: dict) -> None:
+    """Every rank saves its DeepSpeed shard; a Ray Train report (a barrier) registers the merged
+    checkpoint, the one a rerun after a kill resumes this task from."""
     saving_started = time.perf_counter()
-    progress["snapshot_seconds"] = progress.get("snapshot_seconds", 0.0) + saving_started - phase_started
+    progress["checkpoints"] = progress.get("checkpoints", 0) + 1
     with tempfile.TemporaryDirectory() as tmp:
         # Leave the frozen base out (538 MB for SmolLM2), tied weights included (see
         # exclude_tied_frozen_params_from_checkpoints); only the last checkpoint is kept.
@@ -187,6 +203,7 @@ def _train_task(cfg: PipelineConfig, loop: dict, task: str, task_paths: list[str
     setup_seconds = time.perf_counter() - entered - progress.get("base_eval_seconds", 0.0)
     snaps = set(snapshot_steps(cfg.zoo.steps, cfg.zoo.snapshots, cfg.zoo.snapshot_start))
     every = max(1, cfg.zoo.steps // 10)
+    last_checkpoint = time.perf_counter()  # this attempt's start: zoo.checkpoint_interval_s counts from it
     for step in iterate_steps(progress.get("step", 0), cfg.zoo.steps):
         batch = batch_for_step(sequences, step=step, batch_size=cfg.zoo.batch_size,
                                seed=cfg.zoo.data_seed, rank=rank, world_size=world,
@@ -199,9 +216,11 @@ def _train_task(cfg: PipelineConfig, loop: dict, task: str, task_paths: list[str
         if rank == 0 and step % every == 0 and verbose():  # the driver's progress counts tasks
             _progress(f"[zoo {task}] step {step}/{cfg.zoo.steps} loss {loss:.3f}")
         if step in snaps:
-            _snapshot_and_checkpoint(engine, cfg, loop, task, step=step, rank=rank,
-                                     progress=progress, layout=layout, eval_texts=eval_texts,
-                                     tokenizer=tokenizer)
+            _write_snapshot(engine, cfg, loop, task, step=step, rank=rank, progress=progress,
+                            layout=layout, eval_texts=eval_texts, tokenizer=tokenizer)
+            if _checkpoint_due(last_checkpoint, cfg.zoo.checkpoint_interval_s):
+                _checkpoint(engine, task, step=step, rank=rank, progress=progress)
+                last_checkpoint = time.perf_counter()
     summary = {"task": task, "base_ppl": progress.get("base_ppl"),
                "lora_ppl": progress.get("eval_ppl"), "train_seconds": progress["train_seconds"],
                "tokens": progress["tokens"],
@@ -214,6 +233,7 @@ def _train_task(cfg: PipelineConfig, loop: dict, task: str, task_paths: list[str
                "base_eval_seconds": progress.get("base_eval_seconds", 0.0),
                "snapshot_seconds": progress.get("snapshot_seconds", 0.0),
                "checkpoint_seconds": progress.get("checkpoint_seconds", 0.0),
+               "checkpoints": progress.get("checkpoints", 0),
                "wall_seconds": time.perf_counter() - entered}
     if rank == 0:  # the task is done once this lands: a rerun skips it
         index = write_task_index(Path(loop["zoo_root"]), task)  # the manifest reads this, not S files

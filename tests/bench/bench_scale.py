@@ -21,7 +21,9 @@ Then, per N:
 * **zoo wall s**: wall time of ``jobs.zoo.run(cfg, suite)`` in this process (the driver).
 * **overhead s/task** = (zoo wall - sum over tasks of the task's ``wall_seconds`` / c) / N, where
   ``wall_seconds`` (``summary.parquet``) is all the time a trainer spent on that task (model
-  load, DeepSpeed init, base eval, steps, snapshots, checkpoints) and c = the trainers that ran at
+  load, DeepSpeed init, base eval, steps, snapshots, checkpoints: the zoo's default
+  ``zoo.checkpoint_interval_s`` leaves a tiny task none; pass ``zoo.checkpoint_interval_s=0`` to
+  checkpoint at every snapshot, ~1.9 s each) and c = the trainers that ran at
   once (``min(jobs.zoo._concurrency(cfg), N)``): the time per task spent outside any task's own
   work (driver, scheduling, Ray Train start-up, the stage's bookkeeping).
 * **non-step s/task** = (zoo wall - sum of ``train_seconds`` / c) / N: everything but the optimizer
@@ -398,7 +400,7 @@ def bench_one(n: int, args, cluster, opens: OpenCounter, work: Path) -> dict:
         "zoo_mb": size / MiB,
         "worker_median": {k: float(summary[k].median()) for k in (
             "wall_seconds", "train_seconds", "setup_seconds", "base_eval_seconds", "snapshot_seconds",
-            "checkpoint_seconds")},
+            "checkpoint_seconds", "checkpoints")},
     })
 
     opens.start(zoo_root)
@@ -489,13 +491,13 @@ def report(rows: list[dict], args) -> str:
             lines.append(f"  {label}: " + ", ".join(steps))
         lines.append("")
     phases = ("wall_seconds", "train_seconds", "setup_seconds", "base_eval_seconds", "snapshot_seconds",
-              "checkpoint_seconds")
+              "checkpoint_seconds", "checkpoints")
     lines.append("Worker side, per task (medians of summary.parquet; checkpoint = DeepSpeed save + "
-                 "Ray Train report, once per snapshot):\n")
+                 "Ray Train report, at a snapshot once zoo.checkpoint_interval_s has passed):\n")
     lines.append(tabulate([[row["N"], *(row["worker_median"][p] for p in phases),
                             row["task_folder_files_per_task"]] for row in rows],
                           headers=["N", "task wall s", "train s", "setup s", "base eval s", "snapshot s",
-                                   "checkpoint s", "task-folder files/task"],
+                                   "checkpoint s", "checkpoints", "task-folder files/task"],
                           tablefmt="github", floatfmt=".3f"))
     lines.append("\nDriver I/O per task and generator memory (MB: increase over the RSS before each "
                  "phase; model floor = one base-model build, inside load and total at every N):\n")
@@ -557,6 +559,8 @@ def main() -> None:
             rows.append(bench_one(n, args, cluster, opens, work))
             rows[-1]["bench_s"] = time.perf_counter() - n_started
             print(f"== N={n} done in {rows[-1]['bench_s']:.0f} s", flush=True)
+            if args.out:  # each N's figures survive a later N's crash or kill
+                Path(args.out).with_suffix(".json").write_text(json.dumps(rows, indent=1, default=str) + "\n")
             if not args.keep:
                 shutil.rmtree(work / f"n{n}", ignore_errors=True)
     finally:
