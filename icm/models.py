@@ -203,6 +203,23 @@ def resolve_spec(spec: str) -> ModelSource:
                      "a local model directory, or a Hugging Face id like 'org/name'.")
 
 
+def weights_location(spec: str, *, cache_dir: str | os.PathLike | None = None) -> str:
+    """What a separate engine (vLLM) loads ``spec`` from: a local save_pretrained folder (the
+    SmolLM2 cache, converted when missing) or a hub id. tiny-llama exists only in memory.
+
+    Raises:
+        ModelError: for tiny-llama, naming the fix.
+    """
+    source = resolve_spec(spec)
+    if source.kind == "tiny-llama":
+        raise ModelError("model 'tiny-llama' is built in memory and has no weights folder for "
+                         "an engine to load. Fix: serve a generator trained on SmolLM2 or a "
+                         "local model directory, or use engine 'hf'.")
+    if source.kind == "smollm2":
+        return str(ensure_smollm2_cache(cache_dir))
+    return source.location
+
+
 def load_tokenizer(spec: str = SMOLLM2, *, cache_dir: str | os.PathLike | None = None):
     """The tokenizer of ``spec`` (tiny-llama shares SmolLM2's)."""
     from transformers import AutoTokenizer

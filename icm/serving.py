@@ -363,6 +363,19 @@ class AdapterStore:
             yield acquired
 
 
+def publish_adapter(folder: str | os.PathLike, uri: str, adapter_id: str) -> str:
+    """Copy a stored adapter's peft files to ``<uri>/<adapter_id>/`` (object storage, where a
+    vLLM engine under Ray Serve LLM loads adapters from), ``adapter_config.json`` last: Ray's
+    loader looks for it first, so a half-copied adapter is never taken for a whole one.
+    Returns the adapter's URI."""
+    from icm import storage
+
+    target = storage.join(uri, check_adapter_id(adapter_id))
+    for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
+        storage.copy_file(Path(folder) / name, storage.join(target, name))
+    return target
+
+
 def pack_adapter(folder: str | os.PathLike, arcname: str) -> bytes:
     """A peft adapter directory as a reproducible ``.tar.gz`` (files under ``arcname/``).
 

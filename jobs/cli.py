@@ -148,7 +148,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from serve_apps.lora_generator import run_server
 
     return run_server(generator=args.generator, adapters=args.adapters, config=args.config,
-                      host=args.host, port=args.port, cache_dir=args.cache_dir)
+                      host=args.host, port=args.port, cache_dir=args.cache_dir,
+                      engine=args.engine)
 
 
 def _cmd_eval_compare(args: argparse.Namespace) -> int:
@@ -285,10 +286,14 @@ def build_parser() -> argparse.ArgumentParser:
                            "completions (serve_apps.lora_generator); blocks until Ctrl-C/SIGTERM")
     serve.add_argument("--generator", required=True, help="generator artifact directory")
     serve.add_argument("--adapters", default=None, help="adapter storage (default: beside it)")
-    serve.add_argument("--config", default=str(DEFAULT_SERVE_CONFIG), help="Serve config YAML")
+    serve.add_argument("--config", default=None, help=(
+        f"Serve config YAML (default: {DEFAULT_SERVE_CONFIG.name}, or serve_config_hf.yaml for "
+        "the hf engine)"))
     serve.add_argument("--host", default=None, help="HTTP host (default: the config's)")
     serve.add_argument("--port", type=int, default=None, help="HTTP port (default: the config's)")
     serve.add_argument("--cache-dir", default=None, help="model cache")
+    serve.add_argument("--engine", choices=["auto", "vllm", "hf"], default=None, help=(
+        "completions engine (default: the config's; auto = vLLM where installed, else hf)"))
     serve.set_defaults(func=_cmd_serve)
 
     compare = sub.add_parser("eval-compare", help="another run's generators beside a reference "

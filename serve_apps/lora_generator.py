@@ -24,6 +24,7 @@ deployment in ``cluster/serve_config.yaml``; `app_from_config` applies the same 
 """
 
 import asyncio
+import importlib.util
 import logging
 import os
 import signal
@@ -55,9 +56,10 @@ from icm.serving import (ADAPTER_ID_PATTERN, ADAPTER_MODEL_PREFIX, GENERATION_RE
                          ServeLimits, Usage, adapter_id_for,
                          check_adapter_request, check_messages, check_prompts, check_sampling,
                          completion_id, error_body, generator_fingerprint, now,
-                         pack_adapter, parse_model)
+                         pack_adapter, parse_model, publish_adapter)
 from serve_apps.serve_env import DEFAULT_SERVE_CONFIG as DEFAULT_CONFIG
-from serve_apps.serve_env import SERVE_INGRESS_ENV, SERVE_LATENCY_ENV
+from serve_apps.vllm_args import VllmArgs
+from serve_apps.serve_env import HF_SERVE_CONFIG, SERVE_INGRESS_ENV, SERVE_LATENCY_ENV
 
 log = logging.getLogger(__name__)
 LATENCY_BUCKETS_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60]
@@ -79,13 +81,33 @@ class GeneratorAppArgs(BaseModel):
     max_adapters_per_replica: int = Field(8, ge=1, description=(
         "Adapters each Completions replica keeps loaded (the multiplexing LRU)."))
     limits: ServeLimits = Field(default_factory=ServeLimits, description="Request limits.")
+    engine: Literal["auto", "vllm", "hf"] = Field("auto", description=(
+        "Completions engine: 'vllm' = Ray Serve LLM's LLMServer (vLLM: batched multi-LoRA); "
+        "'hf' = the Completions deployment (transformers generate, one sequence at a time); "
+        "'auto' = vllm where it is installed and the model has weights on disk (not "
+        "tiny-llama), else hf."))
+    vllm: VllmArgs = Field(default_factory=VllmArgs, description="The vLLM engine's settings.")
+
+    def engine_name(self, model_spec: str) -> str:
+        """'vllm' or 'hf' ('auto' resolved in this process: the one that builds the app)."""
+        from icm.models import TINY_LLAMA
+
+        if self.engine != "auto":
+            return self.engine
+        installed = importlib.util.find_spec("vllm") is not None
+        return "vllm" if installed and model_spec != TINY_LLAMA else "hf"
 
     def resolved(self) -> "GeneratorAppArgs":
+        """Absolute paths and the engine chosen. Raises: InputError for a bad generator dir."""
+        from icm.generator import LoraGenerator
+
         generator = Path(self.generator_dir).expanduser().resolve()
+        model_spec = LoraGenerator.load(generator).model_spec
         adapters = Path(self.adapter_dir).expanduser() if self.adapter_dir else (
             generator.parent / "served_adapters")
         return self.model_copy(update={"generator_dir": str(generator),
-                                       "adapter_dir": str(adapters.resolve())})
+                                       "adapter_dir": str(adapters.resolve()),
+                                       "engine": self.engine_name(model_spec)})
 
 
 def _in_thread(lock: threading.Lock, function, *args):
@@ -128,10 +150,11 @@ class AdapterGeneratorDeployment:
     """Task vector -> peft adapter under its content-hash id, generated once per id."""
 
     def __init__(self, encoder: DeploymentHandle, generator_dir: str, adapter_dir: str,
-                 lock_timeout_s: float = 300.0):
+                 publish_uri: str | None = None, lock_timeout_s: float = 300.0):
         from icm.generator import LoraGenerator
 
         self.encoder, self.lock_timeout_s = encoder, lock_timeout_s
+        self.publish_uri = publish_uri  # where the vLLM engine loads adapters from (s3://...)
         self.generator = LoraGenerator.load(generator_dir)
         self.store = AdapterStore(adapter_dir)
         self.inflight: dict[str, asyncio.Task] = {}
@@ -189,6 +212,11 @@ class AdapterGeneratorDeployment:
         await _in_thread(self.lock, lambda: self.generator.write_adapter(
             draws[chosen], self.store.path(adapter_id), extra={GENERATION_RECORD: record}))
         timings["write_s"] = time.perf_counter() - mark
+        if self.publish_uri:
+            mark = time.perf_counter()
+            await asyncio.to_thread(publish_adapter, self.store.path(adapter_id), self.publish_uri,
+                                    adapter_id)
+            timings["publish_s"] = time.perf_counter() - mark
         timings["total_s"] = time.perf_counter() - started
         self.latency.observe(timings["total_s"])
         return {"cached": False, "timings": timings}
@@ -317,23 +345,17 @@ def _usage(ids: list[list[int]], results: list[list[Generated]]) -> Usage:
                  total_tokens=prompt + completion)
 
 
-@serve.deployment(name="Ingress")
-@serve.ingress(api)
-class Ingress:
-    """HTTP API; validates input, answers cache hits itself, forwards the rest."""
+class AdapterFront:
+    """The adapter half of an ingress (both engines): validation, cache hits answered from the
+    store, the rest sent to the AdapterGenerator; archives of stored adapters."""
 
-    def __init__(self, generator: DeploymentHandle, completions: DeploymentHandle, args: dict):
+    def __init__(self, generator: DeploymentHandle, args: GeneratorAppArgs, model_prefix: str):
         from icm.generator import LoraGenerator
-        from icm.models import load_tokenizer
 
-        self.args = GeneratorAppArgs.model_validate(args)
-        self.generator, self.completions = generator, completions
-        self.limits = self.args.limits
-        self.base_model = LoraGenerator.load(self.args.generator_dir).model_spec
-        self.fingerprint = generator_fingerprint(self.args.generator_dir)
-        self.store = AdapterStore(self.args.adapter_dir)
-        self.prompts = PromptBuilder(load_tokenizer(self.base_model, cache_dir=self.args.cache_dir),
-                                     self.limits)
+        self.generator, self.limits, self.model_prefix = generator, args.limits, model_prefix
+        self.fingerprint = generator_fingerprint(args.generator_dir)
+        self.store = AdapterStore(args.adapter_dir)
+        self.base_model = LoraGenerator.load(args.generator_dir).model_spec
         self.hits = metrics.Counter("icm_adapter_cache_hits_total",
                                     description="POST /v1/adapters answered from storage.")
         self.misses = metrics.Counter("icm_adapter_cache_misses_total",
@@ -342,9 +364,7 @@ class Ingress:
             "icm_adapter_request_seconds", description="POST /v1/adapters latency (hit or miss).",
             boundaries=LATENCY_BUCKETS_S, tag_keys=("cached",))
 
-    @api.post("/v1/adapters", response_model=AdapterResponse, responses=ERRORS,
-              summary="Generate (or fetch from cache) the adapter of a task's context")
-    async def create_adapter(self, request: AdapterRequest) -> AdapterResponse:
+    async def create(self, request: AdapterRequest) -> AdapterResponse:
         started = time.perf_counter()
         spec = check_adapter_request(request, self.limits)
         adapter_id = adapter_id_for(spec, self.fingerprint)
@@ -357,20 +377,50 @@ class Ingress:
                                                                           spec.as_json()))
         total = time.perf_counter() - started
         self.request_latency.observe(total, tags={"cached": str(result["cached"]).lower()})
-        return AdapterResponse(adapter_id=adapter_id, model=ADAPTER_MODEL_PREFIX + adapter_id,
+        return AdapterResponse(adapter_id=adapter_id, model=self.model_prefix + adapter_id,
                                cached=result["cached"],
                                timings={**result["timings"], "request_s": total})
 
-    @api.get("/v1/adapters/{adapter_id}", response_class=Response, summary=(
-        "Download an adapter as a .tar.gz of its peft directory"), responses={
-        **ERRORS, 200: {"content": {"application/gzip": {"schema": {
-            "type": "string", "format": "binary"}}}, "description": "The peft adapter archive."}})
-    async def get_adapter(self, adapter_id: str = PathParam(pattern=ADAPTER_ID_PATTERN)
-                          ) -> Response:
+    async def archive(self, adapter_id: str) -> Response:
         folder = self.store.require(adapter_id)
         data = await asyncio.to_thread(pack_adapter, folder, adapter_id)
         return Response(data, media_type="application/gzip", headers={
             "Content-Disposition": f'attachment; filename="icm-{adapter_id}.tar.gz"'})
+
+    def health(self) -> dict[str, str]:
+        return {"status": "ok", "base_model": self.base_model, "generator": self.fingerprint[:16]}
+
+
+ARCHIVE_RESPONSES = {**ERRORS, 200: {"content": {"application/gzip": {"schema": {
+    "type": "string", "format": "binary"}}}, "description": "The peft adapter archive."}}
+
+
+@serve.deployment(name="Ingress")
+@serve.ingress(api)
+class Ingress:
+    """HTTP API; validates input, answers cache hits itself, forwards the rest."""
+
+    def __init__(self, generator: DeploymentHandle, completions: DeploymentHandle, args: dict):
+        from icm.models import load_tokenizer
+
+        self.args = GeneratorAppArgs.model_validate(args)
+        self.completions = completions
+        self.limits = self.args.limits
+        self.adapters = AdapterFront(generator, self.args, ADAPTER_MODEL_PREFIX)
+        self.base_model, self.store = self.adapters.base_model, self.adapters.store
+        self.prompts = PromptBuilder(load_tokenizer(self.base_model, cache_dir=self.args.cache_dir),
+                                     self.limits)
+
+    @api.post("/v1/adapters", response_model=AdapterResponse, responses=ERRORS,
+              summary="Generate (or fetch from cache) the adapter of a task's context")
+    async def create_adapter(self, request: AdapterRequest) -> AdapterResponse:
+        return await self.adapters.create(request)
+
+    @api.get("/v1/adapters/{adapter_id}", response_class=Response, summary=(
+        "Download an adapter as a .tar.gz of its peft directory"), responses=ARCHIVE_RESPONSES)
+    async def get_adapter(self, adapter_id: str = PathParam(pattern=ADAPTER_ID_PATTERN)
+                          ) -> Response:
+        return await self.adapters.archive(adapter_id)
 
     @api.post("/v1/completions", response_model=CompletionResponse, responses=ERRORS,
               summary="OpenAI-compatible text completion")
@@ -408,7 +458,7 @@ class Ingress:
 
     @api.get("/healthz", summary="Liveness of the HTTP ingress")
     async def healthz(self) -> dict[str, str]:
-        return {"status": "ok", "base_model": self.base_model, "generator": self.fingerprint[:16]}
+        return self.adapters.health()
 
     def _model(self, model: str) -> str | None:
         adapter_id = parse_model(model, self.base_model)
@@ -428,10 +478,7 @@ class Ingress:
 
 
 def _build(args: GeneratorAppArgs, options: dict[str, dict[str, Any]]) -> serve.Application:
-    from icm.generator import LoraGenerator
-
-    args = args.resolved()
-    LoraGenerator.load(args.generator_dir)  # a bad directory fails here, not in every replica
+    args = args.resolved()  # a bad generator directory fails here, not in every replica
     Path(args.adapter_dir).mkdir(parents=True, exist_ok=True)
 
     def configured(deployment):
@@ -439,8 +486,13 @@ def _build(args: GeneratorAppArgs, options: dict[str, dict[str, Any]]) -> serve.
             deployment)
 
     encoder = configured(TaskEncoderDeployment).bind(args.generator_dir, args.cache_dir, args.model_dtype)
+    publish_uri = args.vllm.adapter_uri if args.engine == "vllm" else None
     generator = configured(AdapterGeneratorDeployment).bind(encoder, args.generator_dir,
-                                                            args.adapter_dir)
+                                                            args.adapter_dir, publish_uri)
+    if args.engine == "vllm":
+        from serve_apps.vllm_app import build_vllm_app
+
+        return build_vllm_app(args, generator, options, configured)
     completions = configured(completions_deployment(args.max_adapters_per_replica)).bind(
         args.generator_dir, args.adapter_dir, args.cache_dir, args.model_dtype)
     return configured(Ingress).bind(generator, completions, args.model_dump(mode="json"))
@@ -487,28 +539,53 @@ def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
-def run_server(*, generator: str, adapters: str | None = None, config: str | Path = DEFAULT_CONFIG,
-               host: str | None = None, port: int | None = None, cache_dir: str | None = None) -> int:
+def _config_args(config_path: str | Path) -> dict[str, Any]:
+    """The ``args`` of the icm application in a Serve config file (no Serve schema needed)."""
+    apps = yaml.safe_load(Path(config_path).read_text()).get("applications") or []
+    entry = next((a for a in apps if str(a.get("import_path", "")).endswith(
+        "lora_generator:build_app")), {})
+    return dict(entry.get("args") or {})
+
+
+def run_server(*, generator: str, adapters: str | None = None, config: str | Path | None = None,
+               host: str | None = None, port: int | None = None, cache_dir: str | None = None,
+               engine: str | None = None) -> int:
     """Start Ray and Serve with the Serve config and block (``icm serve`` parses the flags).
 
-    A bad generator directory or config is one line on stderr and exit status 2.
+    With the vLLM engine and no ``vllm.adapter_uri``, an S3-compatible server on loopback
+    (`icm.object_store.LocalS3`) holds the published adapters while this runs; the adapters
+    already stored are published to it first. A bad generator directory or config is one line
+    on stderr and exit status 2.
     """
     import ray
 
-    overrides = {"generator_dir": generator, "cache_dir": cache_dir}
+    overrides: dict[str, Any] = {"generator_dir": generator, "cache_dir": cache_dir}
     if adapters:
         overrides["adapter_dir"] = adapters
+    if engine:
+        overrides["engine"] = engine
+    local_s3 = None
     try:
+        args = GeneratorAppArgs.model_validate(
+            {**_config_args(config or DEFAULT_CONFIG), **overrides}).resolved()
+        if config is None:  # each engine's own deployment entries
+            config = DEFAULT_CONFIG if args.engine == "vllm" else HF_SERVE_CONFIG
         http = yaml.safe_load(Path(config).read_text()).get("http_options") or {}
+        if args.engine == "vllm" and not args.vllm.adapter_uri:
+            local_s3 = _start_local_s3(args)
+            overrides["vllm"] = {**args.vllm.model_dump(), "adapter_uri": f"{local_s3.uri}/adapters"}
+        overrides["engine"] = args.engine
+        if not ray.is_initialized():
+            # Read by the Serve processes this Ray starts (an existing cluster keeps its own).
+            for key, value in {**SERVE_LATENCY_ENV, **SERVE_INGRESS_ENV}.items():
+                os.environ.setdefault(key, value)
+            ray.init(namespace="serve")
         app, name, route_prefix = app_from_config(config, **overrides)
     except (InputError, OSError, ValueError) as err:  # bad dir or config: one line, exit 2
         print(f"icm serve: error: {err}", file=sys.stderr)
+        if local_s3 is not None:
+            local_s3.stop()
         return 2
-    if not ray.is_initialized():
-        # Read by the Serve processes this Ray starts (an existing cluster keeps its own).
-        for key, value in {**SERVE_LATENCY_ENV, **SERVE_INGRESS_ENV}.items():
-            os.environ.setdefault(key, value)
-        ray.init(namespace="serve")
     serve.start(http_options={"host": host or http.get("host", "127.0.0.1"),
                               "port": port or http.get("port", 8000)})
     # SIGTERM (a process manager, `kill`) shuts down like Ctrl-C: Serve stops its replicas and
@@ -521,4 +598,19 @@ def run_server(*, generator: str, adapters: str | None = None, config: str | Pat
     finally:
         serve.shutdown()
         ray.shutdown()
+        if local_s3 is not None:
+            local_s3.stop()
     return 0
+
+
+def _start_local_s3(args: GeneratorAppArgs):
+    """moto's S3 server on loopback, with every adapter already in the store published to it."""
+    from icm.object_store import LocalS3
+
+    local_s3 = LocalS3(bucket="icm-adapters").start()
+    store = AdapterStore(args.adapter_dir)
+    for adapter_id in store.ids(None) if store.root.is_dir() else []:
+        publish_adapter(store.path(adapter_id), f"{local_s3.uri}/adapters", adapter_id)
+    log.info("adapters served from %s/adapters (S3-compatible server at %s)", local_s3.uri,
+             local_s3.endpoint)
+    return local_s3

@@ -4,6 +4,9 @@ config ``icm serve`` starts from (no Ray import here: the ``icm`` parser reads i
 from pathlib import Path
 
 DEFAULT_SERVE_CONFIG = Path(__file__).resolve().parent.parent / "cluster" / "serve_config.yaml"
+# The same service with the hf completions engine: what `icm serve` starts from when the engine
+# resolves to hf (--engine hf, no vLLM installed, or a tiny-llama generator) and no --config.
+HF_SERVE_CONFIG = DEFAULT_SERVE_CONFIG.with_name("serve_config_hf.yaml")
 
 # Ray Serve reads these from the environment of the processes it starts (set them before Ray
 # starts: ``icm serve`` does, ``serve run`` needs them in its shell, clusters in the pod env).

@@ -56,7 +56,7 @@ def start_app(args, workdir: Path) -> str:
     from serve_apps.lora_generator import app_from_config
     from tests.integration.test_serve import build_tiny_generator, free_port
 
-    from serve_apps.serve_env import SERVE_INGRESS_ENV, SERVE_LATENCY_ENV
+    from serve_apps.serve_env import HF_SERVE_CONFIG, SERVE_INGRESS_ENV, SERVE_LATENCY_ENV
 
     generator = build_tiny_generator(workdir / "generator") if args.tiny else Path(args.generator)
     # As icm serve starts it: Serve reads these when its processes start.
@@ -69,7 +69,7 @@ def start_app(args, workdir: Path) -> str:
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     scaling = {"downscale_delay_s": args.downscale_delay_s} if args.downscale_delay_s else {}
     app, name, prefix = app_from_config(
-        generator_dir=str(generator), adapter_dir=str(workdir / "adapters"),
+        HF_SERVE_CONFIG, generator_dir=str(generator), adapter_dir=str(workdir / "adapters"),
         deployment_overrides={d: {"autoscaling_config": {**autoscaling_of(d), **scaling}}
                               for d in ("Completions", "TaskEncoder")} if scaling else None)
     started = time.perf_counter()
@@ -81,7 +81,7 @@ def start_app(args, workdir: Path) -> str:
 def autoscaling_of(deployment: str) -> dict:
     import yaml
 
-    from serve_apps.lora_generator import DEFAULT_CONFIG
+    from serve_apps.serve_env import HF_SERVE_CONFIG as DEFAULT_CONFIG
 
     config = yaml.safe_load(DEFAULT_CONFIG.read_text())
     entries = config["applications"][0]["deployments"]
@@ -255,6 +255,138 @@ def report(uncached, cached, server, rate, scaling, args) -> None:
           f"{fmt(scaling['down_s'], 1, 1)} s |")
 
 
+# ----------------------------------------------------------------------------- engines side by side
+
+ENGINE_PROMPTS = ["The cat", "Once upon a time", "The recipe needs", "In the morning we"]
+
+
+def start_engine_app(engine: str, generator: Path, workdir: Path, max_tokens: int) -> str:
+    """The app with one completions engine, started the way `icm serve --engine` starts it
+    (the vLLM one with moto's S3 on loopback), on a fresh local Ray."""
+    import ray
+    from ray import serve
+
+    from serve_apps.lora_generator import app_from_config
+    from serve_apps.serve_env import DEFAULT_SERVE_CONFIG, HF_SERVE_CONFIG
+    from tests.integration.test_serve import free_port
+
+    extra = {}
+    if engine == "vllm":
+        from icm.object_store import LocalS3
+
+        s3 = LocalS3(bucket=f"bench-{os.getpid()}").start()
+        extra = {"vllm": {"adapter_uri": f"{s3.uri}/adapters", "device": "cpu", "cpus": 0.8,
+                          "max_loras": 16, "max_num_seqs": 64, "max_model_len": 512}}
+    ray.init(num_cpus=os.cpu_count(), num_gpus=0, include_dashboard=False,
+             object_store_memory=300 * 1024**2)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    app, name, prefix = app_from_config(
+        DEFAULT_SERVE_CONFIG if engine == "vllm" else HF_SERVE_CONFIG, engine=engine,
+        generator_dir=str(generator), adapter_dir=str(workdir / "adapters"),
+        limits={"max_tokens": max_tokens}, **extra,
+        deployment_overrides={"Completions": {"max_ongoing_requests": 64, "max_queued_requests": 256},
+                              "LLMServer": {"max_queued_requests": 256}})
+    serve.run(app, name=name, route_prefix=prefix)
+    return f"http://127.0.0.1:{port}"
+
+
+def one_completion(client, model: str, index: int, max_tokens: int, stream: bool) -> dict:
+    """A sampled completion (sampling: greedy text can end early at EOS); seconds to its first
+    token (streamed) or to the whole answer (hf: no streaming), completion tokens."""
+    started = time.perf_counter()
+    body = dict(model=model, prompt=ENGINE_PROMPTS[index % len(ENGINE_PROMPTS)],
+                max_tokens=max_tokens, temperature=1.0, seed=index)
+    try:
+        if not stream:
+            result = client.completions.create(**body)
+            return {"ttft": time.perf_counter() - started, "tokens": result.usage.completion_tokens}
+        first, tokens = None, 0
+        for chunk in client.completions.create(**body, stream=True,
+                                               stream_options={"include_usage": True}):
+            if first is None and chunk.choices and chunk.choices[0].text:
+                first = time.perf_counter() - started
+            if chunk.usage is not None:
+                tokens = chunk.usage.completion_tokens
+        return {"ttft": first if first is not None else time.perf_counter() - started,
+                "tokens": tokens}
+    except Exception as err:  # noqa: BLE001 - a failure is a measured outcome here
+        return {"error": f"{type(err).__name__}: {err}"[:200]}
+
+
+def engine_rows(engine: str, url: str, args) -> list[dict]:
+    from openai import OpenAI
+
+    client = OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=600)
+    models = []
+    for i in range(max(args.adapter_counts)):
+        reply = requests.post(url + "/v1/adapters", timeout=300, json={
+            "description": f"Short texts on topic number {i}.", "seed": i})
+        reply.raise_for_status()
+        models.append(reply.json()["model"])
+    for model in models:  # load every adapter once: the cells time decoding, not first loads
+        one_completion(client, model, 0, 4, stream=False)
+    rows = []
+    for concurrency in args.concurrency:
+        if engine == "hf" and concurrency > args.hf_max_concurrency:
+            continue
+        for count in args.adapter_counts:
+            if engine == "hf" and count > args.hf_max_adapters:
+                continue
+            started = time.perf_counter()
+            with ThreadPoolExecutor(concurrency) as pool:
+                results = list(pool.map(lambda i: one_completion(
+                    client, models[i % count], i, args.engine_tokens, stream=engine == "vllm"),
+                    range(concurrency)))
+            wall = time.perf_counter() - started
+            done = results
+            ok = [r for r in done if "error" not in r]
+            ttft = [r["ttft"] for r in ok]
+            rows.append({"engine": engine, "concurrency": concurrency, "adapters": count,
+                         "tokens": sum(r["tokens"] for r in ok), "wall_s": wall,
+                         "tokens_per_s": sum(r["tokens"] for r in ok) / wall,
+                         "ttft_p50": percentile(ttft, 50) if ttft else None,
+                         "ttft_p99": percentile(ttft, 99) if ttft else None,
+                         "failures": len(done) - len(ok),
+                         "errors": sorted({r["error"] for r in done if "error" in r})[:2]})
+            print(rows[-1], flush=True)
+    return rows
+
+
+def engines_report(rows: list[dict]) -> None:
+    print("\n| engine | concurrent | adapters | tokens | wall s | tokens/s | TTFT p50 s | TTFT p99 s | failures |")
+    print("|:--|--:|--:|--:|--:|--:|--:|--:|--:|")
+    for r in rows:
+        print(f"| {r['engine']} | {r['concurrency']} | {r['adapters']} | {r['tokens']} | "
+              f"{r['wall_s']:.1f} | {r['tokens_per_s']:.1f} | {fmt(r['ttft_p50'], 1, 2)} | "
+              f"{fmt(r['ttft_p99'], 1, 2)} | {r['failures']} |")
+    by = {(r["engine"], r["concurrency"], r["adapters"]): r["tokens_per_s"] for r in rows}
+    for (engine, concurrency, count), rate in sorted(by.items()):
+        base = by.get(("hf", concurrency, count))
+        if engine == "vllm" and base:
+            print(f"vllm / hf tokens/s at {concurrency} concurrent, {count} adapter(s): "
+                  f"{rate / base:.1f}x")
+    print("(hf answers without streaming: its 'TTFT' is the whole request.)")
+
+
+def run_engines(args) -> int:
+    import ray
+    from ray import serve
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-engines-") as workdir:
+        for engine in args.engine:
+            try:
+                url = start_engine_app(engine, Path(args.generator), Path(workdir) / engine,
+                                       args.engine_tokens)
+                rows += engine_rows(engine, url, args)
+            finally:
+                serve.shutdown()
+                ray.shutdown()
+    engines_report(rows)
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     which = parser.add_mutually_exclusive_group(required=True)
@@ -273,7 +405,20 @@ def main(argv=None) -> int:
     parser.add_argument("--downscale-timeout-s", type=float, default=180)
     parser.add_argument("--ingress", choices=("haproxy", "proxy"), default="haproxy",
                         help="HTTP entry: HAProxy (what icm serve uses) or Serve's proxy actor")
+    parser.add_argument("--engine", nargs="+", choices=("vllm", "hf"), default=None, help=(
+        "instead of the load test: completions throughput of these engines side by side "
+        "(--concurrency x --adapter-counts requests of --engine-tokens tokens), needs --generator"))
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[16, 64])
+    parser.add_argument("--adapter-counts", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--engine-tokens", type=int, default=64)
+    parser.add_argument("--hf-max-concurrency", type=int, default=16,
+                        help="skip hf cells above this (~5 tok/s: 64 x 64 tokens take 14 min)")
+    parser.add_argument("--hf-max-adapters", type=int, default=16)
     args = parser.parse_args(argv)
+    if args.engine:
+        if not args.generator:
+            parser.error("--engine needs --generator (a SmolLM2 generator: vLLM loads weights from disk)")
+        return run_engines(args)
     import ray
     from ray import serve
 

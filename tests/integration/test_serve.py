@@ -1,6 +1,6 @@
 """The serving app end to end: real Ray Serve, real HTTP on loopback, a real tiny-llama generator.
 
-One module-scoped app (deployment options from cluster/serve_config.yaml; only the Completions
+One module-scoped app (deployment options from cluster/serve_config_hf.yaml; only the Completions
 queue is shrunk so that overload can be provoked), tests run serially against it. The generator
 is trained here in seconds: LoRA fine-tunes of tiny-llama on three tiny tasks (the zoo), their
 episode task vectors from the same `TaskEncoder` the jobs use, and a small CVAE.
@@ -31,19 +31,20 @@ GENERATOR_TASKS = ("cats", "sums", "code")
 
 
 def build_tiny_generator(out_dir: Path, *, tasks=GENERATOR_TASKS, steps: int = 12,
-                         snapshots: int = 4) -> Path:
-    """Train a tiny-llama LoRA zoo, task vectors and a CVAE generator; save it to ``out_dir``."""
+                         snapshots: int = 4, model_spec: str = "tiny-llama") -> Path:
+    """Train a LoRA zoo of ``model_spec`` (tiny-llama: seconds; smollm2: ~1 min), task vectors
+    and a CVAE generator; save it to ``out_dir``."""
     import torch
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny tensors: threads only contend on a shared 2-core box (5x)
     try:
-        return _train_tiny_generator(out_dir, tasks, steps, snapshots)
+        return _train_tiny_generator(out_dir, tasks, steps, snapshots, model_spec)
     finally:
         torch.set_num_threads(threads)
 
 
-def _train_tiny_generator(out_dir: Path, tasks, steps: int, snapshots: int) -> Path:
+def _train_tiny_generator(out_dir: Path, tasks, steps: int, snapshots: int, model_spec: str) -> Path:
     import numpy as np
     import torch
     from peft import set_peft_model_state_dict
@@ -57,7 +58,7 @@ def _train_tiny_generator(out_dir: Path, tasks, steps: int, snapshots: int) -> P
     from icm.task_vectors import TaskEncoder, format_prompt
 
     zoo_cfg = ZooConfig(rank=4, alpha=8, dropout=0.0, steps=steps, snapshots=snapshots)
-    model, tokenizer = load_base_model("tiny-llama")
+    model, tokenizer = load_base_model(model_spec)
     peft_model = build_lora_model(model, zoo_cfg)
     init = adapter_state_dict(peft_model)
     layout = LoraLayout.of(init)
@@ -91,12 +92,12 @@ def _train_tiny_generator(out_dir: Path, tasks, steps: int, snapshots: int) -> P
                        for e in range(tv_cfg.episodes)]
             conditions[task] = encoder.encode_prompts(prompts)[(-1, "mean")]  # (E, D)
     peft_config = peft_config_json(peft_model.peft_config["default"])
-    zoo = ZooData(layout, vectors, "tiny-llama", peft_config, zoo_cfg.model_dump(mode="json"))
+    zoo = ZooData(layout, vectors, model_spec, peft_config, zoo_cfg.model_dump(mode="json"))
     gen_cfg = GeneratorConfig(subspace_dim=4, latent_dim=4, width=32, depth=1, steps=150,
                               batch_size=16, val_tasks=0, val_snapshots=0, kl_warmup_steps=20,
                               lr=3e-3, report_every=150, basis_dtype="float32")
     tv_json = tv_cfg.model_dump(mode="json")
-    spec = {"modes": ["both"], "layer": -1, "pooling": "mean", "model_spec": "tiny-llama",
+    spec = {"modes": ["both"], "layer": -1, "pooling": "mean", "model_spec": model_spec,
             "task_vectors": tv_json}
     generator = train_generator(zoo, {t: np.asarray(c) for t, c in conditions.items()}, gen_cfg,
                                 condition_spec=spec)
@@ -132,7 +133,7 @@ def served(tmp_path_factory):
 
     from serve_apps.lora_generator import app_from_config
 
-    from serve_apps.serve_env import SERVE_INGRESS_ENV, SERVE_LATENCY_ENV
+    from serve_apps.serve_env import HF_SERVE_CONFIG, SERVE_INGRESS_ENV, SERVE_LATENCY_ENV
 
     root = tmp_path_factory.mktemp("serve")
     generator_dir = build_tiny_generator(root / "generator")
@@ -144,7 +145,7 @@ def served(tmp_path_factory):
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         app, name, prefix = app_from_config(
-            generator_dir=str(generator_dir), adapter_dir=str(root / "adapters"),
+            HF_SERVE_CONFIG, generator_dir=str(generator_dir), adapter_dir=str(root / "adapters"),
             limits={"max_tokens": 32, "max_examples": 8, "max_samples": 4},
             deployment_overrides={"Completions": {  # a tiny queue: overload is easy to provoke
                 "max_ongoing_requests": 1, "max_queued_requests": 1,

@@ -45,9 +45,10 @@ def test_serve_flags_are_parsed_by_the_one_front_end_without_importing_ray():
     import sys
 
     code = ("import sys; from jobs.cli import build_parser; "
-            "a = build_parser().parse_args(['serve', '--generator', 'g', '--port', '8123']); "
-            "assert (a.generator, a.port, a.adapters) == ('g', 8123, None), a; "
-            "assert a.config.endswith('cluster/serve_config.yaml'); "
+            "a = build_parser().parse_args(['serve', '--generator', 'g', '--port', '8123', "
+            "'--engine', 'hf']); "
+            "assert (a.generator, a.port, a.adapters, a.engine) == ('g', 8123, None, 'hf'), a; "
+            "assert a.config is None; "  # each engine's own config file (serve_apps.serve_env)
             "assert 'ray' not in sys.modules, 'icm serve --help would wait for Ray'")
     subprocess.run([sys.executable, "-c", code], check=True)
     with pytest.raises(SystemExit):  # --generator is required, by the same parser

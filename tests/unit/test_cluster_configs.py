@@ -243,9 +243,14 @@ def test_the_cluster_serve_config_is_the_dev_one_with_cluster_values():
     assert args.adapter_dir.startswith(SHARED_MOUNT + "/") and args.model_dtype == "bfloat16"
     # The model-holding replicas get GPUs, and all of them fit the serve_gpu nodes at max_replicas.
     options = {d["name"]: d for d in gpu_app["deployments"]}
-    gpus = {name: d["ray_actor_options"].get("num_gpus", 0) * d["autoscaling_config"]["max_replicas"]
+    # the vLLM engine's GPU is its placement group's (one per replica at tensor parallelism 1)
+    per_replica = {name: 1.0 if name == "LLMServer" else d["ray_actor_options"].get("num_gpus", 0)
+                   for name, d in options.items()}
+    gpus = {name: per_replica[name] * d["autoscaling_config"]["max_replicas"]
             for name, d in options.items()}
-    assert gpus["TaskEncoder"] > 0 and gpus["Completions"] > 0
+    assert args.engine == "vllm" and args.vllm.device == "gpu"
+    assert args.vllm.adapter_uri.startswith(("s3://", "gs://"))  # where Ray Serve LLM loads LoRAs
+    assert gpus["TaskEncoder"] > 0 and gpus["LLMServer"] > 0
     serve_nodes = _launcher_config()["available_node_types"]["serve_gpu"]
     assert sum(gpus.values()) <= serve_nodes["max_workers"] * serve_nodes["resources"]["GPU"]
 
