@@ -2,9 +2,17 @@
 
     python tests/bench/bench_serve.py --generator icm-runs/demo/generator          # SmolLM2 demo
     python tests/bench/bench_serve.py --tiny --clients 4 --load-s 20 --adapters 8  # quick check
+    python tests/bench/bench_serve.py --generator G --engine hf vllm   # the engines side by side
 
-Starts a local Ray and the app from ``cluster/serve_config.yaml`` on a free 127.0.0.1 port, then
-measures, in one run:
+With ``--engine``: for each engine in turn, a fresh local Ray and the app with that engine
+(``serve_config.yaml`` for vllm, with moto's S3 on loopback; ``serve_config_hf.yaml`` for hf),
+``max(--adapter-counts)`` generated adapters, then for each of ``--concurrency`` x
+``--adapter-counts`` that many completions of ``--engine-tokens`` tokens at once: tokens/s, p50/p99
+time to first token (vllm streams; hf's is the whole request) and failures, then the vllm / hf
+ratios. Otherwise:
+
+Starts a local Ray and the app (hf engine, ``cluster/serve_config_hf.yaml``) on a free 127.0.0.1
+port, then measures, in one run:
 1. ``POST /v1/adapters`` latency p50/p99, uncached (``--adapters`` distinct requests, one after
    another) and cached (the same requests again, ``--repeats`` times each);
 2. completion tokens/s of one client (greedy, ``--max-tokens`` per call, with an adapter);

@@ -262,6 +262,8 @@ def test_gpu_preset_fits_the_cluster_configs():
     config = load_config("gpu")
     zoo = config.zoo
     assert config.model.dtype == "bfloat16"
+    # the study's best generator objective (EVAL.md), its LM steps on the GPUs
+    assert config.generator.objective == "hybrid" and config.generator.lm_gpus_per_worker > 0
     assert config.model.spec not in {"smollm2-135m", "tiny-llama"}  # a Hugging Face model id
     assert zoo.gpus_per_worker >= 1 and zoo.batch_size % zoo.num_workers == 0
     assert config.ray.address == "auto"
