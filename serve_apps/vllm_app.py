@@ -14,7 +14,6 @@ Imported only when the vLLM engine is chosen (ray.serve.llm needs vLLM).
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from fastapi import Path as PathParam, Request
@@ -36,7 +35,6 @@ from serve_apps.lora_generator import (ARCHIVE_RESPONSES, ERRORS, AdapterFront, 
                                        _validation_error)
 from serve_apps.vllm_args import check_engine_takes
 
-log = logging.getLogger(__name__)
 LLM_SERVER = "LLMServer"  # the Serve config's deployment entry for the engine replicas
 
 
