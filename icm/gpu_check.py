@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -34,12 +33,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def load_model(args) -> tuple[Any, Any, str]:
@@ -81,11 +74,12 @@ def check_lora_deepspeed(ctx: dict) -> dict:
     import deepspeed
 
     from icm.config import ZooConfig
+    from icm.io import free_port
     from icm.lora_train import (build_lora_model, collate, deepspeed_config, release_engine,
                                 skip_deepspeed_shm_build, tokenize_texts, train_step)
 
     os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())})
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())})
     skip_deepspeed_shm_build()
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if ctx["device"] == "cuda" else "gloo")

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -136,3 +137,10 @@ def fingerprint_matches(marker: str | os.PathLike, fingerprint: str) -> bool:
     a rerun with the same inputs may skip."""
     path = Path(marker)
     return path.is_file() and json.loads(path.read_text()).get("fingerprint") == fingerprint
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on right now (for a server this process starts next)."""
+    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]

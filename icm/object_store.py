@@ -16,18 +16,12 @@ the local adapter store; `icm serve` publishes it again at start).
 from __future__ import annotations
 
 import os
-import socket
-from contextlib import closing
+
+from icm.io import free_port
 
 # What boto3 (Ray's LoRA loader) and pyarrow (icm.storage) read to find and sign for the server.
 _ENV_KEYS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
              "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_EC2_METADATA_DISABLED")
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
 
 
 class LocalS3:

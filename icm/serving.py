@@ -303,18 +303,18 @@ def check_adapter_id(adapter_id: str) -> str:
     return adapter_id
 
 
-def parse_model(model: str, base_model: str) -> str | None:
-    """``model`` of a completion request -> the adapter id, or None for the base model."""
+def parse_model(model: str, base_model: str, prefix: str = ADAPTER_MODEL_PREFIX) -> str | None:
+    """``model`` of a completion request -> the adapter id, or None for the base model.
+    ``prefix``: what precedes an adapter id (the hf engine: 'icm:'; vLLM: '<base>:')."""
     if model == base_model:
         return None
-    if model.startswith(ADAPTER_MODEL_PREFIX):
+    if model.startswith(prefix):
         try:
-            return check_adapter_id(model[len(ADAPTER_MODEL_PREFIX):])
+            return check_adapter_id(model[len(prefix):])
         except ServeInputError as err:
             raise ServeInputError(str(err), param="model") from None
     raise NotFoundError(f"model {model[:80]!r} does not exist; use {base_model!r} or "
-                        f"'{ADAPTER_MODEL_PREFIX}<adapter_id>' from POST /v1/adapters.",
-                        param="model")
+                        f"'{prefix}<adapter_id>' from POST /v1/adapters.", param="model")
 
 
 # ----------------------------------------------------------------------------- adapter storage
@@ -410,6 +410,17 @@ class SamplingParams:
     seed: int | None
 
 
+def check_output_limits(max_tokens: int | None, n: int | None, limits: ServeLimits, *,
+                        prompts: int = 1) -> None:
+    """Tokens per choice and choices per call against ``limits`` (both engines)."""
+    if max_tokens is not None and max_tokens > limits.max_tokens:
+        raise ServeInputError(f"'max_tokens' is {max_tokens}; at most {limits.max_tokens}.",
+                              param="max_tokens")
+    if (n or 1) * prompts > limits.max_choices:
+        raise ServeInputError(f"{prompts} prompt(s) x n={n or 1} choices exceed the limit of "
+                              f"{limits.max_choices} choices per call.", param="n")
+
+
 def check_sampling(request: CompletionRequest | ChatCompletionRequest, limits: ServeLimits, *,
                    prompts: int = 1) -> SamplingParams:
     """Check the sampling fields of a completion request against ``limits``."""
@@ -419,12 +430,7 @@ def check_sampling(request: CompletionRequest | ChatCompletionRequest, limits: S
     if isinstance(request, ChatCompletionRequest):
         max_tokens = request.max_completion_tokens or max_tokens
     max_tokens = limits.max_tokens if max_tokens is None else max_tokens
-    if max_tokens > limits.max_tokens:
-        raise ServeInputError(f"'max_tokens' is {max_tokens}; at most {limits.max_tokens}.",
-                              param="max_tokens")
-    if request.n * prompts > limits.max_choices:
-        raise ServeInputError(f"{prompts} prompt(s) x n={request.n} choices exceed the limit of "
-                              f"{limits.max_choices} choices per call.", param="n")
+    check_output_limits(max_tokens, request.n, limits, prompts=prompts)
     stop = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
     if len(stop) > 4 or any(not s or len(s) > 256 for s in stop):
         raise ServeInputError("'stop' takes at most 4 non-empty strings of up to 256 characters.",

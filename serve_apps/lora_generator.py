@@ -97,12 +97,14 @@ class GeneratorAppArgs(BaseModel):
         installed = importlib.util.find_spec("vllm") is not None
         return "vllm" if installed and model_spec != TINY_LLAMA else "hf"
 
-    def resolved(self) -> "GeneratorAppArgs":
-        """Absolute paths and the engine chosen. Raises: InputError for a bad generator dir."""
-        from icm.generator import LoraGenerator
-
+    def resolved(self, model_spec: str | None = None) -> "GeneratorAppArgs":
+        """Absolute paths and the engine chosen for the generator's base model (``model_spec``;
+        None: read from the generator). Raises: InputError for a bad generator dir."""
         generator = Path(self.generator_dir).expanduser().resolve()
-        model_spec = LoraGenerator.load(generator).model_spec
+        if model_spec is None:
+            from icm.generator import LoraGenerator
+
+            model_spec = LoraGenerator.load(generator).model_spec
         adapters = Path(self.adapter_dir).expanduser() if self.adapter_dir else (
             generator.parent / "served_adapters")
         return self.model_copy(update={"generator_dir": str(generator),
@@ -478,7 +480,11 @@ class Ingress:
 
 
 def _build(args: GeneratorAppArgs, options: dict[str, dict[str, Any]]) -> serve.Application:
-    args = args.resolved()  # a bad generator directory fails here, not in every replica
+    from icm.generator import LoraGenerator
+
+    # loaded once here: a bad generator directory fails now, not in every replica
+    loaded = LoraGenerator.load(Path(args.generator_dir).expanduser().resolve())
+    args = args.resolved(loaded.model_spec)
     Path(args.adapter_dir).mkdir(parents=True, exist_ok=True)
 
     def configured(deployment):
@@ -492,7 +498,7 @@ def _build(args: GeneratorAppArgs, options: dict[str, dict[str, Any]]) -> serve.
     if args.engine == "vllm":
         from serve_apps.vllm_app import build_vllm_app
 
-        return build_vllm_app(args, generator, options, configured)
+        return build_vllm_app(args, loaded, generator, options, configured)
     completions = configured(completions_deployment(args.max_adapters_per_replica)).bind(
         args.generator_dir, args.adapter_dir, args.cache_dir, args.model_dtype)
     return configured(Ingress).bind(generator, completions, args.model_dump(mode="json"))
@@ -509,6 +515,19 @@ def build_app(args: GeneratorAppArgs) -> serve.Application:
     return _build(args, {})
 
 
+def _app_entry(config_path: str | Path):
+    """The icm application's entry (``ServeApplicationSchema``) of a Serve config file."""
+    from ray.serve.schema import ServeDeploySchema
+
+    schema = ServeDeploySchema.model_validate(yaml.safe_load(Path(config_path).read_text()))
+    entry = next((a for a in schema.applications
+                  if a.import_path.endswith("lora_generator:build_app")), None)
+    if entry is None:
+        raise InputError(f"{config_path}: no application with import_path "
+                         "serve_apps.lora_generator:build_app.")
+    return entry
+
+
 def app_from_config(config_path: str | Path = DEFAULT_CONFIG, *,
                     deployment_overrides: dict[str, dict[str, Any]] | None = None,
                     **arg_overrides: Any) -> tuple[serve.Application, str, str]:
@@ -519,14 +538,7 @@ def app_from_config(config_path: str | Path = DEFAULT_CONFIG, *,
     Returns:
         (application, app name, route prefix) for ``serve.run``.
     """
-    from ray.serve.schema import ServeDeploySchema
-
-    schema = ServeDeploySchema.model_validate(yaml.safe_load(Path(config_path).read_text()))
-    entry = next((a for a in schema.applications
-                  if a.import_path.endswith("lora_generator:build_app")), None)
-    if entry is None:
-        raise InputError(f"{config_path}: no application with import_path "
-                         "serve_apps.lora_generator:build_app.")
+    entry = _app_entry(config_path)
     args = GeneratorAppArgs.model_validate({**(entry.args or {}), **arg_overrides})
     options = {d.name: d.model_dump(exclude_unset=True, exclude={"name"})
                for d in entry.deployments}
@@ -537,14 +549,6 @@ def app_from_config(config_path: str | Path = DEFAULT_CONFIG, *,
 
 def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
-
-
-def _config_args(config_path: str | Path) -> dict[str, Any]:
-    """The ``args`` of the icm application in a Serve config file (no Serve schema needed)."""
-    apps = yaml.safe_load(Path(config_path).read_text()).get("applications") or []
-    entry = next((a for a in apps if str(a.get("import_path", "")).endswith(
-        "lora_generator:build_app")), {})
-    return dict(entry.get("args") or {})
 
 
 def run_server(*, generator: str, adapters: str | None = None, config: str | Path | None = None,
@@ -567,7 +571,7 @@ def run_server(*, generator: str, adapters: str | None = None, config: str | Pat
     local_s3 = None
     try:
         args = GeneratorAppArgs.model_validate(
-            {**_config_args(config or DEFAULT_CONFIG), **overrides}).resolved()
+            {**(_app_entry(config or DEFAULT_CONFIG).args or {}), **overrides}).resolved()
         if config is None:  # each engine's own deployment entries
             config = DEFAULT_CONFIG if args.engine == "vllm" else HF_SERVE_CONFIG
         http = yaml.safe_load(Path(config).read_text()).get("http_options") or {}

@@ -29,7 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from icm.errors import InputError
 from icm.serving import (ADAPTER_ID_PATTERN, AdapterRequest, AdapterResponse, ServeInputError,
-                         check_adapter_id, check_prompts)
+                         check_output_limits, check_prompts, parse_model)
 from serve_apps.lora_generator import (ARCHIVE_RESPONSES, ERRORS, AdapterFront, GeneratorAppArgs,
                                        _http_error, _input_error, _overloaded, _unavailable,
                                        _validation_error)
@@ -96,38 +96,25 @@ class IcmOpenAiIngress(OpenAiIngress):
 
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
         self._check_model(body.model)
+        prompts = 1
         if isinstance(body.prompt, str) or (isinstance(body.prompt, list) and body.prompt
                                             and isinstance(body.prompt[0], str)):
-            check_prompts(body.prompt, self.args.limits)
-        self._check_sampling(body.max_tokens, body.n)
+            prompts = len(check_prompts(body.prompt, self.args.limits))  # text, not token ids
+        check_output_limits(body.max_tokens, body.n, self.args.limits, prompts=prompts)
         return await super().completions(body, request)
 
     async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
         self._check_model(body.model)
         if len(body.messages) > self.args.limits.max_messages:
-            raise ServeInputError(f"{len(body.messages)} messages; at most "
+            raise ServeInputError(f"'messages' has {len(body.messages)} entries; at most "
                                   f"{self.args.limits.max_messages}.", param="messages")
-        self._check_sampling(body.max_completion_tokens or body.max_tokens, body.n)
+        check_output_limits(body.max_completion_tokens or body.max_tokens, body.n, self.args.limits)
         return await super().chat(body, request)
 
     def _check_model(self, model: str | None) -> None:
         """An adapter model must name a stored adapter: a 404 naming it, before the engine."""
-        if model and model != self.model_id and model.startswith(self.model_id + ":"):
-            adapter_id = model[len(self.model_id) + 1:]
-            try:
-                check_adapter_id(adapter_id)
-            except ServeInputError as err:
-                raise ServeInputError(str(err), param="model") from None
+        if model and (adapter_id := parse_model(model, self.model_id, prefix=f"{self.model_id}:")):
             self.adapters.store.require(adapter_id, param="model")
-
-    def _check_sampling(self, max_tokens: int | None, n: int | None) -> None:
-        limits = self.args.limits
-        if max_tokens is not None and max_tokens > limits.max_tokens:
-            raise ServeInputError(f"'max_tokens' is {max_tokens}; at most {limits.max_tokens}.",
-                                  param="max_tokens")
-        if (n or 1) > limits.max_choices:
-            raise ServeInputError(f"n={n} exceeds the limit of {limits.max_choices} choices.",
-                                  param="n")
 
 
 ENDPOINTS = {
@@ -160,11 +147,11 @@ def _ingress_app():
     return app
 
 
-def build_vllm_app(args: GeneratorAppArgs, generator_app, options: dict[str, dict[str, Any]],
-                   configured) -> serve.Application:
-    """The ingress over an LLMServer deployment and the adapter generator (``generator_app``,
-    bound by the caller). ``options``: the Serve config's deployment entries by name."""
-    from icm.generator import LoraGenerator
+def build_vllm_app(args: GeneratorAppArgs, generator, generator_app,
+                   options: dict[str, dict[str, Any]], configured) -> serve.Application:
+    """The ingress over an LLMServer deployment and the adapter generator (``generator``: the
+    loaded `LoraGenerator`; ``generator_app``: its deployment, bound by the caller).
+    ``options``: the Serve config's deployment entries by name."""
     from icm.models import weights_location
     from ray.llm._internal.serve.core.configs.openai_api_models import to_model_metadata
 
@@ -172,7 +159,6 @@ def build_vllm_app(args: GeneratorAppArgs, generator_app, options: dict[str, dic
         raise InputError("vllm.adapter_uri is not set: the vLLM engine loads adapters only from "
                          "object storage. Fix: set it to an s3:// or gs:// prefix, or start with "
                          "`icm serve`, which runs an S3-compatible server on loopback.")
-    generator = LoraGenerator.load(args.generator_dir)
     check_engine_takes(generator, args.vllm)
     config = llm_config(args, generator, weights_location(generator.model_spec, cache_dir=args.cache_dir),
                         dict(options.get(LLM_SERVER, {})))

@@ -29,6 +29,7 @@ Clients and server share this machine's cores, so throughput figures are lower b
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -268,9 +269,9 @@ def report(uncached, cached, server, rate, scaling, args) -> None:
 ENGINE_PROMPTS = ["The cat", "Once upon a time", "The recipe needs", "In the morning we"]
 
 
-def start_engine_app(engine: str, generator: Path, workdir: Path, max_tokens: int) -> str:
+def start_engine_app(engine: str, generator: Path, workdir: Path, max_tokens: int, stack) -> str:
     """The app with one completions engine, started the way `icm serve --engine` starts it
-    (the vLLM one with moto's S3 on loopback), on a fresh local Ray."""
+    (the vLLM one with moto's S3 on loopback, stopped by ``stack``), on a fresh local Ray."""
     import ray
     from ray import serve
 
@@ -282,7 +283,7 @@ def start_engine_app(engine: str, generator: Path, workdir: Path, max_tokens: in
     if engine == "vllm":
         from icm.object_store import LocalS3
 
-        s3 = LocalS3(bucket=f"bench-{os.getpid()}").start()
+        s3 = stack.enter_context(LocalS3(bucket=f"bench-{os.getpid()}"))
         extra = {"vllm": {"adapter_uri": f"{s3.uri}/adapters", "device": "cpu", "cpus": 0.8,
                           "max_loras": 16, "max_num_seqs": 64, "max_model_len": 512}}
     ray.init(num_cpus=os.cpu_count(), num_gpus=0, include_dashboard=False,
@@ -347,16 +348,15 @@ def engine_rows(engine: str, url: str, args) -> list[dict]:
                     client, models[i % count], i, args.engine_tokens, stream=engine == "vllm"),
                     range(concurrency)))
             wall = time.perf_counter() - started
-            done = results
-            ok = [r for r in done if "error" not in r]
+            ok = [r for r in results if "error" not in r]
             ttft = [r["ttft"] for r in ok]
             rows.append({"engine": engine, "concurrency": concurrency, "adapters": count,
                          "tokens": sum(r["tokens"] for r in ok), "wall_s": wall,
                          "tokens_per_s": sum(r["tokens"] for r in ok) / wall,
                          "ttft_p50": percentile(ttft, 50) if ttft else None,
                          "ttft_p99": percentile(ttft, 99) if ttft else None,
-                         "failures": len(done) - len(ok),
-                         "errors": sorted({r["error"] for r in done if "error" in r})[:2]})
+                         "failures": len(results) - len(ok),
+                         "errors": sorted({r["error"] for r in results if "error" in r})[:2]})
             print(rows[-1], flush=True)
     return rows
 
@@ -384,13 +384,14 @@ def run_engines(args) -> int:
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-engines-") as workdir:
         for engine in args.engine:
-            try:
-                url = start_engine_app(engine, Path(args.generator), Path(workdir) / engine,
-                                       args.engine_tokens)
-                rows += engine_rows(engine, url, args)
-            finally:
-                serve.shutdown()
-                ray.shutdown()
+            with contextlib.ExitStack() as stack:
+                try:
+                    url = start_engine_app(engine, Path(args.generator), Path(workdir) / engine,
+                                           args.engine_tokens, stack)
+                    rows += engine_rows(engine, url, args)
+                finally:
+                    serve.shutdown()
+                    ray.shutdown()
     engines_report(rows)
     return 0
 
