@@ -14,6 +14,8 @@ Imported only when the vLLM engine is chosen (ray.serve.llm needs vLLM).
 
 from __future__ import annotations
 
+import asyncio
+import weakref
 from typing import Any
 
 from fastapi import Path as PathParam, Request
@@ -22,7 +24,7 @@ from fastapi.responses import Response
 from ray import serve
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
-from ray.serve.llm import LLMConfig, build_llm_deployment
+from ray.serve.llm import LLMConfig, LLMServer, build_llm_deployment
 from ray.serve.llm.ingress import OpenAiIngress, make_fastapi_ingress
 from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -31,8 +33,8 @@ from icm.errors import InputError
 from icm.serving import (ADAPTER_ID_PATTERN, AdapterRequest, AdapterResponse, ServeInputError,
                          check_output_limits, check_prompts, parse_model)
 from serve_apps.lora_generator import (ARCHIVE_RESPONSES, ERRORS, AdapterFront, GeneratorAppArgs,
-                                       _http_error, _input_error, _overloaded, _unavailable,
-                                       _validation_error)
+                                       _http_error, _input_error, _overloaded, _retrying,
+                                       _unavailable, _validation_error)
 from serve_apps.vllm_args import check_engine_takes
 
 LLM_SERVER = "LLMServer"  # the Serve config's deployment entry for the engine replicas
@@ -64,7 +66,8 @@ def llm_config(args: GeneratorAppArgs, generator, model_source: str,
         actor = dict(deployment_config.get("ray_actor_options") or {})
         actor.setdefault("num_cpus", 0)
         config["deployment_config"] = {**deployment_config, "ray_actor_options": actor}
-        config["runtime_env"] = {"env_vars": {"VLLM_CPU_KVCACHE_SPACE": f"{vllm.cpu_kv_cache_gib:g}"}}
+        config["runtime_env"] = {"env_vars": {"VLLM_CPU_KVCACHE_SPACE": str(vllm.cpu_kv_cache_gib),
+                                              "VLLM_CPU_OMP_THREADS_BIND": vllm.cpu_threads_bind}}
     return LLMConfig(**config)
 
 
@@ -74,9 +77,31 @@ def _cluster_has_gpus() -> bool:
     return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
 
 
+class IcmLLMServer(LLMServer):
+    """Ray's LLMServer with each adapter's first load done once. Ray 2.60 checks whether vLLM
+    holds the adapter, then awaits the load (VLLMEngine.resolve_lora): two requests for a new
+    adapter arriving together both load it, and vLLM refuses the second ("has already been
+    loaded") - a 500 at completion time. One lock per adapter id closes that window; requests
+    for other adapters never wait on it."""
+
+    async def _maybe_resolve_lora_from_multiplex(self) -> None:
+        adapter = serve.get_multiplexed_model_id()
+        if not adapter:
+            return await super()._maybe_resolve_lora_from_multiplex()
+        locks = self.__dict__.setdefault("_icm_adapter_locks", weakref.WeakValueDictionary())
+        lock = locks.setdefault(adapter, asyncio.Lock())  # held here: lives while in use
+        async with lock:
+            await super()._maybe_resolve_lora_from_multiplex()
+
+
 class IcmOpenAiIngress(OpenAiIngress):
     """Ray's OpenAI ingress (completions, chat, streaming, models) plus the adapter endpoints;
-    icm's checks run before a request reaches the engine."""
+    icm's checks run before a request reaches the engine.
+
+    A request whose engine replica dies before its first chunk (a crash, a killed node, a
+    scale-down) is sent again, to a live replica: Ray's ingress waits for that chunk before it
+    answers, so nothing has reached the client yet and the retry is invisible. A stream cut after
+    its first chunk cannot be replayed and ends early."""
 
     def __init__(self, llm_deployments: dict[str, DeploymentHandle], model_cards: dict, *,
                  lora_paths: dict[str, str], generator: DeploymentHandle, args: dict):
@@ -101,7 +126,8 @@ class IcmOpenAiIngress(OpenAiIngress):
                                             and isinstance(body.prompt[0], str)):
             prompts = len(check_prompts(body.prompt, self.args.limits))  # text, not token ids
         check_output_limits(body.max_tokens, body.n, self.args.limits, prompts=prompts)
-        return await super().completions(body, request)
+        engine_call = super().completions
+        return await _retrying(lambda: engine_call(body, request))
 
     async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
         self._check_model(body.model)
@@ -109,7 +135,8 @@ class IcmOpenAiIngress(OpenAiIngress):
             raise ServeInputError(f"'messages' has {len(body.messages)} entries; at most "
                                   f"{self.args.limits.max_messages}.", param="messages")
         check_output_limits(body.max_completion_tokens or body.max_tokens, body.n, self.args.limits)
-        return await super().chat(body, request)
+        engine_call = super().chat
+        return await _retrying(lambda: engine_call(body, request))
 
     def _check_model(self, model: str | None) -> None:
         """An adapter model must name a stored adapter: a 404 naming it, before the engine."""
@@ -163,7 +190,8 @@ def build_vllm_app(args: GeneratorAppArgs, generator, generator_app,
     config = llm_config(args, generator, weights_location(generator.model_spec, cache_dir=args.cache_dir),
                         dict(options.get(LLM_SERVER, {})))
     # named "LLMServer" (not "LLMServer:<model_id>"): the Serve config's entry of that name applies
-    server = build_llm_deployment(config, override_serve_options={"name": LLM_SERVER})
+    server = build_llm_deployment(config, override_serve_options={"name": LLM_SERVER},
+                                  deployment_cls=IcmLLMServer)
     ingress_cls = make_fastapi_ingress(IcmOpenAiIngress, endpoint_map=ENDPOINTS, app=_ingress_app())
     ingress = configured(serve.deployment(ingress_cls, name="Ingress"))
     return ingress.bind(llm_deployments={config.model_id: server},

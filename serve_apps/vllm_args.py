@@ -41,8 +41,13 @@ class VllmArgs(BaseModel):
     cpus: float = Field(1.0, gt=0, description=(
         "CPUs a CPU engine replica reserves (its placement group's one bundle; the replica actor "
         "itself takes none). vLLM's threads use the cores they find either way."))
-    cpu_kv_cache_gib: float = Field(1.0, gt=0, description=(
-        "KV cache of a CPU replica in GiB (VLLM_CPU_KVCACHE_SPACE)."))
+    cpu_threads_bind: str = Field("auto", pattern=r"^(auto|nobind|[0-9,\-|]+)$", description=(
+        "VLLM_CPU_OMP_THREADS_BIND of a CPU replica: auto (vLLM binds its compute thread(s) to "
+        "one NUMA node's cores, one core left to the front end), nobind (several replicas on one "
+        "machine: auto would pin them all to the same core), or a core list such as 0-3."))
+    # vLLM reads VLLM_CPU_KVCACHE_SPACE with int(): a fraction would kill the engine at start-up
+    cpu_kv_cache_gib: int = Field(1, ge=1, description=(
+        "KV cache of a CPU replica in whole GiB (VLLM_CPU_KVCACHE_SPACE)."))
     engine_kwargs: dict[str, Any] = Field(default_factory=dict, description=(
         "Further vLLM engine arguments, passed through (e.g. enforce_eager)."))
 

@@ -140,6 +140,17 @@ def test_two_adapters_in_one_batch_each_get_their_own_output(served):
     assert together == [alone[m] for m in models]
 
 
+def test_concurrent_first_requests_for_a_new_adapter_all_succeed(served):
+    """Ray 2.60 loaded a new adapter once per concurrent first request and vLLM refused all but
+    one with a 500 ("has already been loaded"); IcmLLMServer loads it once."""
+    adapter = served.adapter({**CATS, "seed": 7})  # never requested before in this module
+    body = {"model": adapter["model"], "prompt": "My pet", "max_tokens": 4, "temperature": 0}
+    with ThreadPoolExecutor(8) as pool:
+        responses = list(pool.map(lambda _: served.post("/v1/completions", body), range(8)))
+    assert [r.status_code for r in responses] == [200] * 8, [r.text for r in responses]
+    assert len({r.json()["choices"][0]["text"] for r in responses}) == 1
+
+
 def test_health_names_the_engine(served):
     health = requests.get(served.url + "/healthz", timeout=30).json()
     assert health["engine"] == "vllm" and health["model"] == BASE

@@ -71,3 +71,15 @@ def test_vllm_args_refuse_a_rank_vllm_does_not_take():
     with pytest.raises(ValidationError, match="max_lora_rank"):
         VllmArgs(max_lora_rank=12)
 
+
+def test_vllm_args_take_the_kv_cache_in_whole_gib():
+    """vLLM parses VLLM_CPU_KVCACHE_SPACE with int(): 0.5 must be refused here, naming the
+    field, not crash the engine replica at start-up."""
+    from pydantic import ValidationError
+
+    from serve_apps.vllm_args import VllmArgs
+
+    with pytest.raises(ValidationError, match="cpu_kv_cache_gib"):
+        VllmArgs(cpu_kv_cache_gib=0.5)
+    assert VllmArgs(cpu_kv_cache_gib=2).cpu_kv_cache_gib == 2
+
