@@ -40,7 +40,8 @@ class VllmArgs(BaseModel):
         "Engine weights dtype; auto: bfloat16 on GPU, the model's own on CPU."))
     cpus: float = Field(1.0, gt=0, description=(
         "CPUs a CPU engine replica reserves (its placement group's one bundle; the replica actor "
-        "itself takes none). vLLM's threads use the cores they find either way."))
+        "itself takes none). With cpu_threads_bind nobind it also sets the engine's OpenMP threads "
+        "(its whole CPUs, at least 1); otherwise vLLM's binding decides them."))
     cpu_threads_bind: str = Field("auto", pattern=r"^(auto|nobind|[0-9,\-|]+)$", description=(
         "VLLM_CPU_OMP_THREADS_BIND of a CPU replica: auto (vLLM binds its compute thread(s) to "
         "one NUMA node's cores, one core left to the front end), nobind (several replicas on one "

@@ -16,7 +16,7 @@ import pytest
 import requests
 
 from icm.models import SMOLLM2
-from tests.integration.test_serve import CATS, Served, build_tiny_generator, free_port
+from tests.integration.test_serve import CATS, Served, free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(
     importlib.util.find_spec("vllm") is None,
@@ -28,7 +28,7 @@ DOGS = {"description": "Short texts about dogs and their walks.",
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
+def served(tmp_path_factory, smol_generator):
     import ray
     from ray import serve
 
@@ -36,8 +36,7 @@ def served(tmp_path_factory):
     from serve_apps.lora_generator import app_from_config
 
     root = tmp_path_factory.mktemp("serve-vllm")
-    generator_dir = build_tiny_generator(root / "generator", model_spec=SMOLLM2, steps=8,
-                                         snapshots=4)
+    generator_dir = smol_generator
     s3 = LocalS3().start()  # before Ray: its workers inherit the endpoint and credentials
     ray.init(num_cpus=2, num_gpus=0, object_store_memory=300 * 1024**2, include_dashboard=False)
     try:

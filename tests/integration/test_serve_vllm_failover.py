@@ -16,8 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from icm.models import SMOLLM2
-from tests.integration.test_serve import CATS, Served, build_tiny_generator, free_port
+from tests.integration.test_serve import CATS, Served, free_port
 from tests.integration.test_serve_vllm import DOGS
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(
@@ -35,7 +34,7 @@ DEADLINE_S = 420
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
+def served(tmp_path_factory, smol_generator):
     import ray
     from ray import serve
 
@@ -43,8 +42,7 @@ def served(tmp_path_factory):
     from serve_apps.lora_generator import app_from_config
 
     root = tmp_path_factory.mktemp("serve-vllm-failover")
-    generator_dir = build_tiny_generator(root / "generator", model_spec=SMOLLM2, steps=8,
-                                         snapshots=4)
+    generator_dir = smol_generator
     s3 = LocalS3().start()  # before Ray: its workers inherit the endpoint and credentials
     ray.init(num_cpus=2, num_gpus=0, object_store_memory=300 * 1024**2, include_dashboard=False)
     try:
