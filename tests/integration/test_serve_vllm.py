@@ -9,6 +9,7 @@ the very adapter folder the engine loaded.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 from concurrent.futures import ThreadPoolExecutor
 
@@ -27,16 +28,16 @@ DOGS = {"description": "Short texts about dogs and their walks.",
         "examples": ["The dog ran to the park.", "A brown dog fetched the stick."]}
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory, smol_generator):
+@contextlib.contextmanager
+def serve_vllm(root, generator_dir, *, deployment_overrides=None, **vllm):
+    """The app as `icm serve --engine vllm` starts it (moto's S3 on loopback, a local Ray, the
+    default Serve config) with ``vllm`` settings over the defaults; yields a `Served`."""
     import ray
     from ray import serve
 
     from icm.object_store import LocalS3
     from serve_apps.lora_generator import app_from_config
 
-    root = tmp_path_factory.mktemp("serve-vllm")
-    generator_dir = smol_generator
     s3 = LocalS3().start()  # before Ray: its workers inherit the endpoint and credentials
     ray.init(num_cpus=2, num_gpus=0, object_store_memory=300 * 1024**2, include_dashboard=False)
     try:
@@ -45,7 +46,8 @@ def served(tmp_path_factory, smol_generator):
         app, name, prefix = app_from_config(
             generator_dir=str(generator_dir), adapter_dir=str(root / "adapters"), engine="vllm",
             vllm={"model_id": BASE, "adapter_uri": f"{s3.uri}/adapters", "device": "cpu",
-                  "max_loras": 2, "max_model_len": 512, "max_num_seqs": 16},
+                  "max_loras": 2, "max_num_seqs": 16, **vllm},
+            deployment_overrides=deployment_overrides,
             limits={"max_tokens": 32, "max_examples": 8, "max_samples": 4})
         serve.run(app, name=name, route_prefix=prefix)
         yield Served(f"http://127.0.0.1:{port}", generator_dir, root / "adapters", BASE)
@@ -53,6 +55,13 @@ def served(tmp_path_factory, smol_generator):
         serve.shutdown()
         ray.shutdown()
         s3.stop()
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, smol_generator):
+    with serve_vllm(tmp_path_factory.mktemp("serve-vllm"), smol_generator,
+                    max_model_len=512) as app:
+        yield app
 
 
 def _client(served):

