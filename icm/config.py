@@ -308,6 +308,14 @@ class GeneratorConfig(StageConfig):
     lm_max_texts: int = Field(64, ge=1, description="lm/hybrid: train texts per task drawn from.")
     lm_reconstruction_weight: float = Field(1.0, ge=0, description=(
         "hybrid: weight of the CVAE loss beside the LM loss."))
+    lm_shared_residual: bool = Field(False, description=(
+        "lm/hybrid: also learn one adapter-sized offset added to every generated adapter, by the "
+        "LM loss only: what all training tasks share but the zoo's short fine-tunes did not reach "
+        "(the conditioned network, and the CVAE loss of hybrid, are unchanged). Not confined to "
+        "the zoo's span; +1 adapter's size in the artifact."))
+    lm_residual_lr: float = Field(5e-3, gt=0, description=(
+        "lm/hybrid with lm_shared_residual: its Adam learning rate (a raw LoRA's scale, as the zoo's "
+        "lr; the network's is lm_lr)."))
     lm_workers: int = Field(1, ge=1, description=(
         "lm/hybrid: Ray Train data-parallel workers (each draws its own tasks per step)."))
     lm_gpus_per_worker: float = Field(0.0, ge=0, description=(

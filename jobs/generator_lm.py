@@ -124,6 +124,8 @@ def finetune(cfg: PipelineConfig, gen_cfg: GeneratorConfig, suite: Suite, start:
     with result.checkpoint.as_directory() as folder:
         state = torch.load(Path(folder) / STATE_FILE, weights_only=False)
     generator.model.load_state_dict({k: v.cpu() for k, v in state["model"].items()})
+    if state.get("residual") is not None:  # generator.lm_shared_residual
+        generator.residual = state["residual"].cpu()
     generator.config = gen_cfg
     generator.summary = {**generator.summary, "objective": gen_cfg.objective,
                          "lm": {"steps": state["step"], "history": state["history"],

@@ -2,7 +2,8 @@
 adapter, saved as one self-contained directory.
 
     <generator>/generator.safetensors   CVAE weights, normalisation stats, principal basis,
-                                        condition stats, fixed tensors (target "b": lora_A)
+                                        condition stats, fixed tensors (target "b": lora_A),
+                                        the LM objective's shared residual (if learnt)
     <generator>/generator.json          config, CVAE spec, condition spec, base model, LoRA
                                         layout (+ fingerprint), peft config template, training
                                         summary, size beside the size of the zoo it replaces
@@ -43,8 +44,11 @@ class LoraGenerator:
     def __init__(self, *, model: CVAE, codec: WeightCodec, condition_norm: ConditionNorm,
                  layout: LoraLayout, generated_keys: tuple[str, ...], fixed: Mapping[str, torch.Tensor],
                  peft_config: dict, model_spec: str, condition_spec: dict, config: GeneratorConfig,
-                 summary: dict | None = None):
+                 summary: dict | None = None, residual: torch.Tensor | None = None):
         self.model = model.eval()
+        # (L_gen,) de-normalised offset added to every generated adapter, learnt by the LM
+        # objective alone (generator.lm_shared_residual); None: the network's output as is
+        self.residual = residual
         self.codec, self.condition_norm = codec, condition_norm
         self.layout, self.generated_keys, self.fixed = layout, tuple(generated_keys), dict(fixed)
         self.peft_config, self.model_spec = peft_config, model_spec
@@ -62,12 +66,19 @@ class LoraGenerator:
         self.codec = self.codec.to(device)
         self.condition_norm = moved(self.condition_norm, device)
         self._template, self._positions = self._template.to(device), self._positions.to(device)
+        if self.residual is not None:
+            self.residual = self.residual.detach().to(device)
         return self
 
     @property
     def template(self) -> torch.Tensor:
         """(L,) flat vector with the fixed tensors in place and zeros where generated."""
         return self._template
+
+    @property
+    def generated_dim(self) -> int:
+        """L_gen: values the generator emits per adapter (all of L, or the B half for target "b")."""
+        return int(self._positions.numel())
 
     @property
     def condition_dim(self) -> int:
@@ -111,7 +122,14 @@ class LoraGenerator:
         shape = (len(c), self.model.spec.latent_dim)
         latent = (torch.randn(shape, generator=torch.Generator().manual_seed(seed)) if z == "random"
                   else torch.zeros(shape)).to(device)  # drawn on the CPU: the same draws anywhere
-        return self.full_vectors(self.codec.decode(self.model.decode(latent, c)))
+        return self.full_vectors(self.generated_values(latent, c))
+
+    def generated_values(self, latent: torch.Tensor, conditions: torch.Tensor) -> torch.Tensor:
+        """De-normalised generated values (B, L_gen) from latents (B, latent) and z-scored
+        conditions (B, D): the network's output, plus the shared residual where the LM objective
+        learnt one; keeps gradients."""
+        values = self.codec.decode(self.model.decode(latent, conditions))  # (B, L_gen)
+        return values if self.residual is None else values + self.residual
 
     def full_vectors(self, generated: torch.Tensor) -> torch.Tensor:
         """Generated values (B, L_gen) placed into full flat adapters (B, L), the fixed tensors
@@ -148,6 +166,8 @@ class LoraGenerator:
             t.update({"subspace.mean": sub.mean, "subspace.basis": sub.basis.to(dtype),
                       "subspace.scale": sub.scale, "subspace.explained": sub.explained})
         t.update({f"fixed.{k}": v for k, v in self.fixed.items()})
+        if self.residual is not None:
+            t["residual"] = self.residual.detach()
         return {k: v.contiguous() for k, v in t.items()}
 
     def metadata(self) -> dict[str, Any]:
@@ -206,4 +226,4 @@ class LoraGenerator:
                    fixed={k[6:]: v for k, v in t.items() if k.startswith("fixed.")},
                    peft_config=meta["peft_config"], model_spec=meta["model_spec"],
                    condition_spec=meta["condition_spec"], config=GeneratorConfig(**meta["config"]),
-                   summary=meta.get("training"))
+                   summary=meta.get("training"), residual=t.get("residual"))

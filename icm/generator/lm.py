@@ -77,7 +77,7 @@ def generated_vectors(generator: LoraGenerator, conditions: torch.Tensor, z: tor
                       ) -> torch.Tensor:
     """Full flat adapters (B, L) from z-scored conditions (B, D) and latents (B, latent), with
     gradients to the generator's network (`LoraGenerator.sample` is the no-grad path)."""
-    return generator.full_vectors(generator.codec.decode(generator.model.decode(z, conditions)))
+    return generator.full_vectors(generator.generated_values(z, conditions))
 
 
 def average_gradients(parameters) -> None:
@@ -93,6 +93,18 @@ def average_gradients(parameters) -> None:
             parameter.grad = torch.zeros_like(parameter)
         dist.all_reduce(parameter.grad)
         parameter.grad /= world
+
+
+def shared_residual(generator: LoraGenerator, cfg: GeneratorConfig) -> torch.nn.Parameter | None:
+    """With ``cfg.lm_shared_residual``: the generator's residual (L_gen,) as a trainable
+    parameter, zeros when the start has none (so step 0 generates what reconstruction did)."""
+    if not cfg.lm_shared_residual:
+        return None
+    start = generator.residual
+    if start is None:
+        start = torch.zeros(generator.generated_dim, device=generator.template.device)
+    generator.residual = torch.nn.Parameter(start.detach().clone())
+    return generator.residual
 
 
 @dataclass
@@ -174,11 +186,17 @@ def fit_lm(generator: LoraGenerator, applier: FunctionalLora, tasks: Sequence[Lm
     ``report(metrics, state)`` is called every ``cfg.report_every`` steps and at the end with
     the full training state (what `resume_state` takes back).
     """
-    network = generator.model
-    opt = torch.optim.AdamW(network.parameters(), lr=cfg.lm_lr, weight_decay=cfg.weight_decay)
+    network, residual = generator.model, shared_residual(generator, cfg)
+    groups = [{"params": list(network.parameters())}]
+    if residual is not None:  # a raw adapter's scale: its own lr, no decay towards 0
+        groups.append({"params": [residual], "lr": cfg.lm_residual_lr, "weight_decay": 0.0})
+    opt = torch.optim.AdamW(groups, lr=cfg.lm_lr, weight_decay=cfg.weight_decay)
+    trainable = [p for group in groups for p in group["params"]]
     result, gen = LmResult(), torch.Generator().manual_seed(cfg.seed + 1000 * rank)
     if resume_state is not None:
         network.load_state_dict(resume_state["model"])
+        if residual is not None:
+            residual.data.copy_(resume_state["residual"])
         opt.load_state_dict(resume_state["optimizer"])
         gen.set_state(resume_state["rng"])
         result = LmResult(resume_state["history"], resume_state["step"], resume_state["train_seconds"])
@@ -199,8 +217,8 @@ def fit_lm(generator: LoraGenerator, applier: FunctionalLora, tasks: Sequence[Lm
             running["recon"] += float(terms["recon"].detach())
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        average_gradients(network.parameters())
-        torch.nn.utils.clip_grad_norm_(network.parameters(), 1.0)
+        average_gradients(trainable)
+        torch.nn.utils.clip_grad_norm_(network.parameters(), 1.0)  # Adam scales the residual's
         opt.step()
         result.steps += 1
         result.train_seconds += time.perf_counter() - started
@@ -219,8 +237,11 @@ def fit_lm(generator: LoraGenerator, applier: FunctionalLora, tasks: Sequence[Lm
         if report is not None:  # a copy: state_dict tensors alias the live parameters
             report(metrics, copy.deepcopy({
                 "model": network.state_dict(), "optimizer": opt.state_dict(), "rng": gen.get_state(),
+                "residual": None if residual is None else residual.detach(),
                 "step": result.steps, "history": result.history, "train_seconds": result.train_seconds}))
         if diverged:
             break
     network.eval()
+    if residual is not None:
+        generator.residual = residual.detach()
     return result
