@@ -10,9 +10,13 @@ checkpoint; ASHA stops weak trials on ``val_mse`` = mean of ``val_seen_mse`` (he
 snapshots of seen tasks) and ``val_unseen_mse`` (validation tasks), the per-element MSE of the
 z = 0 adapter in normalised weight space. The ``tune.rescore_top`` best trials then generate
 adapters for the validation tasks, scored by eval perplexity on the base model; the best wins.
+With end-to-end objectives in ``tune.objectives`` (lm, hybrid), the best of those is then
+fine-tuned by each of them in a second Tune experiment (a grid, one trial per objective,
+``generator.lm_steps`` on the search's training tasks' train texts; validation tasks never
+train) and scored the same way: the objective is searched by what it is for, perplexity.
 A killed search resumes (``tune.Tuner.restore``) when rerun with the same config.
 Outputs under ``<storage.root>/tune/``: ``best_config.json``, ``trials.parquet``, ``split.json``,
-``ray/cvae-search/`` (Tune's experiment: trial checkpoints, results).
+``ray/cvae-search/`` and ``ray/objective-search/`` (Tune's experiments: checkpoints, results).
 """
 
 from __future__ import annotations
@@ -47,6 +51,8 @@ from jobs.ray_setup import init_ray
 
 log = logging.getLogger("jobs.tune")
 EXPERIMENT = "cvae-search"
+OBJECTIVE_EXPERIMENT = "objective-search"
+LM_STATE_FILE = "lm_state.pt"
 METRIC = "val_mse"
 # Value sets of the categorical dimensions; the configured value is always added.
 LATENTS, NOISES = (8, 16, 32, 64), (0.0, 0.01, 0.05, 0.1)
@@ -85,8 +91,9 @@ def trial_config(base: dict[str, Any], params: dict[str, Any]) -> GeneratorConfi
     params = params.get("params", params)  # grid runs (the benchmark) nest them
     update = {k: params[k] for k in ("arch", "lr", "beta", "latent_dim", "noise")}
     update["width"] = params[f"width_{params['arch']}"]
-    if "depth" in params:
-        update["depth"] = params["depth"]
+    for key in ("depth", "objective"):
+        if key in params:
+            update[key] = params[key]
     return GeneratorConfig.model_validate({**base, **update})
 
 
@@ -176,6 +183,7 @@ def search(cfg: PipelineConfig, data: PreparedData, storage: str, fingerprint: s
     marker = join(storage, "search.json")
     if (found := read_json(marker)) is not None and found.get("fingerprint") != fingerprint:
         delete(join(storage, EXPERIMENT))
+        delete(join(storage, OBJECTIVE_EXPERIMENT))
     write_json(marker, {"fingerprint": fingerprint})
     results = make_tuner(cfg, data, storage).fit()
     if results.num_errors == len(results):
@@ -205,58 +213,168 @@ def validation_texts(task, count: int) -> list[str]:
     return task.train_texts()[-count:]
 
 
-def rescore(cfg: PipelineConfig, suite: Suite, data: PreparedData, rows: list[dict]) -> list[dict]:
-    """Eval perplexity of each candidate's z = 0 adapter on the validation tasks (base model + adapter)."""
-    from icm.adapters import apply_adapter
-    from icm.evaluation import score_texts
-    from icm.models import load_base_model
+class ValidationScorer:
+    """Model selection's one yardstick: the eval perplexity (base model + adapter) of the z = 0
+    adapter a candidate generates for each validation task, on that task's `validation_texts`."""
 
-    tasks = list(data.split.val_tasks) or list(data.split.train_tasks[:2])
-    texts = {t: validation_texts(suite.tasks[t], cfg.tune.rescore_max_texts) for t in tasks}
-    m = cfg.model
+    def __init__(self, cfg: PipelineConfig, suite: Suite, data: PreparedData):
+        self.tasks = list(data.split.val_tasks) or list(data.split.train_tasks[:2])
+        self.texts = {t: validation_texts(suite.tasks[t], cfg.tune.rescore_max_texts) for t in self.tasks}
+        self.model_cfg, self.max_length, self.batch_size = cfg.model, cfg.evaluate.max_length, cfg.evaluate.batch_size
 
-    def perplexity(adapter_dir: Path | None, task: str) -> float:
+    def perplexity(self, adapter_dir: Path | None, task: str) -> float:
+        from icm.adapters import apply_adapter
+        from icm.evaluation import score_texts
+        from icm.models import load_base_model
+
+        m = self.model_cfg
         model, tokenizer = load_base_model(m.spec, cache_dir=m.cache_dir, dtype=m.dtype)
         model = apply_adapter(model, adapter_dir) if adapter_dir else model
-        return score_texts(model, tokenizer, texts[task], max_length=cfg.evaluate.max_length,
-                           batch_size=cfg.evaluate.batch_size).perplexity
+        return score_texts(model, tokenizer, self.texts[task], max_length=self.max_length,
+                           batch_size=self.batch_size).perplexity
 
-    base = {t: perplexity(None, t) for t in tasks}
+    def generator_perplexities(self, generator, task_means) -> dict[str, float]:
+        ppl = {}
+        for task in self.tasks:
+            with tempfile.TemporaryDirectory() as tmp:
+                vector = generator.sample(task_means[task], z="zero")[0]
+                ppl[task] = self.perplexity(generator.write_adapter(vector, Path(tmp) / "adapter"), task)
+        return ppl
+
+
+def mean_log(perplexities: dict[str, float]) -> float:
+    return sum(math.log(p) for p in perplexities.values()) / len(perplexities)
+
+
+def rescore(scorer: ValidationScorer, data: PreparedData, base_cfg: GeneratorConfig,
+            rows: list[dict]) -> list[dict]:
+    """Eval perplexity of each candidate's z = 0 adapter on the validation tasks."""
+    base = {t: scorer.perplexity(None, t) for t in scorer.tasks}
     out = []
     for row in rows:
-        gen_cfg = trial_config(cfg.generator.model_dump(mode="json"), row["params"])
+        gen_cfg = trial_config(base_cfg.model_dump(mode="json"), row["params"])
         with row["checkpoint"].as_directory() as folder:
             generator = generator_from_state(data, gen_cfg, load_checkpoint(folder)["model"])
-        ppl = {}
-        for task in tasks:
-            with tempfile.TemporaryDirectory() as tmp:
-                vector = generator.sample(data.task_means[task], z="zero")[0]
-                ppl[task] = perplexity(generator.write_adapter(vector, Path(tmp) / "adapter"), task)
-        out.append({"trial_id": row["trial_id"], "perplexity": ppl, "base_perplexity": base,
-                    "mean_log_perplexity": sum(math.log(p) for p in ppl.values()) / len(ppl)})
+        ppl = scorer.generator_perplexities(generator, data.task_means)
+        out.append({"trial_id": row["trial_id"], "objective": "reconstruction",  # what the trial trained by
+                    "params": {**row["params"], "objective": "reconstruction"},
+                    "perplexity": ppl, "base_perplexity": base, "mean_log_perplexity": mean_log(ppl)})
         log.info("tune: trial %s val_mse %.4g -> eval perplexity %s (base %s)", row["trial_id"],
                  row["val_mse"], {t: round(p, 3) for t, p in ppl.items()},
                  {t: round(p, 3) for t, p in base.items()})
     return out
 
 
+def objectives_searched(cfg: PipelineConfig) -> list[str]:
+    """The end-to-end objectives of the second phase (the configured one always included)."""
+    return [o for o in _choices(cfg.tune.objectives, cfg.generator.objective) if o != "reconstruction"]
+
+
+def objective_trainable(config: dict[str, Any], data: PreparedData, base: dict[str, Any],
+                        start: dict[str, Any], lm_data: dict[str, Any], scorer: ValidationScorer) -> None:
+    """One objective-search trial: the best reconstruction trial's network (``start``, with its
+    hyperparameters in ``base``) fine-tuned by ``config["objective"]``, checkpointed every
+    ``report_every`` LM steps, then scored by validation perplexity."""
+    import torch
+
+    from icm.generator.lm import FunctionalLora, fit_lm, lm_tasks
+    from icm.models import load_base_model
+
+    cfg = GeneratorConfig.model_validate({**base, "objective": config["objective"]})
+    generator = generator_from_state(data, cfg, start)
+    m = scorer.model_cfg
+    model, tokenizer = load_base_model(m.spec, cache_dir=m.cache_dir, dtype=m.dtype)
+    applier = FunctionalLora(model, generator.peft_config, generator.layout)
+    tasks = lm_tasks(lm_data["texts"], lm_data["conditions"], generator, tokenizer, cfg)
+    reconstruction = None
+    if cfg.objective == "hybrid":
+        rep = data.representation(cfg)
+        reconstruction = (rep.train, rep.codec.weights())
+    resume = None
+    if (checkpoint := tune.get_checkpoint()) is not None:
+        with checkpoint.as_directory() as folder:
+            resume = torch.load(Path(folder) / LM_STATE_FILE, weights_only=False)
+
+    def report(metrics: dict, state: dict) -> None:
+        with tempfile.TemporaryDirectory() as folder:
+            torch.save(state, Path(folder) / LM_STATE_FILE)
+            tune.report({k: v for k, v in metrics.items() if v is not None},
+                        checkpoint=tune.Checkpoint.from_directory(folder))
+
+    fit_lm(generator, applier, tasks, cfg, pad_id=tokenizer.pad_token_id or 0,
+           reconstruction=reconstruction, report=report, resume_state=resume)
+    ppl = scorer.generator_perplexities(generator, data.task_means)
+    tune.report({"val_log_perplexity": mean_log(ppl), "perplexity": ppl, "lm_step": cfg.lm_steps})
+
+
+def objective_search(cfg: PipelineConfig, suite: Suite, data: PreparedData, inputs: GeneratorInputs,
+                     scorer: ValidationScorer, start_row: dict, storage: str) -> list[dict]:
+    """Phase two: ``start_row``'s generator fine-tuned by each end-to-end objective (a Tune grid)."""
+    from jobs.generator_lm import lm_train_texts
+
+    objectives = objectives_searched(cfg)
+    if not data.split.val_tasks:
+        raise ValueError(f"tune.objectives {objectives} are compared on validation tasks the LM loss "
+                         "never trains on; set generator.val_tasks >= 1")
+    base = trial_config(cfg.generator.model_dump(mode="json"), start_row["params"])
+    train = list(data.split.train_tasks)  # never a validation or held-out task
+    lm_data = {"texts": lm_train_texts(suite, train, base.lm_max_texts),
+               "conditions": {t: inputs.conditions[t] for t in train}}
+    with start_row["checkpoint"].as_directory() as folder:
+        start = load_checkpoint(folder)["model"]
+    fn = tune.with_resources(tune.with_parameters(
+        objective_trainable, data=data, base=base.model_dump(mode="json"), start=start,
+        lm_data=lm_data, scorer=scorer), {"cpu": cfg.tune.cpus_per_trial})
+    path = join(storage, OBJECTIVE_EXPERIMENT)
+    log.info("tune: fine-tuning trial %s by %s (%d LM steps each)", start_row["trial_id"],
+             objectives, base.lm_steps)
+    if tune.Tuner.can_restore(path):
+        tuner = tune.Tuner.restore(path, trainable=fn, resume_errored=True)
+    else:
+        tuner = tune.Tuner(fn, param_space={"objective": tune.grid_search(objectives)},
+                           tune_config=tune.TuneConfig(max_concurrent_trials=cfg.tune.max_concurrent),
+                           run_config=tune.RunConfig(
+                               name=OBJECTIVE_EXPERIMENT, storage_path=storage, verbose=1 if verbose() else 0,
+                               checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                               failure_config=tune.FailureConfig(max_failures=1)))
+    rows = []
+    for result in tuner.fit():
+        metrics = result.metrics or {}
+        if result.error is not None or "val_log_perplexity" not in metrics:
+            log.warning("tune: objective trial %s failed: %s", result.config, result.error)
+            continue
+        objective = result.config["objective"]
+        rows.append({"trial_id": start_row["trial_id"], "objective": objective,
+                     "params": {**start_row["params"], "objective": objective},
+                     "perplexity": metrics["perplexity"], "mean_log_perplexity": metrics["val_log_perplexity"],
+                     "lm_steps": metrics["lm_step"], "lm_tasks": sorted(lm_data["texts"])})
+        log.info("tune: trial %s + %s -> eval perplexity %s", start_row["trial_id"], objective,
+                 {t: round(p, 3) for t, p in metrics["perplexity"].items()})
+    return rows
+
+
 def _write_outputs(directory: Path, cfg: PipelineConfig, data: PreparedData, rows, rescored) -> dict:
+    """``rescored``: every candidate scored by validation perplexity (re-scored trials, and
+    their end-to-end fine-tunes); the lowest wins, else the lowest val_mse."""
     import pandas as pd
 
-    best_id = (min(rescored, key=lambda r: r["mean_log_perplexity"])["trial_id"] if rescored
-               else rows[0]["trial_id"])
+    chosen = min(rescored, key=lambda r: r["mean_log_perplexity"]) if rescored else None
+    best_id = chosen["trial_id"] if chosen else rows[0]["trial_id"]
     best = next(r for r in rows if r["trial_id"] == best_id)
-    gen_cfg = trial_config(cfg.generator.model_dump(mode="json"), best["params"])
+    params = chosen["params"] if chosen else best["params"]
+    gen_cfg = trial_config(cfg.generator.model_dump(mode="json"), params)
     frame = pd.DataFrame([{k: v for k, v in r.items() if k != "checkpoint"}
                           | {"params": json.dumps(r["params"])} for r in rows])
     write_bytes_atomic(directory / "trials.parquet", frame.to_parquet(index=False))
     rep = data.representation(gen_cfg)
     record = {"trial_id": best_id, "selected_by": "perplexity" if rescored else METRIC,
-              "hyperparameters": best["params"], "generator_config": gen_cfg.model_dump(mode="json"),
+              "objective": gen_cfg.objective, "hyperparameters": params,
+              "generator_config": gen_cfg.model_dump(mode="json"),
               "metrics": {k: best[k] for k in ("val_mse", "val_seen_mse", "val_unseen_mse", "steps")},
               "rescored": rescored, "baselines": rep.baselines, "representation": rep.info,
               "compute": {"trials": len(rows), "samples": sum(r["samples"] for r in rows),
-                          "full_budget_samples": len(rows) * cfg.generator.steps * cfg.generator.batch_size}}
+                          "full_budget_samples": len(rows) * cfg.generator.steps * cfg.generator.batch_size,
+                          "objective_trials": sum(1 for r in rescored if r["objective"] != "reconstruction")}}
     write_json_atomic(directory / "best_config.json", record)
     return record
 
@@ -284,10 +402,19 @@ def run(cfg: PipelineConfig, suite: Suite, *, inputs: GeneratorInputs | None = N
     init_ray(cfg.ray, cache_dir=cfg.model.cache_dir)
     rows = trial_rows(search(cfg, data, cfg.storage.uri("tune", RAY_DIR), current.fingerprint))
     finite = [r for r in rows if math.isfinite(r["val_mse"])]  # diverged trials are not candidates
-    rescored = rescore(cfg, suite, data, finite[:cfg.tune.rescore_top]) if cfg.tune.rescore_top else []
+    end_to_end = objectives_searched(cfg)
+    top = max(cfg.tune.rescore_top, 1 if end_to_end else 0)  # the objectives compare by perplexity
+    scorer = ValidationScorer(cfg, suite, data)
+    rescored = rescore(scorer, data, cfg.generator, finite[:top]) if top else []
+    if end_to_end:
+        start = min(rescored, key=lambda r: r["mean_log_perplexity"])
+        start_row = next(r for r in finite if r["trial_id"] == start["trial_id"])
+        rescored += objective_search(cfg, suite, data, inputs, scorer, start_row,
+                                     cfg.storage.uri("tune", RAY_DIR))
     record = _write_outputs(current.directory, cfg, data, rows, rescored)
     return current.finish(started, {"best_config": "tune/best_config.json", "trials": len(rows),
                                     "best_trial": record["trial_id"], "selected_by": record["selected_by"],
+                                    "objective": record["objective"],
                                     "best_val_mse": record["metrics"]["val_mse"], **split})
 
 

@@ -29,7 +29,10 @@ OVERRIDES = ["zoo.rank=4", "zoo.alpha=8.0", "zoo.dropout=0.0", "suite.tasks=null
              "generator.subspace_dim=6", "generator.width=32", "generator.latent_dim=4",
              "generator.kl_warmup_steps=10", "generator.val_tasks=1", "generator.val_snapshots=1",
              "tune.num_samples=2", "tune.max_concurrent=2", "tune.grace_period=1",
-             "tune.reduction_factor=2", "tune.rescore_top=2", "tune.rescore_max_texts=2"]
+             "tune.reduction_factor=2", "tune.rescore_top=2", "tune.rescore_max_texts=2",
+             # the objective searched too: the best re-scored trial fine-tuned by the hybrid loss
+             "tune.objectives=[reconstruction,hybrid]", "generator.lm_steps=4", "generator.lm_tasks=1",
+             "generator.lm_texts=1", "generator.lm_seq_len=16"]
 
 
 @pytest.fixture(scope="module")
@@ -72,10 +75,19 @@ def test_tune_search_with_asha_writes_the_best_config(tuned, workspace):
     trial_dirs = (root / "ray" / "cvae-search").glob("trainable_*")
     assert set(trials["trial_id"]) == {p.name.split("_")[1] for p in trial_dirs}
     best = json.loads((root / "best_config.json").read_text())
-    assert best["selected_by"] == "perplexity" and len(best["rescored"]) == 2
+    assert best["selected_by"] == "perplexity"
+    assert sorted(r["objective"] for r in best["rescored"]) == ["hybrid", "reconstruction", "reconstruction"]
     val_task = split["val_tasks"][0]
     for row in best["rescored"]:
         assert set(row["perplexity"]) == {val_task} and row["perplexity"][val_task] > 1
+    # the objective search: one Tune trial, fine-tuned on the search's training tasks only
+    hybrid = next(r for r in best["rescored"] if r["objective"] == "hybrid")
+    assert hybrid["lm_tasks"] == sorted(split["train_tasks"]) and hybrid["lm_steps"] == 4
+    assert hybrid["params"]["objective"] == "hybrid"
+    assert len(list((root / "ray" / "objective-search").glob("objective_trainable_*"))) == 1
+    winner = min(best["rescored"], key=lambda r: r["mean_log_perplexity"])
+    assert best["objective"] == winner["objective"] == best["generator_config"]["objective"]
+    assert best["trial_id"] == winner["trial_id"]
     assert best["generator_config"]["arch"] == "mlp" and best["hyperparameters"]["arch"] == "mlp"
     assert best["baselines"]["val_unseen_mean_mse"] > 0
     # trial checkpoints are kept (the last one of each trial)
