@@ -355,7 +355,8 @@ class TuneConfig(StageConfig):
 
     rescore_top: int = Field(2, ge=0, description=(
         "Top trials re-scored by the eval perplexity of the adapters they generate (validation tasks)."))
-    objectives: list[Literal["reconstruction", "lm", "hybrid"]] = Field(["reconstruction"], min_length=1, description=(
+    objectives: list[Literal["reconstruction", "lm", "hybrid"]] = Field(
+        ["reconstruction"], min_length=1, description=(
         "Training objectives searched (generator.objective is always among them): the best "
         "re-scored trial is fine-tuned by each end-to-end one (lm, hybrid; a grid of Tune trials "
         "of generator.lm_steps each, on the search's training tasks only) and every candidate is "

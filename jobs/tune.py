@@ -220,7 +220,8 @@ class ValidationScorer:
     def __init__(self, cfg: PipelineConfig, suite: Suite, data: PreparedData):
         self.tasks = list(data.split.val_tasks) or list(data.split.train_tasks[:2])
         self.texts = {t: validation_texts(suite.tasks[t], cfg.tune.rescore_max_texts) for t in self.tasks}
-        self.model_cfg, self.max_length, self.batch_size = cfg.model, cfg.evaluate.max_length, cfg.evaluate.batch_size
+        self.model_cfg = cfg.model
+        self.max_length, self.batch_size = cfg.evaluate.max_length, cfg.evaluate.batch_size
 
     def perplexity(self, adapter_dir: Path | None, task: str) -> float:
         from icm.adapters import apply_adapter
