@@ -36,6 +36,7 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from icm.config import GeneratorConfig, PipelineConfig
+from icm.errors import InputError
 from icm.generator.training import load_checkpoint
 from icm.generator import fit_generator, generator_from_state
 from icm.generator.data import PreparedData, prepare_data
@@ -314,9 +315,6 @@ def objective_search(cfg: PipelineConfig, suite: Suite, data: PreparedData, inpu
     from jobs.generator_lm import lm_train_texts
 
     objectives = objectives_searched(cfg)
-    if not data.split.val_tasks:
-        raise ValueError(f"tune.objectives {objectives} are compared on validation tasks the LM loss "
-                         "never trains on; set generator.val_tasks >= 1")
     base = trial_config(cfg.generator.model_dump(mode="json"), start_row["params"])
     train = list(data.split.train_tasks)  # never a validation or held-out task
     lm_data = {"texts": lm_train_texts(suite, train, base.lm_max_texts),
@@ -396,6 +394,11 @@ def run(cfg: PipelineConfig, suite: Suite, *, inputs: GeneratorInputs | None = N
                         init_state=inputs.init_state, condition_spec=inputs.condition_spec)
     split = {"train_tasks": list(data.split.train_tasks), "val_tasks": list(data.split.val_tasks),
              "val_snapshots_per_task": data.split.val_snapshots, "heldout_excluded": list(suite.heldout)}
+    if objectives_searched(cfg) and not data.split.val_tasks:
+        raise InputError(f"tune.objectives {objectives_searched(cfg)} are compared on validation "
+                         "tasks that the LM loss never trains on, and generator.val_tasks is 0. "
+                         "Fix: set generator.val_tasks >= 1, or tune.objectives=[reconstruction] "
+                         "with generator.objective=reconstruction.")
     started = current.begin(cfg)
     write_json_atomic(current.directory / "split.json", split)
     log.info("tune: %d trials over %s; train tasks %s, validation tasks %s", cfg.tune.num_samples,

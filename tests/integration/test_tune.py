@@ -129,6 +129,20 @@ def test_final_generator_trains_on_every_training_task_with_the_best_config(tune
         assert not torch.allclose(apply_adapter(model, adapter)(**ids).logits, base_logits)
 
 
+def test_an_objective_search_without_validation_tasks_is_refused_before_searching(workspace):
+    """The objectives are compared on validation tasks the LM loss never reads: with none, the
+    stage says so naming the fields, before any trial runs."""
+    from icm.errors import InputError
+
+    cfg, suite, inputs = workspace
+    cfg = cfg.model_copy(update={"generator": cfg.generator.model_copy(update={"val_tasks": 0}),
+                                 "storage": cfg.storage.model_copy(update={"root": "no-validation"})})
+    with pytest.raises(InputError, match="generator.val_tasks is 0"):
+        tune_job.run(cfg, suite, inputs=inputs)
+    assert not cfg.storage.path("tune", "split.json").exists()
+    assert not cfg.storage.path("tune", "ray").exists()
+
+
 @pytest.mark.parametrize("job", [tune_job, generator_job])
 def test_jobs_report_a_missing_zoo_as_one_line(job, tmp_path, capsys):
     suite = make_suite(tmp_path / "suite")
