@@ -310,11 +310,11 @@ def objective_trainable(config: dict[str, Any], data: PreparedData, base: dict[s
 
 
 def objective_search(cfg: PipelineConfig, suite: Suite, data: PreparedData, inputs: GeneratorInputs,
-                     scorer: ValidationScorer, start_row: dict, storage: str) -> list[dict]:
+                     scorer: ValidationScorer, start_row: dict, objectives: list[str],
+                     storage: str) -> list[dict]:
     """Phase two: ``start_row``'s generator fine-tuned by each end-to-end objective (a Tune grid)."""
     from jobs.generator_lm import lm_train_texts
 
-    objectives = objectives_searched(cfg)
     base = trial_config(cfg.generator.model_dump(mode="json"), start_row["params"])
     train = list(data.split.train_tasks)  # never a validation or held-out task
     lm_data = {"texts": lm_train_texts(suite, train, base.lm_max_texts),
@@ -394,8 +394,9 @@ def run(cfg: PipelineConfig, suite: Suite, *, inputs: GeneratorInputs | None = N
                         init_state=inputs.init_state, condition_spec=inputs.condition_spec)
     split = {"train_tasks": list(data.split.train_tasks), "val_tasks": list(data.split.val_tasks),
              "val_snapshots_per_task": data.split.val_snapshots, "heldout_excluded": list(suite.heldout)}
-    if objectives_searched(cfg) and not data.split.val_tasks:
-        raise InputError(f"tune.objectives {objectives_searched(cfg)} are compared on validation "
+    end_to_end = objectives_searched(cfg)
+    if end_to_end and not data.split.val_tasks:
+        raise InputError(f"tune.objectives {end_to_end} are compared on validation "
                          "tasks that the LM loss never trains on, and generator.val_tasks is 0. "
                          "Fix: set generator.val_tasks >= 1, or tune.objectives=[reconstruction] "
                          "with generator.objective=reconstruction.")
@@ -406,14 +407,13 @@ def run(cfg: PipelineConfig, suite: Suite, *, inputs: GeneratorInputs | None = N
     init_ray(cfg.ray, cache_dir=cfg.model.cache_dir)
     rows = trial_rows(search(cfg, data, cfg.storage.uri("tune", RAY_DIR), current.fingerprint))
     finite = [r for r in rows if math.isfinite(r["val_mse"])]  # diverged trials are not candidates
-    end_to_end = objectives_searched(cfg)
     top = max(cfg.tune.rescore_top, 1 if end_to_end else 0)  # the objectives compare by perplexity
     scorer = ValidationScorer(cfg, suite, data)
     rescored = rescore(scorer, data, cfg.generator, finite[:top]) if top else []
     if end_to_end:
         start = min(rescored, key=lambda r: r["mean_log_perplexity"])
         start_row = next(r for r in finite if r["trial_id"] == start["trial_id"])
-        rescored += objective_search(cfg, suite, data, inputs, scorer, start_row,
+        rescored += objective_search(cfg, suite, data, inputs, scorer, start_row, end_to_end,
                                      cfg.storage.uri("tune", RAY_DIR))
     record = _write_outputs(current.directory, cfg, data, rows, rescored)
     return current.finish(started, {"best_config": "tune/best_config.json", "trials": len(rows),
