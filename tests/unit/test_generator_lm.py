@@ -136,3 +136,27 @@ def test_shared_residual_starts_at_zero_learns_what_tasks_share_resumes_and_is_s
         z, loaded.condition_norm.apply(raw[None]))))
     assert torch.allclose(loaded.sample(raw, z="zero") - network_only,
                           loaded.full_vectors(residual[None]) - loaded.template, atol=1e-6)
+
+
+def test_hyper_generator_takes_the_hybrid_objective(world):
+    """The LM objective is architecture-agnostic: the per-module hypernetwork (not confined to a
+    PCA span), trained by reconstruction, then hybrid steps lower its tasks' LM loss."""
+    from tests.unit.test_generator_hyper import HYPER
+
+    base, conditions, _ = world
+    zoo = load_zoo(base / "zoo", include=sorted(TEXTS))
+    _, init_state = initial_lora_state("tiny-llama", LORA.model_dump(mode="json"))
+    cfg = GeneratorConfig(**{**HYPER, **LM, "steps": 40, "objective": "hybrid"}, val_tasks=0,
+                          val_snapshots=0)
+    data = prepare_data(zoo, conditions, cfg, validation=False, init_state=init_state)
+    generator = fit_generator(data, cfg)
+    model, tokenizer = load_base_model("tiny-llama")
+    applier = FunctionalLora(model, generator.peft_config, generator.layout)
+    tasks = lm_tasks(TEXTS, conditions, generator, tokenizer, cfg)
+    before = [_task_loss(generator, applier, task, tokenizer) for task in tasks]
+    representation = data.representation(cfg)
+    result = fit_lm(generator, applier, tasks, cfg, pad_id=tokenizer.pad_token_id or 0,
+                    reconstruction=(representation.train, representation.codec.weights()))
+    after = [_task_loss(generator, applier, task, tokenizer) for task in tasks]
+    assert all(h["train_recon"] > 0 for h in result.history)
+    assert all(a < b - 0.01 for a, b in zip(after, before)), (before, after)
