@@ -46,27 +46,21 @@ def lm_train_func(loop: dict) -> None:
     """One data-parallel worker of the LM fine-tuning (see the module docstring)."""
     from icm.generator import LoraGenerator
     from icm.generator.data import prepare_data
-    from icm.generator.lm import FunctionalLora, fit_lm, lm_tasks
-    from icm.models import load_base_model
+    from icm.generator.inputs import load_generator_inputs
+    from icm.generator.lm import fit_lm, hybrid_term, lm_setup
 
     cfg = PipelineConfig.model_validate(loop["config"])
     gen_cfg = GeneratorConfig.model_validate(loop["generator_config"])
     rank = ray.train.get_context().get_world_rank()
     device = ray.train.torch.get_device()  # cuda:<local rank> on a GPU worker, else cpu
     generator = LoraGenerator.load(loop["start"]).to(device)
-    model, tokenizer = load_base_model(cfg.model.spec, cache_dir=cfg.model.cache_dir,
-                                       dtype=cfg.model.dtype, device=str(device))
-    applier = FunctionalLora(model, generator.peft_config, generator.layout)
-    tasks = lm_tasks(loop["texts"], loop["conditions"], generator, tokenizer, gen_cfg)
-    reconstruction = None
-    if gen_cfg.objective == "hybrid":  # each worker reads the zoo (never through Ray's store)
-        from icm.generator.inputs import load_generator_inputs
+    setup = lm_setup(generator, cfg.model, loop["texts"], loop["conditions"], gen_cfg, str(device))
 
+    def zoo_data():  # each worker reads the zoo itself (never through Ray's object store)
         inputs = load_generator_inputs(cfg, loop["suite"])
-        data = prepare_data(inputs.zoo, inputs.conditions, gen_cfg, validation=False,
+        return prepare_data(inputs.zoo, inputs.conditions, gen_cfg, validation=False,
                             init_state=inputs.init_state, condition_spec=inputs.condition_spec)
-        representation = data.representation(gen_cfg)
-        reconstruction = (representation.train, representation.codec.weights())
+
     resume = None
     if (checkpoint := ray.train.get_checkpoint()) is not None:
         with checkpoint.as_directory() as folder:
@@ -85,8 +79,9 @@ def lm_train_func(loop: dict) -> None:
             checkpoint = ray.train.Checkpoint.from_directory(folder) if rank == 0 else None
             ray.train.report({k: v for k, v in metrics.items() if v is not None}, checkpoint=checkpoint)
 
-    fit_lm(generator, applier, tasks, gen_cfg, pad_id=tokenizer.pad_token_id or 0,
-           reconstruction=reconstruction, rank=rank, report=report, resume_state=resume)
+    fit_lm(generator, setup.applier, setup.tasks, gen_cfg, pad_id=setup.pad_id,
+           reconstruction=hybrid_term(gen_cfg, zoo_data), rank=rank, report=report,
+           resume_state=resume)
 
 
 def finetune(cfg: PipelineConfig, gen_cfg: GeneratorConfig, suite: Suite, start: Path,

@@ -279,19 +279,11 @@ def objective_trainable(config: dict[str, Any], data: PreparedData, base: dict[s
     ``report_every`` LM steps, then scored by validation perplexity."""
     import torch
 
-    from icm.generator.lm import FunctionalLora, fit_lm, lm_tasks
-    from icm.models import load_base_model
+    from icm.generator.lm import fit_lm, hybrid_term, lm_setup
 
     cfg = GeneratorConfig.model_validate({**base, "objective": config["objective"]})
     generator = generator_from_state(data, cfg, start)
-    m = scorer.model_cfg
-    model, tokenizer = load_base_model(m.spec, cache_dir=m.cache_dir, dtype=m.dtype)
-    applier = FunctionalLora(model, generator.peft_config, generator.layout)
-    tasks = lm_tasks(lm_data["texts"], lm_data["conditions"], generator, tokenizer, cfg)
-    reconstruction = None
-    if cfg.objective == "hybrid":
-        rep = data.representation(cfg)
-        reconstruction = (rep.train, rep.codec.weights())
+    setup = lm_setup(generator, scorer.model_cfg, lm_data["texts"], lm_data["conditions"], cfg)
     resume = None
     if (checkpoint := tune.get_checkpoint()) is not None:
         with checkpoint.as_directory() as folder:
@@ -303,8 +295,8 @@ def objective_trainable(config: dict[str, Any], data: PreparedData, base: dict[s
             tune.report({k: v for k, v in metrics.items() if v is not None},
                         checkpoint=tune.Checkpoint.from_directory(folder))
 
-    fit_lm(generator, applier, tasks, cfg, pad_id=tokenizer.pad_token_id or 0,
-           reconstruction=reconstruction, report=report, resume_state=resume)
+    fit_lm(generator, setup.applier, setup.tasks, cfg, pad_id=setup.pad_id,
+           reconstruction=hybrid_term(cfg, lambda: data), report=report, resume_state=resume)
     ppl = scorer.generator_perplexities(generator, data.task_means)
     tune.report({"val_log_perplexity": mean_log(ppl), "perplexity": ppl, "lm_step": cfg.lm_steps})
 

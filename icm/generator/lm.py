@@ -25,9 +25,9 @@ from typing import Any
 
 import torch
 
-from icm.config import GeneratorConfig
+from icm.config import GeneratorConfig, ModelConfig
 from icm.generator.artifact import LoraGenerator
-from icm.generator.data import SampleSet
+from icm.generator.data import PreparedData, SampleSet
 from icm.generator.networks import cvae_loss
 from icm.lora_io import LoraLayout
 
@@ -135,6 +135,39 @@ def lm_tasks(train_texts: Mapping[str, Sequence[str]], conditions: Mapping[str, 
     if not tasks:
         raise ValueError("no training task has train texts for the LM objective")
     return tasks
+
+
+@dataclass
+class LmSetup:
+    """What an LM fine-tuning run needs besides the generator: the frozen base model wrapped
+    for functional LoRAs, the tasks' LM data, and the padding id."""
+
+    applier: FunctionalLora
+    tasks: list[LmTask]
+    pad_id: int
+
+
+def lm_setup(generator: LoraGenerator, model: ModelConfig, train_texts: Mapping[str, Sequence[str]],
+             conditions: Mapping[str, Any], cfg: GeneratorConfig, device: str = "auto") -> LmSetup:
+    """Load the base model on ``device`` and build the LM data (the one set-up of the Ray Train
+    workers and the Tune objective trials)."""
+    from icm.models import load_base_model
+
+    base, tokenizer = load_base_model(model.spec, cache_dir=model.cache_dir, dtype=model.dtype,
+                                      device=device)
+    return LmSetup(FunctionalLora(base, generator.peft_config, generator.layout),
+                   lm_tasks(train_texts, conditions, generator, tokenizer, cfg),
+                   tokenizer.pad_token_id or 0)
+
+
+def hybrid_term(cfg: GeneratorConfig, data: Callable[[], PreparedData]
+                ) -> tuple[SampleSet, torch.Tensor] | None:
+    """``fit_lm``'s ``reconstruction`` argument: (zoo samples, loss weights) for the hybrid
+    objective, None otherwise (``data`` is only called, e.g. to read the zoo, when needed)."""
+    if cfg.objective != "hybrid":
+        return None
+    representation = data().representation(cfg)
+    return representation.train, representation.codec.weights()
 
 
 @dataclass

@@ -6,11 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from icm.config import GeneratorConfig
+from icm.config import GeneratorConfig, ModelConfig
 from icm.generator import LoraGenerator, fit_generator
 from icm.generator.data import prepare_data
 from icm.generator.inputs import initial_lora_state, load_zoo
-from icm.generator.lm import FunctionalLora, fit_lm, generated_vectors, lm_tasks
+from icm.generator.lm import (FunctionalLora, fit_lm, generated_vectors, hybrid_term, lm_setup,
+                             lm_tasks)
 from icm.lora_train import collate, tokenize_texts
 from icm.models import load_base_model
 from tests.unit.test_generator import FAST, LORA, write_zoo
@@ -150,13 +151,16 @@ def test_hyper_generator_takes_the_hybrid_objective(world):
                           val_snapshots=0)
     data = prepare_data(zoo, conditions, cfg, validation=False, init_state=init_state)
     generator = fit_generator(data, cfg)
-    model, tokenizer = load_base_model("tiny-llama")
-    applier = FunctionalLora(model, generator.peft_config, generator.layout)
-    tasks = lm_tasks(TEXTS, conditions, generator, tokenizer, cfg)
+    setup = lm_setup(generator, ModelConfig(spec="tiny-llama"), TEXTS, conditions, cfg, "cpu")
+    applier, tasks, tokenizer = setup.applier, setup.tasks, load_base_model("tiny-llama")[1]
     before = [_task_loss(generator, applier, task, tokenizer) for task in tasks]
-    representation = data.representation(cfg)
-    result = fit_lm(generator, applier, tasks, cfg, pad_id=tokenizer.pad_token_id or 0,
-                    reconstruction=(representation.train, representation.codec.weights()))
+
+    def unread():
+        raise AssertionError("the zoo was read for an objective without a reconstruction term")
+
+    assert hybrid_term(cfg.model_copy(update={"objective": "lm"}), unread) is None
+    result = fit_lm(generator, applier, tasks, cfg, pad_id=setup.pad_id,
+                    reconstruction=hybrid_term(cfg, lambda: data))
     after = [_task_loss(generator, applier, task, tokenizer) for task in tasks]
     assert all(h["train_recon"] > 0 for h in result.history)
     assert all(a < b - 0.01 for a, b in zip(after, before)), (before, after)
