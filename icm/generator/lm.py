@@ -9,7 +9,7 @@ once in peft, so the loss back-propagates through the frozen model into the gene
 texts are never read, and only training tasks (held-out ones were dropped with the zoo) take
 part.
 
-Ray-free: `jobs/generator.py` runs `fit_lm` in a Ray Train `TorchTrainer` (data-parallel
+Ray-free: `jobs/generator_lm.py` runs `fit_lm` in a Ray Train `TorchTrainer` (data-parallel
 workers, each with its own tasks per step, gradients averaged by DDP).
 """
 
@@ -140,11 +140,15 @@ def lm_tasks(train_texts: Mapping[str, Sequence[str]], conditions: Mapping[str, 
 @dataclass
 class LmSetup:
     """What an LM fine-tuning run needs besides the generator: the frozen base model wrapped
-    for functional LoRAs, the tasks' LM data, and the padding id."""
+    for functional LoRAs, the tasks' LM data, and the tokenizer."""
 
     applier: FunctionalLora
     tasks: list[LmTask]
-    pad_id: int
+    tokenizer: Any
+
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_token_id or 0
 
 
 def lm_setup(generator: LoraGenerator, model: ModelConfig, train_texts: Mapping[str, Sequence[str]],
@@ -156,8 +160,7 @@ def lm_setup(generator: LoraGenerator, model: ModelConfig, train_texts: Mapping[
     base, tokenizer = load_base_model(model.spec, cache_dir=model.cache_dir, dtype=model.dtype,
                                       device=device)
     return LmSetup(FunctionalLora(base, generator.peft_config, generator.layout),
-                   lm_tasks(train_texts, conditions, generator, tokenizer, cfg),
-                   tokenizer.pad_token_id or 0)
+                   lm_tasks(train_texts, conditions, generator, tokenizer, cfg), tokenizer)
 
 
 def hybrid_term(cfg: GeneratorConfig, data: Callable[[], PreparedData]

@@ -152,7 +152,7 @@ def test_hyper_generator_takes_the_hybrid_objective(world):
     data = prepare_data(zoo, conditions, cfg, validation=False, init_state=init_state)
     generator = fit_generator(data, cfg)
     setup = lm_setup(generator, ModelConfig(spec="tiny-llama"), TEXTS, conditions, cfg, "cpu")
-    applier, tasks, tokenizer = setup.applier, setup.tasks, load_base_model("tiny-llama")[1]
+    applier, tasks, tokenizer = setup.applier, setup.tasks, setup.tokenizer
     before = [_task_loss(generator, applier, task, tokenizer) for task in tasks]
 
     def unread():
