@@ -9,6 +9,8 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
+from typing import NamedTuple
 
 import pandas as pd
 import pytest
@@ -29,23 +31,53 @@ def _pipeline(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
     return out
 
 
+class SmokeRun(NamedTuple):
+    root: Path  # the URI's directory: every stage's artifacts, read here as local files
+    suite: Path
+    resumed: subprocess.CompletedProcess
+    uri: str  # the storage.root=file://... override
+    base: Path  # where further local mirrors go
+
+    def rerun(self, mirror: str, *overrides: str) -> subprocess.CompletedProcess:
+        """The same pipeline again, from yet another empty local mirror."""
+        return _pipeline(f"suite.path={self.suite}", self.uri,
+                         f"storage.local_mirror={self.base / mirror}", *overrides)
+
+
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
+    """The smoke pipeline on a URI root (``file://``: pyarrow's filesystem layer, the code path
+    s3:// and gs:// take), killed once the zoo is committed and resumed from an empty local
+    mirror, as on another machine: what it needs comes from the URI. Every test of this module
+    reads what the resumed run wrote (one pipeline run for all of them: the suite's time)."""
     base = tmp_path_factory.mktemp("pipeline")
     suite = make_suite(base / "suite")
-    root = base / "run"
-    first = _pipeline(f"suite.path={suite}", f"storage.root={root}")
-    return root, suite, first
+    remote = base / "remote"
+    uri = f"storage.root=file://{remote}"
+    args = [sys.executable, "-m", "jobs.pipeline", "--config", "smoke", *FAST, f"suite.path={suite}",
+            uri, f"storage.local_mirror={base / 'mirror-1'}"]
+    driver = subprocess.Popen(args, cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 600
+    while time.time() < deadline and not (remote / "zoo" / "stage.json").is_file():
+        assert driver.poll() is None, "the pipeline ended before the zoo was committed"
+        time.sleep(0.5)
+    os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray it started, mid-pipeline
+    driver.wait()
+    time.sleep(3)
+    assert (remote / "zoo" / "stage.json").is_file() and not (remote / "evaluate" / "stage.json").is_file()
+    resumed = _pipeline(f"suite.path={suite}", uri, f"storage.local_mirror={base / 'mirror-2'}")
+    return SmokeRun(root=remote, suite=suite, resumed=resumed, uri=uri, base=base)
 
 
 @pytest.mark.slow
 def test_every_stage_runs_and_writes_its_outputs(smoke_run):
-    root, _, first = smoke_run
+    root, first = smoke_run.root, smoke_run.resumed
     for stage in STAGES:
         record = json.loads((root / stage / "stage.json").read_text())
         assert record["stage"] == stage and record["fingerprint"]
         resolved = yaml.safe_load((root / stage / "config.resolved.yaml").read_text())
-        assert resolved["model"]["spec"] == "tiny-llama" and resolved["storage"]["root"] == str(root)
+        assert resolved["model"]["spec"] == "tiny-llama" and resolved["storage"]["root"] == f"file://{root}"
     results = pd.read_parquet(root / "evaluate" / "results.parquet")
     assert sorted(results["task"].unique()) == ["cats", "code", "dogs", "sums"]
     settings = results.groupby("setting")["task"].unique().map(sorted).to_dict()
@@ -78,7 +110,7 @@ def _icm(*args: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_generate_writes_a_peft_adapter_for_a_task_folder_or_a_description(smoke_run, tmp_path):
-    root, suite, _ = smoke_run
+    root, suite = smoke_run.root, smoke_run.suite
     examples = tmp_path / "examples.jsonl"
     examples.write_text('{"text": "A small brown dog ran after the ball."}\n'
                         '{"text": "The puppy barked twice and wagged its tail."}\n')
@@ -126,7 +158,7 @@ def test_generate_rejects_a_request_without_context(tmp_path):
 
 @pytest.mark.slow
 def test_heldout_tasks_never_reach_a_training_input(smoke_run):
-    root, _, _ = smoke_run
+    root = smoke_run.root
     assert set(pd.read_parquet(root / "zoo" / "manifest.parquet")["task"]) == {"cats", "code", "sums", "multitask"}
     split = json.loads((root / "tune" / "split.json").read_text())  # what every Tune trial trains on
     assert sorted(split["train_tasks"] + split["val_tasks"]) == ["cats", "code", "sums"]
@@ -143,7 +175,7 @@ def test_heldout_tasks_never_reach_a_training_input(smoke_run):
 def test_oracles_are_measurement_only(smoke_run):
     """Oracle and replicate LoRAs live in oracles/; nothing that trains or feeds the generator
     opens a file there (every open() while the generator's inputs load and it trains is watched)."""
-    root, suite, _ = smoke_run
+    root, suite = smoke_run.root, smoke_run.suite
     oracles = pd.read_parquet(root / "oracles" / "manifest.parquet")
     assert set(oracles["task"]) == {"dogs", "replicate-of-cats"}
     assert "dogs" not in set(pd.read_parquet(root / "zoo" / "manifest.parquet")["task"])
@@ -174,55 +206,34 @@ def test_oracles_are_measurement_only(smoke_run):
 
 
 @pytest.mark.slow
-def test_rerun_skips_every_stage_and_a_changed_section_reruns_only_its_stage(smoke_run):
-    root, suite, _ = smoke_run
-    second = _pipeline(f"suite.path={suite}", f"storage.root={root}")
-    for stage in STAGES:
-        assert f"{stage}: up to date" in second.stderr, stage
-    third = _pipeline(f"suite.path={suite}", f"storage.root={root}", "evaluate.max_texts=1")
-    assert "evaluate: up to date" not in third.stderr and "zoo: up to date" in third.stderr
-    assert "generator: up to date" in third.stderr
-    assert (pd.read_parquet(root / "evaluate" / "results.parquet")["texts"] == 1).all()
+def test_killed_pipeline_resumed_from_a_uri_root_on_a_fresh_mirror(smoke_run):
+    root, resumed = smoke_run.root, smoke_run.resumed
+    assert "zoo: up to date" in resumed.stderr and f"Artifacts under file://{root}" in resumed.stdout
+    for stage in STAGES:  # every stage on the URI, each with its commit marker and config
+        assert json.loads((root / stage / "stage.json").read_text())["stage"] == stage
+        assert (root / stage / "config.resolved.yaml").is_file()
+    # What Ray workers wrote went up too: every snapshot (with its snapshot.json), task vectors.
+    manifest = pd.read_parquet(root / "zoo" / "manifest.parquet")
+    assert set(manifest["task"]) == {"cats", "code", "sums", "multitask"}
+    assert len(list((root / "zoo" / "tasks").glob("*/snapshots/*/snapshot.json"))) == len(manifest)
+    assert list((root / "task_vectors" / "vectors").glob("shard-*/_shard.json"))
+    assert (root / "zoo" / "ray").is_dir() and (root / "tune" / "ray").is_dir()
+    assert not (smoke_run.base / "mirror-2" / "zoo" / "ray").exists()  # Ray's own storage is not mirrored
 
 
 @pytest.mark.slow
-def test_killed_pipeline_resumes_from_a_uri_root_on_a_fresh_mirror(tmp_path):
-    """Kill-and-resume with a URI storage root (``file://``: pyarrow's filesystem layer, the code
-    path s3:// and gs:// take). The resumed run starts from an empty local mirror, as on another
-    machine: what it needs comes from the URI. A third run from yet another mirror redoes nothing."""
-    suite = make_suite(tmp_path / "suite")
-    remote = tmp_path / "remote"
-    uri = f"storage.root=file://{remote}"
-    args = [sys.executable, "-m", "jobs.pipeline", "--config", "smoke", *FAST, f"suite.path={suite}",
-            uri, f"storage.local_mirror={tmp_path / 'mirror-1'}"]
-    driver = subprocess.Popen(args, cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 600
-    while time.time() < deadline and not (remote / "zoo" / "stage.json").is_file():
-        time.sleep(0.5)
-    os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray it started, mid-pipeline
-    driver.wait()
-    time.sleep(3)
-    assert (remote / "zoo" / "stage.json").is_file() and not (remote / "evaluate" / "stage.json").is_file()
-
-    resumed = _pipeline(f"suite.path={suite}", uri, f"storage.local_mirror={tmp_path / 'mirror-2'}")
-    assert "zoo: up to date" in resumed.stderr and f"Artifacts under file://{remote}" in resumed.stdout
-    for stage in STAGES:  # every stage on the URI, each with its commit marker and config
-        assert json.loads((remote / stage / "stage.json").read_text())["stage"] == stage
-        assert (remote / stage / "config.resolved.yaml").is_file()
-    # What Ray workers wrote went up too: every snapshot (with its snapshot.json), task vectors.
-    manifest = pd.read_parquet(remote / "zoo" / "manifest.parquet")
-    assert set(manifest["task"]) == {"cats", "code", "sums", "multitask"}
-    assert len(list((remote / "zoo" / "tasks").glob("*/snapshots/*/snapshot.json"))) == len(manifest)
-    assert list((remote / "task_vectors" / "vectors").glob("shard-*/_shard.json"))
-    assert (remote / "zoo" / "ray").is_dir() and (remote / "tune" / "ray").is_dir()
-    assert not (tmp_path / "mirror-2" / "zoo" / "ray").exists()  # Ray's own storage is not mirrored
-
-    third = _pipeline(f"suite.path={suite}", uri, f"storage.local_mirror={tmp_path / 'mirror-3'}")
+def test_rerun_skips_every_stage_and_a_changed_section_reruns_only_its_stage(smoke_run):
+    """Yet another fresh mirror: nothing is redone, the summary's results are pulled from the URI;
+    a changed evaluate section reruns that stage only."""
+    again = smoke_run.rerun("mirror-3")
     for stage in STAGES:
-        assert f"{stage}: up to date" in third.stderr, stage
-    assert (tmp_path / "mirror-3" / "evaluate" / "results.parquet").is_file()  # pulled for the summary
-    assert "Generated adapters on unseen tasks" in third.stdout
+        assert f"{stage}: up to date" in again.stderr, stage
+    assert (smoke_run.base / "mirror-3" / "evaluate" / "results.parquet").is_file()  # pulled for the summary
+    assert "Generated adapters on unseen tasks" in again.stdout
+    changed = smoke_run.rerun("mirror-4", "evaluate.max_texts=1")
+    assert "evaluate: up to date" not in changed.stderr and "zoo: up to date" in changed.stderr
+    assert "generator: up to date" in changed.stderr
+    assert (pd.read_parquet(smoke_run.root / "evaluate" / "results.parquet")["texts"] == 1).all()
 
 
 def test_pipeline_rejects_an_unwritable_storage_root(tmp_path):
@@ -251,7 +262,7 @@ def test_generator_lm_objective_fine_tunes_on_ray_train_and_skips_when_done(smok
     workers; the artifact records the LM history and loads like any generator."""
     from icm.generator import LoraGenerator
 
-    root, suite, _ = smoke_run
+    root, suite = smoke_run.root, smoke_run.suite
     lm_root = tmp_path / "lm"
     lm_root.mkdir()
     for upstream in ("zoo", "oracles", "task_vectors"):  # the smoke run's inputs, generators anew
