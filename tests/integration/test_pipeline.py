@@ -24,9 +24,13 @@ STAGES = ("prepare", "base_eval", "zoo", "oracles", "task_vectors", "tune", "gen
 FAST = ["zoo.steps=16", "zoo.seq_len=32", "zoo.eval_max_texts=2", "suite.tasks=null"]
 
 
+def _pipeline_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "jobs.pipeline", "--config", "smoke", *FAST, *args]
+
+
 def _pipeline(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
-    out = subprocess.run([sys.executable, "-m", "jobs.pipeline", "--config", "smoke", *FAST, *args],
-                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
+    out = subprocess.run(_pipeline_command(*args), cwd=REPO_ROOT, capture_output=True, text=True,
+                         timeout=timeout)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
     return out
 
@@ -40,8 +44,12 @@ class SmokeRun(NamedTuple):
 
     def rerun(self, mirror: str, *overrides: str) -> subprocess.CompletedProcess:
         """The same pipeline again, from yet another empty local mirror."""
-        return _pipeline(f"suite.path={self.suite}", self.uri,
-                         f"storage.local_mirror={self.base / mirror}", *overrides)
+        return _pipeline(*_on_uri(self.suite, self.uri, self.base / mirror, *overrides))
+
+
+def _on_uri(suite: Path, uri: str, mirror: Path, *overrides: str) -> tuple[str, ...]:
+    """Pipeline arguments for ``suite`` stored at ``uri`` through the local ``mirror``."""
+    return (f"suite.path={suite}", uri, f"storage.local_mirror={mirror}", *overrides)
 
 
 @pytest.fixture(scope="module")
@@ -54,10 +62,9 @@ def smoke_run(tmp_path_factory):
     suite = make_suite(base / "suite")
     remote = base / "remote"
     uri = f"storage.root=file://{remote}"
-    args = [sys.executable, "-m", "jobs.pipeline", "--config", "smoke", *FAST, f"suite.path={suite}",
-            uri, f"storage.local_mirror={base / 'mirror-1'}"]
-    driver = subprocess.Popen(args, cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, start_new_session=True)
+    driver = subprocess.Popen(_pipeline_command(*_on_uri(suite, uri, base / "mirror-1")),
+                              cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
     deadline = time.time() + 600
     while time.time() < deadline and not (remote / "zoo" / "stage.json").is_file():
         assert driver.poll() is None, "the pipeline ended before the zoo was committed"
@@ -66,7 +73,7 @@ def smoke_run(tmp_path_factory):
     driver.wait()
     time.sleep(3)
     assert (remote / "zoo" / "stage.json").is_file() and not (remote / "evaluate" / "stage.json").is_file()
-    resumed = _pipeline(f"suite.path={suite}", uri, f"storage.local_mirror={base / 'mirror-2'}")
+    resumed = _pipeline(*_on_uri(suite, uri, base / "mirror-2"))
     return SmokeRun(root=remote, suite=suite, resumed=resumed, uri=uri, base=base)
 
 
