@@ -284,6 +284,10 @@ class GeneratorConfig(StageConfig):
         "Generate A and B, or only B with A fixed at the zoo's shared initialisation."))
     beta: float = Field(1e-3, ge=0, description="KL weight.")
     kl_warmup_steps: int = Field(200, ge=0, description="Linear KL warm-up from 0 to beta.")
+    free_bits: float = Field(0.0, ge=0, description=(
+        "Nats per latent dimension the KL term leaves unpenalised (free bits): keeps a decoder "
+        "that can read the adapter off the task vector from ignoring z, so draws differ and "
+        "best-of-K can choose. 0 = off (the paper's plain KL)."))
     noise: float = Field(0.0, ge=0, description="Std of Gaussian noise added to inputs (augmentation).")
     lr: float = Field(1e-3, gt=0, description="AdamW learning rate.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")

@@ -248,7 +248,7 @@ def fit_lm(generator: LoraGenerator, applier: FunctionalLora, tasks: Sequence[Lm
             eps = torch.randn(len(x), generator.model.spec.latent_dim, generator=gen).to(device)
             x_hat, mu, logvar = network(x, c, eps)
             terms = cvae_loss(x_hat, x, mu, logvar, weights=weights.to(device), offset=offset,
-                              beta=cfg.beta)
+                              beta=cfg.beta, free_bits=cfg.free_bits)
             loss = lm + cfg.lm_reconstruction_weight * terms["loss"]
             running["recon"] += float(terms["recon"].detach())
         opt.zero_grad(set_to_none=True)

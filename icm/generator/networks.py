@@ -226,9 +226,14 @@ def reconstruction_error(x_hat: torch.Tensor, x: torch.Tensor, weights: torch.Te
     return ((x_hat - x).square() * weights).sum(dim=-1)
 
 
+def kl_per_dimension(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(q(z|x,c) || N(0, I)) per sample and latent dimension, (B, Z)."""
+    return -0.5 * (1 + logvar - mu.square() - logvar.exp())
+
+
 def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """KL(q(z|x,c) || N(0, I)) per sample, summed over latent dimensions, (B,)."""
-    return -0.5 * (1 + logvar - mu.square() - logvar.exp()).sum(dim=-1)
+    return kl_per_dimension(mu, logvar).sum(dim=-1)
 
 
 def kl_weight(step: int, beta: float, warmup_steps: int) -> float:
@@ -237,8 +242,8 @@ def kl_weight(step: int, beta: float, warmup_steps: int) -> float:
 
 
 def cvae_loss(x_hat: torch.Tensor, x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, *,
-              weights: torch.Tensor, beta: float, offset: torch.Tensor | None = None
-              ) -> dict[str, torch.Tensor]:
+              weights: torch.Tensor, beta: float, offset: torch.Tensor | None = None,
+              free_bits: float = 0.0) -> dict[str, torch.Tensor]:
     """Batch mean of per-sample reconstruction + beta * KL.
 
     Args:
@@ -246,9 +251,15 @@ def cvae_loss(x_hat: torch.Tensor, x: torch.Tensor, mu: torch.Tensor, logvar: to
             of the full normalised weight vector.
         offset: (B,) error the model cannot change (the part of a snapshot outside the learnt
             subspace); added so the reported reconstruction is the full-space error.
+        free_bits: nats per latent dimension (batch mean) the KL term leaves unpenalised (free
+            bits, Kingma et al. 2016): the loss sees max(KL_d, free_bits) per dimension, so a
+            decoder that could read everything from the condition cannot push z to the prior
+            (posterior collapse) and draws keep differing. ``kl`` reports the true KL.
     """
     recon = reconstruction_error(x_hat, x, weights)  # (B,)
     if offset is not None:
         recon = recon + offset
-    kl = kl_divergence(mu, logvar)  # (B,)
-    return {"loss": (recon + beta * kl).mean(), "recon": recon.mean(), "kl": kl.mean()}
+    kl_dims = kl_per_dimension(mu, logvar)  # (B, Z)
+    kl = kl_dims.sum(dim=-1)  # (B,)
+    penalty = kl_dims.mean(dim=0).clamp_min(free_bits).sum() if free_bits > 0 else kl.mean()
+    return {"loss": recon.mean() + beta * penalty, "recon": recon.mean(), "kl": kl.mean()}

@@ -134,7 +134,8 @@ def fit_cvae(model: CVAE, train: SampleSet, cfg: GeneratorConfig, *, weights: to
         eps = torch.randn(x.shape[0], model.spec.latent_dim, generator=gen).to(device)
         x_hat, mu, logvar = model(x_in, c, eps)
         terms = cvae_loss(x_hat, x, mu, logvar, weights=device_weights, offset=offset,
-                          beta=kl_weight(result.steps, cfg.beta, cfg.kl_warmup_steps))
+                          beta=kl_weight(result.steps, cfg.beta, cfg.kl_warmup_steps),
+                          free_bits=cfg.free_bits)
         opt.zero_grad(set_to_none=True)
         terms["loss"].backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

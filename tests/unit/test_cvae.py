@@ -73,6 +73,21 @@ def test_kl_warm_up_and_value():
     assert torch.isclose(terms["loss"], torch.tensor(2.2))
 
 
+
+def test_free_bits_leave_the_kl_below_the_floor_unpenalised_and_report_the_true_kl():
+    """Per latent dimension, the batch-mean KL under ``free_bits`` costs free_bits (no gradient
+    towards the prior: what lets the latent stay in use); above it, the plain KL."""
+    x, weights = torch.ones(2, 3), torch.full((3,), 1 / 3)
+    mu = torch.tensor([[0.1, 2.0], [0.1, 2.0]], requires_grad=True)  # KL per dim: 0.005, 2.0
+    logvar = torch.zeros(2, 2)
+    terms = cvae_loss(torch.ones(2, 3), x, mu, logvar, weights=weights, beta=1.0, free_bits=0.5)
+    assert torch.isclose(terms["kl"], torch.tensor(2.005))  # reported: the true KL
+    assert torch.isclose(terms["loss"], torch.tensor(0.5 + 2.0))  # penalised: max(KL_d, 0.5)
+    terms["loss"].backward()
+    assert mu.grad[:, 0].abs().max() == 0 and mu.grad[:, 1].abs().min() > 0
+    plain = cvae_loss(torch.ones(2, 3), x, mu, logvar, weights=weights, beta=1.0)
+    assert torch.isclose(plain["loss"], torch.tensor(2.005))
+
 def test_conv_channels_follow_the_reference():
     spec = CVAESpec("conv1d", input_dim=4096, condition_dim=8, latent_dim=8, width=8)
     assert spec.conv_channels() == [8, 16, 32, 64, 128, 256, 256, 128, 64, 32, 16, 8]
