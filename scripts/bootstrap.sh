@@ -80,7 +80,9 @@ case "$MODE" in
         ;;
     test)
         set +e
-        python -m pytest "$@"
+        # Two workers: the integration tests in order in one (tests/conftest.py schedules them),
+        # the CPU-bound unit tests beside them in the other. ICM_TEST_WORKERS=0: one process.
+        python -m pytest -n "${ICM_TEST_WORKERS:-2}" "$@"
         rc=$?
         set -e
         # pytest exits 5 when it collected no tests: that must fail CI, not pass it.

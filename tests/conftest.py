@@ -40,6 +40,23 @@ def make_suite(root: Path, *, heldout=("dogs",), tasks=TINY_TASKS) -> Path:
     return root
 
 
+@pytest.hookimpl(optionalhook=True)  # an xdist hook: unknown when pytest runs without it
+def pytest_xdist_make_scheduler(config, log):
+    """The README test command runs ``pytest -n 2``: every integration test goes to one worker,
+    in order (they start Ray clusters, Serve apps and vLLM engines, `ray job submit` and
+    ``address="auto"`` lookups: two at once would collide), while the other worker runs the
+    CPU-bound unit tests on the core the integration tests mostly leave idle as they wait on
+    process start-ups. (Not ``--dist loadgroup``: with pytest 9.2 it silently stops grouping,
+    pytest-xdist issue 1386.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class IntegrationInOneWorker(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return "integration" if nodeid.startswith("tests/integration/") else nodeid
+
+    return IntegrationInOneWorker(config, log)
+
+
 @pytest.fixture
 def tiny_suite(tmp_path: Path) -> Path:
     return make_suite(tmp_path / "suite")
