@@ -112,7 +112,7 @@ class ItemScorer:
                                                 batch_size=self.cfg.batch_size).perplexity)
             best = int(np.argmin(demo_ppl))
             self.score(variant.name, draws[best], sample=best, adapter_seconds=seconds * self.cfg.best_of,
-                       demo_ppl=demo_ppl[best], draw_spread=_spread(draws))
+                       demo_ppl=demo_ppl[best], draw_spread=draw_spread(draws))
 
     def _in_context(self, variant: Variant) -> None:
         from icm.eval.baselines import in_context_prefix, score_in_context
@@ -125,7 +125,7 @@ class ItemScorer:
         self._row(variant.name, result, None, started)
 
 
-def _spread(draws: torch.Tensor) -> float:
+def draw_spread(draws: torch.Tensor) -> float:
     """Mean distance of the draws from their mean, relative to the mean's norm: how much the
     latent changes the adapter (0 = every draw the same)."""
     centre = draws.mean(dim=0)

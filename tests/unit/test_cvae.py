@@ -73,7 +73,6 @@ def test_kl_warm_up_and_value():
     assert torch.isclose(terms["loss"], torch.tensor(2.2))
 
 
-
 def test_free_bits_leave_the_kl_below_the_floor_unpenalised_and_report_the_true_kl():
     """Per latent dimension, the batch-mean KL under ``free_bits`` costs free_bits (no gradient
     towards the prior: what lets the latent stay in use); above it, the plain KL."""
@@ -87,6 +86,7 @@ def test_free_bits_leave_the_kl_below_the_floor_unpenalised_and_report_the_true_
     assert mu.grad[:, 0].abs().max() == 0 and mu.grad[:, 1].abs().min() > 0
     plain = cvae_loss(torch.ones(2, 3), x, mu, logvar, weights=weights, beta=1.0)
     assert torch.isclose(plain["loss"], torch.tensor(2.005))
+
 
 def test_conv_channels_follow_the_reference():
     spec = CVAESpec("conv1d", input_dim=4096, condition_dim=8, latent_dim=8, width=8)

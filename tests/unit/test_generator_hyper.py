@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from icm.config import GeneratorConfig
+from icm.eval.scoring import draw_spread
 from icm.generator import train_generator
 from icm.generator.archs import ARCHITECTURES, architecture, build_network
 from icm.generator.hyper import module_segments
@@ -116,11 +117,6 @@ def test_hyper_artifact_round_trip_and_draws_differ(tmp_path):
     assert (draws - draws.mean(0)).norm(dim=1).min() > 0  # the latent changes the adapter
 
 
-def _draw_spread(draws: torch.Tensor) -> float:
-    centre = draws.mean(0)
-    return float((draws - centre).norm(dim=1).mean() / centre.norm())
-
-
 def test_free_bits_keep_the_latent_in_use_so_draws_differ():
     """A KL weight that collapses the posterior (KL ~ 0: z is ignored, draws nearly equal) does
     not with free bits: the latent keeps carrying where on its training trajectory a snapshot
@@ -131,7 +127,7 @@ def test_free_bits_keep_the_latent_in_use_so_draws_differ():
         cfg = GeneratorConfig(**{**HYPER, "steps": 150, "beta": 1.0, "free_bits": free_bits},
                               val_tasks=0, val_snapshots=0)
         generator = train_generator(zoo, conditions, cfg)
-        spread = np.mean([_draw_spread(generator.sample(conditions[t].mean(0), num_samples=8, seed=1))
+        spread = np.mean([draw_spread(generator.sample(conditions[t].mean(0), num_samples=8, seed=1))
                           for t in conditions])
         result[free_bits] = (generator.summary["history"][-1]["train_kl"], spread)
     (plain_kl, plain_spread), (kept_kl, kept_spread) = result[0.0], result[0.5]
