@@ -381,7 +381,11 @@ class EvalConfig(StageConfig):
     select_texts: int = Field(8, ge=1, description="Train texts used as demonstrations for best-of-K.")
     seed: int = Field(0, description="Seed of z sampling and controls.")
     variants: list[str] | None = Field(None, description=(
-        "Variants to score (icm/eval/variants.py registry names); None: every one that applies."))
+        "Variants to score (icm/eval/variants.py registry names); None: every one that applies "
+        "and is not opt-in."))
+    extra_variants: list[str] = Field(default_factory=list, description=(
+        "Variants scored besides those, e.g. the opt-in adapters stacked on the prompt "
+        "[in-context+generated, in-context+soup, in-context+oracle]."))
     seen_tasks: int | None = Field(None, ge=0, description=(
         "Training tasks scored in the 'seen' setting, dealt over the groups (the oracles stage's "
         "replicate tasks come first); None: all of them."))
@@ -394,6 +398,13 @@ class EvalConfig(StageConfig):
     bootstrap: int = Field(2000, ge=100, description="Bootstrap resamples of every interval.")
     cpus_per_task: float = Field(1.0, gt=0, description="Ray CPUs per evaluation task.")
     gpus_per_task: float = Field(0.0, ge=0, description="Ray GPUs per evaluation task.")
+
+    @field_validator("variants", "extra_variants")
+    @classmethod
+    def _known_variants(cls, value, info):
+        from icm.eval.variants import check_names  # late: the registry is the eval package's
+
+        return check_names(value, f"evaluate.{info.field_name}")
 
 
 class PipelineConfig(StageConfig):

@@ -185,7 +185,7 @@ def run(cfg: PipelineConfig, suite: Suite, *, command: str = "python -m jobs.eva
     items, record, finals = build_items(
         suite, plans, means, zoo_root=cfg.storage.path("zoo"), oracle_root=cfg.storage.path("oracles"),
         options={"soup_k": cfg.evaluate.soup_k, "soup_temperature": cfg.evaluate.soup_temperature},
-        variant_names=cfg.evaluate.variants)
+        variant_names=cfg.evaluate.variants, extra_variants=cfg.evaluate.extra_variants)
     results = _score_items(cfg, current.directory, items, finals)
     return _write_outputs(cfg, current, started, results, command,
                           {**record, "folds": folds, "settings": [vars(p) for p in plans]})

@@ -106,8 +106,8 @@ class SettingPlan:
 
 
 def build_items(suite, plans: Sequence[SettingPlan], means: Mapping[str, Mapping[str, np.ndarray]], *,
-                zoo_root: Path, oracle_root: Path, options: Mapping, variant_names: list[str] | None
-                ) -> tuple[list[EvalItem], dict, dict[str, torch.Tensor]]:
+                zoo_root: Path, oracle_root: Path, options: Mapping, variant_names: list[str] | None,
+                extra_variants: Sequence[str] = ()) -> tuple[list[EvalItem], dict, dict[str, torch.Tensor]]:
     """Items for every plan, a record of how baselines were fit (ridge alpha per setting), and
     the final (L,) vectors of every training task the items' combinations name."""
     from icm.baselines import shuffled_partner
@@ -122,7 +122,8 @@ def build_items(suite, plans: Sequence[SettingPlan], means: Mapping[str, Mapping
         training = {t: both[t] for t in plan.training}
         ridge, record[f"{plan.setting}{'' if plan.fold is None else plan.fold}"] = _plan_ridge(
             plan, training, finals, both)
-        names = [v.name for v in variants_for(plan.setting, variant_names)]
+        variants = variants_for(plan.setting, variant_names, list(extra_variants))
+        names = [v.name for v in variants]
         for task in plan.tasks:
             context = TaskContext(
                 task=task, setting=plan.setting, condition=both[task], training=training,
@@ -132,10 +133,7 @@ def build_items(suite, plans: Sequence[SettingPlan], means: Mapping[str, Mapping
                 replicate=oracle_finals.get(REPLICATE_PREFIX + task) if plan.setting == "seen" else None,
                 multitask=zoo_finals.get(MULTITASK) if plan.setting != "fold" else None,
                 ridge_weights=ridge[task], options=dict(options))
-            adapters = {}
-            for variant in variants_for(plan.setting, variant_names):
-                if variant.kind == "adapter" and (source := variant.source(context)) is not None:
-                    adapters[variant.name] = source
+            adapters = _adapter_sources(variants, context)
             partner = shuffled_partner(task, list(suite.tasks))
             conditions = {mode: means[mode][task] for mode in MODES if task in means.get(mode, {})}
             conditions["shuffled"] = both[partner]
@@ -148,7 +146,25 @@ def build_items(suite, plans: Sequence[SettingPlan], means: Mapping[str, Mapping
     return items, {"shared_vectors": sorted(finals), "ridge": record}, finals
 
 
+def _adapter_sources(variants, context) -> dict[str, AdapterSource]:
+    """Adapter variant -> its source for this task, for every adapter variant scored on its own
+    or active under an in-context variant's prompt (absent where it does not apply)."""
+    from icm.eval.variants import VARIANTS
+
+    adapters = {}
+    for variant in variants:
+        adapter = VARIANTS[variant.with_adapter] if variant.with_adapter else variant
+        if adapter.kind == "adapter" and adapter.name not in adapters:
+            if (source := adapter.source(context)) is not None:
+                adapters[adapter.name] = source
+    return adapters
+
+
 def _available(name: str, adapters: Mapping[str, AdapterSource]) -> bool:
     from icm.eval.variants import VARIANTS
 
-    return VARIANTS[name].kind != "adapter" or name in adapters
+    variant = VARIANTS[name]
+    if variant.kind == "adapter":
+        return name in adapters
+    under = VARIANTS[variant.with_adapter] if variant.with_adapter else None
+    return under is None or under.kind != "adapter" or under.name in adapters

@@ -174,6 +174,23 @@ def generators_table(results: pd.DataFrame, resamples: int, seed: int) -> pd.Dat
     return pd.DataFrame(rows)
 
 
+def stacked_table(results: pd.DataFrame, resamples: int, seed: int) -> pd.DataFrame:
+    """Per unseen setting, each adapter read under the in-context prompt: gap recovered, and
+    its perplexity ratio to the prompt alone and to the soup under the prompt (95% CI)."""
+    rows = []
+    for setting, label in (("heldout", "held-out"), ("fold", "folds")):
+        part = results[results["setting"] == setting]
+        stacked = [v for v in ordered_variants(part) if v in VARIANTS and VARIANTS[v].with_adapter]
+        for variant in stacked:
+            gap = gap_row(part, variant, resamples, seed)
+            row = {"setting": label, "variant": variant, "gap recovered": _fmt_ci(gap) if gap else "n/a"}
+            for rival in ("in-context", "in-context+soup"):
+                ci = ratio_row(part, variant, rival, resamples, seed) if rival != variant else None
+                row[f"/ {rival}"] = f"{_fmt_ci(ci)} ({ci.wins}/{ci.n})" if ci else ""
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def seen_table(results: pd.DataFrame, resamples: int, seed: int) -> pd.DataFrame:
     """Seen tasks: each variant's ppl ratio to the task's own trained LoRA, and dW cosine to it."""
     seen = results[results["setting"] == "seen"]
@@ -217,6 +234,13 @@ def markdown_report(results: pd.DataFrame, *, command: str, config_yaml: str, ti
                   "Perplexity ratio generator / baseline, geometric mean over tasks [95% CI] "
                   "(tasks the generator wins / tasks).", "",
                   generators.to_markdown(index=False), ""]
+    stacked = stacked_table(results, resamples, seed)
+    if len(stacked):
+        lines += ["## Adapters stacked on the prompt (unseen tasks)", "",
+                  "Each adapter active while the model reads the in-context prompt; perplexity "
+                  "ratio to the prompt alone and to the soup under the prompt [95% CI] (wins / "
+                  "tasks). Below 1 the adapter adds to what the prompt gives.", "",
+                  stacked.to_markdown(index=False), ""]
     for setting, heading in (("heldout", "Fixed held-out set: every variant"),
                              ("fold", "Group folds (pooled): every variant")):
         part = results[results["setting"] == setting]

@@ -7,6 +7,7 @@ same texts, cut at the same length, so the comparisons are paired text by text.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -118,11 +119,28 @@ class ItemScorer:
         from icm.eval.baselines import in_context_prefix, score_in_context
 
         started = time.perf_counter()
+        vector = self._adapter_under_prompt(variant)  # (L,) or None: the base model reads it
+        if variant.with_adapter and vector is None:
+            return  # that adapter does not apply to this task
         prefix = in_context_prefix(self.description, self.demos, self.max_demo_chars)
-        with self.swap.base() as model:
+        if vector is not None:
+            self.swap.load(vector, variant.name)
+        with self.swap.base() if vector is None else contextlib.nullcontext(self.swap.model) as model:
             result = score_in_context(model, self.tokenizer, self.texts, prefix,
                                       max_length=self.cfg.max_length, batch_size=self.cfg.batch_size)
-        self._row(variant.name, result, None, started)
+        self._row(variant.name, result, vector, started)
+
+    def _adapter_under_prompt(self, variant: Variant) -> torch.Tensor | None:
+        """(L,) the adapter active while an in-context variant reads its prompt, if it names one
+        that applies here: an adapter variant's vector, or one draw of the generator."""
+        under = VARIANTS.get(variant.with_adapter) if variant.with_adapter else None
+        if under is None:
+            return None
+        if under.kind == "adapter":
+            source = self.item.adapters.get(under.name)
+            return adapter_vector(source, self.finals) if source else None
+        condition = self.item.conditions.get(under.condition)
+        return None if condition is None else self._draw(condition, 1, "random")[0][0]
 
 
 def draw_spread(draws: torch.Tensor) -> float:

@@ -6,7 +6,9 @@ A variant is one registry entry. Its *kind* says how the worker gets what it sco
     adapter      a LoRA the driver names: a snapshot, a mean of snapshots, or a weighted
                  combination of training tasks' final LoRAs (every baseline here is one)
     generated    the generator's output for one of the task's condition vectors
-    in-context   the base model reading k demonstrations before each eval text
+    in-context   the model reading k demonstrations before each eval text: the base model, or
+                 with ``with_adapter`` another variant's adapter active (the adapter and the
+                 prompt stacked, which a user with both can do)
 
 Each entry also says in which *settings* it applies: ``seen`` (a training task, judged against
 its own zoo LoRA), ``heldout`` (the fixed held-out set, judged against its oracle LoRA) and
@@ -54,11 +56,15 @@ class Variant:
     settings: frozenset[str]
     description: str
     baseline: bool = False  # a rival the generator must beat (what a user gets without it)
+    opt_in: bool = False  # scored only when named (evaluate.variants or evaluate.extra_variants)
     # adapter: (context) -> AdapterSource | None (None: not available for this task)
     source: Callable[[Any], AdapterSource | None] | None = None
     # generated: which condition vector, and z = "random" (``samples`` draws) or "zero"
     condition: str = "both"
     z: str = "random"
+    # in-context: the adapter or generated variant whose adapter is active under the prompt
+    # (None: the base model reads it); a generated one contributes one draw, z ~ N(0, I)
+    with_adapter: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -71,18 +77,31 @@ def register(variant: Variant) -> Variant:
     unknown = set(variant.settings) - ALL
     if unknown:
         raise ValueError(f"variant {variant.name!r}: unknown settings {sorted(unknown)}")
+    if variant.with_adapter is not None:
+        under = VARIANTS.get(variant.with_adapter)
+        if variant.kind != "in-context" or under is None or under.kind not in ("adapter", "generated"):
+            raise ValueError(f"variant {variant.name!r}: with_adapter must name a registered "
+                             "adapter or generated variant, on an in-context variant")
     VARIANTS[variant.name] = variant
     return variant
 
 
-def variants_for(setting: str, names: list[str] | None = None) -> list[Variant]:
-    """The registered variants that apply in ``setting`` (restricted to ``names`` if given),
-    in registry order."""
-    if names is not None:
-        unknown = sorted(set(names) - set(VARIANTS))
-        if unknown:
-            raise ValueError(f"evaluate.variants: unknown {unknown}; known: {sorted(VARIANTS)}")
-    return [v for v in VARIANTS.values() if setting in v.settings and (names is None or v.name in names)]
+def check_names(names: list[str] | None, field_name: str = "evaluate.variants") -> list[str] | None:
+    """``names`` if every one is registered, else a ValueError naming the field and the known ones."""
+    unknown = sorted(set(names or ()) - set(VARIANTS))
+    if unknown:
+        raise ValueError(f"{field_name}: unknown {unknown}; known: {sorted(VARIANTS)}")
+    return names
+
+
+def variants_for(setting: str, names: list[str] | None = None, extra: list[str] = ()) -> list[Variant]:
+    """The registered variants that apply in ``setting``, in registry order: ``names`` if given,
+    else every one not opt-in; plus ``extra``."""
+    check_names(names)
+    check_names(list(extra), "evaluate.extra_variants")
+    chosen = set(extra) | (set(names) if names is not None
+                           else {v.name for v in VARIANTS.values() if not v.opt_in})
+    return [v for v in VARIANTS.values() if setting in v.settings and v.name in chosen]
 
 
 def baseline_names() -> list[str]:
@@ -198,3 +217,7 @@ register(Variant("multitask", "adapter", frozenset({"heldout", "seen"}), (
 register(Variant("in-context", "in-context", ALL, (
     "the base model reading the description and the same k demonstrations as an episode "
     "before each eval text"), baseline=True))
+for _under in ("generated", "soup", "oracle"):
+    register(Variant(f"in-context+{_under}", "in-context", UNSEEN, (
+        f"as in-context, read with the {_under} adapter active: does the adapter add to the "
+        "prompt? (a generated one: one draw)"), with_adapter=_under, opt_in=True))

@@ -95,7 +95,9 @@ def test_every_stage_runs_and_writes_its_outputs(smoke_run):
                                                                         if g == groups[min(fold_tasks)]}
     held = set(results.query("setting == 'heldout'")["variant"])
     assert {"base", "oracle", "generated", "generated-best-of-k", "soup", "similarity-soup", "nearest",
-            "ridge", "multitask", "in-context", "cond-description", "control-shuffled"} <= held
+            "ridge", "multitask", "in-context", "cond-description", "control-shuffled",
+            "in-context+generated"} <= held  # the last opt-in, named by the smoke preset
+    assert "in-context+soup" not in set(results["variant"])  # opt-in, not named
     assert {"lookup", "replicate"} <= set(results.query("setting == 'seen'")["variant"])
     assert "multitask" not in set(results.query("setting == 'fold'")["variant"])
     for _, row in results.iterrows():  # per-text NLL stored: intervals can be computed from it
@@ -103,7 +105,7 @@ def test_every_stage_runs_and_writes_its_outputs(smoke_run):
     assert results["perplexity"].between(1, 1e7).all()
     report = (root / "evaluate" / "EVAL.md").read_text()
     assert "## Headline: tasks the generator never saw" in report and "fixed held-out set" in report
-    assert "group folds (1 folds pooled)" in report
+    assert "group folds (1 folds pooled)" in report and "## Adapters stacked on the prompt" in report
     assert "Produced by `icm run --config smoke " in report  # the exact command, once
     assert (root / "evaluate" / "per_task.png").stat().st_size > 5_000
     assert (root / "evaluate" / "folds" / "fold-0" / "generator" / "generator.json").is_file()

@@ -99,3 +99,39 @@ def test_every_variant_is_scored_on_the_same_texts_with_per_text_nll(world):
     assert best["draw_spread"] > 0  # the latent changes the adapter
     assert np.isfinite([r["perplexity"] for r in rows]).all()
     assert all(r["setting"] == "heldout" and r["task"] == "dogs" for r in rows)
+
+
+def test_stacked_variants_read_the_prompt_with_their_adapter_active(world):
+    """in-context+oracle scores exactly what the prompt gives with the oracle loaded; each stacked
+    variant differs from the prompt alone, so the adapter was active."""
+    from icm.adapter_swap import SwappableLora
+    from icm.eval.baselines import in_context_prefix, score_in_context
+    from icm.generator import LoraGenerator
+    from icm.models import load_base_model
+    from icm.task_vectors import sample_demos
+    from icm.tasks import load_task
+
+    base, _, _ = world
+    plans = [SettingPlan("fold", ["dogs"], ["cats", "code", "sums"], str(base / "generator"), fold=0)]
+    names = ["oracle", "in-context", "in-context+oracle", "in-context+soup", "in-context+generated"]
+    items, _, finals = build_items(world[1], plans, world[2], zoo_root=base / "zoo", oracle_root=base / "oracles",
+                                   options={}, variant_names=names)
+    assert set(items[0].variants) == set(names) and {"oracle", "soup"} <= set(items[0].adapters)
+    cfg, vectors = EvalConfig(max_texts=2, max_length=32, samples=1), TaskVectorConfig(k=2, max_demo_chars=100)
+    rows = evaluate_item(items[0], finals, model=ModelConfig(spec="tiny-llama", max_length=32), cfg=cfg,
+                         task_vectors=vectors)
+    by = {r["variant"]: r for r in rows}
+    assert set(by) == set(names)
+    for name in names[2:]:
+        assert by[name]["text_nll"] != pytest.approx(by["in-context"]["text_nll"], rel=1e-4), name
+        assert by[name]["text_tokens"] == by["in-context"]["text_tokens"]
+    assert by["in-context+oracle"]["delta_cosine_to_oracle"] == pytest.approx(1.0)
+
+    model, tokenizer = load_base_model("tiny-llama")
+    generator = LoraGenerator.load(items[0].generator_dir)
+    swap = SwappableLora(model, generator.peft_config, generator.layout)
+    swap.load(adapter_vector(items[0].adapters["oracle"], finals))
+    task = load_task(items[0].task_path)
+    prefix = in_context_prefix(task.description, sample_demos(task, vectors, episode=0), 100)
+    expected = score_in_context(swap.model, tokenizer, task.eval_texts()[:2], prefix, max_length=32)
+    assert by["in-context+oracle"]["text_nll"] == pytest.approx(expected.text_nll, rel=1e-5)

@@ -35,6 +35,34 @@ def test_register_refuses_duplicates_and_unknown_settings():
     with pytest.raises(ValueError, match="unknown settings"):
         register(Variant("new-one", "base", frozenset({"elsewhere"}), "x"))
     assert "new-one" not in VARIANTS
+    for kind, under in (("adapter", "soup"), ("in-context", "in-context"), ("in-context", "nope")):
+        with pytest.raises(ValueError, match="with_adapter"):
+            register(Variant("stack", kind, ALL, "x", with_adapter=under))
+    assert "stack" not in VARIANTS
+
+
+def test_stacked_variants_are_opt_in_and_read_the_prompt_with_an_adapter_on_unseen_tasks():
+    names = ["in-context+generated", "in-context+soup", "in-context+oracle"]
+    assert not [v for v in variants_for("heldout") if v.with_adapter]  # not scored by default
+    stacked = {v.name: v.with_adapter for v in variants_for("heldout", extra=names) if v.with_adapter}
+    assert stacked == {"in-context+generated": "generated", "in-context+soup": "soup",
+                       "in-context+oracle": "oracle"}
+    assert all(VARIANTS[name].kind == "in-context" and not VARIANTS[name].baseline for name in stacked)
+    assert not [v for v in variants_for("seen", extra=names) if v.with_adapter]
+    assert [v.name for v in variants_for("fold", ["base"], extra=names[:1])] == ["base", names[0]]
+    with pytest.raises(ValueError, match="evaluate.extra_variants: unknown"):
+        variants_for("heldout", extra=["in-context+nope"])
+
+
+def test_the_config_names_the_field_of_an_unknown_variant():
+    from pydantic import ValidationError
+
+    from icm.config import EvalConfig
+
+    assert EvalConfig(extra_variants=["in-context+soup"]).extra_variants == ["in-context+soup"]
+    for field in ("variants", "extra_variants"):
+        with pytest.raises(ValidationError, match=f"evaluate.{field}: unknown .'gnerated'.; known:"):
+            EvalConfig(**{field: ["gnerated"]})
 
 
 def test_baseline_sources_never_use_the_task_itself():

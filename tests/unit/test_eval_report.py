@@ -7,15 +7,16 @@ import pandas as pd
 import pytest
 
 from icm.eval.report import (headline_numbers, headline_table, markdown_report, per_text,
-                             plot_per_task, seen_table, strongest_baseline, task_log_ppl)
+                             plot_per_task, seen_table, stacked_table, strongest_baseline,
+                             task_log_ppl)
 
 
-def _results(generated_shift: float = -0.3, seed: int = 0) -> pd.DataFrame:
+def _results(generated_shift: float = -0.3, seed: int = 0, levels: dict | None = None) -> pd.DataFrame:
     """Per text, log ppl base 4.0, oracle 3.0, generated 4.0 + shift, soup 3.6, nearest 3.8;
     generated has two samples whose mean is that; 12 held-out tasks + 6 fold tasks + 4 seen."""
     rng = np.random.default_rng(seed)
     rows = []
-    levels = {"base": 4.0, "oracle": 3.0, "soup": 3.6, "nearest": 3.8}
+    levels = {"base": 4.0, "oracle": 3.0, "soup": 3.6, "nearest": 3.8, **(levels or {})}
     tasks = [("heldout", None, f"h{i}") for i in range(12)] + [("fold", i % 2, f"f{i}") for i in range(6)]
     tasks += [("seen", None, f"s{i}") for i in range(4)]
     for setting, fold, task in tasks:
@@ -77,3 +78,20 @@ def test_a_generated_only_run_still_gets_its_report_and_plot(tmp_path):
     text = markdown_report(results, command="c", config_yaml="", title="T", resamples=50)
     assert "## Headline" in text and "n/a" in text
     assert plot_per_task(results, tmp_path / "p.png").is_file()
+
+
+def test_stacked_adapters_are_judged_against_the_prompt_alone_both_ways():
+    """in-context+generated 3.2 beats the prompt alone (3.4); in-context+soup 3.5 loses to it."""
+    levels = {"in-context": 3.4, "in-context+generated": 3.2, "in-context+soup": 3.5}
+    results = _results(levels=levels).query("setting != 'seen'")
+    table = stacked_table(results, 300, 0).set_index(["setting", "variant"])
+    assert list(table.index.get_level_values("variant")[:2]) == ["in-context+generated", "in-context+soup"]
+    better = table.loc[("held-out", "in-context+generated"), "/ in-context"]
+    low, high = map(float, better.split("[")[1].split("]")[0].split(","))
+    assert high < 1.0 and low > 0.75 and better.endswith("(12/12)")  # exp(-0.2) = 0.82
+    worse = table.loc[("folds", "in-context+soup"), "/ in-context"]
+    assert float(worse.split(" ")[0]) > 1.05 and worse.endswith("(0/6)")
+    assert table.loc[("folds", "in-context+soup"), "/ in-context+soup"] == ""
+    assert table.loc[("held-out", "in-context+generated"), "gap recovered"].startswith("0.8")
+    text = markdown_report(results, command="c", config_yaml="", title="T", resamples=100)
+    assert "## Adapters stacked on the prompt (unseen tasks)" in text
