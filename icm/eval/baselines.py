@@ -109,19 +109,27 @@ class RidgeMap:
     alpha weighs columns by their scale). Its predictions lie in the span of the centred
     training adapters plus their mean, the same representation as the generator's PCA subspace.
 
+    Alpha is chosen by cross-validation that mimics the shift the map will face: leave one
+    task out (closed form) when queries have sibling tasks among the training ones, or, given
+    ``groups``, leave one whole group out, as for a group fold's tasks (leave-one-task-out
+    rewards copying a sibling, and picks a penalty too small to extrapolate to a new group).
+
     Attributes (after `fit`):
         alpha: the chosen penalty.
-        loo_errors: alpha -> leave-one-out squared error over the training tasks, relative to
-            the centred targets' total square (about 1 = no better than the training mean).
+        loo_errors: alpha -> held-out squared error over the training tasks, relative to the
+            centred targets' total square (about 1 = no better than the training mean).
+        criterion: "leave-one-task-out" or "leave-one-group-out".
     """
 
     def __init__(self) -> None:
         self.alpha: float | None = None
         self.loo_errors: dict[float, float] = {}
+        self.criterion: str | None = None
 
     def fit(self, X: np.ndarray | torch.Tensor, Y: np.ndarray | torch.Tensor, *,
-            alphas: Sequence[float] = RIDGE_ALPHAS) -> RidgeMap:
-        """Fit on T training tasks: X (T, D) task vectors, Y (T, L) flat adapter vectors."""
+            alphas: Sequence[float] = RIDGE_ALPHAS, groups: Sequence[str] | None = None) -> RidgeMap:
+        """Fit on T training tasks: X (T, D) task vectors, Y (T, L) flat adapter vectors;
+        ``groups`` (T labels, >= 2 distinct): choose alpha by leave-one-group-out."""
         X = _tensor(X, torch.float64)  # (T, D)
         Y = _tensor(Y)
         Y = Y if Y.is_floating_point() else Y.float()  # (T, L), kept in its own float dtype
@@ -137,9 +145,17 @@ class RidgeMap:
         centred = Y - self.y_mean  # (T, L)
         eigenvalues, eigenvectors = torch.linalg.eigh(self.x_train @ self.x_train.T)  # (T,), (T, T)
         eigenvalues = eigenvalues.clamp(min=0)  # K is PSD; round-off can dip below zero
-        target_gram = eigenvectors.T @ _gram(centred) @ eigenvectors  # (T, T) = U^T Yc Yc^T U
-        self.loo_errors = {float(a): _loo_error(eigenvalues, eigenvectors, target_gram, float(a))
-                           for a in alphas}
+        centred_gram = _gram(centred)  # (T, T) = Yc Yc^T
+        if groups is None:
+            self.criterion = "leave-one-task-out"
+            target_gram = eigenvectors.T @ centred_gram @ eigenvectors  # (T, T) = U^T Yc Yc^T U
+            self.loo_errors = {float(a): _loo_error(eigenvalues, eigenvectors, target_gram, float(a))
+                               for a in alphas}
+        else:
+            self.criterion = "leave-one-group-out"
+            raw_gram, total = _gram(Y), float(torch.trace(centred_gram))  # (T, T), sum ||Yc_i||^2
+            self.loo_errors = {float(a): _logo_error(X, raw_gram, groups, float(a), total)
+                               for a in alphas}
         self.alpha = min(self.loo_errors, key=self.loo_errors.get)
         self.inverse = (eigenvectors / (eigenvalues + self.alpha)) @ eigenvectors.T  # (T, T)
         self.dual = self.inverse.to(centred.dtype) @ centred  # (T, L)
@@ -197,6 +213,38 @@ def _loo_error(eigenvalues: torch.Tensor, eigenvectors: torch.Tensor,
     loo_sq = residual_sq / (1 - leverage).clamp(min=1e-12) ** 2  # (T,)
     total = float(torch.trace(target_gram))  # sum ||Yc_i||^2 (U is orthogonal)
     return float(loo_sq.sum()) / total if total > 0 else float("nan")
+
+
+def _logo_error(x: torch.Tensor, y_gram: torch.Tensor, groups: Sequence[str], alpha: float,
+                total: float) -> float:
+    """Leave-one-group-out error of ridge at ``alpha``, relative to ``total`` (sum ||Yc_i||^2).
+
+    Each fold is a real refit on the other groups r: X standardised and Y centred with r's own
+    statistics (held fixed, a group's own rows would leak through the centring: with few groups
+    the others' centred targets sum to minus its own). Group g's prediction is then
+    ``mean_r + K_gr (K_rr + a I)^-1 (Y_r - mean_r)``, a linear combination ``W Y`` of the
+    training rows, so its squared residual is trace(M Y Y^T M^T) with M = E_g - W (|g|, T):
+    only the raw gram ``y_gram`` = Y Y^T (T, T) is needed, never a (T, L) array per fold.
+    """
+    labels = list(groups)
+    if len(labels) != len(x) or len(set(labels)) < 2:
+        raise ValueError(f"groups: need one label per training task ({len(x)}) and at least "
+                         f"2 distinct groups, got {len(labels)} labels, {len(set(labels))} distinct")
+    squared = 0.0
+    for group in sorted(set(labels)):
+        held = torch.tensor([label == group for label in labels])
+        rest = x[~held]  # (R, D)
+        std = rest.std(dim=0) if len(rest) > 1 else torch.ones(x.shape[1], dtype=x.dtype)
+        scale = torch.where(std > 0, std, torch.ones_like(std))
+        rest_s, held_s = (rest - rest.mean(dim=0)) / scale, (x[held] - rest.mean(dim=0)) / scale
+        eye = torch.eye(len(rest), dtype=x.dtype)
+        coefficients = torch.linalg.solve(rest_s @ rest_s.T + alpha * eye, rest_s @ held_s.T).T  # (|g|, R)
+        weights = coefficients + (1.0 - coefficients.sum(dim=1, keepdim=True)) / len(rest)  # intercept
+        mixing = torch.zeros(int(held.sum()), len(labels), dtype=x.dtype)  # (|g|, T) = E_g - W
+        mixing[:, held] = torch.eye(int(held.sum()), dtype=x.dtype)
+        mixing[:, ~held] = -weights
+        squared += float(torch.trace(mixing @ y_gram @ mixing.T))
+    return squared / total if total > 0 else float("nan")
 
 
 # ----------------------------------------------------------------------------- in-context prompting

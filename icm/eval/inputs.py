@@ -66,27 +66,33 @@ def load_finals(finals: Mapping[str, str], tasks: Sequence[str]) -> dict[str, to
 
 
 def ridge_weights(training: Mapping[str, np.ndarray], vectors: Mapping[str, torch.Tensor],
-                  queries: Mapping[str, np.ndarray]) -> tuple[dict[str, dict[str, float]], dict]:
-    """Ridge from task vector to LoRA weights, fit on ``training`` (alpha by leave-one-task-out),
-    as weights over the training tasks for each query task; plus the fit's record."""
+                  queries: Mapping[str, np.ndarray], groups: Mapping[str, str] | None = None
+                  ) -> tuple[dict[str, dict[str, float]], dict]:
+    """Ridge from task vector to LoRA weights, fit on ``training``, as weights over the training
+    tasks for each query task; plus the fit's record. Alpha by leave-one-task-out, or with
+    ``groups`` (task -> group; >= 2 among the training tasks) by leave-one-group-out."""
     from icm.eval.baselines import RidgeMap
 
     names = sorted(training)
     x = np.stack([training[t] for t in names])  # (T, D)
     y = torch.stack([vectors[t] for t in names])  # (T, L)
-    ridge = RidgeMap().fit(x, y)
+    labels = [groups[t] for t in names] if groups else None
+    ridge = RidgeMap().fit(x, y, groups=labels if labels and len(set(labels)) > 1 else None)
     weights = {task: dict(zip(names, ridge.combination_weights(query).tolist()))
                for task, query in queries.items()}
-    return weights, {"alpha": ridge.alpha, "loo_errors": ridge.loo_errors}
+    return weights, {"alpha": ridge.alpha, "criterion": ridge.criterion, "loo_errors": ridge.loo_errors}
 
 
 def _plan_ridge(plan, training: Mapping[str, np.ndarray], finals: Mapping[str, torch.Tensor],
-                both: Mapping[str, np.ndarray]) -> tuple[dict[str, dict[str, float]], dict]:
+                both: Mapping[str, np.ndarray], groups: Mapping[str, str]
+                ) -> tuple[dict[str, dict[str, float]], dict]:
     """Ridge weights for a plan's tasks. A task among the plan's training tasks (a seen task)
     gets a ridge fit without it, as every other baseline leaves it out: a fit that holds its
-    own LoRA would mostly return that LoRA."""
+    own LoRA would mostly return that LoRA. A fold's tasks come from groups no training task
+    shares, so its alpha is chosen by leaving whole groups out, the shift it will face."""
     outside = {t: both[t] for t in plan.tasks if t not in training}
-    weights, record = ridge_weights(training, finals, outside) if outside else ({}, {})
+    by_group = groups if plan.setting == "fold" else None
+    weights, record = ridge_weights(training, finals, outside, by_group) if outside else ({}, {})
     for task in (t for t in plan.tasks if t in training):
         others = {t: v for t, v in training.items() if t != task}
         weights[task], record[f"without {task}"] = ridge_weights(others, finals, {task: both[task]})
@@ -121,7 +127,7 @@ def build_items(suite, plans: Sequence[SettingPlan], means: Mapping[str, Mapping
     for plan in plans:
         training = {t: both[t] for t in plan.training}
         ridge, record[f"{plan.setting}{'' if plan.fold is None else plan.fold}"] = _plan_ridge(
-            plan, training, finals, both)
+            plan, training, finals, both, {name: spec.group for name, spec in suite.tasks.items()})
         variants = variants_for(plan.setting, variant_names, list(extra_variants))
         names = [v.name for v in variants]
         for task in plan.tasks:

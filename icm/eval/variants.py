@@ -209,7 +209,8 @@ register(Variant("similarity-soup", "adapter", ALL, (
 register(Variant("nearest", "adapter", ALL, "the nearest training task's LoRA by task vector",
                  baseline=True, source=_nearest))
 register(Variant("ridge", "adapter", ALL, (
-    "ridge regression from task vector to LoRA weights, alpha by leave-one-task-out"),
+    "ridge regression from task vector to LoRA weights, alpha by leave-one-task-out (folds: "
+    "leave-one-group-out)"),
     baseline=True, source=_ridge))
 register(Variant("multitask", "adapter", frozenset({"heldout", "seen"}), (
     "one LoRA trained on the union of the training tasks (zoo.multitask_steps sets its compute)"),

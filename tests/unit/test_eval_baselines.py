@@ -121,6 +121,39 @@ def test_ridge_loo_error_matches_refitting_without_each_task():
     assert ridge.loo_errors[3.0] == pytest.approx(squared / float((Yc ** 2).sum()), rel=1e-6)
 
 
+def test_ridge_leave_one_group_out_error_matches_refitting_without_each_group():
+    rng = np.random.default_rng(5)
+    X, Y = rng.normal(size=(12, 5)), torch.tensor(rng.normal(size=(12, 7)))
+    groups = ["a", "a", "a", "b", "b", "c", "c", "c", "c", "d", "e", "e"]
+    ridge = RidgeMap().fit(X, Y, alphas=(3.0,), groups=groups)
+    assert ridge.criterion == "leave-one-group-out"
+    squared = 0.0
+    for group in set(groups):  # a whole refit per group: its own standardisation and centring
+        held = [i for i, g in enumerate(groups) if g == group]
+        refit = RidgeMap().fit(X[[i for i, g in enumerate(groups) if g != group]],
+                               Y[[i for i, g in enumerate(groups) if g != group]], alphas=(3.0,))
+        squared += float(((refit.predict(X[held]) - Y[held]) ** 2).sum())
+    assert ridge.loo_errors[3.0] == pytest.approx(squared / float(((Y - Y.mean(0)) ** 2).sum()), rel=1e-6)
+    assert RidgeMap().fit(X, Y).criterion == "leave-one-task-out"
+    with pytest.raises(ValueError, match="groups: need one label per training task"):
+        RidgeMap().fit(X, Y, groups=["a"] * 12)
+
+
+def test_leaving_groups_out_chooses_a_larger_alpha_when_only_siblings_predict_each_other():
+    """Six groups of four near-copies, with no map shared across groups: leaving one task out
+    rewards copying a sibling (tiny alpha); leaving its group out finds nothing to extrapolate
+    (a large alpha, about the mean's error)."""
+    rng = np.random.default_rng(6)
+    centres_x, centres_y = rng.normal(size=(6, 10)), rng.normal(size=(6, 40))
+    X = np.repeat(centres_x, 4, axis=0) + 0.05 * rng.normal(size=(24, 10))
+    Y = torch.tensor(np.repeat(centres_y, 4, axis=0) + 0.05 * rng.normal(size=(24, 40)))
+    groups = [f"g{i // 4}" for i in range(24)]
+    alphas = (1e-3, 1e-1, 10, 1e3, 1e5)
+    by_task, by_group = RidgeMap().fit(X, Y, alphas=alphas), RidgeMap().fit(X, Y, alphas=alphas, groups=groups)
+    assert by_task.alpha <= 10 and by_group.alpha >= 1e3
+    assert by_task.loo_errors[by_task.alpha] < 0.2 and by_group.loo_errors[by_group.alpha] > 0.9
+
+
 # ----------------------------------------------------------------------------- in-context scoring
 
 DEMOS = ["The cat sat on the warm mat.", "A dog barked at the mailman.", "Birds sing at dawn."]

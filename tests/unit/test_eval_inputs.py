@@ -72,6 +72,8 @@ def test_items_take_oracles_and_baselines_from_the_right_place(world):
     for name in ("soup", "similarity-soup", "nearest", "ridge"):  # never the task itself
         assert "cats" not in dict(seen.adapters[name].combination), name
     assert set(record["ridge"]["seen"]) == {"without cats"}  # refit without the seen task
+    assert record["ridge"]["fold0"]["criterion"] == "leave-one-group-out"  # code, sums: 2 groups
+    assert record["ridge"]["heldout"]["criterion"] == "leave-one-task-out"
     assert set(finals) == set(training) and set(record["ridge"]) == {"heldout", "fold0", "seen"}
     mixed = adapter_vector(dogs.adapters["soup"], finals)
     assert torch.allclose(mixed, torch.stack(list(finals.values())).mean(0), atol=1e-6)
