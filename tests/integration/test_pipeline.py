@@ -296,7 +296,8 @@ def test_generator_lm_objective_fine_tunes_on_ray_train_and_skips_when_done(smok
     assert again.returncode == 0 and "generator: up to date" in again.stderr
     # The fold generator gets the same fine-tuning, from the fold's training tasks only.
     evaluate = [sys.executable, "-m", "jobs.evaluate", "--config", "smoke", *FAST, *args,
-                "evaluate.variants=[generated]", "evaluate.seen_tasks=0"]
+                "evaluate.variants=[generated]", "evaluate.extra_variants=[]",  # not the preset's
+                "evaluate.seen_tasks=0"]
     scored = subprocess.run(evaluate, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert scored.returncode == 0, scored.stdout[-3000:] + scored.stderr[-6000:]
     fold = lm_root / "evaluate" / "folds" / "fold-0"
