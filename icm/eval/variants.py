@@ -19,7 +19,7 @@ nowhere else.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -94,7 +94,7 @@ def check_names(names: list[str] | None, field_name: str = "evaluate.variants") 
     return names
 
 
-def variants_for(setting: str, names: list[str] | None = None, extra: list[str] = ()) -> list[Variant]:
+def variants_for(setting: str, names: list[str] | None = None, extra: Sequence[str] = ()) -> list[Variant]:
     """The registered variants that apply in ``setting``, in registry order: ``names`` if given,
     else every one not opt-in; plus ``extra``."""
     check_names(names)
