@@ -138,8 +138,7 @@ class RidgeMap:
                              f"and {tuple(Y.shape)}")
         if not alphas or min(alphas) <= 0:
             raise ValueError(f"alphas must be positive, got {alphas}")
-        self.x_mean, std = X.mean(dim=0), X.std(dim=0)  # (D,) each
-        self.x_std = torch.where(std > 0, std, torch.ones_like(std))  # constant features: as is
+        self.x_mean, self.x_std = _standardiser(X)  # (D,) each
         self.x_train = (X - self.x_mean) / self.x_std  # (T, D)
         self.y_mean = Y.mean(dim=0)  # (L,)
         centred = Y - self.y_mean  # (T, L)
@@ -171,7 +170,7 @@ class RidgeMap:
         x = _tensor(x, torch.float64)
         kernel = ((x - self.x_mean) / self.x_std) @ self.x_train.T  # (T,)
         coefficients = kernel @ self.inverse  # (T,) on the centred targets
-        return coefficients + (1.0 - coefficients.sum()) / len(coefficients)
+        return _with_intercept(coefficients)
 
     def predict(self, x: np.ndarray | torch.Tensor) -> torch.Tensor:
         """Adapter vector(s) for task vector(s): x (D,) -> (L,), or (N, D) -> (N, L)."""
@@ -180,6 +179,18 @@ class RidgeMap:
         x = _tensor(x, torch.float64)
         kernel = ((x - self.x_mean) / self.x_std) @ self.x_train.T  # (T,) or (N, T)
         return kernel.to(self.dual.dtype) @ self.dual + self.y_mean  # (L,) or (N, L)
+
+
+def _standardiser(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(D,) mean and scale of X (T, D); a constant feature (or a single row) keeps scale 1."""
+    std = X.std(dim=0) if len(X) > 1 else torch.zeros(X.shape[1], dtype=X.dtype)
+    return X.mean(dim=0), torch.where(std > 0, std, torch.ones_like(std))
+
+
+def _with_intercept(coefficients: torch.Tensor) -> torch.Tensor:
+    """Weights over the training targets (..., T) from dual coefficients on the centred ones:
+    the training mean's share spread evenly (ridge predictions are affine combinations)."""
+    return coefficients + (1.0 - coefficients.sum(dim=-1, keepdim=True)) / coefficients.shape[-1]
 
 
 def _tensor(a: np.ndarray | torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -234,12 +245,11 @@ def _logo_error(x: torch.Tensor, y_gram: torch.Tensor, groups: Sequence[str], al
     for group in sorted(set(labels)):
         held = torch.tensor([label == group for label in labels])
         rest = x[~held]  # (R, D)
-        std = rest.std(dim=0) if len(rest) > 1 else torch.ones(x.shape[1], dtype=x.dtype)
-        scale = torch.where(std > 0, std, torch.ones_like(std))
-        rest_s, held_s = (rest - rest.mean(dim=0)) / scale, (x[held] - rest.mean(dim=0)) / scale
+        mean, scale = _standardiser(rest)
+        rest_s, held_s = (rest - mean) / scale, (x[held] - mean) / scale
         eye = torch.eye(len(rest), dtype=x.dtype)
         coefficients = torch.linalg.solve(rest_s @ rest_s.T + alpha * eye, rest_s @ held_s.T).T  # (|g|, R)
-        weights = coefficients + (1.0 - coefficients.sum(dim=1, keepdim=True)) / len(rest)  # intercept
+        weights = _with_intercept(coefficients)  # (|g|, R)
         mixing = torch.zeros(int(held.sum()), len(labels), dtype=x.dtype)  # (|g|, T) = E_g - W
         mixing[:, held] = torch.eye(int(held.sum()), dtype=x.dtype)
         mixing[:, ~held] = -weights

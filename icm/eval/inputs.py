@@ -155,11 +155,11 @@ def build_items(suite, plans: Sequence[SettingPlan], means: Mapping[str, Mapping
 def _adapter_sources(variants, context) -> dict[str, AdapterSource]:
     """Adapter variant -> its source for this task, for every adapter variant scored on its own
     or active under an in-context variant's prompt (absent where it does not apply)."""
-    from icm.eval.variants import VARIANTS
+    from icm.eval.variants import under_prompt
 
     adapters = {}
     for variant in variants:
-        adapter = VARIANTS[variant.with_adapter] if variant.with_adapter else variant
+        adapter = under_prompt(variant) or variant
         if adapter.kind == "adapter" and adapter.name not in adapters:
             if (source := adapter.source(context)) is not None:
                 adapters[adapter.name] = source
@@ -167,10 +167,10 @@ def _adapter_sources(variants, context) -> dict[str, AdapterSource]:
 
 
 def _available(name: str, adapters: Mapping[str, AdapterSource]) -> bool:
-    from icm.eval.variants import VARIANTS
+    from icm.eval.variants import VARIANTS, under_prompt
 
     variant = VARIANTS[name]
     if variant.kind == "adapter":
         return name in adapters
-    under = VARIANTS[variant.with_adapter] if variant.with_adapter else None
+    under = under_prompt(variant)
     return under is None or under.kind != "adapter" or under.name in adapters

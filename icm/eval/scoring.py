@@ -17,7 +17,7 @@ import torch
 
 from icm.config import EvalConfig, ModelConfig, TaskVectorConfig
 from icm.eval.inputs import EvalItem
-from icm.eval.variants import VARIANTS, AdapterSource, Variant
+from icm.eval.variants import VARIANTS, AdapterSource, Variant, under_prompt
 
 
 def adapter_vector(source: AdapterSource, finals: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -133,7 +133,7 @@ class ItemScorer:
     def _adapter_under_prompt(self, variant: Variant) -> torch.Tensor | None:
         """(L,) the adapter active while an in-context variant reads its prompt, if it names one
         that applies here: an adapter variant's vector, or one draw of the generator."""
-        under = VARIANTS.get(variant.with_adapter) if variant.with_adapter else None
+        under = under_prompt(variant)
         if under is None:
             return None
         if under.kind == "adapter":

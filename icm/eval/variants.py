@@ -86,6 +86,11 @@ def register(variant: Variant) -> Variant:
     return variant
 
 
+def under_prompt(variant: Variant) -> Variant | None:
+    """The variant whose adapter is active under an in-context variant's prompt (None: none)."""
+    return VARIANTS[variant.with_adapter] if variant.with_adapter else None
+
+
 def check_names(names: list[str] | None, field_name: str = "evaluate.variants") -> list[str] | None:
     """``names`` if every one is registered, else a ValueError naming the field and the known ones."""
     unknown = sorted(set(names or ()) - set(VARIANTS))
