@@ -5,12 +5,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
-from pathlib import Path
-from typing import NamedTuple
 
 import pandas as pd
 import pytest
@@ -18,63 +14,9 @@ import torch
 import yaml
 
 from tests.conftest import REPO_ROOT, make_suite
+from tests.integration.smoke_pipeline import FAST
 
 STAGES = ("prepare", "base_eval", "zoo", "oracles", "task_vectors", "tune", "generator", "evaluate")
-# A tiny suite (4 tasks, "dogs" held out) keeps the whole pipeline to a couple of minutes.
-FAST = ["zoo.steps=16", "zoo.seq_len=32", "zoo.eval_max_texts=2", "suite.tasks=null"]
-
-
-def _pipeline_command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "jobs.pipeline", "--config", "smoke", *FAST, *args]
-
-
-def _pipeline(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
-    out = subprocess.run(_pipeline_command(*args), cwd=REPO_ROOT, capture_output=True, text=True,
-                         timeout=timeout)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
-    return out
-
-
-class SmokeRun(NamedTuple):
-    root: Path  # the URI's directory: every stage's artifacts, read here as local files
-    suite: Path
-    resumed: subprocess.CompletedProcess
-    uri: str  # the storage.root=file://... override
-    base: Path  # where further local mirrors go
-
-    def rerun(self, mirror: str, *overrides: str) -> subprocess.CompletedProcess:
-        """The same pipeline again, from yet another empty local mirror."""
-        return _pipeline(*_on_uri(self.suite, self.uri, self.base / mirror, *overrides))
-
-
-def _on_uri(suite: Path, uri: str, mirror: Path, *overrides: str) -> tuple[str, ...]:
-    """Pipeline arguments for ``suite`` stored at ``uri`` through the local ``mirror``."""
-    return (f"suite.path={suite}", uri, f"storage.local_mirror={mirror}", *overrides)
-
-
-@pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
-    """The smoke pipeline on a URI root (``file://``: pyarrow's filesystem layer, the code path
-    s3:// and gs:// take), killed once the zoo is committed and resumed from an empty local
-    mirror, as on another machine: what it needs comes from the URI. Every test of this module
-    reads what the resumed run wrote (one pipeline run for all of them: the suite's time)."""
-    base = tmp_path_factory.mktemp("pipeline")
-    suite = make_suite(base / "suite")
-    remote = base / "remote"
-    uri = f"storage.root=file://{remote}"
-    driver = subprocess.Popen(_pipeline_command(*_on_uri(suite, uri, base / "mirror-1")),
-                              cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              start_new_session=True)
-    deadline = time.time() + 600
-    while time.time() < deadline and not (remote / "zoo" / "stage.json").is_file():
-        assert driver.poll() is None, "the pipeline ended before the zoo was committed"
-        time.sleep(0.5)
-    os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray it started, mid-pipeline
-    driver.wait()
-    time.sleep(3)
-    assert (remote / "zoo" / "stage.json").is_file() and not (remote / "evaluate" / "stage.json").is_file()
-    resumed = _pipeline(*_on_uri(suite, uri, base / "mirror-2"))
-    return SmokeRun(root=remote, suite=suite, resumed=resumed, uri=uri, base=base)
 
 
 @pytest.mark.slow
@@ -268,7 +210,8 @@ def test_pipeline_rejects_bad_config_before_starting_ray(tmp_path):
 @pytest.mark.slow
 def test_generator_lm_objective_fine_tunes_on_ray_train_and_skips_when_done(smoke_run, tmp_path):
     """objective=hybrid: the reconstruction-trained start, then 4 LM steps on 2 Ray Train
-    workers; the artifact records the LM history and loads like any generator."""
+    workers; the artifact records the LM history and loads like any generator; the fold
+    generator of the evaluate stage gets the same fine-tuning (one pipeline run, one Ray)."""
     from icm.generator import LoraGenerator
 
     root, suite = smoke_run.root, smoke_run.suite
@@ -278,9 +221,11 @@ def test_generator_lm_objective_fine_tunes_on_ray_train_and_skips_when_done(smok
         (lm_root / upstream).symlink_to(root / upstream)
     args = [f"suite.path={suite}", f"storage.root={lm_root}", "tune.enabled=false",
             "generator.objective=hybrid", "generator.lm_steps=4", "generator.lm_workers=2",
-            "generator.cpus_per_task=0.5", "generator.report_every=2", "generator.lm_seq_len=24"]
-    command = [sys.executable, "-m", "jobs.generator", "--config", "smoke", *FAST, *args]
-    first = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+            "generator.cpus_per_task=0.5", "generator.report_every=2", "generator.lm_seq_len=24",
+            "stages=[generator,evaluate]", "evaluate.variants=[generated]",
+            "evaluate.extra_variants=[]", "evaluate.seen_tasks=0"]  # not the preset's variants
+    command = [sys.executable, "-m", "jobs.pipeline", "--config", "smoke", *FAST, *args]
+    first = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-6000:]
     meta = json.loads((lm_root / "generator" / "generator.json").read_text())
     lm = meta["training"]["lm"]
@@ -292,14 +237,7 @@ def test_generator_lm_objective_fine_tunes_on_ray_train_and_skips_when_done(smok
     tuned = LoraGenerator.load(lm_root / "generator")
     vector = start.model.state_dict()["decoder.linears.0.weight"]
     assert not torch.equal(vector, tuned.model.state_dict()["decoder.linears.0.weight"])
-    again = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0 and "generator: up to date" in again.stderr
-    # The fold generator gets the same fine-tuning, from the fold's training tasks only.
-    evaluate = [sys.executable, "-m", "jobs.evaluate", "--config", "smoke", *FAST, *args,
-                "evaluate.variants=[generated]", "evaluate.extra_variants=[]",  # not the preset's
-                "evaluate.seen_tasks=0"]
-    scored = subprocess.run(evaluate, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
-    assert scored.returncode == 0, scored.stdout[-3000:] + scored.stderr[-6000:]
+    # The fold generator: the same fine-tuning, from the fold's training tasks only.
     fold = lm_root / "evaluate" / "folds" / "fold-0"
     fold_lm = json.loads((fold / "generator" / "generator.json").read_text())["training"]["lm"]
     assert (fold / "reconstruction").is_dir() and fold_lm["steps"] == 4
@@ -307,6 +245,9 @@ def test_generator_lm_objective_fine_tunes_on_ray_train_and_skips_when_done(smok
     groups = {"cats": "animals", "dogs": "animals", "sums": "math", "code": "code"}
     assert not {t for t in fold_lm["tasks"] if groups[t] in held}  # never a task of the fold
     assert set(pd.read_parquet(lm_root / "evaluate" / "results.parquet")["variant"]) == {"generated"}
+    again = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "generator: up to date" in again.stderr and "evaluate: up to date" in again.stderr
 
 
 def test_lm_texts_are_train_texts_of_training_tasks_only(tmp_path):

@@ -20,9 +20,11 @@ from icm.models import load_base_model
 from icm.zoo import MULTITASK, load_vector
 from jobs.zoo import main as zoo_main
 from tests.conftest import REPO_ROOT, make_suite
+from tests.integration.smoke_pipeline import FAST as PIPELINE_FAST
 
-FAST = ["zoo.steps=16", "zoo.seq_len=32", "zoo.batch_size=4", "zoo.eval_max_texts=2",
-        "suite.tasks=null", "ray.num_cpus=2"]
+# The smoke pipeline's zoo settings (smoke_zoo reads that run's zoo), the smoke preset's batch
+# size and CPUs spelled out.
+FAST = [*PIPELINE_FAST, "zoo.batch_size=4", "ray.num_cpus=2"]
 
 
 def _zoo(suite, root, *extra, timeout=900, **popen):
@@ -32,13 +34,10 @@ def _zoo(suite, root, *extra, timeout=900, **popen):
 
 
 @pytest.fixture(scope="module")
-def smoke_zoo(tmp_path_factory):
-    base = tmp_path_factory.mktemp("zoo")
-    suite = make_suite(base / "suite")
-    out = _zoo(suite, base / "run")
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
-    (base / "run" / "driver.log").write_text(out.stdout + out.stderr)
-    return base / "run" / "zoo", suite, base / "run"
+def smoke_zoo(smoke_run):
+    """The zoo stage of the session's smoke pipeline run, read here: the zoo directory, the suite
+    and the log of the driver that trained it."""
+    return smoke_run.root / "zoo", smoke_run.suite, smoke_run.killed_log
 
 
 @pytest.mark.slow
@@ -67,8 +66,8 @@ def test_zoo_trains_every_training_task_and_the_multitask_lora(smoke_zoo):
 
 @pytest.mark.slow
 def test_each_progress_line_reaches_the_driver_once(smoke_zoo):
-    _, _, root = smoke_zoo
-    log = (root / "driver.log").read_text()
+    _, _, driver_log = smoke_zoo
+    log = driver_log.read_text()
     done = [line for line in log.splitlines() if "[zoo cats] done" in line]
     assert len(done) == 1, done  # Ray Train's print patch doubled worker lines
     assert "[zoo cats] step" not in log  # per-step losses are for -v; the driver counts tasks
@@ -105,10 +104,11 @@ def test_snapshot_reloads_in_peft_and_matches_its_vector(smoke_zoo, tmp_path):
 
 
 @pytest.mark.slow
-def test_rerun_skips_the_finished_zoo(smoke_zoo):
-    _, suite, root = smoke_zoo
-    again = _zoo(suite, root)
-    assert again.returncode == 0 and "zoo: up to date" in again.stderr
+def test_rerun_skips_the_finished_zoo(smoke_run):
+    """jobs.zoo on its own, against the pipeline's URI root through a fresh local mirror."""
+    again = _zoo(smoke_run.suite, smoke_run.uri.removeprefix("storage.root="),
+                 f"storage.local_mirror={smoke_run.base / 'mirror-zoo'}")
+    assert again.returncode == 0 and "zoo: up to date" in again.stderr, again.stderr[-3000:]
 
 
 @pytest.mark.slow
