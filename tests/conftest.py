@@ -45,8 +45,8 @@ def pytest_xdist_make_scheduler(config, log):
     """The README test command runs ``pytest -n 2``: every integration test goes to one worker,
     in order (they start Ray clusters, Serve apps and vLLM engines, `ray job submit` and
     ``address="auto"`` lookups: two at once would collide), while the other worker runs the
-    CPU-bound unit tests beside them. The integration tests alone keep the 2 cores ~74% busy, so
-    the overlap saves ~150 s, not the unit tests' whole 425 s (BENCHMARKS.md). (Not ``--dist
+    CPU-bound unit tests beside them, each on one CPU thread (tests/unit/conftest.py: with two,
+    the lanes oversubscribed the cores; BENCHMARKS.md, "The test suite"). (Not ``--dist
     loadgroup``: with pytest 9.2 it silently stops grouping, pytest-xdist issue 1386.)"""
     from xdist.scheduler import LoadScopeScheduling
 

@@ -41,3 +41,15 @@ def test_integration_tests_run_in_one_worker_in_order_and_unit_tests_beside_them
     assert [name for _, name in integration] == [f"test_{m}_{i}" for m in "ab" for i in range(3)]
     unit_workers = {worker for worker, name in runs if name.startswith("test_c")}
     assert unit_workers - {integration[0][0]}, "no unit test ran beside the integration tests"
+
+
+def test_unit_tests_run_on_one_cpu_thread_and_pass_it_to_their_commands():
+    """tests/unit/conftest.py: without it, unit tests beside the integration lane oversubscribe
+    the 2 cores (the box's CPU time over a suite run fell from ~3,400-3,900 to ~2,100 core-s
+    with it and the session's integration-test merges)."""
+    import torch
+
+    assert torch.get_num_threads() == 1 and os.environ["OMP_NUM_THREADS"] == "1"
+    child = subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"],
+                           capture_output=True, text=True, timeout=120)
+    assert child.stdout.strip() == "1", child.stderr[-2000:]
