@@ -118,26 +118,24 @@ def served(icm_serve) -> Served:
     return icm_serve.served
 
 
+def _client(served):
+    from openai import OpenAI
+
+    return OpenAI(base_url=served.url + "/v1", api_key="unused", max_retries=0)
+
+
 def test_icm_serve_answers_behind_haproxy_with_an_adapter_from_a_description(icm_serve, served):
     health = requests.get(served.url + "/healthz", timeout=10).json()
     assert health.get("engine", "hf") == ENGINE
     reply = served.post("/v1/adapters", {"description": "Short texts about cats."})
     assert reply.status_code == 200, reply.text
     if ENGINE == "vllm":
-        from openai import OpenAI
-
-        client = OpenAI(base_url=served.url + "/v1", api_key="unused", max_retries=0)
-        chunks = list(client.completions.create(model=reply.json()["model"], prompt="The cat",
-                                                max_tokens=8, temperature=0, stream=True))
+        chunks = list(_client(served).completions.create(
+            model=reply.json()["model"], prompt="The cat", max_tokens=8, temperature=0,
+            stream=True))
         assert len(chunks) > 1 and "".join(c.choices[0].text for c in chunks if c.choices)
     owners = listeners(icm_serve.port)
     assert owners and {psutil.Process(p).name() for p in owners} == {"haproxy"}
-
-
-def _client(served):
-    from openai import OpenAI
-
-    return OpenAI(base_url=served.url + "/v1", api_key="unused", max_retries=0)
 
 
 def _hf_greedy(folder, prompt: str, max_tokens: int) -> str:

@@ -106,7 +106,7 @@ def test_snapshot_reloads_in_peft_and_matches_its_vector(smoke_zoo, tmp_path):
 @pytest.mark.slow
 def test_rerun_skips_the_finished_zoo(smoke_run):
     """jobs.zoo on its own, against the pipeline's URI root through a fresh local mirror."""
-    again = _zoo(smoke_run.suite, smoke_run.uri.removeprefix("storage.root="),
+    again = _zoo(smoke_run.suite, f"file://{smoke_run.root}",
                  f"storage.local_mirror={smoke_run.base / 'mirror-zoo'}")
     assert again.returncode == 0 and "zoo: up to date" in again.stderr, again.stderr[-3000:]
 
