@@ -56,6 +56,18 @@ def shuffled_partner(task: str, tasks: Sequence[str]) -> str:
     return ordered[(ordered.index(task) + 1) % len(ordered)]
 
 
+def other_group_partner(task: str, group_of: Mapping[str, str], candidates: Sequence[str]) -> str:
+    """A fixed task of another group for the other-group control: of ``candidates`` (the
+    setting's training tasks) outside ``task``'s group, the first after ``task`` in name order
+    (wrapping). Unlike `shuffled_partner`, whose partner is usually a sibling of the same group,
+    this asks whether the condition of a *different kind* of text changes the adapter."""
+    others = sorted(t for t in candidates if group_of[t] != group_of[task])
+    if not others:
+        raise ValueError(f"variant control-other-group: {task!r} has no training task outside its "
+                         f"group {group_of[task]!r}; drop it from evaluate.extra_variants")
+    return next((t for t in others if t > task), others[0])
+
+
 def gap_recovered(ppl_base: float, ppl_variant: float, ppl_reference: float) -> float:
     """Share of the base -> reference log-perplexity gap that the variant closes.
 

@@ -116,7 +116,7 @@ def build_items(suite, plans: Sequence[SettingPlan], means: Mapping[str, Mapping
                 extra_variants: Sequence[str] = ()) -> tuple[list[EvalItem], dict, dict[str, torch.Tensor]]:
     """Items for every plan, a record of how baselines were fit (ridge alpha per setting), and
     the final (L,) vectors of every training task the items' combinations name."""
-    from icm.baselines import shuffled_partner
+    from icm.baselines import other_group_partner, shuffled_partner
 
     zoo_snapshots = snapshot_folders(zoo_root)
     zoo_finals = {task: folders[-1] for task, folders in zoo_snapshots.items()}
@@ -124,10 +124,11 @@ def build_items(suite, plans: Sequence[SettingPlan], means: Mapping[str, Mapping
     both = means["both"]
     items, record = [], {}
     finals = load_finals(zoo_finals, sorted({t for p in plans for t in p.training}))
+    group_of = {name: spec.group for name, spec in suite.tasks.items()}
     for plan in plans:
         training = {t: both[t] for t in plan.training}
         ridge, record[f"{plan.setting}{'' if plan.fold is None else plan.fold}"] = _plan_ridge(
-            plan, training, finals, both, {name: spec.group for name, spec in suite.tasks.items()})
+            plan, training, finals, both, group_of)
         variants = variants_for(plan.setting, variant_names, list(extra_variants))
         names = [v.name for v in variants]
         for task in plan.tasks:
@@ -143,12 +144,16 @@ def build_items(suite, plans: Sequence[SettingPlan], means: Mapping[str, Mapping
             partner = shuffled_partner(task, list(suite.tasks))
             conditions = {mode: means[mode][task] for mode in MODES if task in means.get(mode, {})}
             conditions["shuffled"] = both[partner]
+            extra = {"shuffled_partner": partner}
+            if "control-other-group" in names:
+                other = other_group_partner(task, group_of, plan.training)
+                conditions["other-group"], extra["other_group_partner"] = both[other], other
             spec = suite.tasks[task]
             items.append(EvalItem(
                 task=task, task_path=str(spec.path), group=spec.group, setting=plan.setting,
                 fold=plan.fold, generator_dir=plan.generator_dir, conditions=conditions,
                 adapters=adapters, variants=[n for n in names if _available(n, adapters)],
-                extra={"shuffled_partner": partner}))
+                extra=extra))
     return items, {"shared_vectors": sorted(finals), "ridge": record}, finals
 
 

@@ -200,6 +200,10 @@ register(Variant("cond-description", "generated", frozenset({"heldout"}), (
 register(Variant("control-shuffled", "generated", frozenset({"heldout", "seen"}), (
     "z = 0, conditioned on another task's vector: shows whether the condition is used"),
     condition="shuffled", z="zero"))
+register(Variant("control-other-group", "generated", ALL, (
+    "z = 0, conditioned on a training task of another group (the next in name order): shows "
+    "how much of the adapter comes from the condition rather than from what every task shares"),
+    condition="other-group", z="zero", opt_in=True))
 register(Variant("lookup", "adapter", frozenset({"seen"}), (
     "the mean of the task's own zoo snapshots: what a lookup table of trained tasks gives"),
     source=_lookup))

@@ -137,3 +137,35 @@ def test_stacked_variants_read_the_prompt_with_their_adapter_active(world):
     prefix = in_context_prefix(task.description, sample_demos(task, vectors, episode=0), 100)
     expected = score_in_context(swap.model, tokenizer, task.eval_texts()[:2], prefix, max_length=32)
     assert by["in-context+oracle"]["text_nll"] == pytest.approx(expected.text_nll, rel=1e-5)
+
+
+def test_other_group_control_scores_the_generator_on_another_groups_training_task(world):
+    """control-other-group (opt-in) takes the condition of the fold's next training task outside
+    the task's group, and scores exactly the generator's z = 0 adapter for that vector."""
+    from icm.adapter_swap import SwappableLora
+    from icm.generator import LoraGenerator
+    from icm.models import load_base_model
+    from icm.tasks import load_task
+
+    base, suite, means = world
+    plans = [SettingPlan("fold", ["cats", "dogs"], ["code", "sums"], str(base / "generator"), fold=0)]
+    items, _, finals = build_items(suite, plans, means, zoo_root=base / "zoo", oracle_root=base / "oracles",
+                                   options={}, variant_names=["control-other-group"])
+    partners = {i.task: i.extra["other_group_partner"] for i in items}
+    assert partners == {"cats": "code", "dogs": "sums"}  # animals -> the next other-group task
+    cats = items[0]
+    assert np.array_equal(cats.conditions["other-group"], means["both"]["code"])
+    default, _, _ = _items(world, plans)
+    assert "other-group" not in default[0].conditions  # opt-in: not built unless named
+    rows = evaluate_item(cats, finals, model=ModelConfig(spec="tiny-llama", max_length=32),
+                         cfg=EvalConfig(max_texts=2, max_length=32), task_vectors=TaskVectorConfig(k=2))
+    assert [r["variant"] for r in rows] == ["control-other-group"]
+
+    model, tokenizer = load_base_model("tiny-llama")
+    generator = LoraGenerator.load(cats.generator_dir)
+    swap = SwappableLora(model, generator.peft_config, generator.layout)
+    vector = generator.sample(np.asarray(means["both"]["code"], np.float32), num_samples=1, seed=0, z="zero")
+    swap.load(vector[0])
+    expected = swap.score(tokenizer, load_task(cats.task_path).eval_texts()[:2], max_length=32,
+                          batch_size=EvalConfig().batch_size)
+    assert rows[0]["text_nll"] == pytest.approx(expected.text_nll, rel=1e-5)

@@ -11,7 +11,8 @@ import torch
 
 from icm.adapter_swap import SwappableLora
 from icm.adapters import apply_adapter
-from icm.baselines import cosine, gap_recovered, model_soup, nearest_task, shuffled_partner
+from icm.baselines import (cosine, gap_recovered, model_soup, nearest_task, other_group_partner,
+                           shuffled_partner)
 from icm.evaluation import score_texts
 from icm.lora_io import LoraLayout, adapter_state_dict, peft_config_json, save_adapter
 from icm.models import load_base_model
@@ -75,6 +76,12 @@ def test_soup_nearest_shuffled_and_gap():
         assert nearest_task(frozen["a"], frozen, exclude=["a"]) == "c"
     partners = {t: shuffled_partner(t, list(means)) for t in means}
     assert all(p != t for t, p in partners.items()) and sorted(partners.values()) == sorted(means)
+    groups = {"a1": "a", "a2": "a", "b1": "b", "c1": "c", "c2": "c"}
+    assert other_group_partner("a1", groups, ["a2", "b1", "c1"]) == "b1"
+    assert other_group_partner("c1", groups, ["a1", "b1", "c2"]) == "a1"  # wraps, never c2
+    assert other_group_partner("b1", groups, ["b1", "c2", "a2"]) == "c2"  # only the candidates
+    with pytest.raises(ValueError, match="control-other-group: 'a1' has no training task outside"):
+        other_group_partner("a1", groups, ["a2"])
     assert cosine([1, 0], [0, 1]) == 0.0 and cosine([2, 2], [1, 1]) == pytest.approx(1.0)
     assert gap_recovered(100.0, 100.0, 50.0) == 0.0
     assert gap_recovered(100.0, 50.0, 50.0) == pytest.approx(1.0)
