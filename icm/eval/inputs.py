@@ -145,7 +145,7 @@ def build_items(suite, plans: Sequence[SettingPlan], means: Mapping[str, Mapping
             conditions = {mode: means[mode][task] for mode in MODES if task in means.get(mode, {})}
             conditions["shuffled"] = both[partner]
             extra = {"shuffled_partner": partner}
-            if "control-other-group" in names:
+            if any(v.condition == "other-group" for v in variants):  # an opt-in control's
                 other = other_group_partner(task, group_of, plan.training)
                 conditions["other-group"], extra["other_group_partner"] = both[other], other
             spec = suite.tasks[task]

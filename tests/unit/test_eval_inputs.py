@@ -46,6 +46,18 @@ def _items(world, plans):
                        options={"soup_k": 2}, variant_names=None)
 
 
+def _swap_for(item):
+    """tiny-llama with the item's generator's LoRA layout, ready to load a vector; and the
+    tokenizer and generator."""
+    from icm.adapter_swap import SwappableLora
+    from icm.generator import LoraGenerator
+    from icm.models import load_base_model
+
+    model, tokenizer = load_base_model("tiny-llama")
+    generator = LoraGenerator.load(item.generator_dir)
+    return SwappableLora(model, generator.peft_config, generator.layout), tokenizer, generator
+
+
 def test_items_take_oracles_and_baselines_from_the_right_place(world):
     base, suite, _ = world
     generator = str(base / "generator")
@@ -106,10 +118,7 @@ def test_every_variant_is_scored_on_the_same_texts_with_per_text_nll(world):
 def test_stacked_variants_read_the_prompt_with_their_adapter_active(world):
     """in-context+oracle scores exactly what the prompt gives with the oracle loaded; each stacked
     variant differs from the prompt alone, so the adapter was active."""
-    from icm.adapter_swap import SwappableLora
     from icm.eval.baselines import in_context_prefix, score_in_context
-    from icm.generator import LoraGenerator
-    from icm.models import load_base_model
     from icm.task_vectors import sample_demos
     from icm.tasks import load_task
 
@@ -129,9 +138,7 @@ def test_stacked_variants_read_the_prompt_with_their_adapter_active(world):
         assert by[name]["text_tokens"] == by["in-context"]["text_tokens"]
     assert by["in-context+oracle"]["delta_cosine_to_oracle"] == pytest.approx(1.0)
 
-    model, tokenizer = load_base_model("tiny-llama")
-    generator = LoraGenerator.load(items[0].generator_dir)
-    swap = SwappableLora(model, generator.peft_config, generator.layout)
+    swap, tokenizer, _ = _swap_for(items[0])
     swap.load(adapter_vector(items[0].adapters["oracle"], finals))
     task = load_task(items[0].task_path)
     prefix = in_context_prefix(task.description, sample_demos(task, vectors, episode=0), 100)
@@ -142,9 +149,6 @@ def test_stacked_variants_read_the_prompt_with_their_adapter_active(world):
 def test_other_group_control_scores_the_generator_on_another_groups_training_task(world):
     """control-other-group (opt-in) takes the condition of the fold's next training task outside
     the task's group, and scores exactly the generator's z = 0 adapter for that vector."""
-    from icm.adapter_swap import SwappableLora
-    from icm.generator import LoraGenerator
-    from icm.models import load_base_model
     from icm.tasks import load_task
 
     base, suite, means = world
@@ -161,9 +165,7 @@ def test_other_group_control_scores_the_generator_on_another_groups_training_tas
                          cfg=EvalConfig(max_texts=2, max_length=32), task_vectors=TaskVectorConfig(k=2))
     assert [r["variant"] for r in rows] == ["control-other-group"]
 
-    model, tokenizer = load_base_model("tiny-llama")
-    generator = LoraGenerator.load(cats.generator_dir)
-    swap = SwappableLora(model, generator.peft_config, generator.layout)
+    swap, tokenizer, generator = _swap_for(cats)
     vector = generator.sample(np.asarray(means["both"]["code"], np.float32), num_samples=1, seed=0, z="zero")
     swap.load(vector[0])
     expected = swap.score(tokenizer, load_task(cats.task_path).eval_texts()[:2], max_length=32,
