@@ -37,6 +37,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from icm.config import GeneratorConfig, PipelineConfig
 from icm.errors import InputError
+from icm.generator.archs import architecture
 from icm.generator.training import load_checkpoint
 from icm.generator import fit_generator, generator_from_state
 from icm.generator.data import PreparedData, prepare_data
@@ -57,7 +58,6 @@ LM_STATE_FILE = "lm_state.pt"
 METRIC = "val_mse"
 # Value sets of the categorical dimensions; the configured value is always added.
 LATENTS, NOISES = (8, 16, 32, 64), (0.0, 0.01, 0.05, 0.1)
-WIDTHS = {"mlp": (128, 256, 512), "conv1d": (4, 8, 16)}  # hidden width / base channels
 
 
 def _choices(values: Sequence, configured) -> list:
@@ -71,9 +71,10 @@ def search_space(trial, archs: tuple[str, ...], defaults: dict[str, Any]) -> Non
     trial.suggest_float("beta", 1e-6, max(1e-1, defaults["beta"]), log=True)
     trial.suggest_categorical("latent_dim", _choices(LATENTS, defaults["latent_dim"]))
     trial.suggest_categorical("noise", _choices(NOISES, defaults["noise"]))
-    own = defaults["width"] if defaults["arch"] == arch else WIDTHS[arch][0]
-    trial.suggest_categorical(f"width_{arch}", _choices(WIDTHS[arch], own))  # per-arch name: other values
-    if arch == "mlp":
+    widths = architecture(arch).tune_widths  # the registry's, so every registered arch is searchable
+    own = defaults["width"] if defaults["arch"] == arch else widths[0]
+    trial.suggest_categorical(f"width_{arch}", _choices(widths, own))  # per-arch name: other values
+    if architecture(arch).has_depth:
         trial.suggest_int("depth", 1, max(3, defaults["depth"]))
 
 
@@ -84,7 +85,7 @@ def default_point(defaults: dict[str, Any], archs: Sequence[str]) -> list[dict[s
     point = {"arch": defaults["arch"], "lr": defaults["lr"], "beta": max(defaults["beta"], 1e-6),
              "latent_dim": defaults["latent_dim"], "noise": defaults["noise"],
              f"width_{defaults['arch']}": defaults["width"]}
-    return [point | ({"depth": defaults["depth"]} if defaults["arch"] == "mlp" else {})]
+    return [point | ({"depth": defaults["depth"]} if architecture(defaults["arch"]).has_depth else {})]
 
 
 def trial_config(base: dict[str, Any], params: dict[str, Any]) -> GeneratorConfig:

@@ -42,16 +42,22 @@ class Architecture:
     space: Callable[[GeneratorConfig], Space]
     description: str
     needs_segments: bool = False  # the network reads the layout's (layer, module) structure
+    # What Ray Tune searches for it (the configured value is always added): `width` values, and
+    # whether `depth` (hidden layers) means anything to it.
+    tune_widths: tuple[int, ...] = (128, 256, 512)
+    has_depth: bool = True
 
 
 ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (
     Architecture("mlp", "icm.generator.networks:MLPCVAE", lambda cfg: Space(subspace_dim=cfg.subspace_dim),
                  "MLP encoder/decoder in the zoo's principal subspace (or the flat vector)"),
     Architecture("conv1d", "icm.generator.networks:ConvCVAE", lambda cfg: Space(pad_multiple=2 ** cfg.conv_stages),
-                 "the reference's strided 1-D convolutions over the padded flat vector"),
+                 "the reference's strided 1-D convolutions over the padded flat vector",
+                 tune_widths=(4, 8, 16), has_depth=False),  # width = base channels
     Architecture("hyper", "icm.generator.hyper:HyperCVAE", lambda cfg: Space(), (
         "per-module hypernetwork: [z, task vector] + layer and module-type embeddings -> each "
-        "module's LoRA factors; not confined to a span of the zoo"), needs_segments=True),
+        "module's LoRA factors; not confined to a span of the zoo"), needs_segments=True,
+                 tune_widths=(64, 128, 256)),  # its heads are width x (module size): kept narrower
 )}
 
 
