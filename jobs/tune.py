@@ -71,10 +71,10 @@ def search_space(trial, archs: tuple[str, ...], defaults: dict[str, Any]) -> Non
     trial.suggest_float("beta", 1e-6, max(1e-1, defaults["beta"]), log=True)
     trial.suggest_categorical("latent_dim", _choices(LATENTS, defaults["latent_dim"]))
     trial.suggest_categorical("noise", _choices(NOISES, defaults["noise"]))
-    widths = architecture(arch).tune_widths  # the registry's, so every registered arch is searchable
-    own = defaults["width"] if defaults["arch"] == arch else widths[0]
-    trial.suggest_categorical(f"width_{arch}", _choices(widths, own))  # per-arch name: other values
-    if architecture(arch).has_depth:
+    entry = architecture(arch)  # the registry's widths and depth: every registered arch is searchable
+    own = defaults["width"] if defaults["arch"] == arch else entry.tune_widths[0]
+    trial.suggest_categorical(f"width_{arch}", _choices(entry.tune_widths, own))  # per-arch name: other values
+    if entry.has_depth:
         trial.suggest_int("depth", 1, max(3, defaults["depth"]))
 
 
