@@ -385,7 +385,7 @@ class EvalConfig(StageConfig):
         "and is not opt-in."))
     extra_variants: list[str] = Field(default_factory=list, description=(
         "Variants scored besides those, e.g. the opt-in adapters stacked on the prompt "
-        "[in-context+generated, in-context+soup, in-context+oracle]."))
+        "[in-context+generated, in-context+soup, in-context+oracle, in-context+multitask]."))
     seen_tasks: int | None = Field(None, ge=0, description=(
         "Training tasks scored in the 'seen' setting, dealt over the groups (the oracles stage's "
         "replicate tasks come first); None: all of them."))

@@ -176,7 +176,11 @@ def generators_table(results: pd.DataFrame, resamples: int, seed: int) -> pd.Dat
 
 def stacked_table(results: pd.DataFrame, resamples: int, seed: int) -> pd.DataFrame:
     """Per unseen setting, each adapter read under the in-context prompt: gap recovered, and
-    its perplexity ratio to the prompt alone and to the soup under the prompt (95% CI)."""
+    its perplexity ratio to the prompt alone, to the soup under the prompt and, where scored,
+    to the multi-task LoRA under the prompt (the strongest adapter baseline; 95% CI)."""
+    rivals = ["in-context", "in-context+soup"]
+    if (results["variant"] == "in-context+multitask").any():  # opt-in: no empty column otherwise
+        rivals.append("in-context+multitask")
     rows = []
     for setting, label in (("heldout", "held-out"), ("fold", "folds")):
         part = results[results["setting"] == setting]
@@ -184,7 +188,7 @@ def stacked_table(results: pd.DataFrame, resamples: int, seed: int) -> pd.DataFr
         for variant in stacked:
             gap = gap_row(part, variant, resamples, seed)
             row = {"setting": label, "variant": variant, "gap recovered": _fmt_ci(gap) if gap else "n/a"}
-            for rival in ("in-context", "in-context+soup"):
+            for rival in rivals:
                 ci = ratio_row(part, variant, rival, resamples, seed) if rival != variant else None
                 row[f"/ {rival}"] = f"{_fmt_ci(ci)} ({ci.wins}/{ci.n})" if ci else ""
             rows.append(row)

@@ -227,7 +227,9 @@ register(Variant("multitask", "adapter", frozenset({"heldout", "seen"}), (
 register(Variant("in-context", "in-context", ALL, (
     "the base model reading the description and the same k demonstrations as an episode "
     "before each eval text"), baseline=True))
-for _under in ("generated", "soup", "oracle"):
+# multitask: the strongest adapter baseline under the same prompt (held-out only: on a fold it
+# trained on the fold's own tasks, so it is absent there, as on its own)
+for _under in ("generated", "soup", "oracle", "multitask"):
     register(Variant(f"in-context+{_under}", "in-context", UNSEEN, (
         f"as in-context, read with the {_under} adapter active: does the adapter add to the "
         "prompt? (a generated one: one draw)"), with_adapter=_under, opt_in=True))

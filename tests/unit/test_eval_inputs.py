@@ -146,6 +146,36 @@ def test_stacked_variants_read_the_prompt_with_their_adapter_active(world):
     assert by["in-context+oracle"]["text_nll"] == pytest.approx(expected.text_nll, rel=1e-5)
 
 
+def test_the_multitask_lora_under_the_prompt_is_scored_held_out_and_absent_on_a_fold(world):
+    """in-context+multitask reads the prompt with the multi-task LoRA active on a held-out task;
+    on a fold that LoRA trained on the fold's own tasks, so the stacked variant is not scored."""
+    from icm.eval.baselines import in_context_prefix, score_in_context
+    from icm.task_vectors import sample_demos
+    from icm.tasks import load_task
+
+    base, suite, means = world
+    training, generator = ["cats", "code", "sums"], str(base / "generator")
+    plans = [SettingPlan("heldout", ["dogs"], training, generator),
+             SettingPlan("fold", ["dogs"], ["code", "sums"], generator, fold=0)]
+    names = ["in-context", "in-context+multitask"]
+    items, _, finals = build_items(suite, plans, means, zoo_root=base / "zoo", oracle_root=base / "oracles",
+                                   options={}, variant_names=names)
+    held, fold = items
+    assert set(held.variants) == set(names) and "multitask" in held.adapters
+    assert fold.variants == ["in-context"] and "multitask" not in fold.adapters
+    cfg, vectors = EvalConfig(max_texts=2, max_length=32, samples=1), TaskVectorConfig(k=2, max_demo_chars=100)
+    rows = evaluate_item(held, finals, model=ModelConfig(spec="tiny-llama", max_length=32), cfg=cfg,
+                         task_vectors=vectors)
+    by = {r["variant"]: r for r in rows}
+    swap, tokenizer, _ = _swap_for(held)
+    swap.load(adapter_vector(held.adapters["multitask"], finals))
+    task = load_task(held.task_path)
+    prefix = in_context_prefix(task.description, sample_demos(task, vectors, episode=0), 100)
+    expected = score_in_context(swap.model, tokenizer, task.eval_texts()[:2], prefix, max_length=32)
+    assert by["in-context+multitask"]["text_nll"] == pytest.approx(expected.text_nll, rel=1e-5)
+    assert by["in-context+multitask"]["text_nll"] != pytest.approx(by["in-context"]["text_nll"], rel=1e-4)
+
+
 def test_other_group_control_scores_the_generator_on_another_groups_training_task(world):
     """control-other-group (opt-in) takes the condition of the fold's next training task outside
     the task's group, and scores exactly the generator's z = 0 adapter for that vector."""

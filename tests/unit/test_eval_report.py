@@ -80,6 +80,19 @@ def test_a_generated_only_run_still_gets_its_report_and_plot(tmp_path):
     assert plot_per_task(results, tmp_path / "p.png").is_file()
 
 
+def test_stacked_adapters_are_judged_against_the_multitask_lora_under_the_prompt_when_scored():
+    """in-context+multitask (3.1) is the strongest stacked rival: in-context+generated (3.2)
+    loses to it, and the column exists only when that opt-in variant was scored."""
+    levels = {"in-context": 3.4, "in-context+generated": 3.2, "in-context+multitask": 3.1}
+    results = _results(levels=levels).query("setting == 'heldout'")
+    table = stacked_table(results, 300, 0).set_index(["setting", "variant"])
+    worse = table.loc[("held-out", "in-context+generated"), "/ in-context+multitask"]
+    assert float(worse.split("[")[1].split(",")[0]) > 1.0 and worse.endswith("(0/12)")
+    assert table.loc[("held-out", "in-context+multitask"), "/ in-context+multitask"] == ""
+    without = stacked_table(results.query("variant != 'in-context+multitask'"), 100, 0)
+    assert "/ in-context+multitask" not in without.columns
+
+
 def test_stacked_adapters_are_judged_against_the_prompt_alone_both_ways():
     """in-context+generated 3.2 beats the prompt alone (3.4); in-context+soup 3.5 loses to it."""
     levels = {"in-context": 3.4, "in-context+generated": 3.2, "in-context+soup": 3.5}
