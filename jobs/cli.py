@@ -296,11 +296,13 @@ def build_parser() -> argparse.ArgumentParser:
         "completions engine (default: the config's; auto = vLLM where installed, else hf)"))
     serve.set_defaults(func=_cmd_serve)
 
-    compare = sub.add_parser("eval-compare", help="another run's generators beside a reference "
-                             "evaluation's baselines, paired per text (EVAL-style report)")
+    compare = sub.add_parser("eval-compare", help="other runs' generators and baselines beside a "
+                             "reference evaluation's, paired per text (EVAL-style report)")
     compare.add_argument("--reference", required=True, help="evaluate stage folder or results.parquet")
     compare.add_argument("--run", action="append", required=True, metavar="LABEL=FOLDER",
-                         help="another evaluation of the same tasks with another generator")
+                         help="another evaluation of the same tasks and zoo: its generator's "
+                         "variants join as name[LABEL], variants the runs before it lack (e.g. "
+                         "baselines) join as they are")
     compare.add_argument("--out", required=True, help="markdown report to write (a .png goes beside it)")
     compare.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples")
     compare.set_defaults(func=_cmd_eval_compare)

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from icm.eval.stats import gap_recovered_ci, ratio_ci
-from icm.eval.variants import VARIANTS, baseline_names
+from icm.eval.variants import VARIANTS, baseline_names, registered_name
 
 HEADLINE_VARIANT = "generated"
 KEY = ["setting", "fold", "task"]
@@ -184,7 +184,8 @@ def stacked_table(results: pd.DataFrame, resamples: int, seed: int) -> pd.DataFr
     rows = []
     for setting, label in (("heldout", "held-out"), ("fold", "folds")):
         part = results[results["setting"] == setting]
-        stacked = [v for v in ordered_variants(part) if v in VARIANTS and VARIANTS[v].with_adapter]
+        stacked = [v for v in ordered_variants(part)
+                   if registered_name(v) in VARIANTS and VARIANTS[registered_name(v)].with_adapter]
         for variant in stacked:
             gap = gap_row(part, variant, resamples, seed)
             row = {"setting": label, "variant": variant, "gap recovered": _fmt_ci(gap) if gap else "n/a"}

@@ -86,6 +86,12 @@ def register(variant: Variant) -> Variant:
     return variant
 
 
+def registered_name(variant: str) -> str:
+    """The registry name of a possibly labelled variant (another run's generator, merged by
+    `icm.eval.compare`): ``generated[hyper]`` -> ``generated``."""
+    return variant.split("[", 1)[0]
+
+
 def under_prompt(variant: Variant) -> Variant | None:
     """The variant whose adapter is active under an in-context variant's prompt (None: none)."""
     return VARIANTS[variant.with_adapter] if variant.with_adapter else None

@@ -45,8 +45,40 @@ def test_runs_on_other_texts_are_refused():
     alone = _other_run(-0.8).query("variant == 'generated'")  # no base rows: token counts pair it
     assert "generated[hyper]" in set(merge_runs(_results(), {"hyper": alone})["variant"])
     no_generator = _other_run(-0.8).query("variant != 'generated'")
-    with pytest.raises(InputError, match="no generated rows"):
+    with pytest.raises(InputError, match="adds nothing"):
         merge_runs(_results(), {"hyper": no_generator})
+    other_soup = _results(levels={"soup": 3.5}).query("variant == 'soup'")  # a baseline differs
+    with pytest.raises(InputError, match="scored 'soup'.*not be paired"):
+        merge_runs(_results(), {"baselines": other_soup})
+
+
+def test_baselines_scored_by_another_run_join_unlabelled_and_judge_every_generator():
+    """A reference that scored only base, oracle and its generator, a run on the same zoo that
+    scored the baselines, and a second generator's run: one table, every pair."""
+    full = _results(generated_shift=-0.3)
+    reference = full[full["variant"].isin(["base", "oracle", "generated"])]
+    baselines = full[full["variant"].isin(["base", "soup", "nearest"])]
+    merged = merge_runs(reference, {"baselines": baselines, "hyper": _other_run(-0.8)})
+    assert set(merged["variant"]) == {"base", "oracle", "generated", "soup", "nearest", "generated[hyper]"}
+    assert (merged["variant"] == "base").sum() == (reference["variant"] == "base").sum()
+    table = generators_table(merged, resamples=200, seed=0).set_index(["setting", "generator"])
+    assert table.loc[("held-out", "generated[hyper]"), "/ soup"].endswith("(12/12)")
+    assert float(table.loc[("held-out", "generated"), "/ nearest"].split()[0]) < 1  # 3.7 vs 3.8
+
+
+def test_a_stacked_generator_is_labelled_by_its_run_and_stacked_baselines_join_as_they_are():
+    from icm.eval.report import stacked_table
+
+    levels = {"in-context": 3.4, "in-context+generated": 3.2, "in-context+soup": 3.3}
+    full = _results(levels=levels)
+    reference = full[full["variant"].isin(["base", "oracle", "generated", "in-context"])]
+    stacked = full[full["variant"].isin(["base", "in-context+generated", "in-context+soup"])]
+    merged = merge_runs(reference, {"hybrid": stacked})
+    assert {"in-context+generated[hybrid]", "in-context+soup"} <= set(merged["variant"])
+    assert "in-context+generated" not in set(merged["variant"])  # another run's generator made it
+    table = stacked_table(merged, 200, 0).set_index(["setting", "variant"])
+    ratio = table.loc[("held-out", "in-context+generated[hybrid]"), "/ in-context+soup"]
+    assert float(ratio.split()[0]) < 1 and ratio.endswith("(12/12)")
 
 
 def test_eval_compare_command_writes_the_report(tmp_path, capsys):
