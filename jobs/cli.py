@@ -156,7 +156,7 @@ def _cmd_eval_compare(args: argparse.Namespace) -> int:
     import pandas as pd
 
     from icm.eval.compare import merge_runs
-    from icm.eval.report import markdown_report, plot_per_task
+    from icm.eval.report import generated_variants, markdown_report, plot_per_task
     from icm.io import write_text_atomic
 
     def results(folder: str) -> pd.DataFrame:
@@ -180,11 +180,10 @@ def _cmd_eval_compare(args: argparse.Namespace) -> int:
                              resamples=args.bootstrap, seed=0, folds=_folds_of(args.reference))
     out = Path(args.out)
     write_text_atomic(out, report)
+    generators = generated_variants(merged)  # a run that added only baselines has none
     plot_per_task(merged, out.with_suffix(".png"),
-                  variants=("oracle", "generated", *[f"generated[{k}]" for k in others],
-                            "similarity-soup", "in-context", "multitask"))
-    print(f"eval-compare: {merged['task'].nunique()} tasks, generators "
-          f"{['generated', *[f'generated[{k}]' for k in others]]} -> {out}")
+                  variants=("oracle", *generators, "similarity-soup", "in-context", "multitask"))
+    print(f"eval-compare: {merged['task'].nunique()} tasks, generators {generators} -> {out}")
     return 0
 
 

@@ -89,6 +89,14 @@ def test_eval_compare_command_writes_the_report(tmp_path, capsys):
     assert main(["eval-compare", "--reference", str(tmp_path / "reference.parquet"),
                  "--run", f"hyper={tmp_path / 'hyper'}", "--out", str(out), "--bootstrap", "50"]) == 0
     assert "generated[hyper]" in out.read_text() and out.with_suffix(".png").is_file()
+    full = _results()
+    full.query("variant in ['base', 'soup']").to_parquet(tmp_path / "baselines.parquet")
+    full.query("variant != 'soup'").to_parquet(tmp_path / "reference.parquet")
+    capsys.readouterr()
+    assert main(["eval-compare", "--reference", str(tmp_path / "reference.parquet"), "--run",
+                 f"baselines={tmp_path / 'baselines.parquet'}", "--out", str(out), "--bootstrap", "50"]) == 0
+    assert "generators ['generated'] ->" in capsys.readouterr().out  # no generated[baselines]
+    assert "| soup " in out.read_text()
     assert main(["eval-compare", "--reference", str(tmp_path / "reference.parquet"),
                  "--run", "hyper", "--out", str(out)]) == 2
     assert "must be LABEL=FOLDER" in capsys.readouterr().err
