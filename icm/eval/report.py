@@ -243,8 +243,9 @@ def markdown_report(results: pd.DataFrame, *, command: str, config_yaml: str, ti
     if len(stacked):
         lines += ["## Adapters stacked on the prompt (unseen tasks)", "",
                   "Each adapter active while the model reads the in-context prompt; perplexity "
-                  "ratio to the prompt alone and to the soup under the prompt [95% CI] (wins / "
-                  "tasks). Below 1 the adapter adds to what the prompt gives.", "",
+                  "ratio to the prompt alone, to the soup under the prompt and, where scored, to "
+                  "the multi-task LoRA under it [95% CI] (wins / tasks). Below 1 against the "
+                  "prompt alone, the adapter adds to what the prompt gives.", "",
                   stacked.to_markdown(index=False), ""]
     for setting, heading in (("heldout", "Fixed held-out set: every variant"),
                              ("fold", "Group folds (pooled): every variant")):
