@@ -185,7 +185,7 @@ def stacked_table(results: pd.DataFrame, resamples: int, seed: int) -> pd.DataFr
     for setting, label in (("heldout", "held-out"), ("fold", "folds")):
         part = results[results["setting"] == setting]
         stacked = [v for v in ordered_variants(part)
-                   if registered_name(v) in VARIANTS and VARIANTS[registered_name(v)].with_adapter]
+                   if (spec := VARIANTS.get(registered_name(v))) is not None and spec.with_adapter]
         for variant in stacked:
             gap = gap_row(part, variant, resamples, seed)
             row = {"setting": label, "variant": variant, "gap recovered": _fmt_ci(gap) if gap else "n/a"}
