@@ -389,6 +389,10 @@ class EvalConfig(StageConfig):
     seen_tasks: int | None = Field(None, ge=0, description=(
         "Training tasks scored in the 'seen' setting, dealt over the groups (the oracles stage's "
         "replicate tasks come first); None: all of them."))
+    heldout: bool = Field(True, description=(
+        "Score the fixed held-out set (needs the oracles stage). false scores only the folds and "
+        "seen tasks: e.g. the folds of a generator whose held-out rows another run on the same "
+        "zoo already has (merge them with `icm eval-compare`)."))
     folds: int = Field(0, ge=0, description=(
         "Group folds: each holds out whole groups from a generator refit on the rest; 0: none."))
     groups_per_fold: int = Field(1, ge=1, description="Groups each fold holds out.")

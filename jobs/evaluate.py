@@ -27,7 +27,7 @@ import pandas as pd
 import ray
 import yaml
 
-from icm.config import GeneratorConfig, PipelineConfig, shareable_dump
+from icm.config import EvalConfig, GeneratorConfig, PipelineConfig, shareable_dump
 from icm.eval.folds import fold_suite, fold_tasks, group_folds
 from icm.eval.inputs import MODES, SettingPlan, build_items
 from icm.eval.report import markdown_report, plot_per_task
@@ -127,16 +127,24 @@ def fold_generators(cfg: PipelineConfig, suite: Suite, folds: list[list[str]], d
 # ----------------------------------------------------------------------------- plans and items
 
 
+def scores_heldout(e: EvalConfig, suite: Suite, *, has_oracles: bool) -> bool:
+    """Whether the fixed held-out set is scored: asked for (``evaluate.heldout``), the suite has
+    one, and the oracles stage ran (a warning says so when it did not)."""
+    if not (e.heldout and suite.heldout):
+        return False
+    if not has_oracles:
+        log.warning("evaluate: no oracles stage output; held-out tasks are not scored (add "
+                    "'oracles' to stages)")
+    return has_oracles
+
+
 def plans_for(cfg: PipelineConfig, suite: Suite, directory: Path) -> tuple[list[SettingPlan], list]:
     """The settings this run scores: held-out (when oracles exist), folds, seen."""
     e, main_generator = cfg.evaluate, str(cfg.storage.path("generator").resolve())
     training = [t.name for t in suite.training_tasks()]
     plans = []
-    if suite.heldout and _upstream(cfg, "oracles", required=False):
+    if scores_heldout(e, suite, has_oracles=bool(_upstream(cfg, "oracles", required=False))):
         plans.append(SettingPlan("heldout", list(suite.heldout), training, main_generator))
-    elif suite.heldout:
-        log.warning("evaluate: no oracles stage output; held-out tasks are not scored (add "
-                    "'oracles' to stages)")
     folds = group_folds([t.group for t in suite.tasks.values()], e.folds, e.groups_per_fold,
                         e.fold_seed) if e.folds else []
     for index, (groups, folder) in enumerate(zip(folds, fold_generators(cfg, suite, folds, directory / "folds"))):

@@ -15,3 +15,19 @@ def test_a_full_run_prints_base_oracle_generated_and_the_best_baseline():
     line = _perplexities(pd.Series({"base": 30.0, "oracle": 20.0, "generated": 25.0, "soup": 26.0,
                                     "nearest": 24.5, "control-shuffled": 10.0}), {"soup", "nearest"})
     assert line == "base 30.00  oracle 20.00  generated 25.00  best baseline 24.50"
+
+
+def test_heldout_false_skips_the_fixed_heldout_set_and_missing_oracles_warn(tiny_suite, caplog):
+    """``evaluate.heldout: false`` scores only folds / seen tasks (the folds of a generator whose
+    held-out rows another run has); without oracles the held-out set is skipped with a warning."""
+    from icm.config import EvalConfig
+    from icm.tasks import load_suite
+    from jobs.evaluate import scores_heldout
+
+    suite = load_suite(tiny_suite)
+    assert suite.heldout
+    assert scores_heldout(EvalConfig(), suite, has_oracles=True)
+    assert not scores_heldout(EvalConfig(heldout=False), suite, has_oracles=True)
+    assert not caplog.records
+    assert not scores_heldout(EvalConfig(), suite, has_oracles=False)
+    assert "no oracles" in caplog.text
