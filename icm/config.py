@@ -320,6 +320,14 @@ class GeneratorConfig(StageConfig):
     lm_residual_lr: float = Field(5e-3, gt=0, description=(
         "lm/hybrid with lm_shared_residual: its Adam learning rate (a raw LoRA's scale, as the zoo's "
         "lr; the network's is lm_lr)."))
+    lm_anchor: Literal["zoo-mean", "multitask"] = Field("zoo-mean", description=(
+        "lm/hybrid: what the generated deviation from the zoo's mean is added to. zoo-mean: the "
+        "network's output as is. multitask: the zoo's multi-task LoRA (zoo.multitask), so an "
+        "adapter is that LoRA + (network output - zoo mean), and the LM loss trains the "
+        "conditioned network on top of it; the offset is the artifact's shared residual (trained "
+        "at lm_residual_lr with lm_shared_residual, else fixed). Held-out set only: the "
+        "multi-task LoRA trained on every training task, a fold's groups included, so fold "
+        "generators refuse it."))
     lm_workers: int = Field(1, ge=1, description=(
         "lm/hybrid: Ray Train data-parallel workers (each draws its own tasks per step)."))
     lm_gpus_per_worker: float = Field(0.0, ge=0, description=(
@@ -454,7 +462,32 @@ class PipelineConfig(StageConfig):
         if "evaluate" in self.stages and "both" not in tv.modes:
             raise ValueError("the evaluate stage conditions the generator on 'both' task vectors: "
                              "keep 'both' in task_vectors.modes")
+        self._check_anchor()
         return self
+
+    def _check_anchor(self) -> None:
+        """generator.lm_anchor: multitask works only where the multi-task LoRA saw no task it is
+        judged on: the LM stage of the main generator, without Tune (its validation tasks are
+        training tasks the multi-task LoRA trained on) and without folds."""
+        g = self.generator
+        if g.lm_anchor != "multitask":
+            return
+        if g.objective == "reconstruction":
+            raise ValueError("generator.lm_anchor: multitask anchors the LM fine-tuning; set "
+                             "generator.objective to lm or hybrid, or lm_anchor to zoo-mean")
+        if not self.zoo.multitask:
+            raise ValueError("generator.lm_anchor: multitask needs zoo.multitask: true")
+        if g.target != "ab":
+            raise ValueError("generator.lm_anchor: multitask needs generator.target: ab (with "
+                             "target b, A stays the zoo's initialisation, not the multi-task LoRA's)")
+        if self.tune.enabled and "tune" in self.stages:
+            raise ValueError("generator.lm_anchor: multitask with Tune: its validation tasks are "
+                             "training tasks the multi-task LoRA trained on. Set tune.enabled: "
+                             "false, or lm_anchor: zoo-mean")
+        if self.evaluate.folds and "evaluate" in self.stages:
+            raise ValueError("generator.lm_anchor: multitask with evaluate.folds: the multi-task "
+                             "LoRA trained on the folds' groups. Set evaluate.folds: 0 (held-out "
+                             "set only), or lm_anchor: zoo-mean")
 
     def fingerprint(self, *sections: str) -> str:
         """Hash of the named sections (all when none): a stage's outputs match a config when

@@ -100,6 +100,11 @@ def fold_generators(cfg: PipelineConfig, suite: Suite, folds: list[list[str]], d
     remote = ray.remote(num_cpus=cfg.generator.cpus_per_task)(train_fold_generator)
     gen_cfg = GeneratorConfig.model_validate(_generator_config(cfg))
     end_to_end = gen_cfg.objective != "reconstruction"
+    if folds and end_to_end and gen_cfg.lm_anchor == "multitask":
+        raise InputError("evaluate.folds with generator.lm_anchor: multitask: the zoo's multi-task "
+                         "LoRA trained on every training task, the folds' groups included, so a "
+                         "fold generator anchored on it would have seen them. Fix: evaluate.folds: 0 "
+                         "(held-out set only) or generator.lm_anchor: zoo-mean.")
     for index, groups in enumerate(folds):
         out = directory / f"fold-{index}"
         folders.append(str(out / "generator"))

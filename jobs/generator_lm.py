@@ -25,6 +25,7 @@ import ray.train.torch
 import torch
 
 from icm.config import GeneratorConfig, PipelineConfig
+from icm.errors import InputError
 from icm.stages import push_local
 from icm.tasks import Suite, load_task
 from jobs.ray_setup import train_logging
@@ -54,6 +55,8 @@ def lm_train_func(loop: dict) -> None:
     rank = ray.train.get_context().get_world_rank()
     device = ray.train.torch.get_device()  # cuda:<local rank> on a GPU worker, else cpu
     generator = LoraGenerator.load(loop["start"]).to(device)
+    if loop["anchor_offset"] is not None:  # generator.lm_anchor: multitask (fixed or trained)
+        generator.residual = loop["anchor_offset"].to(device)
     setup = lm_setup(generator, cfg.model, loop["texts"], loop["conditions"], gen_cfg, str(device))
 
     def zoo_data():  # each worker reads the zoo itself (never through Ray's object store)
@@ -84,6 +87,23 @@ def lm_train_func(loop: dict) -> None:
            resume_state=resume)
 
 
+def anchor(cfg: PipelineConfig, gen_cfg: GeneratorConfig, generator) -> torch.Tensor | None:
+    """``generator.lm_anchor: multitask``: the shared residual (L_gen,) that moves the zoo's mean
+    onto the zoo's multi-task LoRA (its final snapshot); None for ``zoo-mean``."""
+    from icm.eval.inputs import final_snapshots
+    from icm.generator.lm import anchor_offset
+    from icm.zoo import MULTITASK, load_vector
+
+    if gen_cfg.lm_anchor == "zoo-mean":
+        return None
+    snapshot = final_snapshots(cfg.storage.path("zoo")).get(MULTITASK)
+    if snapshot is None:
+        raise InputError("generator.lm_anchor: multitask needs the zoo's multi-task LoRA, and "
+                         f"{cfg.storage.path('zoo')} has none. Fix: set zoo.multitask: true and "
+                         "rerun the zoo stage, or use generator.lm_anchor: zoo-mean.")
+    return anchor_offset(generator, load_vector(snapshot)).cpu()
+
+
 def finetune(cfg: PipelineConfig, gen_cfg: GeneratorConfig, suite: Suite, start: Path,
              fingerprint: str, out: Path | None = None) -> dict:
     """Run the TorchTrainer from the reconstruction-trained ``start`` (trained on ``suite``'s
@@ -98,9 +118,10 @@ def finetune(cfg: PipelineConfig, gen_cfg: GeneratorConfig, suite: Suite, start:
     generator = LoraGenerator.load(start)  # the start: its training tasks now, its weights at the end
     trained_on = generator.summary["trained_on"]["tasks"]
     texts = lm_train_texts(suite, trained_on, gen_cfg.lm_max_texts)
+    offset = anchor(cfg, gen_cfg, generator)
     loop = {"config": cfg.model_dump(mode="json"), "generator_config": gen_cfg.model_dump(mode="json"),
             "start": str(start), "texts": texts, "conditions": load_task_conditions(cfg, trained_on),
-            "suite": suite}
+            "suite": suite, "anchor_offset": offset}
     log.info("generator: %s fine-tuning, %d steps x %d workers x %d tasks x %d texts of %d tokens",
              gen_cfg.objective, gen_cfg.lm_steps, gen_cfg.lm_workers, gen_cfg.lm_tasks,
              gen_cfg.lm_texts, gen_cfg.lm_seq_len)
@@ -121,6 +142,8 @@ def finetune(cfg: PipelineConfig, gen_cfg: GeneratorConfig, suite: Suite, start:
     generator.model.load_state_dict({k: v.cpu() for k, v in state["model"].items()})
     if state.get("residual") is not None:  # generator.lm_shared_residual
         generator.residual = state["residual"].cpu()
+    elif offset is not None:  # a fixed anchor: the offset as computed
+        generator.residual = offset
     generator.config = gen_cfg
     generator.summary = {**generator.summary, "objective": gen_cfg.objective,
                          "lm": {"steps": state["step"], "history": state["history"],

@@ -76,6 +76,11 @@ class LoraGenerator:
         return self._template
 
     @property
+    def positions(self) -> torch.Tensor:
+        """(L_gen,) where the generated values sit in a full flat adapter (L,)."""
+        return self._positions
+
+    @property
     def generated_dim(self) -> int:
         """L_gen: values the generator emits per adapter (all of L, or the B half for target "b")."""
         return int(self._positions.numel())

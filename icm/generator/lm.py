@@ -107,6 +107,21 @@ def shared_residual(generator: LoraGenerator, cfg: GeneratorConfig) -> torch.nn.
     return generator.residual
 
 
+def anchor_offset(generator: LoraGenerator, anchor: torch.Tensor) -> torch.Tensor:
+    """The shared residual (L_gen,) that moves the generator's zoo mean onto ``anchor`` (L,), a
+    flat adapter in layout order (``generator.lm_anchor: multitask``): adapter = anchor +
+    (network output - zoo mean). Its generated positions minus what an all-zero network output
+    decodes to (the zoo's mean: the codec is affine)."""
+    if anchor.shape != generator.template.shape:
+        raise ValueError(f"anchor has shape {tuple(anchor.shape)}; the generator's adapters have "
+                         f"{tuple(generator.template.shape)} (another layout?)")
+    device = generator.template.device
+    zero = torch.zeros(1, generator.model.spec.input_dim, device=device)  # (1, F)
+    with torch.no_grad():
+        mean = generator.codec.decode(zero)[0]  # (L_gen,) the zoo mean, de-normalised
+    return anchor.to(device)[generator.positions] - mean
+
+
 @dataclass
 class LmTask:
     """One training task's LM data: tokenised train texts and its episode vectors."""

@@ -267,3 +267,32 @@ def load_task_texts(suite, task):
     task = load_task(suite.tasks[task].path)
     assert not set(task.train_texts()) & set(task.eval_texts())
     return task.train_texts()
+
+
+def test_lm_anchor_multitask_starts_from_the_zoos_multitask_lora(smoke_run, tmp_path):
+    """generator.lm_anchor: multitask: the offset the LM stage starts from moves the zoo's mean
+    exactly onto the smoke zoo's multi-task LoRA (final snapshot), so a network output of zero
+    generates that LoRA; zoo-mean adds nothing; a zoo without one is a clear error."""
+    from icm.config import PipelineConfig
+    from icm.errors import InputError
+    from icm.eval.inputs import final_snapshots
+    from icm.generator import LoraGenerator
+    from icm.zoo import MULTITASK, load_vector
+    from jobs.generator_lm import anchor
+
+    root = smoke_run.root
+    cfg = PipelineConfig(storage={"root": str(root)}, stages=["generator"],
+                         generator={"objective": "lm", "lm_anchor": "multitask"})
+    generator = LoraGenerator.load(root / "generator")
+    offset = anchor(cfg, cfg.generator, generator)  # (L_gen,)
+    multitask = load_vector(final_snapshots(root / "zoo")[MULTITASK])  # (L,)
+    zero = torch.zeros(1, generator.model.spec.input_dim)
+    with torch.no_grad():
+        at_zero = generator.full_vectors(generator.codec.decode(zero) + offset)[0]
+    assert torch.allclose(at_zero, multitask, atol=1e-5)
+    assert anchor(cfg, cfg.generator.model_copy(update={"lm_anchor": "zoo-mean"}), generator) is None
+    bare = tmp_path / "no-multitask"
+    (bare / "zoo").mkdir(parents=True)
+    with pytest.raises(InputError, match="zoo.multitask"):
+        anchor(cfg.model_copy(update={"storage": cfg.storage.model_copy(update={"root": str(bare)})}),
+               cfg.generator, generator)

@@ -132,3 +132,20 @@ def test_relative_suite_path_becomes_absolute(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     config = load_config("smoke", ["suite.path=my-suite"])
     assert config.suite.path == str(tmp_path / "my-suite")
+
+
+@pytest.mark.parametrize("overrides, names", [
+    (["generator.objective=reconstruction"], "generator.objective"),
+    (["zoo.multitask=false"], "zoo.multitask"),
+    (["generator.target=b"], "generator.target"),
+    (["tune.enabled=true", "stages=[tune, generator]"], "tune.enabled"),
+    (["evaluate.folds=2"], "evaluate.folds"),
+])
+def test_lm_anchor_multitask_is_refused_where_its_lora_saw_the_judged_tasks(overrides, names):
+    """The multi-task LoRA trained on every training task: an anchor on it is allowed for the
+    held-out set of an LM-trained generator only, and every other use names the field to fix."""
+    ok = ["generator.lm_anchor=multitask", "generator.objective=lm", "tune.enabled=false",
+          "evaluate.folds=0"]
+    assert load_config("study", ok).generator.lm_anchor == "multitask"
+    with pytest.raises(ConfigError, match=names.replace(".", r"\.")):
+        load_config("study", [*ok, *overrides])

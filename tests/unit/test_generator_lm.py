@@ -164,3 +164,30 @@ def test_hyper_generator_takes_the_hybrid_objective(world):
     after = [_task_loss(generator, applier, task, tokenizer) for task in tasks]
     assert all(h["train_recon"] > 0 for h in result.history)
     assert all(a < b - 0.01 for a, b in zip(after, before)), (before, after)
+
+
+def test_anchor_offset_adds_the_generated_deviation_to_the_anchor_and_a_fixed_one_stays(world):
+    """generator.lm_anchor: multitask: with the offset as the shared residual an adapter is the
+    anchor + (network output - zoo mean); fine-tuning without lm_shared_residual trains the
+    network on top of it and leaves the anchor as it was."""
+    from icm.generator.lm import anchor_offset
+
+    generator, applier, tasks, cfg, tokenizer = _setup(world)
+    anchor = torch.randn(generator.template.shape, generator=torch.Generator().manual_seed(1))  # (L,)
+    c = tasks[0].episodes[:2]
+    z = torch.randn(2, generator.model.spec.latent_dim)
+    with torch.no_grad():
+        out = generator.model.decode(z, c)  # (2, F)
+        mean = generator.codec.decode(torch.zeros_like(out[:1]))  # (1, L_gen)
+        deviation = generator.codec.decode(out) - mean  # (2, L_gen)
+        generator.residual = anchor_offset(generator, anchor)
+        expected = anchor[generator.positions] + deviation
+        assert torch.allclose(generator.generated_values(z, c), expected, atol=1e-5)
+    fixed = generator.residual.clone()
+    before = [_task_loss(generator, applier, task, tokenizer) for task in tasks]
+    fit_lm(generator, applier, tasks, cfg, pad_id=tokenizer.pad_token_id or 0)
+    assert torch.equal(generator.residual, fixed)  # not lm_shared_residual: the anchor is fixed
+    after = [_task_loss(generator, applier, task, tokenizer) for task in tasks]
+    assert sum(after) < sum(before)
+    with pytest.raises(ValueError, match="another layout"):
+        anchor_offset(generator, anchor[:-1])
