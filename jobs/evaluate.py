@@ -115,8 +115,10 @@ def fold_generators(cfg: PipelineConfig, suite: Suite, folds: list[list[str]], d
         first = out / ("reconstruction" if end_to_end else "generator")
         ref = remote.remote(cfg.model_dump(mode="json"), suite, groups, str(first))
         pending[ref] = (marker, fingerprint, index)
-    for ref, (marker, fingerprint, index) in pending.items():
-        summary = ray.get(ref)
+    # Every reconstruction first: a Ray Train worker group started while they hold the CPUs
+    # waits for one and can time out (the LM fine-tunes then run one after another).
+    summaries = ray.get(list(pending))
+    for summary, (marker, fingerprint, index) in zip(summaries, pending.values()):
         if end_to_end:  # the same end-to-end fine-tuning as the main generator, fold-only tasks
             from jobs.generator_lm import finetune
 
