@@ -211,6 +211,11 @@ class OracleConfig(StageConfig):
         "Seen tasks that get an independent replicate LoRA (data seed + 1): replicate vs the "
         "zoo's LoRA is the noise floor of 'as good as the trained LoRA'."))
     snapshots: int = Field(1, ge=1, description="Snapshots kept per oracle (only the last is used).")
+    fold_multitask: bool = Field(False, description=(
+        "Also train, per group fold of the evaluate stage (evaluate.folds, groups_per_fold, "
+        "fold_seed), a multi-task LoRA over that fold's training tasks only (zoo.multitask_steps "
+        "sets its compute, as for the zoo's): the multitask baseline on the folds, and the "
+        "anchor of fold generators with generator.lm_anchor: multitask."))
 
 
 Mode = Literal["description", "demos", "both"]
@@ -484,10 +489,11 @@ class PipelineConfig(StageConfig):
             raise ValueError("generator.lm_anchor: multitask with Tune: its validation tasks are "
                              "training tasks the multi-task LoRA trained on. Set tune.enabled: "
                              "false, or lm_anchor: zoo-mean")
-        if self.evaluate.folds and "evaluate" in self.stages:
-            raise ValueError("generator.lm_anchor: multitask with evaluate.folds: the multi-task "
-                             "LoRA trained on the folds' groups. Set evaluate.folds: 0 (held-out "
-                             "set only), or lm_anchor: zoo-mean")
+        if self.evaluate.folds and "evaluate" in self.stages and not self.oracles.fold_multitask:
+            raise ValueError("generator.lm_anchor: multitask with evaluate.folds: the zoo's "
+                             "multi-task LoRA trained on the folds' groups. Set "
+                             "oracles.fold_multitask: true (a multi-task LoRA per fold, without "
+                             "its groups), evaluate.folds: 0, or lm_anchor: zoo-mean")
 
     def fingerprint(self, *sections: str) -> str:
         """Hash of the named sections (all when none): a stage's outputs match a config when

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -96,16 +97,35 @@ def zoo_jobs(suite, zoo, model_spec: str) -> list[LoraJob]:
     training = suite.training_tasks()
     loras = [lora_job(task.name, [task], zoo, model_spec) for task in training]
     if zoo.multitask:
-        steps = zoo.steps * len(training) if zoo.multitask_steps == "matched" else zoo.steps
-        loras.append(lora_job(MULTITASK, training, zoo, model_spec, steps=steps))
+        loras.append(lora_job(MULTITASK, training, zoo, model_spec,
+                              steps=multitask_steps(zoo, len(training))))
     return loras
 
 
-def oracle_jobs(suite, zoo, oracles, model_spec: str) -> list[LoraJob]:
+def fold_multitask_name(fold: int) -> str:
+    """The oracles stage's multi-task LoRA of group fold ``fold`` (``oracles.fold_multitask``)."""
+    return f"{MULTITASK}-fold{fold}"
+
+
+def multitask_steps(zoo, tasks: int) -> int:
+    """A multi-task LoRA's steps over ``tasks`` training tasks (``zoo.multitask_steps``)."""
+    return zoo.steps * tasks if zoo.multitask_steps == "matched" else zoo.steps
+
+
+def oracle_jobs(suite, zoo, oracles, model_spec: str,
+                folds: Sequence[Sequence[str]] = ()) -> list[LoraJob]:
     """Measurement-only LoRAs, trained with the zoo's own settings into their own folder:
-    an oracle per held-out task, and independent replicates (another data seed) of
-    ``oracles.replicates`` seen tasks spread over the groups (replicate vs trained = noise floor)."""
+    an oracle per held-out task, independent replicates (another data seed) of
+    ``oracles.replicates`` seen tasks spread over the groups (replicate vs trained = noise floor),
+    and with ``oracles.fold_multitask`` a multi-task LoRA per group fold (``folds``: its held-out
+    groups) over the training tasks outside that fold."""
     loras = []
+    if oracles.fold_multitask:
+        for index, groups in enumerate(folds):
+            training = [task for task in suite.training_tasks() if task.group not in set(groups)]
+            loras.append(lora_job(fold_multitask_name(index), training, zoo, model_spec,
+                                  steps=multitask_steps(zoo, len(training)),
+                                  snapshots=oracles.snapshots))
     if oracles.heldout:
         loras += [lora_job(task.name, [task], zoo, model_spec, snapshots=oracles.snapshots)
                   for task in suite.heldout_tasks()]

@@ -100,11 +100,6 @@ def fold_generators(cfg: PipelineConfig, suite: Suite, folds: list[list[str]], d
     remote = ray.remote(num_cpus=cfg.generator.cpus_per_task)(train_fold_generator)
     gen_cfg = GeneratorConfig.model_validate(_generator_config(cfg))
     end_to_end = gen_cfg.objective != "reconstruction"
-    if folds and end_to_end and gen_cfg.lm_anchor == "multitask":
-        raise InputError("evaluate.folds with generator.lm_anchor: multitask: the zoo's multi-task "
-                         "LoRA trained on every training task, the folds' groups included, so a "
-                         "fold generator anchored on it would have seen them. Fix: evaluate.folds: 0 "
-                         "(held-out set only) or generator.lm_anchor: zoo-mean.")
     for index, groups in enumerate(folds):
         out = directory / f"fold-{index}"
         folders.append(str(out / "generator"))
@@ -124,7 +119,7 @@ def fold_generators(cfg: PipelineConfig, suite: Suite, folds: list[list[str]], d
 
             out = directory / f"fold-{index}"
             finetune(cfg, gen_cfg, fold_suite(suite, folds[index]), out / "reconstruction",
-                     fingerprint, out=out / "generator")
+                     fingerprint, out=out / "generator", fold=index)  # anchor: the fold's own
         write_json_atomic(marker, {"fingerprint": fingerprint, **summary})
         log.info("evaluate: fold %d generator trained on %d tasks (held out: %s)", index,
                  len(summary["trained_on"]), ", ".join(summary["held_groups"]))

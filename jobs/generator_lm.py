@@ -87,25 +87,30 @@ def lm_train_func(loop: dict) -> None:
            resume_state=resume)
 
 
-def anchor(cfg: PipelineConfig, gen_cfg: GeneratorConfig, generator) -> torch.Tensor | None:
+def anchor(cfg: PipelineConfig, gen_cfg: GeneratorConfig, generator, fold: int | None = None
+           ) -> torch.Tensor | None:
     """``generator.lm_anchor: multitask``: the shared residual (L_gen,) that moves the zoo's mean
-    onto the zoo's multi-task LoRA (its final snapshot); None for ``zoo-mean``."""
+    onto a multi-task LoRA (its final snapshot): the zoo's, or for group fold ``fold`` the
+    oracles stage's one trained without the fold's groups. None for ``zoo-mean``."""
     from icm.eval.inputs import final_snapshots
     from icm.generator.lm import anchor_offset
-    from icm.zoo import MULTITASK, load_vector
+    from icm.zoo import MULTITASK, fold_multitask_name, load_vector
 
     if gen_cfg.lm_anchor == "zoo-mean":
         return None
-    snapshot = final_snapshots(cfg.storage.path("zoo")).get(MULTITASK)
+    stage, name = ("zoo", MULTITASK) if fold is None else ("oracles", fold_multitask_name(fold))
+    snapshot = final_snapshots(cfg.storage.path(stage)).get(name)
     if snapshot is None:
-        raise InputError("generator.lm_anchor: multitask needs the zoo's multi-task LoRA, and "
-                         f"{cfg.storage.path('zoo')} has none. Fix: set zoo.multitask: true and "
-                         "rerun the zoo stage, or use generator.lm_anchor: zoo-mean.")
+        fix = ("set zoo.multitask: true and rerun the zoo stage" if fold is None else
+               "set oracles.fold_multitask: true and rerun the oracles stage")
+        raise InputError(f"generator.lm_anchor: multitask needs the LoRA {name!r} in "
+                         f"{cfg.storage.path(stage)}, and it is not there. Fix: {fix}, or use "
+                         "generator.lm_anchor: zoo-mean.")
     return anchor_offset(generator, load_vector(snapshot)).cpu()
 
 
 def finetune(cfg: PipelineConfig, gen_cfg: GeneratorConfig, suite: Suite, start: Path,
-             fingerprint: str, out: Path | None = None) -> dict:
+             fingerprint: str, out: Path | None = None, fold: int | None = None) -> dict:
     """Run the TorchTrainer from the reconstruction-trained ``start`` (trained on ``suite``'s
     training tasks); write the final generator to ``out`` (default: the stage folder) with the
     LM history in its training summary."""
@@ -118,7 +123,7 @@ def finetune(cfg: PipelineConfig, gen_cfg: GeneratorConfig, suite: Suite, start:
     generator = LoraGenerator.load(start)  # the start: its training tasks now, its weights at the end
     trained_on = generator.summary["trained_on"]["tasks"]
     texts = lm_train_texts(suite, trained_on, gen_cfg.lm_max_texts)
-    offset = anchor(cfg, gen_cfg, generator)
+    offset = anchor(cfg, gen_cfg, generator, fold)
     loop = {"config": cfg.model_dump(mode="json"), "generator_config": gen_cfg.model_dump(mode="json"),
             "start": str(start), "texts": texts, "conditions": load_task_conditions(cfg, trained_on),
             "suite": suite, "anchor_offset": offset}

@@ -34,6 +34,7 @@ import torch
 
 from icm.config import PipelineConfig
 from icm.errors import InputError
+from icm.eval.folds import group_folds
 from icm.evaluation import score_texts
 from icm.io import write_bytes_atomic, write_json_atomic
 from icm.logs import verbose
@@ -352,7 +353,10 @@ def run(cfg: PipelineConfig, suite: Suite) -> dict:
 
 def run_oracles(cfg: PipelineConfig, suite: Suite) -> dict:
     """The ``oracles`` stage: measurement-only LoRAs in ``<root>/oracles/`` (see `oracle_jobs`)."""
-    return train_jobs(cfg, "oracles", oracle_jobs(suite, cfg.zoo, cfg.oracles, cfg.model.spec))
+    e = cfg.evaluate
+    folds = group_folds([t.group for t in suite.tasks.values()], e.folds, e.groups_per_fold,
+                        e.fold_seed) if e.folds and cfg.oracles.fold_multitask else []
+    return train_jobs(cfg, "oracles", oracle_jobs(suite, cfg.zoo, cfg.oracles, cfg.model.spec, folds))
 
 
 def train_jobs(cfg: PipelineConfig, stage_name: str, jobs: list[LoraJob]) -> dict:

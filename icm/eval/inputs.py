@@ -24,7 +24,7 @@ import pandas as pd
 import torch
 
 from icm.eval.variants import AdapterSource, TaskContext, variants_for
-from icm.zoo import MANIFEST_FILE, MULTITASK, REPLICATE_PREFIX, load_vector
+from icm.zoo import MANIFEST_FILE, MULTITASK, REPLICATE_PREFIX, fold_multitask_name, load_vector
 
 MODES = ("both", "description", "demos")
 
@@ -138,7 +138,8 @@ def build_items(suite, plans: Sequence[SettingPlan], means: Mapping[str, Mapping
                         else oracle_finals).get(task),
                 own_snapshots=zoo_snapshots.get(task, ()) if plan.setting == "seen" else (),
                 replicate=oracle_finals.get(REPLICATE_PREFIX + task) if plan.setting == "seen" else None,
-                multitask=zoo_finals.get(MULTITASK) if plan.setting != "fold" else None,
+                multitask=(zoo_finals.get(MULTITASK) if plan.fold is None
+                           else oracle_finals.get(fold_multitask_name(plan.fold))),
                 ridge_weights=ridge[task], options=dict(options))
             adapters = _adapter_sources(variants, context)
             partner = shuffled_partner(task, list(suite.tasks))

@@ -136,7 +136,7 @@ class TaskContext:
     oracle: str | None  # the oracle's (seen: the task's own zoo LoRA's) final snapshot folder
     own_snapshots: tuple[str, ...] = ()  # seen tasks: every zoo snapshot of the task
     replicate: str | None = None  # seen tasks: an independent replicate's final snapshot
-    multitask: str | None = None  # the multi-task LoRA's final snapshot (never in folds)
+    multitask: str | None = None  # the multi-task LoRA's final snapshot (folds: the fold's own)
     ridge_weights: dict[str, float] | None = None  # training task -> weight (`RidgeMap`)
     options: dict[str, Any] = field(default_factory=dict)  # k, temperature
 
@@ -227,14 +227,15 @@ register(Variant("ridge", "adapter", ALL, (
     "ridge regression from task vector to LoRA weights, alpha by leave-one-task-out (folds: "
     "leave-one-group-out)"),
     baseline=True, source=_ridge))
-register(Variant("multitask", "adapter", frozenset({"heldout", "seen"}), (
-    "one LoRA trained on the union of the training tasks (zoo.multitask_steps sets its compute)"),
+register(Variant("multitask", "adapter", ALL, (
+    "one LoRA trained on the union of the training tasks (zoo.multitask_steps sets its compute; "
+    "folds: the oracles stage's per-fold one, oracles.fold_multitask, else absent)"),
     baseline=True, source=_multitask))
 register(Variant("in-context", "in-context", ALL, (
     "the base model reading the description and the same k demonstrations as an episode "
     "before each eval text"), baseline=True))
-# multitask: the strongest adapter baseline under the same prompt (held-out only: on a fold it
-# trained on the fold's own tasks, so it is absent there, as on its own)
+# multitask: the strongest adapter baseline under the same prompt (on a fold only where the
+# oracles stage trained the fold's own, as on its own)
 for _under in ("generated", "soup", "oracle", "multitask"):
     register(Variant(f"in-context+{_under}", "in-context", UNSEEN, (
         f"as in-context, read with the {_under} adapter active: does the adapter add to the "

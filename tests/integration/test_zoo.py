@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -270,6 +271,26 @@ def test_lora_jobs_fingerprint_their_own_texts_and_settings(tmp_path):
     replicate = oracles[REPLICATE_PREFIX + "cats"].zoo_config(zoo)
     assert replicate.data_seed == zoo.data_seed + 1 and replicate.snapshots == 1
     assert oracles["dogs"].zoo_config(zoo).data_seed == zoo.data_seed  # the zoo's own settings
+
+
+def test_fold_multitask_loras_train_without_their_folds_groups_with_matched_compute(tmp_path):
+    """oracles.fold_multitask: one multi-task LoRA per fold, over the training tasks outside
+    the fold's groups (never a held-out task), its steps matched to those tasks; off by default."""
+    from icm.config import OracleConfig, ZooConfig
+    from icm.tasks import load_suite
+    from icm.zoo import fold_multitask_name, oracle_jobs
+
+    suite = load_suite(make_suite(tmp_path / "suite"))
+    zoo = ZooConfig(steps=16, multitask_steps="matched")
+    folds = [["animals"], ["code"]]
+    assert oracle_jobs(suite, zoo, OracleConfig(heldout=False), "tiny-llama", folds) == []
+    jobs = {j.name: j for j in oracle_jobs(suite, zoo, OracleConfig(heldout=False, fold_multitask=True),
+                                           "tiny-llama", folds)}
+    assert sorted(jobs) == [fold_multitask_name(0), fold_multitask_name(1)]
+    trained = {name: sorted(Path(p).name for p in job.paths) for name, job in jobs.items()}
+    assert trained == {fold_multitask_name(0): ["code", "sums"],  # no cats (its group), no dogs
+                       fold_multitask_name(1): ["cats", "sums"]}
+    assert jobs[fold_multitask_name(0)].cost(zoo) == 16 * 2
 
 
 def test_oracles_stage_with_nothing_to_train_finishes_empty(tmp_path, capsys):

@@ -147,5 +147,7 @@ def test_lm_anchor_multitask_is_refused_where_its_lora_saw_the_judged_tasks(over
     ok = ["generator.lm_anchor=multitask", "generator.objective=lm", "tune.enabled=false",
           "evaluate.folds=0"]
     assert load_config("study", ok).generator.lm_anchor == "multitask"
+    # folds only with a multi-task LoRA per fold, trained without the fold's groups
+    assert load_config("study", [*ok, "evaluate.folds=2", "oracles.fold_multitask=true"])
     with pytest.raises(ConfigError, match=names.replace(".", r"\.")):
         load_config("study", [*ok, *overrides])

@@ -201,3 +201,24 @@ def test_other_group_control_scores_the_generator_on_another_groups_training_tas
     expected = swap.score(tokenizer, load_task(cats.task_path).eval_texts()[:2], max_length=32,
                           batch_size=EvalConfig().batch_size)
     assert rows[0]["text_nll"] == pytest.approx(expected.text_nll, rel=1e-5)
+
+
+def test_a_fold_scores_the_multitask_baseline_from_its_own_fold_multitask_lora(world, tmp_path):
+    """oracles.fold_multitask: fold K's multitask baseline is the oracles stage's
+    multitask-foldK LoRA (trained without the fold's groups), never the zoo's; a fold without
+    one has no multitask row; the held-out set keeps the zoo's."""
+    from icm.zoo import fold_multitask_name
+
+    base, suite, means = world
+    oracles = tmp_path / "oracles"
+    write_zoo(oracles, ["dogs", fold_multitask_name(0)], multitask=False, seed=2)
+    training, generator = ["cats", "code", "sums"], str(base / "generator")
+    plans = [SettingPlan("heldout", ["dogs"], training, generator),
+             SettingPlan("fold", ["dogs"], ["code", "sums"], generator, fold=0),
+             SettingPlan("fold", ["cats"], ["code", "sums"], generator, fold=1)]
+    held, fold0, fold1 = build_items(suite, plans, means, zoo_root=base / "zoo", oracle_root=oracles,
+                                     options={}, variant_names=["multitask"])[0]
+    assert held.adapters["multitask"].snapshots == (final_snapshots(base / "zoo")["multitask"],)
+    assert fold0.adapters["multitask"].snapshots == (final_snapshots(oracles)[fold_multitask_name(0)],)
+    assert fold0.variants == ["multitask"]
+    assert "multitask" not in fold1.adapters and fold1.variants == []
