@@ -172,9 +172,9 @@ class ZooConfig(StageConfig):
     snapshot_start: float = Field(0.5, ge=0, lt=1, description=(
         "Snapshots are spread evenly over the last (1 - snapshot_start) of training."))
     checkpoint_interval_s: float = Field(300.0, ge=0, description=(
-        "A task's DeepSpeed + Ray Train checkpoint is taken at a snapshot step only once this "
-        "many seconds have passed since its last one (or the task's start); 0: at every "
-        "snapshot. A checkpoint costs ~2 s even for a tiny LoRA (95% of a tiny task's time at 8 "
+        "A task's DeepSpeed + Ray Train checkpoint is taken at the first step after this many "
+        "seconds have passed since its last one (or the task's start); 0: at every snapshot "
+        "step instead. A checkpoint costs ~2 s even for a tiny LoRA (95% of a tiny task's time at 8 "
         "snapshots); a kill loses at most this long of one task per trainer."))
     zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage.")
     num_workers: int = Field(1, ge=1, description="Ray Train workers (data-parallel ranks) per task.")

@@ -6,9 +6,9 @@ A ``TorchTrainer`` (``zoo.num_workers`` workers) runs `train_func` over its shar
 (``zoo.tasks_per_trainer``; default: the tasks dealt over the trainers that run at once), one
 after another in the same worker processes: per task, a peft LoRA trained through
 ``deepspeed.initialize`` (ZeRO ``zoo.zero_stage``; gloo on CPU, NCCL + bf16 on GPU), and at each
-snapshot step a snapshot, and a Ray Train checkpoint where ``zoo.checkpoint_interval_s`` has
-passed since the task's last one (0: at every snapshot). Trainers are launched from ``num_cpus=0``
-tasks, at most ``zoo.max_concurrent`` at once (default: what the cluster's CPUs/GPUs hold).
+snapshot step a snapshot, and, at any step where ``zoo.checkpoint_interval_s`` has passed since
+the task's last one, a Ray Train checkpoint (0: at every snapshot step). Trainers are launched
+from ``num_cpus=0`` tasks, at most ``zoo.max_concurrent`` at once (default: what the cluster's CPUs/GPUs hold).
 Held-out tasks never enter. Rerunning after a kill skips finished tasks (their ``task.json``)
 and resumes the interrupted one from its trainer's last checkpoint (or from its start where
 it had none; same
@@ -97,6 +97,14 @@ def _write_snapshot(engine, cfg: PipelineConfig, loop: dict, task: str, *, step:
             push_local(cfg, snapshot_dir(zoo_root, task, step), last=(SNAPSHOT_FILE,))
             push_local(cfg, task_dir(zoo_root, task) / "losses.json")
     progress["snapshot_seconds"] = progress.get("snapshot_seconds", 0.0) + time.perf_counter() - phase_started
+
+
+def _checkpoint_wanted(at_snapshot: bool, since: float, interval_s: float) -> bool:
+    """A checkpoint at a snapshot step when ``interval_s`` is 0, else at any step once
+    ``interval_s`` has passed since the last one."""
+    if interval_s == 0:
+        return at_snapshot
+    return _checkpoint_due(since, interval_s)
 
 
 def _checkpoint_due(since: float, interval_s: float) -> bool:
@@ -219,9 +227,11 @@ def _train_task(cfg: PipelineConfig, loop: dict, task: str, task_paths: list[str
         if step in snaps:
             _write_snapshot(engine, cfg, loop, task, step=step, rank=rank, progress=progress,
                             layout=layout, eval_texts=eval_texts, tokenizer=tokenizer)
-            if _checkpoint_due(last_checkpoint, cfg.zoo.checkpoint_interval_s):
-                _checkpoint(engine, task, step=step, rank=rank, progress=progress)
-                last_checkpoint = time.perf_counter()
+        # Any step, not only a snapshot's: a LoRA with one snapshot (an oracle, a multi-task
+        # LoRA of 1,404 steps) would otherwise lose all of its training to a kill.
+        if _checkpoint_wanted(step in snaps, last_checkpoint, cfg.zoo.checkpoint_interval_s):
+            _checkpoint(engine, task, step=step, rank=rank, progress=progress)
+            last_checkpoint = time.perf_counter()
     summary = {"task": task, "base_ppl": progress.get("base_ppl"),
                "lora_ppl": progress.get("eval_ppl"), "train_seconds": progress["train_seconds"],
                "tokens": progress["tokens"],

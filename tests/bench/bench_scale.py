@@ -493,7 +493,7 @@ def report(rows: list[dict], args) -> str:
     phases = ("wall_seconds", "train_seconds", "setup_seconds", "base_eval_seconds", "snapshot_seconds",
               "checkpoint_seconds", "checkpoints")
     lines.append("Worker side, per task (medians of summary.parquet; checkpoint = DeepSpeed save + "
-                 "Ray Train report, at a snapshot once zoo.checkpoint_interval_s has passed):\n")
+                 "Ray Train report, at the first step after zoo.checkpoint_interval_s has passed):\n")
     lines.append(tabulate([[row["N"], *(row["worker_median"][p] for p in phases),
                             row["task_folder_files_per_task"]] for row in rows],
                           headers=["N", "task wall s", "train s", "setup s", "base eval s", "snapshot s",

@@ -117,19 +117,22 @@ def test_two_workers_shard_with_zero2(tmp_path):
     suite = make_suite(tmp_path / "suite")
     out = _zoo(suite, tmp_path / "run", "suite.tasks=[cats]", "zoo.num_workers=2",
                "zoo.cpus_per_worker=1", "zoo.multitask=false", "zoo.zero_stage=2",
+               "zoo.snapshots=2",  # steps 12 and 16 of 16
                "zoo.checkpoint_interval_s=0.001")  # rank 0's clock decides for both ranks
     assert out.returncode == 0, out.stderr[-5000:]
     summary = pd.read_parquet(tmp_path / "run/zoo/summary.parquet")
-    assert summary["workers"].tolist() == [2] and summary["checkpoints"].tolist() == [8]
+    # A checkpoint at every step once the interval has passed, not only at the 2 snapshot steps:
+    # a long LoRA with one snapshot (an oracle, the multi-task LoRA) keeps its progress
+    assert summary["workers"].tolist() == [2] and summary["checkpoints"].tolist() == [16]
     # ZeRO-2 partitions the optimizer state: one shard file per rank in the checkpoint
     checkpoints = sorted(p for p in (tmp_path / "run/zoo/ray/lora-cats").glob("checkpoint_*")
                          if p.is_dir())  # named by time: the last is the newest
     # num_to_keep=1 deletes old ones, but Ray Train spares checkpoints still pending when the
     # next one registers, so on a loaded box 2 snapshot steps apart a few can remain
-    assert 1 <= len(checkpoints) < 8
+    assert 1 <= len(checkpoints) < 16
     shards = {p.name for p in checkpoints[-1].rglob("*optim_states.pt")}
     assert any("rank_0" in s for s in shards) and any("rank_1" in s for s in shards), shards
-    assert len(pd.read_parquet(tmp_path / "run/zoo/manifest.parquet")) == 8
+    assert len(pd.read_parquet(tmp_path / "run/zoo/manifest.parquet")) == 2
 
 
 def _registered_checkpoint_tasks(ray_dir) -> set[str]:
