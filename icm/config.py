@@ -174,8 +174,8 @@ class ZooConfig(StageConfig):
     checkpoint_interval_s: float = Field(300.0, ge=0, description=(
         "A task's DeepSpeed + Ray Train checkpoint is taken at the first step after this many "
         "seconds have passed since its last one (or the task's start); 0: at every snapshot "
-        "step instead. A checkpoint costs ~2 s even for a tiny LoRA (95% of a tiny task's time at 8 "
-        "snapshots); a kill loses at most this long of one task per trainer."))
+        "step instead. A checkpoint costs ~2 s even for a tiny LoRA (95% of a tiny task's time "
+        "at 8 snapshots); a kill loses at most this long of one task per trainer."))
     zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage.")
     num_workers: int = Field(1, ge=1, description="Ray Train workers (data-parallel ranks) per task.")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved by each worker.")
@@ -330,9 +330,9 @@ class GeneratorConfig(StageConfig):
         "network's output as is. multitask: the zoo's multi-task LoRA (zoo.multitask), so an "
         "adapter is that LoRA + (network output - zoo mean), and the LM loss trains the "
         "conditioned network on top of it; the offset is the artifact's shared residual (trained "
-        "at lm_residual_lr with lm_shared_residual, else fixed). Held-out set only: the "
-        "multi-task LoRA trained on every training task, a fold's groups included, so fold "
-        "generators refuse it."))
+        "at lm_residual_lr with lm_shared_residual, else fixed). The zoo's multi-task LoRA trained "
+        "on every training task, a fold's groups included: with evaluate.folds each fold "
+        "generator anchors on its fold's own (oracles.fold_multitask), and Tune is refused."))
     lm_workers: int = Field(1, ge=1, description=(
         "lm/hybrid: Ray Train data-parallel workers (each draws its own tasks per step)."))
     lm_gpus_per_worker: float = Field(0.0, ge=0, description=(
@@ -472,8 +472,8 @@ class PipelineConfig(StageConfig):
 
     def _check_anchor(self) -> None:
         """generator.lm_anchor: multitask works only where the multi-task LoRA saw no task it is
-        judged on: the LM stage of the main generator, without Tune (its validation tasks are
-        training tasks the multi-task LoRA trained on) and without folds."""
+        judged on: without Tune (its validation tasks are training tasks the multi-task LoRA
+        trained on), and on folds only with a multi-task LoRA per fold (oracles.fold_multitask)."""
         g = self.generator
         if g.lm_anchor != "multitask":
             return

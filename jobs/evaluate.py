@@ -28,7 +28,7 @@ import ray
 import yaml
 
 from icm.config import EvalConfig, GeneratorConfig, PipelineConfig, shareable_dump
-from icm.eval.folds import fold_suite, fold_tasks, group_folds
+from icm.eval.folds import fold_suite, fold_tasks, suite_folds
 from icm.eval.inputs import MODES, SettingPlan, build_items
 from icm.eval.report import markdown_report, plot_per_task
 from icm.eval.scoring import evaluate_item
@@ -147,8 +147,7 @@ def plans_for(cfg: PipelineConfig, suite: Suite, directory: Path) -> tuple[list[
     plans = []
     if scores_heldout(e, suite, has_oracles=bool(_upstream(cfg, "oracles", required=False))):
         plans.append(SettingPlan("heldout", list(suite.heldout), training, main_generator))
-    folds = group_folds([t.group for t in suite.tasks.values()], e.folds, e.groups_per_fold,
-                        e.fold_seed) if e.folds else []
+    folds = suite_folds(suite, e)
     for index, (groups, folder) in enumerate(zip(folds, fold_generators(cfg, suite, folds, directory / "folds"))):
         held = set(fold_tasks(suite, groups))
         plans.append(SettingPlan("fold", sorted(held), [t for t in training if t not in held],

@@ -8,8 +8,8 @@ after another in the same worker processes: per task, a peft LoRA trained throug
 ``deepspeed.initialize`` (ZeRO ``zoo.zero_stage``; gloo on CPU, NCCL + bf16 on GPU), and at each
 snapshot step a snapshot, and, at any step where ``zoo.checkpoint_interval_s`` has passed since
 the task's last one, a Ray Train checkpoint (0: at every snapshot step). Trainers are launched
-from ``num_cpus=0`` tasks, at most ``zoo.max_concurrent`` at once (default: what the cluster's CPUs/GPUs hold).
-Held-out tasks never enter. Rerunning after a kill skips finished tasks (their ``task.json``)
+from ``num_cpus=0`` tasks, at most ``zoo.max_concurrent`` at once (default: what the cluster's
+CPUs/GPUs hold). Held-out tasks never enter. Rerunning after a kill skips finished tasks (their ``task.json``)
 and resumes the interrupted one from its trainer's last checkpoint (or from its start where
 it had none; same
 ``RunConfig(name, storage_path)``: trainer names come from the whole task list).
@@ -34,7 +34,7 @@ import torch
 
 from icm.config import PipelineConfig
 from icm.errors import InputError
-from icm.eval.folds import group_folds
+from icm.eval.folds import suite_folds
 from icm.evaluation import score_texts
 from icm.io import write_bytes_atomic, write_json_atomic
 from icm.logs import verbose
@@ -363,9 +363,7 @@ def run(cfg: PipelineConfig, suite: Suite) -> dict:
 
 def run_oracles(cfg: PipelineConfig, suite: Suite) -> dict:
     """The ``oracles`` stage: measurement-only LoRAs in ``<root>/oracles/`` (see `oracle_jobs`)."""
-    e = cfg.evaluate
-    folds = group_folds([t.group for t in suite.tasks.values()], e.folds, e.groups_per_fold,
-                        e.fold_seed) if e.folds and cfg.oracles.fold_multitask else []
+    folds = suite_folds(suite, cfg.evaluate) if cfg.oracles.fold_multitask else []
     return train_jobs(cfg, "oracles", oracle_jobs(suite, cfg.zoo, cfg.oracles, cfg.model.spec, folds))
 
 

@@ -24,6 +24,16 @@ def group_folds(groups: Sequence[str], folds: int, groups_per_fold: int, seed: i
     return [shuffled[i * groups_per_fold:(i + 1) * groups_per_fold] for i in range(folds)]
 
 
+def suite_folds(suite: Suite, evaluate) -> list[list[str]]:
+    """The evaluate stage's folds for ``suite`` (``evaluate``: an `EvalConfig`): each fold's held-out
+    groups; [] when ``evaluate.folds`` is 0. The oracles stage's per-fold multi-task LoRAs and the
+    evaluate stage's fold generators must agree on them, so both call this."""
+    if not evaluate.folds:
+        return []
+    return group_folds([task.group for task in suite.tasks.values()], evaluate.folds,
+                       evaluate.groups_per_fold, evaluate.fold_seed)
+
+
 def fold_suite(suite: Suite, held_groups: Sequence[str]) -> Suite:
     """The suite as a fold's generator sees it: every task of ``held_groups`` is held out too."""
     held = {name for name, task in suite.tasks.items() if task.group in set(held_groups)}

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from icm.eval.folds import fold_suite, fold_tasks, group_folds
+from icm.config import EvalConfig
+from icm.eval.folds import fold_suite, fold_tasks, group_folds, suite_folds
 from icm.tasks import load_suite
 
 
@@ -29,3 +30,14 @@ def test_fold_suite_holds_out_whole_groups_and_keeps_the_fixed_heldout(tiny_suit
     assert "dogs" in math_fold.heldout  # the suite's own held-out tasks stay out of every fold
     with pytest.raises(ValueError, match="no training task"):
         fold_suite(suite, ["animals", "math", "code"])
+
+
+def test_suite_folds_follow_the_evaluate_config(tiny_suite):
+    """The oracles stage's per-fold multi-task LoRAs and the evaluate stage's fold generators
+    both take their folds from here: none without evaluate.folds, else the config's fixed ones."""
+    suite = load_suite(tiny_suite)  # groups: animals, math, code
+    assert suite_folds(suite, EvalConfig(folds=0)) == []
+    for seed in range(3):
+        folds = suite_folds(suite, EvalConfig(folds=3, groups_per_fold=1, fold_seed=seed))
+        assert folds == group_folds(["animals", "math", "code"], 3, 1, seed)
+        assert sorted(g for f in folds for g in f) == ["animals", "code", "math"]
