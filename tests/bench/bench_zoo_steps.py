@@ -77,7 +77,10 @@ def score_snapshots(cfg, suite, snapshots, reference: pd.DataFrame, steps_total:
 
 
 def summary(results: pd.DataFrame, variants: list[str], resamples: int, seed: int) -> pd.DataFrame:
-    from icm.eval.report import _fmt_ci, gap_row, ratio_row
+    from icm.eval.report import gap_row, ratio_row
+
+    def _fmt_ci(ci) -> str:
+        return f"{ci.estimate:.3f} [{ci.low:.3f}, {ci.high:.3f}]"
 
     lines = []
     for variant in ["oracle", *variants, RIVAL]:
