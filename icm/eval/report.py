@@ -83,7 +83,7 @@ def generated_variants(results: pd.DataFrame) -> list[str]:
             if v == HEADLINE_VARIANT or v.startswith(HEADLINE_VARIANT + "[")]
 
 
-def _fmt_ci(ci) -> str:
+def format_ci(ci) -> str:
     return f"{ci.estimate:.3f} [{ci.low:.3f}, {ci.high:.3f}]" if ci.n else "n/a"
 
 
@@ -121,9 +121,9 @@ def comparison_table(results: pd.DataFrame, resamples: int, seed: int) -> pd.Dat
         rows.append({
             "variant": variant, "baseline": is_baseline(variant),
             "tasks": int(results.loc[results["variant"] == variant, "task"].nunique()),
-            "gap recovered, median [95% CI]": _fmt_ci(gap) if gap else "",
-            "ppl / oracle [95% CI]": _fmt_ci(to_oracle) if to_oracle else "",
-            "generated / this [95% CI]": _fmt_ci(versus) if versus else "",
+            "gap recovered, median [95% CI]": format_ci(gap) if gap else "",
+            "ppl / oracle [95% CI]": format_ci(to_oracle) if to_oracle else "",
+            "generated / this [95% CI]": format_ci(versus) if versus else "",
             "generated wins": f"{versus.wins}/{versus.n}" if versus else "",
             "sign p": f"{versus.sign_p:.3g}" if versus else ""})
     return pd.DataFrame(rows)
@@ -135,10 +135,10 @@ def headline_row(label: str, results: pd.DataFrame, resamples: int, seed: int) -
     best_gap = gap_row(results, best, resamples, seed) if best else None
     versus = ratio_row(results, HEADLINE_VARIANT, best, resamples, seed) if best else None
     return {"tasks evaluated": label, "n": int(results["task"].nunique()),
-            "generated: gap to oracle recovered, median [95% CI]": _fmt_ci(gap) if gap else "n/a",
+            "generated: gap to oracle recovered, median [95% CI]": format_ci(gap) if gap else "n/a",
             "strongest baseline": best or "-",
-            "its gap recovered": _fmt_ci(best_gap) if best_gap else "n/a",
-            "generated / strongest baseline, ppl ratio [95% CI]": _fmt_ci(versus) if versus else "n/a",
+            "its gap recovered": format_ci(best_gap) if best_gap else "n/a",
+            "generated / strongest baseline, ppl ratio [95% CI]": format_ci(versus) if versus else "n/a",
             "wins": f"{versus.wins}/{versus.n} (p {versus.sign_p:.2g})" if versus else "n/a"}
 
 
@@ -166,10 +166,10 @@ def generators_table(results: pd.DataFrame, resamples: int, seed: int) -> pd.Dat
         baselines = [v for v in ordered_variants(part) if is_baseline(v)]
         for variant in generated_variants(part):
             gap = gap_row(part, variant, resamples, seed)
-            row = {"setting": label, "generator": variant, "gap recovered": _fmt_ci(gap) if gap else "n/a"}
+            row = {"setting": label, "generator": variant, "gap recovered": format_ci(gap) if gap else "n/a"}
             for rival in baselines:
                 ci = ratio_row(part, variant, rival, resamples, seed)
-                row[f"/ {rival}"] = f"{_fmt_ci(ci)} ({ci.wins}/{ci.n})" if ci else "n/a"
+                row[f"/ {rival}"] = f"{format_ci(ci)} ({ci.wins}/{ci.n})" if ci else "n/a"
             rows.append(row)
     return pd.DataFrame(rows)
 
@@ -188,10 +188,10 @@ def stacked_table(results: pd.DataFrame, resamples: int, seed: int) -> pd.DataFr
                    if (spec := VARIANTS.get(registered_name(v))) is not None and spec.with_adapter]
         for variant in stacked:
             gap = gap_row(part, variant, resamples, seed)
-            row = {"setting": label, "variant": variant, "gap recovered": _fmt_ci(gap) if gap else "n/a"}
+            row = {"setting": label, "variant": variant, "gap recovered": format_ci(gap) if gap else "n/a"}
             for rival in rivals:
                 ci = ratio_row(part, variant, rival, resamples, seed) if rival != variant else None
-                row[f"/ {rival}"] = f"{_fmt_ci(ci)} ({ci.wins}/{ci.n})" if ci else ""
+                row[f"/ {rival}"] = f"{format_ci(ci)} ({ci.wins}/{ci.n})" if ci else ""
             rows.append(row)
     return pd.DataFrame(rows)
 
@@ -203,7 +203,7 @@ def seen_table(results: pd.DataFrame, resamples: int, seed: int) -> pd.DataFrame
     for variant in [v for v in ordered_variants(seen) if v != "oracle"]:
         ratio = ratio_row(seen, variant, "oracle", resamples, seed)
         cosine = seen.loc[seen["variant"] == variant, "delta_cosine_to_oracle"].dropna()
-        rows.append({"variant": variant, "ppl / trained LoRA [95% CI]": _fmt_ci(ratio) if ratio else "",
+        rows.append({"variant": variant, "ppl / trained LoRA [95% CI]": format_ci(ratio) if ratio else "",
                      "tasks": ratio.n if ratio else 0,
                      "median dW cosine to trained": f"{cosine.median():.3f}" if len(cosine) else ""})
     return pd.DataFrame(rows)

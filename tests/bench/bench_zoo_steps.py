@@ -19,7 +19,6 @@ evaluate stage's paired bootstrap intervals. Prints a table; writes ``zoo_steps.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -40,11 +39,10 @@ RIVAL = "in-context"
 
 def snapshot_folders(zoo: Path, tasks: list[str]) -> dict[str, list[tuple[int, Path]]]:
     """Task -> [(step, snapshot folder)] by step, for the tasks the longer zoo trained."""
-    found = {}
-    for task in tasks:
-        folders = sorted((zoo / "tasks" / task / "snapshots").glob("step-*"))
-        if folders:
-            found[task] = [(int(json.loads((f / "snapshot.json").read_text())["step"]), f) for f in folders]
+    from icm.zoo import task_snapshot_records
+
+    found = {task: [(r["step"], Path(r["path"])) for r in records]
+             for task in tasks if (records := task_snapshot_records(zoo, task))}
     if not found:
         raise SystemExit(f"bench_zoo_steps: no snapshots under {zoo}/tasks/<task>/snapshots for any "
                          f"task the evaluate folder scored ({len(tasks)}); pass the longer run's zoo/ folder")
@@ -77,10 +75,7 @@ def score_snapshots(cfg, suite, snapshots, reference: pd.DataFrame, steps_total:
 
 
 def summary(results: pd.DataFrame, variants: list[str], resamples: int, seed: int) -> pd.DataFrame:
-    from icm.eval.report import gap_row, ratio_row
-
-    def _fmt_ci(ci) -> str:
-        return f"{ci.estimate:.3f} [{ci.low:.3f}, {ci.high:.3f}]"
+    from icm.eval.report import format_ci, gap_row, ratio_row
 
     lines = []
     for variant in ["oracle", *variants, RIVAL]:
@@ -88,9 +83,9 @@ def summary(results: pd.DataFrame, variants: list[str], resamples: int, seed: in
         rival = ratio_row(results, variant, RIVAL, resamples, seed) if variant != RIVAL else None
         oracle = ratio_row(results, variant, "oracle", resamples, seed) if variant != "oracle" else None
         lines.append({"variant": variant,
-                      "gap recovered, median [95% CI]": _fmt_ci(gap) if gap else "",
-                      "ppl / oracle [95% CI]": _fmt_ci(oracle) if oracle else "",
-                      f"ppl / {RIVAL} [95% CI] (wins)": f"{_fmt_ci(rival)} ({rival.wins}/{rival.n})" if rival else ""})
+                      "gap recovered, median [95% CI]": format_ci(gap) if gap else "",
+                      "ppl / oracle [95% CI]": format_ci(oracle) if oracle else "",
+                      f"ppl / {RIVAL} [95% CI] (wins)": f"{format_ci(rival)} ({rival.wins}/{rival.n})" if rival else ""})
     return pd.DataFrame(lines)
 
 
@@ -124,7 +119,7 @@ def main(argv=None) -> int:
     else:
         scored = score_snapshots(cfg, open_suite(cfg), snapshots, reference, steps_total)
     results = pd.concat([reference[reference["task"].isin(snapshots)], scored], ignore_index=True)
-    variants = sorted(set(scored["variant"]), key=lambda v: int(v.split("step")[1].split("of")[0]))
+    variants = list(dict.fromkeys(scored["variant"]))  # step order: rows were scored by step
     # All tasks, then each group alone (one row block per group).
     table = pd.concat([summary(part, variants, args.resamples, cfg.seed).assign(tasks=name)
                        for name, part in [("all", results), *results.groupby("group")]], ignore_index=True)
