@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -221,9 +222,10 @@ def test_generator_lm_objective_fine_tunes_on_ray_train_and_skips_when_done(smok
         (lm_root / upstream).symlink_to(root / upstream)
     args = [f"suite.path={suite}", f"storage.root={lm_root}", "tune.enabled=false",
             "generator.objective=hybrid", "generator.lm_steps=4", "generator.lm_workers=2",
-            "generator.cpus_per_task=0.5", "generator.report_every=2", "generator.lm_seq_len=24",
+            "generator.cpus_per_task=1", "generator.report_every=2", "generator.lm_seq_len=24",
             "stages=[generator,evaluate]", "evaluate.variants=[generated]",
-            "evaluate.extra_variants=[]", "evaluate.seen_tasks=0"]  # not the preset's variants
+            "evaluate.extra_variants=[]", "evaluate.seen_tasks=0",  # not the preset's variants
+            "evaluate.folds=3"]  # 3 reconstructions on 2 CPUs: one queues (order checked below)
     command = [sys.executable, "-m", "jobs.pipeline", "--config", "smoke", *FAST, *args]
     first = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-6000:]
@@ -244,10 +246,22 @@ def test_generator_lm_objective_fine_tunes_on_ray_train_and_skips_when_done(smok
     held = json.loads((lm_root / "evaluate" / "baselines.json").read_text())["folds"][0]
     groups = {"cats": "animals", "dogs": "animals", "sums": "math", "code": "code"}
     assert not {t for t in fold_lm["tasks"] if groups[t] in held}  # never a task of the fold
+    # Every fold's reconstruction is written before the first fold's LM fine-tune starts: a Ray
+    # Train worker group started while the queued third one holds a CPU waits and can time out.
+    folds = sorted((lm_root / "evaluate" / "folds").glob("fold-*"))
+    assert len(folds) == 3
+    reconstructed = max((f / "reconstruction" / "generator.json").stat().st_mtime for f in folds)
+    assert reconstructed <= min(fine_tune_started(f / "generator") for f in folds)
     assert set(pd.read_parquet(lm_root / "evaluate" / "results.parquet")["variant"]) == {"generated"}
     again = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "generator: up to date" in again.stderr and "evaluate: up to date" in again.stderr
+
+
+def fine_tune_started(generator: Path) -> float:
+    """When the LM fine-tune that wrote ``generator`` began: its file time less its wall time."""
+    meta = generator / "generator.json"
+    return meta.stat().st_mtime - json.loads(meta.read_text())["training"]["lm"]["wall_seconds"]
 
 
 def test_lm_texts_are_train_texts_of_training_tasks_only(tmp_path):
