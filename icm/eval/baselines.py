@@ -28,7 +28,7 @@ TEXT_SEPARATOR = " "
 # ----------------------------------------------------------------------------- similarity soup
 
 
-def _centred_cosines(query: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+def centred_cosines(query: np.ndarray, candidates: np.ndarray) -> np.ndarray:
     """Cosine of ``query`` (D,) with each row of ``candidates`` (N, D), both centred on the mean
     candidate. Raw task vectors share a large common component (raw cosines are all ~0.95), so
     only the deviations from the mean tell tasks apart. A zero deviation has similarity 0."""
@@ -78,7 +78,7 @@ def similarity_weights(query: np.ndarray | torch.Tensor,
     if not names:
         raise ValueError("no candidate task left for the similarity soup")
     candidates = np.stack([np.asarray(conditions[n], np.float64).reshape(-1) for n in names])
-    similarity = _centred_cosines(np.asarray(query, np.float64).reshape(-1), candidates)  # (N,)
+    similarity = centred_cosines(np.asarray(query, np.float64).reshape(-1), candidates)  # (N,)
     # Highest similarity first; ties broken by name so the choice is deterministic.
     nearest = sorted(range(len(names)), key=lambda i: (-similarity[i], names[i]))[:k]
     logits = similarity[nearest] / temperature  # (k,)

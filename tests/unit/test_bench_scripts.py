@@ -34,3 +34,53 @@ def test_zoo_steps_bench_reads_snapshots_in_step_order_and_names_a_wrong_folder(
     assert list(found) == ["t"] and [step for step, _ in found["t"]] == [24, 48, 96]
     with pytest.raises(SystemExit, match="pass the longer run's zoo/ folder"):
         bench["snapshot_folders"](tmp_path / "evaluate", ["t"])
+
+
+def test_condition_novelty_bench_compares_each_task_with_its_own_generators_training_tasks(tmp_path):
+    """Familiarity is the best centred cosine to the tasks the task's generator trained on: a
+    fold's generator never saw the fold's groups, so its tasks are compared without them."""
+    import json
+    import runpy
+
+    import numpy as np
+    import pandas as pd
+    import yaml
+
+    bench = runpy.run_path(str(BENCH[0].with_name("bench_condition_novelty.py")), run_name="bench")
+    # Training: a1, a2 (group a), b1 (group b); held out: a3 (group a). Fold 0 holds out group a.
+    vectors = {"a1": [1.0, 0.0], "a2": [0.9, 0.1], "b1": [0.0, 1.0], "a3": [1.0, 0.05]}
+    means = pd.DataFrame({"task": list(vectors), "group": ["a", "a", "b", "a"],
+                          "heldout": [False, False, False, True], "mode": "both", "layer": -1,
+                          "pooling": "mean", "vector": [np.asarray(v, np.float32) for v in vectors.values()]})
+    stage, evaluate = tmp_path / "task_vectors", tmp_path / "evaluate"
+    stage.mkdir()
+    evaluate.mkdir()
+    means.to_parquet(stage / "task_means.parquet")
+    (evaluate / "baselines.json").write_text(json.dumps({"folds": [["a"]]}))
+    (evaluate / "config.resolved.yaml").write_text(yaml.safe_dump(
+        {"seed": 0, "storage": {"root": str(tmp_path)},
+         "generator": {"condition_layer": -1, "condition_pooling": "mean"}}))
+    # Per-text NLL (2 texts of 10 tokens): base 4, oracle 2, generated 3 or 3.5, soup 3.2.
+    nll = {"base": 40.0, "oracle": 20.0, "soup": 32.0}
+    rows = [{"setting": setting, "fold": fold, "task": task, "group": "a", "variant": variant,
+             "text_nll": [value, value], "text_tokens": [10, 10]}
+            for setting, fold, task, generated in [("heldout", None, "a3", 30.0), ("fold", 0, "a3", 35.0),
+                                                    ("fold", 0, "a1", 35.0)]
+            for variant, value in {**nll, "generated": generated}.items()]
+    pd.DataFrame(rows).to_parquet(evaluate / "results.parquet")
+    assert bench["main"](["--evaluate", str(evaluate), "--resamples", "50"]) == 0
+    text = (evaluate / "condition_novelty.md").read_text()
+    table = bench["familiarity_table"](
+        bench["task_log_ppl"](pd.read_parquet(evaluate / "results.parquet")), means,
+        {t: np.asarray(v) for t, v in vectors.items()}, [["a"]], "soup")
+    by_key = {(row["setting"], row["task"]): row for _, row in table.iterrows()}
+    # Held out: a3 against a1, a2, b1 (centred on their mean) -> closest to a1, cosine > 0.9.
+    assert by_key[("heldout", "a3")]["familiarity"] > 0.9
+    # Fold 0: every training task of group a is out, so a1 and a3 are compared with b1 alone
+    # (one candidate: its centred deviation is zero, similarity 0).
+    assert by_key[("fold", "a3")]["familiarity"] == 0.0 == by_key[("fold", "a1")]["familiarity"]
+    assert by_key[("heldout", "a3")]["gap generated"] == 0.5  # (4 - 3) / (4 - 2)
+    assert by_key[("fold", "a1")]["log ppl ratio to soup"] == pytest.approx(0.3)  # 3.5 - 3.2
+    assert "Spearman rho" in text and "3 unseen tasks" in text
+    with pytest.raises(SystemExit, match="--rival: 'ridge' was not scored"):
+        bench["main"](["--evaluate", str(evaluate), "--rival", "ridge"])
