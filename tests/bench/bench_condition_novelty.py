@@ -6,8 +6,8 @@
 For every unseen task a finished evaluate stage scored (held-out and fold settings), its
 familiarity is the highest centred cosine between its condition (the mean "both" task vector
 the generator reads, with the generator's layer and pooling) and the conditions of the tasks its
-generator was trained on (held-out: every training task; fold K: those outside the fold's
-groups), centred on their mean as the similarity soup does. Beside it: the gap to the oracle
+generator was trained on (as each generator's generator.json records them: a fold generator's
+exclude the fold's groups), centred on their mean as the similarity soup does. Beside it: the gap to the oracle
 recovered by the generated adapter and by ``--rival``, and log(ppl generated / ppl rival). The
 Spearman correlation of familiarity with that log ratio has a bootstrap interval over tasks: a
 clearly negative one says the generator is worth its adapter only for tasks like those it was
@@ -38,22 +38,24 @@ from icm.task_vectors import load_task_means  # noqa: E402
 GENERATED = "generated"
 
 
-def training_tasks(means: pd.DataFrame, folds: list[list[str]], setting: str, fold: float) -> list[str]:
-    """The tasks the generator of ``setting`` (and fold) trained on; ``means``: task, group, heldout."""
-    training = means[~means["heldout"]]
-    if setting == "fold":
-        training = training[~training["group"].isin(folds[int(fold)])]
-    return sorted(training["task"])
+def trained_on(evaluate: Path, folds: int) -> dict[int, list[str]]:
+    """Fold (-1: the held-out setting's main generator) -> the tasks that generator trained on,
+    as its generator.json recorded them."""
+    directories = {-1: evaluate.parent / "generator",
+                   **{k: evaluate / "folds" / f"fold-{k}" / "generator" for k in range(folds)}}
+    return {k: json.loads((d / "generator.json").read_text())["training"]["trained_on"]["tasks"]
+            for k, d in directories.items()}
 
 
-def familiarity_table(log_ppl: pd.DataFrame, means: pd.DataFrame, vectors: dict[str, np.ndarray],
-                      folds: list[list[str]], rival: str) -> pd.DataFrame:
-    """One row per unseen task: familiarity, gaps recovered and log(ppl generated / ppl rival)."""
+def familiarity_table(log_ppl: pd.DataFrame, vectors: dict[str, np.ndarray],
+                      training: dict[int, list[str]], rival: str) -> pd.DataFrame:
+    """One row per unseen task: familiarity, gaps recovered and log(ppl generated / ppl rival);
+    ``training``: fold (-1 for held-out) -> the tasks its generator trained on."""
     rows = []
     for (setting, fold, task, group), ppl in log_ppl.iterrows():
         if setting == "seen" or pd.isna(ppl.get(rival)) or pd.isna(ppl.get(GENERATED)):
             continue
-        others = np.stack([vectors[t] for t in training_tasks(means, folds, setting, fold) if t != task])  # (N, D)
+        others = np.stack([vectors[t] for t in training[int(fold)] if t != task])  # (N, D)
         gap = ppl["base"] - ppl["oracle"]  # log-ppl gap base -> oracle
         rows.append({"setting": setting, "fold": None if fold < 0 else int(fold), "task": task,
                      "group": group, "familiarity": float(centred_cosines(vectors[task], others).max()),
@@ -88,10 +90,9 @@ def main(argv=None) -> int:
     generator, root = config["generator"], Path(config["storage"]["root"])
     stage = args.evaluate.parent / "task_vectors"  # the run's own task vectors, wherever it moved
     stage = stage if stage.is_dir() else root / "task_vectors"
-    means = pd.read_parquet(stage / "task_means.parquet", columns=["task", "group", "heldout"]).drop_duplicates()
     vectors = load_task_means(stage, mode="both", layer=generator["condition_layer"],
                               pooling=generator["condition_pooling"])
-    folds = json.loads((args.evaluate / "baselines.json").read_text())["folds"]
+    folds = len(json.loads((args.evaluate / "baselines.json").read_text())["folds"])
     results = pd.read_parquet(results_file)
     if args.rival_from is not None:  # the rival's rows from a run of the same zoo and texts
         rival = pd.read_parquet(args.rival_from / "results.parquet")
@@ -100,7 +101,7 @@ def main(argv=None) -> int:
     log_ppl = task_log_ppl(results)
     if args.rival not in log_ppl.columns:
         raise SystemExit(f"--rival: {args.rival!r} was not scored; scored: {', '.join(log_ppl.columns)}")
-    table = familiarity_table(log_ppl, means, vectors, folds, args.rival)
+    table = familiarity_table(log_ppl, vectors, trained_on(args.evaluate, folds), args.rival)
     rho, low, high = spearman_ci(table["familiarity"].to_numpy(), table.iloc[:, -1].to_numpy(),
                                  args.resamples, config.get("seed", 0))
     verdict = (f"Spearman rho(familiarity, log ppl generated / {args.rival}) = {rho:.3f} "

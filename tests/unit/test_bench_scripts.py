@@ -37,8 +37,9 @@ def test_zoo_steps_bench_reads_snapshots_in_step_order_and_names_a_wrong_folder(
 
 
 def test_condition_novelty_bench_compares_each_task_with_its_own_generators_training_tasks(tmp_path):
-    """Familiarity is the best centred cosine to the tasks the task's generator trained on: a
-    fold's generator never saw the fold's groups, so its tasks are compared without them."""
+    """Familiarity is the best centred cosine to the tasks the task's generator recorded it
+    trained on: a fold's generator never saw the fold's groups, so its tasks are compared
+    without them."""
     import json
     import runpy
 
@@ -57,6 +58,10 @@ def test_condition_novelty_bench_compares_each_task_with_its_own_generators_trai
     evaluate.mkdir()
     means.to_parquet(stage / "task_means.parquet")
     (evaluate / "baselines.json").write_text(json.dumps({"folds": [["a"]]}))
+    training = {-1: ["a1", "a2", "b1"], 0: ["b1"]}  # what each generator recorded it trained on
+    for fold, directory in [(-1, tmp_path / "generator"), (0, evaluate / "folds" / "fold-0" / "generator")]:
+        directory.mkdir(parents=True)
+        (directory / "generator.json").write_text(json.dumps({"training": {"trained_on": {"tasks": training[fold]}}}))
     (evaluate / "config.resolved.yaml").write_text(yaml.safe_dump(
         {"seed": 0, "storage": {"root": str(tmp_path)},
          "generator": {"condition_layer": -1, "condition_pooling": "mean"}}))
@@ -71,8 +76,8 @@ def test_condition_novelty_bench_compares_each_task_with_its_own_generators_trai
     assert bench["main"](["--evaluate", str(evaluate), "--resamples", "50"]) == 0
     text = (evaluate / "condition_novelty.md").read_text()
     table = bench["familiarity_table"](
-        bench["task_log_ppl"](pd.read_parquet(evaluate / "results.parquet")), means,
-        {t: np.asarray(v) for t, v in vectors.items()}, [["a"]], "soup")
+        bench["task_log_ppl"](pd.read_parquet(evaluate / "results.parquet")),
+        {t: np.asarray(v) for t, v in vectors.items()}, bench["trained_on"](evaluate, 1), "soup")
     by_key = {(row["setting"], row["task"]): row for _, row in table.iterrows()}
     # Held out: a3 against a1, a2, b1 (centred on their mean) -> closest to a1, cosine > 0.9.
     assert by_key[("heldout", "a3")]["familiarity"] > 0.9
