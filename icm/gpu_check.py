@@ -76,7 +76,7 @@ def check_lora_deepspeed(ctx: dict) -> dict:
     from icm.config import ZooConfig
     from icm.io import free_port
     from icm.lora_train import (build_lora_model, collate, deepspeed_config, release_engine,
-                                skip_deepspeed_shm_build, tokenize_texts, train_step)
+                                skip_deepspeed_shm_build, step_seed, tokenize_texts, train_step)
 
     os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())})
@@ -91,12 +91,12 @@ def check_lora_deepspeed(ctx: dict) -> dict:
         model_parameters=[p for p in model.parameters() if p.requires_grad])
     sequences = tokenize_texts(ctx["tokenizer"], _texts(batch, chars=seq * 6), seq)
     data = collate(sequences, ctx["tokenizer"].pad_token_id)
-    for _ in range(2):  # warm-up: kernels, allocator
-        train_step(engine, data)
+    for step in range(2):  # warm-up: kernels, allocator
+        train_step(engine, data, seed=step_seed(0, step))
     _sync(ctx)
     started = time.perf_counter()
-    for _ in range(steps):
-        train_step(engine, data)
+    for step in range(2, steps + 2):
+        train_step(engine, data, seed=step_seed(0, step))
     _sync(ctx)
     seconds = time.perf_counter() - started
     tokens = int(data["attention_mask"].sum()) * steps

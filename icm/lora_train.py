@@ -7,6 +7,7 @@ same batches with the same initialisation.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import logging
 import os
@@ -166,8 +167,24 @@ def exclude_tied_frozen_params_from_checkpoints(engine) -> None:
     engine.module_state_dict = module_state_dict
 
 
-def train_step(engine, batch: dict[str, torch.Tensor]) -> float:
-    """One DeepSpeed step (forward, backward, optimizer + scheduler); returns the loss."""
+def step_seed(seed: int, step: int, rank: int = 0) -> int:
+    """The torch seed of one training step on one rank: a function of (seed, step, rank) only.
+
+    It draws the step's LoRA dropout masks. Left to the process's global RNG they depended on
+    whatever ran before in that process (the trainer's earlier tasks, a resume's fresh start), so
+    a LoRA resumed after a kill, or trained after another task, differed from one trained alone.
+    Like ``batch_for_step``'s batches, a step's masks now depend only on where it is.
+    """
+    digest = hashlib.sha256(f"{seed}-{step}-{rank}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1  # torch.manual_seed takes < 2**63
+
+
+def train_step(engine, batch: dict[str, torch.Tensor], *, seed: int) -> float:
+    """One DeepSpeed step (forward, backward, optimizer + scheduler); returns the loss.
+
+    ``seed`` (``step_seed``) seeds torch's RNG, CUDA's included, for the step's dropout.
+    """
+    torch.manual_seed(seed)
     batch = {k: v.to(engine.device) for k, v in batch.items()}
     loss = engine(**batch).loss
     engine.backward(loss)

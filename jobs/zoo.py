@@ -41,7 +41,8 @@ from icm.logs import verbose
 from icm.lora_io import LoraLayout, adapter_state_dict
 from icm.lora_train import (TrainInputError, batch_for_step, build_lora_model, deepspeed_config,
                             exclude_tied_frozen_params_from_checkpoints, iterate_steps, release_engine,
-                            skip_deepspeed_shm_build, snapshot_steps, tokenize_texts, train_step)
+                            skip_deepspeed_shm_build, snapshot_steps, step_seed, tokenize_texts,
+                            train_step)
 from icm.models import load_base_model
 from icm.progress import FileCountWatcher, Progress
 from icm.stages import RAY_DIR, open_suite, pull_local, push_local, stage
@@ -218,7 +219,7 @@ def _train_task(cfg: PipelineConfig, loop: dict, task: str, task_paths: list[str
                                seed=cfg.zoo.data_seed, rank=rank, world_size=world,
                                pad_id=tokenizer.pad_token_id)
         started = time.perf_counter()
-        loss = train_step(engine, batch)
+        loss = train_step(engine, batch, seed=step_seed(cfg.zoo.data_seed, step, rank))
         progress["train_seconds"] += time.perf_counter() - started
         progress["tokens"] += int(batch["attention_mask"].sum()) * world
         progress["losses"].append([step, loss])

@@ -12,7 +12,7 @@ import torch
 from icm.config import ZooConfig
 from icm.lora_io import adapter_state_dict
 from icm.lora_train import (IGNORE_INDEX, TrainInputError, batch_for_step, build_lora_model,
-                            collate, deepspeed_config, snapshot_steps, tokenize_texts)
+                            collate, deepspeed_config, snapshot_steps, step_seed, tokenize_texts)
 from icm.models import load_base_model
 from tests.conftest import REPO_ROOT
 
@@ -112,7 +112,8 @@ sequences = tokenize_texts(tokenizer, ["the cat sat on the mat and purred"] * 4 
 engine, *_ = deepspeed.initialize(model=peft_model, config=deepspeed_config(cfg, world_size=1, bf16=False),
                                   model_parameters=[p for p in peft_model.parameters() if p.requires_grad])
 losses = [train_step(engine, batch_for_step(sequences, step=s, batch_size=cfg.batch_size, seed=0,
-                                            pad_id=tokenizer.pad_token_id)) for s in iterate_steps(0, cfg.steps)]
+                                            pad_id=tokenizer.pad_token_id), seed=step_seed(0, s))
+          for s in iterate_steps(0, cfg.steps)]
 exclude_tied_frozen_params_from_checkpoints(engine)
 engine.save_checkpoint(sys.argv[2], tag="ckpt", exclude_frozen_parameters=True)
 import torch
@@ -136,6 +137,71 @@ def test_real_deepspeed_zero2_trains_a_lora_on_cpu(tmp_path):
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.3
     # The checkpoint holds the LoRA weights only: not the tied, frozen lm_head (113 MB on SmolLM2).
     assert result["saved_keys"] and all("lora_" in key for key in result["saved_keys"]), result["saved_keys"]
+
+
+RESUME_SCRIPT = r"""
+import json, os, sys
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1], RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+import deepspeed, torch
+from icm.config import ZooConfig
+from icm.lora_io import adapter_state_dict
+from icm.lora_train import *
+from icm.models import load_base_model
+skip_deepspeed_shm_build()
+deepspeed.init_distributed(dist_backend="gloo")
+cfg = ZooConfig(rank=4, steps=12, batch_size=4, seq_len=32, lr=1e-2, warmup_steps=2, zero_stage=2,
+                dropout=0.1)
+
+def train(texts, start, stop, *, load=None, save=None):
+    model, tokenizer = load_base_model("tiny-llama")
+    peft_model = build_lora_model(model, cfg)
+    engine, *_ = deepspeed.initialize(model=peft_model, config=deepspeed_config(cfg, world_size=1, bf16=False),
+                                      model_parameters=[p for p in peft_model.parameters() if p.requires_grad])
+    exclude_tied_frozen_params_from_checkpoints(engine)
+    if load:
+        engine.load_checkpoint(load, tag="ckpt", load_module_strict=False)
+    sequences = tokenize_texts(tokenizer, texts, cfg.seq_len)
+    for s in iterate_steps(start, stop):
+        batch = batch_for_step(sequences, step=s, batch_size=cfg.batch_size, seed=0, pad_id=tokenizer.pad_token_id)
+        train_step(engine, batch, seed=step_seed(0, s))
+    if save:
+        engine.save_checkpoint(save, tag="ckpt", exclude_frozen_parameters=True)
+    weights = {k: v.detach().clone() for k, v in adapter_state_dict(peft_model).items()}
+    release_engine(engine)
+    return weights
+
+cats = ["the cat sat on the mat and purred"] * 4 + ["the dog sat too"] * 4
+alone = train(cats, 0, cfg.steps)                       # the process's first task
+train(["one two three four five six"] * 8, 0, 5)         # another task in the same process
+after_another = train(cats, 0, cfg.steps)
+train(cats, 0, cfg.steps // 2, save=sys.argv[2])         # killed half-way ...
+resumed = train(cats, cfg.steps // 2, cfg.steps, load=sys.argv[2])  # ... and resumed
+same_step_seed = step_seed
+step_seed = lambda seed, step: same_step_seed(seed + 1, step)  # same batches, other dropout masks
+other_masks = train(cats, 0, cfg.steps)
+same = lambda a, b: all(torch.equal(a[k], b[k]) for k in a)
+print(json.dumps({"after_another": same(alone, after_another), "resumed": same(alone, resumed),
+                  "other_masks": same(alone, other_masks)}))
+"""
+
+
+def test_a_lora_does_not_depend_on_what_ran_before_it_and_resumes_bit_identically(tmp_path):
+    """Dropout (0.1 here) draws from torch's RNG: each step seeds it from (seed, step, rank), so
+    a zoo trainer's second task and a task resumed after a kill are bit-identical to the same
+    task trained alone. The control (other masks) shows the dropout is live, so the equalities
+    are not vacuous."""
+    out = subprocess.run([sys.executable, "-c", RESUME_SCRIPT, "29639", str(tmp_path)], cwd=REPO_ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result == {"after_another": True, "resumed": True, "other_masks": False}, result
+
+
+def test_step_seeds_depend_on_seed_step_and_rank_only():
+    seeds = {step_seed(seed, step, rank) for seed in (0, 1) for step in (1, 2) for rank in (0, 1)}
+    assert len(seeds) == 8 and all(0 <= s < 2**63 for s in seeds)
+    assert step_seed(0, 5, 1) == step_seed(0, 5, 1)
 
 
 RELEASE_SCRIPT = r"""
