@@ -24,7 +24,8 @@ Version 2 adds ten groups (113 tasks):
 
 Every text is ``min_chars..max_chars`` characters long, each task is de-duplicated, and the
 train/eval split is a seeded shuffle, so the same seed on the same package versions gives
-byte-identical output. ``icm tasks build-default OUT`` calls `build_default_suite`.
+byte-identical output. No train split holds another task's eval text, and no training task's
+train split a held-out task's text (`leak_free_splits`; version 3). ``icm tasks build-default OUT`` calls `build_default_suite`.
 """
 
 from __future__ import annotations
@@ -45,9 +46,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from icm.io import atomic_directory
-from icm.tasks import write_suite_meta, write_task
+from icm.tasks import cross_task_leaks, write_suite_meta, write_task
 
-DEFAULT_SUITE_VERSION = 2
+DEFAULT_SUITE_VERSION = 3  # 3: no train text is another task's eval text or a held-out task's text
 SUITE_NAME = "icm-default"
 
 FORTUNES_DIR = Path("/usr/share/games/fortunes")
@@ -1082,6 +1083,28 @@ def split_texts(texts: list[str], name: str, seed: int, max_train: int,
     return train, evaluation
 
 
+def leak_free_splits(texts: dict[str, list[str]], heldout: Iterable[str], *, seed: int,
+                     max_train: int, max_eval: int) -> dict[str, tuple[list[str], list[str]]]:
+    """Each task's (train, eval) split, with no text another task is measured on in its train.
+
+    Eval splits are exactly `split_texts`'s. A train split skips the texts `cross_task_leaks`
+    names (another task's eval text; for a training task, a held-out task's text: shared
+    boilerplate such as a GNU licence notice in two manuals) and takes the next ones of the
+    shuffle instead; a task without such texts gets `split_texts`'s train split unchanged.
+    """
+    pools = {name: split_texts(pool, name, seed, len(pool), max_eval)  # (train: all the rest, eval)
+             for name, pool in texts.items()}
+    leaks = cross_task_leaks(pools, list(heldout))
+    splits = {}
+    for name, (rest, evaluation) in pools.items():
+        train = [text for text in rest if text not in leaks.get(name, {})][:max_train]
+        if not train:
+            raise RuntimeError(f"task {name!r} has no train text left that no other task "
+                               "is measured on.")
+        splits[name] = (train, evaluation)
+    return splits
+
+
 # ----------------------------------------------------------------------------- building
 
 
@@ -1091,14 +1114,16 @@ def build_default_suite(out_dir: str | Path, *, seed: int = 0, max_train: int = 
     if not 0 < min_chars <= max_chars:
         raise ValueError(f"need 0 < min_chars <= max_chars, got {min_chars}, {max_chars}")
     out_dir = Path(out_dir)
+    texts = {spec.name: task_texts(spec, min_chars, max_chars) for spec in TASKS}
+    splits = leak_free_splits(texts, heldout_names(), seed=seed, max_train=max_train,
+                              max_eval=max_eval)
     with atomic_directory(out_dir) as staging:
         for spec in TASKS:
-            texts = task_texts(spec, min_chars, max_chars)
-            train, evaluation = split_texts(texts, spec.name, seed, max_train, max_eval)
+            train, evaluation = splits[spec.name]
             write_task(staging / spec.name, name=spec.name, description=spec.description,
                        group=spec.group, source=task_source(spec),
                        license=SOURCES[spec.group].license, train=train, eval=evaluation,
-                       metadata={"n_texts": len(texts), "select": list(spec.select)})
+                       metadata={"n_texts": len(texts[spec.name]), "select": list(spec.select)})
         write_suite_meta(
             staging, name=SUITE_NAME, heldout=heldout_names(),
             description="Default icm suite: fortune-cookie quips in five languages, Python "

@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -302,13 +302,54 @@ def validate_task(task: Task, *, heldout: bool = False,
                      sum(map(len, train)), sum(map(len, evaluation)), tokens)
 
 
+def cross_task_leaks(splits: Mapping[str, tuple[Sequence[str], Sequence[str]]],
+                     heldout: Collection[str]) -> dict[str, dict[str, str]]:
+    """Train texts that would carry one task's measured text into another task's training.
+
+    ``splits`` maps task -> (train texts, eval texts). A train text leaks when it is another
+    task's eval text (scored as unseen or as the other task's own text), or when a training task
+    holds a text of a held-out task (no training input may contain a held-out task's text).
+    Returns {task: {leaking train text: the other task it belongs to}}; tasks without leaks are
+    left out. One rule for the default-suite builder (which drops them) and `validate_suite`
+    (which refuses them): shared boilerplate (licence notices, quotes in two collections).
+    """
+    owners: dict[str, set[str]] = {}  # text -> the tasks it must not be trained on for
+    for name, (train, evaluation) in splits.items():
+        for text in evaluation:
+            owners.setdefault(text, set()).add(name)
+    trained = {name for name in splits if name not in heldout}
+    for name in heldout:
+        for text in splits[name][0]:
+            owners.setdefault(text, set()).add(name)
+    leaks: dict[str, dict[str, str]] = {}
+    for name, (train, _) in splits.items():
+        for text in train:
+            others = owners.get(text, set()) - {name}
+            if name not in trained:  # a held-out task's train text: only its oracle trains on it
+                others = {o for o in others if text in splits[o][1]}
+            if others:
+                leaks.setdefault(name, {})[text] = min(others)
+    return leaks
+
+
 def validate_suite(suite: Suite | str | Path,
                    count_tokens: Callable[[list[str]], int] | None = None) -> list[TaskStats]:
     """Load (if needed) and fully validate a suite; raises `SuiteError` at the first problem."""
     if not isinstance(suite, Suite):
         suite = load_suite(suite)
-    return [validate_task(task, heldout=suite.is_heldout(name), count_tokens=count_tokens)
-            for name, task in suite.tasks.items()]
+    stats = [validate_task(task, heldout=suite.is_heldout(name), count_tokens=count_tokens)
+             for name, task in suite.tasks.items()]
+    splits = {name: (task.train_texts(), task.eval_texts()) for name, task in suite.tasks.items()}
+    for name, leaking in cross_task_leaks(splits, suite.heldout).items():
+        train = splits[name][0]
+        text, other = next(iter(leaking.items()))
+        raise SuiteError(f"this train text is also in task '{other}' ({len(leaking)} such "
+                         f"text(s) here), so training on '{name}' would train on what is measured "
+                         f"on '{other}' (leakage across tasks).",
+                         path=suite.tasks[name].path / SPLIT_FILES["train"], task=name,
+                         line=train.index(text) + 1, field="text",
+                         fix=f"remove it from '{name}' (or from '{other}').")
+    return stats
 
 
 def format_stats_table(stats: Sequence[TaskStats]) -> str:

@@ -108,6 +108,41 @@ def test_eval_text_also_in_train_is_leakage(tiny_suite):
         validate_suite(tiny_suite)
 
 
+def _append_train(suite_dir, task, text):
+    path = suite_dir / task / "train.jsonl"
+    path.write_text(path.read_text() + json.dumps({"text": text}) + "\n")
+    return len(path.read_text().splitlines())  # the appended text's line
+
+
+@pytest.mark.parametrize("trained_on, owner, split", [
+    ("cats", "code", "eval"),    # a training task trains on another task's eval text
+    ("dogs", "cats", "eval"),    # the held-out task's oracle trains on a training task's eval text
+    ("sums", "dogs", "train"),   # a training task trains on a held-out task's (train) text
+])
+def test_a_text_measured_on_one_task_in_another_tasks_train_split_is_leakage(
+        tiny_suite, trained_on, owner, split):
+    text = getattr(load_task(tiny_suite / owner), f"{split}_texts")()[0]
+    line = _append_train(tiny_suite, trained_on, text)
+    with pytest.raises(SuiteError, match=rf"task '{trained_on}', file .*{trained_on}/train\.jsonl, "
+                                         rf"line {line}.*also in task '{owner}'.*leakage across tasks"):
+        validate_suite(tiny_suite)
+
+
+def test_train_texts_shared_by_training_tasks_are_not_leakage(tiny_suite):
+    """Two training tasks may share a train text: neither is measured on it."""
+    _append_train(tiny_suite, "code", load_task(tiny_suite / "cats").train_texts()[0])
+    validate_suite(tiny_suite)
+
+
+def test_cross_task_leaks_names_each_leaking_text_once_with_its_owner():
+    from icm.tasks import cross_task_leaks
+
+    splits = {"a": (["x", "shared", "b-eval"], ["a-eval"]), "b": (["y", "shared"], ["b-eval"]),
+              "held": (["h-train", "a-eval"], ["h-eval"]), "c": (["h-train", "h-eval", "z"], ["c-eval"])}
+    assert cross_task_leaks(splits, heldout=["held"]) == {
+        "a": {"b-eval": "b"}, "held": {"a-eval": "a"}, "c": {"h-train": "held", "h-eval": "held"}}
+
+
 def test_task_yaml_missing_field_and_unknown_field(tiny_suite):
     meta_path = tiny_suite / "cats" / "task.yaml"
     meta = yaml.safe_load(meta_path.read_text())
