@@ -207,6 +207,14 @@ def _step_choices(tasks: Sequence[LmTask], cfg: GeneratorConfig, step: int, rank
     return picks
 
 
+def step_generator(kind: str, cfg: GeneratorConfig, step: int, rank: int) -> torch.Generator:
+    """A torch RNG for one kind of draw at one step on one rank: a function of (seed, step,
+    rank) only. Every rank resumes from rank 0's checkpoint, so a sequential per-rank RNG saved
+    in it would give every rank rank 0's draws after a restart; these need no saving."""
+    seed = random.Random(f"{kind}-{cfg.seed}-{step}-{rank}").randrange(2 ** 31)
+    return torch.Generator().manual_seed(seed)
+
+
 def lm_step_loss(generator: LoraGenerator, applier: FunctionalLora, tasks: Sequence[LmTask],
                  cfg: GeneratorConfig, step: int, rank: int, pad_id: int) -> torch.Tensor:
     """Mean over this step's tasks of the LM loss of their generated adapters."""
@@ -214,9 +222,8 @@ def lm_step_loss(generator: LoraGenerator, applier: FunctionalLora, tasks: Seque
 
     picks = _step_choices(tasks, cfg, step, rank)
     conditions = torch.stack([task.episodes[episode] for task, episode, _ in picks])  # (T, D)
-    seed = random.Random(f"z-{cfg.seed}-{step}-{rank}").randrange(2 ** 31)
     z = torch.randn(len(picks), generator.model.spec.latent_dim,
-                    generator=torch.Generator().manual_seed(seed)).to(conditions.device)  # (T, latent)
+                    generator=step_generator("z", cfg, step, rank)).to(conditions.device)  # (T, latent)
     vectors = generated_vectors(generator, conditions, z)  # (T, L)
     losses = [applier.nll(vector, collate([task.sequences[i] for i in texts], pad_id))
               for vector, (task, _, texts) in zip(vectors, picks)]
@@ -243,13 +250,12 @@ def fit_lm(generator: LoraGenerator, applier: FunctionalLora, tasks: Sequence[Lm
         groups.append({"params": [residual], "lr": cfg.lm_residual_lr, "weight_decay": 0.0})
     opt = torch.optim.AdamW(groups, lr=cfg.lm_lr, weight_decay=cfg.weight_decay)
     trainable = [p for group in groups for p in group["params"]]
-    result, gen = LmResult(), torch.Generator().manual_seed(cfg.seed + 1000 * rank)
+    result = LmResult()
     if resume_state is not None:
         network.load_state_dict(resume_state["model"])
         if residual is not None:
             residual.data.copy_(resume_state["residual"])
         opt.load_state_dict(resume_state["optimizer"])
-        gen.set_state(resume_state["rng"])
         result = LmResult(resume_state["history"], resume_state["step"], resume_state["train_seconds"])
     network.train()
     running = {"lm": 0.0, "recon": 0.0, "n": 0}
@@ -259,6 +265,7 @@ def fit_lm(generator: LoraGenerator, applier: FunctionalLora, tasks: Sequence[Lm
         if reconstruction is not None:
             samples, weights = reconstruction
             device = generator.template.device
+            gen = step_generator("recon", cfg, result.steps, rank)  # the batch and eps of this step
             x, c, offset = (t.to(device) for t in samples.sample_batch(cfg.batch_size, gen))
             eps = torch.randn(len(x), generator.model.spec.latent_dim, generator=gen).to(device)
             x_hat, mu, logvar = network(x, c, eps)
@@ -287,7 +294,7 @@ def fit_lm(generator: LoraGenerator, applier: FunctionalLora, tasks: Sequence[Lm
         running = {"lm": 0.0, "recon": 0.0, "n": 0}
         if report is not None:  # a copy: state_dict tensors alias the live parameters
             report(metrics, copy.deepcopy({
-                "model": network.state_dict(), "optimizer": opt.state_dict(), "rng": gen.get_state(),
+                "model": network.state_dict(), "optimizer": opt.state_dict(),
                 "residual": None if residual is None else residual.detach(),
                 "step": result.steps, "history": result.history, "train_seconds": result.train_seconds}))
         if diverged:

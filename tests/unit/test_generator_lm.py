@@ -99,6 +99,27 @@ def test_hybrid_adds_the_reconstruction_term(world):
     assert all(h["train_recon"] > 0 for h in result.history)
 
 
+def test_hybrid_on_a_second_rank_resumes_exactly_from_a_state_without_rng(world):
+    """The Ray job saves rank 0's state only and every rank resumes from it: the hybrid term's
+    batches and eps must come from (seed, step, rank), not from an RNG carried in that state
+    (which gave every rank rank 0's draws after a restart)."""
+    from icm.generator.lm import step_generator
+
+    generator, applier, tasks, cfg, tokenizer = _setup(world, objective="hybrid")
+    representation, pad, states = world[2], tokenizer.pad_token_id or 0, {}
+    recon = (representation.train, representation.codec.weights())
+    fit_lm(generator, applier, tasks, cfg, pad_id=pad, reconstruction=recon, rank=1,
+           report=lambda metrics, state: states.setdefault(metrics["lm_step"], state))
+    assert "rng" not in states[4]
+    again, applier2, tasks2, _, _ = _setup(world, objective="hybrid")
+    fit_lm(again, applier2, tasks2, cfg, pad_id=pad, reconstruction=recon, rank=1,
+           resume_state=states[4])
+    for key, value in again.model.state_dict().items():
+        assert torch.allclose(value, generator.model.state_dict()[key], atol=1e-6), key
+    draw = lambda step, rank: torch.randn(8, generator=step_generator("recon", cfg, step, rank))
+    assert torch.equal(draw(3, 1), draw(3, 1)) and not torch.equal(draw(3, 0), draw(3, 1))
+
+
 def test_shared_residual_starts_at_zero_learns_what_tasks_share_resumes_and_is_saved(world, tmp_path):
     """generator.lm_shared_residual: step 0 generates what reconstruction did; after the LM steps
     the residual is non-zero, lowers the training loss below the same run without it, resumes
