@@ -215,13 +215,27 @@ def validation_texts(task, count: int) -> list[str]:
     return task.train_texts()[-count:]
 
 
+def validation_conditions(cfg: PipelineConfig, tasks: list[str]) -> dict[str, Any]:
+    """Each validation task's mean 'both' task vector (D,): what the evaluation's `generated`
+    variant and a request with a description and examples condition on. (Not
+    `PreparedData.task_means`, the mean over every mode's episodes together: no reported number
+    conditions on that blend, so selecting by it picked the best trial for an unused input.)"""
+    from icm.task_vectors import load_task_means
+
+    g = cfg.generator
+    return load_task_means(cfg.storage.path("task_vectors"), mode="both", layer=g.condition_layer,
+                           pooling=g.condition_pooling, tasks=tasks)
+
+
 class ValidationScorer:
     """Model selection's one yardstick: the eval perplexity (base model + adapter) of the z = 0
-    adapter a candidate generates for each validation task, on that task's `validation_texts`."""
+    adapter a candidate generates for each validation task from its mean 'both' vector, on that
+    task's `validation_texts`."""
 
     def __init__(self, cfg: PipelineConfig, suite: Suite, data: PreparedData):
         self.tasks = list(data.split.val_tasks) or list(data.split.train_tasks[:2])
         self.texts = {t: validation_texts(suite.tasks[t], cfg.tune.rescore_max_texts) for t in self.tasks}
+        self.conditions = validation_conditions(cfg, self.tasks)
         self.model_cfg = cfg.model
         self.max_length, self.batch_size = cfg.evaluate.max_length, cfg.evaluate.batch_size
 
@@ -236,11 +250,11 @@ class ValidationScorer:
         return score_texts(model, tokenizer, self.texts[task], max_length=self.max_length,
                            batch_size=self.batch_size).perplexity
 
-    def generator_perplexities(self, generator, task_means) -> dict[str, float]:
+    def generator_perplexities(self, generator) -> dict[str, float]:
         ppl = {}
         for task in self.tasks:
             with tempfile.TemporaryDirectory() as tmp:
-                vector = generator.sample(task_means[task], z="zero")[0]
+                vector = generator.sample(self.conditions[task], z="zero")[0]
                 ppl[task] = self.perplexity(generator.write_adapter(vector, Path(tmp) / "adapter"), task)
         return ppl
 
@@ -258,7 +272,7 @@ def rescore(scorer: ValidationScorer, data: PreparedData, base_cfg: GeneratorCon
         gen_cfg = trial_config(base_cfg.model_dump(mode="json"), row["params"])
         with row["checkpoint"].as_directory() as folder:
             generator = generator_from_state(data, gen_cfg, load_checkpoint(folder)["model"])
-        ppl = scorer.generator_perplexities(generator, data.task_means)
+        ppl = scorer.generator_perplexities(generator)
         out.append({"trial_id": row["trial_id"], "objective": "reconstruction",  # what the trial trained by
                     "params": {**row["params"], "objective": "reconstruction"},
                     "perplexity": ppl, "base_perplexity": base, "mean_log_perplexity": mean_log(ppl)})
@@ -298,7 +312,7 @@ def objective_trainable(config: dict[str, Any], data: PreparedData, base: dict[s
 
     fit_lm(generator, setup.applier, setup.tasks, cfg, pad_id=setup.pad_id,
            reconstruction=hybrid_term(cfg, lambda: data), report=report, resume_state=resume)
-    ppl = scorer.generator_perplexities(generator, data.task_means)
+    ppl = scorer.generator_perplexities(generator)
     tune.report({"val_log_perplexity": mean_log(ppl), "perplexity": ppl, "lm_step": cfg.lm_steps})
 
 

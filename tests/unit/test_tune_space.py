@@ -38,3 +38,50 @@ def test_the_configured_hyper_generator_is_the_first_trial_of_a_mixed_search():
     cfg = trial_config(base, point)
     assert (cfg.arch, cfg.width, cfg.depth, cfg.subspace_dim) == ("hyper", 128, 2, None)
     assert default_point(base, ("mlp",)) == []  # not searched: no trial of it
+
+
+
+def test_tune_scores_a_validation_task_on_its_mean_both_vector(tmp_path, monkeypatch):
+    """Model selection conditions the generator as the evaluation's `generated` variant does (the
+    task's mean 'both' vector), not on the mean over every mode's episodes, which nothing reports
+    (a real generator on a tiny-llama zoo, scored for real)."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    import pandas as pd
+
+    from icm.config import PipelineConfig
+    from icm.generator import fit_generator
+    from icm.generator.data import prepare_data
+    from icm.generator.inputs import initial_lora_state, load_zoo
+    from icm.task_vector_report import compute_task_means
+    from icm.task_vectors import MEANS_FILE
+    from icm.tasks import load_suite
+    from jobs.tune import ValidationScorer
+    from tests.conftest import make_suite
+    from tests.unit.test_generator import FAST, LORA, write_zoo
+
+    tasks = ["cats", "code", "sums"]
+    conditions = write_zoo(tmp_path / "zoo", tasks, multitask=False)  # (episodes, 16) per task
+    _, init_state = initial_lora_state("tiny-llama", LORA.model_dump(mode="json"))
+    gen_cfg = GeneratorConfig(**{**FAST, "steps": 10}, val_tasks=0, val_snapshots=0)
+    data = prepare_data(load_zoo(tmp_path / "zoo", include=tasks), conditions, gen_cfg,
+                        validation=False, init_state=init_state)
+    generator = fit_generator(data, gen_cfg)
+    offsets = {"description": 0.0, "demos": 10.0, "both": 100.0}  # the modes differ
+    rows = [{"task": task, "group": "g", "heldout": False, "mode": mode, "layer": -1,
+             "pooling": "mean", "vector": np.full(16, offsets[mode] + i + episode, np.float32)}
+            for i, task in enumerate(tasks) for mode in offsets for episode in (0, 1)]
+    stage = tmp_path / "run" / "task_vectors"
+    (stage / "vectors").mkdir(parents=True)
+    pd.DataFrame(rows).to_parquet(stage / "vectors" / "part-0.parquet")
+    compute_task_means(stage / "vectors").to_parquet(stage / MEANS_FILE)
+    cfg = PipelineConfig.model_validate({"storage": {"root": str(tmp_path / "run")},
+                                         "model": {"spec": "tiny-llama"}})
+    split = SimpleNamespace(val_tasks=("sums",), train_tasks=("cats", "code"))
+    scorer = ValidationScorer(cfg, load_suite(make_suite(tmp_path / "suite")), SimpleNamespace(split=split))
+    seen, sample = [], generator.sample
+    monkeypatch.setattr(generator, "sample", lambda c, **kw: seen.append(np.asarray(c)) or sample(c, **kw))
+    perplexity = scorer.generator_perplexities(generator)
+    assert list(perplexity) == ["sums"] and perplexity["sums"] > 1
+    np.testing.assert_allclose(seen[0], np.full(16, 102.5))  # sums' 'both' mean, not the blend (39.2)
