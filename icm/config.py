@@ -391,7 +391,6 @@ class EvalConfig(StageConfig):
     batch_size: int = Field(8, ge=1, description="Texts per forward pass.")
     samples: int = Field(5, ge=1, description="Generated adapters per task (z samples) for mean +- std.")
     best_of: int = Field(5, ge=1, description="K for best-of-K selection by demonstration perplexity.")
-    select_texts: int = Field(8, ge=1, description="Train texts used as demonstrations for best-of-K.")
     seed: int = Field(0, description="Seed of z sampling and controls.")
     variants: list[str] | None = Field(None, description=(
         "Variants to score (icm/eval/variants.py registry names); None: every one that applies "
@@ -422,6 +421,15 @@ class EvalConfig(StageConfig):
         from icm.eval.variants import check_names  # late: the registry is the eval package's
 
         return check_names(value, f"evaluate.{info.field_name}")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _removed_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "select_texts" in data:
+            raise ValueError("evaluate.select_texts was removed (it was never read): best-of-K "
+                             "scores each draw on the task_vectors.k demonstrations of the "
+                             "task's first episode, as a request's examples; delete the key.")
+        return data
 
 
 class PipelineConfig(StageConfig):

@@ -42,6 +42,13 @@ def test_unknown_key_lists_valid_keys():
     assert "max_length" in message and "spec" in message  # the valid keys are listed
 
 
+def test_a_removed_key_says_why_and_what_to_do():
+    """evaluate.select_texts was declared, set by presets and never read (best-of-K scores on
+    the task_vectors.k demonstrations): now an error naming it and the fix, not a silent no-op."""
+    with pytest.raises(ConfigError, match=r"evaluate.select_texts was removed.*task_vectors.k.*delete the key"):
+        load_config("smoke", ["evaluate.select_texts=3"])
+
+
 def test_unknown_section_lists_valid_sections():
     with pytest.raises(ConfigError, match=r"unknown key 'modle'.*'model'"):
         load_config(None, ["modle.spec=x"])

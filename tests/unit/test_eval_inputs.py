@@ -95,7 +95,7 @@ def test_every_variant_is_scored_on_the_same_texts_with_per_text_nll(world):
     base, _, _ = world
     plans = [SettingPlan("heldout", ["dogs"], ["cats", "code", "sums"], str(base / "generator"))]
     items, _, finals = _items(world, plans)
-    cfg = EvalConfig(max_texts=2, max_length=32, samples=2, best_of=2, select_texts=2)
+    cfg = EvalConfig(max_texts=2, max_length=32, samples=2, best_of=2)
     rows = evaluate_item(items[0], finals, model=ModelConfig(spec="tiny-llama", max_length=32),
                          cfg=cfg, task_vectors=TaskVectorConfig(k=2, max_demo_chars=100))
     variants = [r["variant"] for r in rows]
