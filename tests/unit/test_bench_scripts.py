@@ -89,3 +89,29 @@ def test_condition_novelty_bench_compares_each_task_with_its_own_generators_trai
     assert "Spearman rho" in text and "3 unseen tasks" in text
     with pytest.raises(SystemExit, match="--rival: 'ridge' was not scored"):
         bench["main"](["--evaluate", str(evaluate), "--rival", "ridge"])
+
+
+def test_leak_effect_bench_finds_held_out_eval_texts_trained_on_and_drops_only_those(tmp_path):
+    """A held-out eval text in a training task's train split is found (not one only another
+    held-out task holds), and only that text leaves the held-out rows' per-text arrays."""
+    import runpy
+
+    import numpy as np
+    import pandas as pd
+
+    from icm.tasks import load_suite
+    from tests.conftest import TINY_TASKS, make_suite
+
+    bench = runpy.run_path(str(BENCH[0].with_name("bench_leak_effect.py")), run_name="bench")
+    tasks = {name: (group, list(train), list(evaluation)) for name, (group, train, evaluation) in TINY_TASKS.items()}
+    leaked = tasks["dogs"][2][1]  # the held-out task's second eval text ...
+    tasks["code"][1].append(leaked)  # ... in a training task's train split
+    suite = load_suite(make_suite(tmp_path / "suite", tasks=tasks))
+    assert bench["leaked_eval_texts"](suite) == {"dogs": {1}}
+    rows = pd.DataFrame([{"variant": v, "setting": s, "fold": None, "task": t, "group": "g",
+                          "text_nll": np.array([1.0, 2.0, 3.0]), "text_tokens": np.array([4, 5, 6])}
+                         for v in ("base", "oracle") for s, t in (("heldout", "dogs"), ("seen", "cats"))])
+    cut = bench["without_texts"](rows, {"dogs": {1}})
+    held, seen = cut[cut["setting"] == "heldout"], cut[cut["setting"] == "seen"]
+    assert all(list(r) == [1.0, 3.0] for r in held["text_nll"]) and all(list(r) == [4, 6] for r in held["text_tokens"])
+    assert all(list(r) == [1.0, 2.0, 3.0] for r in seen["text_nll"])
