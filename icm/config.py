@@ -121,7 +121,9 @@ class ModelConfig(StageConfig):
         "Model cache; None uses $ICM_CACHE_DIR or ~/.cache/icm-ray."))
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="Weights dtype; bfloat16 on GPUs, float32 on CPU.")
-    max_length: int = Field(256, ge=8, description="Token limit per text for training and eval.")
+    max_length: int = Field(256, ge=8, description=(
+        "Token limit per text of the base_eval stage (the zoo uses zoo.seq_len, evaluate and Tune "
+        "evaluate.max_length, the LM objective generator.lm_seq_len)."))
 
 
 class SuiteConfig(StageConfig):

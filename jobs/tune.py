@@ -215,6 +215,23 @@ def validation_texts(task, count: int) -> list[str]:
     return task.train_texts()[-count:]
 
 
+def check_selection_tasks(cfg: PipelineConfig, val_tasks) -> None:
+    """Perplexity-based selection needs validation tasks: whole tasks no candidate trained on.
+    Without them it would score training tasks on their own train texts (seen data)."""
+    if val_tasks:
+        return
+    if end_to_end := objectives_searched(cfg):
+        raise InputError(f"tune.objectives {end_to_end} are compared on validation "
+                         "tasks that the LM loss never trains on, and generator.val_tasks is 0. "
+                         "Fix: set generator.val_tasks >= 1, or tune.objectives=[reconstruction] "
+                         "with generator.objective=reconstruction.")
+    if cfg.tune.rescore_top:
+        raise InputError(f"tune.rescore_top={cfg.tune.rescore_top} re-scores the best trials by "
+                         "perplexity on validation tasks, and generator.val_tasks is 0: it would "
+                         "score training tasks on texts every candidate trained on. Fix: set "
+                         "generator.val_tasks >= 1, or tune.rescore_top=0 (select by val_mse).")
+
+
 def validation_conditions(cfg: PipelineConfig, tasks: list[str]) -> dict[str, Any]:
     """Each validation task's mean 'both' task vector (D,): what the evaluation's `generated`
     variant and a request with a description and examples condition on. (Not
@@ -233,7 +250,7 @@ class ValidationScorer:
     task's `validation_texts`."""
 
     def __init__(self, cfg: PipelineConfig, suite: Suite, data: PreparedData):
-        self.tasks = list(data.split.val_tasks) or list(data.split.train_tasks[:2])
+        self.tasks = list(data.split.val_tasks)  # never empty: check_selection_tasks
         self.texts = {t: validation_texts(suite.tasks[t], cfg.tune.rescore_max_texts) for t in self.tasks}
         self.conditions = validation_conditions(cfg, self.tasks)
         self.model_cfg = cfg.model
@@ -402,11 +419,7 @@ def run(cfg: PipelineConfig, suite: Suite, *, inputs: GeneratorInputs | None = N
     split = {"train_tasks": list(data.split.train_tasks), "val_tasks": list(data.split.val_tasks),
              "val_snapshots_per_task": data.split.val_snapshots, "heldout_excluded": list(suite.heldout)}
     end_to_end = objectives_searched(cfg)
-    if end_to_end and not data.split.val_tasks:
-        raise InputError(f"tune.objectives {end_to_end} are compared on validation "
-                         "tasks that the LM loss never trains on, and generator.val_tasks is 0. "
-                         "Fix: set generator.val_tasks >= 1, or tune.objectives=[reconstruction] "
-                         "with generator.objective=reconstruction.")
+    check_selection_tasks(cfg, data.split.val_tasks)
     started = current.begin(cfg)
     write_json_atomic(current.directory / "split.json", split)
     log.info("tune: %d trials over %s; train tasks %s, validation tasks %s", cfg.tune.num_samples,
@@ -415,7 +428,7 @@ def run(cfg: PipelineConfig, suite: Suite, *, inputs: GeneratorInputs | None = N
     rows = trial_rows(search(cfg, data, cfg.storage.uri("tune", RAY_DIR), current.fingerprint))
     finite = [r for r in rows if math.isfinite(r["val_mse"])]  # diverged trials are not candidates
     top = max(cfg.tune.rescore_top, 1 if end_to_end else 0)  # the objectives compare by perplexity
-    scorer = ValidationScorer(cfg, suite, data)
+    scorer = ValidationScorer(cfg, suite, data) if top else None  # top > 0: validation tasks exist
     rescored = rescore(scorer, data, cfg.generator, finite[:top]) if top else []
     if end_to_end:
         start = min(rescored, key=lambda r: r["mean_log_perplexity"])

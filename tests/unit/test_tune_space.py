@@ -85,3 +85,21 @@ def test_tune_scores_a_validation_task_on_its_mean_both_vector(tmp_path, monkeyp
     perplexity = scorer.generator_perplexities(generator)
     assert list(perplexity) == ["sums"] and perplexity["sums"] > 1
     np.testing.assert_allclose(seen[0], np.full(16, 102.5))  # sums' 'both' mean, not the blend (39.2)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["tune.objectives=[reconstruction,hybrid]"], "tune.objectives.*generator.val_tasks is 0"),
+    (["tune.rescore_top=2"], "tune.rescore_top=2.*generator.val_tasks is 0.*rescore_top=0"),
+])
+def test_perplexity_selection_without_validation_tasks_is_refused(overrides, message):
+    """Without validation tasks the re-scoring fell back to two training tasks' own train texts."""
+    import jobs  # noqa: F401  (the presets)
+    from icm.config import load_config
+    from icm.errors import InputError
+    from jobs.tune import check_selection_tasks
+
+    cfg = load_config("smoke", ["generator.val_tasks=0", "tune.rescore_top=0", *overrides])
+    with pytest.raises(InputError, match=message):
+        check_selection_tasks(cfg, ())
+    check_selection_tasks(cfg, ("cats",))  # with a validation task: fine
+    check_selection_tasks(load_config("smoke", ["generator.val_tasks=0", "tune.rescore_top=0"]), ())
