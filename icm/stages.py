@@ -117,16 +117,21 @@ def push_local(config: PipelineConfig, path: Path, *, last: Sequence[str] = ()) 
         storage.copy_file(path, target)
 
 
-def pull_local(config: PipelineConfig, path: Path, *, last: Sequence[str] = ()) -> None:
-    """Fetch a file or folder from under a URI root into the same place in this node's mirror,
-    keeping local files of the same size (write-once outputs); no-op for local roots."""
+def pull_local(config: PipelineConfig, path: Path, *, last: Sequence[str] = (),
+               write_once: bool = False) -> None:
+    """Fetch a file or folder from under a URI root into the same place in this node's mirror;
+    no-op for local roots. Every file is fetched: a rerun rewrites outputs in place (a
+    retrained generator's weights have the old file's size, and keeping local files of the
+    same size made the driver push the old weights back over the new ones). ``write_once``
+    (snapshots, a zoo's layout: never rewritten under the same name) keeps local files of the
+    remote's size instead, to save the download."""
     s = config.storage
     if not s.is_remote:
         return
     source = s.uri(*Path(path).relative_to(s.path()).parts)
     if storage.list_files(source):
-        storage.pull_dir(source, path, last=last, keep_same_size=True)
-    elif not Path(path).is_file() and storage.exists(source):
+        storage.pull_dir(source, path, last=last, keep_same_size=write_once)
+    elif (not write_once or not Path(path).is_file()) and storage.exists(source):
         storage.copy_file(source, path)
 
 

@@ -111,7 +111,7 @@ def run(cfg: PipelineConfig, suite: Suite, *, inputs: GeneratorInputs | None = N
     if end_to_end:
         from jobs.generator_lm import finetune
 
-        pull_local(cfg, start)
+        pull_local(cfg, start)  # rewritten when the fingerprint changes
         summary = finetune(cfg, gen_cfg, suite, start, current.fingerprint)
     pull_local(cfg, current.directory)  # a URI root: the task may have run on another node
     return current.finish(started, {"generator": str(Path(current.directory).resolve()),

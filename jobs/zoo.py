@@ -168,7 +168,7 @@ def train_func(loop: dict) -> list[dict]:
     if not on_gpu:
         skip_deepspeed_shm_build()
     deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
-    pull_local(cfg, Path(loop["zoo_root"]) / LAYOUT_FILE)  # a URI root: maybe another node
+    pull_local(cfg, Path(loop["zoo_root"]) / LAYOUT_FILE, write_once=True)  # a URI root: maybe another node
     layout = LoraLayout.load(Path(loop["zoo_root"]) / LAYOUT_FILE)
     restored = _restored_task()
     summaries = []
@@ -431,7 +431,9 @@ def _run_trainers(cfg: PipelineConfig, stage_name: str, root: Path, jobs: list[L
                  len(result["summaries"]), result["wall_seconds"])
         for summary in result["summaries"]:
             name = summary["task"]
-            pull_local(cfg, task_dir(root, name), last=(SNAPSHOT_FILE, TASK_DONE_FILE))  # other nodes
+            # Trained on another node; every file fetched: a retrained task rewrites its
+            # snapshots under the same names and sizes.
+            pull_local(cfg, task_dir(root, name), last=(SNAPSHOT_FILE, TASK_DONE_FILE))
             finished += 1
             log.info("%s %d/%d %-24s base ppl %.2f -> LoRA %.2f  (%.0f tok/s, %.0f s)", stage_name,
                      finished, len(jobs), name, summary["base_ppl"], summary["lora_ppl"],

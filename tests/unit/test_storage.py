@@ -122,6 +122,32 @@ def test_worker_outputs_move_with_push_local_and_pull_local(tmp_path):
     assert reader.storage.path("zoo", "lora_layout.json").read_text() == "{}"
 
 
+def test_a_retrained_generator_of_the_same_size_replaces_the_drivers_old_copy(tmp_path):
+    """Multi-node URI root: the driver's mirror holds run 1's generator, a task on another node
+    pushes run 2's (same architecture: the same file size). The driver's pull must take run 2's,
+    or Stage.finish pushes the old weights back over the new ones (as it did)."""
+    driver, task = _config(tmp_path, "driver"), _config(tmp_path, "task-node")
+    current = stage(driver, "generator", "run-2", sections=("model",))
+    started = current.begin(driver)
+    (current.directory / "generator.safetensors").write_bytes(b"A" * 8)  # run 1's weights
+    written = task.storage.path("generator")
+    written.mkdir(parents=True, exist_ok=True)
+    (written / "generator.safetensors").write_bytes(b"B" * 8)  # run 2's, on the other node
+    push_local(task, written)
+    pull_local(driver, current.directory)  # what jobs/generator.py does
+    current.finish(started, {})
+    assert (tmp_path / "remote" / "generator" / "generator.safetensors").read_bytes() == b"B" * 8
+    assert (current.directory / "generator.safetensors").read_bytes() == b"B" * 8
+    (current.directory / "task.json").write_text('{"fingerprint": "old"}')  # one rewritten file
+    storage.write_json(storage.join(driver.storage.uri("generator"), "task.json"), {"fingerprint": "new"})
+    pull_local(driver, current.directory / "task.json")
+    assert json.loads((current.directory / "task.json").read_text()) == {"fingerprint": "new"}
+    (current.directory / "snapshot.bin").write_bytes(b"C" * 8)
+    storage.write_bytes(storage.join(driver.storage.uri("generator"), "snapshot.bin"), b"D" * 8)
+    pull_local(driver, current.directory, write_once=True)  # same size: not fetched again
+    assert (current.directory / "snapshot.bin").read_bytes() == b"C" * 8
+
+
 def test_config_takes_uris_with_a_mirror_and_keeps_local_roots_local(tmp_path, monkeypatch):
     monkeypatch.setenv("ICM_CACHE_DIR", str(tmp_path / "cache"))
     cfg = load_config("smoke", ["storage.root=s3://bucket/runs/a/"])
