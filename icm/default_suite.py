@@ -24,8 +24,8 @@ Version 2 adds ten groups (113 tasks):
 
 Every text is ``min_chars..max_chars`` characters long, each task is de-duplicated, and the
 train/eval split is a seeded shuffle, so the same seed on the same package versions gives
-byte-identical output. No train split holds another task's eval text, and no training task's
-train split a held-out task's text (`leak_free_splits`; version 3). ``icm tasks build-default OUT`` calls `build_default_suite`.
+byte-identical output. A text found in more than one task stays in one of them only (the
+smallest), so no task trains on another's eval text or a held-out task's text (v3). ``icm tasks build-default OUT`` calls `build_default_suite`.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from icm.io import atomic_directory
-from icm.tasks import cross_task_leaks, write_suite_meta, write_task
+from icm.tasks import write_suite_meta, write_task
 
 DEFAULT_SUITE_VERSION = 3  # 3: no train text is another task's eval text or a held-out task's text
 SUITE_NAME = "icm-default"
@@ -1083,24 +1083,45 @@ def split_texts(texts: list[str], name: str, seed: int, max_train: int,
     return train, evaluation
 
 
-def leak_free_splits(texts: dict[str, list[str]], heldout: Iterable[str], *, seed: int,
-                     max_train: int, max_eval: int) -> dict[str, tuple[list[str], list[str]]]:
-    """Each task's (train, eval) split, with no text another task is measured on in its train.
+def shared_texts(texts: dict[str, list[str]]) -> dict[str, set[str]]:
+    """Task -> the texts it gives up because another task has them too: boilerplate (a GNU
+    licence notice in every manual, readline's chapter inside bash's manual, a quote in two
+    fortune files). Each such text stays with one task, the one with the fewest texts (it needs
+    them most; ties: the earlier in ``texts``' order), so no task can be measured on a text
+    another trains on."""
+    owners: dict[str, list[str]] = {}
+    for name, pool in texts.items():
+        for text in dict.fromkeys(pool):
+            owners.setdefault(text, []).append(name)
+    rank = {name: (len(pool), i) for i, (name, pool) in enumerate(texts.items())}
+    given_up: dict[str, set[str]] = {name: set() for name in texts}
+    for text, names in owners.items():
+        keeper = min(names, key=rank.__getitem__)
+        for name in names:
+            if name != keeper:
+                given_up[name].add(text)
+    return given_up
 
-    Eval splits are exactly `split_texts`'s. A train split skips the texts `cross_task_leaks`
-    names (another task's eval text; for a training task, a held-out task's text: shared
-    boilerplate such as a GNU licence notice in two manuals) and takes the next ones of the
-    shuffle instead; a task without such texts gets `split_texts`'s train split unchanged.
+
+def leak_free_splits(texts: dict[str, list[str]], *, seed: int, max_train: int,
+                     max_eval: int) -> dict[str, tuple[list[str], list[str]]]:
+    """Each task's (train, eval) split without the texts it gives up (`shared_texts`).
+
+    Each pool is shuffled exactly as `split_texts` shuffles it, those texts are then dropped
+    and the split taken: a task that shares nothing gets `split_texts`'s split unchanged, and
+    the texts a task keeps do not depend on the seed (only their split does). So no task
+    trains on another task's eval text or on a held-out task's text
+    (`icm.tasks.cross_task_leaks` finds none).
     """
-    pools = {name: split_texts(pool, name, seed, len(pool), max_eval)  # (train: all the rest, eval)
-             for name, pool in texts.items()}
-    leaks = cross_task_leaks(pools, list(heldout))
+    given_up = shared_texts(texts)
     splits = {}
-    for name, (rest, evaluation) in pools.items():
-        train = [text for text in rest if text not in leaks.get(name, {})][:max_train]
+    for name, pool in texts.items():
+        shuffled, _ = split_texts(pool, name, seed, len(pool), 0)  # all of it, in shuffle order
+        kept = [text for text in shuffled if text not in given_up[name]]
+        evaluation, train = kept[:max_eval], kept[max_eval:max_eval + max_train]
         if not train:
-            raise RuntimeError(f"task {name!r} has no train text left that no other task "
-                               "is measured on.")
+            raise RuntimeError(f"task {name!r} keeps {len(kept)} texts, too few "
+                               f"for {max_eval} eval texts plus a train split.")
         splits[name] = (train, evaluation)
     return splits
 
@@ -1115,8 +1136,7 @@ def build_default_suite(out_dir: str | Path, *, seed: int = 0, max_train: int = 
         raise ValueError(f"need 0 < min_chars <= max_chars, got {min_chars}, {max_chars}")
     out_dir = Path(out_dir)
     texts = {spec.name: task_texts(spec, min_chars, max_chars) for spec in TASKS}
-    splits = leak_free_splits(texts, heldout_names(), seed=seed, max_train=max_train,
-                              max_eval=max_eval)
+    splits = leak_free_splits(texts, seed=seed, max_train=max_train, max_eval=max_eval)
     with atomic_directory(out_dir) as staging:
         for spec in TASKS:
             train, evaluation = splits[spec.name]

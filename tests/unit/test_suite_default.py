@@ -27,22 +27,24 @@ def test_cli_validate_reports_a_broken_suite(tiny_suite):
 
 
 
-def test_leak_free_splits_skip_what_another_task_is_measured_on_and_refill():
-    from icm.default_suite import leak_free_splits, split_texts
 
-    def rest_and_eval(pool, name):  # split_texts with every text past eval in train
-        return split_texts(pool, name, 0, len(pool), 3)
+def test_a_text_in_two_tasks_stays_with_the_smaller_and_no_split_leaks():
+    from icm.default_suite import leak_free_splits, shared_texts, split_texts
+    from icm.tasks import cross_task_leaks
 
-    b, held = [f"b{i}" for i in range(12)], [f"h{i}" for i in range(12)]
-    b_eval, held_train = rest_and_eval(b, "b")[1][0], rest_and_eval(held, "held")[0][0]
-    a = [f"a{i}" for i in range(41)] + [b_eval, held_train]
-    a_rest, a_eval = rest_and_eval(a, "a")
-    assert {b_eval, held_train} <= set(a_rest)  # both fell into a's train side of the shuffle
-    held.append(a_eval[0])  # the held-out task's oracle would train on a's eval text
-    pools = {"a": a, "b": b, "held": held}
-    for max_train in (20, 5):  # all the rest / a cut refilled past the skipped texts
-        splits = leak_free_splits(pools, ["held"], seed=0, max_train=max_train, max_eval=3)
-        assert all(splits[n][1] == rest_and_eval(pool, n)[1] for n, pool in pools.items())  # eval kept
-        assert splits["a"][0] == [t for t in a_rest if t not in (b_eval, held_train)][:max_train]
-        assert a_eval[0] not in splits["held"][0] and len(splits["held"][0]) == min(max_train, 9)
-        assert splits["b"][0] == rest_and_eval(b, "b")[0][:max_train]  # no leak: untouched
+    pools = {"big": [f"g{i}" for i in range(30)] + ["notice", "quote"],
+             "small": [f"s{i}" for i in range(12)] + ["notice", "tie"],
+             "other": [f"o{i}" for i in range(12)] + ["quote", "tie"]}  # as large as small
+    # Each shared text stays with the task with the fewest texts; a tie goes to the earlier.
+    assert shared_texts(pools) == {"big": {"notice", "quote"}, "small": set(), "other": {"tie"}}
+    for seed in (0, 1):
+        splits = leak_free_splits(pools, seed=seed, max_train=400, max_eval=3)
+        for name in ("small",):  # gives nothing up: exactly split_texts's split
+            assert splits[name] == split_texts(pools[name], name, seed, 400, 3)
+        shuffled = split_texts(pools["big"], "big", seed, 400, 0)[0]
+        kept = [t for t in shuffled if t not in ("notice", "quote")]
+        assert splits["big"] == (kept[3:], kept[:3])  # the shuffle's order, the shared texts out
+        assert {n: set(tr + ev) for n, (tr, ev) in splits.items()} == {
+            "big": set(pools["big"]) - {"notice", "quote"}, "small": set(pools["small"]),
+            "other": set(pools["other"]) - {"tie"}}  # what a task keeps: not the seed's choice
+        assert cross_task_leaks(splits, heldout=["small"]) == {}
