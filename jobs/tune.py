@@ -232,27 +232,24 @@ def check_selection_tasks(cfg: PipelineConfig, val_tasks) -> None:
                          "generator.val_tasks >= 1, or tune.rescore_top=0 (select by val_mse).")
 
 
-def validation_conditions(cfg: PipelineConfig, tasks: list[str]) -> dict[str, Any]:
-    """Each validation task's mean 'both' task vector (D,): what the evaluation's `generated`
-    variant and a request with a description and examples condition on. (Not
-    `PreparedData.task_means`, the mean over every mode's episodes together: no reported number
-    conditions on that blend, so selecting by it picked the best trial for an unused input.)"""
-    from icm.task_vectors import load_task_means
-
-    g = cfg.generator
-    return load_task_means(cfg.storage.path("task_vectors"), mode="both", layer=g.condition_layer,
-                           pooling=g.condition_pooling, tasks=tasks)
-
-
 class ValidationScorer:
     """Model selection's one yardstick: the eval perplexity (base model + adapter) of the z = 0
     adapter a candidate generates for each validation task from its mean 'both' vector, on that
     task's `validation_texts`."""
 
-    def __init__(self, cfg: PipelineConfig, suite: Suite, data: PreparedData):
+    def __init__(self, cfg: PipelineConfig, suite: Suite, data: PreparedData,
+                 both_means: dict[str, Any]):
         self.tasks = list(data.split.val_tasks)  # never empty: check_selection_tasks
         self.texts = {t: validation_texts(suite.tasks[t], cfg.tune.rescore_max_texts) for t in self.tasks}
-        self.conditions = validation_conditions(cfg, self.tasks)
+        if missing := [t for t in self.tasks if t not in both_means]:
+            raise InputError(f"no mean 'both' task vector for validation task(s) {missing}: Tune "
+                             "scores candidates as the evaluation does, on that vector. Fix: "
+                             "include 'both' in task_vectors.modes and rerun the task-vector stage.")
+        # Each task's mean 'both' vector (D,): what the evaluation's `generated` variant and a
+        # request with a description and examples condition on. (Not PreparedData.task_means,
+        # the mean over every mode's episodes together: no reported number conditions on that
+        # blend, so selecting by it picked the best trial for an unused input.)
+        self.conditions = {t: both_means[t] for t in self.tasks}
         self.model_cfg = cfg.model
         self.max_length, self.batch_size = cfg.evaluate.max_length, cfg.evaluate.batch_size
 
@@ -428,7 +425,7 @@ def run(cfg: PipelineConfig, suite: Suite, *, inputs: GeneratorInputs | None = N
     rows = trial_rows(search(cfg, data, cfg.storage.uri("tune", RAY_DIR), current.fingerprint))
     finite = [r for r in rows if math.isfinite(r["val_mse"])]  # diverged trials are not candidates
     top = max(cfg.tune.rescore_top, 1 if end_to_end else 0)  # the objectives compare by perplexity
-    scorer = ValidationScorer(cfg, suite, data) if top else None  # top > 0: validation tasks exist
+    scorer = ValidationScorer(cfg, suite, data, inputs.both_means) if top else None  # top > 0: val tasks
     rescored = rescore(scorer, data, cfg.generator, finite[:top]) if top else []
     if end_to_end:
         start = min(rescored, key=lambda r: r["mean_log_perplexity"])

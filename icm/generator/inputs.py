@@ -208,6 +208,9 @@ class GeneratorInputs:
     conditions: dict[str, np.ndarray]  # task -> (E, D); training tasks of the zoo only
     condition_spec: dict[str, Any]
     init_state: dict[str, torch.Tensor] | None  # the zoo's initial adapter (target "b")
+    # task -> (D,) mean 'both' episode vector: what evaluation and requests condition on, so what
+    # model selection scores with (empty when the task-vector stage has no 'both' mode)
+    both_means: dict[str, np.ndarray] = field(default_factory=dict)
 
     def fingerprint(self) -> str:
         import hashlib
@@ -274,7 +277,25 @@ def load_generator_inputs(cfg: PipelineConfig, suite, *,
         raise ZooInputError(f"the zoo at {zoo.root} does not fit model.spec={cfg.model.spec!r} with "
                             f"these zoo settings: {diff}. Fix: retrain the zoo.")
     conditions = load_task_conditions(cfg, sorted(zoo.vectors), load_conditions=load_conditions)
-    return GeneratorInputs(zoo, conditions, condition_spec_of(cfg), init_state)
+    return GeneratorInputs(zoo, conditions, condition_spec_of(cfg), init_state,
+                           load_both_means(cfg, sorted(zoo.vectors), load_conditions=load_conditions))
+
+
+def load_both_means(cfg: PipelineConfig, tasks: Sequence[str], *,
+                    load_conditions: Callable[..., Mapping[str, Any]] | None = None
+                    ) -> dict[str, np.ndarray]:
+    """Task -> (D,) mean of its 'both' episode vectors at the generator's layer and pooling
+    ({} when the stage computed no 'both' mode)."""
+    from icm.task_vectors import TaskVectorInputError
+
+    g = cfg.generator
+    try:
+        episodes = (load_conditions or _task_vector_loader)(
+            cfg.storage.path("task_vectors"), mode="both", layer=g.condition_layer,
+            pooling=g.condition_pooling, tasks=sorted(tasks))
+    except TaskVectorInputError:
+        return {}
+    return {t: np.asarray(v, dtype=np.float32).reshape(-1, v.shape[-1]).mean(0) for t, v in episodes.items()}
 
 
 def load_task_conditions(cfg: PipelineConfig, tasks: Sequence[str], *,

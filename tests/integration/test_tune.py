@@ -1,6 +1,6 @@
 """Generator jobs on a real local Ray: a 2-trial ASHA + Optuna Tune search, resume, the final
 generator as a Ray task, and bad input. The zoo is real peft files (tiny-llama); the task vectors
-are synthetic, handed in through ``inputs`` (their own job is tested in test_task_vectors_job)."""
+are synthetic, written as the task-vector stage's files (its job is tested in test_task_vectors_job)."""
 
 from __future__ import annotations
 
@@ -52,7 +52,15 @@ def workspace(tmp_path_factory):
     cwd = os.getcwd()
     os.chdir(base)
     cfg = load_config("smoke", ["storage.root=run", f"suite.path={base / 'suite'}", *OVERRIDES])
-    inputs = load_generator_inputs(cfg, suite, load_conditions=lambda _dir, **kw: conditions)
+    # The synthetic vectors as a task-vector stage's files (every mode alike), so every reader
+    # (Tune's scorer, the LM fine-tune's workers) finds them where a real run leaves them.
+    rows = [{"task": task, "mode": mode, "layer": cfg.generator.condition_layer,
+             "pooling": cfg.generator.condition_pooling, "episode": episode, "vector": vector}
+            for task, vectors in conditions.items() for mode in ("description", "demos", "both")
+            for episode, vector in enumerate(vectors)]
+    (base / "run" / "task_vectors" / "vectors").mkdir(parents=True)
+    pd.DataFrame(rows).to_parquet(base / "run" / "task_vectors" / "vectors" / "part-0.parquet")
+    inputs = load_generator_inputs(cfg, suite)
     yield cfg, suite, inputs
     os.chdir(cwd)
 

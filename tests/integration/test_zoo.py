@@ -186,6 +186,7 @@ def test_kill_and_resume_loses_and_duplicates_nothing_and_is_bit_identical(tmp_p
     resumed_vectors = _snapshot_vectors(tasks / resumed)
     shutil.rmtree(tasks / resumed)
     shutil.rmtree(tmp_path / "run/zoo/ray")  # Ray Train's checkpoints: no resume, a fresh start
+    (tmp_path / "run/zoo/stage.json").unlink()  # the stage is no longer complete
     fresh = _zoo(suite, tmp_path / "run", *args)
     assert fresh.returncode == 0 and "2 already done" in fresh.stderr, fresh.stderr[-5000:]
     fresh_vectors = _snapshot_vectors(tasks / resumed)

@@ -8,6 +8,7 @@ import optuna
 import pytest
 
 from icm.config import GeneratorConfig
+from icm.errors import InputError
 from icm.generator.archs import ARCHITECTURES
 from jobs.tune import default_point, search_space, trial_config
 
@@ -41,10 +42,12 @@ def test_the_configured_hyper_generator_is_the_first_trial_of_a_mixed_search():
 
 
 
+
 def test_tune_scores_a_validation_task_on_its_mean_both_vector(tmp_path, monkeypatch):
     """Model selection conditions the generator as the evaluation's `generated` variant does (the
-    task's mean 'both' vector), not on the mean over every mode's episodes, which nothing reports
-    (a real generator on a tiny-llama zoo, scored for real)."""
+    task's mean 'both' vector, read with the generator's inputs from the task-vector stage), not
+    on the mean over every mode's episodes, which nothing reports (a real generator on a
+    tiny-llama zoo, scored for real)."""
     from types import SimpleNamespace
 
     import numpy as np
@@ -53,9 +56,7 @@ def test_tune_scores_a_validation_task_on_its_mean_both_vector(tmp_path, monkeyp
     from icm.config import PipelineConfig
     from icm.generator import fit_generator
     from icm.generator.data import prepare_data
-    from icm.generator.inputs import initial_lora_state, load_zoo
-    from icm.task_vector_report import compute_task_means
-    from icm.task_vectors import MEANS_FILE
+    from icm.generator.inputs import initial_lora_state, load_both_means, load_zoo
     from icm.tasks import load_suite
     from jobs.tune import ValidationScorer
     from tests.conftest import make_suite
@@ -69,22 +70,25 @@ def test_tune_scores_a_validation_task_on_its_mean_both_vector(tmp_path, monkeyp
                         validation=False, init_state=init_state)
     generator = fit_generator(data, gen_cfg)
     offsets = {"description": 0.0, "demos": 10.0, "both": 100.0}  # the modes differ
-    rows = [{"task": task, "group": "g", "heldout": False, "mode": mode, "layer": -1,
-             "pooling": "mean", "vector": np.full(16, offsets[mode] + i + episode, np.float32)}
+    rows = [{"task": task, "group": "g", "heldout": False, "mode": mode, "layer": -1, "pooling": "mean",
+             "episode": episode, "vector": np.full(16, offsets[mode] + i + episode, np.float32)}
             for i, task in enumerate(tasks) for mode in offsets for episode in (0, 1)]
-    stage = tmp_path / "run" / "task_vectors"
-    (stage / "vectors").mkdir(parents=True)
-    pd.DataFrame(rows).to_parquet(stage / "vectors" / "part-0.parquet")
-    compute_task_means(stage / "vectors").to_parquet(stage / MEANS_FILE)
+    (tmp_path / "run" / "task_vectors" / "vectors").mkdir(parents=True)
+    pd.DataFrame(rows).to_parquet(tmp_path / "run" / "task_vectors" / "vectors" / "part-0.parquet")
     cfg = PipelineConfig.model_validate({"storage": {"root": str(tmp_path / "run")},
                                          "model": {"spec": "tiny-llama"}})
+    both_means = load_both_means(cfg, tasks)
+    np.testing.assert_allclose(both_means["sums"], np.full(16, 102.5))  # 'both', episodes 0 and 1
     split = SimpleNamespace(val_tasks=("sums",), train_tasks=("cats", "code"))
-    scorer = ValidationScorer(cfg, load_suite(make_suite(tmp_path / "suite")), SimpleNamespace(split=split))
+    suite = load_suite(make_suite(tmp_path / "suite"))
+    scorer = ValidationScorer(cfg, suite, SimpleNamespace(split=split), both_means)
     seen, sample = [], generator.sample
     monkeypatch.setattr(generator, "sample", lambda c, **kw: seen.append(np.asarray(c)) or sample(c, **kw))
     perplexity = scorer.generator_perplexities(generator)
     assert list(perplexity) == ["sums"] and perplexity["sums"] > 1
-    np.testing.assert_allclose(seen[0], np.full(16, 102.5))  # sums' 'both' mean, not the blend (39.2)
+    np.testing.assert_allclose(seen[0], np.full(16, 102.5))  # not the blend of the three modes (39.2)
+    with pytest.raises(InputError, match=r"no mean 'both' task vector.*\['sums'\].*task_vectors.modes"):
+        ValidationScorer(cfg, suite, SimpleNamespace(split=split), {})
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -95,7 +99,6 @@ def test_perplexity_selection_without_validation_tasks_is_refused(overrides, mes
     """Without validation tasks the re-scoring fell back to two training tasks' own train texts."""
     import jobs  # noqa: F401  (the presets)
     from icm.config import load_config
-    from icm.errors import InputError
     from jobs.tune import check_selection_tasks
 
     cfg = load_config("smoke", ["generator.val_tasks=0", "tune.rescore_top=0", *overrides])
