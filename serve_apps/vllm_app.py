@@ -30,8 +30,8 @@ from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionReq
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from icm.errors import InputError
-from icm.serving import (ADAPTER_ID_PATTERN, AdapterRequest, AdapterResponse, ServeInputError,
-                         check_output_limits, check_prompts, parse_model)
+from icm.serving import (ADAPTER_ID_PATTERN, AdapterRequest, AdapterResponse, PromptBuilder,
+                         ServeInputError, check_output_limits, check_prompts, parse_model)
 from serve_apps.lora_generator import (ARCHIVE_RESPONSES, ERRORS, AdapterFront, GeneratorAppArgs,
                                        _http_error, _input_error, _overloaded, _retrying,
                                        _unavailable, _validation_error)
@@ -113,10 +113,14 @@ class IcmOpenAiIngress(OpenAiIngress):
 
     def __init__(self, llm_deployments: dict[str, DeploymentHandle], model_cards: dict, *,
                  lora_paths: dict[str, str], generator: DeploymentHandle, args: dict):
+        from icm.models import load_tokenizer
+
         super().__init__(llm_deployments, model_cards, lora_paths=lora_paths)
         self.args = GeneratorAppArgs.model_validate(args)
         self.model_id = next(iter(model_cards))
         self.adapters = AdapterFront(generator, self.args, f"{self.model_id}:")
+        self.prompts = PromptBuilder(load_tokenizer(self.adapters.base_model,
+                                                    cache_dir=self.args.cache_dir), self.args.limits)
 
     async def create_adapter(self, request: AdapterRequest) -> AdapterResponse:
         return await self.adapters.create(request)
@@ -129,11 +133,20 @@ class IcmOpenAiIngress(OpenAiIngress):
 
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
         self._check_model(body.model)
-        prompts = 1
+        limits, update = self.args.limits, {}
         if isinstance(body.prompt, str) or (isinstance(body.prompt, list) and body.prompt
                                             and isinstance(body.prompt[0], str)):
-            prompts = len(check_prompts(body.prompt, self.args.limits))  # text, not token ids
-        check_output_limits(body.max_tokens, body.n, self.args.limits, prompts=prompts)
+            # Text is read after the text-start token, as in zoo training, evaluation and the
+            # hf engine (vLLM's tokenizer adds none for SmolLM2): token ids go to the engine.
+            ids = [self.prompts.completion(text) for text in check_prompts(body.prompt, limits)]
+            update["prompt"] = ids[0] if isinstance(body.prompt, str) else ids
+            prompts = len(ids)
+        else:  # token ids, as given: one list of ints or a list of them
+            prompts = len(body.prompt) if body.prompt and isinstance(body.prompt[0], list) else 1
+        check_output_limits(body.max_tokens, body.n, limits, prompts=prompts)
+        if body.max_tokens is None:  # vLLM would run to the context length
+            update["max_tokens"] = limits.max_tokens
+        body = body.model_copy(update=update)
         engine_call = super().completions
         return await _retrying(lambda: engine_call(body, request))
 
@@ -143,6 +156,8 @@ class IcmOpenAiIngress(OpenAiIngress):
             raise ServeInputError(f"'messages' has {len(body.messages)} entries; at most "
                                   f"{self.args.limits.max_messages}.", param="messages")
         check_output_limits(body.max_completion_tokens or body.max_tokens, body.n, self.args.limits)
+        if body.max_completion_tokens is None and body.max_tokens is None:  # vLLM's default: none
+            body = body.model_copy(update={"max_completion_tokens": self.args.limits.max_tokens})
         engine_call = super().chat
         return await _retrying(lambda: engine_call(body, request))
 

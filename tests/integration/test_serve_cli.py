@@ -139,15 +139,16 @@ def test_icm_serve_answers_behind_haproxy_with_an_adapter_from_a_description(icm
 
 
 def _hf_greedy(folder, prompt: str, max_tokens: int) -> str:
-    """Hugging Face + peft on the adapter folder, greedy, with vLLM's prompt tokenisation."""
+    """Hugging Face + peft on the adapter folder, greedy, the prompt read after the text-start
+    token as in zoo training and evaluation (what both engines must send)."""
     import torch
     from peft import PeftModel
 
-    from icm.models import load_base_model
+    from icm.models import load_base_model, text_start_token_id
 
     model, tokenizer = load_base_model(SMOLLM2)
     peft_model = PeftModel.from_pretrained(model, str(folder)).eval()
-    ids = torch.tensor([tokenizer(prompt)["input_ids"]])
+    ids = torch.tensor([[text_start_token_id(tokenizer), *tokenizer(prompt, add_special_tokens=False)["input_ids"]]])
     with torch.inference_mode():
         out = peft_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
                                   do_sample=False, pad_token_id=tokenizer.pad_token_id)
@@ -169,6 +170,7 @@ def test_generated_adapter_completes_through_vllm_like_hf_peft(served):
     # The same adapter folder in HF + peft: the same greedy tokens (both float32 on CPU; a
     # difference would have to come from a tie between two logits).
     assert served_text == _hf_greedy(served.adapter_dir / adapter["adapter_id"], "The cat", 12)
+    assert result.usage.prompt_tokens == 3  # <|endoftext|> The cat, as the hf engine counts it
 
 
 @needs_vllm
@@ -202,6 +204,18 @@ def test_limits_are_checked_before_the_engine(served):
     response = served.post("/v1/completions", {"model": served.base_model, "prompt": "Hi",
                                                "max_tokens": too_many})
     assert response.status_code == 400 and response.json()["error"]["param"] == "max_tokens"
+    token_prompts = served.post("/v1/completions", {"model": served.base_model, "prompt": [[504, 2644]] * 5,
+                                                    "max_tokens": 2})  # 5 prompts > max_choices 4
+    assert token_prompts.status_code == 400 and token_prompts.json()["error"]["param"] == "n"
+    # Without max_tokens vLLM would generate to the context length: the limit (256) applies.
+    chat = _client(served).chat.completions.create(
+        model=served.base_model, messages=[{"role": "user", "content": "Count from 1 to 1000."}],
+        temperature=0)
+    assert chat.usage.completion_tokens <= 256
+    for max_tokens in ({}, {"max_tokens": None}):
+        plain = served.post("/v1/completions", {"model": served.base_model, "prompt": "1, 2, 3,",
+                                                **max_tokens, "temperature": 0})
+        assert plain.status_code == 200 and plain.json()["usage"]["completion_tokens"] <= 256, plain.text
 
 
 @needs_vllm
