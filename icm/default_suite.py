@@ -25,7 +25,8 @@ Version 2 adds ten groups (113 tasks):
 Every text is ``min_chars..max_chars`` characters long, each task is de-duplicated, and the
 train/eval split is a seeded shuffle, so the same seed on the same package versions gives
 byte-identical output. A text found in more than one task stays in one of them only (the
-smallest), so no task trains on another's eval text or a held-out task's text (v3). ``icm tasks build-default OUT`` calls `build_default_suite`.
+smallest), so no task trains on another's eval text or a held-out task's text (version 3).
+``icm tasks build-default OUT`` calls `build_default_suite`.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ from pathlib import Path
 from icm.io import atomic_directory
 from icm.tasks import write_suite_meta, write_task
 
-DEFAULT_SUITE_VERSION = 3  # 3: no train text is another task's eval text or a held-out task's text
+DEFAULT_SUITE_VERSION = 3  # 3: a text found in several tasks stays with one (no leak)
 SUITE_NAME = "icm-default"
 
 FORTUNES_DIR = Path("/usr/share/games/fortunes")

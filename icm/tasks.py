@@ -310,8 +310,9 @@ def cross_task_leaks(splits: Mapping[str, tuple[Sequence[str], Sequence[str]]],
     task's eval text (scored as unseen or as the other task's own text), or when a training task
     holds a text of a held-out task (no training input may contain a held-out task's text).
     Returns {task: {leaking train text: the other task it belongs to}}; tasks without leaks are
-    left out. One rule for the default-suite builder (which drops them) and `validate_suite`
-    (which refuses them): shared boilerplate (licence notices, quotes in two collections).
+    left out. `validate_suite` refuses any (they come from shared boilerplate: licence notices,
+    a quote in two collections); the default-suite builder keeps each shared text in one task,
+    so it has none.
     """
     owners: dict[str, set[str]] = {}  # text -> the tasks it must not be trained on for
     for name, (train, evaluation) in splits.items():
