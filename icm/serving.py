@@ -290,6 +290,32 @@ def generator_fingerprint(generator_dir: str | os.PathLike) -> str:
     return sha256_json({str(p.relative_to(root)): sha256_file(p) for p in files})
 
 
+PINNED_GENERATORS_DIR = ".generators"  # under the adapter store: never an adapter id
+
+
+def pin_generator(generator_dir: str | os.PathLike, adapter_dir: str | os.PathLike) -> Path:
+    """An immutable copy of a generator artifact, ``<adapter_dir>/.generators/<fingerprint>``,
+    for every replica of one app to load.
+
+    Replicas load their generator whenever they start (autoscaling, restarts); loading it from
+    the pipeline's output folder, which a rerun rewrites in place, let one app sample with a new
+    generator while its ingress still named adapters by the old one's fingerprint. The copy is
+    named by its own content, so a rerun of the app with an unchanged generator reuses it.
+    """
+    import shutil
+
+    adapter_dir = Path(adapter_dir).expanduser()
+    staging = adapter_dir / PINNED_GENERATORS_DIR / f".copy-{os.getpid()}-{os.urandom(4).hex()}"
+    shutil.copytree(Path(generator_dir).expanduser(), staging)
+    try:
+        pinned = staging.parent / generator_fingerprint(staging)[:32]
+        if not pinned.is_dir():
+            os.replace(staging, pinned)  # same folder: atomic; a racing twin lands the same bytes
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return pinned
+
+
 def adapter_id_for(spec: AdapterSpec, fingerprint: str) -> str:
     """The adapter id of a request: content hash of the normalised request and the generator."""
     return sha256_json({"generator": fingerprint, **spec.as_json()})[:ADAPTER_ID_LENGTH]

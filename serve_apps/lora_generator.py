@@ -56,7 +56,7 @@ from icm.serving import (ADAPTER_ID_PATTERN, ADAPTER_MODEL_PREFIX, GENERATION_RE
                          ServeLimits, Usage, adapter_id_for,
                          check_adapter_request, check_messages, check_prompts, check_sampling,
                          completion_id, error_body, generator_fingerprint, now,
-                         pack_adapter, parse_model, publish_adapter)
+                         pack_adapter, parse_model, pin_generator, publish_adapter)
 from serve_apps.serve_env import DEFAULT_SERVE_CONFIG as DEFAULT_CONFIG
 from serve_apps.vllm_args import VllmArgs
 from serve_apps.serve_env import HF_SERVE_CONFIG, SERVE_INGRESS_ENV, SERVE_LATENCY_ENV
@@ -486,6 +486,9 @@ def _build(args: GeneratorAppArgs, options: dict[str, dict[str, Any]]) -> serve.
     loaded = LoraGenerator.load(Path(args.generator_dir).expanduser().resolve())
     args = args.resolved(loaded.model_spec)
     Path(args.adapter_dir).mkdir(parents=True, exist_ok=True)
+    # Every replica loads this immutable copy, not a folder a pipeline rerun rewrites in place.
+    args = args.model_copy(update={"generator_dir": str(pin_generator(args.generator_dir,
+                                                                      args.adapter_dir))})
 
     def configured(deployment):
         return deployment.options(**options[deployment.name]) if deployment.name in options else (

@@ -306,8 +306,15 @@ def test_overload_answers_503_with_retry_after_not_a_hang(served):
 def test_health_openapi_and_prometheus_metrics(served):
     import ray
 
+    from icm.serving import PINNED_GENERATORS_DIR, generator_fingerprint
+
     health = requests.get(served.url + "/healthz", timeout=10)
     assert health.status_code == 200 and health.json()["status"] == "ok"
+    # The replicas serve a content-named copy of the generator, not the folder a rerun rewrites.
+    pinned = list((served.adapter_dir / PINNED_GENERATORS_DIR).iterdir())
+    fingerprint = generator_fingerprint(served.generator_dir)
+    assert [p.name for p in pinned] == [fingerprint[:32]]
+    assert health.json()["generator"] == fingerprint[:16]
     paths = requests.get(served.url + "/openapi.json", timeout=10).json()["paths"]
     assert {"/v1/adapters", "/v1/adapters/{adapter_id}", "/v1/completions",
             "/v1/chat/completions", "/healthz"} <= set(paths)

@@ -174,3 +174,25 @@ def test_completions_apply_the_adapter_per_call_and_decode_like_openai(engine, t
     cut = engine.generate(ids, SamplingParams(8, 0, 1, 1, (stop,), None), None)[0]
     assert stop not in cut.text and cut.finish_reason == "stop"
     assert base[0].text.startswith(cut.text)
+
+
+def test_a_served_generator_is_an_immutable_copy_named_by_its_content(tmp_path):
+    """Replicas load the pinned copy: a pipeline rerun that rewrites the generator folder in place
+    cannot reach a running app (an ingress naming adapters by the old fingerprint while a new
+    replica samples with the new generator)."""
+    from icm.serving import PINNED_GENERATORS_DIR, generator_fingerprint, pin_generator
+
+    source, adapters = tmp_path / "generator", tmp_path / "adapters"
+    source.mkdir()
+    (source / "generator.safetensors").write_bytes(b"A" * 8)
+    (source / "generator.json").write_text("{}")
+    pinned = pin_generator(source, adapters)
+    assert pinned.parent == adapters / PINNED_GENERATORS_DIR
+    assert generator_fingerprint(pinned) == generator_fingerprint(source)
+    assert pin_generator(source, adapters) == pinned  # same content: the same copy, reused
+    (source / "generator.safetensors").write_bytes(b"B" * 8)  # a rerun rewrites it in place
+    assert (pinned / "generator.safetensors").read_bytes() == b"A" * 8
+    again = pin_generator(source, adapters)
+    assert again != pinned and (again / "generator.safetensors").read_bytes() == b"B" * 8
+    assert sorted(p.name for p in (adapters / PINNED_GENERATORS_DIR).iterdir()) == sorted([pinned.name, again.name])
+    assert AdapterStore(adapters).ids() == []  # never taken for an adapter
