@@ -305,6 +305,9 @@ def pin_generator(generator_dir: str | os.PathLike, adapter_dir: str | os.PathLi
     import shutil
 
     adapter_dir = Path(adapter_dir).expanduser()
+    pinned = adapter_dir / PINNED_GENERATORS_DIR / generator_fingerprint(generator_dir)[:32]
+    if pinned.is_dir():  # these very bytes are pinned already: no copy on every restart
+        return pinned
     staging = adapter_dir / PINNED_GENERATORS_DIR / f".copy-{os.getpid()}-{os.urandom(4).hex()}"
     shutil.copytree(Path(generator_dir).expanduser(), staging)
     try:

@@ -41,7 +41,7 @@ from icm.generator.archs import architecture
 from icm.generator.training import load_checkpoint
 from icm.generator import fit_generator, generator_from_state
 from icm.generator.data import PreparedData, prepare_data
-from icm.generator.inputs import GeneratorInputs, load_generator_inputs
+from icm.generator.inputs import GeneratorInputs, load_both_means, load_generator_inputs
 from icm.io import write_bytes_atomic, write_json_atomic
 from icm.logs import verbose
 from icm.progress import Progress
@@ -425,7 +425,8 @@ def run(cfg: PipelineConfig, suite: Suite, *, inputs: GeneratorInputs | None = N
     rows = trial_rows(search(cfg, data, cfg.storage.uri("tune", RAY_DIR), current.fingerprint))
     finite = [r for r in rows if math.isfinite(r["val_mse"])]  # diverged trials are not candidates
     top = max(cfg.tune.rescore_top, 1 if end_to_end else 0)  # the objectives compare by perplexity
-    scorer = ValidationScorer(cfg, suite, data, inputs.both_means) if top else None  # top > 0: val tasks
+    scorer = (ValidationScorer(cfg, suite, data, load_both_means(cfg, data.split.val_tasks))
+              if top else None)  # top > 0: validation tasks exist (check_selection_tasks)
     rescored = rescore(scorer, data, cfg.generator, finite[:top]) if top else []
     if end_to_end:
         start = min(rescored, key=lambda r: r["mean_log_perplexity"])

@@ -208,9 +208,6 @@ class GeneratorInputs:
     conditions: dict[str, np.ndarray]  # task -> (E, D); training tasks of the zoo only
     condition_spec: dict[str, Any]
     init_state: dict[str, torch.Tensor] | None  # the zoo's initial adapter (target "b")
-    # task -> (D,) mean 'both' episode vector: what evaluation and requests condition on, so what
-    # model selection scores with (empty when the task-vector stage has no 'both' mode)
-    both_means: dict[str, np.ndarray] = field(default_factory=dict)
 
     def fingerprint(self) -> str:
         import hashlib
@@ -277,20 +274,18 @@ def load_generator_inputs(cfg: PipelineConfig, suite, *,
         raise ZooInputError(f"the zoo at {zoo.root} does not fit model.spec={cfg.model.spec!r} with "
                             f"these zoo settings: {diff}. Fix: retrain the zoo.")
     conditions = load_task_conditions(cfg, sorted(zoo.vectors), load_conditions=load_conditions)
-    return GeneratorInputs(zoo, conditions, condition_spec_of(cfg), init_state,
-                           load_both_means(cfg, sorted(zoo.vectors), load_conditions=load_conditions))
+    return GeneratorInputs(zoo, conditions, condition_spec_of(cfg), init_state)
 
 
-def load_both_means(cfg: PipelineConfig, tasks: Sequence[str], *,
-                    load_conditions: Callable[..., Mapping[str, Any]] | None = None
-                    ) -> dict[str, np.ndarray]:
-    """Task -> (D,) mean of its 'both' episode vectors at the generator's layer and pooling
-    ({} when the stage computed no 'both' mode)."""
+def load_both_means(cfg: PipelineConfig, tasks: Sequence[str]) -> dict[str, np.ndarray]:
+    """Task -> (D,) mean of its 'both' episode vectors at the generator's layer and pooling: what
+    evaluation and requests condition on ({} when the stage computed no 'both' mode). Read only
+    by model selection, for its validation tasks."""
     from icm.task_vectors import TaskVectorInputError
 
     g = cfg.generator
     try:
-        episodes = (load_conditions or _task_vector_loader)(
+        episodes = _task_vector_loader(
             cfg.storage.path("task_vectors"), mode="both", layer=g.condition_layer,
             pooling=g.condition_pooling, tasks=sorted(tasks))
     except TaskVectorInputError:
