@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import io
+import json
 import os
 import re
 import tarfile
@@ -35,13 +36,14 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from icm.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from icm.errors import InputError
-from icm.io import file_lock, sha256_file, sha256_json
+from icm.io import file_lock, sha256_file, sha256_json, write_json_atomic
 
 ADAPTER_ID_LENGTH = 24  # hex characters: 96 bits of the request's content hash
 ADAPTER_ID_PATTERN = f"^[0-9a-f]{{{ADAPTER_ID_LENGTH}}}$"
 ADAPTER_MODEL_PREFIX = "icm:"
 GENERATION_RECORD = "icm_generation.json"
 LOCKS_DIR = ".locks"
+PUBLISHED_MARKER = ".published.json"  # in an adapter folder: the URIs it reached
 
 
 
@@ -362,6 +364,26 @@ class AdapterStore:
     def exists(self, adapter_id: str) -> bool:
         folder = self.path(adapter_id)
         return (folder / ADAPTER_WEIGHTS).is_file() and (folder / ADAPTER_CONFIG).is_file()
+
+    def ready(self, adapter_id: str, publish_uri: str | None = None) -> bool:
+        """Stored here and, with a ``publish_uri``, published there: what a request may call
+        cached. A stored adapter whose publish failed (or predates the URI) is not ready: the
+        vLLM engine would 404 on it, so the next request publishes it again."""
+        return self.exists(adapter_id) and (publish_uri is None
+                                            or publish_uri in self.published_uris(adapter_id))
+
+    def published_uris(self, adapter_id: str) -> list[str]:
+        """The URIs this adapter was published to (its marker, written after each publish)."""
+        marker = self.path(adapter_id) / PUBLISHED_MARKER
+        return json.loads(marker.read_text()) if marker.is_file() else []
+
+    def publish(self, adapter_id: str, uri: str) -> str:
+        """`publish_adapter`, then record ``uri`` in the adapter's marker (atomically), so only a
+        publish that finished makes the adapter `ready`. Returns the adapter's URI."""
+        target = publish_adapter(self.path(adapter_id), uri, adapter_id)
+        uris = sorted({*self.published_uris(adapter_id), uri})
+        write_json_atomic(self.path(adapter_id) / PUBLISHED_MARKER, uris)
+        return target
 
     def require(self, adapter_id: str, *, param: str = "adapter_id") -> Path:
         """The adapter's directory; `NotFoundError` when it was never generated here."""

@@ -56,7 +56,7 @@ from icm.serving import (ADAPTER_ID_PATTERN, ADAPTER_MODEL_PREFIX, GENERATION_RE
                          ServeLimits, Usage, adapter_id_for,
                          check_adapter_request, check_messages, check_prompts, check_sampling,
                          completion_id, error_body, generator_fingerprint, now,
-                         pack_adapter, parse_model, pin_generator, publish_adapter)
+                         pack_adapter, parse_model, pin_generator)
 from serve_apps.serve_env import DEFAULT_SERVE_CONFIG as DEFAULT_CONFIG
 from serve_apps.vllm_args import VllmArgs
 from serve_apps.serve_env import HF_SERVE_CONFIG, SERVE_INGRESS_ENV, SERVE_LATENCY_ENV
@@ -185,8 +185,10 @@ class AdapterGeneratorDeployment:
         deadline = time.monotonic() + self.lock_timeout_s
         while time.monotonic() < deadline:
             with self.store.try_lock(adapter_id) as acquired:
-                if self.store.exists(adapter_id):
+                if self.store.ready(adapter_id, self.publish_uri):
                     return {"cached": True, "timings": {}}
+                if acquired and self.store.exists(adapter_id):  # its publish failed: retry it
+                    return {"cached": True, "timings": await self._publish(adapter_id)}
                 if acquired:
                     return await self._generate(adapter_id, spec)
             await asyncio.sleep(0.05)  # another replica is generating this id
@@ -214,14 +216,18 @@ class AdapterGeneratorDeployment:
         await _in_thread(self.lock, lambda: self.generator.write_adapter(
             draws[chosen], self.store.path(adapter_id), extra={GENERATION_RECORD: record}))
         timings["write_s"] = time.perf_counter() - mark
-        if self.publish_uri:
-            mark = time.perf_counter()
-            await asyncio.to_thread(publish_adapter, self.store.path(adapter_id), self.publish_uri,
-                                    adapter_id)
-            timings["publish_s"] = time.perf_counter() - mark
+        timings.update(await self._publish(adapter_id))
         timings["total_s"] = time.perf_counter() - started
         self.latency.observe(timings["total_s"])
         return {"cached": False, "timings": timings}
+
+    async def _publish(self, adapter_id: str) -> dict[str, float]:
+        """Publish to the vLLM engine's adapter URI (none with the hf engine): ``{publish_s}``."""
+        if not self.publish_uri:
+            return {}
+        mark = time.perf_counter()
+        await asyncio.to_thread(self.store.publish, adapter_id, self.publish_uri)
+        return {"publish_s": time.perf_counter() - mark}
 
     def check_health(self) -> None:
         from icm.io import probe_writable
@@ -617,7 +623,7 @@ def _start_local_s3(args: GeneratorAppArgs):
     local_s3 = LocalS3(bucket="icm-adapters").start()
     store = AdapterStore(args.adapter_dir)
     for adapter_id in store.ids(None) if store.root.is_dir() else []:
-        publish_adapter(store.path(adapter_id), f"{local_s3.uri}/adapters", adapter_id)
+        store.publish(adapter_id, f"{local_s3.uri}/adapters")
     log.info("adapters served from %s/adapters (S3-compatible server at %s)", local_s3.uri,
              local_s3.endpoint)
     return local_s3

@@ -83,3 +83,61 @@ def test_vllm_args_take_the_kv_cache_in_whole_gib():
         VllmArgs(cpu_kv_cache_gib=0.5)
     assert VllmArgs(cpu_kv_cache_gib=2).cpu_kv_cache_gib == 2
 
+
+
+def _stored_adapter(store, adapter_id):
+    folder = store.path(adapter_id)
+    folder.mkdir(parents=True)
+    (folder / "adapter_config.json").write_text(json.dumps({"r": 4}))
+    (folder / "adapter_model.safetensors").write_bytes(b"weights")
+    return folder
+
+
+def test_an_adapter_whose_publish_failed_is_not_ready_and_is_published_again(tmp_path):
+    """The bug: the generator deployment called any stored adapter cached, so one whose publish to
+    the vLLM engine's URI failed once (or that predates the URI) 404'd on completion forever.
+    The real deployment class, Ray-free: its store and publish path are plain files here."""
+    import asyncio
+    import threading
+
+    from icm.serving import AdapterStore
+    from serve_apps.lora_generator import AdapterGeneratorDeployment
+
+    store, adapter_id = AdapterStore(tmp_path / "store"), "b" * 24
+    _stored_adapter(store, adapter_id)
+    blocker = tmp_path / "engine"
+    blocker.write_text("a file where the publish folder should be")  # the publish fails
+    uri = str(blocker / "adapters")
+    deployment = object.__new__(AdapterGeneratorDeployment.func_or_class)
+    deployment.store, deployment.publish_uri, deployment.lock_timeout_s = store, uri, 5.0
+    deployment.inflight, deployment.lock = {}, threading.Lock()
+
+    def create():
+        return asyncio.run(deployment._create_once(adapter_id, None))
+
+    assert store.exists(adapter_id) and not store.ready(adapter_id, uri)
+    with pytest.raises(OSError):
+        create()
+    assert not store.ready(adapter_id, uri)  # still owed a publish
+    blocker.unlink()
+    first = create()
+    assert first["cached"] is True and "publish_s" in first["timings"]
+    assert (blocker / "adapters" / adapter_id / "adapter_model.safetensors").read_bytes() == b"weights"
+    assert store.ready(adapter_id, uri) and store.published_uris(adapter_id) == [uri]
+    assert create() == {"cached": True, "timings": {}}  # published: nothing to do
+    assert not store.ready(adapter_id, str(tmp_path / "another-engine"))  # a new URI publishes anew
+    assert store.ready(adapter_id)  # the hf engine needs no publish
+
+
+def test_published_marker_is_not_packed_into_the_adapter(tmp_path):
+    import io
+    import tarfile
+
+    from icm.serving import AdapterStore, pack_adapter
+
+    store, adapter_id = AdapterStore(tmp_path / "store"), "c" * 24
+    _stored_adapter(store, adapter_id)
+    store.publish(adapter_id, str(tmp_path / "engine"))
+    with tarfile.open(fileobj=io.BytesIO(pack_adapter(store.path(adapter_id), adapter_id))) as packed:
+        names = sorted(name.rsplit("/", 1)[-1] for name in packed.getnames())
+    assert names == ["adapter_config.json", "adapter_model.safetensors"]
