@@ -321,9 +321,15 @@ def pin_generator(generator_dir: str | os.PathLike, adapter_dir: str | os.PathLi
     return pinned
 
 
-def adapter_id_for(spec: AdapterSpec, fingerprint: str) -> str:
-    """The adapter id of a request: content hash of the normalised request and the generator."""
-    return sha256_json({"generator": fingerprint, **spec.as_json()})[:ADAPTER_ID_LENGTH]
+def adapter_id_for(spec: AdapterSpec, fingerprint: str, encoder_dtype: str = "float32") -> str:
+    """The adapter id of a request: content hash of the normalised request, the generator and
+    the dtype of the model that encodes the task vector (a bfloat16 encoder conditions the
+    generator on a slightly different vector: another adapter, so another id; float32, the
+    default, adds nothing, so float32 ids stay what they were)."""
+    key = {"generator": fingerprint, **spec.as_json()}
+    if encoder_dtype != "float32":
+        key["encoder_dtype"] = encoder_dtype
+    return sha256_json(key)[:ADAPTER_ID_LENGTH]
 
 
 def check_adapter_id(adapter_id: str) -> str:

@@ -97,6 +97,12 @@ class GeneratorAppArgs(BaseModel):
         installed = importlib.util.find_spec("vllm") is not None
         return "vllm" if installed and model_spec != TINY_LLAMA else "hf"
 
+    @property
+    def publish_uri(self) -> str | None:
+        """Where generated adapters are published: the vLLM engine loads them from
+        ``vllm.adapter_uri``; the hf engine reads the store (None). Ask `resolved` args."""
+        return self.vllm.adapter_uri if self.engine == "vllm" else None
+
     def resolved(self, model_spec: str | None = None) -> "GeneratorAppArgs":
         """Absolute paths and the engine chosen for the generator's base model (``model_spec``;
         None: read from the generator). Raises: InputError for a bad generator dir."""
@@ -362,6 +368,8 @@ class AdapterFront:
 
         self.generator, self.limits, self.model_prefix = generator, args.limits, model_prefix
         self.fingerprint = generator_fingerprint(args.generator_dir)
+        self.encoder_dtype = args.model_dtype
+        self.publish_uri = args.publish_uri
         self.store = AdapterStore(args.adapter_dir)
         self.base_model = LoraGenerator.load(args.generator_dir).model_spec
         self.hits = metrics.Counter("icm_adapter_cache_hits_total",
@@ -375,8 +383,8 @@ class AdapterFront:
     async def create(self, request: AdapterRequest) -> AdapterResponse:
         started = time.perf_counter()
         spec = check_adapter_request(request, self.limits)
-        adapter_id = adapter_id_for(spec, self.fingerprint)
-        if self.store.exists(adapter_id):
+        adapter_id = adapter_id_for(spec, self.fingerprint, self.encoder_dtype)
+        if self.store.ready(adapter_id, self.publish_uri):
             self.hits.inc()
             result = {"cached": True, "timings": {}}
         else:
@@ -501,9 +509,8 @@ def _build(args: GeneratorAppArgs, options: dict[str, dict[str, Any]]) -> serve.
             deployment)
 
     encoder = configured(TaskEncoderDeployment).bind(args.generator_dir, args.cache_dir, args.model_dtype)
-    publish_uri = args.vllm.adapter_uri if args.engine == "vllm" else None
     generator = configured(AdapterGeneratorDeployment).bind(encoder, args.generator_dir,
-                                                            args.adapter_dir, publish_uri)
+                                                            args.adapter_dir, args.publish_uri)
     if args.engine == "vllm":
         from serve_apps.vllm_app import build_vllm_app
 

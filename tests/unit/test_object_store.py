@@ -141,3 +141,59 @@ def test_published_marker_is_not_packed_into_the_adapter(tmp_path):
     with tarfile.open(fileobj=io.BytesIO(pack_adapter(store.path(adapter_id), adapter_id))) as packed:
         names = sorted(name.rsplit("/", 1)[-1] for name in packed.getnames())
     assert names == ["adapter_config.json", "adapter_model.safetensors"]
+
+
+class _GeneratorHandle:
+    """Stands in for the AdapterGenerator's Ray handle only: records which ids it was asked for."""
+
+    def __init__(self):
+        self.asked = []
+        self.create = SimpleNamespace(remote=self._create)
+
+    async def _create(self, adapter_id, spec):
+        self.asked.append(adapter_id)
+        return {"cached": False, "timings": {}}
+
+
+def _front(store, *, encoder_dtype, publish_uri=None):
+    """The real ingress half (its metrics need no Ray), with the generator handle stood in."""
+    from serve_apps.lora_generator import AdapterFront
+    from ray.util import metrics
+
+    from icm.serving import ServeLimits
+
+    front = object.__new__(AdapterFront)
+    front.generator, front.limits, front.model_prefix = _GeneratorHandle(), ServeLimits(), "m:"
+    front.fingerprint, front.encoder_dtype, front.publish_uri = "g" * 64, encoder_dtype, publish_uri
+    front.store = store
+    front.hits = front.misses = metrics.Counter("test_front_total", description="test")
+    front.request_latency = metrics.Histogram("test_front_s", description="test", boundaries=[1],
+                                              tag_keys=("cached",))
+    return front
+
+
+def test_ingress_names_adapters_by_encoder_dtype_and_counts_only_published_ones_cached(tmp_path):
+    """Two bugs of the ingress: a bfloat16 app sharing a store with a float32 one answered the
+    float32 adapter as its own (the id ignored the encoder's dtype), and the vLLM app answered
+    'cached' for a stored adapter its engine could not load (never published)."""
+    import asyncio
+
+    from icm.serving import AdapterRequest, AdapterStore
+
+    store = AdapterStore(tmp_path / "store")
+    request = AdapterRequest(description="Sayings about cats.")
+    float32 = _front(store, encoder_dtype="float32")
+    first = asyncio.run(float32.create(request))
+    assert not first.cached and float32.generator.asked == [first.adapter_id]
+    _stored_adapter(store, first.adapter_id)  # what the generator deployment writes
+    assert asyncio.run(float32.create(request)).cached  # hf engine: stored is ready
+
+    bfloat16 = _front(store, encoder_dtype="bfloat16")
+    other = asyncio.run(bfloat16.create(request))
+    assert other.adapter_id != first.adapter_id and bfloat16.generator.asked == [other.adapter_id]
+
+    uri = str(tmp_path / "engine")
+    vllm_front = _front(store, encoder_dtype="float32", publish_uri=uri)
+    assert not asyncio.run(vllm_front.create(request)).cached  # stored, not published: generator
+    store.publish(first.adapter_id, uri)
+    assert asyncio.run(vllm_front.create(request)).cached

@@ -196,3 +196,9 @@ def test_a_served_generator_is_an_immutable_copy_named_by_its_content(tmp_path):
     assert again != pinned and (again / "generator.safetensors").read_bytes() == b"B" * 8
     assert sorted(p.name for p in (adapters / PINNED_GENERATORS_DIR).iterdir()) == sorted([pinned.name, again.name])
     assert AdapterStore(adapters).ids() == []  # never taken for an adapter
+
+
+def test_adapter_id_names_a_non_default_encoder_dtype_and_keeps_float32_ids():
+    base = spec(description="Cats.", examples=["The cat sat."], seed=3)
+    assert adapter_id_for(base, "g1", "float32") == adapter_id_for(base, "g1")
+    assert len({adapter_id_for(base, "g1", dtype) for dtype in ("float32", "bfloat16", "float16")}) == 3
