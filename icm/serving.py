@@ -600,8 +600,8 @@ class CompletionEngine:
             eos_token_id=self.tokenizer.eos_token_id)
         if not greedy:
             kwargs.update(temperature=params.temperature, top_p=params.top_p)
-        if params.stop:
-            kwargs.update(stop_strings=list(params.stop), tokenizer=self.tokenizer)
+        if params.stop:  # not HF's stop_strings: they match across the prompt's end
+            kwargs.update(stopping_criteria=[_StopInNewText(self.tokenizer, len(ids), params.stop)])
         with torch.random.fork_rng(devices=[]):
             if params.seed is not None:
                 torch.manual_seed(params.seed)
@@ -610,15 +610,44 @@ class CompletionEngine:
         return results * params.n if greedy else results
 
     def _finish(self, new_ids: torch.Tensor, params: SamplingParams) -> Generated:
-        tokens = [int(t) for t in new_ids]  # finished rows of a batch are padded after their EOS
+        tokens = [int(t) for t in new_ids]  # finished rows of a batch are padded after the end
         eos = self.tokenizer.eos_token_id
         ended = eos in tokens
         count = tokens.index(eos) + 1 if ended else len(tokens)
+        stopped_at = _first_stop(self.tokenizer, tokens[:count], params.stop)
+        if stopped_at is not None:  # the padding after a stop string is no token of the answer
+            count, ended = stopped_at, True
         text = self.tokenizer.decode(tokens[:count], skip_special_tokens=True)
         cuts = [text.index(s) for s in params.stop if s in text]
         if cuts:  # OpenAI leaves the stop string out of the text
-            text, ended = text[:min(cuts)], True
+            text = text[:min(cuts)]
         return Generated(text, "stop" if ended else "length", count)
+
+
+def _stop_in(text: str, stops: Sequence[str]) -> bool:
+    return any(stop in text for stop in stops)
+
+
+def _first_stop(tokenizer, tokens: list[int], stops: Sequence[str]) -> int | None:
+    """How many of ``tokens`` it takes for their text to hold a stop string (None: never)."""
+    if not stops or not _stop_in(tokenizer.decode(tokens, skip_special_tokens=True), stops):
+        return None
+    return next(n for n in range(1, len(tokens) + 1)
+                if _stop_in(tokenizer.decode(tokens[:n], skip_special_tokens=True), stops))
+
+
+class _StopInNewText:
+    """A `generate` stopping criterion: a row is done once its *generated* text holds a stop
+    string (HF's ``stop_strings`` also match a string that begins inside the prompt)."""
+
+    def __init__(self, tokenizer, prompt_length: int, stops: Sequence[str]):
+        self.tokenizer, self.prompt_length, self.stops = tokenizer, prompt_length, tuple(stops)
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        new = input_ids[:, self.prompt_length:]  # (rows, new so far)
+        texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
+        return torch.tensor([_stop_in(text, self.stops) for text in texts],
+                            dtype=torch.bool, device=input_ids.device)  # (rows,)
 
 
 def completion_id(prefix: str) -> str:

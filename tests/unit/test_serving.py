@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import tarfile
 
@@ -202,3 +203,32 @@ def test_adapter_id_names_a_non_default_encoder_dtype_and_keeps_float32_ids():
     base = spec(description="Cats.", examples=["The cat sat."], seed=3)
     assert adapter_id_for(base, "g1", "float32") == adapter_id_for(base, "g1")
     assert len({adapter_id_for(base, "g1", dtype) for dtype in ("float32", "bfloat16", "float16")}) == 3
+
+
+def test_stop_strings_match_generated_text_only_and_count_no_padding(engine):
+    """Two bugs of the hf engine: HF's stop_strings matched a stop string that began in the
+    prompt (the answer ended after one token, reported 'length'), and a row of a sampled batch
+    ended by a stop string counted the padding after it in usage."""
+    prompt = "The cat"
+    ids = PromptBuilder(engine.tokenizer, LIMITS).completion(prompt)
+    full = engine.generate(ids, SamplingParams(8, 0, 1, 1, (), None), None)[0]
+    across = prompt[-2:] + full.text[:1]  # begins in the prompt, ends on the first new token
+    cut = engine.generate(ids, SamplingParams(8, 0, 1, 1, (across,), None), None)[0]
+    expected = full.text.split(across)[0]
+    assert cut.text == expected and cut.finish_reason == ("stop" if across in full.text else "length")
+
+    sampled = SamplingParams(max_tokens=12, temperature=1.0, top_p=1.0, n=4, stop=(), seed=3)
+    rows = engine.generate(ids, sampled, None)
+    stop = rows[0].text[len(rows[0].text) // 2]  # a character row 0 certainly produces
+    stopped = engine.generate(ids, dataclasses.replace(sampled, stop=(stop,)), None)
+    assert stopped[0].finish_reason == "stop" and stopped[0].tokens < rows[0].tokens
+    for k, row in enumerate(stopped):  # same seed: the same draws until each row stops
+        assert rows[k].text.startswith(row.text) and stop not in row.text
+        if row.finish_reason != "stop":
+            continue
+        # its count is exactly the tokens that complete the stop string, padding excluded
+        upto = engine.generate(ids, dataclasses.replace(sampled, max_tokens=row.tokens), None)[k]
+        assert stop in upto.text
+        if row.tokens > 1:
+            fewer = dataclasses.replace(sampled, max_tokens=row.tokens - 1)
+            assert stop not in engine.generate(ids, fewer, None)[k].text
