@@ -241,18 +241,51 @@ def test_the_cluster_serve_config_is_the_dev_one_with_cluster_values():
     assert gpu["http_options"]["host"] == "0.0.0.0" and dev["http_options"]["host"] == "127.0.0.1"
     assert args.generator_dir == load_config("gpu").storage.root + "/generator"
     assert args.adapter_dir.startswith(SHARED_MOUNT + "/") and args.model_dtype == "bfloat16"
-    # The model-holding replicas get GPUs, and all of them fit the serve_gpu nodes at max_replicas.
-    options = {d["name"]: d for d in gpu_app["deployments"]}
-    # the vLLM engine's GPU is its placement group's (one per replica at tensor parallelism 1)
-    per_replica = {name: 1.0 if name == "LLMServer" else d["ray_actor_options"].get("num_gpus", 0)
-                   for name, d in options.items()}
-    gpus = {name: per_replica[name] * d["autoscaling_config"]["max_replicas"]
-            for name, d in options.items()}
     assert args.engine == "vllm" and args.vllm.device == "gpu"
     assert args.vllm.adapter_uri.startswith(("s3://", "gs://"))  # where Ray Serve LLM loads LoRAs
-    assert gpus["TaskEncoder"] > 0 and gpus["LLMServer"] > 0
-    serve_nodes = _launcher_config()["available_node_types"]["serve_gpu"]
-    assert sum(gpus.values()) <= serve_nodes["max_workers"] * serve_nodes["resources"]["GPU"]
+
+
+def _gpu_replicas(bound: str) -> list[float]:
+    """The GPU share of every replica of the cluster Serve config at ``bound`` ('min_replicas' or
+    'max_replicas'); the vLLM engine's GPU is its placement group's (one at tensor parallelism 1)."""
+    app = yaml.safe_load((CLUSTER_DIR / "serve_config_gpu.yaml").read_text())["applications"][0]
+    shares = []
+    for d in app["deployments"]:
+        share = 1.0 if d["name"] == "LLMServer" else d["ray_actor_options"].get("num_gpus", 0)
+        shares += [share] * d["autoscaling_config"][bound] if share else []
+    return shares
+
+
+def _nodes_to_hold(shares: list[float], gpus_per_node: float) -> int:
+    """One-GPU-share replicas packed on nodes (first fit, largest first): Ray never splits a
+    replica's GPU share over two nodes, so 0.5 + 1 GPU needs two 1-GPU nodes, not 1.5."""
+    free: list[float] = []
+    for share in sorted(shares, reverse=True):
+        fits = next((i for i, left in enumerate(free) if left >= share), None)
+        if fits is None:
+            free.append(gpus_per_node - share)
+        else:
+            free[fits] -= share
+    return len(free)
+
+
+def test_serve_gpu_nodes_hold_the_replicas_at_min_and_max():
+    """The bug: every config kept one serve-gpu node warm, but the minimum replica set (a
+    TaskEncoder on half a GPU, a vLLM engine on a whole one) needs two 1-GPU nodes, so the
+    "always warm" endpoint still waited for a cold node on its first request."""
+    launcher = _launcher_config()["available_node_types"]["serve_gpu"]
+    per_node = launcher["resources"]["GPU"]
+    needed_min = _nodes_to_hold(_gpu_replicas("min_replicas"), per_node)
+    needed_max = _nodes_to_hold(_gpu_replicas("max_replicas"), per_node)
+    assert needed_min == 2 and needed_min <= launcher["min_workers"]
+    assert needed_max <= launcher["max_workers"]
+    for manifest, kind in (("rayservice.yaml", "RayService"), ("raycluster.yaml", "RayCluster")):
+        spec = _documents(manifest)[kind]["spec"]
+        spec = spec.get("rayClusterConfig", spec)
+        group = next(g for g in spec["workerGroupSpecs"] if g["groupName"] == "serve-gpu")
+        pod_gpus = int(group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
+        assert pod_gpus == per_node, manifest
+        assert needed_min <= group["minReplicas"] and needed_max <= group["maxReplicas"], manifest
 
 
 # ----------------------------------------------------------------------------- the gpu preset
