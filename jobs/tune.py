@@ -36,6 +36,7 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from icm.config import GeneratorConfig, PipelineConfig
+from icm.eval.folds import suite_folds
 from icm.errors import InputError
 from icm.generator.archs import architecture
 from icm.generator.training import load_checkpoint
@@ -406,15 +407,20 @@ def run(cfg: PipelineConfig, suite: Suite, *, inputs: GeneratorInputs | None = N
     # Scheduling knobs change nothing that is searched: a resumed search may use other values.
     knobs = cfg.tune.model_dump(mode="json", exclude={"max_concurrent", "cpus_per_trial"})
     generator = cfg.generator.model_dump(mode="json", exclude={"cpus_per_task"})
-    current = stage(cfg, "tune", inputs.fingerprint(), generator, knobs,
+    fold_groups = sorted({group for fold in suite_folds(suite, cfg.evaluate) for group in fold})
+    current = stage(cfg, "tune", inputs.fingerprint(), generator, knobs, fold_groups,
                     cfg.evaluate.max_length, cfg.evaluate.batch_size, sections=("model",))
     if current.is_current():
         log.info("tune: up to date, skipping (%s)", current.directory)
         return current.record()
+    # The fold generators reuse the hyperparameters chosen here: no validation task of a fold's group.
+    fold_tasks = [name for name, task in suite.tasks.items() if task.group in fold_groups]
     data = prepare_data(inputs.zoo, inputs.conditions, cfg.generator, validation=True, archs=cfg.tune.archs,
-                        init_state=inputs.init_state, condition_spec=inputs.condition_spec)
+                        init_state=inputs.init_state, condition_spec=inputs.condition_spec,
+                        val_excluded=fold_tasks)
     split = {"train_tasks": list(data.split.train_tasks), "val_tasks": list(data.split.val_tasks),
-             "val_snapshots_per_task": data.split.val_snapshots, "heldout_excluded": list(suite.heldout)}
+             "val_snapshots_per_task": data.split.val_snapshots, "heldout_excluded": list(suite.heldout),
+             "fold_groups_not_validated_on": fold_groups}
     end_to_end = objectives_searched(cfg)
     check_selection_tasks(cfg, data.split.val_tasks)
     started = current.begin(cfg)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import random
 import os
 import tempfile
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -96,8 +96,11 @@ class Split:
     val_snapshots: int
 
 
-def split_tasks(zoo: ZooData, cfg: GeneratorConfig, *, validation: bool) -> Split:
-    """Deterministic (``cfg.seed``) choice of validation tasks; no split when not ``validation``."""
+def split_tasks(zoo: ZooData, cfg: GeneratorConfig, *, validation: bool,
+                val_excluded: Collection[str] = ()) -> Split:
+    """Deterministic (``cfg.seed``) choice of validation tasks; no split when not ``validation``.
+    ``val_excluded``: tasks never chosen for validation (those an evaluation fold will hold out:
+    a search that selected hyperparameters on their texts would have seen a fold's test)."""
     tasks = sorted(zoo.vectors)
     if not validation:
         return Split(tuple(tasks), (), 0)
@@ -108,7 +111,13 @@ def split_tasks(zoo: ZooData, cfg: GeneratorConfig, *, validation: bool) -> Spli
     if cfg.val_snapshots >= fewest:
         raise GeneratorInputError(f"generator.val_snapshots={cfg.val_snapshots} leaves no training snapshot "
                                   f"(a task has only {fewest}). Fix: lower generator.val_snapshots.")
-    val = sorted(random.Random(cfg.seed).sample(tasks, cfg.val_tasks))
+    candidates = [t for t in tasks if t not in set(val_excluded)]
+    if cfg.val_tasks > len(candidates):
+        raise GeneratorInputError(
+            f"generator.val_tasks={cfg.val_tasks}, but only {len(candidates)} zoo tasks lie outside "
+            f"the groups the evaluation folds hold out (validation never uses a fold's tasks). "
+            f"Fix: lower generator.val_tasks or evaluate.folds.")
+    val = sorted(random.Random(cfg.seed).sample(candidates, cfg.val_tasks))
     return Split(tuple(t for t in tasks if t not in val), tuple(val), cfg.val_snapshots)
 
 
@@ -498,7 +507,8 @@ def _zoo_parts(zoo: ZooData, split: Split, positions: torch.Tensor, streamed: bo
 def prepare_data(zoo: ZooData, conditions: Mapping[str, Any], cfg: GeneratorConfig, *,
                  validation: bool, archs: Sequence[str] | None = None,
                  init_state: Mapping[str, torch.Tensor] | None = None,
-                 condition_spec: Mapping[str, Any] | None = None) -> PreparedData:
+                 condition_spec: Mapping[str, Any] | None = None,
+                 val_excluded: Collection[str] = ()) -> PreparedData:
     """Split, normalise and encode the zoo for the architectures in ``archs`` (default cfg.arch).
 
     A zoo whose generated part fits ``cfg.data_memory_mb`` is read whole; a larger one is
@@ -510,6 +520,7 @@ def prepare_data(zoo: ZooData, conditions: Mapping[str, Any], cfg: GeneratorConf
         validation: hold out ``cfg.val_tasks`` tasks and the last ``cfg.val_snapshots`` snapshots
             of the others (model selection); False trains on everything (the final generator).
         init_state: the zoo's initial adapter state dict (needed for ``cfg.target == "b"``).
+        val_excluded: tasks never chosen for validation (`split_tasks`).
     """
     counts = snapshot_counts(zoo.vectors)
     if not counts:
@@ -517,7 +528,7 @@ def prepare_data(zoo: ZooData, conditions: Mapping[str, Any], cfg: GeneratorConf
     if empty := [t for t, n in counts.items() if n == 0]:
         raise ZooInputError(f"zoo task(s) {empty} have no snapshots. Fix: retrain them or drop them.")
     conds = check_conditions(conditions, sorted(zoo.vectors))
-    split = split_tasks(zoo, cfg, validation=validation)
+    split = split_tasks(zoo, cfg, validation=validation, val_excluded=val_excluded)
     keys = generated_keys(zoo.layout, cfg.target)
     positions = key_positions(zoo.layout, keys)
     fixed = _fixed_tensors(zoo.layout, keys, init_state, cfg.target)

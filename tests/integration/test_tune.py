@@ -15,6 +15,7 @@ import torch
 
 from icm.adapters import apply_adapter
 from icm.config import load_config
+from icm.eval.folds import suite_folds
 from icm.generator import LoraGenerator
 from icm.generator.inputs import load_generator_inputs
 from icm.models import load_base_model
@@ -73,11 +74,15 @@ def tuned(local_ray, workspace):
 
 @pytest.mark.slow
 def test_tune_search_with_asha_writes_the_best_config(tuned, workspace):
-    cfg, _, _ = workspace
+    cfg, suite, _ = workspace
     root = cfg.storage.path("tune")
     split = json.loads((root / "split.json").read_text())
     assert sorted(split["train_tasks"] + split["val_tasks"]) == ["cats", "code", "sums"]
     assert len(split["val_tasks"]) == 1 and split["heldout_excluded"] == ["dogs"]
+    # the smoke preset's fold holds out one group: Tune never validates on its tasks
+    folds = suite_folds(suite, cfg.evaluate)
+    assert split["fold_groups_not_validated_on"] == folds[0] and len(folds) == 1
+    assert suite.tasks[split["val_tasks"][0]].group not in folds[0]
     trials = pd.read_parquet(root / "trials.parquet")
     assert len(trials) == 2 and (trials["steps"] <= 40).all() and (trials["val_mse"] > 0).all()
     trial_dirs = (root / "ray" / "cvae-search").glob("trainable_*")

@@ -136,6 +136,24 @@ def test_validation_split_is_seeded_and_keeps_the_last_snapshots_out():
     assert len(final.representation(cfg).train) == 30 and final.split.val_tasks == ()
 
 
+def test_validation_never_takes_a_task_an_evaluation_fold_holds_out():
+    """The bug: Tune drew validation tasks from every zoo task, so with group folds it could
+    select hyperparameters on the texts of a task a fold generator (with those hyperparameters)
+    is then tested on."""
+    from icm.generator.data import GeneratorInputError
+
+    zoo, _ = synthetic_zoo(tasks=("a", "b", "c", "d", "e"))
+    cfg = GeneratorConfig(**FAST, val_tasks=2, val_snapshots=1)
+    everything = split_tasks(zoo, cfg, validation=True)
+    assert split_tasks(zoo, cfg, validation=True, val_excluded=()) == everything  # unchanged
+    for held in ([*everything.val_tasks], ["a", "b", "c"]):
+        split = split_tasks(zoo, cfg, validation=True, val_excluded=held)
+        assert len(split.val_tasks) == 2 and not set(split.val_tasks) & set(held)
+        assert sorted(split.train_tasks + split.val_tasks) == ["a", "b", "c", "d", "e"]
+    with pytest.raises(GeneratorInputError, match="generator.val_tasks=2, but only 1 .* evaluate.folds"):
+        split_tasks(zoo, cfg, validation=True, val_excluded=["a", "b", "c", "d"])
+
+
 def test_streamed_pca_finds_the_exact_principal_subspace():
     g = torch.Generator().manual_seed(0)
     scales = torch.tensor([8.0, 6.0, 4.0, 3.0, 2.0, 1.5])  # a decaying spectrum, then noise
