@@ -36,7 +36,7 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from icm.config import GeneratorConfig, PipelineConfig
-from icm.eval.folds import suite_folds
+from icm.eval.folds import fold_tasks, suite_folds
 from icm.errors import InputError
 from icm.generator.archs import architecture
 from icm.generator.training import load_checkpoint
@@ -414,10 +414,9 @@ def run(cfg: PipelineConfig, suite: Suite, *, inputs: GeneratorInputs | None = N
         log.info("tune: up to date, skipping (%s)", current.directory)
         return current.record()
     # The fold generators reuse the hyperparameters chosen here: no validation task of a fold's group.
-    fold_tasks = [name for name, task in suite.tasks.items() if task.group in fold_groups]
     data = prepare_data(inputs.zoo, inputs.conditions, cfg.generator, validation=True, archs=cfg.tune.archs,
                         init_state=inputs.init_state, condition_spec=inputs.condition_spec,
-                        val_excluded=fold_tasks)
+                        val_excluded=fold_tasks(suite, fold_groups))
     split = {"train_tasks": list(data.split.train_tasks), "val_tasks": list(data.split.val_tasks),
              "val_snapshots_per_task": data.split.val_snapshots, "heldout_excluded": list(suite.heldout),
              "fold_groups_not_validated_on": fold_groups}
