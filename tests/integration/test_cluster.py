@@ -152,6 +152,28 @@ class LocalRayHead:
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
+# What Ray's Jobs API answers while the head's job agent has not registered yet (job_head.py
+# waits WAIT_AVAILABLE_AGENT_TIMEOUT = 10 s for it, then gives up and asks the caller to retry).
+NO_AGENT_YET = "No available agent to submit job, please try again later"
+
+
+def submit_once_the_job_agent_is_up(client, timeout: float = 120, **job) -> str:
+    """`client.submit_job(**job)`, retried only while the head says its job agent is not up.
+
+    The dashboard answers HTTP before the head's job agent registers; on a busy 2-core box (CI
+    runs the suite on two xdist workers) that can take longer than the head's 10 s wait. Nothing
+    is created by such a refusal, so resubmitting is safe; any other error fails at once.
+    """
+    deadline = time.time() + timeout
+    while True:
+        try:
+            return client.submit_job(**job)
+        except RuntimeError as error:
+            if NO_AGENT_YET not in str(error) or time.time() > deadline:
+                raise
+            time.sleep(2)
+
+
 @pytest.fixture
 def local_ray_head(monkeypatch, tmp_path_factory):
     for key, value in LOCAL_ENV.items():
@@ -178,7 +200,8 @@ def test_a_job_submitted_through_the_jobs_api_completes(local_ray_head, tmp_path
     client = JobSubmissionClient(local_ray_head.dashboard_url)
     # What `ray job submit --working-dir . -- python -m jobs.base_eval ...` sends: the repo is
     # uploaded (.gitignore honoured) and the driver joins the cluster (ray.address=auto).
-    job_id = client.submit_job(
+    job_id = submit_once_the_job_agent_is_up(
+        client,
         entrypoint=(f"python -m jobs.base_eval --config smoke suite.path={suite} "
                     f"storage.root={tmp_path / 'run'} suite.tasks=null ray.address=auto "
                     "base_eval.max_texts=2"),
