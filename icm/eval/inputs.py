@@ -24,7 +24,8 @@ import pandas as pd
 import torch
 
 from icm.eval.variants import AdapterSource, TaskContext, variants_for
-from icm.zoo import MANIFEST_FILE, MULTITASK, REPLICATE_PREFIX, fold_multitask_name, load_vector
+from icm.lora_io import LoraLayout
+from icm.zoo import LAYOUT_FILE, MANIFEST_FILE, MULTITASK, REPLICATE_PREFIX, fold_multitask_name, load_vector
 
 MODES = ("both", "description", "demos")
 
@@ -122,11 +123,14 @@ def build_items(suite, plans: Sequence[SettingPlan], means: Mapping[str, Mapping
     zoo_finals = {task: folders[-1] for task, folders in zoo_snapshots.items()}
     oracle_finals = final_snapshots(oracle_root)
     both = means["both"]
-    items, record = [], {}
+    items, record, fits = [], {}, {}
     finals = load_finals(zoo_finals, sorted({t for p in plans for t in p.training}))
     group_of = {name: spec.group for name, spec in suite.tasks.items()}
+    layout_file = Path(zoo_root) / LAYOUT_FILE
+    layout = LoraLayout.load(layout_file) if layout_file.is_file() else None
     for plan in plans:
         training = {t: both[t] for t in plan.training}
+        shared: dict = {}  # sources' per-setting scratch (`TaskContext.shared`)
         ridge, record[f"{plan.setting}{'' if plan.fold is None else plan.fold}"] = _plan_ridge(
             plan, training, finals, both, group_of)
         variants = variants_for(plan.setting, variant_names, list(extra_variants))
@@ -140,7 +144,8 @@ def build_items(suite, plans: Sequence[SettingPlan], means: Mapping[str, Mapping
                 replicate=oracle_finals.get(REPLICATE_PREFIX + task) if plan.setting == "seen" else None,
                 multitask=(zoo_finals.get(MULTITASK) if plan.fold is None
                            else oracle_finals.get(fold_multitask_name(plan.fold))),
-                ridge_weights=ridge[task], options=dict(options))
+                ridge_weights=ridge[task], options=dict(options),
+                training_vectors={t: finals[t] for t in plan.training}, layout=layout, shared=shared)
             adapters = _adapter_sources(variants, context)
             partner = shuffled_partner(task, list(suite.tasks))
             conditions = {mode: means[mode][task] for mode in MODES if task in means.get(mode, {})}
@@ -155,7 +160,9 @@ def build_items(suite, plans: Sequence[SettingPlan], means: Mapping[str, Mapping
                 fold=plan.fold, generator_dir=plan.generator_dir, conditions=conditions,
                 adapters=adapters, variants=[n for n in names if _available(n, adapters)],
                 extra=extra))
-    return items, {"shared_vectors": sorted(finals), "ridge": record}, finals
+        if shared.get("fits"):  # what adapter sources fitted per task (`TaskContext.shared`)
+            fits[f"{plan.setting}{'' if plan.fold is None else plan.fold}"] = shared["fits"]
+    return items, {"shared_vectors": sorted(finals), "ridge": record, "fits": fits}, finals
 
 
 def _adapter_sources(variants, context) -> dict[str, AdapterSource]:

@@ -139,6 +139,13 @@ class TaskContext:
     multitask: str | None = None  # the multi-task LoRA's final snapshot (folds: the fold's own)
     ridge_weights: dict[str, float] | None = None  # training task -> weight (`RidgeMap`)
     options: dict[str, Any] = field(default_factory=dict)  # k, temperature
+    # For sources that read adapters' weights: training task -> (L,) final flat vector, the
+    # flat layout, and a scratch dict shared by the tasks of one setting (a fold, say) so that
+    # what depends on the training tasks alone is computed once per setting; a source records
+    # its fit per task under shared["fits"][variant][task] (kept in baselines.json).
+    training_vectors: Mapping[str, Any] = field(default_factory=dict)
+    layout: Any = None
+    shared: dict[str, Any] = field(default_factory=dict)
 
 
 def _oracle(ctx: TaskContext) -> AdapterSource | None:
@@ -188,6 +195,24 @@ def _ridge(ctx: TaskContext) -> AdapterSource | None:
     return AdapterSource.weights(ctx.ridge_weights) if ctx.ridge_weights else None
 
 
+def _oracle_projection(ctx: TaskContext) -> AdapterSource | None:
+    """The affine combination of the training tasks' LoRAs whose dW is closest to the oracle's
+    (`closest_affine_weights`); its fit per task goes to ``ctx.shared["fits"]``."""
+    from icm.eval.weights import closest_affine_weights, delta_gram
+    from icm.zoo import load_vector
+
+    names = sorted(_others(ctx))
+    if not ctx.oracle or not names or ctx.layout is None:
+        return None
+    vectors = [ctx.training_vectors[t] for t in names]
+    if ctx.shared.get("delta_gram_tasks") != names:  # the setting's (T, T) Gram, once
+        ctx.shared["delta_gram"], ctx.shared["delta_gram_tasks"] = delta_gram(vectors, ctx.layout), names
+    weights, fit = closest_affine_weights(vectors, load_vector(ctx.oracle), ctx.layout, names,
+                                          gram=ctx.shared["delta_gram"])
+    ctx.shared.setdefault("fits", {}).setdefault("oracle-projection", {})[ctx.task] = fit
+    return AdapterSource.weights(weights)
+
+
 # ----------------------------------------------------------------------------- the registry
 
 register(Variant("base", "base", ALL, "the base model alone"))
@@ -227,6 +252,11 @@ register(Variant("ridge", "adapter", ALL, (
     "ridge regression from task vector to LoRA weights, alpha by leave-one-task-out (folds: "
     "leave-one-group-out)"),
     baseline=True, source=_ridge))
+register(Variant("oracle-projection", "adapter", UNSEEN, (
+    "a diagnostic, not a rival (it reads the oracle): the flat combination of the training "
+    "tasks' LoRAs, weights summing to 1, whose dW = B @ A is closest to the oracle's: about the "
+    "best any weights over the zoo (soup, similarity soup, nearest, ridge) could do"),
+    opt_in=True, source=_oracle_projection))
 register(Variant("multitask", "adapter", ALL, (
     "one LoRA trained on the union of the training tasks (zoo.multitask_steps sets its compute; "
     "folds: the oracles stage's per-fold one, oracles.fold_multitask, else absent)"),

@@ -222,3 +222,50 @@ def test_a_fold_scores_the_multitask_baseline_from_its_own_fold_multitask_lora(w
     assert fold0.adapters["multitask"].snapshots == (final_snapshots(oracles)[fold_multitask_name(0)],)
     assert fold0.variants == ["multitask"]
     assert "multitask" not in fold1.adapters and fold1.variants == []
+
+
+def test_oracle_projection_is_the_affine_zoo_combination_closest_to_the_oracle(world):
+    """The diagnostic: weights over the setting's training LoRAs only, summing to 1, closer to the
+    oracle's dW than any baseline's weights; its fit recorded; opt-in and never a baseline."""
+    from icm.eval.variants import VARIANTS
+    from icm.eval.weights import delta_cosine, delta_inner
+    from icm.lora_io import LoraLayout
+    from icm.zoo import LAYOUT_FILE
+
+    base, suite, means = world
+    generator = str(base / "generator")
+    plans = [SettingPlan("heldout", ["dogs"], ["cats", "code", "sums"], generator),
+             SettingPlan("fold", ["cats", "dogs"], ["code", "sums"], generator, fold=0)]
+    items, record, finals = build_items(suite, plans, means, zoo_root=base / "zoo",
+                                        oracle_root=base / "oracles", options={"soup_k": 2},
+                                        variant_names=["base", "oracle", "oracle-projection", "soup", "nearest"])
+    assert VARIANTS["oracle-projection"].opt_in and not VARIANTS["oracle-projection"].baseline
+    by = {(i.setting, i.task): i for i in items}
+    layout = LoraLayout.load(base / "zoo" / LAYOUT_FILE)
+    dogs = by[("heldout", "dogs")]
+    weights = dict(dogs.adapters["oracle-projection"].combination)
+    assert set(weights) == {"cats", "code", "sums"} and sum(weights.values()) == pytest.approx(1.0)
+    # Among weights over these LoRAs, the closest to the oracle in the dW its flat combination
+    # really has: closer than the soup's or the nearest LoRA's.
+    oracle = adapter_vector(dogs.adapters["oracle"], finals)
+
+    def residual(source) -> float:
+        combined = adapter_vector(source, finals)
+        return (delta_inner(combined, combined, layout) - 2 * delta_inner(combined, oracle, layout)
+                + delta_inner(oracle, oracle, layout)) / delta_inner(oracle, oracle, layout)
+
+    fit = record["fits"]["heldout"]["oracle-projection"]["dogs"]
+    assert residual(dogs.adapters["oracle-projection"]) == pytest.approx(fit["residual_fraction"], rel=1e-5)
+    for rival in ("soup", "nearest"):
+        assert fit["residual_fraction"] < residual(dogs.adapters[rival]), rival
+    realised = delta_cosine(adapter_vector(dogs.adapters["oracle-projection"], finals), oracle, layout)
+    assert set(dict(by[("fold", "cats")].adapters["oracle-projection"].combination)) <= {"code", "sums"}
+    assert set(record["fits"]["heldout"]["oracle-projection"]) == {"dogs"}
+    assert set(record["fits"]["fold0"]["oracle-projection"]) == {"cats", "dogs"}
+    assert fit["residual_fraction"] >= 0  # above 1 where every LoRA here is far from the oracle
+    rows = evaluate_item(dogs, finals, model=ModelConfig(spec="tiny-llama", max_length=32),
+                         cfg=EvalConfig(max_texts=2, max_length=32, samples=1),
+                         task_vectors=TaskVectorConfig(k=2, max_demo_chars=100))
+    scored = {r["variant"]: r for r in rows}
+    assert scored["oracle-projection"]["delta_cosine_to_oracle"] == pytest.approx(realised, rel=1e-6)
+    assert "oracle-projection" not in [i.variants for i in _items(world, plans[:1])[0]][0]  # opt-in

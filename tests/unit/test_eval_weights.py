@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from icm.baselines import cosine
-from icm.eval.weights import delta_cosine, delta_norm, delta_weights, lora_modules
+from icm.eval.weights import (closest_affine_weights, delta_cosine, delta_gram, delta_inner,
+                              delta_norm, delta_weights, lora_modules)
 from icm.lora_io import LayoutError, LoraLayout, flatten
 
 RANK = 4
@@ -100,3 +101,59 @@ def test_non_lora_keys_are_rejected():
 def _project(matrix: torch.Tensor, onto: torch.Tensor) -> torch.Tensor:
     """Frobenius projection of ``matrix`` onto ``onto``."""
     return (matrix * onto).sum() / (onto * onto).sum() * onto
+
+
+def _flat_deltas(vectors, layout) -> torch.Tensor:
+    """(T, sum of out * in) every adapter's products B @ A, concatenated over modules."""
+    return torch.stack([torch.cat([d.reshape(-1) for d in delta_weights(v, layout).values()])
+                        for v in vectors])
+
+
+def test_delta_gram_is_every_pairs_inner_product_of_the_products():
+    layout = _layout()
+    vectors = [flatten(_state(seed, 10 + seed), layout) for seed in range(4)]
+    gram = delta_gram(vectors, layout)
+    deltas = _flat_deltas(vectors, layout)
+    assert gram.shape == (4, 4)
+    assert torch.allclose(gram, deltas @ deltas.T, rtol=1e-10)
+    assert gram[1, 2].item() == pytest.approx(delta_inner(vectors[1], vectors[2], layout), rel=1e-10)
+
+
+def _realised_residual(weights, vectors, target, layout) -> float:
+    """||dW of the flat combination - dW of target||^2 / ||dW of target||^2, by materialised products."""
+    combined = sum(w * v for w, v in zip(weights, vectors))
+    both = _flat_deltas([combined, target], layout)
+    return ((both[0] - both[1]).norm() ** 2 / both[1].norm() ** 2).item()
+
+
+def test_closest_affine_weights_recover_a_combination_of_the_products_exactly():
+    layout = _layout()
+    # A shared by all adapters: the flat combination's dW is then exactly the combination of
+    # their dWs, and the closed form alone finds it.
+    vectors = [flatten(_state(0, 10 + seed), layout) for seed in range(4)]
+    truth = torch.tensor([0.7, -0.4, 0.5, 0.2], dtype=torch.float64)  # sums to 1
+    target = sum(w * v for w, v in zip(truth.tolist(), vectors))
+    weights, fit = closest_affine_weights(vectors, target, layout, list("abcd"))
+    assert list(weights) == list("abcd")
+    assert torch.allclose(torch.tensor(list(weights.values()), dtype=torch.float64), truth, atol=1e-4)
+    assert fit["residual_fraction"] < 1e-6 and fit["linear_model_residual_fraction"] < 1e-6
+
+
+def test_with_a_that_differs_the_fit_is_of_the_flat_combinations_real_dw():
+    """A differs between the adapters (as the zoo's A moves in training): the closed form on
+    sum w dW is not what the flat combination does; the refined weights are, and beat every
+    other affine choice tried (soups, nearest, the closed form itself)."""
+    layout = _layout()
+    vectors = [flatten(_state(seed, 10 + seed), layout) for seed in range(3)]
+    target = flatten(_state(7, 99), layout)  # not a combination of the three
+    weights, fit = closest_affine_weights(vectors, target, layout, list("abc"))
+    best = list(weights.values())
+    assert sum(best) == pytest.approx(1.0)
+    assert fit["residual_fraction"] == pytest.approx(_realised_residual(best, vectors, target, layout), rel=1e-6)
+    assert fit["residual_fraction"] <= fit["linear_residual_fraction"] + 1e-12
+    gram = delta_gram(vectors, layout)
+    inner = torch.tensor([delta_inner(v, target, layout) for v in vectors], dtype=torch.float64)
+    assert fit["linear_model_residual_fraction"] != pytest.approx(fit["linear_residual_fraction"], rel=1e-3)
+    assert delta_gram(vectors, layout) is not gram and inner.shape == (3,)
+    for other in ([1 / 3] * 3, [1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.2, 0.3, 0.5]):
+        assert _realised_residual(other, vectors, target, layout) >= fit["residual_fraction"] - 1e-9
