@@ -166,7 +166,7 @@ def check_actor_resources(cfg: PipelineConfig) -> None:
             f"{tv.actors} actors x {tv.cpus_per_actor} CPU take all {cpus:g} CPUs of the local Ray, "
             "leaving none for reading and writing: Ray Data would hang.",
             field="task_vectors.cpus_per_actor",
-            fix=f"set it below {cpus / tv.actors:g} (e.g. 0.5), or use fewer actors.")
+            fix=f"set it below {cpus / tv.actors:g} (e.g. {cpus / tv.actors / 2:g}), or use fewer actors.")
     if tv.actors * tv.gpus_per_actor > gpus:
         raise TaskVectorInputError(
             f"{tv.actors} actors x {tv.gpus_per_actor} GPU need more than the {gpus:g} GPU(s) here.",

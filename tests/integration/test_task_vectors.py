@@ -155,3 +155,14 @@ def test_bad_config_exits_2_with_one_line_before_any_ray_work(tmp_path, capsys, 
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: ") and field in err and "Traceback" not in err
     assert not (tmp_path / "run" / "task_vectors" / "vectors").exists()
+
+
+def test_the_actor_cpu_fix_suggests_a_share_that_fits_the_local_ray(tmp_path, capsys):
+    """One CPU, 2 actors x 0.5: refused, and the suggested share is itself below the limit (the
+    message once said 'below 0.5 (e.g. 0.5)')."""
+    suite_dir = make_suite(tmp_path / "suite")
+    code = job.main(["--config", "smoke", f"suite.path={suite_dir}", f"storage.root={tmp_path / 'run'}",
+                     *TINY, "ray.num_cpus=1", "task_vectors.actors=2", "task_vectors.cpus_per_actor=0.5"])
+    err = capsys.readouterr().err
+    assert code == 2 and "task_vectors.cpus_per_actor" in err
+    assert "set it below 0.5 (e.g. 0.25)" in err
