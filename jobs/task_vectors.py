@@ -48,6 +48,7 @@ from jobs.ray_setup import init_ray
 log = logging.getLogger("jobs.task_vectors")
 
 SHARD_ROWS = 4096  # episodes per Ray Data run: the unit of resume after a kill
+READ_TASK_CPUS = 1  # what each of Ray Data's read tasks asks for (its default)
 SHARD_DONE_FILE = "_shard.json"  # "_" prefix: parquet readers skip it
 SCHEDULING_FIELDS = {"batch_size", "actors", "cpus_per_actor", "gpus_per_actor"}
 ROWS_PER_FILE = 4096  # output rows per parquet file (the small-files trap, on the write side)
@@ -149,8 +150,9 @@ def write_batches(batches: Iterable[pa.Table], out_dir: str, progress: Progress 
 
 
 def check_actor_resources(cfg: PipelineConfig) -> None:
-    """A local Ray must keep CPU free beside the actors, or the read and write tasks wait forever
-    (2 actors x 1 CPU on 2 CPUs hung for 10 min); a cluster (``ray.address``) may autoscale."""
+    """A local Ray must keep a whole CPU free beside the actors: Ray Data's read tasks ask for 1
+    CPU each, and without one they wait forever (2 actors x 1 CPU on 2 CPUs hung for 10 min; 1
+    actor x 0.5 CPU on 1 CPU too). A cluster (``ray.address``) may autoscale."""
     tv = cfg.task_vectors
     if cfg.ray.address is not None:
         return
@@ -161,12 +163,14 @@ def check_actor_resources(cfg: PipelineConfig) -> None:
 
         cpus = cfg.ray.num_cpus or os.cpu_count() or 1
         gpus = torch.cuda.device_count() if cfg.ray.num_gpus is None else cfg.ray.num_gpus
-    if tv.actors * tv.cpus_per_actor >= cpus:
+    if cpus - tv.actors * tv.cpus_per_actor < READ_TASK_CPUS:
+        share = (cpus - READ_TASK_CPUS) / tv.actors
         raise TaskVectorInputError(
-            f"{tv.actors} actors x {tv.cpus_per_actor} CPU take all {cpus:g} CPUs of the local Ray, "
-            "leaving none for reading and writing: Ray Data would hang.",
+            f"{tv.actors} actors x {tv.cpus_per_actor} CPU leave less than the {READ_TASK_CPUS} CPU "
+            f"a Ray Data read task needs on the local Ray's {cpus:g} CPUs: Ray Data would hang.",
             field="task_vectors.cpus_per_actor",
-            fix=f"set it below {cpus / tv.actors:g} (e.g. {cpus / tv.actors / 2:g}), or use fewer actors.")
+            fix=(f"set it to at most {share:g} (e.g. {share / 2:g}), or use fewer actors." if share > 0
+                 else f"give the local Ray more CPUs (ray.num_cpus >= {READ_TASK_CPUS + 1})."))
     if tv.actors * tv.gpus_per_actor > gpus:
         raise TaskVectorInputError(
             f"{tv.actors} actors x {tv.gpus_per_actor} GPU need more than the {gpus:g} GPU(s) here.",

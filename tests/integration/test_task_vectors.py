@@ -157,12 +157,17 @@ def test_bad_config_exits_2_with_one_line_before_any_ray_work(tmp_path, capsys, 
     assert not (tmp_path / "run" / "task_vectors" / "vectors").exists()
 
 
-def test_the_actor_cpu_fix_suggests_a_share_that_fits_the_local_ray(tmp_path, capsys):
-    """One CPU, 2 actors x 0.5: refused, and the suggested share is itself below the limit (the
-    message once said 'below 0.5 (e.g. 0.5)')."""
+@pytest.mark.parametrize("cpus, actors, share, fix", [
+    (1, 1, 0.5, "ray.num_cpus >= 2"),  # hung: the read task needs the whole CPU
+    (2, 2, 0.75, "at most 0.5 (e.g. 0.25)"),  # 0.5 CPU left: hung the same way
+])
+def test_actors_must_leave_a_read_tasks_cpu_and_the_fix_says_how(tmp_path, capsys, cpus, actors, share, fix):
+    """Ray Data's read tasks ask for 1 CPU: actors that leave less hang the stage (seen with 1
+    actor x 0.5 on 1 CPU). Refused before any Ray work, with a fix that fits (the message once
+    said 'below 0.5 (e.g. 0.5)')."""
     suite_dir = make_suite(tmp_path / "suite")
     code = job.main(["--config", "smoke", f"suite.path={suite_dir}", f"storage.root={tmp_path / 'run'}",
-                     *TINY, "ray.num_cpus=1", "task_vectors.actors=2", "task_vectors.cpus_per_actor=0.5"])
+                     *TINY, f"ray.num_cpus={cpus}", f"task_vectors.actors={actors}",
+                     f"task_vectors.cpus_per_actor={share}"])
     err = capsys.readouterr().err
-    assert code == 2 and "task_vectors.cpus_per_actor" in err
-    assert "set it below 0.5 (e.g. 0.25)" in err
+    assert code == 2 and "task_vectors.cpus_per_actor" in err and fix in err, err
