@@ -161,13 +161,22 @@ def test_bad_config_exits_2_with_one_line_before_any_ray_work(tmp_path, capsys, 
     (1, 1, 0.5, "ray.num_cpus >= 2"),  # hung: the read task needs the whole CPU
     (2, 2, 0.75, "at most 0.5 (e.g. 0.25)"),  # 0.5 CPU left: hung the same way
 ])
-def test_actors_must_leave_a_read_tasks_cpu_and_the_fix_says_how(tmp_path, capsys, cpus, actors, share, fix):
+def test_actors_must_leave_a_read_tasks_cpu_and_the_fix_says_how(tmp_path, cpus, actors, share, fix):
     """Ray Data's read tasks ask for 1 CPU: actors that leave less hang the stage (seen with 1
     actor x 0.5 on 1 CPU). Refused before any Ray work, with a fix that fits (the message once
-    said 'below 0.5 (e.g. 0.5)')."""
+    said 'below 0.5 (e.g. 0.5)'). In a fresh process: in this one a Ray another test started
+    may be up, and the check rightly reads that Ray's CPUs instead of ray.num_cpus."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO_ROOT
+
     suite_dir = make_suite(tmp_path / "suite")
-    code = job.main(["--config", "smoke", f"suite.path={suite_dir}", f"storage.root={tmp_path / 'run'}",
-                     *TINY, f"ray.num_cpus={cpus}", f"task_vectors.actors={actors}",
-                     f"task_vectors.cpus_per_actor={share}"])
-    err = capsys.readouterr().err
-    assert code == 2 and "task_vectors.cpus_per_actor" in err and fix in err, err
+    out = subprocess.run(
+        [sys.executable, "-m", "jobs.task_vectors", "--config", "smoke", f"suite.path={suite_dir}",
+         f"storage.root={tmp_path / 'run'}", *TINY, f"ray.num_cpus={cpus}",
+         f"task_vectors.actors={actors}", f"task_vectors.cpus_per_actor={share}"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert "task_vectors.cpus_per_actor" in out.stderr and fix in out.stderr, out.stderr[-3000:]
+    assert "Traceback" not in out.stderr

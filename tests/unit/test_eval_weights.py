@@ -151,9 +151,7 @@ def test_with_a_that_differs_the_fit_is_of_the_flat_combinations_real_dw():
     assert sum(best) == pytest.approx(1.0)
     assert fit["residual_fraction"] == pytest.approx(_realised_residual(best, vectors, target, layout), rel=1e-6)
     assert fit["residual_fraction"] <= fit["linear_residual_fraction"] + 1e-12
-    gram = delta_gram(vectors, layout)
-    inner = torch.tensor([delta_inner(v, target, layout) for v in vectors], dtype=torch.float64)
+    # the closed form's model of its residual (sum w dW) is not what its weights really give
     assert fit["linear_model_residual_fraction"] != pytest.approx(fit["linear_residual_fraction"], rel=1e-3)
-    assert delta_gram(vectors, layout) is not gram and inner.shape == (3,)
     for other in ([1 / 3] * 3, [1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.2, 0.3, 0.5]):
         assert _realised_residual(other, vectors, target, layout) >= fit["residual_fraction"] - 1e-9
