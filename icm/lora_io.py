@@ -98,11 +98,16 @@ def flatten(state_dict: Mapping[str, torch.Tensor], layout: LoraLayout) -> torch
 
 def unflatten(vector: torch.Tensor, layout: LoraLayout) -> dict[str, torch.Tensor]:
     """Split a flat vector back into the state dict it came from (contiguous float32 tensors)."""
+    return {k: piece.contiguous() for k, piece in split(vector.detach().float().cpu(), layout).items()}
+
+
+def split(vector: torch.Tensor, layout: LoraLayout) -> dict[str, torch.Tensor]:
+    """The layout's tensors as views of a flat vector: its dtype and device, autograd kept."""
     if vector.dim() != 1 or vector.numel() != layout.numel:
         raise LayoutError(f"vector has shape {tuple(vector.shape)}, the layout needs a 1-D vector "
                           f"of {layout.numel} values")
-    pieces = torch.split(vector.detach().float().cpu(), list(layout.sizes))
-    return {k: p.reshape(s).contiguous() for k, p, s in zip(layout.keys, pieces, layout.shapes)}
+    pieces = torch.split(vector, list(layout.sizes))
+    return {k: p.reshape(s) for k, p, s in zip(layout.keys, pieces, layout.shapes)}
 
 
 def adapter_state_dict(peft_model) -> dict[str, torch.Tensor]:

@@ -16,7 +16,7 @@ import re
 
 import torch
 
-from icm.lora_io import LayoutError, LoraLayout, unflatten
+from icm.lora_io import LayoutError, LoraLayout, split, unflatten
 
 # peft keys: "<module>.lora_A.weight"; named_parameters adds the adapter name before ".weight"
 LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>[AB])(?:\.[^.]+)?\.weight$")
@@ -71,22 +71,13 @@ def _delta_inner_tensor(vector_a: torch.Tensor, vector_b: torch.Tensor, layout: 
     Computed as trace((B1^T B2) (A2 A1^T)) on r x r matrices, so the (out, in) products of a
     large model are never materialised.
     """
-    tensors_a, tensors_b = _pieces(vector_a, layout), _pieces(vector_b, layout)
+    tensors_a, tensors_b = split(vector_a, layout), split(vector_b, layout)
     total = torch.zeros((), dtype=torch.float64)
     for a_key, b_key in lora_modules(layout).values():
         b_gram = tensors_a[b_key].double().T @ tensors_b[b_key].double()  # (r, r)
         a_gram = tensors_b[a_key].double() @ tensors_a[a_key].double().T  # (r, r)
         total = total + torch.sum(b_gram * a_gram.T)  # trace(b_gram @ a_gram)
     return total
-
-
-def _pieces(vector: torch.Tensor, layout: LoraLayout) -> dict[str, torch.Tensor]:
-    """`unflatten` without its detach and float32 copy: views that keep dtype and autograd."""
-    if vector.dim() != 1 or vector.numel() != layout.numel:
-        raise LayoutError(f"vector has shape {tuple(vector.shape)}, the layout needs a 1-D vector "
-                          f"of {layout.numel} values")
-    return {k: piece.reshape(shape) for k, piece, shape
-            in zip(layout.keys, torch.split(vector, list(layout.sizes)), layout.shapes)}
 
 
 def delta_gram(vectors: list[torch.Tensor], layout: LoraLayout) -> torch.Tensor:
