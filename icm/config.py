@@ -413,6 +413,12 @@ class EvalConfig(StageConfig):
     fold_seed: int = Field(0, description="Seed of the (fixed, result-blind) group-to-fold assignment.")
     soup_k: int = Field(5, ge=1, description="similarity-soup: nearest training tasks averaged.")
     soup_temperature: float = Field(0.05, gt=0, description="similarity-soup: softmax temperature on cosines.")
+    lorahub_steps: int = Field(40, ge=1, description=(
+        "lorahub / lorahub-train: Adam steps fitting the combination weights (one backward pass "
+        "through the base model each)."))
+    lorahub_lr: float = Field(0.01, gt=0, description="lorahub / lorahub-train: Adam learning rate of the weights.")
+    lorahub_batch_size: int = Field(8, ge=1, description="lorahub / lorahub-train: texts per step.")
+    lorahub_train_texts: int = Field(64, ge=1, description="lorahub-train: train texts per task, at most.")
     bootstrap: int = Field(2000, ge=100, description="Bootstrap resamples of every interval.")
     cpus_per_task: float = Field(1.0, gt=0, description="Ray CPUs per evaluation task.")
     gpus_per_task: float = Field(0.0, ge=0, description="Ray GPUs per evaluation task.")

@@ -8,6 +8,7 @@ same texts, cut at the same length, so the comparisons are paired text by text.
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -47,6 +48,7 @@ class ItemScorer:
         # and what the in-context baseline reads.
         self.demos = sample_demos(task, task_vectors, episode=0)
         self.description = task.description
+        self.train_texts = [text for text in task.train_texts() if text.strip()]  # lorahub-train's
         self.max_demo_chars = task_vectors.max_demo_chars
         self.model, self.tokenizer = load_base_model(model.spec, cache_dir=model.cache_dir,
                                                      dtype=model.dtype)
@@ -76,16 +78,38 @@ class ItemScorer:
         if variant.kind == "base":
             self.score(variant.name, None)
         elif variant.kind == "adapter":
-            vector = adapter_vector(self.item.adapters[variant.name], self.finals)
+            vector, fit = self._adapter(self.item.adapters[variant.name])
             if variant.name == "oracle":
                 self.oracle = vector
-            self.score(variant.name, vector)
+            self.score(variant.name, vector, **fit)
         elif variant.kind == "generated":
             self._generated(variant)
         elif variant.kind == "in-context":
             self._in_context(variant)
         else:
             raise ValueError(f"variant {variant.name!r}: unknown kind {variant.kind!r}")
+
+    def _adapter(self, source: AdapterSource) -> tuple[torch.Tensor, dict[str, Any]]:
+        """(L,) an adapter variant's vector, and the fit's record for its row when the source
+        asks for its combination to be refitted on the task's texts (else {})."""
+        if source.fit_on is None:
+            return adapter_vector(source, self.finals), {}
+        from icm.eval.loss_fit import LossFitSettings, fit_combination
+        from icm.generator.lm import FunctionalLora
+        from icm.lora_train import tokenize_texts
+
+        names = [task for task, _ in source.combination]
+        texts = self.demos if source.fit_on == "demos" else self.train_texts[:self.cfg.lorahub_train_texts]
+        settings = LossFitSettings(steps=self.cfg.lorahub_steps, lr=self.cfg.lorahub_lr,
+                                   batch_size=self.cfg.lorahub_batch_size, seed=self.cfg.seed)
+        vectors = torch.stack([self.finals[task] for task in names])  # (T, L)
+        weights, record = fit_combination(
+            FunctionalLora.on_peft_model(self.swap.model, self.generator.layout), vectors,
+            tokenize_texts(self.tokenizer, list(texts), self.cfg.max_length),
+            start=torch.tensor([w for _, w in source.combination]),
+            pad_id=self.tokenizer.pad_token_id or 0, settings=settings)
+        record.update(on=source.fit_on, weights=json.dumps(dict(zip(names, weights.tolist()))))
+        return weights @ vectors, {"fit_" + key: value for key, value in record.items()}
 
     def _draw(self, condition: np.ndarray, count: int, z: str) -> tuple[torch.Tensor, float]:
         started = time.perf_counter()
@@ -138,7 +162,7 @@ class ItemScorer:
             return None
         if under.kind == "adapter":
             source = self.item.adapters.get(under.name)
-            return adapter_vector(source, self.finals) if source else None
+            return self._adapter(source)[0] if source else None
         condition = self.item.conditions.get(under.condition)
         return None if condition is None else self._draw(condition, 1, "random")[0][0]
 

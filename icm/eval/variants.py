@@ -37,14 +37,20 @@ class AdapterSource:
 
     ``snapshots``: snapshot folders whose vectors are averaged (one folder: that snapshot);
     ``combination``: training task -> weight over the setting's final training LoRAs.
+    ``fit_on``: the worker refits the combination's weights, starting from these, by the LM
+    loss on the task's own texts (`icm.eval.loss_fit`): "demos" (its k demonstrations) or
+    "train" (its train split); None: the weights are used as they are.
     """
 
     snapshots: tuple[str, ...] = ()
     combination: tuple[tuple[str, float], ...] = ()
+    fit_on: Literal["demos", "train"] | None = None
 
     @classmethod
-    def weights(cls, weights: Mapping[str, float]) -> AdapterSource:
-        return cls(combination=tuple(sorted((t, float(w)) for t, w in weights.items() if w != 0.0)))
+    def weights(cls, weights: Mapping[str, float], fit_on: Literal["demos", "train"] | None = None
+                ) -> AdapterSource:
+        return cls(combination=tuple(sorted((t, float(w)) for t, w in weights.items() if w != 0.0)),
+                   fit_on=fit_on)
 
 
 @dataclass(frozen=True)
@@ -213,6 +219,14 @@ def _oracle_projection(ctx: TaskContext) -> AdapterSource | None:
     return AdapterSource.weights(weights)
 
 
+def _loss_fit(fit_on: Literal["demos", "train"]) -> Callable[[TaskContext], AdapterSource | None]:
+    """The uniform soup's weights, to be refitted by the worker on the task's own texts."""
+    def source(ctx: TaskContext) -> AdapterSource | None:
+        soup = _soup(ctx)
+        return None if soup is None else AdapterSource.weights(dict(soup.combination), fit_on=fit_on)
+    return source
+
+
 # ----------------------------------------------------------------------------- the registry
 
 register(Variant("base", "base", ALL, "the base model alone"))
@@ -257,6 +271,17 @@ register(Variant("oracle-projection", "adapter", UNSEEN, (
     "tasks' LoRAs, weights summing to 1, whose dW = B @ A is closest to the oracle's: about the "
     "best any weights over the zoo (soup, similarity soup, nearest, ridge) could do"),
     opt_in=True, source=_oracle_projection))
+register(Variant("lorahub", "adapter", UNSEEN, (
+    "LoraHub with gradients: weights over the training tasks' LoRAs (flat combination, from the "
+    "uniform soup's) fitted by the LM loss on the task's k demonstrations, the texts in-context "
+    "prompting reads; what a user with the zoo and a few examples gets without the generator "
+    "(opt-in: evaluate.lorahub_steps backward passes per task)"),
+    baseline=True, opt_in=True, source=_loss_fit("demos")))
+register(Variant("lorahub-train", "adapter", UNSEEN, (
+    "a diagnostic, not a rival (it reads the task's whole train split, the oracle's data): "
+    "lorahub's fit on up to evaluate.lorahub_train_texts train texts in minibatches: about the "
+    "lowest loss any weights over the zoo reach"),
+    opt_in=True, source=_loss_fit("train")))
 register(Variant("multitask", "adapter", ALL, (
     "one LoRA trained on the union of the training tasks (zoo.multitask_steps sets its compute; "
     "folds: the oracles stage's per-fold one, oracles.fold_multitask, else absent)"),

@@ -41,14 +41,25 @@ class FunctionalLora:
     def __init__(self, base_model, peft_config: Mapping[str, Any], layout: LoraLayout):
         from peft import get_peft_model
 
-        self.device = next(base_model.parameters()).device
-
         from icm.adapter_swap import lora_config_from_json
 
         for parameter in base_model.parameters():
             parameter.requires_grad_(False)
-        self.model = get_peft_model(base_model, lora_config_from_json(peft_config)).eval()
-        self.layout = layout
+        self._attach(get_peft_model(base_model, lora_config_from_json(peft_config)).eval(), layout)
+
+    @classmethod
+    def on_peft_model(cls, model, layout: LoraLayout) -> FunctionalLora:
+        """Use a model already wrapped in a peft LoRA (e.g. `SwappableLora.model`, in eval mode)
+        instead of wrapping another copy; its own LoRA weights are left as they are."""
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)
+        applier = cls.__new__(cls)
+        applier._attach(model, layout)
+        return applier
+
+    def _attach(self, model, layout: LoraLayout) -> None:
+        self.model, self.layout = model, layout
+        self.device = next(model.parameters()).device
         names = {self._key(name): name for name, _ in self.model.named_parameters()
                  if ".lora_" in name}
         missing = [key for key in layout.keys if key not in names]

@@ -1,0 +1,73 @@
+"""Combination weights over a LoRA zoo fitted by the frozen base model's language-modelling loss
+(LoraHub, Huang et al. 2023, with gradients instead of a gradient-free search).
+
+The adapter is the flat combination ``sum_t w_t theta_t`` of the training tasks' final LoRAs, the
+family every weight baseline here belongs to (soup, similarity soup, nearest, ridge). Instead of
+reading the weights off task vectors, they are fitted on texts of the task itself: its k
+demonstrations (what a user with the zoo and a few examples can do, no generator needed) or its
+whole train split (the oracle's own data: about the lowest loss any weights over the zoo reach).
+Only the T weights move; the base model and every LoRA stay frozen.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class LossFitSettings:
+    """How the weights are fitted: Adam on the mean token NLL of minibatches of the texts."""
+
+    steps: int = 40
+    lr: float = 0.01
+    batch_size: int = 8  # texts per step; fewer texts than this: all of them every step
+    seed: int = 0
+
+
+def fit_combination(applier, vectors: torch.Tensor, sequences: Sequence[Sequence[int]], *,
+                    start: torch.Tensor, pad_id: int, settings: LossFitSettings
+                    ) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Weights (T,) of the flat combination ``weights @ vectors`` that lower the LM loss of
+    ``sequences`` (token ids, start token first) under ``applier`` (`FunctionalLora`).
+
+    Args:
+        vectors: (T, L) the combined LoRAs' flat vectors, in the applier's layout.
+        start: (T,) the weights the fit starts from (e.g. the uniform soup's).
+
+    Returns:
+        The fitted weights and a record: loss at the start and end of the fit (on the step's
+        batch), the weights' sum and largest magnitude, seconds.
+    """
+    from icm.lora_train import collate
+
+    if vectors.ndim != 2 or start.shape != (len(vectors),):
+        raise ValueError(f"vectors must be (T, L) and start (T,); got {tuple(vectors.shape)} "
+                         f"and {tuple(start.shape)}")
+    if not sequences:
+        raise ValueError("no texts to fit combination weights on")
+    started = time.perf_counter()
+    vectors = vectors.to(applier.device)
+    weights = start.detach().clone().float().to(applier.device).requires_grad_(True)  # (T,)
+    optimizer = torch.optim.Adam([weights], lr=settings.lr)
+    rng = random.Random(f"loss-fit-{settings.seed}")
+    losses = []
+    for _ in range(settings.steps):
+        batch = (list(sequences) if len(sequences) <= settings.batch_size
+                 else rng.sample(list(sequences), settings.batch_size))
+        loss = applier.nll(weights @ vectors, collate(batch, pad_id))  # (T,) @ (T, L) -> (L,)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    fitted = weights.detach().cpu()
+    record = {"start_nll": losses[0] if losses else None, "end_nll": losses[-1] if losses else None,
+              "weight_sum": float(fitted.sum()), "max_abs_weight": float(fitted.abs().max()),
+              "texts": len(sequences), "steps": settings.steps,
+              "seconds": time.perf_counter() - started}
+    return fitted, record
