@@ -269,3 +269,56 @@ def test_oracle_projection_is_the_affine_zoo_combination_closest_to_the_oracle(w
     scored = {r["variant"]: r for r in rows}
     assert scored["oracle-projection"]["delta_cosine_to_oracle"] == pytest.approx(realised, rel=1e-6)
     assert "oracle-projection" not in [i.variants for i in _items(world, plans[:1])[0]][0]  # opt-in
+
+
+def test_lorahub_refits_the_soup_on_the_tasks_own_texts_never_its_eval_texts(world):
+    """lorahub starts from the soup's weights over the setting's training LoRAs and refits them
+    on the k demonstrations (lorahub-train: on the train split); the scored adapter is that
+    combination, its demonstration loss is below the soup's, the fit is recorded in the row."""
+    import json
+
+    from icm.eval.variants import UNSEEN, VARIANTS
+    from icm.task_vectors import sample_demos
+    from icm.tasks import load_task
+
+    base, suite, means = world
+    generator = str(base / "generator")
+    plans = [SettingPlan("heldout", ["dogs"], ["cats", "code", "sums"], generator),
+             SettingPlan("fold", ["cats"], ["code", "sums"], generator, fold=0)]
+    items, _, finals = build_items(suite, plans, means, zoo_root=base / "zoo",
+                                   oracle_root=base / "oracles", options={"soup_k": 2},
+                                   variant_names=["soup", "lorahub", "lorahub-train"])
+    assert VARIANTS["lorahub"].baseline and VARIANTS["lorahub"].opt_in
+    assert not VARIANTS["lorahub-train"].baseline and VARIANTS["lorahub-train"].settings == UNSEEN
+    by = {(i.setting, i.task): i for i in items}
+    dogs = by[("heldout", "dogs")]
+    soup = dict(dogs.adapters["soup"].combination)
+    assert dict(dogs.adapters["lorahub"].combination) == soup
+    assert (dogs.adapters["lorahub"].fit_on, dogs.adapters["lorahub-train"].fit_on) == ("demos", "train")
+    cfg = EvalConfig(max_texts=2, max_length=32, samples=1, lorahub_steps=6, lorahub_lr=0.05,
+                     lorahub_batch_size=3, lorahub_train_texts=5)
+    demos_cfg = TaskVectorConfig(k=2, max_demo_chars=100)
+    scored = {}
+    for item, tasks in ((dogs, {"cats", "code", "sums"}), (by[("fold", "cats")], {"code", "sums"})):
+        rows = evaluate_item(item, finals, model=ModelConfig(spec="tiny-llama", max_length=32),
+                             cfg=cfg, task_vectors=demos_cfg)
+        scored[item.setting] = {r["variant"]: r for r in rows}
+        for name, texts in (("lorahub", 2), ("lorahub-train", 5)):  # k demos; capped train split
+            row = scored[item.setting][name]
+            assert set(json.loads(row["fit_weights"])) == tasks and row["fit_texts"] == texts
+            assert row["fit_end_nll"] < row["fit_start_nll"], name
+    # The row scores exactly the fitted combination (re-scored here through another code path),
+    # and the fit lowered the demonstrations' loss below the soup's.
+    swap, tokenizer, _ = _swap_for(dogs)
+    task = load_task(dogs.task_path)
+    demos = list(sample_demos(task, demos_cfg, episode=0))
+
+    def score(weights, texts):
+        swap.load(sum(w * finals[t] for t, w in weights.items()))
+        return swap.score(tokenizer, texts, max_length=32, batch_size=8).perplexity
+
+    row = scored["heldout"]["lorahub"]
+    fitted = json.loads(row["fit_weights"])
+    assert fitted != pytest.approx(soup)
+    assert score(fitted, demos) < score(soup, demos)
+    assert score(fitted, task.eval_texts()[:2]) == pytest.approx(row["perplexity"], rel=1e-5)

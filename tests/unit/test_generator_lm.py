@@ -212,3 +212,23 @@ def test_anchor_offset_adds_the_generated_deviation_to_the_anchor_and_a_fixed_on
     assert sum(after) < sum(before)
     with pytest.raises(ValueError, match="another layout"):
         anchor_offset(generator, anchor[:-1])
+
+
+def test_functional_lora_on_an_already_wrapped_model_gives_the_same_loss(world):
+    """`on_peft_model` (the evaluation's SwappableLora model, not a second copy) scores a vector
+    like a freshly wrapped model, and the lorahub fit on it rejects malformed input by name."""
+    from icm.adapter_swap import SwappableLora
+    from icm.eval.loss_fit import LossFitSettings, fit_combination
+
+    generator, applier, _, _, tokenizer = _setup(world)
+    swap = SwappableLora(load_base_model("tiny-llama")[0], generator.peft_config, generator.layout)
+    reused = FunctionalLora.on_peft_model(swap.model, generator.layout)
+    batch = collate(tokenize_texts(tokenizer, TEXTS["sums"][:2], 24), tokenizer.pad_token_id or 0)
+    vector = generator.sample(world[1]["sums"].mean(0), z="zero")[0]  # (L,)
+    with torch.no_grad():
+        assert float(reused.nll(vector, batch)) == pytest.approx(float(applier.nll(vector, batch)), rel=1e-6)
+    vectors = torch.stack([vector, torch.zeros_like(vector)])  # (2, L)
+    with pytest.raises(ValueError, match="start"):
+        fit_combination(reused, vectors, [[1, 2]], start=torch.ones(3), pad_id=0, settings=LossFitSettings())
+    with pytest.raises(ValueError, match="no texts"):
+        fit_combination(reused, vectors, [], start=torch.ones(2), pad_id=0, settings=LossFitSettings())
