@@ -4,7 +4,8 @@ A variant is one registry entry. Its *kind* says how the worker gets what it sco
 
     base         the base model alone
     adapter      a LoRA the driver names: a snapshot, a mean of snapshots, or a weighted
-                 combination of training tasks' final LoRAs (every baseline here is one)
+                 combination of training tasks' final LoRAs (every adapter baseline here is
+                 one), whose weights the worker may refit on the task's own texts (lorahub)
     generated    the generator's output for one of the task's condition vectors
     in-context   the model reading k demonstrations before each eval text: the base model, or
                  with ``with_adapter`` another variant's adapter active (the adapter and the

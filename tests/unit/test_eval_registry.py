@@ -26,7 +26,11 @@ def test_every_setting_has_base_oracle_generated_and_the_strong_baselines():
     assert "multitask" in [v.name for v in variants_for("fold")]
     assert {"lookup", "replicate"} <= {v.name for v in variants_for("seen")}
     assert not {"lookup", "replicate"} & {v.name for v in variants_for("heldout")}
-    assert set(baseline_names()) == {"soup", "similarity-soup", "nearest", "ridge", "multitask", "in-context"}
+    assert set(baseline_names()) == {"soup", "similarity-soup", "nearest", "ridge", "lorahub",
+                                     "multitask", "in-context"}
+    # lorahub costs backward passes per task: a baseline only where asked for
+    assert "lorahub" not in {v.name for s in ("heldout", "fold") for v in variants_for(s)}
+    assert "lorahub" in {v.name for v in variants_for("fold", extra=["lorahub"])}
     with pytest.raises(ValueError, match="unknown"):
         variants_for("heldout", ["generated", "not-a-variant"])
 
