@@ -49,24 +49,24 @@ def fit_combination(applier, vectors: torch.Tensor, sequences: Sequence[Sequence
     if vectors.ndim != 2 or start.shape != (len(vectors),):
         raise ValueError(f"vectors must be (T, L) and start (T,); got {tuple(vectors.shape)} "
                          f"and {tuple(start.shape)}")
-    if not sequences:
-        raise ValueError("no texts to fit combination weights on")
+    if not sequences or settings.steps < 1:
+        raise ValueError("no texts to fit combination weights on, or settings.steps < 1")
     started = time.perf_counter()
     vectors = vectors.to(applier.device)
     weights = start.detach().clone().float().to(applier.device).requires_grad_(True)  # (T,)
     optimizer = torch.optim.Adam([weights], lr=settings.lr)
-    rng = random.Random(f"loss-fit-{settings.seed}")
+    rng, sequences = random.Random(f"loss-fit-{settings.seed}"), list(sequences)
     losses = []
     for _ in range(settings.steps):
-        batch = (list(sequences) if len(sequences) <= settings.batch_size
-                 else rng.sample(list(sequences), settings.batch_size))
+        batch = (sequences if len(sequences) <= settings.batch_size
+                 else rng.sample(sequences, settings.batch_size))
         loss = applier.nll(weights @ vectors, collate(batch, pad_id))  # (T,) @ (T, L) -> (L,)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         losses.append(float(loss.detach()))
     fitted = weights.detach().cpu()
-    record = {"start_nll": losses[0] if losses else None, "end_nll": losses[-1] if losses else None,
+    record = {"start_nll": losses[0], "end_nll": losses[-1],
               "weight_sum": float(fitted.sum()), "max_abs_weight": float(fitted.abs().max()),
               "texts": len(sequences), "steps": settings.steps,
               "seconds": time.perf_counter() - started}

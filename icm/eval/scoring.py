@@ -54,6 +54,7 @@ class ItemScorer:
                                                      dtype=model.dtype)
         self.generator = LoraGenerator.load(item.generator_dir)
         self.swap = SwappableLora(self.model, self.generator.peft_config, self.generator.layout)
+        self.applier = None  # a FunctionalLora on self.swap.model, made when a fit needs it
         self.rows: list[dict[str, Any]] = []
         self.oracle: torch.Tensor | None = None
 
@@ -103,8 +104,10 @@ class ItemScorer:
         settings = LossFitSettings(steps=self.cfg.lorahub_steps, lr=self.cfg.lorahub_lr,
                                    batch_size=self.cfg.lorahub_batch_size, seed=self.cfg.seed)
         vectors = torch.stack([self.finals[task] for task in names])  # (T, L)
+        if self.applier is None:  # the scoring model itself, with LoRAs passed per call
+            self.applier = FunctionalLora.on_peft_model(self.swap.model, self.generator.layout)
         weights, record = fit_combination(
-            FunctionalLora.on_peft_model(self.swap.model, self.generator.layout), vectors,
+            self.applier, vectors,
             tokenize_texts(self.tokenizer, list(texts), self.cfg.max_length),
             start=torch.tensor([w for _, w in source.combination]),
             pad_id=self.tokenizer.pad_token_id or 0, settings=settings)

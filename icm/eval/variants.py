@@ -21,7 +21,7 @@ nowhere else.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -48,10 +48,8 @@ class AdapterSource:
     fit_on: Literal["demos", "train"] | None = None
 
     @classmethod
-    def weights(cls, weights: Mapping[str, float], fit_on: Literal["demos", "train"] | None = None
-                ) -> AdapterSource:
-        return cls(combination=tuple(sorted((t, float(w)) for t, w in weights.items() if w != 0.0)),
-                   fit_on=fit_on)
+    def weights(cls, weights: Mapping[str, float]) -> AdapterSource:
+        return cls(combination=tuple(sorted((t, float(w)) for t, w in weights.items() if w != 0.0)))
 
 
 @dataclass(frozen=True)
@@ -224,7 +222,7 @@ def _loss_fit(fit_on: Literal["demos", "train"]) -> Callable[[TaskContext], Adap
     """The uniform soup's weights, to be refitted by the worker on the task's own texts."""
     def source(ctx: TaskContext) -> AdapterSource | None:
         soup = _soup(ctx)
-        return None if soup is None else AdapterSource.weights(dict(soup.combination), fit_on=fit_on)
+        return None if soup is None else replace(soup, fit_on=fit_on)
     return source
 
 

@@ -29,7 +29,7 @@ from icm.config import GeneratorConfig, ModelConfig
 from icm.generator.artifact import LoraGenerator
 from icm.generator.data import PreparedData, SampleSet
 from icm.generator.networks import cvae_loss
-from icm.lora_io import LoraLayout
+from icm.lora_io import LoraLayout, split
 
 LM_CHECKPOINT_FILE = "lm_state.pt"
 
@@ -43,21 +43,20 @@ class FunctionalLora:
 
         from icm.adapter_swap import lora_config_from_json
 
-        for parameter in base_model.parameters():
-            parameter.requires_grad_(False)
         self._attach(get_peft_model(base_model, lora_config_from_json(peft_config)).eval(), layout)
 
     @classmethod
     def on_peft_model(cls, model, layout: LoraLayout) -> FunctionalLora:
         """Use a model already wrapped in a peft LoRA (e.g. `SwappableLora.model`, in eval mode)
         instead of wrapping another copy; its own LoRA weights are left as they are."""
-        for parameter in model.parameters():
-            parameter.requires_grad_(False)
         applier = cls.__new__(cls)
         applier._attach(model, layout)
         return applier
 
     def _attach(self, model, layout: LoraLayout) -> None:
+        """Freeze every parameter (gradients flow only into the vectors passed to `nll`)."""
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)
         self.model, self.layout = model, layout
         self.device = next(model.parameters()).device
         names = {self._key(name): name for name, _ in self.model.named_parameters()
@@ -76,9 +75,8 @@ class FunctionalLora:
     def nll(self, vector: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Mean token NLL of ``batch`` (input_ids, attention_mask, labels; (B, T) each) under
         base + the LoRA ``vector`` (L,); differentiable in ``vector``."""
-        pieces = torch.split(vector, list(self.layout.sizes))
-        params = {name: piece.reshape(shape) for name, piece, shape in
-                  zip(self.names, pieces, self.layout.shapes)}
+        pieces = split(vector, self.layout)  # layout key -> view of ``vector``
+        params = {name: pieces[key] for name, key in zip(self.names, self.layout.keys)}
         batch = {key: value.to(self.device) for key, value in batch.items()}
         out = torch.func.functional_call(self.model, params, args=(), kwargs=batch)
         return out.loss
