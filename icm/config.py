@@ -411,6 +411,11 @@ class EvalConfig(StageConfig):
         "Group folds: each holds out whole groups from a generator refit on the rest; 0: none."))
     groups_per_fold: int = Field(1, ge=1, description="Groups each fold holds out.")
     fold_seed: int = Field(0, description="Seed of the (fixed, result-blind) group-to-fold assignment.")
+    fold_groups: list[list[str]] | None = Field(None, description=(
+        "Explicit folds, each the list of groups it holds out together, e.g. [[bible], "
+        "[python-docs]]: sets evaluate.folds to their number and replaces the dealing by "
+        "groups_per_fold and fold_seed (to compare runs on other suites on the same groups). "
+        "None: dealt by fold_seed."))
     soup_k: int = Field(5, ge=1, description="similarity-soup: nearest training tasks averaged.")
     soup_temperature: float = Field(0.05, gt=0, description="similarity-soup: softmax temperature on cosines.")
     lorahub_steps: int = Field(40, ge=1, description=(
@@ -429,6 +434,23 @@ class EvalConfig(StageConfig):
         from icm.eval.variants import check_names  # late: the registry is the eval package's
 
         return check_names(value, f"evaluate.{info.field_name}")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _explicit_folds(cls, data: Any) -> Any:
+        # Explicit folds decide how many there are: a preset's `folds: 4` must not contradict them.
+        groups = data.get("fold_groups") if isinstance(data, dict) else None
+        if groups is None:
+            return data
+        if not isinstance(groups, list) or not groups or any(not isinstance(f, list) or not f for f in groups):
+            raise ValueError("evaluate.fold_groups must be a non-empty list of non-empty lists of group "
+                             "names, e.g. [[bible], [python-docs]]. Fix: give it so, or null.")
+        named = [group for fold in groups for group in fold]
+        twice = sorted({group for group in named if named.count(group) > 1})
+        if twice:
+            raise ValueError(f"evaluate.fold_groups holds out {twice} in more than one fold; folds must "
+                             "be disjoint. Fix: name each group once.")
+        return {**data, "folds": len(groups)}
 
     @model_validator(mode="before")
     @classmethod

@@ -2,7 +2,8 @@
 it never saw (the fixed held-out set always has siblings of its tasks in training).
 
 The fold assignment is fixed by the config and a seed before any result is seen: the suite's
-groups in name order, shuffled by ``evaluate.fold_seed``, dealt ``groups_per_fold`` at a time.
+groups in name order, shuffled by ``evaluate.fold_seed``, dealt ``groups_per_fold`` at a time;
+or named outright by ``evaluate.fold_groups``.
 """
 
 from __future__ import annotations
@@ -24,12 +25,24 @@ def group_folds(groups: Sequence[str], folds: int, groups_per_fold: int, seed: i
     return [shuffled[i * groups_per_fold:(i + 1) * groups_per_fold] for i in range(folds)]
 
 
+def explicit_folds(groups: Sequence[str], fold_groups: Sequence[Sequence[str]]) -> list[list[str]]:
+    """``evaluate.fold_groups``, checked against the suite's ``groups`` (disjointness is the
+    config's check)."""
+    unknown = sorted({group for fold in fold_groups for group in fold} - set(groups))
+    if unknown:
+        raise ValueError(f"evaluate.fold_groups names {unknown}, which the suite does not have (its "
+                         f"groups: {sorted(set(groups))}). Fix: name groups of this suite.")
+    return [list(fold) for fold in fold_groups]
+
+
 def suite_folds(suite: Suite, evaluate) -> list[list[str]]:
     """The evaluate stage's folds for ``suite`` (``evaluate``: an `EvalConfig`): each fold's held-out
     groups; [] when ``evaluate.folds`` is 0. The oracles stage's per-fold multi-task LoRAs and the
     evaluate stage's fold generators must agree on them, so both call this."""
     if not evaluate.folds:
         return []
+    if evaluate.fold_groups is not None:
+        return explicit_folds([task.group for task in suite.tasks.values()], evaluate.fold_groups)
     return group_folds([task.group for task in suite.tasks.values()], evaluate.folds,
                        evaluate.groups_per_fold, evaluate.fold_seed)
 

@@ -41,3 +41,19 @@ def test_suite_folds_follow_the_evaluate_config(tiny_suite):
         folds = suite_folds(suite, EvalConfig(folds=3, groups_per_fold=1, fold_seed=seed))
         assert folds == group_folds(["animals", "math", "code"], 3, 1, seed)
         assert sorted(g for f in folds for g in f) == ["animals", "code", "math"]
+
+
+def test_explicit_fold_groups_replace_the_dealing_and_are_checked(tiny_suite):
+    """evaluate.fold_groups names the folds outright (to compare runs on different suites on the
+    same groups): it overrides a preset's fold count, and wrong names fail by the field's name."""
+    suite = load_suite(tiny_suite)  # groups: animals, math, code
+    config = EvalConfig(folds=4, fold_seed=3, fold_groups=[["code"], ["animals", "math"]])
+    assert config.folds == 2  # a preset's `folds: 4` does not contradict the explicit list
+    assert suite_folds(suite, config) == [["code"], ["animals", "math"]]
+    with pytest.raises(ValueError, match=r"evaluate.fold_groups names \['poetry'\].*Fix"):
+        suite_folds(suite, EvalConfig(fold_groups=[["poetry"]]))
+    for bad, message in (([["code"], ["code", "math"]], "more than one fold"), ([], "non-empty"),
+                         ([["code"], []], "non-empty")):
+        with pytest.raises(ValueError, match=message):
+            EvalConfig(fold_groups=bad)
+    assert EvalConfig(folds=2).fold_groups is None and EvalConfig(folds=2).folds == 2
