@@ -153,26 +153,17 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval_compare(args: argparse.Namespace) -> int:
-    import pandas as pd
-
     from icm.eval.compare import merge_runs
     from icm.eval.report import generated_variants, markdown_report, plot_per_task
     from icm.io import write_text_atomic
-
-    def results(folder: str) -> pd.DataFrame:
-        path = Path(folder) / "results.parquet" if Path(folder).is_dir() else Path(folder)
-        if not path.is_file():
-            raise InputError(f"{path} does not exist. Fix: pass an evaluate stage folder "
-                             "(<storage.root>/evaluate) or its results.parquet.")
-        return pd.read_parquet(path)
 
     others = {}
     for spec in args.run:
         label, sep, folder = spec.partition("=")
         if not sep or not label or not folder:
             raise InputError(f"--run {spec!r} must be LABEL=FOLDER, e.g. --run hyper=icm-runs/study-hyper/evaluate")
-        others[label] = results(folder)
-    merged = merge_runs(results(args.reference), others)
+        others[label] = _results(folder)
+    merged = merge_runs(_results(args.reference), others)
     config = "\n".join(f"{label}: {folder}" for label, folder in
                         [("reference", args.reference), *[r.split("=", 1) for r in args.run]])
     report = markdown_report(merged, command="icm eval-compare " + " ".join(sys.argv[2:]),
@@ -185,6 +176,41 @@ def _cmd_eval_compare(args: argparse.Namespace) -> int:
                   variants=("oracle", *generators, "similarity-soup", "in-context", "multitask"))
     print(f"eval-compare: {merged['task'].nunique()} tasks, generators {generators} -> {out}")
     return 0
+
+
+def _cmd_eval_compare_zoos(args: argparse.Namespace) -> int:
+    from icm.eval.compare import merge_runs, pair_across_zoos, zoo_comparison_table
+    from icm.io import write_text_atomic
+
+    runs = {}
+    for spec in args.run:
+        label, sep, folders = spec.partition("=")
+        if not sep or not label or not folders:
+            raise InputError(f"--run {spec!r} must be LABEL=FOLDER[,FOLDER...], e.g. "
+                             "--run core=icm-runs/core/evaluate,icm-runs/core-lorahub/evaluate")
+        first, *more = folders.split(",")
+        # Folders after the first are runs on the same zoo that add variants (baselines).
+        runs[label] = merge_runs(_results(first), {f"{label}-{i}": _results(f) for i, f in enumerate(more)})
+    paired = pair_across_zoos(runs)
+    table = zoo_comparison_table(paired, list(runs), args.bootstrap, seed=0)
+    tasks = paired.groupby("setting")["task"].unique()
+    lines = ["# Runs on different zoos, paired on the tasks all of them scored", "",
+             "    icm eval-compare-zoos " + " ".join(sys.argv[2:]), "",
+             *[f"- {setting}: {', '.join(sorted(names))}" for setting, names in tasks.items()], "",
+             table.to_markdown(index=False), ""]
+    write_text_atomic(Path(args.out), "\n".join(lines))
+    print(table.to_markdown(index=False))
+    return 0
+
+
+def _results(folder: str):
+    import pandas as pd
+
+    path = Path(folder) / "results.parquet" if Path(folder).is_dir() else Path(folder)
+    if not path.is_file():
+        raise InputError(f"{path} does not exist. Fix: pass an evaluate stage folder "
+                         "(<storage.root>/evaluate) or its results.parquet.")
+    return pd.read_parquet(path)
 
 
 def _folds_of(reference: str) -> list:
@@ -305,6 +331,15 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--out", required=True, help="markdown report to write (a .png goes beside it)")
     compare.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples")
     compare.set_defaults(func=_cmd_eval_compare)
+
+    zoos = sub.add_parser("eval-compare-zoos", help="runs on different zoos (e.g. suites with "
+                          "other training tasks) paired on the tasks all of them scored")
+    zoos.add_argument("--run", action="append", required=True, metavar="LABEL=FOLDER[,FOLDER...]",
+                      help="an evaluation (folders after the first: runs on its zoo adding variants); "
+                      "give two or more, the first is the reference of the ratio column")
+    zoos.add_argument("--out", required=True, help="markdown table to write")
+    zoos.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples")
+    zoos.set_defaults(func=_cmd_eval_compare_zoos)
 
     generate = sub.add_parser("generate", help="a task's context in, a peft adapter out")
     generate.add_argument("--generator", required=True, help="generator artifact directory")

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from icm.errors import InputError
-from icm.eval.report import KEY
+from icm.eval.report import KEY, format_ci, gap_row, ratio_row
 from icm.eval.variants import VARIANTS, registered_name, under_prompt
 
 
@@ -90,3 +90,60 @@ def _check_shared(reference: pd.DataFrame, other: pd.DataFrame, label: str, rtol
     if missing:
         raise InputError(f"run {label!r} scored {len(missing)} (setting, fold, task) the reference "
                          f"did not, e.g. {sorted(missing)[0]}. Fix: use the same evaluate settings.")
+
+
+# --- Runs on different zoos -------------------------------------------------------------------
+# Another suite (other training tasks, other groups) gives every adapter variant another zoo, so
+# nothing but the base model and the oracles can be shared. Such runs are paired on the
+# (setting, task)s all of them scored, with base and oracle checked equal (same texts, same
+# oracle LoRA), and every other variant labelled by its run: ``soup[wide]`` beside ``soup[core]``.
+SHARED_ACROSS_ZOOS = ("base", "oracle")
+
+
+def pair_across_zoos(runs: Mapping[str, pd.DataFrame], *, rtol: float = 1e-4) -> pd.DataFrame:
+    """Rows of ``runs`` (label -> results) on their common (setting, task)s: base and oracle once,
+    every other variant as ``name[label]``. The fold index is dropped (-1): folds are numbered per
+    run, and a task sits in one fold of a setting. Raises InputError when base or oracle differ."""
+    if len(runs) < 2:
+        raise InputError("pairing across zoos needs at least two runs. Fix: pass two --run LABEL=FOLDER.")
+    frames = {label: frame.assign(fold=-1.0) for label, frame in runs.items()}
+    common = set.intersection(*(set(zip(f["setting"], f["task"])) for f in frames.values()))
+    if not common:
+        raise InputError(f"runs {sorted(runs)} share no (setting, task). Fix: compare runs that "
+                         "scored some of the same tasks (e.g. the same evaluate.fold_groups).")
+    frames = {label: f[[pair in common for pair in zip(f["setting"], f["task"])]]
+              for label, f in frames.items()}
+    first_label, first = next(iter(frames.items()))
+    for label, frame in list(frames.items())[1:]:
+        for variant in SHARED_ACROSS_ZOOS:
+            mine, theirs = _by_key(first, variant, "text_nll"), _by_key(frame, variant, "text_nll")
+            for key in sorted(set(mine) | set(theirs)):
+                a, b = (np.asarray(x.get(key, ()), dtype=np.float64) for x in (mine, theirs))
+                if a.shape != b.shape or not np.allclose(a, b, rtol=rtol):
+                    raise InputError(f"runs {first_label!r} and {label!r} disagree on {variant!r} for "
+                                     f"{key}: not the same texts or oracle, so no pairing. Fix: "
+                                     "evaluate both with the same suite texts, evaluate config and oracles.")
+    shared = first[first["variant"].isin(SHARED_ACROSS_ZOOS)]
+    labelled_rows = [f[~f["variant"].isin(SHARED_ACROSS_ZOOS)].assign(
+        variant=lambda d, label=label: d["variant"].map(lambda v: labelled(v, label)))
+        for label, f in frames.items()]
+    return pd.concat([shared, *labelled_rows], ignore_index=True)
+
+
+def zoo_comparison_table(paired: pd.DataFrame, labels: list[str], resamples: int, seed: int) -> pd.DataFrame:
+    """Per setting and variant scored by every run: each run's gap recovered, and the last run's
+    perplexity over the first's (paired bootstrap, below 1: the last run's zoo did better)."""
+    rows = []
+    first, last = labels[0], labels[-1]
+    for setting, frame in paired.groupby("setting", sort=True):
+        names = sorted({v.rsplit("[", 1)[0] for v in frame["variant"] if v.endswith("]")})
+        for name in names:
+            present = {label: labelled(name, label) in set(frame["variant"]) for label in labels}
+            if not all(present.values()):
+                continue
+            gaps = {f"gap [{label}]": format_ci(gap_row(frame, labelled(name, label), resamples, seed))
+                    for label in labels}
+            ratio = ratio_row(frame, labelled(name, last), labelled(name, first), resamples, seed)
+            rows.append({"setting": setting, "tasks": frame["task"].nunique(), "variant": name, **gaps,
+                         f"{last} / {first} ppl [95% CI]": format_ci(ratio)})
+    return pd.DataFrame(rows)

@@ -8,7 +8,7 @@ import pytest
 
 from jobs.cli import main
 from icm.errors import InputError
-from icm.eval.compare import merge_runs
+from icm.eval.compare import merge_runs, pair_across_zoos, zoo_comparison_table
 from icm.eval.report import generators_table, markdown_report
 from tests.unit.test_eval_report import _results
 
@@ -99,4 +99,52 @@ def test_eval_compare_command_writes_the_report(tmp_path, capsys):
     assert "| soup " in out.read_text()
     assert main(["eval-compare", "--reference", str(tmp_path / "reference.parquet"),
                  "--run", "hyper", "--out", str(out)]) == 2
+    assert "must be LABEL=FOLDER" in capsys.readouterr().err
+
+
+def _wide_run() -> pd.DataFrame:
+    """The same texts and oracles on another zoo: a better soup, folds numbered the other way,
+    and only half of the held-out tasks scored (another suite)."""
+    wide = _results(levels={"soup": 3.3})
+    wide["fold"] = wide["fold"].map(lambda f: None if pd.isna(f) else 1 - f)
+    return wide[~wide["task"].isin([f"h{i}" for i in range(6)])]
+
+
+def test_runs_on_different_zoos_are_paired_on_their_common_tasks_with_every_variant_labelled():
+    paired = pair_across_zoos({"core": _results(), "wide": _wide_run()})
+    assert {"soup[core]", "soup[wide]", "generated[core]", "generated[wide]"} <= set(paired["variant"])
+    assert paired.query("setting == 'heldout' and variant == 'base'")["task"].nunique() == 6
+    assert (paired["variant"] == "base").sum() == paired["task"].nunique()  # shared rows once
+    table = zoo_comparison_table(paired, ["core", "wide"], resamples=200, seed=0)
+    rows = table.set_index(["setting", "variant"])["wide / core ppl [95% CI]"]
+    assert float(rows[("fold", "soup")].split()[0]) < 0.8  # exp(3.3 - 3.6): the wider zoo's soup
+    assert abs(float(rows[("fold", "generated")].split()[0]) - 1) < 0.02  # same generator level
+    assert rows[("heldout", "soup")].startswith("0.7") and table["tasks"].max() == 6
+
+
+def test_runs_on_different_zoos_must_share_texts_and_oracles():
+    other_oracle = _wide_run()
+    oracle = other_oracle["variant"] == "oracle"
+    other_oracle.loc[oracle, "text_nll"] = other_oracle.loc[oracle, "text_nll"].map(lambda v: [x * 1.1 for x in v])
+    with pytest.raises(InputError, match="disagree on 'oracle'"):
+        pair_across_zoos({"core": _results(), "wide": other_oracle})
+    disjoint = _results().assign(task=lambda d: d["task"] + "-other")
+    with pytest.raises(InputError, match="share no"):
+        pair_across_zoos({"core": _results(), "wide": disjoint})
+    with pytest.raises(InputError, match="at least two"):
+        pair_across_zoos({"core": _results()})
+
+
+def test_eval_compare_zoos_command_merges_same_zoo_folders_and_writes_the_table(tmp_path, capsys):
+    full = _results()
+    full.query("variant != 'nearest'").to_parquet(tmp_path / "core.parquet")
+    full.query("variant in ['base', 'nearest']").to_parquet(tmp_path / "core-extra.parquet")
+    _wide_run().to_parquet(tmp_path / "wide.parquet")
+    out = tmp_path / "zoos.md"
+    assert main(["eval-compare-zoos", "--run", f"core={tmp_path / 'core.parquet'},{tmp_path / 'core-extra.parquet'}",
+                 "--run", f"wide={tmp_path / 'wide.parquet'}", "--out", str(out), "--bootstrap", "50"]) == 0
+    text = out.read_text()
+    assert "| nearest " in text and "wide / core ppl" in text and "- heldout: h10, h11, h6" in text
+    capsys.readouterr()
+    assert main(["eval-compare-zoos", "--run", "core", "--run", "wide=x", "--out", str(out)]) == 2
     assert "must be LABEL=FOLDER" in capsys.readouterr().err
