@@ -188,6 +188,8 @@ def _cmd_eval_compare_zoos(args: argparse.Namespace) -> int:
         if not sep or not label or not folders:
             raise InputError(f"--run {spec!r} must be LABEL=FOLDER[,FOLDER...], e.g. "
                              "--run core=icm-runs/core/evaluate,icm-runs/core-lorahub/evaluate")
+        if label in runs:
+            raise InputError(f"--run label {label!r} is given twice. Fix: one label per run.")
         first, *more = folders.split(",")
         # Folders after the first are runs on the same zoo that add variants (baselines).
         runs[label] = merge_runs(_results(first), {f"{label}-{i}": _results(f) for i, f in enumerate(more)})

@@ -148,3 +148,6 @@ def test_eval_compare_zoos_command_merges_same_zoo_folders_and_writes_the_table(
     capsys.readouterr()
     assert main(["eval-compare-zoos", "--run", "core", "--run", "wide=x", "--out", str(out)]) == 2
     assert "must be LABEL=FOLDER" in capsys.readouterr().err
+    wide = f"wide={tmp_path / 'wide.parquet'}"
+    assert main(["eval-compare-zoos", "--run", wide, "--run", wide, "--out", str(out)]) == 2
+    assert "given twice" in capsys.readouterr().err
