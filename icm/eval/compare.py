@@ -69,17 +69,28 @@ def _by_key(frame: pd.DataFrame, variant: str | None, column: str) -> dict:
             for _, r in rows.iterrows()}
 
 
+def _first_disagreement(mine: pd.DataFrame, theirs: pd.DataFrame, variant: str, rtol: float, *,
+                        both: bool) -> tuple | None:
+    """The first (setting, fold, task) whose per-text NLL of ``variant`` differs between the two
+    results, or None. ``both``: only keys both have; else a key one lacks also differs."""
+    a_rows, b_rows = _by_key(mine, variant, "text_nll"), _by_key(theirs, variant, "text_nll")
+    keys = set(a_rows) & set(b_rows) if both else set(a_rows) | set(b_rows)
+    for key in sorted(keys):
+        a, b = (np.asarray(rows.get(key, ()), dtype=np.float64) for rows in (a_rows, b_rows))
+        if a.shape != b.shape or not np.allclose(a, b, rtol=rtol):
+            return key
+    return None
+
+
 def _check_shared(reference: pd.DataFrame, other: pd.DataFrame, label: str, rtol: float) -> None:
     shared = (set(reference["variant"]) & set(other["variant"])) - set(filter(from_generator, other["variant"]))
     for variant in sorted(shared):  # one row per task: generator-free variants are not sampled
-        mine, theirs = _by_key(reference, variant, "text_nll"), _by_key(other, variant, "text_nll")
-        for key in sorted(set(mine) & set(theirs)):
-            a, b = np.asarray(mine[key], dtype=np.float64), np.asarray(theirs[key], dtype=np.float64)
-            if a.shape != b.shape or not np.allclose(a, b, rtol=rtol):
-                raise InputError(f"run {label!r} scored {variant!r} on {key} differently from the "
-                                 "reference run: not the same texts, model or oracle, so the "
-                                 "comparison would not be paired. Fix: evaluate it on the "
-                                 "reference run's zoo, oracles, task vectors and evaluate config.")
+        key = _first_disagreement(reference, other, variant, rtol, both=True)
+        if key is not None:
+            raise InputError(f"run {label!r} scored {variant!r} on {key} differently from the "
+                             "reference run: not the same texts, model or oracle, so the "
+                             "comparison would not be paired. Fix: evaluate it on the "
+                             "reference run's zoo, oracles, task vectors and evaluate config.")
     tokens = {key: tuple(r) for key, r in _by_key(reference, "base", "text_tokens").items()}
     for key, counts in _by_key(other, None, "text_tokens").items():
         if key in tokens and tuple(counts) != tokens[key]:
@@ -116,13 +127,11 @@ def pair_across_zoos(runs: Mapping[str, pd.DataFrame], *, rtol: float = 1e-4) ->
     first_label, first = next(iter(frames.items()))
     for label, frame in list(frames.items())[1:]:
         for variant in SHARED_ACROSS_ZOOS:
-            mine, theirs = _by_key(first, variant, "text_nll"), _by_key(frame, variant, "text_nll")
-            for key in sorted(set(mine) | set(theirs)):
-                a, b = (np.asarray(x.get(key, ()), dtype=np.float64) for x in (mine, theirs))
-                if a.shape != b.shape or not np.allclose(a, b, rtol=rtol):
-                    raise InputError(f"runs {first_label!r} and {label!r} disagree on {variant!r} for "
-                                     f"{key}: not the same texts or oracle, so no pairing. Fix: "
-                                     "evaluate both with the same suite texts, evaluate config and oracles.")
+            key = _first_disagreement(first, frame, variant, rtol, both=False)
+            if key is not None:
+                raise InputError(f"runs {first_label!r} and {label!r} disagree on {variant!r} for "
+                                 f"{key}: not the same texts or oracle, so no pairing. Fix: "
+                                 "evaluate both with the same suite texts, evaluate config and oracles.")
     shared = first[first["variant"].isin(SHARED_ACROSS_ZOOS)]
     labelled_rows = [f[~f["variant"].isin(SHARED_ACROSS_ZOOS)].assign(
         variant=lambda d, label=label: d["variant"].map(lambda v: labelled(v, label)))
@@ -136,10 +145,10 @@ def zoo_comparison_table(paired: pd.DataFrame, labels: list[str], resamples: int
     rows = []
     first, last = labels[0], labels[-1]
     for setting, frame in paired.groupby("setting", sort=True):
-        names = sorted({v.rsplit("[", 1)[0] for v in frame["variant"] if v.endswith("]")})
+        variants = set(frame["variant"])
+        names = sorted({v.rsplit("[", 1)[0] for v in variants if v.endswith("]")})
         for name in names:
-            present = {label: labelled(name, label) in set(frame["variant"]) for label in labels}
-            if not all(present.values()):
+            if not all(labelled(name, label) in variants for label in labels):
                 continue
             gaps = {f"gap [{label}]": format_ci(gap_row(frame, labelled(name, label), resamples, seed))
                     for label in labels}

@@ -41,10 +41,10 @@ def suite_folds(suite: Suite, evaluate) -> list[list[str]]:
     evaluate stage's fold generators must agree on them, so both call this."""
     if not evaluate.folds:
         return []
+    groups = [task.group for task in suite.tasks.values()]
     if evaluate.fold_groups is not None:
-        return explicit_folds([task.group for task in suite.tasks.values()], evaluate.fold_groups)
-    return group_folds([task.group for task in suite.tasks.values()], evaluate.folds,
-                       evaluate.groups_per_fold, evaluate.fold_seed)
+        return explicit_folds(groups, evaluate.fold_groups)
+    return group_folds(groups, evaluate.folds, evaluate.groups_per_fold, evaluate.fold_seed)
 
 
 def fold_suite(suite: Suite, held_groups: Sequence[str]) -> Suite:
