@@ -35,7 +35,7 @@ def from_generator(variant: str) -> bool:
     if registered is None:
         return False
     under = under_prompt(registered)
-    return registered.kind == "generated" or (under is not None and under.kind == "generated")
+    return registered.kind in ("generated", "selected") or (under is not None and under.kind == "generated")
 
 
 def merge_runs(reference: pd.DataFrame, others: Mapping[str, pd.DataFrame], *,

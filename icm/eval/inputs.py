@@ -166,15 +166,15 @@ def build_items(suite, plans: Sequence[SettingPlan], means: Mapping[str, Mapping
 
 
 def _adapter_sources(variants, context) -> dict[str, AdapterSource]:
-    """Adapter variant -> its source for this task, for every adapter variant scored on its own
-    or active under an in-context variant's prompt (absent where it does not apply)."""
-    from icm.eval.variants import under_prompt
+    """Adapter variant -> its source for this task, for every adapter variant scored on its own,
+    active under an in-context variant's prompt or a selected variant's candidate (absent where
+    it does not apply)."""
+    from icm.eval.variants import adapters_needed
 
     adapters = {}
     for variant in variants:
-        adapter = under_prompt(variant) or variant
-        if adapter.kind == "adapter" and adapter.name not in adapters:
-            if (source := adapter.source(context)) is not None:
+        for adapter in adapters_needed(variant):
+            if adapter.name not in adapters and (source := adapter.source(context)) is not None:
                 adapters[adapter.name] = source
     return adapters
 

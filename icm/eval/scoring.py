@@ -87,6 +87,8 @@ class ItemScorer:
             self._generated(variant)
         elif variant.kind == "in-context":
             self._in_context(variant)
+        elif variant.kind == "selected":
+            self._selected(variant)
         else:
             raise ValueError(f"variant {variant.name!r}: unknown kind {variant.kind!r}")
 
@@ -133,14 +135,31 @@ class ItemScorer:
                 self.score(variant.name, draws[index], sample=index, adapter_seconds=seconds)
         else:  # best of K by perplexity on the demonstrations (the same seed: the same first draws)
             draws, seconds = self._draw(condition, self.cfg.best_of, "random")
-            demo_ppl = []
-            for index in range(self.cfg.best_of):
-                self.swap.load(draws[index], f"draw-{index}")
-                demo_ppl.append(self.swap.score(self.tokenizer, list(self.demos), max_length=self.cfg.max_length,
-                                                batch_size=self.cfg.batch_size).perplexity)
+            demo_ppl = [self._demo_perplexity(draw, f"draw-{index}") for index, draw in enumerate(draws)]
             best = int(np.argmin(demo_ppl))
             self.score(variant.name, draws[best], sample=best, adapter_seconds=seconds * self.cfg.best_of,
                        demo_ppl=demo_ppl[best], draw_spread=draw_spread(draws))
+
+    def _demo_perplexity(self, vector: torch.Tensor, name: str) -> float:
+        self.swap.load(vector, name)
+        return self.swap.score(self.tokenizer, list(self.demos), max_length=self.cfg.max_length,
+                               batch_size=self.cfg.batch_size).perplexity
+
+    def _selected(self, variant: Variant) -> None:
+        """The candidate with the lowest demonstration perplexity: the generator's best_of draws
+        (generated-best-of-k's, same seed) and the adapters of ``variant.among`` that apply."""
+        condition = self.item.conditions.get(variant.condition)
+        if condition is None:
+            return
+        started = time.perf_counter()
+        draws, _ = self._draw(condition, self.cfg.best_of, "random")  # (K, L)
+        candidates = {f"draw-{index}": draw for index, draw in enumerate(draws)}
+        candidates.update({name: self._adapter(self.item.adapters[name])[0]
+                           for name in variant.among if name in self.item.adapters})
+        demo_ppl = {name: self._demo_perplexity(vector, name) for name, vector in candidates.items()}
+        chosen = min(demo_ppl, key=demo_ppl.get)
+        self.score(variant.name, candidates[chosen], selected=chosen, demo_ppl=demo_ppl[chosen],
+                   adapter_seconds=time.perf_counter() - started)
 
     def _in_context(self, variant: Variant) -> None:
         from icm.eval.baselines import in_context_prefix, score_in_context

@@ -10,6 +10,9 @@ A variant is one registry entry. Its *kind* says how the worker gets what it sco
     in-context   the model reading k demonstrations before each eval text: the base model, or
                  with ``with_adapter`` another variant's adapter active (the adapter and the
                  prompt stacked, which a user with both can do)
+    selected     of the generator's K draws and the adapters of the variants in ``among``, the
+                 one with the lowest perplexity on the task's k demonstrations (forward passes
+                 only): the generator with the zoo's combinations as fallbacks
 
 Each entry also says in which *settings* it applies: ``seen`` (a training task, judged against
 its own zoo LoRA), ``heldout`` (the fixed held-out set, judged against its oracle LoRA) and
@@ -29,7 +32,7 @@ import numpy as np
 SETTINGS = ("heldout", "fold", "seen")
 ALL = frozenset(SETTINGS)
 UNSEEN = frozenset({"heldout", "fold"})
-Kind = Literal["base", "adapter", "generated", "in-context"]
+Kind = Literal["base", "adapter", "generated", "in-context", "selected"]
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,8 @@ class Variant:
     # in-context: the adapter or generated variant whose adapter is active under the prompt
     # (None: the base model reads it); a generated one contributes one draw, z ~ N(0, I)
     with_adapter: str | None = None
+    # selected: the adapter variants whose adapters compete with the generator's draws
+    among: tuple[str, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -87,6 +92,10 @@ def register(variant: Variant) -> Variant:
         if variant.kind != "in-context" or under is None or under.kind not in ("adapter", "generated"):
             raise ValueError(f"variant {variant.name!r}: with_adapter must name a registered "
                              "adapter or generated variant, on an in-context variant")
+    if (variant.kind == "selected") != bool(variant.among) or any(
+            VARIANTS.get(name) is None or VARIANTS[name].kind != "adapter" for name in variant.among):
+        raise ValueError(f"variant {variant.name!r}: among must name registered adapter variants, "
+                         "on a selected variant (and only there)")
     VARIANTS[variant.name] = variant
     return variant
 
@@ -100,6 +109,15 @@ def registered_name(variant: str) -> str:
 def under_prompt(variant: Variant) -> Variant | None:
     """The variant whose adapter is active under an in-context variant's prompt (None: none)."""
     return VARIANTS[variant.with_adapter] if variant.with_adapter else None
+
+
+def adapters_needed(variant: Variant) -> list[Variant]:
+    """The adapter variants whose adapters scoring ``variant`` reads: itself, the one under its
+    prompt, or its candidates."""
+    if variant.among:
+        return [VARIANTS[name] for name in variant.among]
+    adapter = under_prompt(variant) or variant
+    return [adapter] if adapter.kind == "adapter" else []
 
 
 def check_names(names: list[str] | None, field_name: str = "evaluate.variants") -> list[str] | None:
@@ -288,6 +306,12 @@ register(Variant("multitask", "adapter", ALL, (
 register(Variant("in-context", "in-context", ALL, (
     "the base model reading the description and the same k demonstrations as an episode "
     "before each eval text"), baseline=True))
+register(Variant("demo-selected", "selected", UNSEEN, (
+    "of the generator's K draws (generated-best-of-k's) and the soup, similarity-soup, nearest "
+    "and ridge adapters, the one with the lowest perplexity on the k demonstrations: forward "
+    "passes only, a fallback to the zoo's combinations where the condition is out of the "
+    "generator's range"), condition="both", among=("soup", "similarity-soup", "nearest", "ridge"),
+    opt_in=True))
 # multitask: the strongest adapter baseline under the same prompt (on a fold only where the
 # oracles stage trained the fold's own, as on its own)
 for _under in ("generated", "soup", "oracle", "multitask"):
