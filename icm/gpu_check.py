@@ -8,6 +8,7 @@ On one CUDA GPU it measures, and prints as a table:
     task-vectors      frozen-model forward passes of in-context prompts (`TaskEncoder`), prompts/s
     generator-<arch>  reconstruction training steps of the mlp and hyper generators, steps/s
     generate          adapter generation (`LoraGenerator.sample`), median ms per adapter
+    generator-lm      the `lm` objective: hyper-generator steps through the frozen model, steps/s
     vllm              vLLM's multi-LoRA engine with a generated adapter, output tokens/s
 
 It runs on the CPU as well (gloo, float32; ``--quick`` shrinks every section), so it is known to
@@ -21,6 +22,7 @@ weights cannot travel.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -138,15 +140,18 @@ def _synthetic_zoo(ctx: dict):
 
     if "zoo" not in ctx:
         zoo_cfg = ZooConfig()
-        state = adapter_state_dict(build_lora_model(_fresh_model(ctx), zoo_cfg))
-        layout = LoraLayout.of(state)
+        peft_model = build_lora_model(_fresh_model(ctx), zoo_cfg)
+        layout = LoraLayout.of(adapter_state_dict(peft_model))
+        with tempfile.TemporaryDirectory() as folder:  # the adapter_config.json a real zoo holds
+            peft_model.save_pretrained(folder)
+            peft_config = json.loads(Path(folder, "adapter_config.json").read_text())
         tasks, snapshots = (4, 3) if ctx["quick"] else (48, 6)
         g = torch.Generator().manual_seed(0)
         dim = ctx.get("condition_dim", 64)
         vectors = {f"t{i}": torch.randn(snapshots, layout.numel, generator=g) * 0.01 for i in range(tasks)}
         conditions = {t: np.random.default_rng(i).normal(size=(4, dim)).astype(np.float32)
                       for i, t in enumerate(vectors)}
-        ctx["zoo"] = (ZooData(layout, vectors, "gpu-check", {"peft_type": "LORA"},
+        ctx["zoo"] = (ZooData(layout, vectors, "gpu-check", peft_config,
                               zoo_cfg.model_dump(mode="json")), conditions)
     return ctx["zoo"]
 
@@ -195,6 +200,38 @@ def check_generate(ctx: dict) -> dict:
             "detail": f"{generator.config.arch} generator, median of {len(times)} calls"}
 
 
+def check_generator_lm(ctx: dict) -> dict:
+    """The `lm` objective's cost: hyper-generator steps by the frozen model's LM loss with the
+    generated LoRA applied (lm_tasks x lm_texts texts of lm_seq_len tokens per step)."""
+    import copy
+
+    from icm.generator.lm import FunctionalLora, fit_lm, lm_tasks
+
+    generator = ctx.get("generator-hyper")
+    if generator is None:
+        return {"skipped": "no hyper generator was trained"}
+    zoo, conditions = _synthetic_zoo(ctx)
+    steps = 2 if ctx["quick"] else 40
+    cfg = generator.config.model_copy(update={
+        "objective": "lm", "lm_steps": steps, "report_every": steps, "lm_tasks": ctx["lm_tasks"],
+        "lm_texts": ctx["lm_texts"],
+        "lm_seq_len": 32 if ctx["quick"] else 64})
+    generator.to(ctx["device"])
+    # A copy: the wrapper injects LoRA layers into the model, which vLLM's section saves bare.
+    applier = FunctionalLora(copy.deepcopy(ctx["model"]), zoo.peft_config, zoo.layout)
+    tasks = lm_tasks({name: _texts(8, 400) for name in conditions}, conditions, generator,
+                     ctx["tokenizer"], cfg)
+    pad_id = ctx["tokenizer"].pad_token_id or 0
+    fit_lm(generator, applier, tasks, cfg.model_copy(update={"lm_steps": 1}), pad_id=pad_id)  # warm-up
+    _sync(ctx)
+    result = fit_lm(generator, applier, tasks, cfg, pad_id=pad_id)
+    _sync(ctx)
+    generator.to("cpu")
+    return {"value": result.steps / result.train_seconds, "unit": "steps/s",
+            "detail": f"{min(cfg.lm_tasks, len(tasks))} tasks x {cfg.lm_texts} texts x {cfg.lm_seq_len} tokens per step, "
+                      f"final train NLL {result.history[-1]['train_lm_nll']:.2f}"}
+
+
 def check_vllm(ctx: dict) -> dict:
     """vLLM with LoRA enabled: the base model plus one generated adapter, greedy decoding."""
     try:
@@ -229,6 +266,7 @@ SECTIONS: dict[str, Callable[[dict], dict]] = {
     "generator-mlp": check_generator("mlp"),
     "generator-hyper": check_generator("hyper"),
     "generate": check_generate,
+    "generator-lm": check_generator_lm,
     "vllm": check_vllm,
 }
 
@@ -240,18 +278,43 @@ def _sync(ctx: dict) -> None:
 
 def run_checks(args) -> list[dict]:
     model, tokenizer, label = load_model(args)
-    ctx = {"device": args.device, "quick": args.quick, "model": model, "tokenizer": tokenizer}
+    ctx = {"device": args.device, "quick": args.quick, "model": model, "tokenizer": tokenizer,
+           "lm_tasks": args.lm_tasks, "lm_texts": args.lm_texts}
     rows = []
     for name in args.sections or list(SECTIONS):
         started = time.perf_counter()
         try:
-            result = SECTIONS[name](ctx)
+            with _profiled(name in (args.profile or ()), ctx["device"], name):
+                result = SECTIONS[name](ctx)
         except Exception as err:  # noqa: BLE001 - one broken section must not hide the others
             result = {"failed": f"{type(err).__name__}: {err}", "trace": traceback.format_exc(limit=6)}
         rows.append({"section": name, "model": label, "seconds": round(time.perf_counter() - started, 1),
                      **result})
         print(_line(rows[-1]), flush=True)
     return rows
+
+
+@contextlib.contextmanager
+def _profiled(enabled: bool, device: str, name: str):
+    """With ``enabled``, torch.profiler around a section: its busiest ops by self time on the
+    device (CPU time on the CPU), and the device's busy share of the wall time, to stdout."""
+    if not enabled:
+        yield
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    started = time.perf_counter()
+    with profile(activities=activities) as prof:
+        yield
+    wall = time.perf_counter() - started
+    events = prof.key_averages()
+    sort_by = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
+    print(f"--- profile of {name}: {wall:.1f} s wall", flush=True)
+    if device == "cuda":
+        busy = sum(e.self_device_time_total for e in events) / 1e6  # microseconds -> s
+        print(f"device busy {busy:.2f} s ({100 * busy / wall:.0f}% of wall)", flush=True)
+    print(events.table(sort_by=sort_by, row_limit=15, max_name_column_width=60), flush=True)
 
 
 def _line(row: dict) -> str:
@@ -279,6 +342,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny sizes (the CPU smoke test)")
     parser.add_argument("--sections", nargs="*", choices=list(SECTIONS), help="default: all")
     parser.add_argument("--out", help="write the rows and the environment as JSON here")
+    parser.add_argument("--lm-tasks", type=int, default=4, help="generator-lm: tasks per step")
+    parser.add_argument("--lm-texts", type=int, default=4, help="generator-lm: texts per task and step")
+    parser.add_argument("--profile", nargs="*", choices=list(SECTIONS),
+                        help="sections to run under torch.profiler (busiest ops to stdout)")
     args = parser.parse_args(argv)
     from icm.logs import quiet_known_noise
 

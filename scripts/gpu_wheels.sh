@@ -13,7 +13,8 @@ platforms="--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --p
 # Binary wheels for the machine's CPython 3.12.
 $PIP download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp $platforms \
     -d .whl pydantic==2.14.3 pydantic-core==2.50.4 annotated-types==0.8.0 typing-inspection==0.4.5 \
-    platformdirs==4.14.7 filelock==4.2.11 peft==0.21.2 hjson==3.1.0
+    platformdirs==4.14.7 filelock==4.2.11 peft==0.21.2 hjson==3.1.0 \
+    transformers==5.23.0 tokenizers==0.23.3  # the pinned versions (the image has older ones)
 # DeepSpeed ships as a source distribution: build its pure-Python wheel here (no ops compiled).
 DS_BUILD_OPS=0 $PIP wheel -q --no-deps --no-build-isolation -w .whl deepspeed==0.19.8
 # The default model's architecture and tokenizer, without its weights (the check builds it with

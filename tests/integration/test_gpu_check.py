@@ -18,7 +18,8 @@ def test_gpu_check_runs_every_section_on_the_cpu(tmp_path):
     report = json.loads(out.read_text())
     rows = {row["section"]: row for row in report["rows"]}
     assert report["environment"]["device"] == "cpu"
-    for section in ("lora-deepspeed", "task-vectors", "generator-mlp", "generator-hyper", "generate"):
+    for section in ("lora-deepspeed", "task-vectors", "generator-mlp", "generator-hyper", "generate",
+                    "generator-lm"):
         assert rows[section]["value"] > 0, rows[section]
     assert "skipped" in rows["vllm"] or rows["vllm"]["value"] > 0
     assert "tokens/s" in done.stdout and "Attempting to get learning rate" not in done.stdout + done.stderr
