@@ -263,6 +263,7 @@ def markdown_report(results: pd.DataFrame, *, command: str, config_yaml: str, ti
     if len(spread):
         lines += [f"Spread of the generator's draws (mean distance from their mean / its norm): "
                   f"median {spread.median():.4f} over {len(spread)} tasks.", ""]
+    lines += selection_lines(results)
     lines += ["## Variants", "", "| variant | what it is |", "|---|---|"]
     lines += [f"| {v} | {_describe(v)} |" for v in ordered_variants(results)]
     for setting in ("heldout", "fold", "seen"):
@@ -272,6 +273,20 @@ def markdown_report(results: pd.DataFrame, *, command: str, config_yaml: str, ti
                       table.to_markdown(index=False, floatfmt=".2f")]
     lines += ["", "## Resolved config", "", "```yaml", config_yaml.rstrip(), "```", ""]
     return "\n".join(lines)
+
+
+def selection_lines(results: pd.DataFrame) -> list[str]:
+    """What each selected variant (``demo-selected``) chose, counted per setting: the generator's
+    draws as one candidate, each adapter by name."""
+    if "selected" not in results:
+        return []
+    chosen = results.dropna(subset=["selected"])
+    lines = []
+    for (variant, setting), part in chosen.groupby(["variant", "setting"], sort=False):
+        counts = part["selected"].map(lambda name: "a draw" if name.startswith("draw-") else name).value_counts()
+        lines.append(f"{variant} on {setting} ({len(part)} tasks) chose: "
+                     + ", ".join(f"{name} {count}" for name, count in counts.items()) + ".")
+    return lines + [""] if lines else []
 
 
 def _describe(variant: str) -> str:

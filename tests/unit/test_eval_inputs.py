@@ -115,6 +115,44 @@ def test_every_variant_is_scored_on_the_same_texts_with_per_text_nll(world):
     assert all(r["setting"] == "heldout" and r["task"] == "dogs" for r in rows)
 
 
+def test_demo_selected_scores_the_candidate_with_the_lowest_demonstration_perplexity(world):
+    """demo-selected's candidates are the generator's best_of draws and the soup, similarity-soup,
+    nearest and ridge adapters (built even where those are not scored themselves); it scores
+    the one whose perplexity on the k demonstrations is lowest, recomputed here."""
+    from icm.task_vectors import sample_demos
+    from icm.tasks import load_task
+
+    base, suite, means = world
+    plans = [SettingPlan("heldout", ["dogs"], ["cats", "code", "sums"], str(base / "generator"))]
+    items, _, finals = build_items(suite, plans, means, zoo_root=base / "zoo", oracle_root=base / "oracles",
+                                   options={"soup_k": 2}, variant_names=["generated-best-of-k", "demo-selected"])
+    item = items[0]
+    assert item.variants == ["generated-best-of-k", "demo-selected"]
+    assert set(item.adapters) == {"soup", "similarity-soup", "nearest", "ridge"}
+    cfg, vectors = EvalConfig(max_texts=2, max_length=32, best_of=3), TaskVectorConfig(k=2, max_demo_chars=100)
+    rows = {r["variant"]: r for r in evaluate_item(item, finals, model=ModelConfig(spec="tiny-llama", max_length=32),
+                                                    cfg=cfg, task_vectors=vectors)}
+    swap, tokenizer, generator = _swap_for(item)
+    draws = generator.sample(item.conditions["both"].astype(np.float32), num_samples=3, seed=cfg.seed, z="random")
+    candidates = {f"draw-{i}": draw for i, draw in enumerate(draws)}
+    candidates |= {name: adapter_vector(source, finals) for name, source in item.adapters.items()}
+    demos = list(sample_demos(load_task(item.task_path), vectors, episode=0))
+
+    def perplexity(vector, texts):
+        swap.load(vector, "check")
+        return swap.score(tokenizer, texts, max_length=32, batch_size=cfg.batch_size)
+
+    demo_ppl = {name: perplexity(vector, demos).perplexity for name, vector in candidates.items()}
+    chosen = rows["demo-selected"]
+    assert chosen["selected"] == min(demo_ppl, key=demo_ppl.get)
+    assert chosen["demo_ppl"] == pytest.approx(min(demo_ppl.values()), rel=1e-4)
+    texts = load_task(item.task_path).eval_texts()[:2]
+    assert chosen["text_nll"] == pytest.approx(perplexity(candidates[chosen["selected"]], texts).text_nll, rel=1e-4)
+    draw_ppl = [demo_ppl[f"draw-{i}"] for i in range(3)]  # best-of-k chose among the same draws
+    assert rows["generated-best-of-k"]["sample"] == int(np.argmin(draw_ppl))
+    assert len(set(demo_ppl.values())) == len(demo_ppl)  # every candidate is a different adapter
+
+
 def test_stacked_variants_read_the_prompt_with_their_adapter_active(world):
     """in-context+oracle scores exactly what the prompt gives with the oracle loaded; each stacked
     variant differs from the prompt alone, so the adapter was active."""

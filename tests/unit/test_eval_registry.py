@@ -47,6 +47,22 @@ def test_register_refuses_duplicates_and_unknown_settings():
     assert "stack" not in VARIANTS
 
 
+def test_a_selected_variant_names_adapter_candidates_and_belongs_to_its_run_generator():
+    from icm.eval.compare import from_generator
+    from icm.eval.variants import adapters_needed
+
+    selected = VARIANTS["demo-selected"]
+    assert selected.opt_in and not selected.baseline and selected.settings == frozenset({"heldout", "fold"})
+    assert [v.name for v in adapters_needed(selected)] == ["soup", "similarity-soup", "nearest", "ridge"]
+    assert from_generator("demo-selected") and from_generator("demo-selected[hyper]")
+    assert "demo-selected" not in {v.name for v in variants_for("heldout")}  # opt-in
+    for kind, among in (("selected", ()), ("selected", ("generated",)), ("selected", ("nope",)),
+                        ("generated", ("soup",))):
+        with pytest.raises(ValueError, match="among"):
+            register(Variant("pick", kind, ALL, "x", among=among))
+    assert "pick" not in VARIANTS
+
+
 def test_stacked_variants_are_opt_in_and_read_the_prompt_with_an_adapter_on_unseen_tasks():
     names = ["in-context+generated", "in-context+soup", "in-context+oracle", "in-context+multitask"]
     assert not [v for v in variants_for("heldout") if v.with_adapter]  # not scored by default

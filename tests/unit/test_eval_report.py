@@ -108,3 +108,18 @@ def test_stacked_adapters_are_judged_against_the_prompt_alone_both_ways():
     assert table.loc[("held-out", "in-context+generated"), "gap recovered"].startswith("0.8")
     text = markdown_report(results, command="c", config_yaml="", title="T", resamples=100)
     assert "## Adapters stacked on the prompt (unseen tasks)" in text
+
+
+def test_the_report_counts_what_demo_selected_chose_per_setting():
+    results = _results()
+    picks = {"h": ["draw-2", "soup", "draw-0", "ridge"], "f": ["soup", "soup", "nearest"]}
+    extra = []
+    for setting, prefix in (("heldout", "h"), ("fold", "f")):
+        for index, pick in enumerate(picks[prefix]):
+            row = results[(results["task"] == f"{prefix}{index}") & (results["variant"] == "soup")].iloc[0]
+            extra.append({**row.to_dict(), "variant": "demo-selected", "selected": pick})
+    text = markdown_report(pd.concat([results, pd.DataFrame(extra)], ignore_index=True), command="c",
+                           config_yaml="", title="T", resamples=50)
+    assert "demo-selected on heldout (4 tasks) chose: a draw 2, soup 1, ridge 1." in text
+    assert "demo-selected on fold (3 tasks) chose: soup 2, nearest 1." in text
+    assert "chose" not in markdown_report(results, command="c", config_yaml="", title="T", resamples=50)
