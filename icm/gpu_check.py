@@ -209,7 +209,7 @@ def check_generator_lm(ctx: dict) -> dict:
 
     generator = ctx.get("generator-hyper")
     if generator is None:
-        return {"skipped": "no hyper generator was trained"}
+        return {"skipped": "no hyper generator was trained (add generator-hyper to --sections)"}
     zoo, conditions = _synthetic_zoo(ctx)
     steps = 2 if ctx["quick"] else 40
     cfg = generator.config.model_copy(update={
@@ -312,7 +312,11 @@ def _profiled(enabled: bool, device: str, name: str):
     sort_by = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
     print(f"--- profile of {name}: {wall:.1f} s wall", flush=True)
     if device == "cuda":
-        busy = sum(e.self_device_time_total for e in events) / 1e6  # microseconds -> s
+        from torch.autograd import DeviceType
+
+        # Kernels' own rows only: a CPU op's row also carries the time of the kernels it launched.
+        busy = sum(e.self_device_time_total for e in events
+                   if e.device_type == DeviceType.CUDA and not e.is_user_annotation) / 1e6  # us -> s
         print(f"device busy {busy:.2f} s ({100 * busy / wall:.0f}% of wall)", flush=True)
     print(events.table(sort_by=sort_by, row_limit=15, max_name_column_width=60), flush=True)
 
@@ -332,6 +336,13 @@ def environment(device: str) -> dict:
     return info
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m", help="model spec (icm.models)")
@@ -342,8 +353,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny sizes (the CPU smoke test)")
     parser.add_argument("--sections", nargs="*", choices=list(SECTIONS), help="default: all")
     parser.add_argument("--out", help="write the rows and the environment as JSON here")
-    parser.add_argument("--lm-tasks", type=int, default=4, help="generator-lm: tasks per step")
-    parser.add_argument("--lm-texts", type=int, default=4, help="generator-lm: texts per task and step")
+    parser.add_argument("--lm-tasks", type=_positive, default=4, help="generator-lm: tasks per step")
+    parser.add_argument("--lm-texts", type=_positive, default=4, help="generator-lm: texts per task and step")
     parser.add_argument("--profile", nargs="*", choices=list(SECTIONS),
                         help="sections to run under torch.profiler (busiest ops to stdout)")
     args = parser.parse_args(argv)

@@ -78,9 +78,15 @@ def is_baseline(variant: str) -> bool:
 
 
 def generated_variants(results: pd.DataFrame) -> list[str]:
-    """The generator's own variant and every merged generator's (``generated[label]``)."""
-    return [v for v in ordered_variants(results)
-            if v == HEADLINE_VARIANT or v.startswith(HEADLINE_VARIANT + "[")]
+    """The generator's own variant and every merged generator's (``generated[label]``), then
+    the selected variants built on them (``demo-selected``, ``demo-selected[label]``)."""
+    def kind(variant: str) -> str | None:
+        registered = VARIANTS.get(registered_name(variant))
+        return registered.kind if registered else None
+
+    present = ordered_variants(results)
+    own = [v for v in present if v == HEADLINE_VARIANT or v.startswith(HEADLINE_VARIANT + "[")]
+    return own + [v for v in present if kind(v) == "selected"]
 
 
 def format_ci(ci) -> str:
@@ -278,12 +284,12 @@ def markdown_report(results: pd.DataFrame, *, command: str, config_yaml: str, ti
 def selection_lines(results: pd.DataFrame) -> list[str]:
     """What each selected variant (``demo-selected``) chose, counted per setting: the generator's
     draws as one candidate, each adapter by name."""
-    if "selected" not in results:
+    if "selected_candidate" not in results:
         return []
-    chosen = results.dropna(subset=["selected"])
+    chosen = results.dropna(subset=["selected_candidate"])
     lines = []
     for (variant, setting), part in chosen.groupby(["variant", "setting"], sort=False):
-        counts = part["selected"].map(lambda name: "a draw" if name.startswith("draw-") else name).value_counts()
+        counts = part["selected_candidate"].map(lambda name: "a draw" if name.startswith("draw-") else name).value_counts()
         lines.append(f"{variant} on {setting} ({len(part)} tasks) chose: "
                      + ", ".join(f"{name} {count}" for name, count in counts.items()) + ".")
     return lines + [""] if lines else []

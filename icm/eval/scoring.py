@@ -151,15 +151,21 @@ class ItemScorer:
         condition = self.item.conditions.get(variant.condition)
         if condition is None:
             return
+        draws, seconds = self._draw(condition, self.cfg.best_of, "random")  # (K, L)
         started = time.perf_counter()
-        draws, _ = self._draw(condition, self.cfg.best_of, "random")  # (K, L)
         candidates = {f"draw-{index}": draw for index, draw in enumerate(draws)}
-        candidates.update({name: self._adapter(self.item.adapters[name])[0]
-                           for name in variant.among if name in self.item.adapters})
+        for name in variant.among:
+            source = self.item.adapters.get(name)
+            if source is not None and source.fit_on is not None:  # fitted on these very demos
+                raise ValueError(f"variant {variant.name!r}: candidate {name!r} is fitted on the "
+                                 "demonstrations it would be selected on")
+            if source is not None:
+                candidates[name] = self._adapter(source)[0]
         demo_ppl = {name: self._demo_perplexity(vector, name) for name, vector in candidates.items()}
         chosen = min(demo_ppl, key=demo_ppl.get)
-        self.score(variant.name, candidates[chosen], selected=chosen, demo_ppl=demo_ppl[chosen],
-                   adapter_seconds=time.perf_counter() - started)
+        self.score(variant.name, candidates[chosen], selected_candidate=chosen, demo_ppl=demo_ppl[chosen],
+                   candidate_demo_ppl=json.dumps(demo_ppl), adapter_seconds=seconds * self.cfg.best_of,
+                   selection_seconds=time.perf_counter() - started)
 
     def _in_context(self, variant: Variant) -> None:
         from icm.eval.baselines import in_context_prefix, score_in_context

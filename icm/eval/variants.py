@@ -93,8 +93,10 @@ def register(variant: Variant) -> Variant:
             raise ValueError(f"variant {variant.name!r}: with_adapter must name a registered "
                              "adapter or generated variant, on an in-context variant")
     if (variant.kind == "selected") != bool(variant.among) or any(
-            VARIANTS.get(name) is None or VARIANTS[name].kind != "adapter" for name in variant.among):
-        raise ValueError(f"variant {variant.name!r}: among must name registered adapter variants, "
+            VARIANTS.get(name) is None or VARIANTS[name].kind != "adapter" or not VARIANTS[name].baseline
+            for name in variant.among):
+        # baselines only: a diagnostic (the oracle, oracle-projection) reads what a user lacks
+        raise ValueError(f"variant {variant.name!r}: among must name registered adapter baselines, "
                          "on a selected variant (and only there)")
     VARIANTS[variant.name] = variant
     return variant
@@ -308,9 +310,8 @@ register(Variant("in-context", "in-context", ALL, (
     "before each eval text"), baseline=True))
 register(Variant("demo-selected", "selected", UNSEEN, (
     "of the generator's K draws (generated-best-of-k's) and the soup, similarity-soup, nearest "
-    "and ridge adapters, the one with the lowest perplexity on the k demonstrations: forward "
-    "passes only, a fallback to the zoo's combinations where the condition is out of the "
-    "generator's range"), condition="both", among=("soup", "similarity-soup", "nearest", "ridge"),
+    "and ridge adapters, the one with the lowest perplexity on the k demonstrations (forward "
+    "passes only): the zoo's combinations compete with the generator's draws"), condition="both", among=("soup", "similarity-soup", "nearest", "ridge"),
     opt_in=True))
 # multitask: the strongest adapter baseline under the same prompt (on a fold only where the
 # oracles stage trained the fold's own, as on its own)

@@ -3,6 +3,7 @@ and the generated, in-context and adapter variants scored on the same texts (tin
 
 from __future__ import annotations
 
+import json
 
 import numpy as np
 import pytest
@@ -144,10 +145,14 @@ def test_demo_selected_scores_the_candidate_with_the_lowest_demonstration_perple
 
     demo_ppl = {name: perplexity(vector, demos).perplexity for name, vector in candidates.items()}
     chosen = rows["demo-selected"]
-    assert chosen["selected"] == min(demo_ppl, key=demo_ppl.get)
+    recorded = json.loads(chosen["candidate_demo_ppl"])  # every candidate, draws included: same seed
+    assert recorded.keys() == demo_ppl.keys()
+    assert list(recorded.values()) == pytest.approx(list(demo_ppl.values()), rel=1e-4)
+    assert chosen["selected_candidate"] == min(demo_ppl, key=demo_ppl.get)
     assert chosen["demo_ppl"] == pytest.approx(min(demo_ppl.values()), rel=1e-4)
     texts = load_task(item.task_path).eval_texts()[:2]
-    assert chosen["text_nll"] == pytest.approx(perplexity(candidates[chosen["selected"]], texts).text_nll, rel=1e-4)
+    assert chosen["text_nll"] == pytest.approx(
+        perplexity(candidates[chosen["selected_candidate"]], texts).text_nll, rel=1e-4)
     draw_ppl = [demo_ppl[f"draw-{i}"] for i in range(3)]  # best-of-k chose among the same draws
     assert rows["generated-best-of-k"]["sample"] == int(np.argmin(draw_ppl))
     assert len(set(demo_ppl.values())) == len(demo_ppl)  # every candidate is a different adapter

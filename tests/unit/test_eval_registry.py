@@ -57,7 +57,7 @@ def test_a_selected_variant_names_adapter_candidates_and_belongs_to_its_run_gene
     assert from_generator("demo-selected") and from_generator("demo-selected[hyper]")
     assert "demo-selected" not in {v.name for v in variants_for("heldout")}  # opt-in
     for kind, among in (("selected", ()), ("selected", ("generated",)), ("selected", ("nope",)),
-                        ("generated", ("soup",))):
+                        ("selected", ("oracle",)), ("generated", ("soup",))):  # oracle: no baseline
         with pytest.raises(ValueError, match="among"):
             register(Variant("pick", kind, ALL, "x", among=among))
     assert "pick" not in VARIANTS

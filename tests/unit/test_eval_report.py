@@ -117,9 +117,11 @@ def test_the_report_counts_what_demo_selected_chose_per_setting():
     for setting, prefix in (("heldout", "h"), ("fold", "f")):
         for index, pick in enumerate(picks[prefix]):
             row = results[(results["task"] == f"{prefix}{index}") & (results["variant"] == "soup")].iloc[0]
-            extra.append({**row.to_dict(), "variant": "demo-selected", "selected": pick})
+            extra.append({**row.to_dict(), "variant": "demo-selected",
+                          "selected_candidate": pick})
     text = markdown_report(pd.concat([results, pd.DataFrame(extra)], ignore_index=True), command="c",
                            config_yaml="", title="T", resamples=50)
     assert "demo-selected on heldout (4 tasks) chose: a draw 2, soup 1, ridge 1." in text
     assert "demo-selected on fold (3 tasks) chose: soup 2, nearest 1." in text
+    assert "| held-out  | demo-selected" in text  # against each baseline, as the generator is
     assert "chose" not in markdown_report(results, command="c", config_yaml="", title="T", resamples=50)
