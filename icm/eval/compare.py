@@ -35,7 +35,8 @@ def from_generator(variant: str) -> bool:
     if registered is None:
         return False
     under = under_prompt(registered)
-    return registered.kind in ("generated", "selected") or (under is not None and under.kind == "generated")
+    return (registered.kind in ("generated", "selected")  # selected: among the generator's draws
+            or (under is not None and under.kind == "generated"))
 
 
 def merge_runs(reference: pd.DataFrame, others: Mapping[str, pd.DataFrame], *,

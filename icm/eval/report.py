@@ -289,7 +289,8 @@ def selection_lines(results: pd.DataFrame) -> list[str]:
     chosen = results.dropna(subset=["selected_candidate"])
     lines = []
     for (variant, setting), part in chosen.groupby(["variant", "setting"], sort=False):
-        counts = part["selected_candidate"].map(lambda name: "a draw" if name.startswith("draw-") else name).value_counts()
+        picks = part["selected_candidate"].map(lambda name: "a draw" if name.startswith("draw-") else name)
+        counts = picks.value_counts()
         lines.append(f"{variant} on {setting} ({len(part)} tasks) chose: "
                      + ", ".join(f"{name} {count}" for name, count in counts.items()) + ".")
     return lines + [""] if lines else []

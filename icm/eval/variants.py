@@ -12,7 +12,7 @@ A variant is one registry entry. Its *kind* says how the worker gets what it sco
                  prompt stacked, which a user with both can do)
     selected     of the generator's K draws and the adapters of the variants in ``among``, the
                  one with the lowest perplexity on the task's k demonstrations (forward passes
-                 only): the generator with the zoo's combinations as fallbacks
+                 only): the zoo's combinations compete with the generator's draws
 
 Each entry also says in which *settings* it applies: ``seen`` (a training task, judged against
 its own zoo LoRA), ``heldout`` (the fixed held-out set, judged against its oracle LoRA) and
