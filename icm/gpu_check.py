@@ -228,8 +228,8 @@ def check_generator_lm(ctx: dict) -> dict:
     _sync(ctx)
     generator.to("cpu")
     return {"value": result.steps / result.train_seconds, "unit": "steps/s",
-            "detail": f"{min(cfg.lm_tasks, len(tasks))} tasks x {cfg.lm_texts} texts x {cfg.lm_seq_len} tokens per step, "
-                      f"final train NLL {result.history[-1]['train_lm_nll']:.2f}"}
+            "detail": f"{min(cfg.lm_tasks, len(tasks))} tasks x {cfg.lm_texts} texts x "
+                      f"{cfg.lm_seq_len} tokens per step, final train NLL {result.history[-1]['train_lm_nll']:.2f}"}
 
 
 def check_vllm(ctx: dict) -> dict:
@@ -316,7 +316,8 @@ def _profiled(enabled: bool, device: str, name: str):
 
         # Kernels' own rows only: a CPU op's row also carries the time of the kernels it launched.
         busy = sum(e.self_device_time_total for e in events
-                   if e.device_type == DeviceType.CUDA and not e.is_user_annotation) / 1e6  # us -> s
+                   if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)
+                   ) / 1e6  # us -> s
         print(f"device busy {busy:.2f} s ({100 * busy / wall:.0f}% of wall)", flush=True)
     print(events.table(sort_by=sort_by, row_limit=15, max_name_column_width=60), flush=True)
 
