@@ -214,8 +214,7 @@ def check_generator_lm(ctx: dict) -> dict:
     steps = 2 if ctx["quick"] else 40
     cfg = generator.config.model_copy(update={
         "objective": "lm", "lm_steps": steps, "report_every": steps, "lm_tasks": ctx["lm_tasks"],
-        "lm_texts": ctx["lm_texts"],
-        "lm_seq_len": 32 if ctx["quick"] else 64})
+        "lm_texts": ctx["lm_texts"], "lm_seq_len": 32 if ctx["quick"] else 64})
     generator.to(ctx["device"])
     # A copy: the wrapper injects LoRA layers into the model, which vLLM's section saves bare.
     applier = FunctionalLora(copy.deepcopy(ctx["model"]), zoo.peft_config, zoo.layout)
@@ -228,8 +227,8 @@ def check_generator_lm(ctx: dict) -> dict:
     _sync(ctx)
     generator.to("cpu")
     return {"value": result.steps / result.train_seconds, "unit": "steps/s",
-            "detail": f"{min(cfg.lm_tasks, len(tasks))} tasks x {cfg.lm_texts} texts x "
-                      f"{cfg.lm_seq_len} tokens per step, final train NLL {result.history[-1]['train_lm_nll']:.2f}"}
+            "detail": f"{min(cfg.lm_tasks, len(tasks))} tasks x {cfg.lm_texts} texts x {cfg.lm_seq_len} "
+                      f"tokens per step, final train NLL {result.history[-1]['train_lm_nll']:.2f}"}
 
 
 def check_vllm(ctx: dict) -> dict:

@@ -57,6 +57,7 @@ class ItemScorer:
         self.applier = None  # a FunctionalLora on self.swap.model, made when a fit needs it
         self.rows: list[dict[str, Any]] = []
         self.oracle: torch.Tensor | None = None
+        self._draws: dict[str, tuple[torch.Tensor, float, list[float]]] = {}  # `_scored_draws`
 
     def score(self, variant: str, vector: torch.Tensor | None, **extra) -> None:
         started = time.perf_counter()
@@ -134,11 +135,20 @@ class ItemScorer:
             for index in range(self.cfg.samples):
                 self.score(variant.name, draws[index], sample=index, adapter_seconds=seconds)
         else:  # best of K by perplexity on the demonstrations (the same seed: the same first draws)
-            draws, seconds = self._draw(condition, self.cfg.best_of, "random")
-            demo_ppl = [self._demo_perplexity(draw, f"draw-{index}") for index, draw in enumerate(draws)]
+            draws, seconds, demo_ppl = self._scored_draws(variant.condition)
             best = int(np.argmin(demo_ppl))
             self.score(variant.name, draws[best], sample=best, adapter_seconds=seconds * self.cfg.best_of,
                        demo_ppl=demo_ppl[best], draw_spread=draw_spread(draws))
+
+    def _scored_draws(self, condition: str) -> tuple[torch.Tensor, float, list[float]]:
+        """The generator's best_of draws (K, L) for a condition mode, the generation seconds per
+        draw, and each draw's demonstration perplexity: computed once per item, read by the
+        best-of-K and selected variants alike."""
+        if condition not in self._draws:
+            draws, seconds = self._draw(self.item.conditions[condition], self.cfg.best_of, "random")
+            demo_ppl = [self._demo_perplexity(draw, f"draw-{i}") for i, draw in enumerate(draws)]
+            self._draws[condition] = (draws, seconds, demo_ppl)
+        return self._draws[condition]
 
     def _demo_perplexity(self, vector: torch.Tensor, name: str) -> float:
         self.swap.load(vector, name)
@@ -148,12 +158,12 @@ class ItemScorer:
     def _selected(self, variant: Variant) -> None:
         """The candidate with the lowest demonstration perplexity: the generator's best_of draws
         (generated-best-of-k's, same seed) and the adapters of ``variant.among`` that apply."""
-        condition = self.item.conditions.get(variant.condition)
-        if condition is None:
+        if variant.condition not in self.item.conditions:
             return
-        draws, seconds = self._draw(condition, self.cfg.best_of, "random")  # (K, L)
         started = time.perf_counter()
+        draws, seconds, draw_ppl = self._scored_draws(variant.condition)  # (K, L)
         candidates = {f"draw-{index}": draw for index, draw in enumerate(draws)}
+        demo_ppl = dict(zip(candidates, draw_ppl))
         for name in variant.among:
             source = self.item.adapters.get(name)
             if source is not None and source.fit_on is not None:  # fitted on these very demos
@@ -161,10 +171,12 @@ class ItemScorer:
                                  "demonstrations it would be selected on")
             if source is not None:
                 candidates[name] = self._adapter(source)[0]
-        demo_ppl = {name: self._demo_perplexity(vector, name) for name, vector in candidates.items()}
+                demo_ppl[name] = self._demo_perplexity(candidates[name], name)
         chosen = min(demo_ppl, key=demo_ppl.get)
-        self.score(variant.name, candidates[chosen], selected_candidate=chosen, demo_ppl=demo_ppl[chosen],
-                   candidate_demo_ppl=json.dumps(demo_ppl), adapter_seconds=seconds * self.cfg.best_of,
+        # selection_seconds leaves out the draws' scoring where best-of-K already did it
+        self.score(variant.name, candidates[chosen], selected_candidate=chosen,
+                   demo_ppl=demo_ppl[chosen], candidate_demo_ppl=json.dumps(demo_ppl),
+                   adapter_seconds=seconds * self.cfg.best_of,
                    selection_seconds=time.perf_counter() - started)
 
     def _in_context(self, variant: Variant) -> None:

@@ -311,8 +311,8 @@ register(Variant("in-context", "in-context", ALL, (
 register(Variant("demo-selected", "selected", UNSEEN, (
     "of the generator's K draws (generated-best-of-k's) and the soup, similarity-soup, nearest "
     "and ridge adapters, the one with the lowest perplexity on the k demonstrations (forward "
-    "passes only): the zoo's combinations compete with the generator's draws"), condition="both", among=("soup", "similarity-soup", "nearest", "ridge"),
-    opt_in=True))
+    "passes only): the zoo's combinations compete with the generator's draws"),
+    condition="both", among=("soup", "similarity-soup", "nearest", "ridge"), opt_in=True))
 # multitask: the strongest adapter baseline under the same prompt (on a fold only where the
 # oracles stage trained the fold's own, as on its own)
 for _under in ("generated", "soup", "oracle", "multitask"):
