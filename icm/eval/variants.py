@@ -64,6 +64,9 @@ class Variant:
     settings: frozenset[str]
     description: str
     baseline: bool = False  # a rival the generator must beat (what a user gets without it)
+    # not a rival but a bound the report also divides every generator by (oracle-projection:
+    # the zoo's span; a generator below it has left the span)
+    yardstick: bool = False
     opt_in: bool = False  # scored only when named (evaluate.variants or evaluate.extra_variants)
     # adapter: (context) -> AdapterSource | None (None: not available for this task)
     source: Callable[[Any], AdapterSource | None] | None = None
@@ -289,7 +292,7 @@ register(Variant("oracle-projection", "adapter", UNSEEN, (
     "a diagnostic, not a rival (it reads the oracle): the flat combination of the training "
     "tasks' LoRAs, weights summing to 1, whose dW = B @ A is closest to the oracle's: about the "
     "best any weights over the zoo (soup, similarity soup, nearest, ridge) could do"),
-    opt_in=True, source=_oracle_projection))
+    opt_in=True, yardstick=True, source=_oracle_projection))
 register(Variant("lorahub", "adapter", UNSEEN, (
     "LoraHub with gradients: weights over the training tasks' LoRAs (flat combination, from the "
     "uniform soup's) fitted by the LM loss on the task's k demonstrations, the texts in-context "

@@ -3,6 +3,7 @@ when both runs scored the same texts (icm eval-compare)."""
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -151,3 +152,19 @@ def test_eval_compare_zoos_command_merges_same_zoo_folders_and_writes_the_table(
     wide = f"wide={tmp_path / 'wide.parquet'}"
     assert main(["eval-compare-zoos", "--run", wide, "--run", wide, "--out", str(out)]) == 2
     assert "given twice" in capsys.readouterr().err
+
+
+def test_generators_are_divided_by_the_zoo_span_yardstick_after_the_baselines_when_it_was_scored():
+    """oracle-projection is no rival (it reads the oracle) but the report's test of whether a
+    generator left the zoo's span: a column after the baselines, absent when not scored."""
+    with_span = _results(generated_shift=-0.8, levels={"oracle-projection": 3.4})  # generated 3.2
+    table = generators_table(with_span, resamples=200, seed=0)
+    columns = list(table.columns)
+    assert columns[-1] == "/ oracle-projection" and columns.index("/ nearest") < columns.index("/ oracle-projection")
+    held = table.set_index(["setting", "generator"]).loc[("held-out", "generated")]
+    ratio = float(held["/ oracle-projection"].split()[0])
+    assert ratio == pytest.approx(float(np.exp(3.2 - 3.4)), abs=0.01) and held["/ oracle-projection"].endswith("(12/12)")
+    assert "/ oracle-projection" not in generators_table(_results(), resamples=200, seed=0).columns
+    text = markdown_report(with_span, command="c", config_yaml="", title="T", resamples=100)
+    assert "yardsticks, not rivals" in text and "oracle-projection" not in list(
+        generators_table(with_span, 200, 0)["generator"])  # a yardstick is never a generator row
