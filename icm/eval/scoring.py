@@ -57,7 +57,8 @@ class ItemScorer:
         self.applier = None  # a FunctionalLora on self.swap.model, made when a fit needs it
         self.rows: list[dict[str, Any]] = []
         self.oracle: torch.Tensor | None = None
-        self._draws: dict[str, tuple[torch.Tensor, float, list[float]]] = {}  # `_scored_draws`
+        # condition mode -> (draws (K, L), seconds per draw, demo perplexities): `_scored_draws`
+        self._draws: dict[str, tuple[torch.Tensor, float, list[float]]] = {}
 
     def score(self, variant: str, vector: torch.Tensor | None, **extra) -> None:
         started = time.perf_counter()
@@ -166,12 +167,13 @@ class ItemScorer:
         demo_ppl = dict(zip(candidates, draw_ppl))
         for name in variant.among:
             source = self.item.adapters.get(name)
-            if source is not None and source.fit_on is not None:  # fitted on these very demos
+            if source is None:  # not available for this task
+                continue
+            if source.fit_on is not None:  # fitted on these very demos
                 raise ValueError(f"variant {variant.name!r}: candidate {name!r} is fitted on the "
                                  "demonstrations it would be selected on")
-            if source is not None:
-                candidates[name] = self._adapter(source)[0]
-                demo_ppl[name] = self._demo_perplexity(candidates[name], name)
+            candidates[name] = self._adapter(source)[0]
+            demo_ppl[name] = self._demo_perplexity(candidates[name], name)
         chosen = min(demo_ppl, key=demo_ppl.get)
         # selection_seconds leaves out the draws' scoring where best-of-K already did it
         self.score(variant.name, candidates[chosen], selected_candidate=chosen,
