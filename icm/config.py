@@ -224,6 +224,11 @@ Mode = Literal["description", "demos", "both"]
 Pooling = Literal["last", "mean"]
 
 
+# Task-vector settings that schedule the work without changing the vectors (batching changes
+# them only at float rounding level).
+TASK_VECTOR_SCHEDULING_FIELDS = frozenset({"batch_size", "actors", "cpus_per_actor", "gpus_per_actor"})
+
+
 class TaskVectorConfig(StageConfig):
     """Task vectors: the frozen base LM reads in-context episodes (description and/or k
     demonstrations); pooled hidden states become one vector per episode and per task."""
@@ -335,6 +340,13 @@ class GeneratorConfig(StageConfig):
         "at lm_residual_lr with lm_shared_residual, else fixed). The zoo's multi-task LoRA trained "
         "on every training task, a fold's groups included: with evaluate.folds each fold "
         "generator anchors on its fold's own (oracles.fold_multitask), and Tune is refused."))
+    lm_extra_root: str | None = Field(None, description=(
+        "lm/hybrid: storage root of a run whose task_vectors stage covered more tasks (e.g. "
+        "`icm run stages=[task_vectors] storage.root=R suite.subset=all`). Its training tasks "
+        "that are not in this run's suite join the LM objective with their train texts and "
+        "episode vectors, without a LoRA of their own (the LM loss needs none: Text-to-LoRA's "
+        "lever). A fold's groups and any held-out task never join; its model and task-vector "
+        "settings must be this run's. Tune's trials do not read them. None: the zoo's tasks only."))
     lm_workers: int = Field(1, ge=1, description=(
         "lm/hybrid: Ray Train data-parallel workers (each draws its own tasks per step)."))
     lm_gpus_per_worker: float = Field(0.0, ge=0, description=(
@@ -344,6 +356,12 @@ class GeneratorConfig(StageConfig):
     @classmethod
     def _known_arch(cls, value: str) -> str:
         return _check_arch(value)
+
+    @field_validator("lm_extra_root")
+    @classmethod
+    def _absolute_root(cls, value: str | None) -> str | None:
+        # Absolute from here on: Ray Train workers run in another working directory.
+        return None if value is None else str(Path(value).expanduser().resolve())
 
 
 def _check_arch(value: str) -> str:

@@ -119,7 +119,8 @@ def fold_generators(cfg: PipelineConfig, suite: Suite, folds: list[list[str]], d
 
             out = directory / f"fold-{index}"
             finetune(cfg, gen_cfg, fold_suite(suite, folds[index]), out / "reconstruction",
-                     fingerprint, out=out / "generator", fold=index)  # anchor: the fold's own
+                     fingerprint, out=out / "generator", fold=index,  # anchor: the fold's own
+                     fold_groups=folds[index])  # no extra LM task of the fold's groups either
         write_json_atomic(marker, {"fingerprint": fingerprint, **summary})
         log.info("evaluate: fold %d generator trained on %d tasks (held out: %s)", index,
                  len(summary["trained_on"]), ", ".join(summary["held_groups"]))

@@ -27,6 +27,7 @@ from icm.config import GeneratorConfig, PipelineConfig
 from icm.generator.training import load_checkpoint
 from icm.generator import train_generator
 from icm.generator.inputs import GeneratorInputs, load_generator_inputs
+from icm.generator.lm_corpus import extra_root_fingerprint
 from icm.io import atomic_directory, fingerprint_matches, write_json_atomic
 from icm.stages import open_suite, pull_local, pull_stages, push_local, stage
 from icm.tasks import Suite
@@ -90,7 +91,9 @@ def run(cfg: PipelineConfig, suite: Suite, *, inputs: GeneratorInputs | None = N
     inputs = inputs or load_generator_inputs(cfg, suite)
     gen_cfg, source = chosen_config(cfg, suite, inputs)
     trained = gen_cfg.model_dump(mode="json", exclude={"cpus_per_task"})  # not a scheduling knob
-    current = stage(cfg, "generator", inputs.fingerprint(), trained, sections=("model",))
+    extra = extra_root_fingerprint(cfg)  # the LM objective's tasks without a LoRA, when set
+    current = stage(cfg, "generator", inputs.fingerprint(), trained, *([extra] if extra else []),
+                    sections=("model",))
     if current.is_current():
         log.info("generator: up to date, skipping (%s)", current.directory)
         return current.record()

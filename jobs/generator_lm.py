@@ -17,6 +17,7 @@ import json
 import logging
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import ray
@@ -110,23 +111,32 @@ def anchor(cfg: PipelineConfig, gen_cfg: GeneratorConfig, generator, fold: int |
 
 
 def finetune(cfg: PipelineConfig, gen_cfg: GeneratorConfig, suite: Suite, start: Path,
-             fingerprint: str, out: Path | None = None, fold: int | None = None) -> dict:
+             fingerprint: str, out: Path | None = None, fold: int | None = None,
+             fold_groups: Sequence[str] = ()) -> dict:
     """Run the TorchTrainer from the reconstruction-trained ``start`` (trained on ``suite``'s
-    training tasks); write the final generator to ``out`` (default: the stage folder) with the
-    LM history in its training summary."""
+    training tasks, plus ``generator.lm_extra_root``'s tasks outside ``fold_groups``); write the
+    final generator to ``out`` (default: the stage folder) with the LM history in its training
+    summary."""
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from icm.generator import LoraGenerator
     from icm.generator.inputs import load_task_conditions
+    from icm.generator.lm_corpus import extra_lm_tasks
 
     started = time.perf_counter()
     generator = LoraGenerator.load(start)  # the start: its training tasks now, its weights at the end
     trained_on = generator.summary["trained_on"]["tasks"]
     texts = lm_train_texts(suite, trained_on, gen_cfg.lm_max_texts)
+    conditions = load_task_conditions(cfg, trained_on)
+    extra = extra_lm_tasks(cfg, gen_cfg.lm_extra_root, suite, fold_groups,
+                           max_texts=gen_cfg.lm_max_texts)  # conditioned like the zoo's tasks
+    texts, conditions = texts | extra.texts, conditions | extra.conditions
     offset = anchor(cfg, gen_cfg, generator, fold)
     loop = {"config": cfg.model_dump(mode="json"), "generator_config": gen_cfg.model_dump(mode="json"),
-            "start": str(start), "texts": texts, "conditions": load_task_conditions(cfg, trained_on),
+            "start": str(start), "texts": texts, "conditions": conditions,
             "suite": suite, "anchor_offset": offset}
+    log.info("generator: %s fine-tuning on %d tasks (%d without a LoRA, from %s)", gen_cfg.objective,
+             len(texts), len(extra.texts), gen_cfg.lm_extra_root)
     log.info("generator: %s fine-tuning, %d steps x %d workers x %d tasks x %d texts of %d tokens",
              gen_cfg.objective, gen_cfg.lm_steps, gen_cfg.lm_workers, gen_cfg.lm_tasks,
              gen_cfg.lm_texts, gen_cfg.lm_seq_len)
@@ -155,7 +165,7 @@ def finetune(cfg: PipelineConfig, gen_cfg: GeneratorConfig, suite: Suite, start:
                                 "train_seconds": state["train_seconds"],
                                 "wall_seconds": time.perf_counter() - started,
                                 "workers": gen_cfg.lm_workers,
-                                "tasks": sorted(texts)}}
+                                "tasks": sorted(texts), "extra_tasks": sorted(extra.texts)}}
     out = generator.save(out or cfg.storage.path("generator"), resolved_config=cfg)
     push_local(cfg, out)
     meta = json.loads((out / "generator.json").read_text())

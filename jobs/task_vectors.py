@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 import ray
 from ray.data.expressions import col
 
-from icm.config import PipelineConfig
+from icm.config import TASK_VECTOR_SCHEDULING_FIELDS, PipelineConfig
 from icm.logs import quiet_library_loggers, verbose
 from icm.progress import Progress
 from icm.io import atomic_directory, write_bytes_atomic, write_json_atomic, write_text_atomic
@@ -50,7 +50,6 @@ log = logging.getLogger("jobs.task_vectors")
 SHARD_ROWS = 4096  # episodes per Ray Data run: the unit of resume after a kill
 READ_TASK_CPUS = 1  # what each of Ray Data's read tasks asks for (its default)
 SHARD_DONE_FILE = "_shard.json"  # "_" prefix: parquet readers skip it
-SCHEDULING_FIELDS = {"batch_size", "actors", "cpus_per_actor", "gpus_per_actor"}
 ROWS_PER_FILE = 4096  # output rows per parquet file (the small-files trap, on the write side)
 EPISODE_FIELDS = ("task", "episode", "mode", "prompt", "n_demos", "truncated", "n_tokens")
 INPUT_COLUMNS = ["task", "group", "heldout", "episode", "mode", "prompt"]
@@ -265,8 +264,7 @@ def _extract_to_uri(cfg: PipelineConfig, current: Stage, shards: dict[str, int])
 def run(cfg: PipelineConfig, suite: Suite) -> dict:
     """Run (or skip, when up to date) the ``task_vectors`` stage; returns its stage record."""
     tv = cfg.task_vectors
-    # Scheduling knobs do not change the vectors (batching only at float rounding level).
-    what = tv.model_dump(mode="json", exclude=SCHEDULING_FIELDS)
+    what = tv.model_dump(mode="json", exclude=set(TASK_VECTOR_SCHEDULING_FIELDS))
     current = stage(cfg, "task_vectors", suite.fingerprint(), sorted(suite.tasks),
                     list(suite.heldout), what, template_text(), sections=("model",))
     if current.is_current():

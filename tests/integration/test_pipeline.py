@@ -310,3 +310,40 @@ def test_lm_anchor_multitask_starts_from_the_zoos_multitask_lora(smoke_run, tmp_
     with pytest.raises(InputError, match="zoo.multitask"):
         anchor(cfg.model_copy(update={"storage": cfg.storage.model_copy(update={"root": str(bare)})}),
                cfg.generator, generator)
+
+
+def test_lm_extra_tasks_are_another_roots_tasks_never_this_suites_a_folds_or_held_out(smoke_run):
+    """generator.lm_extra_root: the smoke run's task vectors cover cats, dogs (held out), sums
+    and code. A run whose suite lacks `code` gets `code` for its LM objective (its train texts,
+    its episode vectors); a fold holding out code's group, a suite that has it, and a task held
+    out by its own suite get nothing; other task-vector settings and a root without the stage
+    are refused, naming the field; the generator stage depends on that root's vectors."""
+    from icm.config import PipelineConfig
+    from icm.errors import InputError
+    from icm.generator.inputs import load_task_conditions
+    from icm.generator.lm_corpus import extra_lm_tasks, extra_root_fingerprint
+    from icm.tasks import load_suite
+
+    root = smoke_run.root
+    resolved = yaml.safe_load((root / "task_vectors" / "config.resolved.yaml").read_text())
+    cfg = PipelineConfig.model_validate(resolved | {"generator": {"lm_extra_root": str(root)}})
+    extra_root = cfg.generator.lm_extra_root
+    suite = load_suite(smoke_run.suite)
+    without_code = suite.select(["cats", "dogs", "sums"])
+    extra = extra_lm_tasks(cfg, extra_root, without_code, max_texts=3)
+    assert sorted(extra.texts) == sorted(extra.conditions) == ["code"]
+    assert extra.texts["code"] == load_task_texts(suite, "code")[:3]
+    own = load_task_conditions(cfg, ["code"])["code"]  # (E x modes, D), read from the root itself
+    assert extra.conditions["code"].shape == own.shape and (extra.conditions["code"] == own).all()
+    assert not extra_lm_tasks(cfg, extra_root, without_code, ["code"], max_texts=3).texts  # a fold's
+    assert not extra_lm_tasks(cfg, extra_root, suite, max_texts=3).texts  # all in this suite
+    # `dogs` is held out by its own suite: never an extra task, even for a suite without it.
+    assert sorted(extra_lm_tasks(cfg, extra_root, suite.select(["cats", "sums"]), max_texts=3).texts) == ["code"]
+    assert extra_lm_tasks(cfg, None, without_code, max_texts=3).texts == {}
+    stage_record = json.loads((root / "task_vectors" / "stage.json").read_text())
+    assert extra_root_fingerprint(cfg) == stage_record["fingerprint"]
+    other_k = cfg.model_copy(update={"task_vectors": cfg.task_vectors.model_copy(update={"k": 9})})
+    with pytest.raises(InputError, match=r"generator.lm_extra_root.*task_vectors\.k=\d+, this run uses 9"):
+        extra_lm_tasks(other_k, extra_root, without_code, max_texts=3)
+    with pytest.raises(InputError, match="no finished task_vectors stage"):
+        extra_lm_tasks(cfg, str(root / "zoo"), without_code, max_texts=3)
