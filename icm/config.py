@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -224,11 +224,6 @@ Mode = Literal["description", "demos", "both"]
 Pooling = Literal["last", "mean"]
 
 
-# Task-vector settings that schedule the work without changing the vectors (batching changes
-# them only at float rounding level).
-TASK_VECTOR_SCHEDULING_FIELDS = frozenset({"batch_size", "actors", "cpus_per_actor", "gpus_per_actor"})
-
-
 class TaskVectorConfig(StageConfig):
     """Task vectors: the frozen base LM reads in-context episodes (description and/or k
     demonstrations); pooled hidden states become one vector per episode and per task."""
@@ -255,6 +250,15 @@ class TaskVectorConfig(StageConfig):
     cpus_per_actor: float = Field(0.5, gt=0, description=(
         "CPUs reserved per actor (below 1 on a 2-CPU box, or Ray Data deadlocks)."))
     gpus_per_actor: float = Field(0.0, ge=0, description="GPUs per actor.")
+
+    # Settings that schedule the work without changing the vectors (batching changes them only
+    # at float rounding level).
+    SCHEDULING_FIELDS: ClassVar[frozenset[str]] = frozenset(
+        {"batch_size", "actors", "cpus_per_actor", "gpus_per_actor"})
+
+    def vector_settings(self) -> dict[str, Any]:
+        """What shapes the vectors: every setting but the scheduling ones."""
+        return self.model_dump(mode="json", exclude=self.SCHEDULING_FIELDS)
 
 
 class GeneratorConfig(StageConfig):

@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 import ray
 from ray.data.expressions import col
 
-from icm.config import TASK_VECTOR_SCHEDULING_FIELDS, PipelineConfig
+from icm.config import PipelineConfig
 from icm.logs import quiet_library_loggers, verbose
 from icm.progress import Progress
 from icm.io import atomic_directory, write_bytes_atomic, write_json_atomic, write_text_atomic
@@ -264,9 +264,8 @@ def _extract_to_uri(cfg: PipelineConfig, current: Stage, shards: dict[str, int])
 def run(cfg: PipelineConfig, suite: Suite) -> dict:
     """Run (or skip, when up to date) the ``task_vectors`` stage; returns its stage record."""
     tv = cfg.task_vectors
-    what = tv.model_dump(mode="json", exclude=set(TASK_VECTOR_SCHEDULING_FIELDS))
     current = stage(cfg, "task_vectors", suite.fingerprint(), sorted(suite.tasks),
-                    list(suite.heldout), what, template_text(), sections=("model",))
+                    list(suite.heldout), tv.vector_settings(), template_text(), sections=("model",))
     if current.is_current():
         log.info("task_vectors: up to date, skipping (%s)", current.directory)
         return current.record()

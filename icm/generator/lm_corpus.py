@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from icm.config import RESOLVED_CONFIG_FILE, TASK_VECTOR_SCHEDULING_FIELDS, PipelineConfig
+from icm.config import RESOLVED_CONFIG_FILE, PipelineConfig
 from icm.errors import InputError
 from icm.generator.inputs import _task_vector_loader, load_task_conditions
 from icm.tasks import Suite
@@ -48,8 +48,7 @@ def extra_root_config(cfg: PipelineConfig, extra_root: str) -> PipelineConfig:
     other = PipelineConfig.model_validate(yaml.safe_load(resolved.read_text()))
     pairs = {"model.spec": (other.model.spec, cfg.model.spec),
              "model.dtype": (other.model.dtype, cfg.model.dtype)}
-    mine = cfg.task_vectors.model_dump(mode="json", exclude=set(TASK_VECTOR_SCHEDULING_FIELDS))
-    theirs = other.task_vectors.model_dump(mode="json", exclude=set(TASK_VECTOR_SCHEDULING_FIELDS))
+    mine, theirs = cfg.task_vectors.vector_settings(), other.task_vectors.vector_settings()
     pairs |= {f"task_vectors.{key}": (theirs.get(key), value) for key, value in mine.items()}
     differ = {key: pair for key, pair in pairs.items() if pair[0] != pair[1]}
     if differ:
