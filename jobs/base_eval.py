@@ -22,7 +22,7 @@ from icm.io import write_bytes_atomic, write_text_atomic
 from icm.stages import open_suite, stage
 from icm.tasks import Suite
 from jobs.common import ensure_writable_root, parse_job_args, user_errors_exit_2
-from jobs.ray_setup import init_ray
+from jobs.ray_setup import init_ray, with_reserved_threads
 
 log = logging.getLogger("jobs.base_eval")
 
@@ -47,7 +47,8 @@ def run(config: PipelineConfig, suite: Suite) -> dict:
         return current.record()
     started = current.begin(config)
     m, e = config.model, config.base_eval
-    remote = ray.remote(num_cpus=e.cpus_per_task, num_gpus=e.gpus_per_task)(evaluate_task_base)
+    remote = ray.remote(num_cpus=e.cpus_per_task, num_gpus=e.gpus_per_task)(
+        with_reserved_threads(evaluate_task_base))
     pending = {remote.remote(str(task.path), model_spec=m.spec, cache_dir=m.cache_dir, dtype=m.dtype,
                              max_length=m.max_length, batch_size=e.batch_size,
                              max_texts=e.max_texts): name for name, task in suite.tasks.items()}

@@ -41,7 +41,7 @@ from icm.stages import open_suite, pull_stages, stage
 from icm.tasks import Suite
 from icm.zoo import replicate_tasks
 from jobs.common import ensure_writable_root, parse_job_args, user_errors_exit_2
-from jobs.ray_setup import init_ray
+from jobs.ray_setup import init_ray, with_reserved_threads
 
 log = logging.getLogger("jobs.evaluate")
 ROWS_DIR = "rows"  # one parquet per finished (setting, task): what a resumed run skips
@@ -97,7 +97,8 @@ def fold_generators(cfg: PipelineConfig, suite: Suite, folds: list[list[str]], d
     the fold's training tasks only."""
     upstream = [_upstream(cfg, n)["fingerprint"] for n in ("zoo", "task_vectors", "generator")]
     pending, folders = {}, []
-    remote = ray.remote(num_cpus=cfg.generator.cpus_per_task)(train_fold_generator)
+    remote = ray.remote(num_cpus=cfg.generator.cpus_per_task)(
+        with_reserved_threads(train_fold_generator))
     gen_cfg = GeneratorConfig.model_validate(_generator_config(cfg))
     end_to_end = gen_cfg.objective != "reconstruction"
     for index, groups in enumerate(folds):
@@ -204,7 +205,7 @@ def run(cfg: PipelineConfig, suite: Suite, *, command: str = "python -m jobs.eva
 def _score_items(cfg: PipelineConfig, directory: Path, items: list, finals: dict) -> pd.DataFrame:
     """Every item on Ray, a few in flight at once (each holds its adapters' arguments)."""
     remote = ray.remote(num_cpus=cfg.evaluate.cpus_per_task,
-                        num_gpus=cfg.evaluate.gpus_per_task)(evaluate_item)
+                        num_gpus=cfg.evaluate.gpus_per_task)(with_reserved_threads(evaluate_item))
     finals_ref = ray.put(finals)
     todo = [item for item in items if not _item_file(directory, item).is_file()]
     log.info("evaluate: %d items (%d done before), %s", len(items), len(items) - len(todo),

@@ -29,7 +29,7 @@ from icm.config import GeneratorConfig, PipelineConfig
 from icm.errors import InputError
 from icm.stages import push_local
 from icm.tasks import Suite, load_task
-from jobs.ray_setup import train_logging
+from jobs.ray_setup import train_logging, use_reserved_cpus
 
 log = logging.getLogger("jobs.generator_lm")
 LM_DIR = "generator-lm"
@@ -51,6 +51,7 @@ def lm_train_func(loop: dict) -> None:
     from icm.generator.inputs import load_generator_inputs
     from icm.generator.lm import fit_lm, hybrid_term, lm_setup
 
+    use_reserved_cpus()
     cfg = PipelineConfig.model_validate(loop["config"])
     gen_cfg = GeneratorConfig.model_validate(loop["generator_config"])
     rank = ray.train.get_context().get_world_rank()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -86,3 +87,37 @@ def train_logging():
     import ray.train
 
     return ray.train.LoggingConfig(log_level="INFO" if verbose() else "WARNING")
+
+
+def use_reserved_cpus() -> int | None:
+    """Set torch's intra-op threads to the CPUs Ray reserved for the calling task or actor;
+    returns that count (None on the driver, or for a task that reserved no CPU).
+
+    Ray sets ``OMP_NUM_THREADS`` to a task's CPUs, but it reuses worker processes across tasks
+    of different sizes, and torch fixes its thread count at import: without this, a 2-CPU task
+    on a worker first used by a 1-CPU task computes on one thread (and the reverse
+    oversubscribes the node)."""
+    try:
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 0.0)
+    except AssertionError:  # the driver: not inside a task or an actor
+        return None
+    if cpus <= 0:
+        return None
+    import torch
+
+    threads = max(1, int(cpus))  # a fractional share still needs one thread
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    return threads
+
+
+def with_reserved_threads(fn):
+    """``fn`` for ``ray.remote``: every call first sets torch's threads to its reserved CPUs
+    (`use_reserved_cpus`)."""
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        use_reserved_cpus()
+        return fn(*args, **kwargs)
+
+    return call

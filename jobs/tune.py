@@ -50,7 +50,7 @@ from icm.stages import RAY_DIR, open_suite, pull_stages, stage
 from icm.storage import delete, join, read_json, write_json
 from icm.tasks import Suite
 from jobs.common import ensure_writable_root, parse_job_args, user_errors_exit_2
-from jobs.ray_setup import init_ray
+from jobs.ray_setup import init_ray, use_reserved_cpus
 
 log = logging.getLogger("jobs.tune")
 EXPERIMENT = "cvae-search"
@@ -102,6 +102,7 @@ def trial_config(base: dict[str, Any], params: dict[str, Any]) -> GeneratorConfi
 
 def trainable(config: dict[str, Any], data: PreparedData, base: dict[str, Any]) -> None:
     """One Tune trial: train a generator, report (with a checkpoint) every report_every steps."""
+    use_reserved_cpus()
     cfg = trial_config(base, config)
     resume = None
     if (checkpoint := tune.get_checkpoint()) is not None:
@@ -311,6 +312,7 @@ def objective_trainable(config: dict[str, Any], data: PreparedData, base: dict[s
 
     from icm.generator.lm import fit_lm, hybrid_term, lm_setup
 
+    use_reserved_cpus()
     cfg = GeneratorConfig.model_validate({**base, "objective": config["objective"]})
     generator = generator_from_state(data, cfg, start)
     setup = lm_setup(generator, scorer.model_cfg, lm_data["texts"], lm_data["conditions"], cfg)

@@ -52,7 +52,7 @@ from icm.zoo import (LAYOUT_FILE, SNAPSHOT_FILE, SNAPSHOT_INDEX_FILE, TASK_DONE_
                      task_finished, write_manifest, write_snapshot, write_task_index, zoo_identity,
                      zoo_jobs)
 from jobs.common import ensure_writable_root, parse_job_args, user_errors_exit_2
-from jobs.ray_setup import init_ray, train_logging
+from jobs.ray_setup import init_ray, train_logging, use_reserved_cpus
 
 log = logging.getLogger("jobs.zoo")
 
@@ -159,6 +159,7 @@ def train_func(loop: dict) -> list[dict]:
     task). A task finished earlier (its ``task.json`` carries this run's fingerprint) is skipped;
     the task of a restored checkpoint resumes from it. Returns rank 0's per-task summaries."""
     entered = time.perf_counter()
+    use_reserved_cpus()
     import deepspeed
 
     cfg = PipelineConfig.model_validate(loop["config"])

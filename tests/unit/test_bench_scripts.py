@@ -115,3 +115,12 @@ def test_leak_effect_bench_finds_held_out_eval_texts_trained_on_and_drops_only_t
     held, seen = cut[cut["setting"] == "heldout"], cut[cut["setting"] == "seen"]
     assert all(list(r) == [1.0, 3.0] for r in held["text_nll"]) and all(list(r) == [4, 6] for r in held["text_tokens"])
     assert all(list(r) == [1.0, 2.0, 3.0] for r in seen["text_nll"])
+
+
+def test_lm_step_bench_alternates_the_thread_order_and_brackets_the_median_ratio():
+    import runpy
+
+    bench = runpy.run_path(str(BENCH[0].with_name("bench_lm_step.py")), run_name="bench")
+    assert bench["round_orders"]([1, 2], 4) == [[1, 2], [2, 1], [1, 2], [2, 1]]
+    low, high = bench["bootstrap_median_ci"]([1.0, 1.1, 1.2, 1.3, 1.9])
+    assert 1.0 <= low <= 1.2 <= high <= 1.9 and low < high

@@ -1,0 +1,38 @@
+"""torch's threads follow the CPUs Ray reserved for a task, on a real local Ray."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import ray
+
+from jobs.ray_setup import use_reserved_cpus, with_reserved_threads
+
+
+def torch_threads() -> tuple[int, int]:
+    """(worker pid, torch's intra-op threads), importing torch in the worker."""
+    import torch
+
+    return os.getpid(), torch.get_num_threads()
+
+
+@pytest.fixture
+def two_cpu_ray():
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    yield
+    ray.shutdown()
+
+
+def test_a_two_cpu_task_on_a_worker_reused_from_a_one_cpu_task_gets_two_threads(two_cpu_ray):
+    one_cpu, two_cpu = ray.remote(num_cpus=1), ray.remote(num_cpus=2)
+    first = ray.get([one_cpu(torch_threads).remote() for _ in range(2)])
+    assert {threads for _, threads in first} == {1}  # torch fixed its count at import
+    pid, threads = ray.get(two_cpu(with_reserved_threads(torch_threads)).remote())
+    # the scenario of the defect: a reused worker, whose torch had fixed 1 thread at import
+    assert pid in {pid for pid, _ in first}
+    assert threads == 2
+    # and back: a 1-CPU task on a worker left at 2 threads does not oversubscribe
+    after = ray.get([one_cpu(with_reserved_threads(torch_threads)).remote() for _ in range(2)])
+    assert {threads for _, threads in after} == {1}
+    assert use_reserved_cpus() is None  # the driver is not a task: nothing to follow
