@@ -112,20 +112,54 @@ def fold_generators(cfg: PipelineConfig, suite: Suite, folds: list[list[str]], d
         ref = remote.remote(cfg.model_dump(mode="json"), suite, groups, str(first))
         pending[ref] = (marker, fingerprint, index)
     # Every reconstruction first: a Ray Train worker group started while they hold the CPUs
-    # waits for one and can time out (the LM fine-tunes then run one after another).
-    summaries = ray.get(list(pending))
-    for summary, (marker, fingerprint, index) in zip(summaries, pending.values()):
-        if end_to_end:  # the same end-to-end fine-tuning as the main generator, fold-only tasks
-            from jobs.generator_lm import finetune
-
-            out = directory / f"fold-{index}"
-            finetune(cfg, gen_cfg, fold_suite(suite, folds[index]), out / "reconstruction",
-                     fingerprint, out=out / "generator", fold=index,  # anchor: the fold's own
-                     fold_groups=folds[index])  # no extra LM task of the fold's groups either
-        write_json_atomic(marker, {"fingerprint": fingerprint, **summary})
-        log.info("evaluate: fold %d generator trained on %d tasks (held out: %s)", index,
-                 len(summary["trained_on"]), ", ".join(summary["held_groups"]))
+    # would wait for them.
+    trained = [(summary, *meta) for summary, meta in zip(ray.get(list(pending)), pending.values())]
+    if end_to_end:  # the same end-to-end fine-tuning as the main generator, fold-only tasks
+        _finetune_folds(cfg, gen_cfg, suite, folds, directory, trained)
+    else:
+        for fold in trained:
+            _fold_done(*fold)
     return folders
+
+
+def _fold_done(summary: dict, marker: Path, fingerprint: str, index: int) -> None:
+    """Mark fold ``index``'s generator finished: a rerun with the same fingerprint reuses it."""
+    write_json_atomic(marker, {"fingerprint": fingerprint, **summary})
+    log.info("evaluate: fold %d generator trained on %d tasks (held out: %s)", index,
+             len(summary["trained_on"]), ", ".join(summary["held_groups"]))
+
+
+def _finetune_folds(cfg: PipelineConfig, gen_cfg: GeneratorConfig, suite: Suite,
+                    folds: list[list[str]], directory: Path, reconstructed: list[tuple]) -> None:
+    """Fine-tune each reconstructed fold generator (summary, marker, fingerprint, index) on Ray
+    Train, as many at once as the cluster holds side by side; a fold is marked done as soon as
+    its fine-tune returns, so a kill loses only the fine-tunes in flight (and those resume
+    from their checkpoints)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from jobs.generator_lm import finetune_concurrency, finetune_task
+
+    # On the driver's node: the fold folders are the driver's, as for the main generator.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    launcher = ray.remote(num_cpus=0, scheduling_strategy=here)(finetune_task)
+    concurrency = finetune_concurrency(gen_cfg, ray.cluster_resources())
+    log.info("evaluate: fine-tuning %d fold generators, %d at a time", len(reconstructed), concurrency)
+    todo, in_flight = list(reconstructed), {}
+    while todo or in_flight:
+        while todo and len(in_flight) < concurrency:
+            _, _, fingerprint, index = job = todo.pop(0)
+            out = directory / f"fold-{index}"
+            ref = launcher.remote(cfg.model_dump(mode="json"), gen_cfg.model_dump(mode="json"),
+                                  fold_suite(suite, folds[index]), str(out / "reconstruction"),
+                                  fingerprint, str(out / "generator"), index,  # anchor: the fold's
+                                  folds[index])  # no extra LM task of the fold's groups either
+            in_flight[ref] = job
+        ready, _ = ray.wait(list(in_flight), num_returns=1)
+        job = in_flight.pop(ready[0])
+        tuned = ray.get(ready[0])
+        log.info("evaluate: fold %d generator fine-tuned (%s) in %.0f s", job[3], gen_cfg.objective,
+                 tuned["wall_seconds"])
+        _fold_done(*job)
 
 
 # ----------------------------------------------------------------------------- plans and items

@@ -17,7 +17,7 @@ import json
 import logging
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import ray
@@ -174,3 +174,24 @@ def finetune(cfg: PipelineConfig, gen_cfg: GeneratorConfig, suite: Suite, start:
     return {"trained_on": generator.summary["trained_on"], "final": {**generator.summary["final"], **final},
             "samples_per_s": generator.summary["samples_per_s"], "size": meta["size"],
             "objective": gen_cfg.objective}
+
+
+def finetune_concurrency(gen_cfg: GeneratorConfig, resources: Mapping[str, float]) -> int:
+    """Fine-tunes (TorchTrainers) that ``resources`` (the cluster now) run side by side: each
+    holds ``lm_workers`` x ``cpus_per_task`` CPUs (and x ``lm_gpus_per_worker`` GPUs)."""
+    bound = int(resources.get("CPU", 1) // (gen_cfg.lm_workers * gen_cfg.cpus_per_task))
+    if gen_cfg.lm_gpus_per_worker:  # no GPU up yet (autoscaling from zero): one at a time
+        gpus = resources.get("GPU", 0) // (gen_cfg.lm_workers * gen_cfg.lm_gpus_per_worker)
+        bound = min(bound, int(gpus))
+    return max(1, bound)
+
+
+def finetune_task(config: dict, generator_config: dict, suite: Suite, start: str, fingerprint: str,
+                  out: str, fold: int, fold_groups: list[str]) -> dict:
+    """Ray task around `finetune` for one fold generator, reserving nothing itself (its
+    TorchTrainer's workers hold the CPUs), so that several folds fine-tune at once."""
+    started = time.perf_counter()
+    summary = finetune(PipelineConfig.model_validate(config),
+                       GeneratorConfig.model_validate(generator_config), suite, Path(start),
+                       fingerprint, out=Path(out), fold=fold, fold_groups=fold_groups)
+    return {**summary, "wall_seconds": time.perf_counter() - started}
