@@ -117,10 +117,18 @@ def test_leak_effect_bench_finds_held_out_eval_texts_trained_on_and_drops_only_t
     assert all(list(r) == [1.0, 2.0, 3.0] for r in seen["text_nll"])
 
 
-def test_lm_step_bench_alternates_the_thread_order_and_brackets_the_median_ratio():
+def test_lm_step_bench_alternates_layouts_and_pairs_throughput_by_round():
     import runpy
 
     bench = runpy.run_path(str(BENCH[0].with_name("bench_lm_step.py")), run_name="bench")
-    assert bench["round_orders"]([1, 2], 4) == [[1, 2], [2, 1], [1, 2], [2, 1]]
+    assert bench["round_orders"](["a", "b"], 3) == [["a", "b"], ["b", "a"], ["a", "b"]]
+    assert bench["parse_layout"]("2x1") == (2, 1)
+    with pytest.raises(SystemExit, match="--layouts: '2-1' is not PxT"):
+        bench["parse_layout"]("2-1")
     low, high = bench["bootstrap_median_ci"]([1.0, 1.1, 1.2, 1.3, 1.9])
     assert 1.0 <= low <= 1.2 <= high <= 1.9 and low < high
+    timings = {(1, 1): {"s_per_step": [5.0, 6.0], "steps_per_s": [0.2, 0.1]},
+               (2, 1): {"s_per_step": [6.0, 6.0], "steps_per_s": [0.3, 0.3]}}
+    rows = bench["table"](timings, (1, 1))
+    assert [r["layout"] for r in rows] == ["1x1", "2x1"]
+    assert rows[1]["throughput_ratio"] == pytest.approx(2.25)  # median of 1.5 and 3.0, by round
