@@ -94,7 +94,7 @@ def fold_generators(cfg: PipelineConfig, suite: Suite, folds: list[list[str]], d
     """Train (or reuse: same fingerprint) one generator per fold; returns their folders. With
     ``generator.objective`` lm/hybrid each is trained by reconstruction into
     ``fold-K/reconstruction`` and then fine-tuned on Ray Train like the main generator, from
-    the fold's training tasks only."""
+    the fold's training tasks only, several folds at once where the cluster holds them."""
     upstream = [_upstream(cfg, n)["fingerprint"] for n in ("zoo", "task_vectors", "generator")]
     pending, folders = {}, []
     remote = ray.remote(num_cpus=cfg.generator.cpus_per_task)(
