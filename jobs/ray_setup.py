@@ -91,12 +91,14 @@ def train_logging():
 
 def use_reserved_cpus() -> int | None:
     """Set torch's intra-op threads to the CPUs Ray reserved for the calling task or actor;
-    returns that count (None on the driver, or for a task that reserved no CPU).
+    returns that count (None outside Ray, on the driver, or for a task that reserved no CPU).
 
     Ray sets ``OMP_NUM_THREADS`` to a task's CPUs, but it reuses worker processes across tasks
     of different sizes, and torch fixes its thread count at import: without this, a 2-CPU task
     on a worker first used by a 1-CPU task computes on one thread (and the reverse
     oversubscribes the node)."""
+    if not ray.is_initialized():  # get_runtime_context() would start a local Ray
+        return None
     try:
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 0.0)
     except AssertionError:  # the driver: not inside a task or an actor

@@ -36,3 +36,9 @@ def test_a_two_cpu_task_on_a_worker_reused_from_a_one_cpu_task_gets_two_threads(
     after = ray.get([one_cpu(with_reserved_threads(torch_threads)).remote() for _ in range(2)])
     assert {threads for _, threads in after} == {1}
     assert use_reserved_cpus() is None  # the driver is not a task: nothing to follow
+
+
+def test_outside_ray_nothing_is_set_and_no_ray_is_started():
+    ray.shutdown()  # a no-op unless an earlier test left its Ray up
+    assert use_reserved_cpus() is None
+    assert not ray.is_initialized()  # ray.get_runtime_context() alone would have started one
