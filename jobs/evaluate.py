@@ -41,7 +41,7 @@ from icm.stages import open_suite, pull_stages, stage
 from icm.tasks import Suite
 from icm.zoo import replicate_tasks
 from jobs.common import ensure_writable_root, parse_job_args, user_errors_exit_2
-from jobs.ray_setup import init_ray, with_reserved_threads
+from jobs.ray_setup import as_completed, init_ray, with_reserved_threads
 
 log = logging.getLogger("jobs.evaluate")
 ROWS_DIR = "rows"  # one parquet per finished (setting, task): what a resumed run skips
@@ -144,19 +144,16 @@ def _finetune_folds(cfg: PipelineConfig, gen_cfg: GeneratorConfig, suite: Suite,
     launcher = ray.remote(num_cpus=0, scheduling_strategy=here)(finetune_task)
     concurrency = finetune_concurrency(gen_cfg, ray.cluster_resources())
     log.info("evaluate: fine-tuning %d fold generators, %d at a time", len(reconstructed), concurrency)
-    todo, in_flight = list(reconstructed), {}
-    while todo or in_flight:
-        while todo and len(in_flight) < concurrency:
-            _, _, fingerprint, index = job = todo.pop(0)
-            out = directory / f"fold-{index}"
-            ref = launcher.remote(cfg.model_dump(mode="json"), gen_cfg.model_dump(mode="json"),
-                                  fold_suite(suite, folds[index]), str(out / "reconstruction"),
-                                  fingerprint, str(out / "generator"), index,  # anchor: the fold's
-                                  folds[index])  # no extra LM task of the fold's groups either
-            in_flight[ref] = job
-        ready, _ = ray.wait(list(in_flight), num_returns=1)
-        job = in_flight.pop(ready[0])
-        tuned = ray.get(ready[0])
+
+    def submit(job: tuple):
+        _, _, fingerprint, index = job
+        out = directory / f"fold-{index}"
+        return launcher.remote(cfg.model_dump(mode="json"), gen_cfg.model_dump(mode="json"),
+                               fold_suite(suite, folds[index]), str(out / "reconstruction"),
+                               fingerprint, str(out / "generator"), index,  # anchor: the fold's
+                               folds[index])  # no extra LM task of the fold's groups either
+
+    for job, tuned in as_completed(submit, reconstructed, concurrency):
         log.info("evaluate: fold %d generator fine-tuned (%s) in %.0f s", job[3], gen_cfg.objective,
                  tuned["wall_seconds"])
         _fold_done(*job)
@@ -245,17 +242,15 @@ def _score_items(cfg: PipelineConfig, directory: Path, items: list, finals: dict
     log.info("evaluate: %d items (%d done before), %s", len(items), len(items) - len(todo),
              ", ".join(f"{s} {sum(i.setting == s for i in items)}" for s in ("heldout", "fold", "seen")))
     limit = max(2, int(ray.cluster_resources().get("CPU", 2) // cfg.evaluate.cpus_per_task) + 1)
-    pending: dict = {}
     done, baselines = len(items) - len(todo), set(baseline_names())
     progress = Progress("evaluate", len(items), "items", initial=done)
-    while todo or pending:
-        while todo and len(pending) < limit:
-            item = todo.pop(0)
-            pending[remote.remote(item, finals_ref, model=cfg.model, cfg=cfg.evaluate,
-                                  task_vectors=cfg.task_vectors)] = item
-        ready, _ = ray.wait(list(pending), num_returns=1)
-        item = pending.pop(ready[0])
-        rows = pd.DataFrame(ray.get(ready[0]))
+
+    def submit(item):
+        return remote.remote(item, finals_ref, model=cfg.model, cfg=cfg.evaluate,
+                             task_vectors=cfg.task_vectors)
+
+    for item, result in as_completed(submit, todo, limit):
+        rows = pd.DataFrame(result)
         write_bytes_atomic(_item_file(directory, item), rows.to_parquet(index=False))
         done += 1
         progress.update(done)

@@ -29,7 +29,7 @@ from icm.config import GeneratorConfig, PipelineConfig
 from icm.errors import InputError
 from icm.stages import push_local
 from icm.tasks import Suite, load_task
-from jobs.ray_setup import train_logging, use_reserved_cpus
+from jobs.ray_setup import train_logging, trainers_that_fit, use_reserved_cpus
 
 log = logging.getLogger("jobs.generator_lm")
 LM_DIR = "generator-lm"
@@ -47,9 +47,7 @@ def lm_train_texts(suite: Suite, tasks: list[str], limit: int) -> dict[str, list
 def lm_train_func(loop: dict) -> None:
     """One data-parallel worker of the LM fine-tuning (see the module docstring)."""
     from icm.generator import LoraGenerator
-    from icm.generator.data import prepare_data
-    from icm.generator.inputs import load_generator_inputs
-    from icm.generator.lm import fit_lm, hybrid_term, lm_setup
+    from icm.generator.lm import fit_lm, lm_setup
 
     use_reserved_cpus()
     cfg = PipelineConfig.model_validate(loop["config"])
@@ -60,11 +58,6 @@ def lm_train_func(loop: dict) -> None:
     if loop["anchor_offset"] is not None:  # generator.lm_anchor: multitask (fixed or trained)
         generator.residual = loop["anchor_offset"].to(device)
     setup = lm_setup(generator, cfg.model, loop["texts"], loop["conditions"], gen_cfg, str(device))
-
-    def zoo_data():  # each worker reads the zoo itself (never through Ray's object store)
-        inputs = load_generator_inputs(cfg, loop["suite"])
-        return prepare_data(inputs.zoo, inputs.conditions, gen_cfg, validation=False,
-                            init_state=inputs.init_state, condition_spec=inputs.condition_spec)
 
     resume = None
     if (checkpoint := ray.train.get_checkpoint()) is not None:
@@ -85,8 +78,23 @@ def lm_train_func(loop: dict) -> None:
             ray.train.report({k: v for k, v in metrics.items() if v is not None}, checkpoint=checkpoint)
 
     fit_lm(generator, setup.applier, setup.tasks, gen_cfg, pad_id=setup.pad_id,
-           reconstruction=hybrid_term(gen_cfg, zoo_data), rank=rank, report=report,
-           resume_state=resume)
+           reconstruction=reconstruction_term(cfg, gen_cfg, loop["suite"]), rank=rank,
+           report=report, resume_state=resume)
+
+
+def reconstruction_term(cfg: PipelineConfig, gen_cfg: GeneratorConfig, suite: Suite):
+    """`fit_lm`'s ``reconstruction`` argument for ``gen_cfg`` (None unless hybrid): the zoo's
+    samples, read by the caller itself (never through Ray's object store)."""
+    from icm.generator.data import prepare_data
+    from icm.generator.inputs import load_generator_inputs
+    from icm.generator.lm import hybrid_term
+
+    def zoo_data():
+        inputs = load_generator_inputs(cfg, suite)
+        return prepare_data(inputs.zoo, inputs.conditions, gen_cfg, validation=False,
+                            init_state=inputs.init_state, condition_spec=inputs.condition_spec)
+
+    return hybrid_term(gen_cfg, zoo_data)
 
 
 def anchor(cfg: PipelineConfig, gen_cfg: GeneratorConfig, generator, fold: int | None = None
@@ -179,11 +187,9 @@ def finetune(cfg: PipelineConfig, gen_cfg: GeneratorConfig, suite: Suite, start:
 def finetune_concurrency(gen_cfg: GeneratorConfig, resources: Mapping[str, float]) -> int:
     """Fine-tunes (TorchTrainers) that ``resources`` (the cluster now) run side by side: each
     holds ``lm_workers`` x ``cpus_per_task`` CPUs (and x ``lm_gpus_per_worker`` GPUs)."""
-    bound = int(resources.get("CPU", 1) // (gen_cfg.lm_workers * gen_cfg.cpus_per_task))
-    if gen_cfg.lm_gpus_per_worker:  # no GPU up yet (autoscaling from zero): one at a time
-        gpus = resources.get("GPU", 0) // (gen_cfg.lm_workers * gen_cfg.lm_gpus_per_worker)
-        bound = min(bound, int(gpus))
-    return max(1, bound)
+    fit = trainers_that_fit(resources, gen_cfg.lm_workers, gen_cfg.cpus_per_task,
+                            gen_cfg.lm_gpus_per_worker)
+    return max(1, min(fit.values()))  # no GPU up yet (autoscaling from zero): one at a time
 
 
 def finetune_task(config: dict, generator_config: dict, suite: Suite, start: str, fingerprint: str,

@@ -6,6 +6,8 @@ import functools
 import json
 import logging
 import os
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any, TypeVar
 
 import ray
 
@@ -14,6 +16,7 @@ from icm.io import default_cache_dir
 from icm.logs import LOG_LEVEL_ENV, verbose
 
 log = logging.getLogger(__name__)
+Job = TypeVar("Job")
 
 # Passed to every worker so that workers behave like the driver: no hub access, the same
 # model cache, no usage reporting.
@@ -123,3 +126,27 @@ def with_reserved_threads(fn):
         return fn(*args, **kwargs)
 
     return call
+
+
+def trainers_that_fit(resources: Mapping[str, float], workers: int, cpus_per_worker: float,
+                      gpus_per_worker: float = 0.0) -> dict[str, int]:
+    """How many trainers of ``workers`` x (``cpus_per_worker`` CPUs, ``gpus_per_worker`` GPUs)
+    ``resources`` (the cluster now) hold side by side, per resource a trainer needs."""
+    fit = {"CPU": int(resources.get("CPU", 1) // (workers * cpus_per_worker))}
+    if gpus_per_worker:
+        fit["GPU"] = int(resources.get("GPU", 0) // (workers * gpus_per_worker))
+    return fit
+
+
+def as_completed(submit: Callable[[Job], Any], jobs: Iterable[Job], limit: int
+                 ) -> Iterator[tuple[Job, Any]]:
+    """Submit ``jobs`` in order (``submit(job)`` returns an ObjectRef), at most ``limit`` in
+    flight, and yield (job, result) as each finishes; the next job is submitted only after
+    the caller has handled the one yielded."""
+    todo, in_flight = list(jobs), {}
+    while todo or in_flight:
+        while todo and len(in_flight) < limit:
+            job = todo.pop(0)
+            in_flight[submit(job)] = job
+        ready, _ = ray.wait(list(in_flight), num_returns=1)
+        yield in_flight.pop(ready[0]), ray.get(ready[0])

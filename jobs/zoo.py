@@ -52,7 +52,8 @@ from icm.zoo import (LAYOUT_FILE, SNAPSHOT_FILE, SNAPSHOT_INDEX_FILE, TASK_DONE_
                      task_finished, write_manifest, write_snapshot, write_task_index, zoo_identity,
                      zoo_jobs)
 from jobs.common import ensure_writable_root, parse_job_args, user_errors_exit_2
-from jobs.ray_setup import init_ray, train_logging, use_reserved_cpus
+from jobs.ray_setup import (as_completed, init_ray, train_logging, trainers_that_fit,
+                            use_reserved_cpus)
 
 log = logging.getLogger("jobs.zoo")
 
@@ -329,17 +330,14 @@ def trainer_concurrency(cfg: PipelineConfig, resources: dict[str, float]) -> int
     """
     if cfg.zoo.max_concurrent:
         return cfg.zoo.max_concurrent
-    per_task_cpu = cfg.zoo.num_workers * cfg.zoo.cpus_per_worker
-    bound = int(resources.get("CPU", 1) // per_task_cpu)
-    if cfg.zoo.gpus_per_worker:
-        gpus = int(resources.get("GPU", 0) // (cfg.zoo.num_workers * cfg.zoo.gpus_per_worker))
-        if gpus == 0:
-            raise InputError("zoo.max_concurrent is unset and no GPU is up yet, so the cluster's size "
-                             "is unknown (an autoscaling cluster starts with no GPU node). Fix: set "
-                             "zoo.max_concurrent to the trainers its largest size holds (the gpu "
-                             "preset: 16).")
-        bound = min(bound, gpus)
-    return max(1, bound)
+    z = cfg.zoo
+    fit = trainers_that_fit(resources, z.num_workers, z.cpus_per_worker, z.gpus_per_worker)
+    if fit.get("GPU") == 0:
+        raise InputError("zoo.max_concurrent is unset and no GPU is up yet, so the cluster's size "
+                         "is unknown (an autoscaling cluster starts with no GPU node). Fix: set "
+                         "zoo.max_concurrent to the trainers its largest size holds (the gpu "
+                         "preset: 16).")
+    return max(1, min(fit.values()))
 
 
 def prepare_zoo(cfg: PipelineConfig, root: Path) -> LoraLayout:
@@ -419,15 +417,12 @@ def _finished_counter(root: Path, jobs: list[LoraJob], done: set[str]):
 def _run_trainers(cfg: PipelineConfig, stage_name: str, root: Path, jobs: list[LoraJob],
                   groups: dict, todo: list[str], concurrency: int, launcher, finished: int) -> None:
     """Launch trainers, ``concurrency`` at a time, and log each one's LoRAs as it returns."""
-    config_dict, in_flight = cfg.model_dump(mode="json"), {}
-    while todo or in_flight:
-        while todo and len(in_flight) < concurrency:
-            name = todo.pop(0)
-            ref = launcher.remote(config_dict, name, groups[name], str(root), stage_name)
-            in_flight[ref] = name
-        ready, _ = ray.wait(list(in_flight), num_returns=1)
-        trainer = in_flight.pop(ready[0])
-        result = ray.get(ready[0])
+    config_dict = cfg.model_dump(mode="json")
+
+    def submit(name: str):
+        return launcher.remote(config_dict, name, groups[name], str(root), stage_name)
+
+    for trainer, result in as_completed(submit, todo, concurrency):
         log.info("%s: trainer %s finished %d LoRA(s) in %.0f s", stage_name, trainer,
                  len(result["summaries"]), result["wall_seconds"])
         for summary in result["summaries"]:

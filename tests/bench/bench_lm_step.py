@@ -57,11 +57,10 @@ def round_orders(layouts: list, rounds: int) -> list[list]:
 def setup(run: Path, overrides: list[str], steps: int):
     """(generator, LmSetup, reconstruction term, generator config) as an LM worker builds them."""
     from icm.generator import LoraGenerator
-    from icm.generator.data import prepare_data
-    from icm.generator.inputs import load_generator_inputs, load_task_conditions
-    from icm.generator.lm import hybrid_term, lm_setup
+    from icm.generator.inputs import load_task_conditions
+    from icm.generator.lm import lm_setup
     from icm.stages import open_suite
-    from jobs.generator_lm import lm_train_texts
+    from jobs.generator_lm import lm_train_texts, reconstruction_term
 
     cfg = load_config(run / "generator" / "config.resolved.yaml", overrides)
     cfg = cfg.model_copy(update={"storage": cfg.storage.model_copy(update={"root": str(run)})})
@@ -71,13 +70,7 @@ def setup(run: Path, overrides: list[str], steps: int):
     tasks = generator.summary["trained_on"]["tasks"]
     lm = lm_setup(generator, cfg.model, lm_train_texts(suite, tasks, gen_cfg.lm_max_texts),
                   load_task_conditions(cfg, tasks), gen_cfg, "cpu")
-
-    def zoo_data():
-        inputs = load_generator_inputs(cfg, suite)
-        return prepare_data(inputs.zoo, inputs.conditions, gen_cfg, validation=False,
-                            init_state=inputs.init_state, condition_spec=inputs.condition_spec)
-
-    return generator, lm, hybrid_term(gen_cfg, zoo_data), gen_cfg
+    return generator, lm, reconstruction_term(cfg, gen_cfg, suite), gen_cfg
 
 
 def worker(conn, run: str, overrides: list[str], steps: int) -> None:
