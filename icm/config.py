@@ -315,7 +315,12 @@ class GeneratorConfig(StageConfig):
     val_snapshots: int = Field(1, ge=0, description=(
         "Snapshots per seen task kept out of generator training for validation."))
     report_every: int = Field(100, ge=1, description="Steps between metric reports / checkpoints.")
-    cpus_per_task: float = Field(1.0, gt=0, description="Ray CPUs of the final generator training task.")
+    cpus_per_task: float | None = Field(None, gt=0, description=(
+        "Ray CPUs (torch threads) of each generator training task and of each LM worker "
+        "(lm_workers). None: the cluster's CPUs shared out, whole CPUs, at least 1, at most a "
+        "node's: the main generator trains alone and takes them all (its lm_workers share "
+        "them); the fold generators train side by side and share them equally. Two 1-thread "
+        "fine-tunes side by side outrun one 2-thread fine-tune on 2 cores (BENCHMARKS.md)."))
     objective: Literal["reconstruction", "lm", "hybrid"] = Field("reconstruction", description=(
         "reconstruction: the CVAE loss on zoo snapshots (the paper's). lm: after it, fine-tune by "
         "the frozen base model's LM loss on the training tasks' train texts with the generated "

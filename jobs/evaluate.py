@@ -41,7 +41,7 @@ from icm.stages import open_suite, pull_stages, stage
 from icm.tasks import Suite
 from icm.zoo import replicate_tasks
 from jobs.common import ensure_writable_root, parse_job_args, user_errors_exit_2
-from jobs.ray_setup import as_completed, init_ray, with_reserved_threads
+from jobs.ray_setup import as_completed, cpus_each, init_ray, with_reserved_threads
 
 log = logging.getLogger("jobs.evaluate")
 ROWS_DIR = "rows"  # one parquet per finished (setting, task): what a resumed run skips
@@ -87,7 +87,8 @@ def train_fold_generator(config: dict, suite: Suite, held_groups: list[str], out
 def _generator_config(cfg: PipelineConfig) -> dict:
     """The main generator's hyperparameters (Tune's winner when Tune ran), for every fold."""
     recorded = json.loads((cfg.storage.path("generator") / "generator.json").read_text())
-    return recorded.get("config") or cfg.generator.model_dump(mode="json")
+    chosen = recorded.get("config") or cfg.generator.model_dump(mode="json")
+    return {**chosen, "cpus_per_task": cfg.generator.cpus_per_task}  # scheduling: this run's
 
 
 def fold_generators(cfg: PipelineConfig, suite: Suite, folds: list[list[str]], directory: Path) -> list[str]:
@@ -96,21 +97,22 @@ def fold_generators(cfg: PipelineConfig, suite: Suite, folds: list[list[str]], d
     ``fold-K/reconstruction`` and then fine-tuned on Ray Train like the main generator, from
     the fold's training tasks only, several folds at once where the cluster holds them."""
     upstream = [_upstream(cfg, n)["fingerprint"] for n in ("zoo", "task_vectors", "generator")]
-    pending, folders = {}, []
-    remote = ray.remote(num_cpus=cfg.generator.cpus_per_task)(
-        with_reserved_threads(train_fold_generator))
     gen_cfg = GeneratorConfig.model_validate(_generator_config(cfg))
     end_to_end = gen_cfg.objective != "reconstruction"
+    todo, folders = [], []
     for index, groups in enumerate(folds):
         out = directory / f"fold-{index}"
         folders.append(str(out / "generator"))
         fingerprint = sha256_json([upstream, groups])
         marker = out / "fold.json"
-        if fingerprint_matches(marker, fingerprint):
-            continue
-        first = out / ("reconstruction" if end_to_end else "generator")
-        ref = remote.remote(cfg.model_dump(mode="json"), suite, groups, str(first))
-        pending[ref] = (marker, fingerprint, index)
+        if not fingerprint_matches(marker, fingerprint):
+            todo.append((out / ("reconstruction" if end_to_end else "generator"),
+                         (marker, fingerprint, index)))
+    # Side by side: each reconstruction takes its share of the CPUs (generator.cpus_per_task).
+    remote = ray.remote(num_cpus=gen_cfg.cpus_per_task or cpus_each(len(todo)))(
+        with_reserved_threads(train_fold_generator))
+    pending = {remote.remote(cfg.model_dump(mode="json"), suite, folds[meta[2]], str(first)): meta
+               for first, meta in todo}
     # Every reconstruction first: a Ray Train worker group started while they hold the CPUs
     # would wait for them.
     trained = [(summary, *meta) for summary, meta in zip(ray.get(list(pending)), pending.values())]
@@ -137,13 +139,15 @@ def _finetune_folds(cfg: PipelineConfig, gen_cfg: GeneratorConfig, suite: Suite,
     from their checkpoints)."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from jobs.generator_lm import finetune_concurrency, finetune_task
+    from jobs.generator_lm import finetune_concurrency, finetune_task, lm_worker_cpus
 
     # On the driver's node: the fold folders are the driver's, as for the main generator.
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     launcher = ray.remote(num_cpus=0, scheduling_strategy=here)(finetune_task)
-    concurrency = finetune_concurrency(gen_cfg, ray.cluster_resources())
-    log.info("evaluate: fine-tuning %d fold generators, %d at a time", len(reconstructed), concurrency)
+    cpus = lm_worker_cpus(gen_cfg, side_by_side=len(reconstructed))
+    concurrency = finetune_concurrency(gen_cfg, ray.cluster_resources(), cpus)
+    log.info("evaluate: fine-tuning %d fold generators, %d at a time, %g CPUs per worker",
+             len(reconstructed), concurrency, cpus)
 
     def submit(job: tuple):
         _, _, fingerprint, index = job
@@ -151,7 +155,7 @@ def _finetune_folds(cfg: PipelineConfig, gen_cfg: GeneratorConfig, suite: Suite,
         return launcher.remote(cfg.model_dump(mode="json"), gen_cfg.model_dump(mode="json"),
                                fold_suite(suite, folds[index]), str(out / "reconstruction"),
                                fingerprint, str(out / "generator"), index,  # anchor: the fold's
-                               folds[index])  # no extra LM task of the fold's groups either
+                               folds[index], cpus)  # no extra LM task of the fold's groups either
 
     for job, tuned in as_completed(submit, reconstructed, concurrency):
         log.info("evaluate: fold %d generator fine-tuned (%s) in %.0f s", job[3], gen_cfg.objective,

@@ -33,7 +33,7 @@ from icm.stages import open_suite, pull_local, pull_stages, push_local, stage
 from icm.tasks import Suite
 from jobs import tune as tune_stage
 from jobs.common import ensure_writable_root, parse_job_args, user_errors_exit_2
-from jobs.ray_setup import init_ray, with_reserved_threads
+from jobs.ray_setup import cpus_each, init_ray, with_reserved_threads
 
 log = logging.getLogger("jobs.generator")
 CHECKPOINT_DIR = "generator-checkpoint"
@@ -101,7 +101,8 @@ def run(cfg: PipelineConfig, suite: Suite, *, inputs: GeneratorInputs | None = N
     started = current.begin(cfg)
     log.info("generator: training %s on all %d training tasks with hyperparameters from %s",
              gen_cfg.arch, len(inputs.zoo.vectors), source)
-    task = ray.remote(num_cpus=gen_cfg.cpus_per_task)(with_reserved_threads(build_generator))
+    # Alone on the cluster: all of one node's CPUs unless generator.cpus_per_task says otherwise.
+    task = ray.remote(num_cpus=gen_cfg.cpus_per_task or cpus_each(1))(with_reserved_threads(build_generator))
     end_to_end = gen_cfg.objective != "reconstruction"
     start = cfg.storage.path(RECONSTRUCTION_DIR) if end_to_end else None
     # The task reads the zoo itself (shared storage) unless inputs were handed in (tests).

@@ -29,7 +29,7 @@ from icm.config import GeneratorConfig, PipelineConfig
 from icm.errors import InputError
 from icm.stages import push_local
 from icm.tasks import Suite, load_task
-from jobs.ray_setup import train_logging, trainers_that_fit, use_reserved_cpus
+from jobs.ray_setup import cpus_each, train_logging, trainers_that_fit, use_reserved_cpus
 
 log = logging.getLogger("jobs.generator_lm")
 LM_DIR = "generator-lm"
@@ -121,11 +121,11 @@ def anchor(cfg: PipelineConfig, gen_cfg: GeneratorConfig, generator, fold: int |
 
 def finetune(cfg: PipelineConfig, gen_cfg: GeneratorConfig, suite: Suite, start: Path,
              fingerprint: str, out: Path | None = None, fold: int | None = None,
-             fold_groups: Sequence[str] = ()) -> dict:
+             fold_groups: Sequence[str] = (), cpus_per_worker: float | None = None) -> dict:
     """Run the TorchTrainer from the reconstruction-trained ``start`` (trained on ``suite``'s
     training tasks, plus ``generator.lm_extra_root``'s tasks outside ``fold_groups``); write the
     final generator to ``out`` (default: the stage folder) with the LM history in its training
-    summary."""
+    summary. Each worker holds ``cpus_per_worker`` CPUs (default: `lm_worker_cpus`, alone)."""
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from icm.generator import LoraGenerator
@@ -149,13 +149,13 @@ def finetune(cfg: PipelineConfig, gen_cfg: GeneratorConfig, suite: Suite, start:
     log.info("generator: %s fine-tuning, %d steps x %d workers x %d tasks x %d texts of %d tokens",
              gen_cfg.objective, gen_cfg.lm_steps, gen_cfg.lm_workers, gen_cfg.lm_tasks,
              gen_cfg.lm_texts, gen_cfg.lm_seq_len)
-    gpus = gen_cfg.lm_gpus_per_worker
+    gpus, cpus = gen_cfg.lm_gpus_per_worker, cpus_per_worker or lm_worker_cpus(gen_cfg)
     trainer = TorchTrainer(
         lm_train_func, train_loop_config=loop,
         torch_config=TorchConfig(backend="nccl" if gpus else "gloo"),
         scaling_config=ray.train.ScalingConfig(
             num_workers=gen_cfg.lm_workers, use_gpu=gpus > 0,
-            resources_per_worker={"CPU": gen_cfg.cpus_per_task, **({"GPU": gpus} if gpus else {})}),
+            resources_per_worker={"CPU": cpus, **({"GPU": gpus} if gpus else {})}),
         run_config=ray.train.RunConfig(
             name=f"lm-{fingerprint[:12]}", storage_path=cfg.storage.uri(LM_DIR),  # resumable by name
             failure_config=ray.train.FailureConfig(max_failures=2), logging_config=train_logging(),
@@ -173,7 +173,7 @@ def finetune(cfg: PipelineConfig, gen_cfg: GeneratorConfig, suite: Suite, start:
                          "lm": {"steps": state["step"], "history": state["history"],
                                 "train_seconds": state["train_seconds"],
                                 "wall_seconds": time.perf_counter() - started,
-                                "workers": gen_cfg.lm_workers,
+                                "workers": gen_cfg.lm_workers, "cpus_per_worker": cpus,
                                 "tasks": sorted(texts), "extra_tasks": sorted(extra.texts)}}
     out = generator.save(out or cfg.storage.path("generator"), resolved_config=cfg)
     push_local(cfg, out)
@@ -184,20 +184,28 @@ def finetune(cfg: PipelineConfig, gen_cfg: GeneratorConfig, suite: Suite, start:
             "objective": gen_cfg.objective}
 
 
-def finetune_concurrency(gen_cfg: GeneratorConfig, resources: Mapping[str, float]) -> int:
+def lm_worker_cpus(gen_cfg: GeneratorConfig, side_by_side: int = 1) -> float:
+    """CPUs of one LM worker when ``side_by_side`` fine-tunes run at once: ``cpus_per_task``,
+    or (None) the cluster's CPUs shared over all their workers (`cpus_each`)."""
+    return gen_cfg.cpus_per_task or cpus_each(gen_cfg.lm_workers * side_by_side)
+
+
+def finetune_concurrency(gen_cfg: GeneratorConfig, resources: Mapping[str, float],
+                         cpus_per_worker: float) -> int:
     """Fine-tunes (TorchTrainers) that ``resources`` (the cluster now) run side by side: each
-    holds ``lm_workers`` x ``cpus_per_task`` CPUs (and x ``lm_gpus_per_worker`` GPUs)."""
-    fit = trainers_that_fit(resources, gen_cfg.lm_workers, gen_cfg.cpus_per_task,
+    holds ``lm_workers`` x ``cpus_per_worker`` CPUs (and x ``lm_gpus_per_worker`` GPUs)."""
+    fit = trainers_that_fit(resources, gen_cfg.lm_workers, cpus_per_worker,
                             gen_cfg.lm_gpus_per_worker)
     return max(1, min(fit.values()))  # no GPU up yet (autoscaling from zero): one at a time
 
 
 def finetune_task(config: dict, generator_config: dict, suite: Suite, start: str, fingerprint: str,
-                  out: str, fold: int, fold_groups: list[str]) -> dict:
+                  out: str, fold: int, fold_groups: list[str], cpus_per_worker: float) -> dict:
     """Ray task around `finetune` for one fold generator, reserving nothing itself (its
     TorchTrainer's workers hold the CPUs), so that several folds fine-tune at once."""
     started = time.perf_counter()
     summary = finetune(PipelineConfig.model_validate(config),
                        GeneratorConfig.model_validate(generator_config), suite, Path(start),
-                       fingerprint, out=Path(out), fold=fold, fold_groups=fold_groups)
+                       fingerprint, out=Path(out), fold=fold, fold_groups=fold_groups,
+                       cpus_per_worker=cpus_per_worker)
     return {**summary, "wall_seconds": time.perf_counter() - started}

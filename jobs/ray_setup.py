@@ -128,6 +128,20 @@ def with_reserved_threads(fn):
     return call
 
 
+def spread_cpus(count: int, total: float, largest_node: float) -> float:
+    """CPUs for each of ``count`` tasks (or workers) run side by side on a cluster of ``total``
+    CPUs whose largest node holds ``largest_node``: an equal share in whole CPUs (a thread is
+    whole), at least 1 (more than there are CPUs: they queue), at most one node's."""
+    share = int(total // max(count, 1))
+    return float(max(1, min(share, int(largest_node))))
+
+
+def cpus_each(count: int) -> float:
+    """`spread_cpus` over the cluster as it is now (alive nodes only)."""
+    nodes = [node["Resources"].get("CPU", 0.0) for node in ray.nodes() if node["Alive"]]
+    return spread_cpus(count, ray.cluster_resources().get("CPU", 0.0), max(nodes, default=0.0))
+
+
 def trainers_that_fit(resources: Mapping[str, float], workers: int, cpus_per_worker: float,
                       gpus_per_worker: float = 0.0) -> dict[str, int]:
     """How many trainers of ``workers`` x (``cpus_per_worker`` CPUs, ``gpus_per_worker`` GPUs)

@@ -298,7 +298,8 @@ def fit_lm(generator: LoraGenerator, applier: FunctionalLora, tasks: Sequence[Lm
         metrics = {"lm_step": result.steps, "train_lm_nll": running["lm"] / n,
                    "train_lm_ppl": math.exp(min(running["lm"] / n, 50.0)),
                    "train_recon": running["recon"] / n if reconstruction is not None else None,
-                   "train_seconds": result.train_seconds, "diverged": diverged}
+                   "train_seconds": result.train_seconds, "diverged": diverged,
+                   "threads": torch.get_num_threads()}  # what the worker ran on, for the cost
         result.history.append(metrics)
         running = {"lm": 0.0, "recon": 0.0, "n": 0}
         if report is not None:  # a copy: state_dict tensors alias the live parameters

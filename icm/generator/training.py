@@ -218,6 +218,7 @@ def fit_generator(data: PreparedData, cfg: GeneratorConfig, *, report: Report | 
                        "validation_tasks": list(split.val_tasks)},
         "steps": result.steps, "train_seconds": result.train_seconds,
         "samples_per_s": result.steps * cfg.batch_size / max(result.train_seconds, 1e-9),
+        "threads": torch.get_num_threads(),  # what it ran on, for the cost
         "final": result.final, "history": result.history, "baselines": rep.baselines,
         "representation": rep.info, "zoo": data.zoo_summary}
     return generator

@@ -213,7 +213,9 @@ def test_generator_lm_objective_fine_tunes_on_ray_train_and_skips_when_done(smok
     """objective=hybrid: the reconstruction-trained start, then 4 LM steps on 2 Ray Train
     workers; the artifact records the LM history and loads like any generator; the fold
     generators of the evaluate stage get the same fine-tuning, as many at once as the cluster
-    holds (one pipeline run, one Ray of 4 logical CPUs: two 2-worker fine-tunes fit)."""
+    holds (one pipeline run, one Ray of 4 logical CPUs: two 2-worker fine-tunes fit). With
+    generator.cpus_per_task unset the CPUs are shared out: the main generator, alone, trains
+    on all 4 threads and its 2 LM workers on 2 each; the 3 folds side by side get 1 each."""
     from icm.generator import LoraGenerator
 
     root, suite = smoke_run.root, smoke_run.suite
@@ -223,10 +225,10 @@ def test_generator_lm_objective_fine_tunes_on_ray_train_and_skips_when_done(smok
         (lm_root / upstream).symlink_to(root / upstream)
     args = [f"suite.path={suite}", f"storage.root={lm_root}", "tune.enabled=false",
             "generator.objective=hybrid", "generator.lm_steps=4", "generator.lm_workers=2",
-            "generator.cpus_per_task=1", "generator.report_every=2", "generator.lm_seq_len=24",
+            "generator.report_every=2", "generator.lm_seq_len=24",
             "stages=[generator,evaluate]", "evaluate.variants=[generated]",
             "evaluate.extra_variants=[]", "evaluate.seen_tasks=0",  # not the preset's variants
-            "evaluate.folds=3", "ray.num_cpus=4"]  # 3 fine-tunes of 2 CPUs each: 2 at once
+            "evaluate.folds=3", "ray.num_cpus=4"]  # 3 fine-tunes of 2 x 1 CPU each: 2 at once
     command = [sys.executable, "-m", "jobs.pipeline", "--config", "smoke", *FAST, *args]
     first = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-6000:]
@@ -240,10 +242,15 @@ def test_generator_lm_objective_fine_tunes_on_ray_train_and_skips_when_done(smok
     tuned = LoraGenerator.load(lm_root / "generator")
     vector = start.model.state_dict()["decoder.linears.0.weight"]
     assert not torch.equal(vector, tuned.model.state_dict()["decoder.linears.0.weight"])
+    assert start.summary["threads"] == 4  # alone: the whole (4-CPU) cluster
+    assert lm["cpus_per_worker"] == 2 and {h["threads"] for h in lm["history"]} == {2}
     # The fold generator: the same fine-tuning, from the fold's training tasks only.
     fold = lm_root / "evaluate" / "folds" / "fold-0"
     fold_lm = json.loads((fold / "generator" / "generator.json").read_text())["training"]["lm"]
     assert (fold / "reconstruction").is_dir() and fold_lm["steps"] == 4
+    fold_start = json.loads((fold / "reconstruction" / "generator.json").read_text())["training"]
+    assert fold_start["threads"] == 1 and fold_lm["cpus_per_worker"] == 1  # 3 folds share 4 CPUs
+    assert {h["threads"] for h in fold_lm["history"]} == {1}
     held = json.loads((lm_root / "evaluate" / "baselines.json").read_text())["folds"][0]
     groups = {"cats": "animals", "dogs": "animals", "sums": "math", "code": "code"}
     assert not {t for t in fold_lm["tasks"] if groups[t] in held}  # never a task of the fold

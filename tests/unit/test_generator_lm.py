@@ -237,11 +237,12 @@ def test_functional_lora_on_an_already_wrapped_model_gives_the_same_loss(world):
 def test_fold_fine_tunes_at_once_are_what_the_cluster_holds_side_by_side():
     from jobs.generator_lm import finetune_concurrency
 
-    cpu = GeneratorConfig(lm_workers=1, cpus_per_task=1)
-    assert finetune_concurrency(cpu, {"CPU": 2.0}) == 2
-    assert finetune_concurrency(cpu.model_copy(update={"cpus_per_task": 2}), {"CPU": 2.0}) == 1
-    assert finetune_concurrency(cpu.model_copy(update={"lm_workers": 2}), {"CPU": 5.0}) == 2
-    assert finetune_concurrency(cpu, {"CPU": 0.5}) == 1  # never none at all
-    gpu = GeneratorConfig(lm_workers=2, cpus_per_task=1, lm_gpus_per_worker=1)
-    assert finetune_concurrency(gpu, {"CPU": 64.0, "GPU": 4.0}) == 2  # GPUs bound it
-    assert finetune_concurrency(gpu, {"CPU": 64.0}) == 1  # no GPU up yet: one, waiting for it
+    cpu = GeneratorConfig(lm_workers=1)
+    assert finetune_concurrency(cpu, {"CPU": 2.0}, cpus_per_worker=1) == 2
+    assert finetune_concurrency(cpu, {"CPU": 2.0}, cpus_per_worker=2) == 1
+    assert finetune_concurrency(cpu.model_copy(update={"lm_workers": 2}), {"CPU": 5.0}, 1) == 2
+    assert finetune_concurrency(cpu, {"CPU": 0.5}, cpus_per_worker=1) == 1  # never none at all
+    gpu = GeneratorConfig(lm_workers=2, lm_gpus_per_worker=1)
+    assert finetune_concurrency(gpu, {"CPU": 64.0, "GPU": 4.0}, 1) == 2  # GPUs bound it
+    assert finetune_concurrency(gpu, {"CPU": 64.0}, 1) == 1  # no GPU up yet: one, waiting for it
+
