@@ -320,7 +320,9 @@ class GeneratorConfig(StageConfig):
         "(lm_workers). None: the cluster's CPUs shared out, whole CPUs, at least 1, at most a "
         "node's: the main generator trains alone and takes them all (its lm_workers share "
         "them); the fold generators train side by side and share them equally. Two 1-thread "
-        "fine-tunes side by side outrun one 2-thread fine-tune on 2 cores (BENCHMARKS.md)."))
+        "fine-tunes side by side outrun one 2-thread fine-tune on 2 cores (BENCHMARKS.md). Shared "
+        "from the cluster's totals (the same threads, the same sums, every run): on a cluster "
+        "where other work holds CPUs on every node, set it."))
     objective: Literal["reconstruction", "lm", "hybrid"] = Field("reconstruction", description=(
         "reconstruction: the CVAE loss on zoo snapshots (the paper's). lm: after it, fine-tune by "
         "the frozen base model's LM loss on the training tasks' train texts with the generated "
