@@ -44,6 +44,7 @@ from jobs.common import ensure_writable_root, parse_job_args, user_errors_exit_2
 from jobs.ray_setup import as_completed, cpus_each, init_ray, with_reserved_threads
 
 log = logging.getLogger("jobs.evaluate")
+RECONSTRUCTED = "fingerprint.json"  # in fold-K/reconstruction: done, for this fold fingerprint
 ROWS_DIR = "rows"  # one parquet per finished (setting, task): what a resumed run skips
 
 
@@ -70,18 +71,17 @@ def load_task_means(cfg: PipelineConfig, tasks: Sequence[str]) -> dict:
 # ----------------------------------------------------------------------------- fold generators
 
 
-def train_fold_generator(config: dict, suite: Suite, held_groups: list[str], out: str) -> dict:
-    """Ray task: a generator trained without any task of ``held_groups`` (written atomically)."""
-    from icm.generator import train_generator
-    from icm.generator.inputs import load_generator_inputs
+def train_fold_generator(config: dict, suite: Suite, held_groups: list[str], out: str,
+                         fingerprint: str) -> dict:
+    """Ray task: a generator trained by reconstruction without any task of ``held_groups``,
+    as the main one is: checkpointed beside ``out`` (a rerun with the same ``fingerprint``
+    resumes) and written atomically."""
+    from jobs.generator import build_generator
 
     cfg = PipelineConfig.model_validate(config)
-    inputs = load_generator_inputs(cfg, fold_suite(suite, held_groups))
-    gen_cfg = GeneratorConfig.model_validate(_generator_config(cfg))
-    generator = train_generator(inputs.zoo, inputs.conditions, gen_cfg, validation=False,
-                                condition_spec=inputs.condition_spec, init_state=inputs.init_state)
-    generator.save(out, resolved_config=cfg)
-    return {"trained_on": sorted(inputs.zoo.vectors), "held_groups": held_groups}
+    summary = build_generator(config, _generator_config(cfg), fold_suite(suite, held_groups), None,
+                              fingerprint, out=out, work=f"{out}-checkpoint")
+    return {"trained_on": sorted(summary["trained_on"]["tasks"]), "held_groups": held_groups}
 
 
 def _generator_config(cfg: PipelineConfig) -> dict:
@@ -108,20 +108,37 @@ def fold_generators(cfg: PipelineConfig, suite: Suite, folds: list[list[str]], d
         if not fingerprint_matches(marker, fingerprint):
             todo.append((out / ("reconstruction" if end_to_end else "generator"),
                          (marker, fingerprint, index)))
-    # Side by side: each reconstruction takes its share of the CPUs (generator.cpus_per_task).
-    remote = ray.remote(num_cpus=gen_cfg.cpus_per_task or cpus_each(len(todo)))(
-        with_reserved_threads(train_fold_generator))
-    pending = {remote.remote(cfg.model_dump(mode="json"), suite, folds[meta[2]], str(first)): meta
-               for first, meta in todo}
-    # Every reconstruction first: a Ray Train worker group started while they hold the CPUs
-    # would wait for them.
-    trained = [(summary, *meta) for summary, meta in zip(ray.get(list(pending)), pending.values())]
-    if end_to_end:  # the same end-to-end fine-tuning as the main generator, fold-only tasks
-        _finetune_folds(cfg, gen_cfg, suite, folds, directory, trained)
-    else:
-        for fold in trained:
+    reconstructed = _reconstruct_folds(cfg, gen_cfg, suite, folds, todo, mark=end_to_end)
+    if end_to_end and reconstructed:  # the same end-to-end fine-tuning as the main generator
+        _finetune_folds(cfg, gen_cfg, suite, folds, directory, reconstructed)
+    elif not end_to_end:
+        for fold in reconstructed:
             _fold_done(*fold)
     return folders
+
+
+def _reconstruct_folds(cfg: PipelineConfig, gen_cfg: GeneratorConfig, suite: Suite,
+                       folds: list[list[str]], todo: list[tuple], *, mark: bool) -> list[tuple]:
+    """Train each fold generator of ``todo`` (its folder, (marker, fingerprint, index)) by
+    reconstruction, side by side, each with its share of the CPUs. With ``mark`` (lm/hybrid,
+    fine-tuned next) a finished one is marked, so that a kill during the fine-tunes does not
+    redo it. Returns (summary, marker, fingerprint, index) per fold, in fold order."""
+    done = [(json.loads((first / RECONSTRUCTED).read_text())["summary"], *meta) for first, meta in todo
+            if mark and fingerprint_matches(first / RECONSTRUCTED, meta[1])]
+    reused = {fold[3] for fold in done}
+    todo = [(first, meta) for first, meta in todo if meta[2] not in reused]
+    remote = ray.remote(num_cpus=gen_cfg.cpus_per_task or cpus_each(len(todo)))(
+        with_reserved_threads(train_fold_generator))
+    pending = {remote.remote(cfg.model_dump(mode="json"), suite, folds[meta[2]], str(first),
+                             meta[1]): (first, meta) for first, meta in todo}
+    for summary, (first, meta) in zip(ray.get(list(pending)), pending.values()):
+        if mark:
+            write_json_atomic(first / RECONSTRUCTED, {"fingerprint": meta[1], "summary": summary})
+        done.append((summary, *meta))
+    if mark and len(done) > len(pending):
+        log.info("evaluate: %d fold reconstructions reused, %d trained", len(done) - len(pending),
+                 len(pending))
+    return sorted(done, key=lambda fold: fold[3])
 
 
 def _fold_done(summary: dict, marker: Path, fingerprint: str, index: int) -> None:

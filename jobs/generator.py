@@ -51,15 +51,16 @@ def chosen_config(cfg: PipelineConfig, suite: Suite, inputs: GeneratorInputs) ->
 
 
 def build_generator(config: dict, generator_config: dict, suite: Suite, inputs: GeneratorInputs | None,
-                    fingerprint: str, out: str | None = None) -> dict:
-    """Ray task: train on everything by reconstruction, checkpointing for resume, then write
-    the artifact to ``out`` (default: the stage folder)."""
+                    fingerprint: str, out: str | None = None, work: str | None = None) -> dict:
+    """Ray task: train on ``suite``'s training tasks by reconstruction, checkpointing into
+    ``work`` (default: the stage's checkpoint folder) so that a rerun with the same
+    ``fingerprint`` resumes, then write the artifact to ``out`` (default: the stage folder)."""
     cfg = PipelineConfig.model_validate(config)
     gen_cfg = GeneratorConfig.model_validate(generator_config)
     if inputs is None:
         pull_stages(cfg, "zoo", "task_vectors")  # a URI root: this node's mirror may lack them
     inputs = inputs or load_generator_inputs(cfg, suite)
-    work = cfg.storage.path(CHECKPOINT_DIR)
+    work = Path(work) if work else cfg.storage.path(CHECKPOINT_DIR)
     marker = work / "fingerprint.json"
     resume = None
     if fingerprint_matches(marker, fingerprint):

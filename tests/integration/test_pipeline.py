@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -268,6 +269,16 @@ def test_generator_lm_objective_fine_tunes_on_ray_train_and_skips_when_done(smok
     again = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "generator: up to date" in again.stderr and "evaluate: up to date" in again.stderr
+    # A kill during fold 0's fine-tune: its reconstruction is reused, not trained again.
+    reconstruction = fold / "reconstruction" / "generator.json"
+    written = reconstruction.stat().st_mtime_ns
+    for gone in (fold / "fold.json", lm_root / "evaluate" / "stage.json"):
+        gone.unlink()
+    shutil.rmtree(fold / "generator")
+    resumed = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "1 fold reconstructions reused, 0 trained" in resumed.stderr
+    assert reconstruction.stat().st_mtime_ns == written and (fold / "generator" / "generator.json").is_file()
 
 
 def fine_tune_span(generator: Path) -> tuple[float, float]:
