@@ -13,7 +13,7 @@ import ray
 
 from icm.config import RayConfig
 from icm.io import default_cache_dir
-from icm.logs import LOG_LEVEL_ENV, verbose
+from icm.logs import LOG_LEVEL_ENV, quiet_known_noise, verbose
 
 log = logging.getLogger(__name__)
 Job = TypeVar("Job")
@@ -22,8 +22,8 @@ Job = TypeVar("Job")
 # model cache, no usage reporting.
 WORKER_ENV_KEYS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "ICM_CACHE_DIR", "HF_HOME",
                    "DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR", LOG_LEVEL_ENV)
-# Every worker process filters the known noise of other libraries as it starts (icm/logs.py).
-WORKER_SETUP_HOOK = "icm.logs.quiet_known_noise"
+# Every worker process runs this as it starts (`setup_worker`).
+WORKER_SETUP_HOOK = "jobs.ray_setup.setup_worker"
 
 
 def submitted_job_env_vars() -> dict[str, str]:
@@ -47,6 +47,15 @@ def worker_env_vars(cache_dir: str | None, job_env: dict[str, str]) -> dict[str,
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("ICM_CACHE_DIR", str(cache_dir or default_cache_dir()))
     return {key: value for key, value in env.items() if key not in job_env}
+
+
+def setup_worker() -> None:
+    """Every worker process, as it starts: the known noise of other libraries filtered
+    (icm/logs.py), and RAY_ADDRESS set to this cluster's. Ray's own helpers that look the
+    cluster up by address (Ray Train's placement-group cleaner, the state API) otherwise fail
+    with "Found multiple active Ray instances" whenever another Ray runs on the same machine."""
+    quiet_known_noise()
+    os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
 
 
 def init_ray(config: RayConfig, *, cache_dir: str | None = None) -> None:

@@ -1,4 +1,5 @@
-"""torch's threads follow the CPUs Ray reserved for a task, on a real local Ray."""
+"""How jobs/ray_setup sets up Ray workers, on a real local Ray: torch threads follow the CPUs a
+task reserved, and workers look their own cluster up by address."""
 
 from __future__ import annotations
 
@@ -42,3 +43,24 @@ def test_outside_ray_nothing_is_set_and_no_ray_is_started():
     ray.shutdown()  # a no-op unless an earlier test left its Ray up
     assert use_reserved_cpus() is None
     assert not ray.is_initialized()  # ray.get_runtime_context() alone would have started one
+
+
+def test_workers_look_this_cluster_up_by_address_even_beside_another_ray():
+    """Every worker gets RAY_ADDRESS = its own cluster's (`setup_worker`, the setup hook of
+    `init_ray`). Ray Train's placement-group cleaner looks the cluster up by address; with a
+    second Ray on the machine (a test beside a study run) that lookup raised "Found multiple
+    active Ray instances" in its thread, and the cleaner stopped."""
+    from ray._private.services import canonicalize_bootstrap_address_or_die
+
+    from icm.config import RayConfig
+    from jobs.ray_setup import init_ray
+
+    ray.shutdown()
+    init_ray(RayConfig(num_cpus=1, include_dashboard=False))
+    try:
+        ours = ray.get_runtime_context().gcs_address
+        assert ray.get(ray.remote(lambda: os.environ.get("RAY_ADDRESS")).remote()) == ours
+        looked_up = ray.remote(lambda: canonicalize_bootstrap_address_or_die(None))
+        assert ray.get(looked_up.remote()) == ours
+    finally:
+        ray.shutdown()
