@@ -41,10 +41,10 @@ from icm.stages import open_suite, pull_stages, stage
 from icm.tasks import Suite
 from icm.zoo import replicate_tasks
 from jobs.common import ensure_writable_root, parse_job_args, user_errors_exit_2
+from jobs.generator import RECONSTRUCTED, build_generator
 from jobs.ray_setup import as_completed, cpus_each, init_ray, with_reserved_threads
 
 log = logging.getLogger("jobs.evaluate")
-RECONSTRUCTED = "fingerprint.json"  # in fold-K/reconstruction: done, for this fold fingerprint
 ROWS_DIR = "rows"  # one parquet per finished (setting, task): what a resumed run skips
 
 
@@ -76,8 +76,6 @@ def train_fold_generator(config: dict, suite: Suite, held_groups: list[str], out
     """Ray task: a generator trained by reconstruction without any task of ``held_groups``,
     as the main one is: checkpointed beside ``out`` (a rerun with the same ``fingerprint``
     resumes) and written atomically."""
-    from jobs.generator import build_generator
-
     cfg = PipelineConfig.model_validate(config)
     summary = build_generator(config, _generator_config(cfg), fold_suite(suite, held_groups), None,
                               fingerprint, out=out, work=f"{out}-checkpoint")

@@ -39,6 +39,8 @@ log = logging.getLogger("jobs.generator")
 CHECKPOINT_DIR = "generator-checkpoint"
 # objective lm/hybrid: the reconstruction-trained start the LM fine-tuning resumes from
 RECONSTRUCTION_DIR = "generator-reconstruction"
+# in a reconstruction-trained start (the main one, or a fold's): finished, for this fingerprint
+RECONSTRUCTED = "fingerprint.json"
 
 
 def chosen_config(cfg: PipelineConfig, suite: Suite, inputs: GeneratorInputs) -> tuple[GeneratorConfig, str]:
@@ -107,12 +109,12 @@ def run(cfg: PipelineConfig, suite: Suite, *, inputs: GeneratorInputs | None = N
     end_to_end = gen_cfg.objective != "reconstruction"
     start = cfg.storage.path(RECONSTRUCTION_DIR) if end_to_end else None
     # The task reads the zoo itself (shared storage) unless inputs were handed in (tests).
-    if not (end_to_end and fingerprint_matches(start / "fingerprint.json", current.fingerprint)):
+    if not (end_to_end and fingerprint_matches(start / RECONSTRUCTED, current.fingerprint)):
         summary = ray.get(task.remote(cfg.model_dump(mode="json"), gen_cfg.model_dump(mode="json"),
                                       suite, given, current.fingerprint,
                                       str(start) if start else None))
         if end_to_end:
-            write_json_atomic(start / "fingerprint.json", {"fingerprint": current.fingerprint})
+            write_json_atomic(start / RECONSTRUCTED, {"fingerprint": current.fingerprint})
     if end_to_end:
         from jobs.generator_lm import finetune
 
