@@ -194,6 +194,17 @@ def load_vector(snapshot: str | Path) -> torch.Tensor:
     return load_file(str(Path(snapshot) / VECTOR_FILE))["vector"]
 
 
+def lora_format(zoo_root: str | Path) -> tuple[dict[str, Any], LoraLayout]:
+    """The zoo's peft adapter config and flat layout: what loading any of its vectors into a
+    peft model takes (every snapshot of a zoo shares both)."""
+    root = Path(zoo_root)
+    config = next(root.glob(f"tasks/*/snapshots/*/{ADAPTER_CONFIG}"), None)
+    if config is None or not (root / LAYOUT_FILE).is_file():
+        raise InputError(f"no LoRA zoo at {root} (no {LAYOUT_FILE} or no snapshot with an "
+                         f"{ADAPTER_CONFIG}). Fix: run the zoo stage with the same storage.root.")
+    return json.loads(config.read_text()), LoraLayout.load(root / LAYOUT_FILE)
+
+
 def task_snapshot_records(zoo_root: Path, task: str) -> list[dict[str, Any]]:
     """One task's snapshot records from its ``snapshot.json`` files, by step. ``path`` is where
     each was found: a snapshot written on another node (or pulled from a URI root) lives here."""

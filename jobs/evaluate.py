@@ -32,7 +32,7 @@ from icm.eval.folds import fold_suite, fold_tasks, suite_folds
 from icm.eval.inputs import MODES, SettingPlan, build_items
 from icm.eval.report import markdown_report, plot_per_task
 from icm.eval.scoring import evaluate_item
-from icm.eval.variants import baseline_names
+from icm.eval.variants import baseline_names, reads_generator, variants_for
 from icm.errors import InputError
 from icm.io import (fingerprint_matches, sha256_json, write_bytes_atomic, write_json_atomic,
                     write_text_atomic)
@@ -200,7 +200,7 @@ def plans_for(cfg: PipelineConfig, suite: Suite, directory: Path) -> tuple[list[
     if scores_heldout(e, suite, has_oracles=bool(_upstream(cfg, "oracles", required=False))):
         plans.append(SettingPlan("heldout", list(suite.heldout), training, main_generator))
     folds = suite_folds(suite, e)
-    for index, (groups, folder) in enumerate(zip(folds, fold_generators(cfg, suite, folds, directory / "folds"))):
+    for index, (groups, folder) in enumerate(zip(folds, _fold_generator_dirs(cfg, suite, folds, directory))):
         held = set(fold_tasks(suite, groups))
         plans.append(SettingPlan("fold", sorted(held), [t for t in training if t not in held],
                                  folder, fold=index))
@@ -208,6 +208,18 @@ def plans_for(cfg: PipelineConfig, suite: Suite, directory: Path) -> tuple[list[
     if seen:
         plans.append(SettingPlan("seen", seen, training, main_generator))
     return plans, folds
+
+
+def _fold_generator_dirs(cfg: PipelineConfig, suite: Suite, folds: list[list[str]],
+                         directory: Path) -> list[str | None]:
+    """Each fold's generator folder, trained (or reused) only when a variant chosen for the folds
+    reads it: a baseline-only evaluation trains no fold generator (None)."""
+    chosen = variants_for("fold", cfg.evaluate.variants, cfg.evaluate.extra_variants)
+    if not folds or any(reads_generator(v) for v in chosen):
+        return fold_generators(cfg, suite, folds, directory / "folds")
+    log.info("evaluate: no variant chosen for the folds reads a generator (%s): no fold generator "
+             "is trained", ", ".join(v.name for v in chosen) or "none")
+    return [None] * len(folds)
 
 
 def _item_file(directory: Path, item) -> Path:

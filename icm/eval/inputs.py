@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from icm.eval.variants import AdapterSource, TaskContext, variants_for
+from icm.eval.variants import AdapterSource, TaskContext, reads_generator, variants_for
 from icm.lora_io import LoraLayout
 from icm.zoo import LAYOUT_FILE, MANIFEST_FILE, MULTITASK, REPLICATE_PREFIX, fold_multitask_name, load_vector
 
@@ -39,7 +39,8 @@ class EvalItem:
     group: str
     setting: str  # "heldout" | "fold" | "seen"
     fold: int | None
-    generator_dir: str
+    generator_dir: str | None  # None: no variant of the item reads a generator
+    lora_format_dir: str  # a zoo: its layout and an adapter config, to load every flat vector
     conditions: dict[str, np.ndarray]  # "both", "description", "shuffled" -> (D,)
     adapters: dict[str, AdapterSource]  # adapter variant -> where its vector comes from
     variants: list[str]  # what to score, in order
@@ -108,7 +109,8 @@ class SettingPlan:
     setting: str
     tasks: list[str]
     training: list[str]  # the training tasks its generator and baselines may use
-    generator_dir: str
+    # None: none was trained, as none of the variants chosen for this setting reads one
+    generator_dir: str | None
     fold: int | None = None
 
 
@@ -135,6 +137,9 @@ def build_items(suite, plans: Sequence[SettingPlan], means: Mapping[str, Mapping
             plan, training, finals, both, group_of)
         variants = variants_for(plan.setting, variant_names, list(extra_variants))
         names = [v.name for v in variants]
+        if plan.generator_dir is None and (reading := [v.name for v in variants if reads_generator(v)]):
+            raise ValueError(f"{plan.setting} setting: no generator was trained for it, but "
+                             f"{reading} read one")
         for task in plan.tasks:
             context = TaskContext(
                 task=task, setting=plan.setting, condition=both[task], training=training,
@@ -157,7 +162,8 @@ def build_items(suite, plans: Sequence[SettingPlan], means: Mapping[str, Mapping
             spec = suite.tasks[task]
             items.append(EvalItem(
                 task=task, task_path=str(spec.path), group=spec.group, setting=plan.setting,
-                fold=plan.fold, generator_dir=plan.generator_dir, conditions=conditions,
+                fold=plan.fold, generator_dir=plan.generator_dir, lora_format_dir=str(zoo_root),
+                conditions=conditions,
                 adapters=adapters, variants=[n for n in names if _available(n, adapters)],
                 extra=extra))
         if shared.get("fits"):  # what adapter sources fitted per task (`TaskContext.shared`)

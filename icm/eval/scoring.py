@@ -40,6 +40,7 @@ class ItemScorer:
         from icm.models import load_base_model
         from icm.task_vectors import sample_demos
         from icm.tasks import load_task
+        from icm.zoo import lora_format
 
         self.item, self.finals, self.cfg = item, finals, cfg
         task = load_task(item.task_path)
@@ -52,8 +53,12 @@ class ItemScorer:
         self.max_demo_chars = task_vectors.max_demo_chars
         self.model, self.tokenizer = load_base_model(model.spec, cache_dir=model.cache_dir,
                                                      dtype=model.dtype)
-        self.generator = LoraGenerator.load(item.generator_dir)
-        self.swap = SwappableLora(self.model, self.generator.peft_config, self.generator.layout)
+        # A setting none of whose chosen variants reads a generator has none (None): the zoo
+        # gives the LoRA format the flat vectors load into.
+        self.generator = LoraGenerator.load(item.generator_dir) if item.generator_dir else None
+        peft_config, self.layout = ((self.generator.peft_config, self.generator.layout) if self.generator
+                                    else lora_format(item.lora_format_dir))
+        self.swap = SwappableLora(self.model, peft_config, self.layout)
         self.applier = None  # a FunctionalLora on self.swap.model, made when a fit needs it
         self.rows: list[dict[str, Any]] = []
         self.oracle: torch.Tensor | None = None
@@ -73,7 +78,7 @@ class ItemScorer:
 
         similarity = None
         if vector is not None and self.oracle is not None:
-            similarity = delta_cosine(vector, self.oracle, self.generator.layout)
+            similarity = delta_cosine(vector, self.oracle, self.layout)
         self.rows.append({"variant": variant, **result.as_dict(), "delta_cosine_to_oracle": similarity,
                           "eval_seconds": time.perf_counter() - started, **extra})
 
@@ -109,7 +114,7 @@ class ItemScorer:
                                    batch_size=self.cfg.lorahub_batch_size, seed=self.cfg.seed)
         vectors = torch.stack([self.finals[task] for task in names])  # (T, L)
         if self.applier is None:  # the scoring model itself, with LoRAs passed per call
-            self.applier = FunctionalLora.on_peft_model(self.swap.model, self.generator.layout)
+            self.applier = FunctionalLora.on_peft_model(self.swap.model, self.layout)
         weights, record = fit_combination(
             self.applier, vectors,
             tokenize_texts(self.tokenizer, list(texts), self.cfg.max_length),

@@ -116,6 +116,13 @@ def under_prompt(variant: Variant) -> Variant | None:
     return VARIANTS[variant.with_adapter] if variant.with_adapter else None
 
 
+def reads_generator(variant: Variant) -> bool:
+    """Whether scoring ``variant`` draws from the setting's generator: a generated variant, a
+    selected one (its candidates include the draws) or a prompt over a generated adapter."""
+    under = under_prompt(variant)
+    return variant.kind in ("generated", "selected") or (under is not None and under.kind == "generated")
+
+
 def adapters_needed(variant: Variant) -> list[Variant]:
     """The adapter variants whose adapters scoring ``variant`` reads: itself, the one under its
     prompt, or its candidates."""

@@ -281,6 +281,35 @@ def test_generator_lm_objective_fine_tunes_on_ray_train_and_skips_when_done(smok
     assert reconstruction.stat().st_mtime_ns == written and (fold / "generator" / "generator.json").is_file()
 
 
+def test_a_baseline_only_evaluation_trains_no_fold_generator(smoke_run, tmp_path):
+    """Variants that read no generator (base, soup, the prompt with the soup's adapter): the folds
+    are scored without training a fold generator, and the fold rows equal those the smoke run
+    scored beside its fold generator."""
+    root, suite = smoke_run.root, smoke_run.suite
+    only = tmp_path / "baselines"
+    only.mkdir()
+    for upstream in ("zoo", "oracles", "task_vectors", "generator"):  # the smoke run's, read only
+        (only / upstream).symlink_to(root / upstream)
+    variants = ["base", "soup", "in-context+soup"]
+    out = subprocess.run(
+        [sys.executable, "-m", "jobs.pipeline", "--config", "smoke", *FAST, f"suite.path={suite}",
+         f"storage.root={only}", "tune.enabled=false", "stages=[evaluate]", "evaluate.seen_tasks=0",
+         f"evaluate.variants=[{','.join(variants[:2])}]", f"evaluate.extra_variants=[{variants[2]}]"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
+    assert "no fold generator is trained" in out.stderr
+    assert not (only / "evaluate" / "folds").exists()
+    rows = pd.read_parquet(only / "evaluate" / "results.parquet")
+    fold = rows.query("setting == 'fold'")
+    assert set(fold["variant"]) == set(variants) and fold["task"].nunique() >= 1
+    smoke = pd.read_parquet(root / "evaluate" / "results.parquet").query("setting == 'fold'")
+    for _, row in fold.iterrows():  # same adapters, same texts: the same NLLs
+        same = smoke[(smoke["task"] == row["task"]) & (smoke["variant"] == row["variant"])]
+        if len(same):
+            assert list(same.iloc[0]["text_nll"]) == pytest.approx(list(row["text_nll"]), rel=1e-5)
+    assert set(smoke["variant"]) & set(variants) >= {"base", "soup"}
+
+
 def fine_tune_span(generator: Path) -> tuple[float, float]:
     """When the LM fine-tune that wrote ``generator`` began and ended: its file time less its
     wall time, and its file time."""

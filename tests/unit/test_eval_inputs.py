@@ -365,3 +365,34 @@ def test_lorahub_refits_the_soup_on_the_tasks_own_texts_never_its_eval_texts(wor
     assert fitted != pytest.approx(soup)
     assert score(fitted, demos) < score(soup, demos)
     assert score(fitted, task.eval_texts()[:2]) == pytest.approx(row["perplexity"], rel=1e-5)
+
+
+def test_a_setting_without_a_generator_scores_its_adapters_in_the_zoos_format(world):
+    """A fold whose chosen variants read no generator gets none (the evaluate stage then trains
+    no fold generator): its adapters load through the zoo's own peft config and layout, and
+    score exactly as with a generator's; a variant that reads a generator is refused."""
+    base, suite, means = world
+    training = ["code", "sums"]
+    with_generator = SettingPlan("fold", ["dogs"], training, str(base / "generator"), fold=0)
+    without = SettingPlan("fold", ["dogs"], training, None, fold=0)
+    kwargs = dict(zoo_root=base / "zoo", oracle_root=base / "oracles", options={"soup_k": 2},
+                  variant_names=["base", "oracle", "soup", "in-context+soup"])
+    cfg = EvalConfig(max_texts=2, max_length=32)
+    scored = []
+    for plan in (with_generator, without):
+        items, _, finals = build_items(suite, [plan], means, **kwargs)
+        rows = evaluate_item(items[0], finals, model=ModelConfig(spec="tiny-llama", max_length=32),
+                             cfg=cfg, task_vectors=TaskVectorConfig(k=2, max_demo_chars=100))
+        scored.append({r["variant"]: r["text_nll"] for r in rows})
+    assert set(scored[1]) == {"base", "oracle", "soup", "in-context+soup"}
+    for variant, nll in scored[0].items():
+        assert np.allclose(nll, scored[1][variant]), variant
+    assert scored[1]["soup"] != scored[1]["base"]  # the adapter was loaded, not skipped
+    from icm.eval.variants import VARIANTS, reads_generator
+
+    assert {n for n, v in VARIANTS.items() if reads_generator(v)} >= {
+        "generated", "generated-best-of-k", "control-other-group", "demo-selected", "in-context+generated"}
+    assert not {n for n in ("soup", "in-context+soup", "in-context", "oracle") if reads_generator(VARIANTS[n])}
+    for reads in ("generated", "in-context+generated", "demo-selected"):
+        with pytest.raises(ValueError, match="no generator was trained"):
+            build_items(suite, [without], means, **{**kwargs, "variant_names": ["base", reads]})
