@@ -94,15 +94,14 @@ def fold_generators(cfg: PipelineConfig, suite: Suite, folds: list[list[str]], d
     ``generator.objective`` lm/hybrid each is trained by reconstruction into
     ``fold-K/reconstruction`` and then fine-tuned on Ray Train like the main generator, from
     the fold's training tasks only, several folds at once where the cluster holds them."""
-    upstream = [_upstream(cfg, n)["fingerprint"] for n in ("zoo", "task_vectors", "generator")]
     gen_cfg = GeneratorConfig.model_validate(_generator_config(cfg))
     end_to_end = gen_cfg.objective != "reconstruction"
     todo, folders = [], []
     for index, groups in enumerate(folds):
         out = directory / f"fold-{index}"
         folders.append(str(out / "generator"))
-        fingerprint = sha256_json([upstream, groups])
-        marker = out / "fold.json"
+        fingerprint, marker = fold_fingerprint(cfg, gen_cfg, groups), out / "fold.json"
+        _migrate_fold_marker(cfg, gen_cfg, marker, groups, fingerprint)
         if not fingerprint_matches(marker, fingerprint):
             todo.append((out / ("reconstruction" if end_to_end else "generator"),
                          (marker, fingerprint, index)))
@@ -113,6 +112,30 @@ def fold_generators(cfg: PipelineConfig, suite: Suite, folds: list[list[str]], d
         for fold in reconstructed:
             _fold_done(*fold)
     return folders
+
+
+def fold_fingerprint(cfg: PipelineConfig, gen_cfg: GeneratorConfig, groups: list[str]) -> str:
+    """What the generator of the fold holding out ``groups`` is a function of: the main generator
+    stage's fingerprint (the zoo's training snapshots, their condition vectors, the generator's
+    settings and LM tasks) and, with ``generator.lm_anchor: multitask``, the oracles stage (the
+    fold's multi-task LoRA). Not the zoo's or task vectors' whole stage fingerprints: turning on
+    the zoo's multi-task LoRA, or a pooling the generator does not read, changes no input of it."""
+    anchor = [_upstream(cfg, "oracles")["fingerprint"]] if gen_cfg.lm_anchor == "multitask" else []
+    return sha256_json([[_upstream(cfg, "generator")["fingerprint"], *anchor], groups])
+
+
+def _migrate_fold_marker(cfg: PipelineConfig, gen_cfg: GeneratorConfig, marker: Path, groups: list[str],
+                         fingerprint: str) -> None:
+    """A fold generator finished under the fingerprint used up to 2026-12-05 (the zoo's, task
+    vectors' and generator's stage fingerprints, same inputs) is kept: its marker is rewritten.
+    Not with lm_anchor: multitask, which that fingerprint did not cover."""
+    if gen_cfg.lm_anchor == "multitask" or not marker.is_file():
+        return
+    legacy = sha256_json([[_upstream(cfg, n)["fingerprint"] for n in ("zoo", "task_vectors", "generator")],
+                          groups])
+    if fingerprint_matches(marker, legacy):
+        write_json_atomic(marker, {**json.loads(marker.read_text()), "fingerprint": fingerprint})
+        log.info("evaluate: %s, finished under the previous fold fingerprint, is kept", marker.parent.name)
 
 
 def _reconstruct_folds(cfg: PipelineConfig, gen_cfg: GeneratorConfig, suite: Suite,

@@ -31,3 +31,48 @@ def test_heldout_false_skips_the_fixed_heldout_set_and_missing_oracles_warn(tiny
     assert not caplog.records
     assert not scores_heldout(EvalConfig(), suite, has_oracles=False)
     assert "no oracles" in caplog.text
+
+
+def test_a_fold_generators_fingerprint_follows_its_inputs_not_the_zoos_other_jobs(tmp_path, caplog):
+    """Turning on the zoo's multi-task LoRA changes the zoo stage's fingerprint but no fold
+    generator's input: the folds are kept. A new main generator, or with lm_anchor: multitask a
+    new oracles stage, changes them. A fold finished under the previous fingerprint (the zoo's,
+    task vectors' and generator's stage fingerprints) is kept, its marker rewritten."""
+    import json
+    import logging
+
+    from icm.config import GeneratorConfig, PipelineConfig
+    from icm.io import sha256_json
+    from jobs.evaluate import _migrate_fold_marker, fold_fingerprint
+
+    cfg = PipelineConfig.model_validate({"storage": {"root": str(tmp_path / "run")}})
+
+    def finished(stage: str, fingerprint: str) -> None:
+        (tmp_path / "run" / stage).mkdir(parents=True, exist_ok=True)
+        (tmp_path / "run" / stage / "stage.json").write_text(json.dumps({"fingerprint": fingerprint}))
+
+    for stage in ("zoo", "task_vectors", "generator", "oracles"):
+        finished(stage, f"{stage}-1")
+    plain, anchored = GeneratorConfig(), GeneratorConfig(lm_anchor="multitask")
+    first = {g.lm_anchor: fold_fingerprint(cfg, g, ["bible"]) for g in (plain, anchored)}
+    assert fold_fingerprint(cfg, plain, ["code"]) != first["zoo-mean"]  # another fold
+    marker = tmp_path / "run" / "evaluate" / "folds" / "fold-0" / "fold.json"
+    marker.parent.mkdir(parents=True)
+    legacy = sha256_json([["zoo-1", "task_vectors-1", "generator-1"], ["bible"]])
+    marker.write_text(json.dumps({"fingerprint": legacy, "wall_seconds": 9.0}))
+    with caplog.at_level(logging.INFO, logger="jobs.evaluate"):
+        _migrate_fold_marker(cfg, plain, marker, ["bible"], first["zoo-mean"])
+    assert json.loads(marker.read_text()) == {"fingerprint": first["zoo-mean"], "wall_seconds": 9.0}
+    assert "kept" in caplog.text
+    finished("zoo", "zoo-2")  # + the multi-task LoRA
+    finished("task_vectors", "task_vectors-2")  # + a pooling
+    assert {g.lm_anchor: fold_fingerprint(cfg, g, ["bible"]) for g in (plain, anchored)} == first
+    finished("oracles", "oracles-2")  # a new fold multi-task LoRA: only the anchored folds change
+    assert fold_fingerprint(cfg, plain, ["bible"]) == first["zoo-mean"]
+    assert fold_fingerprint(cfg, anchored, ["bible"]) != first["multitask"]
+    finished("generator", "generator-2")
+    assert fold_fingerprint(cfg, plain, ["bible"]) != first["zoo-mean"]
+    stale = sha256_json([["zoo-2", "task_vectors-2", "generator-1"], ["bible"]])  # an old generator's
+    marker.write_text(json.dumps({"fingerprint": stale}))
+    _migrate_fold_marker(cfg, plain, marker, ["bible"], fold_fingerprint(cfg, plain, ["bible"]))
+    assert json.loads(marker.read_text()) == {"fingerprint": stale}  # not migrated: retrained
