@@ -305,8 +305,10 @@ def test_a_baseline_only_evaluation_trains_no_fold_generator(smoke_run, tmp_path
     smoke = pd.read_parquet(root / "evaluate" / "results.parquet").query("setting == 'fold'")
     for _, row in fold.iterrows():  # same adapters, same texts: the same NLLs
         same = smoke[(smoke["task"] == row["task"]) & (smoke["variant"] == row["variant"])]
-        if len(same):
-            assert list(same.iloc[0]["text_nll"]) == pytest.approx(list(row["text_nll"]), rel=1e-5)
+        if len(same):  # on the texts both scored (another test reruns the smoke run on fewer)
+            theirs, mine = list(same.iloc[0]["text_nll"]), list(row["text_nll"])
+            shared = min(len(theirs), len(mine))
+            assert shared and theirs[:shared] == pytest.approx(mine[:shared], rel=1e-5)
     assert set(smoke["variant"]) & set(variants) >= {"base", "soup"}
 
 
