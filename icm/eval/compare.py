@@ -22,7 +22,7 @@ import pandas as pd
 
 from icm.errors import InputError
 from icm.eval.report import KEY, format_ci, gap_row, ratio_row
-from icm.eval.variants import VARIANTS, registered_name, under_prompt
+from icm.eval.variants import VARIANTS, reads_generator, registered_name
 
 
 def labelled(variant: str, label: str) -> str:
@@ -32,11 +32,7 @@ def labelled(variant: str, label: str) -> str:
 def from_generator(variant: str) -> bool:
     """Whether a run's generator made this variant's adapter (so it belongs to that run)."""
     registered = VARIANTS.get(registered_name(variant))
-    if registered is None:
-        return False
-    under = under_prompt(registered)
-    return (registered.kind in ("generated", "selected")  # selected: among the generator's draws
-            or (under is not None and under.kind == "generated"))
+    return registered is not None and reads_generator(registered)
 
 
 def merge_runs(reference: pd.DataFrame, others: Mapping[str, pd.DataFrame], *,
