@@ -10,7 +10,9 @@ variants the reference lacks (baselines, adapters stacked on the prompt): those 
 unlabelled, since no generator made them. Both runs must have scored the same texts: every
 text's token count must match the reference's, and the per-text NLL of any generator-free
 variant the two share (``base``, ``oracle``, a baseline) must agree, or the comparison would
-not be paired.
+not be paired. A run may also bring (setting, fold, task)s the reference did not score, e.g. the
+folds (``evaluate.heldout=false``) beside a held-out-only reference: it must score base and
+oracle there, since nothing else can pair them, and its generator-free rows join as they are.
 """
 
 from __future__ import annotations
@@ -50,7 +52,9 @@ def merge_runs(reference: pd.DataFrame, others: Mapping[str, pd.DataFrame], *,
         mine = other["variant"].map(from_generator)
         generated = other[mine].copy()
         generated["variant"] = generated["variant"].map(lambda v: labelled(v, label))
-        added = other[~mine & ~other["variant"].isin(set(merged["variant"]))]
+        scored = set(zip(_keys(merged), merged["variant"]))  # (key, variant) pairs merged so far
+        new_row = [pair not in scored for pair in zip(_keys(other), other["variant"])]
+        added = other[~mine & np.asarray(new_row, dtype=bool)]
         if not len(generated) and not len(added):
             raise InputError(f"run {label!r} adds nothing to compare: no generated rows and no "
                              "variant the runs before it lack. Fix: evaluate it with "
@@ -94,10 +98,30 @@ def _check_shared(reference: pd.DataFrame, other: pd.DataFrame, label: str, rtol
             raise InputError(f"run {label!r} scored other texts than the reference on {key} (token "
                              "counts differ), so the comparison would not be paired. Fix: evaluate "
                              "it with the reference run's suite and evaluate config.")
-    missing = set(map(tuple, other[KEY].fillna(-1).values)) - set(map(tuple, reference[KEY].fillna(-1).values))
-    if missing:
-        raise InputError(f"run {label!r} scored {len(missing)} (setting, fold, task) the reference "
-                         f"did not, e.g. {sorted(missing)[0]}. Fix: use the same evaluate settings.")
+    _check_new_keys(reference, other, label)
+
+
+def _keys(frame: pd.DataFrame) -> list[tuple]:
+    """Each row's (setting, fold, task), the fold -1 where there is none."""
+    return list(map(tuple, frame[KEY].fillna(-1).values))
+
+
+def _check_new_keys(reference: pd.DataFrame, other: pd.DataFrame, label: str) -> None:
+    """(setting, fold, task)s the reference lacks may join only with their own base and oracle
+    rows (what pairs them), and only where the reference has no row of that (setting, task) under
+    another fold (the same task counted twice)."""
+    new = set(_keys(other)) - set(_keys(reference))
+    anchored = set(_keys(other[other["variant"] == "base"])) & set(_keys(other[other["variant"] == "oracle"]))
+    if unanchored := sorted(new - anchored):
+        raise InputError(f"run {label!r} scored {len(unanchored)} (setting, fold, task) the reference "
+                         f"did not, without base and oracle rows there, e.g. {unanchored[0]}, so "
+                         "nothing pairs them. Fix: use the reference's evaluate settings, or score "
+                         "base and oracle there too (evaluate.variants).")
+    placed = {(setting, task): fold for setting, fold, task in _keys(reference)}
+    if clash := sorted(k for k in new if placed.get((k[0], k[2]), k[1]) != k[1]):
+        raise InputError(f"run {label!r} puts {clash[0][2]!r} in {clash[0][0]} fold {clash[0][1]}, "
+                         f"the reference in fold {placed[(clash[0][0], clash[0][2])]}. Fix: "
+                         "compare runs with the same evaluate.fold_groups.")
 
 
 # --- Runs on different zoos -------------------------------------------------------------------

@@ -67,6 +67,27 @@ def test_baselines_scored_by_another_run_join_unlabelled_and_judge_every_generat
     assert float(table.loc[("held-out", "generated"), "/ nearest"].split()[0]) < 1  # 3.7 vs 3.8
 
 
+def test_a_folds_only_run_joins_a_held_out_only_reference_with_its_own_base_and_oracle():
+    """evaluate.heldout=false scores the folds of a generator whose held-out rows another run
+    has: the merged report holds both settings, the folds paired by their own base and oracle."""
+    full = _results(generated_shift=-0.3)
+    heldout_only, folds_only = full[full["setting"] == "heldout"], full[full["setting"] == "fold"]
+    merged = merge_runs(heldout_only, {"folds": folds_only})
+    fold_rows = merged[merged["setting"] == "fold"]
+    assert set(fold_rows["variant"]) == {"base", "oracle", "soup", "nearest", "generated[folds]"}
+    assert len(fold_rows) == len(folds_only)  # every fold row, once
+    table = generators_table(merged, resamples=200, seed=0).set_index(["setting", "generator"])
+    versus_soup = table.loc[("folds", "generated[folds]"), "/ soup"]
+    assert float(versus_soup.split()[0]) > 1 and versus_soup.endswith("(0/6)")  # 3.7 vs 3.6: loses
+    assert ("held-out", "generated") in table.index
+    unpaired = folds_only[folds_only["variant"] != "oracle"]  # nothing to measure the gap by
+    with pytest.raises(InputError, match="without base and oracle rows"):
+        merge_runs(heldout_only, {"folds": unpaired})
+    moved = folds_only.assign(fold=folds_only["fold"] + 1)  # the same tasks, in other folds
+    with pytest.raises(InputError, match="same evaluate.fold_groups"):
+        merge_runs(full[full["setting"] != "seen"], {"folds": moved})
+
+
 def test_a_stacked_generator_is_labelled_by_its_run_and_stacked_baselines_join_as_they_are():
     from icm.eval.report import stacked_table
 
