@@ -158,3 +158,17 @@ def test_lm_anchor_multitask_is_refused_where_its_lora_saw_the_judged_tasks(over
     assert load_config("study", [*ok, "evaluate.folds=2", "oracles.fold_multitask=true"])
     with pytest.raises(ConfigError, match=names.replace(".", r"\.")):
         load_config("study", [*ok, *overrides])
+
+
+@pytest.mark.parametrize("preset", ["demo", "gpu"])
+def test_a_preset_that_searches_searches_its_own_generator_first(preset):
+    """With Tune on, the generator stage trains Tune's winner, and the configured generator is
+    the search's first trial only if Tune searches its arch: a preset whose generator.arch is
+    outside tune.archs would silently train another architecture."""
+    from jobs.tune import default_point
+
+    config = load_config(preset)
+    assert config.tune.enabled and config.generator.arch in config.tune.archs
+    first = default_point(config.generator.model_dump(), config.tune.archs)
+    assert first and first[0]["arch"] == config.generator.arch
+    assert first[0][f"width_{config.generator.arch}"] == config.generator.width
