@@ -168,7 +168,8 @@ def _cmd_eval_compare(args: argparse.Namespace) -> int:
                         [("reference", args.reference), *[r.split("=", 1) for r in args.run]])
     report = markdown_report(merged, command="icm eval-compare " + " ".join(sys.argv[2:]),
                              title="icm-ray evaluation: generators compared", config_yaml=config,
-                             resamples=args.bootstrap, seed=0, folds=_folds_of(args.reference))
+                             resamples=args.bootstrap, seed=0,
+                             folds=_folds_of(args.reference, *[r.split("=", 1)[1] for r in args.run]))
     out = Path(args.out)
     write_text_atomic(out, report)
     generators = generated_variants(merged)  # a run that added only baselines has none
@@ -215,11 +216,15 @@ def _results(folder: str):
     return pd.read_parquet(path)
 
 
-def _folds_of(reference: str) -> list:
-    """The reference run's fold groups (baselines.json beside its results), for the headline."""
-    folder = Path(reference) if Path(reference).is_dir() else Path(reference).parent
-    record = folder / "baselines.json"
-    return json.loads(record.read_text()).get("folds", []) if record.is_file() else []
+def _folds_of(*runs: str) -> list:
+    """The fold groups of the first run that has folds (baselines.json beside its results), for
+    the headline: the reference's, or a folds-only run's merged onto a held-out-only one."""
+    for run in runs:
+        folder = Path(run) if Path(run).is_dir() else Path(run).parent
+        record = folder / "baselines.json"
+        if record.is_file() and (folds := json.loads(record.read_text()).get("folds")):
+            return folds
+    return []
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:

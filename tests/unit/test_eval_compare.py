@@ -124,6 +124,23 @@ def test_eval_compare_command_writes_the_report(tmp_path, capsys):
     assert "must be LABEL=FOLDER" in capsys.readouterr().err
 
 
+def test_eval_compare_names_the_folds_of_a_folds_only_run(tmp_path):
+    """A held-out-only reference has no folds of its own: the headline takes the merged
+    folds-only run's groups rather than saying '0 folds pooled'."""
+    import json
+
+    full = _results()
+    for name, setting in (("heldout", "heldout"), ("folds", "fold")):
+        (tmp_path / name).mkdir()
+        full[full["setting"] == setting].to_parquet(tmp_path / name / "results.parquet")
+    (tmp_path / "folds" / "baselines.json").write_text(json.dumps({"folds": [["g0"], ["g1"]]}))
+    out = tmp_path / "compare.md"
+    assert main(["eval-compare", "--reference", str(tmp_path / "heldout"),
+                 "--run", f"folds={tmp_path / 'folds'}", "--out", str(out), "--bootstrap", "100"]) == 0
+    text = out.read_text()
+    assert "group folds (2 folds pooled)" in text and "fold 1: g1" in text
+
+
 def _wide_run() -> pd.DataFrame:
     """The same texts and oracles on another zoo: a better soup, folds numbered the other way,
     and only half of the held-out tasks scored (another suite)."""
