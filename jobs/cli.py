@@ -157,19 +157,18 @@ def _cmd_eval_compare(args: argparse.Namespace) -> int:
     from icm.eval.report import generated_variants, markdown_report, plot_per_task
     from icm.io import write_text_atomic
 
-    others = {}
+    folders = {}  # label -> the run's evaluate folder
     for spec in args.run:
         label, sep, folder = spec.partition("=")
         if not sep or not label or not folder:
             raise InputError(f"--run {spec!r} must be LABEL=FOLDER, e.g. --run hyper=icm-runs/study-hyper/evaluate")
-        others[label] = _results(folder)
-    merged = merge_runs(_results(args.reference), others)
+        folders[label] = folder
+    merged = merge_runs(_results(args.reference), {label: _results(f) for label, f in folders.items()})
     config = "\n".join(f"{label}: {folder}" for label, folder in
-                        [("reference", args.reference), *[r.split("=", 1) for r in args.run]])
+                        [("reference", args.reference), *folders.items()])
     report = markdown_report(merged, command="icm eval-compare " + " ".join(sys.argv[2:]),
                              title="icm-ray evaluation: generators compared", config_yaml=config,
-                             resamples=args.bootstrap, seed=0,
-                             folds=_folds_of(args.reference, *[r.split("=", 1)[1] for r in args.run]))
+                             resamples=args.bootstrap, seed=0, folds=_folds_of(args.reference, *folders.values()))
     out = Path(args.out)
     write_text_atomic(out, report)
     generators = generated_variants(merged)  # a run that added only baselines has none

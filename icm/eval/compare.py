@@ -66,8 +66,7 @@ def merge_runs(reference: pd.DataFrame, others: Mapping[str, pd.DataFrame], *,
 def _by_key(frame: pd.DataFrame, variant: str | None, column: str) -> dict:
     """(setting, fold, task) -> ``column`` of a row of ``variant`` (None: any variant)."""
     rows = frame if variant is None else frame[frame["variant"] == variant]
-    return {(r["setting"], -1 if pd.isna(r["fold"]) else r["fold"], r["task"]): r[column]
-            for _, r in rows.iterrows()}
+    return dict(zip(_keys(rows), rows[column]))
 
 
 def _first_disagreement(mine: pd.DataFrame, theirs: pd.DataFrame, variant: str, rtol: float, *,
