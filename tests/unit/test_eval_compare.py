@@ -126,7 +126,8 @@ def test_eval_compare_command_writes_the_report(tmp_path, capsys):
 
 def test_eval_compare_names_the_folds_of_a_folds_only_run(tmp_path):
     """A held-out-only reference has no folds of its own: the headline takes the merged
-    folds-only run's groups rather than saying '0 folds pooled'."""
+    folds-only run's groups rather than saying '0 folds pooled', and its generator
+    (generated[folds]) rather than 'n/a'."""
     import json
 
     full = _results()
@@ -138,7 +139,10 @@ def test_eval_compare_names_the_folds_of_a_folds_only_run(tmp_path):
     assert main(["eval-compare", "--reference", str(tmp_path / "heldout"),
                  "--run", f"folds={tmp_path / 'folds'}", "--out", str(out), "--bootstrap", "100"]) == 0
     text = out.read_text()
-    assert "group folds (2 folds pooled)" in text and "fold 1: g1" in text
+    assert "group folds (2 folds pooled), generated[folds]" in text and "fold 1: g1" in text
+    fold_lines = [line for line in text.splitlines()
+                  if line.startswith(("| group folds", "| fold ")) and "generated[folds]" in line]
+    assert len(fold_lines) == 3 and not any("n/a" in line for line in fold_lines), fold_lines
 
 
 def _wide_run() -> pd.DataFrame:
