@@ -143,6 +143,10 @@ def test_eval_compare_names_the_folds_of_a_folds_only_run(tmp_path):
     fold_lines = [line for line in text.splitlines()
                   if line.startswith(("| group folds", "| fold ")) and "generated[folds]" in line]
     assert len(fold_lines) == 3 and not any("n/a" in line for line in fold_lines), fold_lines
+    # the folds' every-variant table compares each variant with that generator too
+    every = text.split("## Group folds (pooled): every variant")[1].split("\n## ")[0]
+    soup = next(line for line in every.splitlines() if line.startswith("| soup "))
+    assert soup.count("[") == 3, soup  # gap, / oracle, and generated[folds] / soup
 
 
 def _wide_run() -> pd.DataFrame:
