@@ -145,11 +145,9 @@ def headline_generator(results: pd.DataFrame) -> str:
     """The generator a headline row reports: ``generated`` where these rows have it, else the
     first merged run's (``generated[<label>]``, `icm.eval.compare`), e.g. the folds of a
     folds-only run merged onto a held-out-only reference."""
-    present = list(dict.fromkeys(results["variant"]))
-    if HEADLINE_VARIANT in present:
-        return HEADLINE_VARIANT
-    merged = [v for v in present if registered_name(v) == HEADLINE_VARIANT and v != HEADLINE_VARIANT]
-    return merged[0] if merged else HEADLINE_VARIANT
+    # in row order, i.e. merge order (ordered_variants would sort merged labels by name)
+    generators = [v for v in dict.fromkeys(results["variant"]) if registered_name(v) == HEADLINE_VARIANT]
+    return HEADLINE_VARIANT if HEADLINE_VARIANT in generators or not generators else generators[0]
 
 
 def headline_row(label: str, results: pd.DataFrame, resamples: int, seed: int) -> dict:
