@@ -75,3 +75,58 @@ def test_task_context_is_seeded_train_texts(tiny_suite):
 
     task = load_task(tiny_suite / "cats")
     assert set(demos) <= set(task.train_texts()) and not set(demos) & set(task.eval_texts())
+
+
+@pytest.fixture(scope="module")
+def with_companion(generator_dir, tmp_path_factory):
+    """The generator with a companion (as ``generator.lm_anchor: both`` saves one): the same
+    network with a shared residual added, so that its draws differ from the generator's."""
+    from icm.generator import LoraGenerator
+
+    main, companion = LoraGenerator.load(generator_dir), LoraGenerator.load(generator_dir)
+    noise = torch.randn(companion.generated_dim, generator=torch.Generator().manual_seed(0))
+    companion.residual = 0.05 * noise
+    main.companions = {"multitask": companion}
+    return main.save(tmp_path_factory.mktemp("companion") / "generator")
+
+
+def test_a_companions_draws_compete_with_the_generators_by_demo_perplexity(
+        with_companion, generator_dir, tmp_path):
+    """lm_anchor: both: one sample from each generator; with examples the one with the lower
+    demo perplexity is kept (even at samples=1) and named; without them the generator's own."""
+    from icm.generator import LoraGenerator
+
+    loaded = LoraGenerator.load(with_companion)
+    assert [name for name, _ in loaded.candidates()] == ["main", "multitask"]
+    plain = LoraGenerator.load(generator_dir)
+    size = json.loads((with_companion / "generator.json").read_text())["size"]
+    assert size["companion_bytes"] > 0 and size["generator_bytes"] > 2 * size["weights_bytes"]
+    factory = AdapterFactory(with_companion)
+    vector = factory.task_vector("Short texts about cats.", EXAMPLES)
+    draws, names = loaded.sample_candidates(vector, num_samples=2, seed=1)  # (2 x 2, L)
+    assert names == ["main", "main", "multitask", "multitask"] and draws.shape[0] == 4
+    assert torch.equal(draws[:2], plain.sample(vector, num_samples=2, seed=1))  # its own first
+    assert not torch.allclose(draws[0], draws[2])
+    result = factory.generate("Short texts about cats.", EXAMPLES, samples=1, seed=1)
+    assert len(result.demo_perplexities) == 2 and len(set(result.demo_perplexities)) == 2
+    chosen = int(np.argmin(result.demo_perplexities))
+    assert result.chosen == chosen and result.generator == ["main", "multitask"][chosen]
+    one_each, _ = loaded.sample_candidates(vector, num_samples=1, seed=1)  # (2, L)
+    assert torch.equal(result.vector, one_each[chosen])
+    written = factory.write(result, tmp_path / "a", {})
+    record = json.loads((written / "icm_generation.json").read_text())
+    assert record["chosen_generator"] == result.generator
+    alone = factory.generate("Short texts about cats.", None, samples=1, seed=1)
+    assert alone.generator == "main" and alone.demo_perplexities == []
+
+
+def test_a_companion_must_match_its_generator(generator_dir, tmp_path):
+    from icm.generator import LoraGenerator
+    from icm.generator.inputs import GeneratorInputError
+
+    main, other = LoraGenerator.load(generator_dir), LoraGenerator.load(generator_dir)
+    other.condition_spec = {**other.condition_spec, "layer": 0}
+    main.companions = {"multitask": other}
+    with pytest.raises(GeneratorInputError, match="companion 'multitask' differs"):
+        main.save(tmp_path / "generator")
+    assert not (tmp_path / "generator").exists()
