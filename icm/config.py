@@ -343,19 +343,14 @@ class GeneratorConfig(StageConfig):
     lm_residual_lr: float = Field(5e-3, gt=0, description=(
         "lm/hybrid with lm_shared_residual: its Adam learning rate (a raw LoRA's scale, as the zoo's "
         "lr; the network's is lm_lr)."))
-    lm_anchor: Literal["zoo-mean", "multitask", "both"] = Field("zoo-mean", description=(
+    lm_anchor: Literal["zoo-mean", "multitask"] = Field("zoo-mean", description=(
         "lm/hybrid: what the generated deviation from the zoo's mean is added to. zoo-mean: the "
         "network's output as is. multitask: the zoo's multi-task LoRA (zoo.multitask), so an "
         "adapter is that LoRA + (network output - zoo mean), and the LM loss trains the "
         "conditioned network on top of it; the offset is the artifact's shared residual (trained "
         "at lm_residual_lr with lm_shared_residual, else fixed). The zoo's multi-task LoRA trained "
         "on every training task, a fold's groups included: with evaluate.folds each fold "
-        "generator anchors on its fold's own (oracles.fold_multitask), and Tune is refused. "
-        "both: two LM fine-tunes from one reconstruction start, zoo-mean (the artifact's "
-        "generator) and multitask (its companion, companions/multitask); a request with examples "
-        "gets whichever of their draws has the lowest perplexity on the examples (best-of-K in "
-        "evaluate, Serve and icm generate), one without gets the zoo-mean one. Twice the LM "
-        "cost. Tune may search it: its trials tune the zoo-mean fine-tune, the artifact's own."))
+        "generator anchors on its fold's own (oracles.fold_multitask), and Tune is refused."))
     lm_extra_root: str | None = Field(None, description=(
         "lm/hybrid: storage root of a run whose task_vectors stage covered more tasks (e.g. "
         "`icm run stages=[task_vectors] storage.root=R suite.subset=all`). Its training tasks "
@@ -547,26 +542,22 @@ class PipelineConfig(StageConfig):
         judged on: without Tune (its validation tasks are training tasks the multi-task LoRA
         trained on), and on folds only with a multi-task LoRA per fold (oracles.fold_multitask)."""
         g = self.generator
-        if g.lm_anchor == "zoo-mean":
+        if g.lm_anchor != "multitask":
             return
-        field = f"generator.lm_anchor: {g.lm_anchor}"
         if g.objective == "reconstruction":
-            raise ValueError(f"{field} anchors the LM fine-tuning; set generator.objective to lm "
-                             "or hybrid, or lm_anchor to zoo-mean")
+            raise ValueError("generator.lm_anchor: multitask anchors the LM fine-tuning; set "
+                             "generator.objective to lm or hybrid, or lm_anchor to zoo-mean")
         if not self.zoo.multitask:
-            raise ValueError(f"{field} needs zoo.multitask: true")
+            raise ValueError("generator.lm_anchor: multitask needs zoo.multitask: true")
         if g.target != "ab":
-            raise ValueError(f"{field} needs generator.target: ab (with target b, A stays the "
-                             "zoo's initialisation, not the multi-task LoRA's)")
-        # both: Tune's trials fine-tune unanchored, which is the artifact's own generator; with
-        # multitask the artifact would never be the generator Tune measured.
-        if g.lm_anchor == "multitask" and self.tune.enabled and "tune" in self.stages:
-            raise ValueError("generator.lm_anchor: multitask with Tune: its trials fine-tune "
-                             "without the anchor, so it would pick settings for a generator the "
-                             "run never ships. Set tune.enabled: false, or lm_anchor: both (the "
-                             "searched generator plus the anchored one), or zoo-mean")
+            raise ValueError("generator.lm_anchor: multitask needs generator.target: ab (with "
+                             "target b, A stays the zoo's initialisation, not the multi-task LoRA's)")
+        if self.tune.enabled and "tune" in self.stages:
+            raise ValueError("generator.lm_anchor: multitask with Tune: its validation tasks are "
+                             "training tasks the multi-task LoRA trained on. Set tune.enabled: "
+                             "false, or lm_anchor: zoo-mean")
         if self.evaluate.folds and "evaluate" in self.stages and not self.oracles.fold_multitask:
-            raise ValueError(f"{field} with evaluate.folds: the zoo's "
+            raise ValueError("generator.lm_anchor: multitask with evaluate.folds: the zoo's "
                              "multi-task LoRA trained on the folds' groups. Set "
                              "oracles.fold_multitask: true (a multi-task LoRA per fold, without "
                              "its groups), evaluate.folds: 0, or lm_anchor: zoo-mean")

@@ -3,10 +3,6 @@
     description and/or examples --(frozen base LM, TaskEncoder)--> task vector
         --(LoraGenerator, z samples)--> flat LoRA vectors --(best by demo perplexity)--> adapter
 
-A generator with companions (``generator.lm_anchor: both``) gives each request its samples from
-every one of them; with examples the best of all by demo perplexity is kept, without them the
-generator's own first draw.
-
 This is what ``icm generate`` runs and what the Serve app calls per request; the batch jobs use
 the same `TaskEncoder` and `LoraGenerator`, so a request and the evaluation agree.
 """
@@ -35,7 +31,6 @@ class GeneratedAdapter:
 
     vector: torch.Tensor  # (L,)
     chosen: int
-    generator: str = "main"  # which of the artifact's generators drew it (a companion's name)
     demo_perplexities: list[float] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -82,11 +77,10 @@ class AdapterFactory:
     def generate(self, description: str | None = None, examples: Sequence[str] | None = None, *,
                  samples: int = 1, select: str = "demo-ppl", seed: int = 0,
                  max_length: int = 128) -> GeneratedAdapter:
-        """Sample ``samples`` adapters from each of the artifact's generators and keep one.
+        """Sample ``samples`` adapters for the request and keep one.
 
-        With more than one draw and ``select="demo-ppl"`` the draw with the lowest perplexity
-        on the given examples is kept (more than one sample needs examples; a companion's
-        draws without examples are simply not scored); ``select="first"`` keeps draw 0.
+        With more than one sample and ``select="demo-ppl"`` the draw with the lowest perplexity
+        on the given examples is kept (it needs examples); ``select="first"`` keeps draw 0.
         """
         if samples < 1:
             raise GenerateInputError("'samples' must be >= 1.")
@@ -100,15 +94,14 @@ class AdapterFactory:
         condition = self.task_vector(description, examples)
         timings["encode_s"] = time.perf_counter() - started
         started = time.perf_counter()
-        # (G * samples, L): every generator's draws, the artifact's own first
-        draws, names = self.generator.sample_candidates(condition, num_samples=samples, seed=seed)
+        draws = self.generator.sample(condition, num_samples=samples, seed=seed)  # (samples, L)
         timings["sample_s"] = time.perf_counter() - started
-        result = GeneratedAdapter(vector=draws[0], chosen=0, generator=names[0], timings=timings)
-        if selects_by_demos(len(draws), select, examples):
+        result = GeneratedAdapter(vector=draws[0], chosen=0, timings=timings)
+        if samples > 1 and select == "demo-ppl":
             started = time.perf_counter()
             result.demo_perplexities = self.demo_perplexities(draws, examples, max_length=max_length)
             result.chosen = int(np.argmin(result.demo_perplexities))
-            result.vector, result.generator = draws[result.chosen], names[result.chosen]
+            result.vector = draws[result.chosen]
             timings["select_s"] = time.perf_counter() - started
         return result
 
@@ -125,16 +118,9 @@ class AdapterFactory:
     def write(self, adapter: GeneratedAdapter, out_dir: str | Path, request: dict[str, Any]) -> Path:
         """Write the adapter in peft format, with a record of the request beside it."""
         return self.generator.write_adapter(adapter.vector, out_dir, extra={"icm_generation.json": {
-            **request, "chosen_sample": adapter.chosen, "chosen_generator": adapter.generator,
+            **request, "chosen_sample": adapter.chosen,
             "demo_perplexities": adapter.demo_perplexities, "timings": adapter.timings,
             "base_model": self.generator.model_spec}})
-
-
-def selects_by_demos(candidates: int, select: str, examples: Sequence[str] | None) -> bool:
-    """Whether a request's adapter is the one of its ``candidates`` draws (samples x the
-    artifact's generators) with the lowest perplexity on its examples: more than one draw,
-    ``select="demo-ppl"``, and examples to score them on. Else the first draw is kept."""
-    return candidates > 1 and select == "demo-ppl" and bool(examples)
 
 
 def task_context(task_dir: str | Path, k: int, seed: int) -> tuple[str, list[str]]:

@@ -109,9 +109,8 @@ class AdapterRequest(StrictModel):
     examples: list[str] | None = Field(None, description="Example texts of the task.",
                                        examples=[["The cat sat on the mat.", "Cats purr."]])
     samples: int = Field(1, ge=1, description=(
-        "Adapters to sample (from each of the generator's companions too, if it has any); with "
-        "more than one in all (and examples) the one with the lowest perplexity on the "
-        "examples is kept."))
+        "Adapters to sample; with more than one (and examples) the one with the lowest "
+        "perplexity on the examples is kept."))
     seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed of the latent samples.")
     select: Literal["demo-ppl", "first"] = Field("demo-ppl", description=(
         "How one of several samples is kept: lowest demo perplexity, or the first draw."))
@@ -242,10 +241,8 @@ class AdapterSpec:
                 "samples": self.samples, "seed": self.seed, "select": self.select}
 
 
-def check_adapter_request(request: AdapterRequest, limits: ServeLimits, *,
-                          generators: int = 1) -> AdapterSpec:
-    """Validate a request against ``limits`` and normalise it (stripped texts; ``select`` is
-    "first" where nothing is selected: one draw of ``generators`` generators, or no examples).
+def check_adapter_request(request: AdapterRequest, limits: ServeLimits) -> AdapterSpec:
+    """Validate a request against ``limits`` and normalise it (stripped texts).
 
     Raises:
         ServeInputError: naming the field, e.g. ``description`` or ``examples[3]``.
@@ -277,15 +274,13 @@ def check_adapter_request(request: AdapterRequest, limits: ServeLimits, *,
     if request.samples > limits.max_samples:
         raise ServeInputError(f"'samples' is {request.samples}; at most {limits.max_samples}.",
                               param="samples")
-    if request.samples > 1 and request.select == "demo-ppl" and not examples:
+    select = request.select if request.samples > 1 else "first"  # one draw: nothing to select
+    if request.samples > 1 and select == "demo-ppl" and not examples:
         raise ServeInputError("'samples' > 1 with select='demo-ppl' needs 'examples' to score "
                               "the draws; pass examples, samples=1, or select='first'.",
                               param="samples")
-    from icm.generate import selects_by_demos
-
-    selects = selects_by_demos(request.samples * generators, request.select, examples)
     return AdapterSpec(description, tuple(t.strip() for t in examples), request.samples,
-                       request.seed, request.select if selects else "first")
+                       request.seed, select)
 
 
 def generator_fingerprint(generator_dir: str | os.PathLike) -> str:

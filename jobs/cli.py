@@ -247,7 +247,6 @@ def _cmd_generate(args: argparse.Namespace) -> int:
                "samples": args.samples, "select": args.select, "seed": args.seed}
     out = factory.write(adapter, args.out, request)
     print(json.dumps({"adapter": str(out), "chosen_sample": adapter.chosen,
-                      "chosen_generator": adapter.generator,
                       "demo_perplexities": adapter.demo_perplexities, "timings": adapter.timings},
                      indent=2))
     return 0

@@ -117,11 +117,10 @@ def fold_generators(cfg: PipelineConfig, suite: Suite, folds: list[list[str]], d
 def fold_fingerprint(cfg: PipelineConfig, gen_cfg: GeneratorConfig, groups: list[str]) -> str:
     """What the generator of the fold holding out ``groups`` is a function of: the main generator
     stage's fingerprint (the zoo's training snapshots, their condition vectors, the generator's
-    settings and LM tasks) and, with ``generator.lm_anchor`` multitask or both, the oracles stage
-    (the fold's multi-task LoRA). Not the zoo's or task vectors' whole stage fingerprints:
-    turning on the zoo's multi-task LoRA, or a pooling the generator does not read, changes no
-    input of it."""
-    anchor = [_upstream(cfg, "oracles")["fingerprint"]] if gen_cfg.lm_anchor != "zoo-mean" else []
+    settings and LM tasks) and, with ``generator.lm_anchor: multitask``, the oracles stage (the
+    fold's multi-task LoRA). Not the zoo's or task vectors' whole stage fingerprints: turning on
+    the zoo's multi-task LoRA, or a pooling the generator does not read, changes no input of it."""
+    anchor = [_upstream(cfg, "oracles")["fingerprint"]] if gen_cfg.lm_anchor == "multitask" else []
     return sha256_json([[_upstream(cfg, "generator")["fingerprint"], *anchor], groups])
 
 
@@ -129,8 +128,8 @@ def _migrate_fold_marker(cfg: PipelineConfig, gen_cfg: GeneratorConfig, marker: 
                          fingerprint: str) -> None:
     """A fold generator finished under the fingerprint used up to 2026-12-05 (the zoo's, task
     vectors' and generator's stage fingerprints, same inputs) is kept: its marker is rewritten.
-    Not with an lm_anchor other than zoo-mean, which that fingerprint did not cover."""
-    if gen_cfg.lm_anchor != "zoo-mean" or not marker.is_file():
+    Not with lm_anchor: multitask, which that fingerprint did not cover."""
+    if gen_cfg.lm_anchor == "multitask" or not marker.is_file():
         return
     legacy = sha256_json([[_upstream(cfg, n)["fingerprint"] for n in ("zoo", "task_vectors", "generator")],
                           groups])

@@ -7,10 +7,8 @@ draws its own training tasks per step, and back-propagates the LM loss of their 
 on their *train* texts (`icm.generator.lm`); gradients are averaged over workers. Rank 0
 checkpoints every ``generator.report_every`` steps into Ray Train's storage
 (``<storage.root>/generator-lm/``), and a rerun with the same config resumes from the last
-checkpoint. ``generator.lm_anchor: both`` runs two such fine-tunes from the same start, one after
-the other (`FINETUNES`), the second saved as the artifact's companion. Held-out tasks never
-enter: the texts come from the suite's training tasks that the generator was trained on, eval
-texts are never read.
+checkpoint. Held-out tasks never enter: the texts come from the suite's training tasks that the
+generator was trained on, eval texts are never read.
 """
 
 from __future__ import annotations
@@ -121,85 +119,45 @@ def anchor(cfg: PipelineConfig, gen_cfg: GeneratorConfig, generator, fold: int |
     return anchor_offset(generator, load_vector(snapshot)).cpu()
 
 
-# generator.lm_anchor -> the LM fine-tunes it runs, each from the same reconstruction start: the
-# first is the artifact's generator, the others its companions, named by their anchor
-FINETUNES = {"zoo-mean": ("zoo-mean",), "multitask": ("multitask",),
-             "both": ("zoo-mean", "multitask")}
-
-
 def finetune(cfg: PipelineConfig, gen_cfg: GeneratorConfig, suite: Suite, start: Path,
              fingerprint: str, out: Path | None = None, fold: int | None = None,
              fold_groups: Sequence[str] = (), cpus_per_worker: float | None = None) -> dict:
     """Run the TorchTrainer from the reconstruction-trained ``start`` (trained on ``suite``'s
-    training tasks, plus ``generator.lm_extra_root``'s tasks outside ``fold_groups``) once per
-    anchor of `FINETUNES`, one after the other; write the final generator (its companions
-    inside) to ``out`` (default: the stage folder) with the LM history in its training summary.
-    Each worker holds ``cpus_per_worker`` CPUs (default: `lm_worker_cpus`, alone)."""
+    training tasks, plus ``generator.lm_extra_root``'s tasks outside ``fold_groups``); write the
+    final generator to ``out`` (default: the stage folder) with the LM history in its training
+    summary. Each worker holds ``cpus_per_worker`` CPUs (default: `lm_worker_cpus`, alone)."""
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from icm.generator import LoraGenerator
     from icm.generator.inputs import load_task_conditions
     from icm.generator.lm_corpus import extra_lm_tasks
 
     started = time.perf_counter()
-    trained_on = _start_tasks(start)
+    generator = LoraGenerator.load(start)  # the start: its training tasks now, its weights at the end
+    trained_on = generator.summary["trained_on"]["tasks"]
     texts = lm_train_texts(suite, trained_on, gen_cfg.lm_max_texts)
     conditions = load_task_conditions(cfg, trained_on)
     extra = extra_lm_tasks(cfg, gen_cfg.lm_extra_root, suite, fold_groups,
                            max_texts=gen_cfg.lm_max_texts)  # conditioned like the zoo's tasks
-    corpus = {"texts": texts | extra.texts, "conditions": conditions | extra.conditions,
-              "extra_tasks": sorted(extra.texts)}
-    log.info("generator: %s fine-tuning on %d tasks (%d without a LoRA, from %s)", gen_cfg.objective,
-             len(corpus["texts"]), len(extra.texts), gen_cfg.lm_extra_root)
-    cpus = cpus_per_worker or lm_worker_cpus(gen_cfg)
-    generator, *companions = [
-        _finetune_one(cfg, gen_cfg, anchor_name, suite, start, fingerprint, corpus, fold, cpus)
-        for anchor_name in FINETUNES[gen_cfg.lm_anchor]]
-    generator.companions = {c.config.lm_anchor: c for c in companions}
-    generator.config = gen_cfg  # the whole recipe: fold generators and reruns read it from here
-    generator.summary["lm"]["wall_seconds"] = time.perf_counter() - started  # every fine-tune's
-    out = generator.save(out or cfg.storage.path("generator"), resolved_config=cfg)
-    push_local(cfg, out)
-    meta = json.loads((out / "generator.json").read_text())
-    history = generator.summary["lm"]["history"]
-    return {"trained_on": generator.summary["trained_on"],
-            "final": {**generator.summary["final"], **(history[-1] if history else {})},
-            "samples_per_s": generator.summary["samples_per_s"], "size": meta["size"],
-            "objective": gen_cfg.objective, "companions": sorted(generator.companions)}
-
-
-def _start_tasks(start: Path) -> list[str]:
-    """The training tasks of the reconstruction-trained start (its LM fine-tunes' tasks)."""
-    return json.loads((start / "generator.json").read_text())["training"]["trained_on"]["tasks"]
-
-
-def _finetune_one(cfg: PipelineConfig, gen_cfg: GeneratorConfig, anchor_name: str, suite: Suite,
-                  start: Path, fingerprint: str, corpus: dict, fold: int | None, cpus: float):
-    """One TorchTrainer run from ``start`` with ``generator.lm_anchor`` = ``anchor_name``: the
-    fine-tuned `LoraGenerator`, its config saying which anchor it has."""
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from icm.generator import LoraGenerator
-
-    started = time.perf_counter()
-    single = FINETUNES[gen_cfg.lm_anchor] == (anchor_name,)
-    one = gen_cfg if single else gen_cfg.model_copy(update={"lm_anchor": anchor_name})
-    generator = LoraGenerator.load(start)  # the start: its weights now, the fine-tune's at the end
-    offset = anchor(cfg, one, generator, fold)
-    loop = {"config": cfg.model_dump(mode="json"), "generator_config": one.model_dump(mode="json"),
-            "start": str(start), "texts": corpus["texts"], "conditions": corpus["conditions"],
+    texts, conditions = texts | extra.texts, conditions | extra.conditions
+    offset = anchor(cfg, gen_cfg, generator, fold)
+    loop = {"config": cfg.model_dump(mode="json"), "generator_config": gen_cfg.model_dump(mode="json"),
+            "start": str(start), "texts": texts, "conditions": conditions,
             "suite": suite, "anchor_offset": offset}
-    log.info("generator: %s fine-tuning (anchor %s), %d steps x %d workers x %d tasks x %d texts "
-             "of %d tokens", one.objective, anchor_name, one.lm_steps, one.lm_workers, one.lm_tasks,
-             one.lm_texts, one.lm_seq_len)
-    gpus = one.lm_gpus_per_worker
-    # A single fine-tune keeps the name it always had, so that its checkpoints still resume.
-    name = f"lm-{fingerprint[:12]}" + ("" if single else f"-{anchor_name}")
+    log.info("generator: %s fine-tuning on %d tasks (%d without a LoRA, from %s)", gen_cfg.objective,
+             len(texts), len(extra.texts), gen_cfg.lm_extra_root)
+    log.info("generator: %s fine-tuning, %d steps x %d workers x %d tasks x %d texts of %d tokens",
+             gen_cfg.objective, gen_cfg.lm_steps, gen_cfg.lm_workers, gen_cfg.lm_tasks,
+             gen_cfg.lm_texts, gen_cfg.lm_seq_len)
+    gpus, cpus = gen_cfg.lm_gpus_per_worker, cpus_per_worker or lm_worker_cpus(gen_cfg)
     trainer = TorchTrainer(
         lm_train_func, train_loop_config=loop,
         torch_config=TorchConfig(backend="nccl" if gpus else "gloo"),
         scaling_config=ray.train.ScalingConfig(
-            num_workers=one.lm_workers, use_gpu=gpus > 0,
+            num_workers=gen_cfg.lm_workers, use_gpu=gpus > 0,
             resources_per_worker={"CPU": cpus, **({"GPU": gpus} if gpus else {})}),
         run_config=ray.train.RunConfig(
-            name=name, storage_path=cfg.storage.uri(LM_DIR),  # resumable by name
+            name=f"lm-{fingerprint[:12]}", storage_path=cfg.storage.uri(LM_DIR),  # resumable by name
             failure_config=ray.train.FailureConfig(max_failures=2), logging_config=train_logging(),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1)))
     result = trainer.fit()
@@ -210,15 +168,20 @@ def _finetune_one(cfg: PipelineConfig, gen_cfg: GeneratorConfig, anchor_name: st
         generator.residual = state["residual"].cpu()
     elif offset is not None:  # a fixed anchor: the offset as computed
         generator.residual = offset
-    generator.config = one
-    generator.summary = {**generator.summary, "objective": one.objective,
+    generator.config = gen_cfg
+    generator.summary = {**generator.summary, "objective": gen_cfg.objective,
                          "lm": {"steps": state["step"], "history": state["history"],
                                 "train_seconds": state["train_seconds"],
                                 "wall_seconds": time.perf_counter() - started,
-                                "workers": one.lm_workers, "cpus_per_worker": cpus,
-                                "anchor": anchor_name, "tasks": sorted(corpus["texts"]),
-                                "extra_tasks": corpus["extra_tasks"]}}
-    return generator
+                                "workers": gen_cfg.lm_workers, "cpus_per_worker": cpus,
+                                "tasks": sorted(texts), "extra_tasks": sorted(extra.texts)}}
+    out = generator.save(out or cfg.storage.path("generator"), resolved_config=cfg)
+    push_local(cfg, out)
+    meta = json.loads((out / "generator.json").read_text())
+    final = state["history"][-1] if state["history"] else {}
+    return {"trained_on": generator.summary["trained_on"], "final": {**generator.summary["final"], **final},
+            "samples_per_s": generator.summary["samples_per_s"], "size": meta["size"],
+            "objective": gen_cfg.objective}
 
 
 def lm_worker_cpus(gen_cfg: GeneratorConfig, side_by_side: int = 1) -> float:

@@ -48,7 +48,6 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
 from icm.errors import InputError
-from icm.generate import selects_by_demos
 from icm.serving import (ADAPTER_ID_PATTERN, ADAPTER_MODEL_PREFIX, GENERATION_RECORD,
                          AdapterRequest, AdapterResponse, AdapterSpec, AdapterStore, ChatChoice,
                          ChatCompletionRequest, ChatCompletionResponse, CompletionChoice,
@@ -208,18 +207,17 @@ class AdapterGeneratorDeployment:
             spec.description, list(spec.examples)))
         timings["encode_s"] = time.perf_counter() - started
         mark = time.perf_counter()
-        draws, names = await _in_thread(self.lock, lambda: self.generator.sample_candidates(
-            condition, num_samples=spec.samples, seed=spec.seed))  # (G * K, L), G generators
+        draws = await _in_thread(self.lock, lambda: self.generator.sample(
+            condition, num_samples=spec.samples, seed=spec.seed))  # (K, L)
         timings["sample_s"] = time.perf_counter() - mark
         chosen, perplexities = 0, []
-        if selects_by_demos(len(draws), spec.select, spec.examples):
+        if spec.samples > 1 and spec.select == "demo-ppl":
             mark = time.perf_counter()
             perplexities = await self.encoder.demo_perplexities.remote(draws, list(spec.examples))
             chosen = int(np.argmin(perplexities))
             timings["select_s"] = time.perf_counter() - mark
         mark = time.perf_counter()
         record = {"request": spec.as_json(), "adapter_id": adapter_id, "chosen_sample": chosen,
-                  "chosen_generator": names[chosen],
                   "demo_perplexities": perplexities, "timings": dict(timings)}
         await _in_thread(self.lock, lambda: self.generator.write_adapter(
             draws[chosen], self.store.path(adapter_id), extra={GENERATION_RECORD: record}))
@@ -373,8 +371,7 @@ class AdapterFront:
         self.encoder_dtype = args.model_dtype
         self.publish_uri = args.publish_uri
         self.store = AdapterStore(args.adapter_dir)
-        loaded = LoraGenerator.load(args.generator_dir)
-        self.base_model, self.generators = loaded.model_spec, len(loaded.candidates())
+        self.base_model = LoraGenerator.load(args.generator_dir).model_spec
         self.hits = metrics.Counter("icm_adapter_cache_hits_total",
                                     description="POST /v1/adapters answered from storage.")
         self.misses = metrics.Counter("icm_adapter_cache_misses_total",
@@ -385,7 +382,7 @@ class AdapterFront:
 
     async def create(self, request: AdapterRequest) -> AdapterResponse:
         started = time.perf_counter()
-        spec = check_adapter_request(request, self.limits, generators=self.generators)
+        spec = check_adapter_request(request, self.limits)
         adapter_id = adapter_id_for(spec, self.fingerprint, self.encoder_dtype)
         if self.store.ready(adapter_id, self.publish_uri):
             self.hits.inc()

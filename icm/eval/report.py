@@ -305,18 +305,11 @@ def markdown_report(results: pd.DataFrame, *, command: str, config_yaml: str, ti
 
 def selection_lines(results: pd.DataFrame) -> list[str]:
     """What each selected variant (``demo-selected``) chose, counted per setting: the generator's
-    draws as one candidate, each adapter by name; and, for a generator with companions
-    (``generator.lm_anchor: both``), whose draw best-of-K kept."""
-    lines = []
-    if "draw_generator" in results:
-        kept = results.dropna(subset=["draw_generator"])
-        for (variant, setting), part in kept.groupby(["variant", "setting"], sort=False):
-            counts = part["draw_generator"].value_counts()  # recorded only with companions
-            lines.append(f"{variant} on {setting} ({len(part)} tasks) kept the draw of: "
-                         + ", ".join(f"{name} {count}" for name, count in counts.items()) + ".")
+    draws as one candidate, each adapter by name."""
     if "selected_candidate" not in results:
-        return lines + [""] if lines else []
+        return []
     chosen = results.dropna(subset=["selected_candidate"])
+    lines = []
     for (variant, setting), part in chosen.groupby(["variant", "setting"], sort=False):
         picks = part["selected_candidate"].map(lambda name: "a draw" if name.startswith("draw-") else name)
         counts = picks.value_counts()

@@ -62,9 +62,8 @@ class ItemScorer:
         self.applier = None  # a FunctionalLora on self.swap.model, made when a fit needs it
         self.rows: list[dict[str, Any]] = []
         self.oracle: torch.Tensor | None = None
-        # condition mode -> (draws (G * K, L), seconds per draw, demo perplexities, the name of
-        # each draw's generator): `_scored_draws`
-        self._draws: dict[str, tuple[torch.Tensor, float, list[float], list[str]]] = {}
+        # condition mode -> (draws (K, L), seconds per draw, demo perplexities): `_scored_draws`
+        self._draws: dict[str, tuple[torch.Tensor, float, list[float]]] = {}
 
     def score(self, variant: str, vector: torch.Tensor | None, **extra) -> None:
         started = time.perf_counter()
@@ -141,28 +140,20 @@ class ItemScorer:
             draws, seconds = self._draw(condition, self.cfg.samples, "random")
             for index in range(self.cfg.samples):
                 self.score(variant.name, draws[index], sample=index, adapter_seconds=seconds)
-        else:  # best of K (of each generator) by perplexity on the demonstrations (the same
-            # seed: the same first draws)
-            draws, seconds, demo_ppl, names = self._scored_draws(variant.condition)
+        else:  # best of K by perplexity on the demonstrations (the same seed: the same first draws)
+            draws, seconds, demo_ppl = self._scored_draws(variant.condition)
             best = int(np.argmin(demo_ppl))
-            self.score(variant.name, draws[best], sample=best, adapter_seconds=seconds * len(draws),
-                       demo_ppl=demo_ppl[best], draw_spread=draw_spread(draws[:self.cfg.best_of]),
-                       # with companions: whose draw was kept (the spread: the artifact's own)
-                       **({"draw_generator": names[best]} if len(set(names)) > 1 else {}))
+            self.score(variant.name, draws[best], sample=best, adapter_seconds=seconds * self.cfg.best_of,
+                       demo_ppl=demo_ppl[best], draw_spread=draw_spread(draws))
 
-    def _scored_draws(self, condition: str) -> tuple[torch.Tensor, float, list[float], list[str]]:
-        """best_of draws of the generator and of each companion, (G * K, L), for a condition
-        mode; the generation seconds per draw; each draw's demonstration perplexity; the name of
-        each draw's generator: computed once per item, read by the best-of-K and selected
-        variants alike."""
+    def _scored_draws(self, condition: str) -> tuple[torch.Tensor, float, list[float]]:
+        """The generator's best_of draws (K, L) for a condition mode, the generation seconds per
+        draw, and each draw's demonstration perplexity: computed once per item, read by the
+        best-of-K and selected variants alike."""
         if condition not in self._draws:
-            started = time.perf_counter()
-            draws, names = self.generator.sample_candidates(
-                np.asarray(self.item.conditions[condition], dtype=np.float32),
-                num_samples=self.cfg.best_of, seed=self.cfg.seed)
-            seconds = (time.perf_counter() - started) / len(draws)
+            draws, seconds = self._draw(self.item.conditions[condition], self.cfg.best_of, "random")
             demo_ppl = [self._demo_perplexity(draw, f"draw-{i}") for i, draw in enumerate(draws)]
-            self._draws[condition] = (draws, seconds, demo_ppl, names)
+            self._draws[condition] = (draws, seconds, demo_ppl)
         return self._draws[condition]
 
     def _demo_perplexity(self, vector: torch.Tensor, name: str) -> float:
@@ -176,7 +167,7 @@ class ItemScorer:
         if variant.condition not in self.item.conditions:
             return
         started = time.perf_counter()
-        draws, seconds, draw_ppl, _ = self._scored_draws(variant.condition)  # (G * K, L)
+        draws, seconds, draw_ppl = self._scored_draws(variant.condition)  # (K, L)
         candidates = {f"draw-{index}": draw for index, draw in enumerate(draws)}
         demo_ppl = dict(zip(candidates, draw_ppl))
         for name in variant.among:
@@ -192,7 +183,7 @@ class ItemScorer:
         # selection_seconds leaves out the draws' scoring where best-of-K already did it
         self.score(variant.name, candidates[chosen], selected_candidate=chosen,
                    demo_ppl=demo_ppl[chosen], candidate_demo_ppl=json.dumps(demo_ppl),
-                   adapter_seconds=seconds * len(draws),
+                   adapter_seconds=seconds * self.cfg.best_of,
                    selection_seconds=time.perf_counter() - started)
 
     def _in_context(self, variant: Variant) -> None:

@@ -8,10 +8,6 @@ adapter, saved as one self-contained directory.
                                         layout (+ fingerprint), peft config template, training
                                         summary, size beside the size of the zoo it replaces
     <generator>/config.resolved.yaml    the pipeline config that made it (written by the job)
-    <generator>/companions/<name>/      more generators of the same layout and conditions, each
-                                        an artifact like this one (``generator.lm_anchor: both``:
-                                        ``multitask``, fine-tuned on the multi-task LoRA); a
-                                        request with examples picks among all their draws
 
 Generation needs nothing else: ``LoraGenerator.load(dir).sample(task_vector, z="zero")`` gives a
 flat adapter vector in layout order, ``write_adapter`` a peft adapter directory.
@@ -40,8 +36,6 @@ FORMAT_VERSION = 1
 WEIGHTS_FILE = "generator.safetensors"
 META_FILE = "generator.json"
 GENERATION_FILE = "generation.json"
-COMPANIONS_DIR = "companions"
-MAIN = "main"  # the artifact's own generator among its candidates (companions go by their names)
 
 
 class LoraGenerator:
@@ -50,12 +44,8 @@ class LoraGenerator:
     def __init__(self, *, model: CVAE, codec: WeightCodec, condition_norm: ConditionNorm,
                  layout: LoraLayout, generated_keys: tuple[str, ...], fixed: Mapping[str, torch.Tensor],
                  peft_config: dict, model_spec: str, condition_spec: dict, config: GeneratorConfig,
-                 summary: dict | None = None, residual: torch.Tensor | None = None,
-                 companions: Mapping[str, LoraGenerator] | None = None):
+                 summary: dict | None = None, residual: torch.Tensor | None = None):
         self.model = model.eval()
-        # name -> another generator over the same layout and conditions whose draws compete
-        # with this one's when a request brings examples (see `candidates`)
-        self.companions = dict(companions or {})
         # (L_gen,) de-normalised offset added to every generated adapter, learnt by the LM
         # objective alone (generator.lm_shared_residual); None: the network's output as is
         self.residual = residual
@@ -78,8 +68,6 @@ class LoraGenerator:
         self._template, self._positions = self._template.to(device), self._positions.to(device)
         if self.residual is not None:
             self.residual = self.residual.detach().to(device)
-        for companion in self.companions.values():
-            companion.to(device)
         return self
 
     @property
@@ -140,25 +128,6 @@ class LoraGenerator:
         latent = (torch.randn(shape, generator=torch.Generator().manual_seed(seed)) if z == "random"
                   else torch.zeros(shape)).to(device)  # drawn on the CPU: the same draws anywhere
         return self.full_vectors(self.generated_values(latent, c))
-
-    def sample_candidates(self, conditions, *, num_samples: int = 1, seed: int = 0,
-                          z: str = "random") -> tuple[torch.Tensor, list[str]]:
-        """``num_samples`` draws of this generator and then of each companion, same seed: the
-        candidates a request with examples chooses among by their perplexity on them.
-
-        Returns:
-            (G * num_samples, L) for one condition (D,), generator-major, and the name of the
-            generator of each row (`MAIN` for this one's own).
-        """
-        draws, names = [], []
-        for name, generator in self.candidates():
-            draws.append(generator.sample(conditions, num_samples=num_samples, seed=seed, z=z))
-            names += [name] * len(draws[-1])
-        return torch.cat(draws), names
-
-    def candidates(self) -> list[tuple[str, LoraGenerator]]:
-        """(name, generator): this one (`MAIN`) first, then its companions in name order."""
-        return [(MAIN, self), *sorted(self.companions.items())]
 
     def generated_values(self, latent: torch.Tensor, conditions: torch.Tensor) -> torch.Tensor:
         """De-normalised generated values (B, L_gen) from latents (B, latent) and z-scored
@@ -222,36 +191,19 @@ class LoraGenerator:
         from safetensors.torch import save_file
 
         with atomic_directory(directory) as staging:
-            companion_bytes = 0  # companions first: the size below counts them
-            for name, companion in sorted(self.companions.items()):
-                companion._check_companion(self, name)
-                saved = companion.save(staging / COMPANIONS_DIR / name,
-                                       resolved_config=resolved_config)
-                size = json.loads((saved / META_FILE).read_text())["size"]
-                companion_bytes += size["generator_bytes"]
             save_file(self.tensors(), str(staging / WEIGHTS_FILE), metadata={"format": FORMAT})
             meta = self.metadata()
             zoo_bytes = self.summary.get("zoo", {}).get("adapter_bytes") or 0
             weights = (staging / WEIGHTS_FILE).stat().st_size
-            total = weights + len(json.dumps(meta, indent=2, sort_keys=True)) + companion_bytes
-            meta["size"] = {"generator_bytes": total, "weights_bytes": weights,
-                            "companion_bytes": companion_bytes, "zoo_adapter_bytes": zoo_bytes,
-                            "ratio_to_zoo": total / zoo_bytes if zoo_bytes else None,
+            meta_bytes = len(json.dumps(meta, indent=2, sort_keys=True))
+            meta["size"] = {"generator_bytes": weights + meta_bytes, "weights_bytes": weights,
+                            "zoo_adapter_bytes": zoo_bytes,
+                            "ratio_to_zoo": (weights + meta_bytes) / zoo_bytes if zoo_bytes else None,
                             "weights_sha256": sha256_file(staging / WEIGHTS_FILE)}
             write_json_atomic(staging / META_FILE, meta)
             if resolved_config is not None:
                 save_resolved_config(resolved_config, staging)
         return Path(directory)
-
-    def _check_companion(self, main: LoraGenerator, name: str) -> None:
-        """A companion's draws must be interchangeable with ``main``'s: same base model, LoRA
-        layout and condition vectors; and it has none of its own."""
-        same = (self.model_spec == main.model_spec and self.condition_spec == main.condition_spec
-                and self.layout.fingerprint() == main.layout.fingerprint())
-        if not same or self.companions:
-            raise GeneratorInputError(f"companion {name!r} differs from its generator in base "
-                                      "model, LoRA layout or condition spec, or has companions "
-                                      "itself")
 
     @classmethod
     def load(cls, directory: str | Path) -> LoraGenerator:
@@ -279,6 +231,4 @@ class LoraGenerator:
                    fixed={k[6:]: v for k, v in t.items() if k.startswith("fixed.")},
                    peft_config=meta["peft_config"], model_spec=meta["model_spec"],
                    condition_spec=meta["condition_spec"], config=GeneratorConfig(**meta["config"]),
-                   summary=meta.get("training"), residual=t.get("residual"),
-                   companions={path.name: cls.load(path) for path in
-                               sorted((folder / COMPANIONS_DIR).glob("[!.]*")) if path.is_dir()})
+                   summary=meta.get("training"), residual=t.get("residual"))

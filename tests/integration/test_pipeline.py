@@ -368,57 +368,6 @@ def test_lm_anchor_multitask_starts_from_the_zoos_multitask_lora(smoke_run, tmp_
                cfg.generator, generator)
 
 
-@pytest.mark.slow
-def test_lm_anchor_both_ships_two_fine_tunes_and_best_of_k_picks_among_them(smoke_run, tmp_path):
-    """generator.lm_anchor: both: two LM fine-tunes from one reconstruction start, each its own
-    Ray Train run; the artifact is the zoo-mean one, with the multitask one as its companion
-    (the zoo's multi-task LoRA as its fixed residual); evaluate's best-of-K draws from both and
-    records whose draw it kept; a rerun is up to date."""
-    from icm.generator import LoraGenerator
-    from jobs.generator_lm import anchor
-
-    root, suite = smoke_run.root, smoke_run.suite
-    run = tmp_path / "both"
-    run.mkdir()
-    for upstream in ("zoo", "oracles", "task_vectors"):  # the smoke run's inputs, generator anew
-        (run / upstream).symlink_to(root / upstream)
-    command = [sys.executable, "-m", "jobs.pipeline", "--config", "smoke", *FAST,
-               f"suite.path={suite}", f"storage.root={run}", "tune.enabled=false",
-               "generator.objective=hybrid", "generator.lm_anchor=both", "generator.lm_steps=2",
-               "generator.lm_workers=1", "generator.report_every=2", "generator.lm_seq_len=24",
-               "stages=[generator,evaluate]", "evaluate.variants=[generated-best-of-k]",
-               "evaluate.extra_variants=[]", "evaluate.seen_tasks=0", "evaluate.folds=0"]
-    first = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
-    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-6000:]
-    generator = LoraGenerator.load(run / "generator")
-    companion = generator.companions["multitask"]
-    assert generator.config.lm_anchor == "both" and generator.residual is None
-    assert generator.summary["lm"]["anchor"] == "zoo-mean"
-    assert companion.summary["lm"]["anchor"] == "multitask"
-    assert generator.summary["lm"]["steps"] == companion.summary["lm"]["steps"] == 2
-    start = LoraGenerator.load(run / "generator-reconstruction")
-    expected = anchor(generator_cfg(run), companion.config, start)  # (L_gen,) the fixed offset
-    assert torch.allclose(companion.residual, expected)
-    tuned = generator.model.state_dict()["decoder.linears.0.weight"]
-    assert not torch.equal(tuned, companion.model.state_dict()["decoder.linears.0.weight"])
-    runs = sorted(p.name for p in (run / "generator-lm").glob("lm-*"))  # one Ray Train run each
-    assert len(runs) == 2 and runs[0].endswith("-multitask") and runs[1].endswith("-zoo-mean")
-    rows = pd.read_parquet(run / "evaluate" / "results.parquet")
-    best = rows.query("variant == 'generated-best-of-k'")
-    assert len(best) and set(best["draw_generator"]) <= {"main", "multitask"}
-    assert "kept the draw of" in (run / "evaluate" / "EVAL.md").read_text()
-    again = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0 and "generator: up to date" in again.stderr, again.stderr[-3000:]
-
-
-def generator_cfg(root: Path):
-    """The pipeline config a run under ``root`` resolved (for `jobs.generator_lm.anchor`)."""
-    from icm.config import PipelineConfig
-
-    resolved = root / "generator" / "config.resolved.yaml"
-    return PipelineConfig.model_validate(yaml.safe_load(resolved.read_text()))
-
-
 def test_lm_extra_tasks_are_another_roots_tasks_never_this_suites_a_folds_or_held_out(smoke_run):
     """generator.lm_extra_root: the smoke run's task vectors cover cats, dogs (held out), sums
     and code. A run whose suite lacks `code` gets `code` for its LM objective (its train texts,

@@ -136,7 +136,7 @@ def served(tmp_path_factory):
     from serve_apps.serve_env import HF_SERVE_CONFIG, SERVE_INGRESS_ENV, SERVE_LATENCY_ENV
 
     root = tmp_path_factory.mktemp("serve")
-    generator_dir = with_companion(build_tiny_generator(root / "generator"))
+    generator_dir = build_tiny_generator(root / "generator")
     with pytest.MonkeyPatch.context() as patch:  # Serve as icm serve starts it: HAProxy in front
         for key, value in {**SERVE_LATENCY_ENV, **SERVE_INGRESS_ENV}.items():
             patch.setenv(key, value)
@@ -155,20 +155,6 @@ def served(tmp_path_factory):
     finally:
         serve.shutdown()
         ray.shutdown()
-
-
-def with_companion(generator_dir: Path) -> Path:
-    """The generator with a companion, as ``generator.lm_anchor: both`` ships one (here the same
-    network plus a small shared residual): every request draws from both."""
-    import torch
-
-    from icm.generator import LoraGenerator
-
-    main, companion = LoraGenerator.load(generator_dir), LoraGenerator.load(generator_dir)
-    noise = torch.randn(companion.generated_dim, generator=torch.Generator().manual_seed(0))
-    companion.residual = 0.05 * noise * companion.codec.norm.std.mean()
-    main.companions = {"multitask": companion}
-    return main.save(generator_dir)
 
 
 CATS = {"description": "Short texts about cats.",
@@ -240,11 +226,6 @@ def test_the_same_request_returns_the_same_adapter_from_the_cache(served):
     record = served.adapter_dir / first["adapter_id"] / "icm_generation.json"
     stored = json.loads(record.read_text())
     assert stored["request"]["description"] == request["description"]
-    # one sample from the generator and one from its companion, kept by demo perplexity
-    assert stored["request"]["select"] == "demo-ppl" and len(stored["demo_perplexities"]) == 2
-    chosen = min(range(2), key=stored["demo_perplexities"].__getitem__)
-    assert stored["chosen_sample"] == chosen
-    assert stored["chosen_generator"] == ["main", "multitask"][chosen]
 
 
 def test_concurrent_identical_requests_generate_once(served):

@@ -160,21 +160,6 @@ def test_lm_anchor_multitask_is_refused_where_its_lora_saw_the_judged_tasks(over
         load_config("study", [*ok, *overrides])
 
 
-@pytest.mark.parametrize("overrides, names", [
-    (["generator.objective=reconstruction"], "generator.objective"),
-    (["zoo.multitask=false"], "zoo.multitask"),
-    (["evaluate.folds=2"], "evaluate.folds"),
-])
-def test_lm_anchor_both_has_the_anchors_rules_but_may_be_searched(overrides, names):
-    """both ships the zoo-mean fine-tune (the generator Tune's trials tune) with the anchored
-    one beside it: Tune is allowed, the anchor's other rules hold."""
-    ok = ["generator.lm_anchor=both", "generator.objective=hybrid", "evaluate.folds=0"]
-    searched = load_config("study", [*ok, "tune.enabled=true", "stages=[tune, generator]"])
-    assert searched.generator.lm_anchor == "both"
-    with pytest.raises(ConfigError, match=names.replace(".", r"\.")):
-        load_config("study", [*ok, *overrides])
-
-
 @pytest.mark.parametrize("preset", ["demo", "gpu"])
 def test_a_preset_that_searches_searches_its_own_generator_first(preset):
     """With Tune on, the generator stage trains Tune's winner, and the configured generator is

@@ -165,7 +165,7 @@ def _front(store, *, encoder_dtype, publish_uri=None):
     front = object.__new__(AdapterFront)
     front.generator, front.limits, front.model_prefix = _GeneratorHandle(), ServeLimits(), "m:"
     front.fingerprint, front.encoder_dtype, front.publish_uri = "g" * 64, encoder_dtype, publish_uri
-    front.store, front.generators = store, 1  # a generator without companions
+    front.store = store
     front.hits = front.misses = metrics.Counter("test_front_total", description="test")
     front.request_latency = metrics.Histogram("test_front_s", description="test", boundaries=[1],
                                               tag_keys=("cached",))

@@ -232,15 +232,3 @@ def test_stop_strings_match_generated_text_only_and_count_no_padding(engine):
         if row.tokens > 1:
             fewer = dataclasses.replace(sampled, max_tokens=row.tokens - 1)
             assert stop not in engine.generate(ids, fewer, None)[k].text
-
-
-def test_one_sample_of_a_generator_with_companions_is_selected_by_its_examples():
-    """lm_anchor: both: samples=1 still draws one adapter per generator, so a request with
-    examples keeps select (another adapter id than the plain generator's 'first'); without
-    examples there is nothing to score: 'first'."""
-    request = AdapterRequest(description="Cats.", examples=["The cat sat."])
-    both = check_adapter_request(request, ServeLimits(), generators=2)
-    assert both.select == "demo-ppl"
-    assert check_adapter_request(request, ServeLimits()).select == "first"
-    bare = AdapterRequest(description="Cats.")
-    assert check_adapter_request(bare, ServeLimits(), generators=2).select == "first"
