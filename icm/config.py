@@ -538,9 +538,9 @@ class PipelineConfig(StageConfig):
         return self
 
     def _check_anchor(self) -> None:
-        """generator.lm_anchor: multitask works only where the multi-task LoRA saw no task it is
-        judged on: without Tune (its validation tasks are training tasks the multi-task LoRA
-        trained on), and on folds only with a multi-task LoRA per fold (oracles.fold_multitask)."""
+        """generator.lm_anchor: multitask works only with the LM fine-tuning, without Tune (its
+        trials fine-tune unanchored), and, since the multi-task LoRA trained on every training
+        task, on folds only with a multi-task LoRA per fold (oracles.fold_multitask)."""
         g = self.generator
         if g.lm_anchor != "multitask":
             return
@@ -552,10 +552,12 @@ class PipelineConfig(StageConfig):
         if g.target != "ab":
             raise ValueError("generator.lm_anchor: multitask needs generator.target: ab (with "
                              "target b, A stays the zoo's initialisation, not the multi-task LoRA's)")
+        # Tune's trials fine-tune without the anchor (jobs/tune.py), so a search would pick
+        # settings for a generator this run never ships.
         if self.tune.enabled and "tune" in self.stages:
-            raise ValueError("generator.lm_anchor: multitask with Tune: its validation tasks are "
-                             "training tasks the multi-task LoRA trained on. Set tune.enabled: "
-                             "false, or lm_anchor: zoo-mean")
+            raise ValueError("generator.lm_anchor: multitask with Tune: Tune's trials fine-tune "
+                             "without the anchor, so it would choose settings for a generator "
+                             "the run never ships. Set tune.enabled: false, or lm_anchor: zoo-mean")
         if self.evaluate.folds and "evaluate" in self.stages and not self.oracles.fold_multitask:
             raise ValueError("generator.lm_anchor: multitask with evaluate.folds: the zoo's "
                              "multi-task LoRA trained on the folds' groups. Set "
