@@ -552,8 +552,6 @@ class PipelineConfig(StageConfig):
         if g.target != "ab":
             raise ValueError("generator.lm_anchor: multitask needs generator.target: ab (with "
                              "target b, A stays the zoo's initialisation, not the multi-task LoRA's)")
-        # Tune's trials fine-tune without the anchor (jobs/tune.py), so a search would pick
-        # settings for a generator this run never ships.
         if self.tune.enabled and "tune" in self.stages:
             raise ValueError("generator.lm_anchor: multitask with Tune: Tune's trials fine-tune "
                              "without the anchor, so it would choose settings for a generator "

@@ -146,7 +146,8 @@ def headline_generator(results: pd.DataFrame) -> str:
     first merged run's (``generated[<label>]``, `icm.eval.compare`), e.g. the folds of a
     folds-only run merged onto a held-out-only reference."""
     # in row order, i.e. merge order (ordered_variants would sort merged labels by name)
-    generators = [v for v in dict.fromkeys(results["variant"]) if registered_name(v) == HEADLINE_VARIANT]
+    generators = [v for v in dict.fromkeys(results["variant"])
+                  if registered_name(v) == HEADLINE_VARIANT]
     return HEADLINE_VARIANT if HEADLINE_VARIANT in generators or not generators else generators[0]
 
 
