@@ -374,6 +374,21 @@ class GeneratorConfig(StageConfig):
         # Absolute from here on: Ray Train workers run in another working directory.
         return None if value is None else str(Path(value).expanduser().resolve())
 
+    def reconstruction_settings(self) -> dict[str, Any]:
+        """What the reconstruction phase reads: every setting but the LM phase's (``objective``,
+        ``lm_*``) and scheduling (``cpus_per_task``). A reconstruction-trained start is reused by
+        every LM fine-tune whose settings differ from it only there."""
+        lm_phase = {"objective", "cpus_per_task",
+                    *(name for name in type(self).model_fields if name.startswith("lm_"))}
+        return self.model_dump(mode="json", exclude=lm_phase)
+
+    def lm_run_settings(self) -> dict[str, Any]:
+        """What an LM fine-tune's checkpoints are a function of, up to any step: every setting but
+        ``lm_steps`` (and ``cpus_per_task``). The LM phase's learning rate is constant and each
+        step's draws depend on (seed, step, rank) only (icm/generator/lm.py), so a run asked for
+        more steps continues a shorter run's checkpoint exactly."""
+        return self.model_dump(mode="json", exclude={"cpus_per_task", "lm_steps"})
+
 
 def _check_arch(value: str) -> str:
     """A registered generator architecture (icm/generator/archs.py), else a clear error."""

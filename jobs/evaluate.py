@@ -103,14 +103,15 @@ def fold_generators(cfg: PipelineConfig, suite: Suite, folds: list[list[str]], d
         fingerprint, marker = fold_fingerprint(cfg, gen_cfg, groups), out / "fold.json"
         _migrate_fold_marker(cfg, gen_cfg, marker, groups, fingerprint)
         if not fingerprint_matches(marker, fingerprint):
+            keys = fold_phase_keys(cfg, gen_cfg, groups, fingerprint)
             todo.append((out / ("reconstruction" if end_to_end else "generator"),
-                         (marker, fingerprint, index)))
+                         (marker, fingerprint, index, keys)))
     reconstructed = _reconstruct_folds(cfg, gen_cfg, suite, folds, todo, mark=end_to_end)
     if end_to_end and reconstructed:  # the same end-to-end fine-tuning as the main generator
         _finetune_folds(cfg, gen_cfg, suite, folds, directory, reconstructed)
     elif not end_to_end:
         for fold in reconstructed:
-            _fold_done(*fold)
+            _fold_done(*fold[:4])  # (summary, marker, fingerprint, index); its keys are spent
     return folders
 
 
@@ -122,6 +123,20 @@ def fold_fingerprint(cfg: PipelineConfig, gen_cfg: GeneratorConfig, groups: list
     the zoo's multi-task LoRA, or a pooling the generator does not read, changes no input of it."""
     anchor = [_upstream(cfg, "oracles")["fingerprint"]] if gen_cfg.lm_anchor == "multitask" else []
     return sha256_json([[_upstream(cfg, "generator")["fingerprint"], *anchor], groups])
+
+
+def fold_phase_keys(cfg: PipelineConfig, gen_cfg: GeneratorConfig, groups: list[str],
+                    fingerprint: str) -> dict[str, str]:
+    """The fold's own reconstruction and LM-run keys, derived from the main generator's
+    (`jobs.generator.phase_keys`): a rerun that changes only LM settings reuses the fold's
+    reconstruction, and one asked for more LM steps continues its fine-tune. A main generator
+    stage recorded before those keys (2026-12-05) has none: both are then the fold's fingerprint."""
+    main = (_upstream(cfg, "generator").get("outputs") or {}).get("phase_keys")
+    if not main:
+        return {"reconstruction": fingerprint, "lm_run": fingerprint}
+    anchor = [_upstream(cfg, "oracles")["fingerprint"]] if gen_cfg.lm_anchor == "multitask" else []
+    return {"reconstruction": sha256_json([[main["reconstruction"]], groups]),
+            "lm_run": sha256_json([[main["lm_run"], *anchor], groups])}
 
 
 def _migrate_fold_marker(cfg: PipelineConfig, gen_cfg: GeneratorConfig, marker: Path, groups: list[str],
@@ -140,21 +155,23 @@ def _migrate_fold_marker(cfg: PipelineConfig, gen_cfg: GeneratorConfig, marker: 
 
 def _reconstruct_folds(cfg: PipelineConfig, gen_cfg: GeneratorConfig, suite: Suite,
                        folds: list[list[str]], todo: list[tuple], *, mark: bool) -> list[tuple]:
-    """Train each fold generator of ``todo`` (its folder, (marker, fingerprint, index)) by
+    """Train each fold generator of ``todo`` (its folder, (marker, fingerprint, index, keys)) by
     reconstruction, side by side, each with its share of the CPUs. With ``mark`` (lm/hybrid,
-    fine-tuned next) a finished one is marked, so that a kill during the fine-tunes does not
-    redo it. Returns (summary, marker, fingerprint, index) per fold, in fold order."""
+    fine-tuned next) a finished one is marked with its reconstruction key, so that neither a kill
+    during the fine-tunes nor a change of LM settings redoes it. Returns (summary, marker,
+    fingerprint, index, keys) per fold, in fold order."""
     done = [(json.loads((first / RECONSTRUCTED).read_text())["summary"], *meta) for first, meta in todo
-            if mark and fingerprint_matches(first / RECONSTRUCTED, meta[1])]
+            if mark and fingerprint_matches(first / RECONSTRUCTED, meta[3]["reconstruction"])]
     reused = {fold[3] for fold in done}
     todo = [(first, meta) for first, meta in todo if meta[2] not in reused]
     remote = ray.remote(num_cpus=gen_cfg.cpus_per_task or cpus_each(len(todo)))(
         with_reserved_threads(train_fold_generator))
     pending = {remote.remote(cfg.model_dump(mode="json"), suite, folds[meta[2]], str(first),
-                             meta[1]): (first, meta) for first, meta in todo}
+                             meta[3]["reconstruction"]): (first, meta) for first, meta in todo}
     for summary, (first, meta) in zip(ray.get(list(pending)), pending.values()):
         if mark:
-            write_json_atomic(first / RECONSTRUCTED, {"fingerprint": meta[1], "summary": summary})
+            write_json_atomic(first / RECONSTRUCTED, {"fingerprint": meta[3]["reconstruction"],
+                                                      "summary": summary})
         done.append((summary, *meta))
     if mark and len(done) > len(pending):
         log.info("evaluate: %d fold reconstructions reused, %d trained", len(done) - len(pending),
@@ -171,8 +188,8 @@ def _fold_done(summary: dict, marker: Path, fingerprint: str, index: int) -> Non
 
 def _finetune_folds(cfg: PipelineConfig, gen_cfg: GeneratorConfig, suite: Suite,
                     folds: list[list[str]], directory: Path, reconstructed: list[tuple]) -> None:
-    """Fine-tune each reconstructed fold generator (summary, marker, fingerprint, index) on Ray
-    Train, as many at once as the cluster holds side by side; a fold is marked done as soon as
+    """Fine-tune each reconstructed fold generator (summary, marker, fingerprint, index, keys) on
+    Ray Train, as many at once as the cluster holds side by side; a fold is marked done as soon as
     its fine-tune returns, so a kill loses only the fine-tunes in flight (and those resume
     from their checkpoints)."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -188,17 +205,17 @@ def _finetune_folds(cfg: PipelineConfig, gen_cfg: GeneratorConfig, suite: Suite,
              len(reconstructed), concurrency, cpus)
 
     def submit(job: tuple):
-        _, _, fingerprint, index = job
+        _, _, _, index, keys = job
         out = directory / f"fold-{index}"
         return launcher.remote(cfg.model_dump(mode="json"), gen_cfg.model_dump(mode="json"),
                                fold_suite(suite, folds[index]), str(out / "reconstruction"),
-                               fingerprint, str(out / "generator"), index,  # anchor: the fold's
+                               keys["lm_run"], str(out / "generator"), index,  # anchor: the fold's
                                folds[index], cpus)  # no extra LM task of the fold's groups either
 
     for job, tuned in as_completed(submit, reconstructed, concurrency):
         log.info("evaluate: fold %d generator fine-tuned (%s) in %.0f s", job[3], gen_cfg.objective,
                  tuned["wall_seconds"])
-        _fold_done(*job)
+        _fold_done(*job[:4])
 
 
 # ----------------------------------------------------------------------------- plans and items

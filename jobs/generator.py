@@ -28,7 +28,7 @@ from icm.generator.training import load_checkpoint
 from icm.generator import train_generator
 from icm.generator.inputs import GeneratorInputs, load_generator_inputs
 from icm.generator.lm_corpus import extra_root_fingerprint
-from icm.io import atomic_directory, fingerprint_matches, write_json_atomic
+from icm.io import atomic_directory, fingerprint_matches, sha256_json, write_json_atomic
 from icm.stages import open_suite, pull_local, pull_stages, push_local, stage
 from icm.tasks import Suite
 from jobs import tune as tune_stage
@@ -95,8 +95,10 @@ def run(cfg: PipelineConfig, suite: Suite, *, inputs: GeneratorInputs | None = N
     gen_cfg, source = chosen_config(cfg, suite, inputs)
     trained = gen_cfg.model_dump(mode="json", exclude={"cpus_per_task"})  # not a scheduling knob
     extra = extra_root_fingerprint(cfg)  # the LM objective's tasks without a LoRA, when set
-    current = stage(cfg, "generator", inputs.fingerprint(), trained, *([extra] if extra else []),
+    given_fingerprint = inputs.fingerprint()
+    current = stage(cfg, "generator", given_fingerprint, trained, *([extra] if extra else []),
                     sections=("model",))
+    keys = phase_keys(cfg, gen_cfg, given_fingerprint, extra)
     if current.is_current():
         log.info("generator: up to date, skipping (%s)", current.directory)
         return current.record()
@@ -109,20 +111,36 @@ def run(cfg: PipelineConfig, suite: Suite, *, inputs: GeneratorInputs | None = N
     end_to_end = gen_cfg.objective != "reconstruction"
     start = cfg.storage.path(RECONSTRUCTION_DIR) if end_to_end else None
     # The task reads the zoo itself (shared storage) unless inputs were handed in (tests).
-    if not (end_to_end and fingerprint_matches(start / RECONSTRUCTED, current.fingerprint)):
+    if end_to_end and fingerprint_matches(start / RECONSTRUCTED, keys["reconstruction"]):
+        log.info("generator: reconstruction-trained start reused (%s)", start)
+    else:
         summary = ray.get(task.remote(cfg.model_dump(mode="json"), gen_cfg.model_dump(mode="json"),
-                                      suite, given, current.fingerprint,
-                                      str(start) if start else None))
+                                      suite, given, keys["reconstruction"] if end_to_end
+                                      else current.fingerprint, str(start) if start else None))
         if end_to_end:
-            write_json_atomic(start / RECONSTRUCTED, {"fingerprint": current.fingerprint})
+            write_json_atomic(start / RECONSTRUCTED, {"fingerprint": keys["reconstruction"]})
     if end_to_end:
         from jobs.generator_lm import finetune
 
         pull_local(cfg, start)  # rewritten when the fingerprint changes
-        summary = finetune(cfg, gen_cfg, suite, start, current.fingerprint)
+        summary = finetune(cfg, gen_cfg, suite, start, keys["lm_run"])
     pull_local(cfg, current.directory)  # a URI root: the task may have run on another node
     return current.finish(started, {"generator": str(Path(current.directory).resolve()),
-                                    "hyperparameters_from": source, **summary})
+                                    "hyperparameters_from": source, "phase_keys": keys, **summary})
+
+
+def phase_keys(cfg: PipelineConfig, gen_cfg: GeneratorConfig, inputs_fingerprint: str,
+               extra: str | None) -> dict[str, str]:
+    """Keys finer than the stage's fingerprint for an lm/hybrid generator's two phases, so that
+    changing only LM settings does not redo what they do not touch: ``reconstruction`` covers
+    what the reconstruction phase reads (its start is reused by any LM setting), ``lm_run``
+    everything but ``generator.lm_steps`` (a run asked for more steps continues the Ray Train
+    run of fewer; `GeneratorConfig.lm_run_settings`). The fold generators derive theirs."""
+    model = cfg.fingerprint("model")
+    return {"reconstruction": sha256_json({"config": model, "inputs": [
+                inputs_fingerprint, gen_cfg.reconstruction_settings()]}),
+            "lm_run": sha256_json({"config": model, "inputs": [
+                inputs_fingerprint, gen_cfg.lm_run_settings(), extra]})}
 
 
 @user_errors_exit_2

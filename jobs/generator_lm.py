@@ -7,8 +7,10 @@ draws its own training tasks per step, and back-propagates the LM loss of their 
 on their *train* texts (`icm.generator.lm`); gradients are averaged over workers. Rank 0
 checkpoints every ``generator.report_every`` steps into Ray Train's storage
 (``<storage.root>/generator-lm/``), and a rerun with the same config resumes from the last
-checkpoint. Held-out tasks never enter: the texts come from the suite's training tasks that the
-generator was trained on, eval texts are never read.
+checkpoint; so does one that asks only for more ``lm_steps`` (`lm_run_name`), while one that
+changes only LM settings reuses the reconstruction-trained start. Held-out tasks never enter:
+the texts come from the suite's training tasks that the generator was trained on, eval texts
+are never read.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import ray.train
 import ray.train.torch
 import torch
 
+from icm import storage
 from icm.config import GeneratorConfig, PipelineConfig
 from icm.errors import InputError
 from icm.stages import push_local
@@ -119,13 +122,24 @@ def anchor(cfg: PipelineConfig, gen_cfg: GeneratorConfig, generator, fold: int |
     return anchor_offset(generator, load_vector(snapshot)).cpu()
 
 
+def lm_run_name(cfg: PipelineConfig, gen_cfg: GeneratorConfig, run_key: str) -> str:
+    """The Ray Train run to resume, by name: one per ``run_key`` (the LM settings but
+    ``lm_steps``), so a run asked for more steps continues the checkpoint of fewer. Only the
+    last checkpoint is kept and none can be rewound: one past ``lm_steps`` gets a run of its own."""
+    name = f"lm-{run_key[:12]}"
+    snapshot = storage.read_json(cfg.storage.uri(LM_DIR, name, "checkpoint_manager_snapshot.json"))
+    latest = ((snapshot or {}).get("latest_checkpoint_result") or {}).get("metrics") or {}
+    return name if latest.get("lm_step", 0) <= gen_cfg.lm_steps else f"{name}-{gen_cfg.lm_steps}"
+
+
 def finetune(cfg: PipelineConfig, gen_cfg: GeneratorConfig, suite: Suite, start: Path,
-             fingerprint: str, out: Path | None = None, fold: int | None = None,
+             run_key: str, out: Path | None = None, fold: int | None = None,
              fold_groups: Sequence[str] = (), cpus_per_worker: float | None = None) -> dict:
     """Run the TorchTrainer from the reconstruction-trained ``start`` (trained on ``suite``'s
     training tasks, plus ``generator.lm_extra_root``'s tasks outside ``fold_groups``); write the
     final generator to ``out`` (default: the stage folder) with the LM history in its training
-    summary. Each worker holds ``cpus_per_worker`` CPUs (default: `lm_worker_cpus`, alone)."""
+    summary. Each worker holds ``cpus_per_worker`` CPUs (default: `lm_worker_cpus`, alone);
+    ``run_key`` names the Ray Train run it resumes (`lm_run_name`)."""
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from icm.generator import LoraGenerator
@@ -157,7 +171,7 @@ def finetune(cfg: PipelineConfig, gen_cfg: GeneratorConfig, suite: Suite, start:
             num_workers=gen_cfg.lm_workers, use_gpu=gpus > 0,
             resources_per_worker={"CPU": cpus, **({"GPU": gpus} if gpus else {})}),
         run_config=ray.train.RunConfig(
-            name=f"lm-{fingerprint[:12]}", storage_path=cfg.storage.uri(LM_DIR),  # resumable by name
+            name=lm_run_name(cfg, gen_cfg, run_key), storage_path=cfg.storage.uri(LM_DIR),
             failure_config=ray.train.FailureConfig(max_failures=2), logging_config=train_logging(),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1)))
     result = trainer.fit()
@@ -199,13 +213,13 @@ def finetune_concurrency(gen_cfg: GeneratorConfig, resources: Mapping[str, float
     return max(1, min(fit.values()))  # no GPU up yet (autoscaling from zero): one at a time
 
 
-def finetune_task(config: dict, generator_config: dict, suite: Suite, start: str, fingerprint: str,
+def finetune_task(config: dict, generator_config: dict, suite: Suite, start: str, run_key: str,
                   out: str, fold: int, fold_groups: list[str], cpus_per_worker: float) -> dict:
     """Ray task around `finetune` for one fold generator, reserving nothing itself (its
     TorchTrainer's workers hold the CPUs), so that several folds fine-tune at once."""
     started = time.perf_counter()
     summary = finetune(PipelineConfig.model_validate(config),
                        GeneratorConfig.model_validate(generator_config), suite, Path(start),
-                       fingerprint, out=Path(out), fold=fold, fold_groups=fold_groups,
+                       run_key, out=Path(out), fold=fold, fold_groups=fold_groups,
                        cpus_per_worker=cpus_per_worker)
     return {**summary, "wall_seconds": time.perf_counter() - started}

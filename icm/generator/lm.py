@@ -257,10 +257,16 @@ def fit_lm(generator: LoraGenerator, applier: FunctionalLora, tasks: Sequence[Lm
     groups = [{"params": list(network.parameters())}]
     if residual is not None:  # a raw adapter's scale: its own lr, no decay towards 0
         groups.append({"params": [residual], "lr": cfg.lm_residual_lr, "weight_decay": 0.0})
+    # A constant rate, no schedule over lm_steps: a longer run continues a shorter one's
+    # checkpoint exactly (GeneratorConfig.lm_run_settings relies on it).
     opt = torch.optim.AdamW(groups, lr=cfg.lm_lr, weight_decay=cfg.weight_decay)
     trainable = [p for group in groups for p in group["params"]]
     result = LmResult()
     if resume_state is not None:
+        if resume_state["step"] > cfg.lm_steps:
+            raise ValueError(f"the LM checkpoint is at step {resume_state['step']}, past "
+                             f"generator.lm_steps={cfg.lm_steps}; it cannot be rewound. Fix: "
+                             "resume with lm_steps >= its step, or start without it.")
         network.load_state_dict(resume_state["model"])
         if residual is not None:
             residual.data.copy_(resume_state["residual"])

@@ -279,6 +279,20 @@ def test_generator_lm_objective_fine_tunes_on_ray_train_and_skips_when_done(smok
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "1 fold reconstructions reused, 0 trained" in resumed.stderr
     assert reconstruction.stat().st_mtime_ns == written and (fold / "generator" / "generator.json").is_file()
+    # More LM steps, nothing else: every reconstruction is reused, and every fine-tune continues
+    # its own Ray Train run from its step-4 checkpoint (no new run folder) to step 6.
+    runs = sorted(p.name for p in (lm_root / "generator-lm").iterdir())
+    longer = [a.replace("generator.lm_steps=4", "generator.lm_steps=6") for a in command]
+    more = subprocess.run(longer, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert more.returncode == 0, more.stderr[-3000:]
+    said = more.stdout + more.stderr
+    assert "generator: reconstruction-trained start reused" in said
+    assert "3 fold reconstructions reused, 0 trained" in said and "resuming from step 4" in said
+    assert sorted(p.name for p in (lm_root / "generator-lm").iterdir()) == runs and len(runs) == 4
+    assert reconstruction.stat().st_mtime_ns == written
+    for generator in [lm_root / "generator", *(f / "generator" for f in folds)]:
+        lm = json.loads((generator / "generator.json").read_text())["training"]["lm"]
+        assert [h["lm_step"] for h in lm["history"]] == [2, 4, 6], generator
 
 
 def test_a_baseline_only_evaluation_trains_no_fold_generator(smoke_run, tmp_path):

@@ -91,6 +91,31 @@ def test_lm_objective_lowers_the_training_loss_and_resumes_exactly(world):
         assert torch.allclose(value, generator.model.state_dict()[key], atol=1e-6), key
 
 
+def test_a_longer_run_continues_a_shorter_ones_checkpoint_exactly(world):
+    """What lets a generator asked for more LM steps resume the Ray Train run of fewer
+    (GeneratorConfig.lm_run_settings): 4 steps, then their final state resumed with lm_steps 12,
+    equals 12 steps straight; a checkpoint past lm_steps is refused, not silently kept."""
+    generator, applier, tasks, cfg, tokenizer = _setup(world, objective="hybrid")
+    representation, pad = world[2], tokenizer.pad_token_id or 0
+    recon = (representation.train, representation.codec.weights())
+    straight = fit_lm(generator, applier, tasks, cfg, pad_id=pad, reconstruction=recon)
+    short, applier2, tasks2, short_cfg, _ = _setup(world, objective="hybrid", lm_steps=4)
+    finals = []
+    fit_lm(short, applier2, tasks2, short_cfg, pad_id=pad, reconstruction=recon,
+           report=lambda metrics, state: finals.append(state))
+    longer, applier3, tasks3, _, _ = _setup(world, objective="hybrid")
+    resumed = fit_lm(longer, applier3, tasks3, cfg, pad_id=pad, reconstruction=recon,
+                     resume_state=finals[-1])
+    assert finals[-1]["step"] == 4 and resumed.steps == straight.steps == 12
+    assert [h["lm_step"] for h in resumed.history] == [4, 8, 12]
+    for key, value in longer.model.state_dict().items():
+        assert torch.allclose(value, generator.model.state_dict()[key], atol=1e-6), key
+    rewound, applier4, tasks4, _, _ = _setup(world, objective="hybrid", lm_steps=2)
+    with pytest.raises(ValueError, match="past generator.lm_steps=2"):
+        fit_lm(rewound, applier4, tasks4, short_cfg.model_copy(update={"lm_steps": 2}), pad_id=pad,
+               reconstruction=recon, resume_state=finals[-1])
+
+
 def test_hybrid_adds_the_reconstruction_term(world):
     generator, applier, tasks, cfg, tokenizer = _setup(world, lm_steps=4, objective="hybrid")
     representation = world[2]
@@ -246,3 +271,38 @@ def test_fold_fine_tunes_at_once_are_what_the_cluster_holds_side_by_side():
     assert finetune_concurrency(gpu, {"CPU": 64.0, "GPU": 4.0}, 1) == 2  # GPUs bound it
     assert finetune_concurrency(gpu, {"CPU": 64.0}, 1) == 1  # no GPU up yet: one, waiting for it
 
+
+
+def test_a_longer_lm_run_resumes_by_name_and_a_shorter_one_gets_its_own(tmp_path):
+    """The Ray Train run an LM fine-tune resumes is named by its settings but lm_steps: a run asked
+    for more steps takes the same name (its checkpoint continues), and one asked for fewer steps
+    than the kept checkpoint's gets a name of its own (none can be rewound)."""
+    import json
+
+    from icm.config import load_config
+    from jobs.generator_lm import LM_DIR, lm_run_name
+
+    cfg = load_config("smoke", [f"storage.root={tmp_path}"])
+    gen = cfg.generator.model_copy(update={"lm_steps": 8})
+    assert lm_run_name(cfg, gen, "abcdef0123456789") == "lm-abcdef012345"  # nothing there yet
+    run = tmp_path / LM_DIR / "lm-abcdef012345"
+    run.mkdir(parents=True)
+    snapshot = {"latest_checkpoint_result": {"metrics": {"lm_step": 8}}}
+    (run / "checkpoint_manager_snapshot.json").write_text(json.dumps(snapshot))
+    steps = lambda n: gen.model_copy(update={"lm_steps": n})  # noqa: E731
+    assert lm_run_name(cfg, gen, "abcdef0123456789") == "lm-abcdef012345"
+    assert lm_run_name(cfg, steps(16), "abcdef0123456789") == "lm-abcdef012345"
+    assert lm_run_name(cfg, steps(4), "abcdef0123456789") == "lm-abcdef012345-4"
+
+
+def test_the_phase_views_of_the_generator_config_leave_out_only_what_each_phase_ignores():
+    base = GeneratorConfig(objective="hybrid")
+    lm_only = base.model_copy(update={"lm_steps": 999, "lm_lr": 0.5, "objective": "lm",
+                                      "lm_anchor": "multitask", "cpus_per_task": 3.0})
+    assert lm_only.reconstruction_settings() == base.reconstruction_settings()
+    longer = base.model_copy(update={"steps": 7})
+    assert longer.reconstruction_settings() != base.reconstruction_settings()
+    assert not any(k.startswith("lm_") or k == "objective" for k in base.reconstruction_settings())
+    assert base.model_copy(update={"lm_steps": 999}).lm_run_settings() == base.lm_run_settings()
+    for changed in ({"lm_lr": 0.5}, {"objective": "lm"}, {"steps": 7}, {"seed": 1}):
+        assert base.model_copy(update=changed).lm_run_settings() != base.lm_run_settings(), changed
