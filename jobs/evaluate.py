@@ -121,8 +121,14 @@ def fold_fingerprint(cfg: PipelineConfig, gen_cfg: GeneratorConfig, groups: list
     settings and LM tasks) and, with ``generator.lm_anchor: multitask``, the oracles stage (the
     fold's multi-task LoRA). Not the zoo's or task vectors' whole stage fingerprints: turning on
     the zoo's multi-task LoRA, or a pooling the generator does not read, changes no input of it."""
-    anchor = [_upstream(cfg, "oracles")["fingerprint"]] if gen_cfg.lm_anchor == "multitask" else []
-    return sha256_json([[_upstream(cfg, "generator")["fingerprint"], *anchor], groups])
+    return sha256_json([[_upstream(cfg, "generator")["fingerprint"], *_anchor_inputs(cfg, gen_cfg)],
+                        groups])
+
+
+def _anchor_inputs(cfg: PipelineConfig, gen_cfg: GeneratorConfig) -> list[str]:
+    """With ``generator.lm_anchor: multitask`` a fold's fine-tune also reads the oracles stage
+    (the fold's multi-task LoRA): its fingerprint; otherwise nothing."""
+    return [_upstream(cfg, "oracles")["fingerprint"]] if gen_cfg.lm_anchor == "multitask" else []
 
 
 def fold_phase_keys(cfg: PipelineConfig, gen_cfg: GeneratorConfig, groups: list[str],
@@ -134,9 +140,8 @@ def fold_phase_keys(cfg: PipelineConfig, gen_cfg: GeneratorConfig, groups: list[
     main = (_upstream(cfg, "generator").get("outputs") or {}).get("phase_keys")
     if not main:
         return {"reconstruction": fingerprint, "lm_run": fingerprint}
-    anchor = [_upstream(cfg, "oracles")["fingerprint"]] if gen_cfg.lm_anchor == "multitask" else []
     return {"reconstruction": sha256_json([[main["reconstruction"]], groups]),
-            "lm_run": sha256_json([[main["lm_run"], *anchor], groups])}
+            "lm_run": sha256_json([[main["lm_run"], *_anchor_inputs(cfg, gen_cfg)], groups])}
 
 
 def _migrate_fold_marker(cfg: PipelineConfig, gen_cfg: GeneratorConfig, marker: Path, groups: list[str],

@@ -127,6 +127,7 @@ def lm_run_name(cfg: PipelineConfig, gen_cfg: GeneratorConfig, run_key: str) -> 
     ``lm_steps``), so a run asked for more steps continues the checkpoint of fewer. Only the
     last checkpoint is kept and none can be rewound: one past ``lm_steps`` gets a run of its own."""
     name = f"lm-{run_key[:12]}"
+    # Ray Train's own record of the run's last checkpoint (what a resume would load)
     snapshot = storage.read_json(cfg.storage.uri(LM_DIR, name, "checkpoint_manager_snapshot.json"))
     latest = ((snapshot or {}).get("latest_checkpoint_result") or {}).get("metrics") or {}
     return name if latest.get("lm_step", 0) <= gen_cfg.lm_steps else f"{name}-{gen_cfg.lm_steps}"
