@@ -193,7 +193,7 @@ def _cmd_eval_compare_zoos(args: argparse.Namespace) -> int:
         first, *more = folders.split(",")
         # Folders after the first are runs on the same zoo that add variants (baselines).
         runs[label] = merge_runs(_results(first), {f"{label}-{i}": _results(f) for i, f in enumerate(more)})
-    paired = pair_across_zoos(runs)
+    paired = pair_across_zoos(runs, own_oracles=args.own_oracles)
     table = zoo_comparison_table(paired, list(runs), args.bootstrap, seed=0)
     tasks = paired.groupby("setting")["task"].unique()
     lines = ["# Runs on different zoos, paired on the tasks all of them scored", "",
@@ -345,6 +345,9 @@ def build_parser() -> argparse.ArgumentParser:
                       "give two or more, the first is the reference of the ratio column")
     zoos.add_argument("--out", required=True, help="markdown table to write")
     zoos.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples")
+    zoos.add_argument("--own-oracles", action="store_true", help="zoos trained with other settings "
+                      "(e.g. zoo.steps) have other oracles: keep each run's (oracle[LABEL]) and "
+                      "measure each run's gap against its own")
     zoos.set_defaults(func=_cmd_eval_compare_zoos)
 
     generate = sub.add_parser("generate", help="a task's context in, a peft adapter out")

@@ -125,16 +125,26 @@ def _check_new_keys(reference: pd.DataFrame, other: pd.DataFrame, label: str) ->
 
 # --- Runs on different zoos -------------------------------------------------------------------
 # Another suite (other training tasks, other groups) gives every adapter variant another zoo, so
-# nothing but the base model and the oracles can be shared. Such runs are paired on the
-# (setting, task)s all of them scored, with base and oracle checked equal (same texts, same
-# oracle LoRA), and every other variant labelled by its run: ``soup[wide]`` beside ``soup[core]``.
-SHARED_ACROSS_ZOOS = ("base", "oracle")
+# nothing but the zoo-free variants (the base model, the prompt) and the oracles can be shared.
+# Such runs are paired on the (setting, task)s all of them scored, with the shared variants
+# checked equal (same texts, same oracle LoRA), and every other variant labelled by its run:
+# ``soup[wide]`` beside ``soup[core]``. Zoos trained with other settings (``zoo.steps``) have
+# other oracles on purpose: with ``own_oracles`` each run keeps its own (``oracle[z48]``), and
+# each run's gap is measured against it.
+def zoo_free(variant: str) -> bool:
+    """Whether scoring ``variant`` reads no LoRA at all (the base model, the prompt alone): runs
+    on any zoo score it alike."""
+    registered = VARIANTS.get(registered_name(variant))
+    return registered is not None and (registered.kind == "base" or (
+        registered.kind == "in-context" and registered.with_adapter is None))
 
 
-def pair_across_zoos(runs: Mapping[str, pd.DataFrame], *, rtol: float = 1e-4) -> pd.DataFrame:
-    """Rows of ``runs`` (label -> results) on their common (setting, task)s: base and oracle once,
-    every other variant as ``name[label]``. The fold index is dropped (-1): folds are numbered per
-    run, and a task sits in one fold of a setting. Raises InputError when base or oracle differ."""
+def pair_across_zoos(runs: Mapping[str, pd.DataFrame], *, rtol: float = 1e-4,
+                     own_oracles: bool = False) -> pd.DataFrame:
+    """Rows of ``runs`` (label -> results) on their common (setting, task)s: the shared variants
+    once (base, the prompt, and the oracle unless ``own_oracles``), every other variant as
+    ``name[label]``. The fold index is dropped (-1): folds are numbered per run, and a task sits
+    in one fold of a setting. Raises InputError when a shared variant differs between runs."""
     if len(runs) < 2:
         raise InputError("pairing across zoos needs at least two runs. Fix: pass two --run LABEL=FOLDER.")
     frames = {label: frame.assign(fold=-1.0) for label, frame in runs.items()}
@@ -144,24 +154,39 @@ def pair_across_zoos(runs: Mapping[str, pd.DataFrame], *, rtol: float = 1e-4) ->
                          "scored some of the same tasks (e.g. the same evaluate.fold_groups).")
     frames = {label: f[[pair in common for pair in zip(f["setting"], f["task"])]]
               for label, f in frames.items()}
+    scored_by_all = set.intersection(*(set(f["variant"]) for f in frames.values()))
+    shared = sorted(v for v in scored_by_all if zoo_free(v) or (v == "oracle" and not own_oracles))
     first_label, first = next(iter(frames.items()))
     for label, frame in list(frames.items())[1:]:
-        for variant in SHARED_ACROSS_ZOOS:
+        for variant in shared:
             key = _first_disagreement(first, frame, variant, rtol, both=False)
             if key is not None:
+                hint = (" If the zoos were trained with other settings on purpose (e.g. "
+                        "zoo.steps), pass --own-oracles." if variant == "oracle" else "")
                 raise InputError(f"runs {first_label!r} and {label!r} disagree on {variant!r} for "
                                  f"{key}: not the same texts or oracle, so no pairing. Fix: "
-                                 "evaluate both with the same suite texts, evaluate config and oracles.")
-    shared = first[first["variant"].isin(SHARED_ACROSS_ZOOS)]
-    labelled_rows = [f[~f["variant"].isin(SHARED_ACROSS_ZOOS)].assign(
+                                 "evaluate both with the same suite texts, evaluate config and "
+                                 f"oracles.{hint}")
+    labelled_rows = [f[~f["variant"].isin(shared)].assign(
         variant=lambda d, label=label: d["variant"].map(lambda v: labelled(v, label)))
         for label, f in frames.items()]
-    return pd.concat([shared, *labelled_rows], ignore_index=True)
+    return pd.concat([first[first["variant"].isin(shared)], *labelled_rows], ignore_index=True)
+
+
+def _against_own_oracle(frame: pd.DataFrame, label: str) -> pd.DataFrame:
+    """``frame`` with run ``label``'s own oracle (``oracle[label]``, when the runs kept their
+    own) as the ``oracle`` its gaps are measured against."""
+    own = labelled("oracle", label)
+    if own not in set(frame["variant"]):
+        return frame
+    others = frame["variant"].str.startswith("oracle[") & (frame["variant"] != own)
+    return frame[~others].replace({"variant": {own: "oracle"}})
 
 
 def zoo_comparison_table(paired: pd.DataFrame, labels: list[str], resamples: int, seed: int) -> pd.DataFrame:
-    """Per setting and variant scored by every run: each run's gap recovered, and the last run's
-    perplexity over the first's (paired bootstrap, below 1: the last run's zoo did better)."""
+    """Per setting and variant scored by every run: each run's gap recovered (against its own
+    oracle where the runs kept theirs), and the last run's perplexity over the first's (paired
+    bootstrap, below 1: the last run's zoo did better)."""
     rows = []
     first, last = labels[0], labels[-1]
     for setting, frame in paired.groupby("setting", sort=True):
@@ -170,9 +195,14 @@ def zoo_comparison_table(paired: pd.DataFrame, labels: list[str], resamples: int
         for name in names:
             if not all(labelled(name, label) in variants for label in labels):
                 continue
-            gaps = {f"gap [{label}]": format_ci(gap_row(frame, labelled(name, label), resamples, seed))
-                    for label in labels}
+            gaps = {f"gap [{label}]": "" if name == "oracle" else format_ci(gap_row(
+                _against_own_oracle(frame, label), labelled(name, label), resamples, seed))
+                for label in labels}  # a run's own oracle recovers its own gap by definition
             ratio = ratio_row(frame, labelled(name, last), labelled(name, first), resamples, seed)
-            rows.append({"setting": setting, "tasks": frame["task"].nunique(), "variant": name, **gaps,
-                         f"{last} / {first} ppl [95% CI]": format_ci(ratio)})
+            row = {"setting": setting, "tasks": frame["task"].nunique(), "variant": name, **gaps,
+                   f"{last} / {first} ppl [95% CI]": format_ci(ratio)}
+            if "in-context" in variants:  # the prompt reads no zoo: one row for every run
+                row[f"{last} / in-context"] = format_ci(
+                    ratio_row(frame, labelled(name, last), "in-context", resamples, seed))
+            rows.append(row)
     return pd.DataFrame(rows)

@@ -214,3 +214,38 @@ def test_generators_are_divided_by_the_zoo_span_yardstick_after_the_baselines_wh
     text = markdown_report(with_span, command="c", config_yaml="", title="T", resamples=100)
     assert "yardsticks, not rivals" in text
     assert "oracle-projection" not in list(table["generator"])  # a yardstick is never a generator row
+
+
+def test_zoos_trained_longer_keep_their_own_oracles_and_share_the_prompt():
+    """A zoo of longer-trained LoRAs (zoo.steps) has better oracles on the same texts: refused
+    unless asked, then each run's gap is against its own oracle, and the prompt (no LoRA) is
+    shared and checked like the base model."""
+    short = _results(levels={"in-context": 3.3})
+    longer = _results(levels={"in-context": 3.3, "oracle": 2.5, "soup": 3.1})  # same seed: same base
+    with pytest.raises(InputError, match="disagree on 'oracle'.*--own-oracles"):
+        pair_across_zoos({"z12": short, "z48": longer})
+    paired = pair_across_zoos({"z12": short, "z48": longer}, own_oracles=True)
+    assert {"oracle[z12]", "oracle[z48]", "soup[z12]", "soup[z48]"} <= set(paired["variant"])
+    assert (paired["variant"] == "in-context").sum() == paired["task"].nunique()  # shared, once
+    assert "oracle" not in set(paired["variant"])
+    table = zoo_comparison_table(paired, ["z12", "z48"], resamples=200, seed=0)
+    held = table[table["setting"] == "heldout"].set_index("variant")
+    assert held.loc["soup", "gap [z12]"].startswith("0.4")  # (4 - 3.6) / (4 - 3.0)
+    assert held.loc["soup", "gap [z48]"].startswith("0.6")  # (4 - 3.1) / (4 - 2.5): its own oracle
+    assert held.loc["oracle", "z48 / z12 ppl [95% CI]"].startswith("0.60")  # exp(-0.5)
+    assert held.loc["oracle", "gap [z48]"] == ""
+    assert held.loc["soup", "z48 / in-context"].startswith("0.8")  # exp(3.1 - 3.3)
+    other_prompt = _results(levels={"in-context": 3.2, "oracle": 2.5})
+    with pytest.raises(InputError, match="disagree on 'in-context'"):
+        pair_across_zoos({"z12": short, "z48": other_prompt}, own_oracles=True)
+
+
+def test_eval_compare_zoos_command_takes_own_oracles(tmp_path, capsys):
+    _results(levels={"oracle": 3.0}).to_parquet(tmp_path / "z12.parquet")
+    _results(levels={"oracle": 2.5}).to_parquet(tmp_path / "z48.parquet")
+    out = tmp_path / "zoos.md"
+    runs = ["--run", f"z12={tmp_path / 'z12.parquet'}", "--run", f"z48={tmp_path / 'z48.parquet'}"]
+    assert main(["eval-compare-zoos", *runs, "--out", str(out), "--bootstrap", "50"]) == 2
+    assert "--own-oracles" in capsys.readouterr().err
+    assert main(["eval-compare-zoos", *runs, "--out", str(out), "--bootstrap", "50", "--own-oracles"]) == 0
+    assert "| oracle " in out.read_text()
