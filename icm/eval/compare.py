@@ -154,8 +154,11 @@ def pair_across_zoos(runs: Mapping[str, pd.DataFrame], *, rtol: float = 1e-4,
                          "scored some of the same tasks (e.g. the same evaluate.fold_groups).")
     frames = {label: f[[pair in common for pair in zip(f["setting"], f["task"])]]
               for label, f in frames.items()}
+    # base (and the oracle, unless each run keeps its own) must be there to pair the runs at all;
+    # the prompt is shared where every run scored it
+    required = {"base"} | (set() if own_oracles else {"oracle"})
     scored_by_all = set.intersection(*(set(f["variant"]) for f in frames.values()))
-    shared = sorted(v for v in scored_by_all if zoo_free(v) or (v == "oracle" and not own_oracles))
+    shared = sorted(required | {v for v in scored_by_all if zoo_free(v)})
     first_label, first = next(iter(frames.items()))
     for label, frame in list(frames.items())[1:]:
         for variant in shared:

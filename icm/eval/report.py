@@ -94,7 +94,7 @@ def generated_variants(results: pd.DataFrame) -> list[str]:
 
 
 def format_ci(ci) -> str:
-    return f"{ci.estimate:.3f} [{ci.low:.3f}, {ci.high:.3f}]" if ci.n else "n/a"
+    return f"{ci.estimate:.3f} [{ci.low:.3f}, {ci.high:.3f}]" if ci is not None and ci.n else "n/a"
 
 
 def gap_row(results: pd.DataFrame, variant: str, resamples: int, seed: int):

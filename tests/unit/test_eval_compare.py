@@ -249,3 +249,16 @@ def test_eval_compare_zoos_command_takes_own_oracles(tmp_path, capsys):
     assert "--own-oracles" in capsys.readouterr().err
     assert main(["eval-compare-zoos", *runs, "--out", str(out), "--bootstrap", "50", "--own-oracles"]) == 0
     assert "| oracle " in out.read_text()
+
+
+def test_a_run_without_base_or_oracle_rows_is_refused_and_a_missing_own_oracle_reads_n_a():
+    no_oracle = _wide_run().query("variant != 'oracle'")
+    with pytest.raises(InputError, match="disagree on 'oracle'"):
+        pair_across_zoos({"core": _results(), "wide": no_oracle})
+    with pytest.raises(InputError, match="disagree on 'base'"):
+        pair_across_zoos({"core": _results(), "wide": _wide_run().query("variant != 'base'")},
+                         own_oracles=True)
+    paired = pair_across_zoos({"core": _results(), "wide": no_oracle}, own_oracles=True)
+    table = zoo_comparison_table(paired, ["core", "wide"], resamples=50, seed=0)
+    soup = table[table["setting"] == "heldout"].set_index("variant").loc["soup"]
+    assert soup["gap [wide]"] == "n/a" and abs(float(soup["gap [core]"].split()[0]) - 0.4) < 0.01
