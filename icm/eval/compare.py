@@ -24,7 +24,7 @@ import pandas as pd
 
 from icm.errors import InputError
 from icm.eval.report import KEY, format_ci, gap_row, ratio_row
-from icm.eval.variants import VARIANTS, reads_generator, registered_name
+from icm.eval.variants import VARIANTS, adapters_needed, reads_generator, registered_name
 
 
 def labelled(variant: str, label: str) -> str:
@@ -135,8 +135,7 @@ def zoo_free(variant: str) -> bool:
     """Whether scoring ``variant`` reads no LoRA at all (the base model, the prompt alone): runs
     on any zoo score it alike."""
     registered = VARIANTS.get(registered_name(variant))
-    return registered is not None and (registered.kind == "base" or (
-        registered.kind == "in-context" and registered.with_adapter is None))
+    return registered is not None and not adapters_needed(registered) and not reads_generator(registered)
 
 
 def pair_across_zoos(runs: Mapping[str, pd.DataFrame], *, rtol: float = 1e-4,
