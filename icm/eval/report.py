@@ -137,7 +137,8 @@ def comparison_table(results: pd.DataFrame, resamples: int, seed: int) -> pd.Dat
             "ppl / oracle [95% CI]": format_ci(to_oracle) if to_oracle else "",
             f"{generator} / this [95% CI]": format_ci(versus) if versus else "",
             f"{generator} wins": f"{versus.wins}/{versus.n}" if versus else "",
-            "sign p": f"{versus.sign_p:.3g}" if versus else ""})
+            "sign p": f"{versus.sign_p:.3g}" if versus else "",
+            "median task ratio": f"{versus.median_task_ratio:.3f}" if versus else ""})
     return pd.DataFrame(rows)
 
 
@@ -257,7 +258,9 @@ def markdown_report(results: pd.DataFrame, *, command: str, config_yaml: str, ti
              "Ratios are geometric means over tasks of ppl(generated) / ppl(baseline): below 1 the "
              f"generated adapter is better. 95% CIs: paired bootstrap over tasks and texts "
              f"({resamples} resamples). Wins: tasks where generated has the lower perplexity; p: "
-             "exact two-sided sign test.", ""]
+             "exact two-sided sign test. Median task ratio (the every-variant tables): the median "
+             "over tasks of the same per-task ratio, without an interval; where it and the "
+             "geometric mean disagree, a few tasks carry the mean.", ""]
     headline = headline_table(results, folds, resamples, seed)
     lines += [headline.to_markdown(index=False) if len(headline) else "(no unseen tasks scored)", ""]
     generators = generators_table(results, resamples, seed)

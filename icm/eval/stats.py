@@ -43,6 +43,9 @@ class RatioCI:
     sign_p: float  # exact two-sided sign test of wins among the n - ties untied tasks
     level: float
     resamples: int
+    # exp(median_i (lA_i - lB_i)), no interval: the typical task's ratio, which one task far off
+    # cannot move the way it moves the geometric mean
+    median_task_ratio: float
 
 
 @dataclass(frozen=True)
@@ -98,7 +101,7 @@ def ratio_ci(nll_a: PerTask, nll_b: PerTask, tokens: PerTask, *,
     wins, ties = int(np.sum(log_a < log_b)), int(np.sum(log_a == log_b))
     n = len(log_a)
     return RatioCI(estimate, low, high, wins, ties, n, sign_test_p(wins, n - ties), level,
-                   resamples)
+                   resamples, median_task_ratio=math.exp(float(np.median(log_a - log_b))))
 
 
 def gap_recovered_ci(nll_variant: PerTask, nll_base: PerTask, nll_oracle: PerTask,

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pandas as pd
 import pytest
 
-from icm.eval.report import (headline_numbers, headline_table, markdown_report, per_text,
-                             plot_per_task, seen_table, stacked_table, strongest_baseline,
-                             task_log_ppl)
+from icm.eval.report import (comparison_table, headline_numbers, headline_table, markdown_report,
+                             per_text, plot_per_task, seen_table, stacked_table,
+                             strongest_baseline, task_log_ppl)
 
 
 def _results(generated_shift: float = -0.3, seed: int = 0, levels: dict | None = None) -> pd.DataFrame:
@@ -54,6 +56,11 @@ def test_headline_gap_and_strongest_baseline_both_ways():
                     .split("[")[1].rstrip("]").split(","))
     assert low < 0.8 < high and high - low < 0.1
     assert row["wins"].startswith("12/12")
+    every = comparison_table(held, resamples=200, seed=0).set_index("variant")
+    # the same shift on every task (log ppl 3.2 against the soup's 3.6): the typical task's
+    # ratio is the geometric mean's, up to the texts' noise
+    assert float(every.loc["soup", "median task ratio"]) == pytest.approx(math.exp(-0.4), abs=0.01)
+    assert every.loc["generated", "median task ratio"] == ""
     worse = _results(generated_shift=-0.2)  # log ppl 3.8: worse than the soup, reported as such
     numbers = headline_numbers(worse, resamples=200)
     assert numbers["heldout_ratio_to_strongest_baseline"] > 1.1

@@ -61,6 +61,19 @@ def test_uniformly_lower_nll_gives_the_expected_ratio_and_a_ci_below_one():
     assert result.sign_p == pytest.approx(2 / 2**20)
 
 
+def test_median_task_ratio_is_the_typical_task_where_one_task_carries_the_geometric_mean():
+    tokens, nll_b = _tasks(10, 8, seed=3)
+    # nine tasks 10% lower NLL per token for A, one task three times higher: the outlier
+    # pushes the geometric mean above 1 while the typical task is better with A
+    nll_a = [0.9 * b for b in nll_b[:9]] + [3.0 * nll_b[9]]
+    result = ratio_ci(nll_a, nll_b, tokens, resamples=200)
+    log_b = np.array([b.sum() / t.sum() for b, t in zip(nll_b, tokens)])  # (tasks,)
+    log_ratio = np.concatenate([-0.1 * log_b[:9], [2.0 * log_b[9]]])  # (tasks,) lA - lB
+    assert result.median_task_ratio == pytest.approx(math.exp(np.median(log_ratio)), rel=1e-12)
+    assert result.median_task_ratio < 1.0 < result.estimate
+    assert result.wins == 9
+
+
 def test_ci_narrows_with_more_texts_per_task():
     widths = {}
     for texts in (4, 64):
