@@ -283,7 +283,9 @@ def markdown_report(results: pd.DataFrame, *, command: str, config_yaml: str, ti
                              ("fold", "Group folds (pooled): every variant")):
         part = results[results["setting"] == setting]
         if len(part):
-            lines += [f"## {heading}", "", comparison_table(part, resamples, seed).to_markdown(index=False), ""]
+            table = comparison_table(part, resamples, seed)
+            # numparse off: tabulate would turn "1.000" into "1" and "0.810" into "0.81"
+            lines += [f"## {heading}", "", table.to_markdown(index=False, disable_numparse=True), ""]
     if (results["setting"] == "seen").any():
         lines += ["## Seen tasks: against their own trained LoRA", "",
                   "The replicate is an independent LoRA of the task (another data seed): its ratio is "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pandas as pd
@@ -74,6 +75,12 @@ def test_report_has_the_headline_every_setting_the_noise_floor_and_a_plot(tmp_pa
     assert "## Headline: tasks the generator never saw" in text and "fixed held-out set" in text
     assert "group folds (2 folds pooled)" in text and "fold 1: g2" in text
     assert "Seen tasks: against their own trained LoRA" in text and "icm run --config study" in text
+    # every-variant rows end in the median task ratio, printed to three decimals as computed
+    # (generated 3.7 against soup 3.6 -> exp(0.1) = 1.105), not shortened by the markdown writer
+    soup_rows = [line for line in text.splitlines()
+                 if line.startswith("| soup ") and "| True " in line]  # held-out, folds
+    assert len(soup_rows) == 2
+    assert all(re.search(r"\| 1\.1\d\d +\|$", line) for line in soup_rows)
     seen = seen_table(results, 200, 0).set_index("variant")
     assert seen.loc["replicate", "ppl / trained LoRA [95% CI]"].startswith("1.0")
     assert plot_per_task(results, tmp_path / "p.png").stat().st_size > 5_000
