@@ -205,6 +205,31 @@ def _cmd_eval_compare_zoos(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_condition_probe(args: argparse.Namespace) -> int:
+    from icm.condition_probe import probe, probe_table, training_groups
+    from icm.io import write_text_atomic
+
+    stage = Path(args.task_vectors)
+    if not (stage / "task_means.parquet").is_file():
+        raise InputError(f"--task-vectors {stage}: no task_means.parquet there. Fix: pass a "
+                         "finished task_vectors stage folder (<storage.root>/task_vectors).")
+    groups = training_groups(stage)
+    rows = probe(stage, args.zoo, sorted(groups), groups, layers=args.layers, mode=args.mode,
+                 pooling=args.pooling)
+    table = probe_table(rows)
+    lines = ["# Condition probe: how much of a training task's LoRA its condition carries", "",
+             "    icm condition-probe " + " ".join(sys.argv[2:]), "",
+             f"{len(groups)} training tasks in {len(set(groups.values()))} groups; held-out "
+             "tasks not read. logo_error: nested leave-one-group-out ridge, squared error / the "
+             "other groups' mean LoRA's (1 = nothing over averaging the zoo). within_group_id: "
+             "share of episodes whose nearest task mean among their group's is their own.", "",
+             table, ""]
+    if args.out:
+        write_text_atomic(Path(args.out), "\n".join(lines))
+    print(table)
+    return 0
+
+
 def _results(folder: str):
     import pandas as pd
 
@@ -349,6 +374,17 @@ def build_parser() -> argparse.ArgumentParser:
                       "(e.g. zoo.steps) have other oracles: keep each run's (oracle[LABEL]) and "
                       "measure each run's gap against its own")
     zoos.set_defaults(func=_cmd_eval_compare_zoos)
+
+    condition = sub.add_parser("condition-probe", help="per hidden-state layer, how much of a "
+                               "training task's LoRA its task vector predicts (training tasks only)")
+    condition.add_argument("--task-vectors", required=True, help="a finished task_vectors stage folder")
+    condition.add_argument("--zoo", required=True, help="the zoo stage folder of the same tasks")
+    condition.add_argument("--layers", type=int, nargs="+", default=[-1],
+                           help="hidden-state indices the stage extracted (task_vectors.layers)")
+    condition.add_argument("--mode", default="both", choices=["description", "demos", "both"])
+    condition.add_argument("--pooling", default="mean", choices=["mean", "last"])
+    condition.add_argument("--out", default=None, help="markdown file to write the table to")
+    condition.set_defaults(func=_cmd_condition_probe)
 
     generate = sub.add_parser("generate", help="a task's context in, a peft adapter out")
     generate.add_argument("--generator", required=True, help="generator artifact directory")
