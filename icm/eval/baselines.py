@@ -214,11 +214,17 @@ def _loo_error(eigenvalues: torch.Tensor, eigenvectors: torch.Tensor,
                target_gram: torch.Tensor, alpha: float) -> float:
     """Closed-form leave-one-out error of kernel ridge at ``alpha``, relative to sum ||Yc_i||^2.
 
-    With K = U diag(s) U^T: hat matrix H = U diag(s/(s+a)) U^T, residuals R = U diag(a/(s+a)) Z
-    (Z = U^T Yc), and the LOO residual of task i is R_i / (1 - H_ii). ||R_i||^2 needs only
-    G = Z Z^T (T, T), so no (T, L) array is formed per alpha.
+    The fit has an unpenalised intercept (Y's mean), so each refit without task i re-estimates
+    it: the hat matrix is H = 11^T/T + Hc with Hc = U diag(s/(s+a)) U^T from K = U diag(s) U^T,
+    residuals R = (I - H) Y = U diag(a/(s+a)) Z (Z = U^T Yc), and the LOO residual of task i is
+    R_i / (1 - H_ii). Leaving the intercept's 1/T out of H_ii (centring with task i's own row
+    held fixed) leaks task i into its own prediction: with T <= D + 1 its centred vector is minus
+    the sum of the others', an interpolating fit predicts it exactly, and the error reads ~0 at a
+    small alpha, which alpha selection then picks. ||R_i||^2 needs only G = Z Z^T (T, T), so no
+    (T, L) array is formed per alpha.
     """
-    leverage = (eigenvectors ** 2 @ (eigenvalues / (eigenvalues + alpha)))  # (T,) = diag(H)
+    intercept = 1.0 / len(eigenvalues)  # the mean's leverage on every task
+    leverage = intercept + eigenvectors ** 2 @ (eigenvalues / (eigenvalues + alpha))  # (T,) = diag(H)
     mixing = eigenvectors * (alpha / (eigenvalues + alpha))  # (T, T) = U diag(a/(s+a))
     residual_sq = ((mixing @ target_gram) * mixing).sum(dim=1)  # (T,) = ||R_i||^2
     loo_sq = residual_sq / (1 - leverage).clamp(min=1e-12) ** 2  # (T,)

@@ -105,20 +105,27 @@ def test_ridge_map_is_invariant_to_feature_scale():
     torch.testing.assert_close(plain.predict(X[:4]), rescaled.predict(scaled[:4]))
 
 
-def test_ridge_loo_error_matches_refitting_without_each_task():
-    """The closed form equals T refits with the standardisation held fixed."""
+@pytest.mark.parametrize("tasks, dims", [(12, 5), (8, 12)])  # T > D, and T <= D + 1 (interpolating)
+def test_ridge_loo_error_matches_refitting_without_each_task(tasks, dims):
+    """The closed form equals T refits, each re-estimating the intercept (the mean) without its
+    task, with the feature scaling held fixed. Centring with the task's own row kept would leak
+    it into its own prediction: with T <= D + 1 the error read ~0 at a small alpha."""
     rng = np.random.default_rng(3)
-    X, Y = rng.normal(size=(12, 5)), torch.tensor(rng.normal(size=(12, 7)))
-    ridge = RidgeMap().fit(X, Y, alphas=(3.0,))
+    X, Y = rng.normal(size=(tasks, dims)), torch.tensor(rng.normal(size=(tasks, 7)))
+    alphas = (1e-4, 3.0)
+    ridge = RidgeMap().fit(X, Y, alphas=alphas)
     Xs = (torch.tensor(X) - ridge.x_mean) / ridge.x_std
-    Yc = Y - ridge.y_mean
-    squared = 0.0
-    for i in range(12):
-        keep = [j for j in range(12) if j != i]
-        # Refit without task i, no intercept (the closed form keeps the training centring).
-        W = torch.linalg.solve(Xs[keep].T @ Xs[keep] + 3.0 * torch.eye(5), Xs[keep].T @ Yc[keep])
-        squared += float(((Xs[i] @ W - Yc[i]) ** 2).sum())
-    assert ridge.loo_errors[3.0] == pytest.approx(squared / float((Yc ** 2).sum()), rel=1e-6)
+    total = float(((Y - Y.mean(0)) ** 2).sum())
+    for alpha in alphas:
+        squared = 0.0
+        for i in range(tasks):
+            keep = [j for j in range(tasks) if j != i]
+            x_mean, y_mean = Xs[keep].mean(0), Y[keep].mean(0)  # the refit's own intercept
+            xc, yc = Xs[keep] - x_mean, Y[keep] - y_mean
+            W = torch.linalg.solve(xc.T @ xc + alpha * torch.eye(dims, dtype=xc.dtype), xc.T @ yc)
+            squared += float(((y_mean + (Xs[i] - x_mean) @ W - Y[i]) ** 2).sum())
+        assert ridge.loo_errors[alpha] == pytest.approx(squared / total, rel=1e-5)
+    assert ridge.loo_errors[1e-4] > 0.5  # noise targets: nothing to interpolate from
 
 
 def test_ridge_leave_one_group_out_error_matches_refitting_without_each_group():
