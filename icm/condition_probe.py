@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from icm.errors import InputError
 from icm.eval.baselines import RidgeMap
 from icm.eval.inputs import final_snapshots, load_finals
 from icm.task_vectors import MEANS_FILE, load_episode_vectors, load_task_means
@@ -92,9 +93,14 @@ def probe(task_vectors_dir: str | Path, zoo_root: str | Path, training: Sequence
     names = sorted(t for t in training if t != MULTITASK)
     missing = sorted(set(names) - set(finals))
     if missing:
-        raise ValueError(f"no zoo LoRA for training task(s) {missing[:5]} in {zoo_root}")
-    y = torch.stack(list(load_finals(finals, names).values()))  # (T, L)
+        raise InputError(f"--zoo {zoo_root}: no final LoRA for training task(s) {missing[:5]}. "
+                         "Fix: pass the zoo stage folder (<storage.root>/zoo) of the run whose "
+                         "task vectors these are.")
     labels = [groups[t] for t in names]
+    if len(set(labels)) < 3:
+        raise InputError(f"the training tasks form {len(set(labels))} group(s); leaving one group "
+                         "out needs >= 3. Fix: probe a suite with three or more training groups.")
+    y = torch.stack(list(load_finals(finals, names).values()))  # (T, L)
     rows = []
     for layer in layers:
         means = load_task_means(task_vectors_dir, mode=mode, layer=layer, pooling=pooling, tasks=names)

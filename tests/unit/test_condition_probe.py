@@ -74,3 +74,19 @@ def test_identification_skips_tasks_alone_in_their_group():
     episodes = {"a-0": np.eye(3)[:2] + 1, "a-1": -np.eye(3)[:2], "b-0": np.ones((2, 3))}
     share, scored = within_group_identification(episodes, {t: t[0] for t in episodes})
     assert (share, scored) == (1.0, 4)  # b-0 has no sibling: its 2 episodes are not scored
+
+
+def test_the_cli_writes_the_table_and_a_wrong_folder_is_one_line(stage, tmp_path, capsys):
+    from jobs.cli import main
+
+    out = tmp_path / "probe.md"
+    assert main(["condition-probe", "--task-vectors", str(stage / "tv"), "--zoo", str(stage / "zoo"),
+                 "--layers", str(INFORMATIVE), str(NOISE), "--out", str(out)]) == 0
+    table = out.read_text()
+    assert "16 training tasks in 4 groups" in table and "logo_error_mean" in table
+    assert len([line for line in table.splitlines() if line.startswith("| both")]) == 2
+    capsys.readouterr()
+    assert main(["condition-probe", "--task-vectors", str(stage / "zoo"), "--zoo", str(stage / "zoo")]) == 2
+    assert "no task_means.parquet there" in capsys.readouterr().err
+    assert main(["condition-probe", "--task-vectors", str(stage / "tv"), "--zoo", str(tmp_path)]) == 2
+    assert "no final LoRA for training task(s)" in capsys.readouterr().err
