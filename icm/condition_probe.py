@@ -15,6 +15,11 @@ stage, over the zoo's final LoRAs of the *training* tasks (held-out tasks are ne
   centred on the training tasks' mean; the episode's own task's mean recomputed without it) among
   its own group's tasks is its own task: does the vector tell siblings apart, stably across
   demonstrations? (Groups with one training task are skipped; chance is 1 / group size.)
+
+Its limit, measured on the 117-task study (EVAL.md, session 34): ``logo_error`` read 0.986-0.988
+at every hidden state probed, as the eval's fold ridge does in raw weight space, while the
+generator does transfer across groups in perplexity. Where every condition sits near 1 the
+weight-space measure cannot rank them; ``within_group_id`` still separates them.
 """
 
 from __future__ import annotations
