@@ -34,14 +34,17 @@ from icm.errors import InputError
 from icm.eval.baselines import RidgeMap
 from icm.eval.inputs import final_snapshots, load_finals
 from icm.task_vectors import MEANS_FILE, load_episode_vectors, load_task_means
-from icm.zoo import MULTITASK
 
 
 def training_groups(task_vectors_dir: str | Path) -> dict[str, str]:
     """Training task -> group, from a finished stage's task means (held-out tasks left out)."""
     import pandas as pd
 
-    frame = pd.read_parquet(Path(task_vectors_dir) / MEANS_FILE, columns=["task", "group", "heldout"])
+    path = Path(task_vectors_dir) / MEANS_FILE
+    if not path.is_file():
+        raise InputError(f"--task-vectors {task_vectors_dir}: no {MEANS_FILE} there. Fix: pass a "
+                         "finished task_vectors stage folder (<storage.root>/task_vectors).")
+    frame = pd.read_parquet(path, columns=["task", "group", "heldout"])
     training = frame[~frame["heldout"].astype(bool)]
     return dict(zip(training["task"], training["group"]))
 
@@ -54,15 +57,16 @@ def logo_ridge_errors(x: np.ndarray, y: torch.Tensor, groups: Sequence[str]) -> 
     labels = np.asarray(groups)
     if len(set(labels)) < 3:
         raise ValueError(f"leave-one-group-out needs >= 3 groups, got {sorted(set(labels))}")
+    y = y.double()  # (T, L)
     errors = np.empty(len(labels))
     for group in sorted(set(labels)):
         out = labels == group  # (T,) the group scored
-        fit_y = y[~out].double()  # (T_in, L)
+        fit_y = y[~out]  # (T_in, L)
         mean, std = fit_y.mean(dim=0), fit_y.std(dim=0)  # (L,) each
         std = torch.where(std > 0, std, torch.ones_like(std))
         ridge = RidgeMap().fit(x[~out], (fit_y - mean) / std, groups=list(labels[~out]))
         predicted = ridge.predict(x[out])  # (T_out, L), standardised
-        target = (y[out].double() - mean) / std  # (T_out, L); the fit tasks' mean sits at 0
+        target = (y[out] - mean) / std  # (T_out, L); the fit tasks' mean sits at 0
         errors[out] = (((predicted - target) ** 2).sum(dim=1) / (target ** 2).sum(dim=1)).numpy()
     return errors
 
@@ -95,7 +99,7 @@ def probe(task_vectors_dir: str | Path, zoo_root: str | Path, training: Sequence
           pooling: str = "mean") -> list[dict]:
     """One row per layer: logo_error (mean, median over tasks) and within_group_id."""
     finals = final_snapshots(Path(zoo_root))
-    names = sorted(t for t in training if t != MULTITASK)
+    names = sorted(training)
     missing = sorted(set(names) - set(finals))
     if missing:
         raise InputError(f"--zoo {zoo_root}: no final LoRA for training task(s) {missing[:5]}. "
