@@ -221,7 +221,7 @@ class OracleConfig(StageConfig):
 
 
 Mode = Literal["description", "demos", "both"]
-Pooling = Literal["last", "mean"]
+Pooling = Literal["last", "mean", "chunks"]
 
 
 class TaskVectorConfig(StageConfig):
@@ -238,7 +238,12 @@ class TaskVectorConfig(StageConfig):
         "norm); stored under the index given here."))
     poolings: list[Pooling] = Field(["mean", "last"], min_length=1, description=(
         "How token hidden states become one vector: mean over the prompt's tokens (the "
-        "text-start token left out), or the last token (the final 'Text:' cue)."))
+        "text-start token left out), the last token (the final 'Text:' cue), or `chunks`: the "
+        "mean of each of `chunks` contiguous spans of the prompt, concatenated (chunks x D), "
+        "for a generator that attends over parts of the prompt (generator.arch=hyper-attn)."))
+    chunks: int = Field(8, ge=2, le=64, description=(
+        "Spans of pooling `chunks`: the prompt's tokens (the text-start token left out) split "
+        "into this many contiguous near-equal spans, each mean-pooled."))
     max_prompt_tokens: int = Field(1024, ge=16, description=(
         "Prompt token budget (at most the model's context); longer prompts drop trailing "
         "demonstrations (keeping one), then cut text before the final cue, with a warning. "
@@ -257,8 +262,14 @@ class TaskVectorConfig(StageConfig):
         {"batch_size", "actors", "cpus_per_actor", "gpus_per_actor"})
 
     def vector_settings(self) -> dict[str, Any]:
-        """What shapes the vectors: every setting but the scheduling ones."""
-        return self.model_dump(mode="json", exclude=self.SCHEDULING_FIELDS)
+        """What shapes the vectors: every setting but the scheduling ones (and `chunks` where no
+        pooling reads it, so stages computed before it existed keep their fingerprint)."""
+        unread = set() if "chunks" in self.poolings else {"chunks"}
+        return self.model_dump(mode="json", exclude=self.SCHEDULING_FIELDS | unread)
+
+    def pooled_width(self, pooling: str, hidden_size: int) -> int:
+        """Length of one pooled vector: D, or chunks x D for pooling `chunks`."""
+        return hidden_size * (self.chunks if pooling == "chunks" else 1)
 
 
 class GeneratorConfig(StageConfig):
@@ -373,6 +384,16 @@ class GeneratorConfig(StageConfig):
     def _absolute_root(cls, value: str | None) -> str | None:
         # Absolute from here on: Ray Train workers run in another working directory.
         return None if value is None else str(Path(value).expanduser().resolve())
+
+    @model_validator(mode="after")
+    def _condition_fits_arch(self) -> GeneratorConfig:
+        from icm.generator.archs import architecture
+
+        if architecture(self.arch).reads_chunks and self.condition_pooling != "chunks":
+            raise ValueError(f"generator.arch={self.arch} attends over the spans of pooling 'chunks', "
+                             f"not condition_pooling={self.condition_pooling!r}. Fix: set "
+                             "generator.condition_pooling=chunks and add chunks to task_vectors.poolings")
+        return self
 
     def reconstruction_settings(self) -> dict[str, Any]:
         """What the reconstruction phase reads: every setting but the LM phase's (``objective``,
@@ -546,6 +567,13 @@ class PipelineConfig(StageConfig):
             raise ValueError(f"generator.condition_layer={g.condition_layer} / condition_pooling="
                              f"{g.condition_pooling!r} must be among task_vectors.layers {tv.layers} "
                              f"and task_vectors.poolings {tv.poolings}")
+        from icm.generator.archs import architecture
+
+        unread = [a for a in self.tune.archs if architecture(a).reads_chunks]
+        if self.tune.enabled and unread and g.condition_pooling != "chunks":
+            raise ValueError(f"tune.archs {unread} attend over the spans of pooling 'chunks', but "
+                             f"generator.condition_pooling={g.condition_pooling!r}. Fix: set "
+                             "generator.condition_pooling=chunks, or drop them from tune.archs")
         if "evaluate" in self.stages and "both" not in tv.modes:
             raise ValueError("the evaluate stage conditions the generator on 'both' task vectors: "
                              "keep 'both' in task_vectors.modes")

@@ -37,12 +37,11 @@ def compute_task_means(vectors_dir: str | Path, *, batch_rows: int = 4096) -> pd
     for batch in dataset.to_batches(columns=[*KEY_COLUMNS, "vector"], batch_size=batch_rows):
         if batch.num_rows == 0:
             continue
-        vectors_col = batch.column("vector")
-        flat = np.asarray(vectors_col.flatten(), np.float64)
-        matrix = flat.reshape(batch.num_rows, len(vectors_col[0]))  # (n, D)
+        vectors = batch.column("vector").to_numpy(zero_copy_only=False)  # (n,) rows; D per pooling
         keys = batch.select(KEY_COLUMNS).to_pandas()
         for key, index in keys.groupby(KEY_COLUMNS, sort=False).indices.items():
-            sums[key] = sums.get(key, 0.0) + matrix[index].sum(0)
+            block = np.stack(vectors[index]).astype(np.float64)  # (rows of key, D)
+            sums[key] = sums.get(key, 0.0) + block.sum(0)
             counts[key] = counts.get(key, 0) + len(index)
     rows = [{**dict(zip(KEY_COLUMNS, key)), "episodes": counts[key],
              "vector": (total / counts[key]).astype(np.float32)} for key, total in sums.items()]

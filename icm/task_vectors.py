@@ -40,7 +40,7 @@ from icm.tasks import Task
 log = logging.getLogger(__name__)
 
 MODES = ("description", "demos", "both")
-POOLINGS = ("mean", "last")
+POOLINGS = ("mean", "last", "chunks")
 EPISODES_FILE = "episodes.parquet"
 VECTORS_DIR = "vectors"
 MEANS_FILE = "task_means.parquet"
@@ -177,6 +177,27 @@ class FittedPrompt:
     truncated: bool  # demonstrations were dropped or text was cut to fit the token budget
 
 
+def chunk_weights(lengths: torch.Tensor, chunks: int, width: int) -> torch.Tensor:
+    """(B, J, T) averaging weights of pooling ``chunks``: the body of each prompt (its ``n =
+    length - 1`` tokens after the text-start token) split into J contiguous spans, span j
+    covering body tokens [floor(j n / J), floor((j + 1) n / J)). A body shorter than J tokens
+    gives every span at least its first token, so no span is empty.
+
+    Args:
+        lengths: (B,) prompt lengths, the text-start token included (>= 2).
+        chunks: J.
+        width: T, the padded batch length.
+    """
+    body = (lengths.float() - 1).clamp(min=1)[:, None]  # (B, 1)
+    index = torch.arange(chunks, device=lengths.device, dtype=torch.float32)[None]  # (1, J)
+    start = torch.floor(index * body / chunks)  # (B, J)
+    end = torch.maximum(torch.floor((index + 1) * body / chunks), start + 1)  # (B, J)
+    position = torch.arange(width, device=lengths.device, dtype=torch.float32) - 1  # (T,): body index
+    inside = (position >= start[..., None]) & (position < end[..., None])  # (B, J, T)
+    weights = inside.float()
+    return weights / weights.sum(-1, keepdim=True)
+
+
 class TaskEncoder:
     """Pooled hidden states of a frozen causal LM for in-context prompts (batch or single)."""
 
@@ -279,7 +300,8 @@ class TaskEncoder:
             (layer, pooling) -> float32 array (N, D), rows in the order of ``prompts``.
         """
         ids = self._prompt_ids(prompts)
-        out = {key: np.empty((len(ids), self.hidden_size), np.float32) for key in self.keys}
+        out = {key: np.empty((len(ids), self.cfg.pooled_width(key[1], self.hidden_size)), np.float32)
+               for key in self.keys}
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # similar lengths pad less
         device = next(self.model.parameters()).device
         for begin in range(0, len(order), self.cfg.batch_size):
@@ -303,6 +325,9 @@ class TaskEncoder:
             if pooling == "mean":
                 total = (states * body_mask[..., None]).sum(1)  # (B, D)
                 vec = total / body_mask.sum(1, keepdim=True)  # (B, D)
+            elif pooling == "chunks":
+                weights = chunk_weights(lengths, self.cfg.chunks, states.shape[1])  # (B, J, T)
+                vec = torch.einsum("bjt,btd->bjd", weights, states).flatten(1)  # (B, J * D)
             else:
                 vec = states[torch.arange(states.shape[0]), lengths - 1]  # (B, D)
             pooled[(layer, pooling)] = vec.cpu().numpy()
@@ -341,7 +366,10 @@ class TaskEncoder:
 
 def explode_rows(batch: dict[str, np.ndarray], vectors: dict[tuple[int, str], np.ndarray]
                  ) -> dict[str, np.ndarray]:
-    """One output row per (input row, layer, pooling); every input column but the prompt is kept."""
+    """One output row per (input row, layer, pooling); every input column but the prompt is kept.
+
+    ``vector`` is (rows, D) float32, or, where poolings differ in width (``chunks`` beside
+    ``mean``), a 1-D object array of float32 rows."""
     keep = {name: np.asarray(values) for name, values in batch.items() if name != "prompt"}
     names = [*keep, "layer", "pooling", "vector"]
     columns: dict[str, list[np.ndarray]] = {name: [] for name in names}
@@ -352,7 +380,15 @@ def explode_rows(batch: dict[str, np.ndarray], vectors: dict[tuple[int, str], np
         columns["layer"].append(np.full(n, layer, np.int64))
         columns["pooling"].append(np.full(n, pooling, object))
         columns["vector"].append(matrix.astype(np.float32, copy=False))
-    return {name: np.concatenate(parts) for name, parts in columns.items()}
+    vectors = columns.pop("vector")
+    out = {name: np.concatenate(parts) for name, parts in columns.items()}
+    if len({m.shape[1] for m in vectors}) <= 1:
+        out["vector"] = np.concatenate(vectors)
+    else:
+        rows = [row for matrix in vectors for row in matrix]
+        out["vector"] = np.empty(len(rows), object)
+        out["vector"][:] = rows
+    return out
 
 
 class TaskVectorExtractor:
@@ -377,9 +413,10 @@ def vectors_table(columns: dict[str, np.ndarray]):
     """The extractor's output as an Arrow table whose ``vector`` column is list<float32>."""
     import pyarrow as pa
 
-    matrix = np.ascontiguousarray(columns["vector"], np.float32)  # (n, D)
-    offsets = np.arange(0, matrix.size + 1, max(matrix.shape[1], 1), dtype=np.int32)
-    vectors = pa.ListArray.from_arrays(pa.array(offsets), pa.array(matrix.reshape(-1)))
+    rows = [np.asarray(row, np.float32) for row in columns["vector"]]  # widths may differ by pooling
+    offsets = np.concatenate([[0], np.cumsum([len(row) for row in rows])]).astype(np.int32)
+    values = np.concatenate(rows) if rows else np.empty(0, np.float32)
+    vectors = pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
     return pa.table({**{name: values for name, values in columns.items() if name != "vector"},
                      "vector": vectors})
 

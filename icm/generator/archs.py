@@ -46,6 +46,8 @@ class Architecture:
     # whether `depth` (hidden layers) means anything to it.
     tune_widths: tuple[int, ...] = (128, 256, 512)
     has_depth: bool = True
+    # The network reads the condition as tokens: it needs generator.condition_pooling=chunks.
+    reads_chunks: bool = False
 
 
 ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (
@@ -58,6 +60,10 @@ ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (
         "per-module hypernetwork: [z, task vector] + layer and module-type embeddings -> each "
         "module's LoRA factors; not confined to a span of the zoo"), needs_segments=True,
                  tune_widths=(64, 128, 256)),  # its heads are width x (module size): kept narrower
+    Architecture("hyper-attn", "icm.generator.hyper:AttendingHyperCVAE", lambda cfg: Space(), (
+        "hyper, with each module attending over the condition's tokens (pooling `chunks`: "
+        "spans of the prompt) instead of reading one pooled vector only"), needs_segments=True,
+                 tune_widths=(64, 128, 256), reads_chunks=True),
 )}
 
 

@@ -131,11 +131,15 @@ class HyperCVAE(CVAE):
         h = nn.functional.silu(self.encode_sample(torch.cat([pooled / count, c], dim=-1)))
         return split_posterior(self.posterior(h))  # (B, latent) each
 
+    def _module_inputs(self, index: int, c: torch.Tensor) -> torch.Tensor:
+        """(M_t, W) or (B, M_t, W): what type ``index``'s modules add to the per-sample input."""
+        return self.decode_module(self._embeddings(index))
+
     def decode(self, z: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         per_sample = self.decode_sample(torch.cat([z, c], dim=-1))[:, None]  # (B, 1, W)
         out = self.centre.expand(len(z), -1).clone()  # (B, F)
         for index, head in enumerate(self.heads):
-            h = per_sample + self.decode_module(self._embeddings(index))  # (B, M_t, W)
+            h = per_sample + self._module_inputs(index, c)  # (B, M_t, W)
             h = nn.functional.silu(self.decode_norms[0](h))
             for linear, norm in zip(self.decode_hidden, self.decode_norms[1:]):
                 h = nn.functional.silu(norm(linear(h)))
@@ -143,3 +147,42 @@ class HyperCVAE(CVAE):
             flat = positions.reshape(-1)
             out[:, flat] = out[:, flat] + head(h).reshape(len(z), -1)  # (B, M_t * S_t)
         return out
+
+
+class AttendingHyperCVAE(HyperCVAE):
+    """`hyper` whose modules each read the condition by attention over its J tokens.
+
+    With pooling ``chunks`` the task vector is J mean-pooled spans of the prompt (J x D), so a
+    module can read the part of the prompt it needs (a demonstration, the description) where
+    one pooled vector blurs them. Each module instance's (layer, type) embedding is a query
+    over the J tokens; what it reads is added to its hidden input. The read's output layer
+    starts at zero, so the untrained network is `hyper` exactly and the attention is learnt
+    only where it helps. The flat condition still enters the per-sample path and the encoder.
+    """
+
+    def __init__(self, spec: CVAESpec):
+        super().__init__(spec)
+        tokens, width = spec.condition_tokens, spec.width
+        if tokens < 2 or spec.condition_dim % tokens:
+            raise ValueError(f"generator.arch=hyper-attn attends over condition tokens: condition_dim "
+                             f"{spec.condition_dim} in {tokens} tokens. Fix: condition it on "
+                             "generator.condition_pooling=chunks (task_vectors.chunks >= 2).")
+        token_dim = spec.condition_dim // tokens
+        self.queries = nn.Linear(2 * spec.embedding_dim, width, bias=False)
+        self.keys = nn.Linear(token_dim, width)
+        self.values = nn.Linear(token_dim, width)
+        self.read = nn.Linear(width, width)
+        nn.init.zeros_(self.read.weight)
+        nn.init.zeros_(self.read.bias)
+
+    def attention(self, index: int, c: torch.Tensor) -> torch.Tensor:
+        """(B, M_t, J): how much each module instance of type ``index`` reads each token."""
+        tokens = c.view(len(c), self.spec.condition_tokens, -1)  # (B, J, D)
+        query = self.queries(self._embeddings(index))  # (M_t, W)
+        scores = torch.einsum("mw,bjw->bmj", query, self.keys(tokens))  # (B, M_t, J)
+        return torch.softmax(scores / self.spec.width ** 0.5, dim=-1)
+
+    def _module_inputs(self, index: int, c: torch.Tensor) -> torch.Tensor:
+        tokens = c.view(len(c), self.spec.condition_tokens, -1)  # (B, J, D)
+        read = torch.einsum("bmj,bjw->bmw", self.attention(index, c), self.values(tokens))  # (B, M_t, W)
+        return super()._module_inputs(index, c) + self.read(read)

@@ -47,6 +47,7 @@ class CVAESpec:
     # e.g. (3, "self_attn.q_proj", "lora_A", 4608); see icm.generator.hyper.module_segments
     segments: tuple[tuple[int, str, str, int], ...] = ()
     embedding_dim: int = 32  # hyper only: size of the learned layer and module-type embeddings
+    condition_tokens: int = 1  # J: the condition is J tokens of condition_dim / J (pooling chunks)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -169,14 +169,22 @@ def fit_cvae(model: CVAE, train: SampleSet, cfg: GeneratorConfig, *, weights: to
 # ----------------------------------------------------------------------------- training
 
 
+def condition_tokens(condition_spec: Mapping[str, Any]) -> int:
+    """How many tokens (J) a condition holds: task_vectors.chunks for pooling ``chunks``, else 1."""
+    if condition_spec.get("pooling") != "chunks":
+        return 1
+    return int(condition_spec["task_vectors"]["chunks"])
+
+
 def build_cvae(cfg: GeneratorConfig, input_dim: int, condition_dim: int,
-               segments: tuple = ()) -> CVAE:
+               segments: tuple = (), condition_tokens: int = 1) -> CVAE:
     """The network for ``cfg``, initialised from ``cfg.seed`` alone. ``segments``: the
-    generated tensors' (layer, module type, part, numel), for architectures that read them."""
+    generated tensors' (layer, module type, part, numel), for architectures that read them;
+    ``condition_tokens``: the spans a condition of pooling ``chunks`` holds (else 1)."""
     spec = CVAESpec(arch=cfg.arch, input_dim=input_dim, condition_dim=condition_dim,
                     latent_dim=cfg.latent_dim, width=cfg.width, depth=cfg.depth,
                     injection=cfg.injection, conv_stages=cfg.conv_stages, segments=segments,
-                    embedding_dim=cfg.embedding_dim)
+                    embedding_dim=cfg.embedding_dim, condition_tokens=condition_tokens)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         return build_network(spec)
@@ -190,7 +198,8 @@ def generator_from_state(data: PreparedData, cfg: GeneratorConfig, model_state: 
     if architecture(cfg.arch).needs_segments:
         sizes = [data.layout.sizes[data.layout.keys.index(k)] for k in data.generated_keys]
         segments = module_segments(data.generated_keys, sizes)
-    model = build_cvae(cfg, rep.codec.model_dim, data.condition_spec["condition_dim"], segments)
+    model = build_cvae(cfg, rep.codec.model_dim, data.condition_spec["condition_dim"], segments,
+                       condition_tokens(data.condition_spec))
     model.fit_data(rep.train.inputs)
     if model_state is not None:
         model.load_state_dict(model_state)

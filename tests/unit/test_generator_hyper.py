@@ -58,7 +58,7 @@ def test_registry_is_the_one_place_an_arch_is_named():
     assert {"mlp", "conv1d", "hyper"} <= set(ARCHITECTURES)
     assert architecture("hyper").space(GeneratorConfig(arch="hyper")).key == "flat"
     assert architecture("mlp").space(GeneratorConfig(subspace_dim=8)).key == "subspace-8"
-    with pytest.raises(ValueError, match="unknown generator arch 'transformer'; known: conv1d, hyper, mlp"):
+    with pytest.raises(ValueError, match="unknown generator arch 'transformer'; known: conv1d, hyper, hyper-attn, mlp"):
         GeneratorConfig(arch="transformer")
 
 

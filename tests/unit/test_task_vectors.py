@@ -329,3 +329,74 @@ def test_metrics_find_separated_groups_and_neighbours_among_training_tasks(tmp_p
                                           np.where(means["task"] == "b3", "a", means["group"])))
     assert combo_metrics(swapped)["heldout_nearest_same_group"] == 0.0
     assert nearest_training_tasks(means[~means["heldout"]], np.zeros(4)) == {}
+
+
+# ----------------------------------------------------------------------------- pooling "chunks"
+
+
+@pytest.mark.parametrize("length, chunks", [(17, 4), (10, 3), (3, 4), (2, 8)])
+def test_chunk_spans_tile_the_prompt_body_and_none_is_empty(length, chunks):
+    from icm.task_vectors import chunk_weights
+
+    weights = chunk_weights(torch.tensor([length, 2]), chunks, width=length + 3)[0]  # (J, T)
+    inside = weights > 0
+    assert not inside[:, 0].any() and not inside[:, length:].any()  # text-start and padding out
+    assert inside.any(1).all() and torch.allclose(weights.sum(1), torch.ones(chunks))
+    first = inside.float().argmax(1)
+    assert (first.diff() >= 0).all()  # spans in prompt order, each contiguous
+    assert all(int(row.sum()) == int(row.nonzero().max() - row.nonzero().min() + 1) for row in inside)
+    if length - 1 >= chunks:  # enough tokens: every body token in exactly one span
+        assert torch.equal(inside[:, 1:length].sum(0), torch.ones(length - 1, dtype=torch.long))
+
+
+def test_chunks_pooling_is_the_mean_pooling_split_into_spans(tiny_llama, suite):
+    """Each prompt's J span means, weighted by span length, give back its mean pooling: the spans
+    cover the same tokens (text-start left out), whatever the batch's padding."""
+    cfg = CFG.model_copy(update={"poolings": ["mean", "chunks"], "chunks": 4})
+    encoder = TaskEncoder(*tiny_llama, cfg)
+    prompts = [e.prompt for e in build_episodes(suite.tasks["code"], cfg, mode="both")] + ["Text: a b c d e"]
+    vectors = encoder.encode_prompts(prompts)
+    lengths = torch.tensor([len(ids) for ids in encoder._prompt_ids(prompts)])
+    from icm.task_vectors import chunk_weights
+
+    span_sizes = (chunk_weights(lengths, 4, int(lengths.max())) > 0).sum(-1).numpy()  # (N, J)
+    for layer in cfg.layers:
+        spans = vectors[(layer, "chunks")].reshape(len(prompts), 4, -1)  # (N, J, D)
+        assert vectors[(layer, "chunks")].shape == (len(prompts), 4 * 64)
+        weighted = (spans * span_sizes[..., None]).sum(1) / span_sizes.sum(1, keepdims=True)
+        np.testing.assert_allclose(weighted, vectors[(layer, "mean")], rtol=1e-4, atol=1e-5)
+        assert not np.allclose(spans[:, 0], spans[:, -1])  # spans differ: not one vector repeated
+
+
+def test_poolings_of_different_widths_reach_parquet_and_the_task_means(tmp_path, suite):
+    """`mean` (D) and `chunks` (J x D) rows in one batch: stored as list<float>, averaged per
+    (task, mode, layer, pooling), read back by the loaders with each pooling's own width."""
+    from icm.task_vectors import ParquetTaskVectorExtractor
+
+    cfg = CFG.model_copy(update={"poolings": ["mean", "chunks"], "chunks": 3, "layers": [-1]})
+    extractor = ParquetTaskVectorExtractor("tiny-llama", None, cfg.model_dump(mode="json"))
+    prompts = [e.prompt for e in build_episodes(suite.tasks["sums"], cfg, mode="demos")]
+    n = len(prompts)
+    batch = {"task": np.array(["sums"] * n, object), "group": np.array(["g"] * n, object),
+             "heldout": np.zeros(n, bool), "mode": np.array(["demos"] * n, object),
+             "episode": np.arange(n), "prompt": np.array(prompts, object)}
+    table = extractor(batch)
+    folder = tmp_path / "task_vectors"
+    (folder / "vectors").mkdir(parents=True)
+    pq.write_table(table, folder / "vectors" / "a.parquet")
+    compute_task_means(folder / "vectors", batch_rows=3).to_parquet(folder / "task_means.parquet", index=False)
+    expected = extractor.encoder.encode_prompts(prompts)
+    for pooling, width in (("mean", 64), ("chunks", 3 * 64)):
+        episodes = load_episode_vectors(folder, mode="demos", layer=-1, pooling=pooling)["sums"]
+        assert episodes.shape == (n, width)
+        np.testing.assert_array_equal(episodes, expected[(-1, pooling)])
+        mean = load_task_means(folder, mode="demos", layer=-1, pooling=pooling)["sums"]
+        np.testing.assert_allclose(mean, episodes.mean(0), rtol=1e-5, atol=1e-6)
+
+
+def test_chunks_changes_the_fingerprint_only_where_a_pooling_reads_it():
+    plain = TaskVectorConfig(poolings=["mean"])
+    assert "chunks" not in plain.vector_settings()  # stages made before it existed stay valid
+    assert plain.model_copy(update={"chunks": 5}).vector_settings() == plain.vector_settings()
+    read = TaskVectorConfig(poolings=["mean", "chunks"])
+    assert read.vector_settings()["chunks"] == 8 != read.model_copy(update={"chunks": 5}).vector_settings()["chunks"]

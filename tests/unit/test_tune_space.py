@@ -15,8 +15,9 @@ from jobs.tune import default_point, search_space, trial_config
 
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
 def test_every_registered_arch_is_searchable(arch):
-    base = GeneratorConfig().model_dump(mode="json")  # configured arch: mlp, width 256
     entry = ARCHITECTURES[arch]
+    # configured arch: mlp, width 256; a condition an arch that reads spans can attend over
+    base = GeneratorConfig(condition_pooling="chunks" if entry.reads_chunks else "mean").model_dump(mode="json")
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     widths = set()
     for _ in range(12):
