@@ -185,17 +185,21 @@ def test_shared_residual_starts_at_zero_learns_what_tasks_share_resumes_and_is_s
                           loaded.full_vectors(residual[None]) - loaded.template, atol=1e-6)
 
 
-def test_hyper_generator_takes_the_hybrid_objective(world):
+@pytest.mark.parametrize("arch", ["hyper", "hyper-attn"])
+def test_hyper_generator_takes_the_hybrid_objective(world, arch):
     """The LM objective is architecture-agnostic: the per-module hypernetwork (not confined to a
-    PCA span), trained by reconstruction, then hybrid steps lower its tasks' LM loss."""
+    PCA span), trained by reconstruction, then hybrid steps lower its tasks' LM loss; so does
+    the attending one, on conditions read as 4 spans (pooling `chunks`)."""
     from tests.unit.test_generator_hyper import HYPER
 
     base, conditions, _ = world
     zoo = load_zoo(base / "zoo", include=sorted(TEXTS))
     _, init_state = initial_lora_state("tiny-llama", LORA.model_dump(mode="json"))
-    cfg = GeneratorConfig(**{**HYPER, **LM, "steps": 40, "objective": "hybrid"}, val_tasks=0,
-                          val_snapshots=0)
-    data = prepare_data(zoo, conditions, cfg, validation=False, init_state=init_state)
+    spans = {"condition_pooling": "chunks"} if arch == "hyper-attn" else {}
+    cfg = GeneratorConfig(**{**HYPER, **LM, "steps": 40, "objective": "hybrid", "arch": arch, **spans},
+                          val_tasks=0, val_snapshots=0)
+    data = prepare_data(zoo, conditions, cfg, validation=False, init_state=init_state,
+                        condition_spec={"pooling": "chunks", "task_vectors": {"chunks": 4}} if spans else None)
     generator = fit_generator(data, cfg)
     setup = lm_setup(generator, ModelConfig(spec="tiny-llama"), TEXTS, conditions, cfg, "cpu")
     applier, tasks, tokenizer = setup.applier, setup.tasks, setup.tokenizer
