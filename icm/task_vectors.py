@@ -3,8 +3,8 @@
 A task is shown to the model as an *episode*: a prompt holding its description and/or k
 demonstrations sampled from its train split (`format_prompt`, the one place the prompt is
 defined). The hidden states at the configured layers, pooled over the prompt (mean over tokens,
-or the last token), give one vector per (episode, layer, pooling); the per-task mean is their
-average. No fine-tuning is involved, so a new task gets a vector from one forward pass.
+the last token, or the means of J contiguous spans concatenated: pooling ``chunks``, J x D),
+give one vector per (episode, layer, pooling); the per-task mean is their average. No fine-tuning is involved, so a new task gets a vector from one forward pass.
 
 `TaskEncoder` is the single code path: the Ray Data actor (`TaskVectorExtractor`) calls
 `TaskEncoder.encode_prompts` on batches of prompts that the job fitted with
