@@ -69,7 +69,7 @@ class AdapterFactory:
         self.swap = SwappableLora(model, self.generator.peft_config, self.generator.layout)
 
     def task_vector(self, description: str | None, examples: Sequence[str] | None) -> np.ndarray:
-        """The condition vector of one request, (D,)."""
+        """The condition vector of one request, (D,), at the generator's layer and pooling."""
         with self.swap.base():
             vectors = self.encoder.encode(description, examples)
         return vectors[self.key]

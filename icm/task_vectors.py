@@ -4,7 +4,8 @@ A task is shown to the model as an *episode*: a prompt holding its description a
 demonstrations sampled from its train split (`format_prompt`, the one place the prompt is
 defined). The hidden states at the configured layers, pooled over the prompt (mean over tokens,
 the last token, or the means of J contiguous spans concatenated: pooling ``chunks``, J x D),
-give one vector per (episode, layer, pooling); the per-task mean is their average. No fine-tuning is involved, so a new task gets a vector from one forward pass.
+give one vector per (episode, layer, pooling); the per-task mean is their average. No
+fine-tuning is involved, so a new task gets a vector from one forward pass.
 
 `TaskEncoder` is the single code path: the Ray Data actor (`TaskVectorExtractor`) calls
 `TaskEncoder.encode_prompts` on batches of prompts that the job fitted with
@@ -297,7 +298,8 @@ class TaskEncoder:
         """Pooled hidden states of each prompt, ``cfg.batch_size`` prompts per forward pass.
 
         Returns:
-            (layer, pooling) -> float32 array (N, D), rows in the order of ``prompts``.
+            (layer, pooling) -> float32 array (N, D), rows in the order of ``prompts`` (D is
+            chunks x the hidden size for pooling ``chunks``).
         """
         ids = self._prompt_ids(prompts)
         out = {key: np.empty((len(ids), self.cfg.pooled_width(key[1], self.hidden_size)), np.float32)
@@ -342,7 +344,7 @@ class TaskEncoder:
         are used: the episodes a generator learns from hold k demonstrations.
 
         Returns:
-            (layer, pooling) -> float32 array (D,).
+            (layer, pooling) -> float32 array (D,) (chunks x hidden size for pooling `chunks`).
 
         Raises:
             TaskVectorInputError: nothing given, or an empty description or example.

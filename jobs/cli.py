@@ -28,10 +28,11 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from typing import get_args
 from pathlib import Path
 
 import jobs  # noqa: F401  (registers the project's presets)
-from icm.config import list_presets, load_config
+from icm.config import Pooling, list_presets, load_config
 from icm.errors import InputError
 from icm.logs import quiet_known_noise, set_verbose
 from icm.models import BUILTIN_SPECS, SMOLLM2
@@ -379,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     condition.add_argument("--layers", type=int, nargs="+", default=[-1],
                            help="hidden-state indices the stage extracted (task_vectors.layers)")
     condition.add_argument("--mode", default="both", choices=["description", "demos", "both"])
-    condition.add_argument("--pooling", default="mean", choices=["mean", "last"])
+    condition.add_argument("--pooling", default="mean", choices=list(get_args(Pooling)))
     condition.add_argument("--out", default=None, help="markdown file to write the table to")
     condition.set_defaults(func=_cmd_condition_probe)
 

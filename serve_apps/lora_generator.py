@@ -141,7 +141,7 @@ class TaskEncoderDeployment:
         self.factory.task_vector("Warm-up.", None)  # the first forward pass is slow: not a user's
 
     async def encode(self, description: str | None, examples: list[str]) -> np.ndarray:
-        """The request's condition vector, (D,)."""
+        """The request's condition vector, (D,) at the generator's pooling."""
         return await _in_thread(self.lock, self.factory.task_vector, description, examples or None)
 
     async def demo_perplexities(self, draws, examples: list[str]) -> list[float]:

@@ -175,14 +175,16 @@ class AttendingHyperCVAE(HyperCVAE):
         nn.init.zeros_(self.read.weight)
         nn.init.zeros_(self.read.bias)
 
+    def _tokens(self, c: torch.Tensor) -> torch.Tensor:
+        return c.reshape(len(c), self.spec.condition_tokens, -1)  # (B, J, D)
+
     def attention(self, index: int, c: torch.Tensor) -> torch.Tensor:
         """(B, M_t, J): how much each module instance of type ``index`` reads each token."""
-        tokens = c.view(len(c), self.spec.condition_tokens, -1)  # (B, J, D)
         query = self.queries(self._embeddings(index))  # (M_t, W)
-        scores = torch.einsum("mw,bjw->bmj", query, self.keys(tokens))  # (B, M_t, J)
+        scores = torch.einsum("mw,bjw->bmj", query, self.keys(self._tokens(c)))  # (B, M_t, J)
         return torch.softmax(scores / self.spec.width ** 0.5, dim=-1)
 
     def _module_inputs(self, index: int, c: torch.Tensor) -> torch.Tensor:
-        tokens = c.view(len(c), self.spec.condition_tokens, -1)  # (B, J, D)
-        read = torch.einsum("bmj,bjw->bmw", self.attention(index, c), self.values(tokens))  # (B, M_t, W)
+        values = self.values(self._tokens(c))  # (B, J, W)
+        read = torch.einsum("bmj,bjw->bmw", self.attention(index, c), values)  # (B, M_t, W)
         return super()._module_inputs(index, c) + self.read(read)

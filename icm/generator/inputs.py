@@ -238,12 +238,29 @@ def _task_vector_loader(stage_dir: Path, **kwargs) -> dict[str, np.ndarray]:
     return load_episode_vectors(stage_dir, **kwargs)
 
 
+def _check_chunks(cfg: PipelineConfig, folder: Path) -> None:
+    """Pooling ``chunks``: the stage's vectors were cut into the configured number of spans
+    (else a generator would split them at the wrong places, unnoticed until a request)."""
+    import yaml
+
+    resolved = folder / "config.resolved.yaml"
+    if cfg.generator.condition_pooling != "chunks" or not resolved.is_file():
+        return
+    made = (yaml.safe_load(resolved.read_text()).get("task_vectors") or {}).get("chunks")
+    if made is not None and made != cfg.task_vectors.chunks:
+        raise ConditionMismatchError(
+            f"the task vectors at {folder} were pooled into task_vectors.chunks={made} spans, the "
+            f"config says {cfg.task_vectors.chunks}. Fix: set task_vectors.chunks={made}, or "
+            "rerun the task_vectors stage with the new value.")
+
+
 def condition_spec_of(cfg: PipelineConfig) -> dict[str, Any]:
     """How the conditions were made (which episode vectors, the task-vector config, prompt
     template and stage fingerprint), so a request can rebuild the same kind of vector."""
     from icm.task_vectors import TEMPLATE_FILE
 
     folder = cfg.storage.path("task_vectors")
+    _check_chunks(cfg, folder)
     stage_file, template = folder / "stage.json", folder / TEMPLATE_FILE
     return {"modes": list(cfg.generator.condition_modes), "layer": cfg.generator.condition_layer,
             "pooling": cfg.generator.condition_pooling, "model_spec": cfg.model.spec,

@@ -80,3 +80,40 @@ def test_trained_on_spans_it_reproduces_tasks_and_round_trips(tmp_path):
     again = LoraGenerator.load(tmp_path / "gen")
     assert again.model.spec.condition_tokens == 4
     assert torch.equal(generator.sample(means, z="zero"), again.sample(means, z="zero"))
+
+
+def _span_config(root, chunks: int, poolings=("mean", "chunks")) -> PipelineConfig:
+    return PipelineConfig.model_validate({
+        "storage": {"root": str(root)}, "task_vectors": {"poolings": list(poolings), "chunks": chunks},
+        "generator": {"arch": "hyper-attn", "condition_pooling": "chunks"}})
+
+
+def test_vectors_cut_into_other_spans_than_configured_are_refused(tmp_path):
+    """A generator must split each condition where the stage cut it: task vectors pooled into 8
+    spans, read with task_vectors.chunks=4, would train on wrong 'tokens' of 2 x D unnoticed."""
+    import yaml
+
+    from icm.generator.inputs import ConditionMismatchError, condition_spec_of
+
+    made = _span_config(tmp_path, 8)
+    folder = made.storage.path("task_vectors")
+    folder.mkdir(parents=True)
+    (folder / "config.resolved.yaml").write_text(yaml.safe_dump(made.model_dump(mode="json")))
+    assert condition_spec_of(made)["task_vectors"]["chunks"] == 8
+    with pytest.raises(ConditionMismatchError, match="chunks=8 spans, the config says 4. Fix: set task_vectors.chunks=8"):
+        condition_spec_of(_span_config(tmp_path, 4))
+
+
+def test_the_span_count_changes_no_hash_where_no_pooling_reads_it(tmp_path):
+    """Stages finished before pooling `chunks` existed (evaluate hashes the task_vectors section)
+    keep their fingerprint; where a pooling reads it, it is part of the hash."""
+    from icm.io import sha256_json
+
+    plain = PipelineConfig.model_validate({"storage": {"root": str(tmp_path)}})
+    before = plain.model_dump(mode="json")
+    del before["task_vectors"]["chunks"]  # the config as it was before the field existed
+    assert plain.fingerprint("model", "evaluate", "task_vectors") == sha256_json(
+        {k: before[k] for k in ("model", "evaluate", "task_vectors")})
+    other = plain.model_copy(update={"task_vectors": plain.task_vectors.model_copy(update={"chunks": 4})})
+    assert other.fingerprint("task_vectors") == plain.fingerprint("task_vectors")
+    assert _span_config(tmp_path, 4).fingerprint("task_vectors") != _span_config(tmp_path, 8).fingerprint("task_vectors")
