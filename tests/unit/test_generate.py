@@ -75,3 +75,32 @@ def test_task_context_is_seeded_train_texts(tiny_suite):
 
     task = load_task(tiny_suite / "cats")
     assert set(demos) <= set(task.train_texts()) and not set(demos) & set(task.eval_texts())
+
+
+def test_a_request_to_a_span_generator_is_encoded_as_its_training_vectors_were(tmp_path):
+    """A `hyper-attn` generator on pooling `chunks` (4 spans of tiny-llama's 64-d states): the
+    request's vector is the encoder's 4 x 64 chunks vector of the same prompt, and the chosen
+    draw becomes a peft adapter."""
+    from peft import PeftModel
+
+    from icm.models import load_base_model
+    from icm.task_vectors import TaskEncoder
+
+    conditions = write_zoo(tmp_path / "zoo", ["cats", "sums", "code"], dim=4 * 64)
+    zoo = load_zoo(tmp_path / "zoo", include=["cats", "sums", "code"])
+    _, init_state = initial_lora_state("tiny-llama", LORA.model_dump(mode="json"))
+    tv = TaskVectorConfig(k=2, layers=[-1], poolings=["chunks"], chunks=4)
+    spec = {"layer": -1, "pooling": "chunks", "model_spec": "tiny-llama", "task_vectors": tv.model_dump(mode="json")}
+    cfg = GeneratorConfig(**{**FAST, "arch": "hyper-attn", "subspace_dim": None, "width": 16,
+                             "embedding_dim": 4, "condition_pooling": "chunks", "steps": 20})
+    generator = train_generator(zoo, conditions, cfg, init_state=init_state, condition_spec=spec)
+    factory = AdapterFactory(generator.save(tmp_path / "generator"))
+    vector = factory.task_vector("Short texts about cats.", EXAMPLES)
+    encoder = TaskEncoder(*load_base_model("tiny-llama"), tv)
+    np.testing.assert_allclose(vector, encoder.encode("Short texts about cats.", EXAMPLES)[(-1, "chunks")],
+                               rtol=1e-5, atol=1e-6)
+    assert vector.shape == (4 * 64,)
+    result = factory.generate("Short texts about cats.", EXAMPLES, samples=2, seed=0)
+    out = factory.write(result, tmp_path / "adapter", {"description": "Short texts about cats."})
+    model, _ = load_base_model("tiny-llama")
+    assert isinstance(PeftModel.from_pretrained(model, str(out)), PeftModel)
