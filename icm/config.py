@@ -390,9 +390,10 @@ class GeneratorConfig(StageConfig):
         from icm.generator.archs import architecture
 
         if architecture(self.arch).reads_chunks and self.condition_pooling != "chunks":
-            raise ValueError(f"generator.arch={self.arch} attends over the spans of pooling 'chunks', "
-                             f"not condition_pooling={self.condition_pooling!r}. Fix: set "
-                             "generator.condition_pooling=chunks and add chunks to task_vectors.poolings")
+            raise ValueError(f"generator.arch={self.arch} attends over the spans of pooling "
+                             f"'chunks', not condition_pooling={self.condition_pooling!r}. Fix: "
+                             "set generator.condition_pooling=chunks and add chunks to "
+                             "task_vectors.poolings")
         return self
 
     def reconstruction_settings(self) -> dict[str, Any]:
@@ -609,7 +610,7 @@ class PipelineConfig(StageConfig):
         """Hash of the named sections (all when none): a stage's outputs match a config when
         the hash of the sections it reads is unchanged."""
         data = self.model_dump(mode="json")
-        if "chunks" not in self.task_vectors.poolings:  # read by no pooling: hashes stay as before it existed
+        if "chunks" not in self.task_vectors.poolings:  # unread: hashes stay as before it existed
             del data["task_vectors"]["chunks"]
         return sha256_json({k: data[k] for k in sections} if sections else data)
 

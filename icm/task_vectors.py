@@ -193,7 +193,8 @@ def chunk_weights(lengths: torch.Tensor, chunks: int, width: int) -> torch.Tenso
     index = torch.arange(chunks, device=lengths.device, dtype=torch.float32)[None]  # (1, J)
     start = torch.floor(index * body / chunks)  # (B, J)
     end = torch.maximum(torch.floor((index + 1) * body / chunks), start + 1)  # (B, J)
-    position = torch.arange(width, device=lengths.device, dtype=torch.float32) - 1  # (T,): body index
+    # (T,): each position's index in the body (the text-start token is -1)
+    position = torch.arange(width, device=lengths.device, dtype=torch.float32) - 1
     inside = (position >= start[..., None]) & (position < end[..., None])  # (B, J, T)
     weights = inside.float()
     return weights / weights.sum(-1, keepdim=True)
@@ -302,8 +303,8 @@ class TaskEncoder:
             chunks x the hidden size for pooling ``chunks``).
         """
         ids = self._prompt_ids(prompts)
-        out = {key: np.empty((len(ids), self.cfg.pooled_width(key[1], self.hidden_size)), np.float32)
-               for key in self.keys}
+        width = {key: self.cfg.pooled_width(key[1], self.hidden_size) for key in self.keys}
+        out = {key: np.empty((len(ids), width[key]), np.float32) for key in self.keys}
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # similar lengths pad less
         device = next(self.model.parameters()).device
         for begin in range(0, len(order), self.cfg.batch_size):
@@ -415,7 +416,7 @@ def vectors_table(columns: dict[str, np.ndarray]):
     """The extractor's output as an Arrow table whose ``vector`` column is list<float32>."""
     import pyarrow as pa
 
-    rows = [np.asarray(row, np.float32) for row in columns["vector"]]  # widths may differ by pooling
+    rows = [np.asarray(row, np.float32) for row in columns["vector"]]  # width per pooling
     offsets = np.concatenate([[0], np.cumsum([len(row) for row in rows])]).astype(np.int32)
     values = np.concatenate(rows) if rows else np.empty(0, np.float32)
     vectors = pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))

@@ -164,9 +164,10 @@ class AttendingHyperCVAE(HyperCVAE):
         super().__init__(spec)
         tokens, width = spec.condition_tokens, spec.width
         if tokens < 2 or spec.condition_dim % tokens:
-            raise ValueError(f"generator.arch=hyper-attn attends over condition tokens: condition_dim "
-                             f"{spec.condition_dim} in {tokens} tokens. Fix: condition it on "
-                             "generator.condition_pooling=chunks (task_vectors.chunks >= 2).")
+            raise ValueError(f"generator.arch=hyper-attn attends over condition tokens: "
+                             f"condition_dim {spec.condition_dim} in {tokens} tokens. Fix: "
+                             "condition it on generator.condition_pooling=chunks "
+                             "(task_vectors.chunks >= 2).")
         token_dim = spec.condition_dim // tokens
         self.queries = nn.Linear(2 * spec.embedding_dim, width, bias=False)
         self.keys = nn.Linear(token_dim, width)
