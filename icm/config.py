@@ -264,8 +264,12 @@ class TaskVectorConfig(StageConfig):
     def vector_settings(self) -> dict[str, Any]:
         """What shapes the vectors: every setting but the scheduling ones (and `chunks` where no
         pooling reads it, so stages computed before it existed keep their fingerprint)."""
-        unread = set() if "chunks" in self.poolings else {"chunks"}
-        return self.model_dump(mode="json", exclude=self.SCHEDULING_FIELDS | unread)
+        return self.model_dump(mode="json", exclude=self.SCHEDULING_FIELDS | self.unread_fields())
+
+    def unread_fields(self) -> set[str]:
+        """Settings no configured pooling reads (`chunks` without pooling chunks): left out of
+        every hash, so stages computed before such a setting existed stay valid."""
+        return set() if "chunks" in self.poolings else {"chunks"}
 
     def pooled_width(self, pooling: str, hidden_size: int) -> int:
         """Length of one pooled vector: D, or chunks x D for pooling `chunks`."""
@@ -610,8 +614,8 @@ class PipelineConfig(StageConfig):
         """Hash of the named sections (all when none): a stage's outputs match a config when
         the hash of the sections it reads is unchanged."""
         data = self.model_dump(mode="json")
-        if "chunks" not in self.task_vectors.poolings:  # unread: hashes stay as before it existed
-            del data["task_vectors"]["chunks"]
+        for name in self.task_vectors.unread_fields():
+            del data["task_vectors"][name]
         return sha256_json({k: data[k] for k in sections} if sections else data)
 
 

@@ -29,11 +29,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import MappingProxyType
+from typing import get_args
 
 import numpy as np
 import torch
 
-from icm.config import TaskVectorConfig
+from icm.config import Pooling, TaskVectorConfig
 from icm.errors import InputError
 from icm.models import right_pad, text_start_token_id
 from icm.tasks import Task
@@ -41,7 +42,7 @@ from icm.tasks import Task
 log = logging.getLogger(__name__)
 
 MODES = ("description", "demos", "both")
-POOLINGS = ("mean", "last", "chunks")
+POOLINGS = get_args(Pooling)  # the config's list, not a copy of it
 EPISODES_FILE = "episodes.parquet"
 VECTORS_DIR = "vectors"
 MEANS_FILE = "task_means.parquet"
@@ -322,6 +323,9 @@ class TaskEncoder:
         # sink" with a huge norm that would swamp the task's tokens.
         body_mask = mask.clone().float()
         body_mask[:, 0] = 0  # (B, T)
+        # One set of span weights serves every layer: the spans depend on the lengths only.
+        spans = (chunk_weights(lengths, self.cfg.chunks, mask.shape[1])  # (B, J, T)
+                 if any(pooling == "chunks" for _, pooling in self.keys) else None)
         pooled = {}
         for layer, pooling in self.keys:
             states = hidden[layer].float()  # (B, T, D)
@@ -329,8 +333,7 @@ class TaskEncoder:
                 total = (states * body_mask[..., None]).sum(1)  # (B, D)
                 vec = total / body_mask.sum(1, keepdim=True)  # (B, D)
             elif pooling == "chunks":
-                weights = chunk_weights(lengths, self.cfg.chunks, states.shape[1])  # (B, J, T)
-                vec = torch.einsum("bjt,btd->bjd", weights, states).flatten(1)  # (B, J * D)
+                vec = torch.einsum("bjt,btd->bjd", spans, states).flatten(1)  # (B, J * D)
             else:
                 vec = states[torch.arange(states.shape[0]), lengths - 1]  # (B, D)
             pooled[(layer, pooling)] = vec.cpu().numpy()
