@@ -323,9 +323,10 @@ register(Variant("demo-selected", "selected", UNSEEN, (
     "and ridge adapters, the one with the lowest perplexity on the k demonstrations (forward "
     "passes only): the zoo's combinations compete with the generator's draws"),
     condition="both", among=("soup", "similarity-soup", "nearest", "ridge"), opt_in=True))
-# multitask: the strongest adapter baseline under the same prompt (on a fold only where the
-# oracles stage trained the fold's own, as on its own)
-for _under in ("generated", "soup", "oracle", "multitask"):
+# Every adapter baseline is also read under the same prompt: the honest rivals of the generated
+# adapter under it (multitask on a fold only where the oracles stage trained the fold's own, as
+# on its own)
+for _under in ("generated", "soup", "similarity-soup", "nearest", "ridge", "oracle", "multitask"):
     register(Variant(f"in-context+{_under}", "in-context", UNSEEN, (
         f"as in-context, read with the {_under} adapter active: does the adapter add to the "
         "prompt? (a generated one: one draw)"), with_adapter=_under, opt_in=True))

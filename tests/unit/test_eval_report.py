@@ -107,6 +107,20 @@ def test_stacked_adapters_are_judged_against_the_multitask_lora_under_the_prompt
     assert "/ in-context+multitask" not in without.columns
 
 
+def test_every_adapter_baseline_under_the_prompt_is_a_rival_of_the_stacked_generator():
+    """Similarity-soup, nearest and ridge under the prompt are rival columns where scored (the
+    best of them, 3.1, beats in-context+generated 3.2); the oracle under it is not a rival."""
+    levels = {"in-context": 3.4, "in-context+generated": 3.2, "in-context+similarity-soup": 3.1,
+              "in-context+nearest": 3.3, "in-context+ridge": 3.25, "in-context+oracle": 2.9}
+    results = _results(levels=levels).query("setting == 'heldout'")
+    table = stacked_table(results, 300, 0).set_index(["setting", "variant"])
+    assert [c for c in table.columns if c.startswith("/")] == [
+        "/ in-context", "/ in-context+similarity-soup", "/ in-context+nearest", "/ in-context+ridge"]
+    row = table.loc[("held-out", "in-context+generated")]
+    assert row["/ in-context+similarity-soup"].endswith("(0/12)")
+    assert row["/ in-context+nearest"].endswith("(12/12)") and row["/ in-context+ridge"].endswith("(12/12)")
+
+
 def test_stacked_adapters_are_judged_against_the_prompt_alone_both_ways():
     """in-context+generated 3.2 beats the prompt alone (3.4); in-context+soup 3.5 loses to it."""
     levels = {"in-context": 3.4, "in-context+generated": 3.2, "in-context+soup": 3.5}
