@@ -373,6 +373,13 @@ class GeneratorConfig(StageConfig):
         "episode vectors, without a LoRA of their own (the LM loss needs none: Text-to-LoRA's "
         "lever). A fold's groups and any held-out task never join; its model and task-vector "
         "settings must be this run's. Tune's trials do not read them. None: the zoo's tasks only."))
+    lm_context: Literal["none", "prompt"] = Field("none", description=(
+        "lm/hybrid: what the base model reads before each train text in the LM phase. none: "
+        "nothing (the adapter alone must carry the task). prompt: the in-context prompt the "
+        "step's condition was read from (that episode's description and/or demonstrations, the "
+        "form evaluate's in-context variants read; its own demonstrations are never a target "
+        "under it), so the adapter learns to add to the prompt it will be read with "
+        "(in-context+generated). Not with lm_extra_root."))
     lm_workers: int = Field(1, ge=1, description=(
         "lm/hybrid: Ray Train data-parallel workers (each draws its own tasks per step)."))
     lm_gpus_per_worker: float = Field(0.0, ge=0, description=(
@@ -398,7 +405,16 @@ class GeneratorConfig(StageConfig):
                              f"'chunks', not condition_pooling={self.condition_pooling!r}. Fix: "
                              "set generator.condition_pooling=chunks and add chunks to "
                              "task_vectors.poolings")
+        if self.lm_context == "prompt" and self.lm_extra_root is not None:
+            raise ValueError("generator.lm_context=prompt builds each step's prompt from the "
+                             "suite's own tasks; the tasks of lm_extra_root have none here. Fix: "
+                             "unset generator.lm_extra_root, or set lm_context=none")
         return self
+
+    def unread_fields(self) -> set[str]:
+        """Settings left out of every hash at their default (`lm_context` none), so generators
+        trained before such a setting existed keep their fingerprint and LM checkpoints."""
+        return {"lm_context"} if self.lm_context == "none" else set()
 
     def reconstruction_settings(self) -> dict[str, Any]:
         """What the reconstruction phase reads: every setting but the LM phase's (``objective``,
@@ -413,7 +429,7 @@ class GeneratorConfig(StageConfig):
         ``lm_steps`` (and ``cpus_per_task``). The LM phase's learning rate is constant and each
         step's draws depend on (seed, step, rank) only (icm/generator/lm.py), so a run asked for
         more steps continues a shorter run's checkpoint exactly."""
-        return self.model_dump(mode="json", exclude={"cpus_per_task", "lm_steps"})
+        return self.model_dump(mode="json", exclude={"cpus_per_task", "lm_steps", *self.unread_fields()})
 
 
 def _check_arch(value: str) -> str:
@@ -469,7 +485,8 @@ class EvalConfig(StageConfig):
         "and is not opt-in."))
     extra_variants: list[str] = Field(default_factory=list, description=(
         "Variants scored besides those, e.g. the opt-in adapters stacked on the prompt "
-        "[in-context+generated, in-context+soup, in-context+oracle, in-context+multitask]."))
+        "[in-context+generated, in-context+soup, in-context+similarity-soup, in-context+nearest, "
+        "in-context+ridge, in-context+oracle, in-context+multitask]."))
     seen_tasks: int | None = Field(None, ge=0, description=(
         "Training tasks scored in the 'seen' setting, dealt over the groups (the oracles stage's "
         "replicate tasks come first); None: all of them."))
@@ -614,8 +631,9 @@ class PipelineConfig(StageConfig):
         """Hash of the named sections (all when none): a stage's outputs match a config when
         the hash of the sections it reads is unchanged."""
         data = self.model_dump(mode="json")
-        for name in self.task_vectors.unread_fields():
-            del data["task_vectors"][name]
+        for section in ("task_vectors", "generator"):
+            for name in getattr(self, section).unread_fields():
+                del data[section][name]
         return sha256_json({k: data[k] for k in sections} if sections else data)
 
 

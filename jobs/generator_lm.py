@@ -47,6 +47,18 @@ def lm_train_texts(suite: Suite, tasks: list[str], limit: int) -> dict[str, list
     return {task: load_task(suite.tasks[task].path).train_texts()[:limit] for task in tasks}
 
 
+def lm_train_prompts(cfg: PipelineConfig, gen_cfg: GeneratorConfig, suite: Suite,
+                     tasks: Sequence[str]) -> dict | None:
+    """With ``generator.lm_context: prompt``, each task's episode prompts, one per condition
+    row (what each row's vector was read from); None otherwise."""
+    from icm.generator.lm import episode_prompts
+
+    if gen_cfg.lm_context != "prompt":
+        return None
+    return {task: episode_prompts(load_task(suite.tasks[task].path), cfg.task_vectors,
+                                  gen_cfg.condition_modes) for task in tasks}
+
+
 def lm_train_func(loop: dict) -> None:
     """One data-parallel worker of the LM fine-tuning (see the module docstring)."""
     from icm.generator import LoraGenerator
@@ -60,7 +72,8 @@ def lm_train_func(loop: dict) -> None:
     generator = LoraGenerator.load(loop["start"]).to(device)
     if loop["anchor_offset"] is not None:  # generator.lm_anchor: multitask (fixed or trained)
         generator.residual = loop["anchor_offset"].to(device)
-    setup = lm_setup(generator, cfg.model, loop["texts"], loop["conditions"], gen_cfg, str(device))
+    setup = lm_setup(generator, cfg.model, loop["texts"], loop["conditions"], gen_cfg, str(device),
+                     loop["prompts"])
 
     resume = None
     if (checkpoint := ray.train.get_checkpoint()) is not None:
@@ -158,12 +171,13 @@ def finetune(cfg: PipelineConfig, gen_cfg: GeneratorConfig, suite: Suite, start:
     offset = anchor(cfg, gen_cfg, generator, fold)
     loop = {"config": cfg.model_dump(mode="json"), "generator_config": gen_cfg.model_dump(mode="json"),
             "start": str(start), "texts": texts, "conditions": conditions,
-            "suite": suite, "anchor_offset": offset}
+            "suite": suite, "anchor_offset": offset,
+            "prompts": lm_train_prompts(cfg, gen_cfg, suite, trained_on)}
     log.info("generator: %s fine-tuning on %d tasks (%d without a LoRA, from %s)", gen_cfg.objective,
              len(texts), len(extra.texts), gen_cfg.lm_extra_root)
-    log.info("generator: %s fine-tuning, %d steps x %d workers x %d tasks x %d texts of %d tokens",
-             gen_cfg.objective, gen_cfg.lm_steps, gen_cfg.lm_workers, gen_cfg.lm_tasks,
-             gen_cfg.lm_texts, gen_cfg.lm_seq_len)
+    log.info("generator: %s fine-tuning, %d steps x %d workers x %d tasks x %d texts of %d tokens"
+             " (read after: %s)", gen_cfg.objective, gen_cfg.lm_steps, gen_cfg.lm_workers,
+             gen_cfg.lm_tasks, gen_cfg.lm_texts, gen_cfg.lm_seq_len, gen_cfg.lm_context)
     gpus, cpus = gen_cfg.lm_gpus_per_worker, cpus_per_worker or lm_worker_cpus(gen_cfg)
     trainer = TorchTrainer(
         lm_train_func, train_loop_config=loop,

@@ -315,7 +315,8 @@ def objective_trainable(config: dict[str, Any], data: PreparedData, base: dict[s
     use_reserved_cpus()
     cfg = GeneratorConfig.model_validate({**base, "objective": config["objective"]})
     generator = generator_from_state(data, cfg, start)
-    setup = lm_setup(generator, scorer.model_cfg, lm_data["texts"], lm_data["conditions"], cfg)
+    setup = lm_setup(generator, scorer.model_cfg, lm_data["texts"], lm_data["conditions"], cfg,
+                     prompts=lm_data["prompts"])
     resume = None
     if (checkpoint := tune.get_checkpoint()) is not None:
         with checkpoint.as_directory() as folder:
@@ -337,12 +338,13 @@ def objective_search(cfg: PipelineConfig, suite: Suite, data: PreparedData, inpu
                      scorer: ValidationScorer, start_row: dict, objectives: list[str],
                      storage: str) -> list[dict]:
     """Phase two: ``start_row``'s generator fine-tuned by each end-to-end objective (a Tune grid)."""
-    from jobs.generator_lm import lm_train_texts
+    from jobs.generator_lm import lm_train_prompts, lm_train_texts
 
     base = trial_config(cfg.generator.model_dump(mode="json"), start_row["params"])
     train = list(data.split.train_tasks)  # never a validation or held-out task
     lm_data = {"texts": lm_train_texts(suite, train, base.lm_max_texts),
-               "conditions": {t: inputs.conditions[t] for t in train}}
+               "conditions": {t: inputs.conditions[t] for t in train},
+               "prompts": lm_train_prompts(cfg, base, suite, train)}
     with start_row["checkpoint"].as_directory() as folder:
         start = load_checkpoint(folder)["model"]
     fn = tune.with_resources(tune.with_parameters(

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from icm.config import GeneratorConfig, ModelConfig
+from icm.config import GeneratorConfig, ModelConfig, TaskVectorConfig
 from icm.generator.artifact import LoraGenerator
 from icm.generator.data import PreparedData, SampleSet
 from icm.generator.networks import cvae_loss
@@ -131,6 +131,62 @@ def anchor_offset(generator: LoraGenerator, anchor: torch.Tensor) -> torch.Tenso
     return anchor.to(device)[generator.positions] - mean
 
 
+@dataclass(frozen=True)
+class EpisodePrompt:
+    """The in-context prompt one condition row was read from, and the demonstrations it shows."""
+
+    prompt: str
+    demos: tuple[str, ...]
+
+
+def episode_prompts(task, task_vectors: TaskVectorConfig, modes: Sequence[str]) -> list[EpisodePrompt]:
+    """Per condition row of ``task``, in `load_task_conditions`' order (each of ``modes`` in turn,
+    its episodes in index order), the prompt its vector was read from (`build_episodes`). A mode
+    the task cannot fill (no description) is left out, as its vectors are."""
+    from icm.task_vectors import build_episodes
+
+    usable = [m for m in modes if m == "demos" or (task.description or "").strip()]
+    return [EpisodePrompt(episode.prompt, episode.demos)
+            for mode in usable for episode in build_episodes(task, task_vectors, mode=mode)]
+
+
+@dataclass
+class PromptContext:
+    """``generator.lm_context: prompt``: each condition row's prompt as token ids, each text as it
+    reads after a prompt, and the rows whose prompt leaves some text to predict."""
+
+    prompts: list[list[int]]  # per condition row: text-start token + prompt tokens
+    targets: list[list[int]]  # per text: TEXT_SEPARATOR + text tokens, cut to lm_seq_len
+    allowed: list[list[int]]  # per condition row: the texts not among its demonstrations
+    rows: list[int]  # the condition rows with at least one allowed text
+
+    @classmethod
+    def build(cls, texts: Sequence[str], prompts: Sequence[EpisodePrompt], tokenizer,
+              seq_len: int) -> PromptContext:
+        from icm.eval.baselines import TEXT_SEPARATOR
+        from icm.models import text_start_token_id
+
+        start = text_start_token_id(tokenizer)
+        # a demonstration is a text cut to task_vectors.max_demo_chars: a text is shown when it
+        # starts with one (a shorter text that begins another is excluded too: harmless)
+        allowed = [[i for i, text in enumerate(texts) if not any(text.startswith(d) for d in p.demos)]
+                   for p in prompts]
+        encoded = tokenizer([TEXT_SEPARATOR + t for t in texts], add_special_tokens=False)["input_ids"]
+        return cls(prompts=[[start, *tokenizer(p.prompt, add_special_tokens=False)["input_ids"]]
+                            for p in prompts],
+                   targets=[ids[:seq_len] for ids in encoded], allowed=allowed,
+                   rows=[row for row, texts_left in enumerate(allowed) if texts_left])
+
+    def batch(self, row: int, texts: Sequence[int], pad_id: int) -> dict[str, torch.Tensor]:
+        """Row ``row``'s prompt followed by each of ``texts`` (B, P + T): loss on the text only."""
+        from icm.lora_train import IGNORE_INDEX, collate
+
+        prompt = self.prompts[row]
+        batch = collate([prompt + self.targets[i] for i in texts], pad_id)
+        batch["labels"][:, :len(prompt)] = IGNORE_INDEX  # the prompt is read, not predicted
+        return batch
+
+
 @dataclass
 class LmTask:
     """One training task's LM data: tokenised train texts and its episode vectors."""
@@ -138,24 +194,48 @@ class LmTask:
     name: str
     sequences: list[list[int]]  # start token + text + EOS, cut to lm_seq_len
     episodes: torch.Tensor  # (E, D) z-scored episode vectors
+    context: PromptContext | None = None  # generator.lm_context: prompt
+
+    def batch(self, episode: int, texts: Sequence[int], pad_id: int) -> dict[str, torch.Tensor]:
+        """The LM batch of ``texts`` under condition row ``episode``: the texts alone, or each
+        read after that row's prompt."""
+        from icm.lora_train import collate
+
+        if self.context is None:
+            return collate([self.sequences[i] for i in texts], pad_id)
+        return self.context.batch(episode, texts, pad_id)
 
 
 def lm_tasks(train_texts: Mapping[str, Sequence[str]], conditions: Mapping[str, Any],
-             generator: LoraGenerator, tokenizer, cfg: GeneratorConfig) -> list[LmTask]:
+             generator: LoraGenerator, tokenizer, cfg: GeneratorConfig,
+             prompts: Mapping[str, Sequence[EpisodePrompt]] | None = None) -> list[LmTask]:
     """LM data for every task in ``train_texts`` (train split texts only: the caller never
-    passes eval texts or held-out tasks), at most ``cfg.lm_max_texts`` texts each."""
+    passes eval texts or held-out tasks), at most ``cfg.lm_max_texts`` texts each. With
+    ``cfg.lm_context`` prompt, ``prompts`` gives each task's `episode_prompts` (one per
+    condition row); a task whose every text is among its prompts' demonstrations is left out."""
     import numpy as np
 
     from icm.lora_train import tokenize_texts
 
+    if cfg.lm_context == "prompt" and prompts is None:
+        raise ValueError("generator.lm_context=prompt needs each task's episode prompts")
     tasks = []
     for name in sorted(train_texts):
         texts = [t for t in train_texts[name] if t.strip()][:cfg.lm_max_texts]
         if not texts:
             continue
         raw = torch.from_numpy(np.array(conditions[name], dtype=np.float32))  # (E, D)
+        context = None
+        if cfg.lm_context == "prompt":
+            if len(prompts[name]) != len(raw):
+                raise ValueError(f"task {name!r}: {len(prompts[name])} episode prompts for "
+                                 f"{len(raw)} condition rows; the task vectors were read from "
+                                 "other episodes (task_vectors or condition_modes changed)")
+            context = PromptContext.build(texts, prompts[name], tokenizer, cfg.lm_seq_len)
+            if not context.rows:
+                continue
         tasks.append(LmTask(name, tokenize_texts(tokenizer, texts, cfg.lm_seq_len),
-                            generator.condition_norm.apply(raw.to(generator.template.device))))
+                            generator.condition_norm.apply(raw.to(generator.template.device)), context))
     if not tasks:
         raise ValueError("no training task has train texts for the LM objective")
     return tasks
@@ -176,7 +256,8 @@ class LmSetup:
 
 
 def lm_setup(generator: LoraGenerator, model: ModelConfig, train_texts: Mapping[str, Sequence[str]],
-             conditions: Mapping[str, Any], cfg: GeneratorConfig, device: str = "auto") -> LmSetup:
+             conditions: Mapping[str, Any], cfg: GeneratorConfig, device: str = "auto",
+             prompts: Mapping[str, Sequence[EpisodePrompt]] | None = None) -> LmSetup:
     """Load the base model on ``device`` and build the LM data (the one set-up of the Ray Train
     workers and the Tune objective trials)."""
     from icm.models import load_base_model
@@ -184,7 +265,7 @@ def lm_setup(generator: LoraGenerator, model: ModelConfig, train_texts: Mapping[
     base, tokenizer = load_base_model(model.spec, cache_dir=model.cache_dir, dtype=model.dtype,
                                       device=device)
     return LmSetup(FunctionalLora(base, generator.peft_config, generator.layout),
-                   lm_tasks(train_texts, conditions, generator, tokenizer, cfg), tokenizer)
+                   lm_tasks(train_texts, conditions, generator, tokenizer, cfg, prompts), tokenizer)
 
 
 def hybrid_term(cfg: GeneratorConfig, data: Callable[[], PreparedData]
@@ -211,8 +292,13 @@ def _step_choices(tasks: Sequence[LmTask], cfg: GeneratorConfig, step: int, rank
     rng = random.Random(f"lm-{cfg.seed}-{step}-{rank}")
     picks = []
     for task in rng.sample(list(tasks), min(cfg.lm_tasks, len(tasks))):
-        texts = [rng.randrange(len(task.sequences)) for _ in range(cfg.lm_texts)]
-        picks.append((task, rng.randrange(len(task.episodes)), texts))
+        if task.context is None:
+            texts = [rng.randrange(len(task.sequences)) for _ in range(cfg.lm_texts)]
+            picks.append((task, rng.randrange(len(task.episodes)), texts))
+        else:  # the episode first: its prompt's own demonstrations are never a target under it
+            episode = rng.choice(task.context.rows)
+            allowed = task.context.allowed[episode]
+            picks.append((task, episode, [rng.choice(allowed) for _ in range(cfg.lm_texts)]))
     return picks
 
 
@@ -227,15 +313,13 @@ def step_generator(kind: str, cfg: GeneratorConfig, step: int, rank: int) -> tor
 def lm_step_loss(generator: LoraGenerator, applier: FunctionalLora, tasks: Sequence[LmTask],
                  cfg: GeneratorConfig, step: int, rank: int, pad_id: int) -> torch.Tensor:
     """Mean over this step's tasks of the LM loss of their generated adapters."""
-    from icm.lora_train import collate
-
     picks = _step_choices(tasks, cfg, step, rank)
     conditions = torch.stack([task.episodes[episode] for task, episode, _ in picks])  # (T, D)
     z = torch.randn(len(picks), generator.model.spec.latent_dim,
                     generator=step_generator("z", cfg, step, rank)).to(conditions.device)  # (T, latent)
     vectors = generated_vectors(generator, conditions, z)  # (T, L)
-    losses = [applier.nll(vector, collate([task.sequences[i] for i in texts], pad_id))
-              for vector, (task, _, texts) in zip(vectors, picks)]
+    losses = [applier.nll(vector, task.batch(episode, texts, pad_id))
+              for vector, (task, episode, texts) in zip(vectors, picks)]
     return torch.stack(losses).mean()
 
 

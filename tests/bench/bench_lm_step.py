@@ -60,7 +60,7 @@ def setup(run: Path, overrides: list[str], steps: int):
     from icm.generator.inputs import load_task_conditions
     from icm.generator.lm import lm_setup
     from icm.stages import open_suite
-    from jobs.generator_lm import lm_train_texts, reconstruction_term
+    from jobs.generator_lm import lm_train_prompts, lm_train_texts, reconstruction_term
 
     cfg = load_config(run / "generator" / "config.resolved.yaml", overrides)
     cfg = cfg.model_copy(update={"storage": cfg.storage.model_copy(update={"root": str(run)})})
@@ -69,7 +69,8 @@ def setup(run: Path, overrides: list[str], steps: int):
     generator = LoraGenerator.load(run / "generator")
     tasks = generator.summary["trained_on"]["tasks"]
     lm = lm_setup(generator, cfg.model, lm_train_texts(suite, tasks, gen_cfg.lm_max_texts),
-                  load_task_conditions(cfg, tasks), gen_cfg, "cpu")
+                  load_task_conditions(cfg, tasks), gen_cfg, "cpu",
+                  lm_train_prompts(cfg, gen_cfg, suite, tasks))
     return generator, lm, reconstruction_term(cfg, gen_cfg, suite), gen_cfg
 
 

@@ -3,6 +3,9 @@ its loss back-propagated into the generator, deterministic and resumable (tiny-l
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import pytest
 import torch
 
@@ -10,8 +13,8 @@ from icm.config import GeneratorConfig, ModelConfig
 from icm.generator import LoraGenerator, fit_generator
 from icm.generator.data import prepare_data
 from icm.generator.inputs import initial_lora_state, load_zoo
-from icm.generator.lm import (FunctionalLora, fit_lm, generated_vectors, hybrid_term, lm_setup,
-                             lm_tasks)
+from icm.generator.lm import (EpisodePrompt, FunctionalLora, fit_lm, generated_vectors, hybrid_term,
+                             lm_setup, lm_tasks)
 from icm.lora_train import collate, tokenize_texts
 from icm.models import load_base_model
 from tests.unit.test_generator import FAST, LORA, write_zoo
@@ -310,3 +313,126 @@ def test_the_phase_views_of_the_generator_config_leave_out_only_what_each_phase_
     assert base.model_copy(update={"lm_steps": 999}).lm_run_settings() == base.lm_run_settings()
     for changed in ({"lm_lr": 0.5}, {"objective": "lm"}, {"steps": 7}, {"seed": 1}):
         assert base.model_copy(update=changed).lm_run_settings() != base.lm_run_settings(), changed
+
+
+# ----------------------------------------------------------------------------- lm_context: prompt
+
+
+def _prompts(name: str, rows: int) -> list:
+    """Row r's prompt shows texts r and r + 1 of the task (two demonstrations)."""
+    from icm.generator.lm import EpisodePrompt
+    from icm.task_vectors import format_prompt
+
+    texts = TEXTS[name]
+    return [EpisodePrompt(format_prompt(None, demos, mode="demos"), demos)
+            for demos in ((texts[r % 2], texts[r % 2][:10]) for r in range(rows))]
+
+
+def test_prompt_context_reads_each_text_after_its_rows_prompt_and_predicts_only_the_text(world):
+    """Labels are -100 over the prompt (start token included), the text follows as evaluation's
+    in-context variants read it (" " + text), and a row's own demonstrations, clipped or whole,
+    are never a target under it, in any step."""
+    from icm.eval.baselines import TEXT_SEPARATOR
+    from icm.generator.lm import _step_choices
+    from icm.models import text_start_token_id
+
+    generator, _, _, _, tokenizer = _setup(world)
+    conditions = world[1]
+    prompts = {n: _prompts(n, len(conditions[n])) for n in TEXTS}
+    cfg = GeneratorConfig(**{**FAST, **LM, "lm_context": "prompt"})
+    tasks = lm_tasks(TEXTS, conditions, generator, tokenizer, cfg, prompts)
+    cats = next(t for t in tasks if t.name == "cats")
+    assert cats.context.allowed[0] == [1, 3, 5, 7] and cats.context.allowed[1] == [0, 2, 4, 6]
+    batch = cats.batch(0, [1, 3], tokenizer.pad_token_id or 0)
+    prompt = cats.context.prompts[0]
+    assert prompt[0] == text_start_token_id(tokenizer)
+    assert prompt[1:] == tokenizer(prompts["cats"][0].prompt, add_special_tokens=False)["input_ids"]
+    text = tokenizer(TEXT_SEPARATOR + TEXTS["cats"][1], add_special_tokens=False)["input_ids"]
+    assert batch["input_ids"][0].tolist()[:len(prompt) + len(text)] == prompt + text
+    assert (batch["labels"][:, :len(prompt)] == -100).all()
+    assert batch["labels"][0, len(prompt):len(prompt) + len(text)].tolist() == text
+    for step in range(40):
+        for task, row, texts in _step_choices(tasks, cfg, step, 0):
+            assert texts and set(texts) <= set(task.context.allowed[row]), (task.name, row, texts)
+    with pytest.raises(ValueError, match="episode prompts"):
+        lm_tasks(TEXTS, conditions, generator, tokenizer, cfg)
+    with pytest.raises(ValueError, match="episode prompts for .* condition rows"):
+        lm_tasks(TEXTS, conditions, generator, tokenizer, cfg,
+                 {n: _prompts(n, len(conditions[n]) + 1) for n in TEXTS})
+
+
+def test_lm_context_prompt_trains_the_generator_on_the_loss_under_the_prompt(world):
+    """The loss under the prompt differs from the loss alone (the prompt is read) and fit_lm
+    lowers it; a task whose every text is a demonstration of every row takes no part."""
+    generator, applier, plain, _, tokenizer = _setup(world)
+    conditions = world[1]
+    cfg = GeneratorConfig(**{**FAST, **LM, "lm_context": "prompt"})
+    prompts = {n: _prompts(n, len(conditions[n])) for n in TEXTS}
+    tasks = lm_tasks(TEXTS, conditions, generator, tokenizer, cfg, prompts)
+    pad = tokenizer.pad_token_id or 0
+    z = torch.zeros(1, generator.model.spec.latent_dim)
+
+    def loss_under(task) -> float:
+        with torch.no_grad():
+            vector = generated_vectors(generator, task.episodes[:1], z)[0]
+            return float(applier.nll(vector, task.batch(0, task.context.allowed[0], pad)))
+
+    cats = next(t for t in tasks if t.name == "cats")
+    cats_plain = next(t for t in plain if t.name == "cats")
+    with torch.no_grad():
+        vector = generated_vectors(generator, cats.episodes[:1], z)[0]
+        alone = float(applier.nll(vector, cats_plain.batch(0, cats.context.allowed[0], pad)))
+    before = loss_under(cats)
+    assert abs(before - alone) > 1e-3
+    result = fit_lm(generator, applier, tasks, cfg, pad_id=pad)
+    assert result.steps == cfg.lm_steps and all(math.isfinite(h["train_lm_nll"]) for h in result.history)
+    assert loss_under(cats) < before
+    everything = {n: [EpisodePrompt(p.prompt, tuple(TEXTS[n])) for p in prompts[n]] for n in TEXTS}
+    everything["cats"] = prompts["cats"]
+    assert [t.name for t in lm_tasks(TEXTS, conditions, generator, tokenizer, cfg, everything)] == ["cats"]
+
+
+def test_episode_prompts_are_the_prompts_the_condition_rows_were_read_from(tmp_path):
+    """One prompt per condition row, in load_task_conditions' order (mode by mode, episodes in
+    index order), each the task-vector episode's; a task without a description has demos only."""
+    from icm.config import TaskVectorConfig
+    from icm.generator.lm import episode_prompts
+    from icm.task_vectors import build_episodes, sample_demos
+    from icm.tasks import load_task, write_task
+
+    tv = TaskVectorConfig(k=2, episodes=3, max_demo_chars=16)
+    train = [f"text number {i} of the task" for i in range(6)]
+    write_task(tmp_path / "t", name="t", description="About texts.", group="g", source="tests",
+               license="CC0-1.0", train=train, eval=["an eval text"])
+    task = load_task(tmp_path / "t")
+    rows = episode_prompts(task, tv, ["description", "demos", "both"])
+    assert len(rows) == 9
+    assert rows[0].demos == () and rows[0].prompt == build_episodes(task, tv, mode="description")[0].prompt
+    for episode in range(3):
+        assert rows[3 + episode].demos == rows[6 + episode].demos == sample_demos(task, tv, episode)
+        assert rows[6 + episode].prompt == build_episodes(task, tv, mode="both")[episode].prompt
+    assert all(len(d) <= 16 for r in rows for d in r.demos)
+    undescribed = dataclasses.replace(task, description="")
+    assert len(episode_prompts(undescribed, tv, ["description", "demos", "both"])) == 3
+
+
+def test_lm_context_none_leaves_every_hash_as_it_was_and_prompt_changes_them():
+    """A default lm_context is left out of the stage fingerprint and the LM run's settings (runs
+    from before it existed stay valid); prompt is part of both, and refuses lm_extra_root."""
+    from pydantic import ValidationError
+
+    from icm.config import PipelineConfig, sha256_json
+
+    cfg = PipelineConfig()
+    data = cfg.model_dump(mode="json")
+    del data["generator"]["lm_context"]
+    assert "lm_context" not in cfg.generator.lm_run_settings()
+    for name in cfg.task_vectors.unread_fields():
+        del data["task_vectors"][name]
+    assert cfg.fingerprint("generator") == sha256_json({"generator": data["generator"]})
+    prompt = cfg.model_copy(update={"generator": cfg.generator.model_copy(update={"lm_context": "prompt"})})
+    assert prompt.fingerprint("generator") != cfg.fingerprint("generator")
+    assert prompt.generator.lm_run_settings()["lm_context"] == "prompt"
+    assert prompt.generator.reconstruction_settings() == cfg.generator.reconstruction_settings()
+    with pytest.raises(ValidationError, match="lm_extra_root"):
+        GeneratorConfig(lm_context="prompt", lm_extra_root="/somewhere")
