@@ -416,6 +416,11 @@ class GeneratorConfig(StageConfig):
         trained before such a setting existed keep their fingerprint and LM checkpoints."""
         return {"lm_context"} if self.lm_context == "none" else set()
 
+    def trained_settings(self) -> dict[str, Any]:
+        """What a trained generator is a function of (the generator and Tune stages' hash): every
+        setting but the scheduling one (``cpus_per_task``) and the unread ones."""
+        return self.model_dump(mode="json", exclude={"cpus_per_task", *self.unread_fields()})
+
     def reconstruction_settings(self) -> dict[str, Any]:
         """What the reconstruction phase reads: every setting but the LM phase's (``objective``,
         ``lm_*``) and scheduling (``cpus_per_task``). A reconstruction-trained start is reused by
@@ -429,7 +434,7 @@ class GeneratorConfig(StageConfig):
         ``lm_steps`` (and ``cpus_per_task``). The LM phase's learning rate is constant and each
         step's draws depend on (seed, step, rank) only (icm/generator/lm.py), so a run asked for
         more steps continues a shorter run's checkpoint exactly."""
-        return self.model_dump(mode="json", exclude={"cpus_per_task", "lm_steps", *self.unread_fields()})
+        return {k: v for k, v in self.trained_settings().items() if k != "lm_steps"}
 
 
 def _check_arch(value: str) -> str:

@@ -470,6 +470,21 @@ def load_episode_vectors(stage_dir: str | Path, *, mode: str, layer: int, poolin
             for task, rows in frame.groupby("task", sort=True)}
 
 
+def load_episode_prompts(stage_dir: str | Path, tasks: Sequence[str]
+                         ) -> dict[str, dict[tuple[str, int], tuple[str, bool]]]:
+    """The prompts a finished stage read, as fitted to its token budget: task -> (mode, episode)
+    -> (prompt, truncated)."""
+    import pandas as pd
+
+    frame = pd.read_parquet(Path(stage_dir) / EPISODES_FILE,
+                            columns=["task", "mode", "episode", "prompt", "truncated"],
+                            filters=[("task", "in", list(tasks))])
+    _check_tasks(set(frame["task"]), tasks, "episode prompts")
+    return {task: {(row.mode, int(row.episode)): (row.prompt, bool(row.truncated))
+                   for row in rows.itertuples()}
+            for task, rows in frame.groupby("task", sort=True)}
+
+
 def load_task_means(stage_dir: str | Path, *, mode: str, layer: int, pooling: str,
                     tasks: Sequence[str] | None = None) -> dict[str, np.ndarray]:
     """Per-task mean vectors of a finished stage: task -> float32 (D,)."""

@@ -93,7 +93,7 @@ def run(cfg: PipelineConfig, suite: Suite, *, inputs: GeneratorInputs | None = N
     pull_stages(cfg, "zoo", "task_vectors")  # a URI root: the inputs, into the local mirror
     inputs = inputs or load_generator_inputs(cfg, suite)
     gen_cfg, source = chosen_config(cfg, suite, inputs)
-    trained = gen_cfg.model_dump(mode="json", exclude={"cpus_per_task"})  # not a scheduling knob
+    trained = gen_cfg.trained_settings()
     extra = extra_root_fingerprint(cfg)  # the LM objective's tasks without a LoRA, when set
     given_fingerprint = inputs.fingerprint()
     current = stage(cfg, "generator", given_fingerprint, trained, *([extra] if extra else []),

@@ -49,14 +49,17 @@ def lm_train_texts(suite: Suite, tasks: list[str], limit: int) -> dict[str, list
 
 def lm_train_prompts(cfg: PipelineConfig, gen_cfg: GeneratorConfig, suite: Suite,
                      tasks: Sequence[str]) -> dict | None:
-    """With ``generator.lm_context: prompt``, each task's episode prompts, one per condition
-    row (what each row's vector was read from); None otherwise."""
+    """With ``generator.lm_context: prompt``, each task's episode prompts, one per condition row
+    of `load_task_conditions` (the task-vectors stage's prompts those rows were read from); None
+    otherwise."""
     from icm.generator.lm import episode_prompts
+    from icm.task_vectors import load_episode_prompts
 
     if gen_cfg.lm_context != "prompt":
         return None
+    read = load_episode_prompts(cfg.storage.path("task_vectors"), sorted(tasks))
     return {task: episode_prompts(load_task(suite.tasks[task].path), cfg.task_vectors,
-                                  gen_cfg.condition_modes) for task in tasks}
+                                  cfg.generator.condition_modes, read[task]) for task in tasks}
 
 
 def lm_train_func(loop: dict) -> None:

@@ -410,7 +410,7 @@ def run(cfg: PipelineConfig, suite: Suite, *, inputs: GeneratorInputs | None = N
     inputs = inputs or load_generator_inputs(cfg, suite)
     # Scheduling knobs change nothing that is searched: a resumed search may use other values.
     knobs = cfg.tune.model_dump(mode="json", exclude={"max_concurrent", "cpus_per_trial"})
-    generator = cfg.generator.model_dump(mode="json", exclude={"cpus_per_task"})
+    generator = cfg.generator.trained_settings()
     fold_groups = sorted({group for fold in suite_folds(suite, cfg.evaluate) for group in fold})
     current = stage(cfg, "tune", inputs.fingerprint(), generator, knobs, fold_groups,
                     cfg.evaluate.max_length, cfg.evaluate.batch_size, sections=("model",))

@@ -326,7 +326,8 @@ register(Variant("demo-selected", "selected", UNSEEN, (
 # Every adapter baseline is also read under the same prompt: the honest rivals of the generated
 # adapter under it (multitask on a fold only where the oracles stage trained the fold's own, as
 # on its own)
-for _under in ("generated", "soup", "similarity-soup", "nearest", "ridge", "oracle", "multitask"):
+for _under in ("generated", "soup", "similarity-soup", "nearest", "ridge", "lorahub", "oracle",
+               "multitask"):
     register(Variant(f"in-context+{_under}", "in-context", UNSEEN, (
         f"as in-context, read with the {_under} adapter active: does the adapter add to the "
         "prompt? (a generated one: one draw)"), with_adapter=_under, opt_in=True))

@@ -30,6 +30,7 @@ from icm.generator.artifact import LoraGenerator
 from icm.generator.data import PreparedData, SampleSet
 from icm.generator.networks import cvae_loss
 from icm.lora_io import LoraLayout, split
+from icm.tasks import Task
 
 LM_CHECKPOINT_FILE = "lm_state.pt"
 
@@ -139,15 +140,26 @@ class EpisodePrompt:
     demos: tuple[str, ...]
 
 
-def episode_prompts(task, task_vectors: TaskVectorConfig, modes: Sequence[str]) -> list[EpisodePrompt]:
-    """Per condition row of ``task``, in `load_task_conditions`' order (each of ``modes`` in turn,
-    its episodes in index order), the prompt its vector was read from (`build_episodes`). A mode
-    the task cannot fill (no description) is left out, as its vectors are."""
+def episode_prompts(task: Task, task_vectors: TaskVectorConfig, modes: Sequence[str],
+                    read: Mapping[tuple[str, int], tuple[str, bool]]) -> list[EpisodePrompt]:
+    """Per condition row of ``task``, in `load_task_conditions`' order (each of ``modes`` in
+    turn, its episodes in index order): the prompt its vector was read from (``read``: the
+    task-vectors stage's (mode, episode) -> (prompt, truncated), `load_episode_prompts`) and
+    that episode's demonstrations (`build_episodes`). An uncut prompt must be the one this
+    config builds, else the stage ran with other settings and the rows would not match."""
     from icm.task_vectors import build_episodes
 
-    usable = [m for m in modes if m == "demos" or (task.description or "").strip()]
-    return [EpisodePrompt(episode.prompt, episode.demos)
-            for mode in usable for episode in build_episodes(task, task_vectors, mode=mode)]
+    rows = []
+    for mode in modes:
+        for episode in build_episodes(task, task_vectors, mode=mode):
+            prompt, truncated = read.get((mode, episode.episode), (None, False))
+            if prompt is None or (not truncated and prompt != episode.prompt):
+                raise ValueError(
+                    f"task {task.name!r}: the task_vectors stage read no such {mode} episode "
+                    f"{episode.episode} as task_vectors settings build now (they changed since "
+                    "it ran). Fix: rerun the task_vectors stage, or restore its settings")
+            rows.append(EpisodePrompt(prompt, episode.demos))
+    return rows
 
 
 @dataclass
@@ -169,9 +181,10 @@ class PromptContext:
         start = text_start_token_id(tokenizer)
         # a demonstration is a text cut to task_vectors.max_demo_chars: a text is shown when it
         # starts with one (a shorter text that begins another is excluded too: harmless)
-        allowed = [[i for i, text in enumerate(texts) if not any(text.startswith(d) for d in p.demos)]
-                   for p in prompts]
-        encoded = tokenizer([TEXT_SEPARATOR + t for t in texts], add_special_tokens=False)["input_ids"]
+        allowed = [[i for i, text in enumerate(texts)
+                    if not any(text.startswith(demo) for demo in p.demos)] for p in prompts]
+        spaced = [TEXT_SEPARATOR + text for text in texts]  # as evaluation's in-context reads them
+        encoded = tokenizer(spaced, add_special_tokens=False)["input_ids"]
         return cls(prompts=[[start, *tokenizer(p.prompt, add_special_tokens=False)["input_ids"]]
                             for p in prompts],
                    targets=[ids[:seq_len] for ids in encoded], allowed=allowed,
@@ -234,8 +247,9 @@ def lm_tasks(train_texts: Mapping[str, Sequence[str]], conditions: Mapping[str, 
             context = PromptContext.build(texts, prompts[name], tokenizer, cfg.lm_seq_len)
             if not context.rows:
                 continue
-        tasks.append(LmTask(name, tokenize_texts(tokenizer, texts, cfg.lm_seq_len),
-                            generator.condition_norm.apply(raw.to(generator.template.device)), context))
+        episodes = generator.condition_norm.apply(raw.to(generator.template.device))  # (E, D)
+        sequences = tokenize_texts(tokenizer, texts, cfg.lm_seq_len)
+        tasks.append(LmTask(name, sequences, episodes, context))
     if not tasks:
         raise ValueError("no training task has train texts for the LM objective")
     return tasks

@@ -295,6 +295,35 @@ def test_generator_lm_objective_fine_tunes_on_ray_train_and_skips_when_done(smok
         assert [h["lm_step"] for h in lm["history"]] == [2, 4, 6], generator
 
 
+@pytest.mark.slow
+def test_the_lm_phase_reads_the_prompt_on_ray_train_with_lm_context_prompt(smoke_run, tmp_path):
+    """generator.lm_context=prompt through the real pipeline: the Ray Train LM phase reads each
+    text after its episode's prompt (the driver built them from the suite's tasks), the artifact
+    records the setting, and its adapter is scored under the prompt on the held-out tasks."""
+    root, suite = smoke_run.root, smoke_run.suite
+    lm_root = tmp_path / "prompted"
+    lm_root.mkdir()
+    for upstream in ("zoo", "oracles", "task_vectors"):
+        (lm_root / upstream).symlink_to(root / upstream)
+    args = [f"suite.path={suite}", f"storage.root={lm_root}", "tune.enabled=false",
+            "generator.objective=hybrid", "generator.lm_steps=2", "generator.report_every=1",
+            "generator.lm_seq_len=24", "generator.lm_context=prompt", "stages=[generator,evaluate]",
+            "evaluate.variants=[in-context]", "evaluate.extra_variants=[in-context+generated]",
+            "evaluate.seen_tasks=0", "evaluate.folds=0"]
+    command = [sys.executable, "-m", "jobs.pipeline", "--config", "smoke", *FAST, *args]
+    run = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-6000:]
+    assert "(read after: prompt)" in run.stderr
+    meta = json.loads((lm_root / "generator" / "generator.json").read_text())
+    assert meta["config"]["lm_context"] == "prompt"
+    lm = meta["training"]["lm"]
+    assert [h["lm_step"] for h in lm["history"]] == [1, 2]
+    assert all(h["train_lm_nll"] > 0 for h in lm["history"])
+    results = pd.read_parquet(lm_root / "evaluate" / "results.parquet")
+    assert set(results["variant"]) == {"in-context", "in-context+generated"}
+    assert set(results["setting"]) == {"heldout"}
+
+
 def test_a_baseline_only_evaluation_trains_no_fold_generator(smoke_run, tmp_path):
     """Variants that read no generator (base, soup, the prompt with the soup's adapter): the folds
     are scored without training a fold generator, and the fold rows equal those the smoke run

@@ -64,13 +64,15 @@ def test_a_selected_variant_names_adapter_candidates_and_belongs_to_its_run_gene
 
 
 def test_stacked_variants_are_opt_in_and_read_the_prompt_with_an_adapter_on_unseen_tasks():
-    unders = ["generated", "soup", "similarity-soup", "nearest", "ridge", "oracle", "multitask"]
+    unders = ["generated", "soup", "similarity-soup", "nearest", "ridge", "lorahub", "oracle",
+              "multitask"]
     names = [f"in-context+{under}" for under in unders]
     assert not [v for v in variants_for("heldout") if v.with_adapter]  # not scored by default
     stacked = {v.name: v.with_adapter for v in variants_for("heldout", extra=names) if v.with_adapter}
     assert stacked == dict(zip(names, unders))
-    # every adapter baseline can be read under the prompt: the stacked generator's honest rivals
-    assert {v.name for v in variants_for("heldout") if v.kind == "adapter" and v.baseline} <= set(unders)
+    # every adapter baseline, opt-in ones too, can be read under the prompt: the stacked
+    # generator's honest rivals
+    assert set(baseline_names()) - {"in-context"} <= set(unders)
     assert all(VARIANTS[name].kind == "in-context" and not VARIANTS[name].baseline for name in stacked)
     assert not [v for v in variants_for("seen", extra=names) if v.with_adapter]
     assert [v.name for v in variants_for("fold", ["base"], extra=names[:1])] == ["base", names[0]]

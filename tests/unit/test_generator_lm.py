@@ -385,16 +385,20 @@ def test_lm_context_prompt_trains_the_generator_on_the_loss_under_the_prompt(wor
     before = loss_under(cats)
     assert abs(before - alone) > 1e-3
     result = fit_lm(generator, applier, tasks, cfg, pad_id=pad)
-    assert result.steps == cfg.lm_steps and all(math.isfinite(h["train_lm_nll"]) for h in result.history)
+    assert result.steps == cfg.lm_steps
+    assert all(math.isfinite(h["train_lm_nll"]) for h in result.history)
     assert loss_under(cats) < before
     everything = {n: [EpisodePrompt(p.prompt, tuple(TEXTS[n])) for p in prompts[n]] for n in TEXTS}
     everything["cats"] = prompts["cats"]
-    assert [t.name for t in lm_tasks(TEXTS, conditions, generator, tokenizer, cfg, everything)] == ["cats"]
+    kept = lm_tasks(TEXTS, conditions, generator, tokenizer, cfg, everything)
+    assert [t.name for t in kept] == ["cats"]
 
 
 def test_episode_prompts_are_the_prompts_the_condition_rows_were_read_from(tmp_path):
     """One prompt per condition row, in load_task_conditions' order (mode by mode, episodes in
-    index order), each the task-vector episode's; a task without a description has demos only."""
+    index order): the prompt the task-vectors stage read (its cut one where it cut it), with
+    that episode's demonstrations; a stage that read other prompts than today's settings build
+    is refused with the fix."""
     from icm.config import TaskVectorConfig
     from icm.generator.lm import episode_prompts
     from icm.task_vectors import build_episodes, sample_demos
@@ -405,15 +409,23 @@ def test_episode_prompts_are_the_prompts_the_condition_rows_were_read_from(tmp_p
     write_task(tmp_path / "t", name="t", description="About texts.", group="g", source="tests",
                license="CC0-1.0", train=train, eval=["an eval text"])
     task = load_task(tmp_path / "t")
-    rows = episode_prompts(task, tv, ["description", "demos", "both"])
+    modes = ["description", "demos", "both"]
+    read = {(m, e.episode): (e.prompt, False)
+            for m in modes for e in build_episodes(task, tv, mode=m)}
+    read[("both", 2)] = ("Task: About texts.\n\nText:", True)  # the stage cut this one
+    rows = episode_prompts(task, tv, modes, read)
     assert len(rows) == 9
-    assert rows[0].demos == () and rows[0].prompt == build_episodes(task, tv, mode="description")[0].prompt
+    assert rows[0].demos == ()
+    assert rows[0].prompt == build_episodes(task, tv, mode="description")[0].prompt
     for episode in range(3):
         assert rows[3 + episode].demos == rows[6 + episode].demos == sample_demos(task, tv, episode)
-        assert rows[6 + episode].prompt == build_episodes(task, tv, mode="both")[episode].prompt
+    assert rows[6].prompt == build_episodes(task, tv, mode="both")[0].prompt
+    assert rows[8].prompt == "Task: About texts.\n\nText:"  # as read, not as rebuilt
     assert all(len(d) <= 16 for r in rows for d in r.demos)
-    undescribed = dataclasses.replace(task, description="")
-    assert len(episode_prompts(undescribed, tv, ["description", "demos", "both"])) == 3
+    with pytest.raises(ValueError, match="rerun the task_vectors stage"):
+        episode_prompts(task, tv.model_copy(update={"seed": 1}), modes, read)
+    with pytest.raises(ValueError, match="rerun the task_vectors stage"):
+        episode_prompts(task, tv.model_copy(update={"episodes": 4}), modes, read)
 
 
 def test_lm_context_none_leaves_every_hash_as_it_was_and_prompt_changes_them():
@@ -427,12 +439,17 @@ def test_lm_context_none_leaves_every_hash_as_it_was_and_prompt_changes_them():
     data = cfg.model_dump(mode="json")
     del data["generator"]["lm_context"]
     assert "lm_context" not in cfg.generator.lm_run_settings()
+    # what the generator and Tune stages hash: a default generator's hash is what it was
+    assert cfg.generator.trained_settings() == {k: v for k, v in data["generator"].items()
+                                                if k != "cpus_per_task"}
     for name in cfg.task_vectors.unread_fields():
         del data["task_vectors"][name]
     assert cfg.fingerprint("generator") == sha256_json({"generator": data["generator"]})
-    prompt = cfg.model_copy(update={"generator": cfg.generator.model_copy(update={"lm_context": "prompt"})})
+    prompted = cfg.generator.model_copy(update={"lm_context": "prompt"})
+    prompt = cfg.model_copy(update={"generator": prompted})
     assert prompt.fingerprint("generator") != cfg.fingerprint("generator")
     assert prompt.generator.lm_run_settings()["lm_context"] == "prompt"
+    assert prompt.generator.trained_settings()["lm_context"] == "prompt"
     assert prompt.generator.reconstruction_settings() == cfg.generator.reconstruction_settings()
     with pytest.raises(ValidationError, match="lm_extra_root"):
         GeneratorConfig(lm_context="prompt", lm_extra_root="/somewhere")
