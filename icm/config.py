@@ -485,6 +485,11 @@ class EvalConfig(StageConfig):
     samples: int = Field(5, ge=1, description="Generated adapters per task (z samples) for mean +- std.")
     best_of: int = Field(5, ge=1, description="K for best-of-K selection by demonstration perplexity.")
     seed: int = Field(0, description="Seed of z sampling and controls.")
+    baseline_pooling: Pooling | None = Field(None, description=(
+        "Pooling of the task vectors the zoo baselines read (similarity-soup, nearest, ridge); "
+        "None: the generator's condition_pooling. Set it (e.g. mean) to compare generators "
+        "that read other poolings against the same baselines; the task_vectors stage must have "
+        "computed it."))
     variants: list[str] | None = Field(None, description=(
         "Variants to score (icm/eval/variants.py registry names); None: every one that applies "
         "and is not opt-in."))
@@ -553,6 +558,11 @@ class EvalConfig(StageConfig):
                              "task's first episode, as a request's examples; delete the key.")
         return data
 
+    def unread_fields(self) -> set[str]:
+        """Settings left out of every hash at their default (`baseline_pooling` None: the
+        generator's), so evaluations run before such a setting existed stay valid."""
+        return {"baseline_pooling"} if self.baseline_pooling is None else set()
+
 
 class PipelineConfig(StageConfig):
     """The whole run. Sections are added as stages land; each stage saves its resolved copy."""
@@ -601,6 +611,10 @@ class PipelineConfig(StageConfig):
             raise ValueError(f"tune.archs {unread} attend over the spans of pooling 'chunks', but "
                              f"generator.condition_pooling={g.condition_pooling!r}. Fix: set "
                              "generator.condition_pooling=chunks, or drop them from tune.archs")
+        pooling = self.evaluate.baseline_pooling
+        if pooling is not None and pooling not in tv.poolings:
+            raise ValueError(f"evaluate.baseline_pooling={pooling!r} is not in task_vectors.poolings "
+                             f"{tv.poolings}. Fix: add it there, or unset it (the generator's)")
         if "evaluate" in self.stages and "both" not in tv.modes:
             raise ValueError("the evaluate stage conditions the generator on 'both' task vectors: "
                              "keep 'both' in task_vectors.modes")
@@ -636,7 +650,7 @@ class PipelineConfig(StageConfig):
         """Hash of the named sections (all when none): a stage's outputs match a config when
         the hash of the sections it reads is unchanged."""
         data = self.model_dump(mode="json")
-        for section in ("task_vectors", "generator"):
+        for section in ("task_vectors", "generator", "evaluate"):
             for name in getattr(self, section).unread_fields():
                 del data[section][name]
         return sha256_json({k: data[k] for k in sections} if sections else data)

@@ -58,13 +58,14 @@ def _upstream(cfg: PipelineConfig, name: str, *, required: bool = True) -> dict 
     return json.loads(path.read_text())
 
 
-def load_task_means(cfg: PipelineConfig, tasks: Sequence[str]) -> dict:
-    """mode -> task -> (D,) task-mean vector, with the generator's layer and pooling."""
+def load_task_means(cfg: PipelineConfig, tasks: Sequence[str], pooling: str | None = None) -> dict:
+    """mode -> task -> (D,) task-mean vector, at the generator's layer and ``pooling`` (default:
+    the generator's)."""
     from icm.task_vectors import load_task_means as load
 
     g = cfg.generator
     return {mode: load(cfg.storage.path("task_vectors"), mode=mode, layer=g.condition_layer,
-                       pooling=g.condition_pooling, tasks=tasks)
+                       pooling=pooling or g.condition_pooling, tasks=tasks)
             for mode in MODES if mode in cfg.task_vectors.modes}
 
 
@@ -300,8 +301,12 @@ def run(cfg: PipelineConfig, suite: Suite, *, command: str = "python -m jobs.eva
         write_json_atomic(marker, {"fingerprint": current.fingerprint})
     plans, folds = plans_for(cfg, suite, current.directory)
     means = load_task_means(cfg, sorted(suite.tasks))
+    baseline_pooling = cfg.evaluate.baseline_pooling
+    baseline_means = (load_task_means(cfg, sorted(suite.tasks), baseline_pooling)
+                      if baseline_pooling not in (None, cfg.generator.condition_pooling) else None)
     items, record, finals = build_items(
-        suite, plans, means, zoo_root=cfg.storage.path("zoo"), oracle_root=cfg.storage.path("oracles"),
+        suite, plans, means, baseline_means=baseline_means,
+        zoo_root=cfg.storage.path("zoo"), oracle_root=cfg.storage.path("oracles"),
         options={"soup_k": cfg.evaluate.soup_k, "soup_temperature": cfg.evaluate.soup_temperature},
         variant_names=cfg.evaluate.variants, extra_variants=cfg.evaluate.extra_variants)
     results = _score_items(cfg, current.directory, items, finals)

@@ -116,25 +116,30 @@ class SettingPlan:
 
 def build_items(suite, plans: Sequence[SettingPlan], means: Mapping[str, Mapping[str, np.ndarray]], *,
                 zoo_root: Path, oracle_root: Path, options: Mapping, variant_names: list[str] | None,
-                extra_variants: Sequence[str] = ()) -> tuple[list[EvalItem], dict, dict[str, torch.Tensor]]:
+                extra_variants: Sequence[str] = (),
+                baseline_means: Mapping[str, Mapping[str, np.ndarray]] | None = None,
+                ) -> tuple[list[EvalItem], dict, dict[str, torch.Tensor]]:
     """Items for every plan, a record of how baselines were fit (ridge alpha per setting), and
-    the final (L,) vectors of every training task the items' combinations name."""
+    the final (L,) vectors of every training task the items' combinations name. ``means``
+    condition the generator; the zoo baselines read ``baseline_means`` (default: ``means``),
+    e.g. another pooling (evaluate.baseline_pooling) shared by generators that read others."""
     from icm.baselines import other_group_partner, shuffled_partner
 
     zoo_snapshots = snapshot_folders(zoo_root)
     zoo_finals = {task: folders[-1] for task, folders in zoo_snapshots.items()}
     oracle_finals = final_snapshots(oracle_root)
-    both = means["both"]
+    both = means["both"]  # task -> (D,) the generator's condition
+    baseline_both = (baseline_means or means)["both"]  # task -> (D',) what the baselines read
     items, record, fits = [], {}, {}
     finals = load_finals(zoo_finals, sorted({t for p in plans for t in p.training}))
     group_of = {name: spec.group for name, spec in suite.tasks.items()}
     layout_file = Path(zoo_root) / LAYOUT_FILE
     layout = LoraLayout.load(layout_file) if layout_file.is_file() else None
     for plan in plans:
-        training = {t: both[t] for t in plan.training}
+        training = {t: baseline_both[t] for t in plan.training}
         shared: dict = {}  # sources' per-setting scratch (`TaskContext.shared`)
         ridge, record[f"{plan.setting}{'' if plan.fold is None else plan.fold}"] = _plan_ridge(
-            plan, training, finals, both, group_of)
+            plan, training, finals, baseline_both, group_of)
         variants = variants_for(plan.setting, variant_names, list(extra_variants))
         names = [v.name for v in variants]
         if plan.generator_dir is None and (reading := [v.name for v in variants if reads_generator(v)]):
@@ -142,7 +147,7 @@ def build_items(suite, plans: Sequence[SettingPlan], means: Mapping[str, Mapping
                              f"{reading} read one")
         for task in plan.tasks:
             context = TaskContext(
-                task=task, setting=plan.setting, condition=both[task], training=training,
+                task=task, setting=plan.setting, condition=baseline_both[task], training=training,
                 oracle=(zoo_finals if task in zoo_finals and not suite.is_heldout(task)
                         else oracle_finals).get(task),
                 own_snapshots=zoo_snapshots.get(task, ()) if plan.setting == "seen" else (),

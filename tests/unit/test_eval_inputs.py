@@ -92,6 +92,39 @@ def test_items_take_oracles_and_baselines_from_the_right_place(world):
     assert torch.allclose(mixed, torch.stack(list(finals.values())).mean(0), atol=1e-6)
 
 
+def test_baselines_read_their_own_pooling_and_the_generator_its_own(world):
+    """evaluate.baseline_pooling: the zoo baselines (nearest here) pick by ``baseline_means``
+    while the generator's conditions stay ``means``: generators on other poolings share them."""
+    base, suite, means = world
+    plans = [SettingPlan("heldout", ["dogs"], ["cats", "code", "sums"], str(base / "generator"))]
+    vectors = {"cats": [1.0, 0.0], "code": [0.0, 1.0], "sums": [-1.0, 0.0], "dogs": [0.1, 0.9]}
+    other = {"both": {t: np.asarray(v, dtype=np.float32) for t, v in vectors.items()}}
+    options = dict(zoo_root=base / "zoo", oracle_root=base / "oracles", options={"soup_k": 2},
+                   variant_names=["generated", "nearest", "ridge"])
+    (own,), _, _ = build_items(suite, plans, means, **options)
+    (shared,), _, _ = build_items(suite, plans, means, baseline_means=other, **options)
+    assert dict(shared.adapters["nearest"].combination) == {"code": 1.0}  # dogs' nearest
+    assert np.array_equal(shared.conditions["both"], own.conditions["both"])
+    assert np.array_equal(shared.conditions["both"], means["both"]["dogs"])
+    assert dict(shared.adapters["ridge"].combination) != dict(own.adapters["ridge"].combination)
+
+
+def test_the_baseline_pooling_must_be_computed_and_its_default_changes_no_hash():
+    from pydantic import ValidationError
+
+    from icm.config import PipelineConfig
+    from icm.io import sha256_json
+
+    cfg = PipelineConfig()
+    with pytest.raises(ValidationError, match="evaluate.baseline_pooling='chunks' is not in"):
+        PipelineConfig(evaluate={"baseline_pooling": "chunks"})
+    data = cfg.model_dump(mode="json")["evaluate"]
+    del data["baseline_pooling"]
+    assert cfg.fingerprint("evaluate") == sha256_json({"evaluate": data})
+    chosen = PipelineConfig(evaluate={"baseline_pooling": "mean"})
+    assert chosen.fingerprint("evaluate") != cfg.fingerprint("evaluate")
+
+
 def test_every_variant_is_scored_on_the_same_texts_with_per_text_nll(world):
     base, _, _ = world
     plans = [SettingPlan("heldout", ["dogs"], ["cats", "code", "sums"], str(base / "generator"))]
