@@ -4,7 +4,8 @@ reconstruction loss beside it).
 
 Per step, for each of ``lm_tasks`` training tasks: one of its episode vectors c, z ~ N(0, I),
 the generated adapter W = G(z, c), and the mean token NLL of a few of its *train* texts under
-base + W. The adapter is applied through `torch.func.functional_call` on a base model wrapped
+base + W (with ``generator.lm_context: prompt`` each text is read after the prompt c was read
+from, as evaluation's ``in-context+generated`` reads it, and never one of its demonstrations). The adapter is applied through `torch.func.functional_call` on a base model wrapped
 once in peft, so the loss back-propagates through the frozen model into the generator. Eval
 texts are never read, and only training tasks (held-out ones were dropped with the zoo) take
 part.
