@@ -331,3 +331,7 @@ for _under in ("generated", "soup", "similarity-soup", "nearest", "ridge", "lora
     register(Variant(f"in-context+{_under}", "in-context", UNSEEN, (
         f"as in-context, read with the {_under} adapter active: does the adapter add to the "
         "prompt? (a generated one: one draw)"), with_adapter=_under, opt_in=True))
+register(Variant("in-context+control-shuffled", "in-context", frozenset({"heldout"}), (
+    "a control of in-context+generated: the generator's draw from another task's condition, read "
+    "under this task's prompt; as good as in-context+generated, the adapter's gain under the "
+    "prompt is not the condition's"), with_adapter="control-shuffled", opt_in=True))

@@ -73,6 +73,10 @@ def test_stacked_variants_are_opt_in_and_read_the_prompt_with_an_adapter_on_unse
     # every adapter baseline, opt-in ones too, can be read under the prompt: the stacked
     # generator's honest rivals
     assert set(baseline_names()) - {"in-context"} <= set(unders)
+    # and its control: a draw from another task's condition under this task's prompt
+    control = VARIANTS["in-context+control-shuffled"]
+    assert control.with_adapter == "control-shuffled" and control.opt_in and not control.baseline
+    assert control.settings == frozenset({"heldout"})
     assert all(VARIANTS[name].kind == "in-context" and not VARIANTS[name].baseline for name in stacked)
     assert not [v for v in variants_for("seen", extra=names) if v.with_adapter]
     assert [v.name for v in variants_for("fold", ["base"], extra=names[:1])] == ["base", names[0]]
