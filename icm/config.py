@@ -385,6 +385,13 @@ class GeneratorConfig(StageConfig):
         "form evaluate's in-context variants read; its own demonstrations are never a target "
         "under it), so the adapter learns to add to the prompt it will be read with "
         "(in-context+generated). Not with lm_extra_root."))
+    lm_condition: Literal["task", "mean"] = Field("task", description=(
+        "lm/hybrid: the condition the LM term and generation read. task: each task's own vector. "
+        "mean: the training tasks' mean vector for every task (the reconstruction term of hybrid "
+        "still reads each task's own), so the LM phase trains one adapter for all tasks with the "
+        "generator's own loss, data, steps and start: the compute-matched multi-task control "
+        "that says what the condition adds. Such a generator gives every task the same adapter "
+        "(up to z); it is for evaluation, not serving."))
     lm_workers: int = Field(1, ge=1, description=(
         "lm/hybrid: Ray Train data-parallel workers (each draws its own tasks per step)."))
     lm_gpus_per_worker: float = Field(0.0, ge=0, description=(
@@ -417,9 +424,11 @@ class GeneratorConfig(StageConfig):
         return self
 
     def unread_fields(self) -> set[str]:
-        """Settings left out of every hash at their default (`lm_context` none), so generators
-        trained before such a setting existed keep their fingerprint and LM checkpoints."""
-        return {"lm_context"} if self.lm_context == "none" else set()
+        """Settings left out of every hash at their default (`lm_context` none, `lm_condition`
+        task), so generators trained before such a setting existed keep their fingerprint and
+        LM checkpoints."""
+        defaults = {"lm_context": "none", "lm_condition": "task"}
+        return {name for name, value in defaults.items() if getattr(self, name) == value}
 
     def trained_settings(self) -> dict[str, Any]:
         """What a trained generator is a function of (the generator and Tune stages' hash): every

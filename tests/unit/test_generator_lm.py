@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -14,7 +15,7 @@ from icm.generator import LoraGenerator, fit_generator
 from icm.generator.data import prepare_data
 from icm.generator.inputs import initial_lora_state, load_zoo
 from icm.generator.lm import (EpisodePrompt, FunctionalLora, fit_lm, generated_vectors, hybrid_term,
-                             lm_setup, lm_tasks)
+                             lm_setup, lm_step_loss, lm_tasks)
 from icm.lora_train import collate, tokenize_texts
 from icm.models import load_base_model
 from tests.unit.test_generator import FAST, LORA, write_zoo
@@ -428,28 +429,63 @@ def test_episode_prompts_are_the_prompts_the_condition_rows_were_read_from(tmp_p
         episode_prompts(task, tv.model_copy(update={"episodes": 4}), modes, read)
 
 
-def test_lm_context_none_leaves_every_hash_as_it_was_and_prompt_changes_them():
-    """A default lm_context is left out of the stage fingerprint and the LM run's settings (runs
-    from before it existed stay valid); prompt is part of both, and refuses lm_extra_root."""
-    from pydantic import ValidationError
+def test_lm_condition_mean_trains_one_adapter_that_reads_no_task_condition(world):
+    """The multi-task control: with lm_condition mean the LM step's loss is the same whatever the
+    tasks' vectors are (with task it is not), training still lowers it, and the trained
+    generator gives every condition the same adapter, where its task twin tells them apart."""
+    generator, applier, tasks, _, tokenizer = _setup(world)
+    pad = tokenizer.pad_token_id or 0
+    shuffled = [dataclasses.replace(t, episodes=torch.randn_like(t.episodes)) for t in tasks]
 
+    def step_losses(cfg, task_list) -> list[float]:
+        with torch.no_grad():
+            return [float(lm_step_loss(generator, applier, task_list, cfg, step, 0, pad))
+                    for step in range(3)]
+
+    own = GeneratorConfig(**{**FAST, **LM})
+    mean = GeneratorConfig(**{**FAST, **LM, "lm_condition": "mean"})
+    assert step_losses(mean, tasks) == pytest.approx(step_losses(mean, shuffled), abs=1e-6)
+    assert step_losses(own, tasks) != pytest.approx(step_losses(own, shuffled), abs=1e-4)
+    before = step_losses(mean, tasks)
+    fit_lm(generator, applier, tasks, mean, pad_id=pad)
+    assert sum(step_losses(mean, tasks)) < sum(before)
+    conditions = torch.as_tensor(np.concatenate([world[1][n][:1] for n in sorted(TEXTS)]))  # (3, D)
+    generator.config = mean  # what the LM phase's finetune stores with the generator
+    adapters = generator.sample(conditions, z="zero")  # (3, L)
+    assert torch.equal(adapters[0], adapters[1]) and torch.equal(adapters[0], adapters[2])
+    generator.config = own
+    assert not torch.allclose(generator.sample(conditions, z="zero")[0], adapters[1])
+
+
+@pytest.mark.parametrize("field, default, other", [("lm_context", "none", "prompt"),
+                                                   ("lm_condition", "task", "mean")])
+def test_new_lm_settings_leave_every_hash_as_it_was_at_their_default(field, default, other):
+    """lm_context none and lm_condition task are left out of the stage fingerprint and the LM
+    run's settings (runs from before they existed stay valid); the other value is part of
+    both, and does not change the reconstruction phase's settings."""
     from icm.config import PipelineConfig, sha256_json
 
     cfg = PipelineConfig()
+    assert getattr(cfg.generator, field) == default
     data = cfg.model_dump(mode="json")
-    del data["generator"]["lm_context"]
-    assert "lm_context" not in cfg.generator.lm_run_settings()
-    # what the generator and Tune stages hash: a default generator's hash is what it was
+    for name in cfg.generator.unread_fields():
+        del data["generator"][name]
+    assert field not in data["generator"] and field not in cfg.generator.lm_run_settings()
     assert cfg.generator.trained_settings() == {k: v for k, v in data["generator"].items()
                                                 if k != "cpus_per_task"}
     for name in cfg.task_vectors.unread_fields():
         del data["task_vectors"][name]
     assert cfg.fingerprint("generator") == sha256_json({"generator": data["generator"]})
-    prompted = cfg.generator.model_copy(update={"lm_context": "prompt"})
-    prompt = cfg.model_copy(update={"generator": prompted})
-    assert prompt.fingerprint("generator") != cfg.fingerprint("generator")
-    assert prompt.generator.lm_run_settings()["lm_context"] == "prompt"
-    assert prompt.generator.trained_settings()["lm_context"] == "prompt"
-    assert prompt.generator.reconstruction_settings() == cfg.generator.reconstruction_settings()
+    changed = cfg.model_copy(update={"generator": cfg.generator.model_copy(update={field: other})})
+    assert changed.fingerprint("generator") != cfg.fingerprint("generator")
+    assert changed.generator.lm_run_settings()[field] == other
+    assert changed.generator.trained_settings()[field] == other
+    assert changed.generator.reconstruction_settings() == cfg.generator.reconstruction_settings()
+
+
+def test_lm_context_prompt_refuses_lm_extra_root():
+    """The extra root's tasks have no prompts here: the combination is refused, with the fix."""
+    from pydantic import ValidationError
+
     with pytest.raises(ValidationError, match="lm_extra_root"):
         GeneratorConfig(lm_context="prompt", lm_extra_root="/somewhere")
