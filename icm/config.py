@@ -423,6 +423,12 @@ class GeneratorConfig(StageConfig):
                              "unset generator.lm_extra_root, or set lm_context=none")
         return self
 
+    @property
+    def reads_after_prompt(self) -> bool:
+        """Its adapters were trained to be read after the task's in-context prompt (an LM phase
+        with lm_context prompt): serving puts the prompt the condition was read from in front."""
+        return self.objective != "reconstruction" and self.lm_context == "prompt"
+
     def unread_fields(self) -> set[str]:
         """Settings left out of every hash at their default (`lm_context` none, `lm_condition`
         task), so generators trained before such a setting existed keep their fingerprint and

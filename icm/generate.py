@@ -31,6 +31,9 @@ class GeneratedAdapter:
 
     vector: torch.Tensor  # (L,)
     chosen: int
+    # the in-context prompt the condition was read from: what a generator with
+    # GeneratorConfig.reads_after_prompt has its adapter read after, when serving completions
+    context_prompt: str = ""
     demo_perplexities: list[float] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -74,6 +77,10 @@ class AdapterFactory:
             vectors = self.encoder.encode(description, examples)
         return vectors[self.key]
 
+    def request_prompt(self, description: str | None, examples: Sequence[str] | None) -> str:
+        """The in-context prompt `task_vector` reads for the request (tokenizer only)."""
+        return self.encoder.request_prompt(description, examples).prompt
+
     def generate(self, description: str | None = None, examples: Sequence[str] | None = None, *,
                  samples: int = 1, select: str = "demo-ppl", seed: int = 0,
                  max_length: int = 128) -> GeneratedAdapter:
@@ -96,7 +103,8 @@ class AdapterFactory:
         started = time.perf_counter()
         draws = self.generator.sample(condition, num_samples=samples, seed=seed)  # (samples, L)
         timings["sample_s"] = time.perf_counter() - started
-        result = GeneratedAdapter(vector=draws[0], chosen=0, timings=timings)
+        result = GeneratedAdapter(vector=draws[0], chosen=0, timings=timings,
+                                  context_prompt=self.request_prompt(description, examples))
         if samples > 1 and select == "demo-ppl":
             started = time.perf_counter()
             result.demo_perplexities = self.demo_perplexities(draws, examples, max_length=max_length)
@@ -118,7 +126,7 @@ class AdapterFactory:
     def write(self, adapter: GeneratedAdapter, out_dir: str | Path, request: dict[str, Any]) -> Path:
         """Write the adapter in peft format, with a record of the request beside it."""
         return self.generator.write_adapter(adapter.vector, out_dir, extra={"icm_generation.json": {
-            **request, "chosen_sample": adapter.chosen,
+            **request, "chosen_sample": adapter.chosen, "context_prompt": adapter.context_prompt,
             "demo_perplexities": adapter.demo_perplexities, "timings": adapter.timings,
             "base_model": self.generator.model_spec}})
 

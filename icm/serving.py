@@ -402,6 +402,20 @@ class AdapterStore:
                                 "/v1/adapters.", param=param)
         return self.path(adapter_id)
 
+    def context_prompt(self, adapter_id: str) -> str:
+        """The in-context prompt the adapter's condition was read from (its generation record):
+        what completions read the caller's text after when the generator's adapters were
+        trained after one (`GeneratorConfig.reads_after_prompt`)."""
+        record = self.path(adapter_id) / GENERATION_RECORD
+        prompt = json.loads(record.read_text()).get("context_prompt") if record.is_file() else None
+        if not prompt:
+            raise ServeInputError(
+                f"adapter {adapter_id} records no context prompt (it was generated before one "
+                "was recorded), and this generator's adapters are read after their task's "
+                f"prompt. Fix: delete {self.path(adapter_id)} and create it again with POST "
+                "/v1/adapters.", param="model")
+        return prompt
+
     def ids(self, limit: int = 1000) -> list[str]:
         """Stored adapter ids, newest first."""
         found = [p for p in self.root.iterdir() if re.fullmatch(ADAPTER_ID_PATTERN, p.name)]
@@ -542,10 +556,24 @@ class PromptBuilder:
                                   f"{self.limits.max_prompt_tokens}.", param=param)
         return ids
 
-    def completion(self, text: str, *, param: str = "prompt") -> list[int]:
-        """Plain text, read after the text-start token as in zoo training and evaluation."""
-        return self._check([self.start_id, *self.tokenizer(text, add_special_tokens=False)
-                            ["input_ids"]], param)
+    def context(self, prompt: str) -> list[int]:
+        """A context prompt's ids: the text-start token, then the prompt (as the LM phase of
+        ``generator.lm_context: prompt`` and in-context evaluation read it)."""
+        return [self.start_id, *self.tokenizer(prompt, add_special_tokens=False)["input_ids"]]
+
+    def completion(self, text: str, *, param: str = "prompt",
+                   context: list[int] | None = None) -> list[int]:
+        """Plain text, read after the text-start token as in zoo training and evaluation. With
+        ``context`` (`context` ids) the text is read after them, spaced as a text after a prompt
+        (TEXT_SEPARATOR; an empty text adds nothing); ``max_prompt_tokens`` then counts the
+        caller's part only, since task_vectors.max_prompt_tokens already caps the context."""
+        from icm.eval.baselines import TEXT_SEPARATOR
+
+        if context is None:
+            return self._check([self.start_id, *self.tokenizer(text, add_special_tokens=False)
+                                ["input_ids"]], param)
+        spaced = self.tokenizer(TEXT_SEPARATOR + text, add_special_tokens=False)["input_ids"]
+        return [*context, *self._check(spaced if text else [], param)]
 
     def chat(self, messages: list[dict[str, str]]) -> list[int]:
         """Messages through the tokenizer's chat template (plain ``role: text`` lines without)."""

@@ -353,6 +353,17 @@ class TaskEncoder:
         Raises:
             TaskVectorInputError: nothing given, or an empty description or example.
         """
+        fitted = self.request_prompt(description, examples)
+        return {key: vectors[0] for key, vectors in self.encode_prompts([fitted.prompt]).items()}
+
+    def request_prompt(self, description: str | None = None,
+                       examples: Sequence[str] | None = None) -> FittedPrompt:
+        """The in-context prompt `encode` reads for one request (tokenizer only, no forward pass):
+        the mode from what is given, the first ``cfg.k`` examples, fitted to the token budget.
+
+        Raises:
+            TaskVectorInputError: nothing given, or an empty description or example.
+        """
         if description is not None and not description.strip():
             raise TaskVectorInputError("is empty.", field="description",
                                        fix="give a description, or leave it out and pass examples.")
@@ -366,8 +377,7 @@ class TaskEncoder:
             log.info("request: using the first task_vectors.k=%d of %d examples", self.cfg.k,
                      len(examples))
             examples = examples[:self.cfg.k]
-        fitted = self.fit_prompt(description, examples, mode=mode)
-        return {key: vectors[0] for key, vectors in self.encode_prompts([fitted.prompt]).items()}
+        return self.fit_prompt(description, examples, mode=mode)
 
 
 def explode_rows(batch: dict[str, np.ndarray], vectors: dict[tuple[int, str], np.ndarray]

@@ -24,6 +24,7 @@ deployment in ``cluster/serve_config.yaml``; `app_from_config` applies the same 
 """
 
 import asyncio
+import functools
 import importlib.util
 import logging
 import os
@@ -53,7 +54,7 @@ from icm.serving import (ADAPTER_ID_PATTERN, ADAPTER_MODEL_PREFIX, GENERATION_RE
                          ChatCompletionRequest, ChatCompletionResponse, CompletionChoice,
                          CompletionEngine, CompletionRequest, CompletionResponse, ErrorResponse,
                          Generated, ModelCard, ModelList, PromptBuilder, SamplingParams,
-                         ServeLimits, Usage, adapter_id_for,
+                         ServeInputError, ServeLimits, Usage, adapter_id_for,
                          check_adapter_request, check_messages, check_prompts, check_sampling,
                          completion_id, error_body, generator_fingerprint, now,
                          pack_adapter, parse_model, pin_generator)
@@ -140,9 +141,15 @@ class TaskEncoderDeployment:
         self.lock = threading.Lock()  # the encoder and the scorer share one wrapped model
         self.factory.task_vector("Warm-up.", None)  # the first forward pass is slow: not a user's
 
-    async def encode(self, description: str | None, examples: list[str]) -> np.ndarray:
-        """The request's condition vector, (D,) at the generator's pooling."""
-        return await _in_thread(self.lock, self.factory.task_vector, description, examples or None)
+    async def encode(self, description: str | None, examples: list[str]
+                     ) -> tuple[np.ndarray, str]:
+        """The request's condition vector, (D,) at the generator's pooling, and the in-context
+        prompt it was read from."""
+        def encode() -> tuple[np.ndarray, str]:  # one tokenizer: never from two threads at once
+            return (self.factory.task_vector(description, examples or None),
+                    self.factory.request_prompt(description, examples or None))
+
+        return await _in_thread(self.lock, encode)
 
     async def demo_perplexities(self, draws, examples: list[str]) -> list[float]:
         """Perplexity of each draw (K, L) on the examples."""
@@ -203,8 +210,9 @@ class AdapterGeneratorDeployment:
 
     async def _generate(self, adapter_id: str, spec: AdapterSpec) -> dict[str, Any]:
         timings, started = {}, time.perf_counter()
-        condition = np.array(await self.encoder.encode.remote(  # a writable copy, (D,)
-            spec.description, list(spec.examples)))
+        condition, context_prompt = await self.encoder.encode.remote(
+            spec.description, list(spec.examples))
+        condition = np.array(condition)  # a writable copy, (D,)
         timings["encode_s"] = time.perf_counter() - started
         mark = time.perf_counter()
         draws = await _in_thread(self.lock, lambda: self.generator.sample(
@@ -218,7 +226,8 @@ class AdapterGeneratorDeployment:
             timings["select_s"] = time.perf_counter() - mark
         mark = time.perf_counter()
         record = {"request": spec.as_json(), "adapter_id": adapter_id, "chosen_sample": chosen,
-                  "demo_perplexities": perplexities, "timings": dict(timings)}
+                  "demo_perplexities": perplexities, "timings": dict(timings),
+                  "context_prompt": context_prompt}
         await _in_thread(self.lock, lambda: self.generator.write_adapter(
             draws[chosen], self.store.path(adapter_id), extra={GENERATION_RECORD: record}))
         timings["write_s"] = time.perf_counter() - mark
@@ -371,7 +380,11 @@ class AdapterFront:
         self.encoder_dtype = args.model_dtype
         self.publish_uri = args.publish_uri
         self.store = AdapterStore(args.adapter_dir)
-        self.base_model = LoraGenerator.load(args.generator_dir).model_spec
+        loaded = LoraGenerator.load(args.generator_dir)
+        self.base_model = loaded.model_spec
+        self.reads_after_prompt = loaded.config.reads_after_prompt
+        # ids are content hashes: an adapter's context prompt never changes once read
+        self._context_prompt = functools.lru_cache(maxsize=4096)(self.store.context_prompt)
         self.hits = metrics.Counter("icm_adapter_cache_hits_total",
                                     description="POST /v1/adapters answered from storage.")
         self.misses = metrics.Counter("icm_adapter_cache_misses_total",
@@ -379,6 +392,22 @@ class AdapterFront:
         self.request_latency = metrics.Histogram(
             "icm_adapter_request_seconds", description="POST /v1/adapters latency (hit or miss).",
             boundaries=LATENCY_BUCKETS_S, tag_keys=("cached",))
+
+    def context_prompt(self, adapter_id: str | None) -> str | None:
+        """What completions with ``adapter_id`` read the caller's text after: the adapter's
+        context prompt where this generator's adapters were trained to be read after one
+        (`GeneratorConfig.reads_after_prompt`), else None (the base model; other generators)."""
+        if adapter_id is None or not self.reads_after_prompt:
+            return None
+        return self._context_prompt(adapter_id)
+
+    def refuse_chat(self, adapter_id: str | None) -> None:
+        """Chat has no place for an adapter's context prompt: such adapters complete text only."""
+        if self.context_prompt(adapter_id) is not None:
+            raise ServeInputError(
+                f"adapter {adapter_id} is read after its task's in-context prompt (the generator "
+                "was trained with generator.lm_context: prompt), which a chat template has no "
+                "place for. Fix: use /v1/completions with this model.", param="model")
 
     async def create(self, request: AdapterRequest) -> AdapterResponse:
         started = time.perf_counter()
@@ -444,8 +473,11 @@ class Ingress:
         adapter_id = self._model(request.model)
         prompts = check_prompts(request.prompt, self.limits)
         params = check_sampling(request, self.limits, prompts=len(prompts))
+        context = self.adapters.context_prompt(adapter_id)
+        prefix = None if context is None else self.prompts.context(context)
         ids = [self.prompts.completion(text, param="prompt" if isinstance(request.prompt, str)
-                                       else f"prompt[{i}]") for i, text in enumerate(prompts)]
+                                       else f"prompt[{i}]", context=prefix)
+               for i, text in enumerate(prompts)]
         results = await self._complete(adapter_id, ids, params)
         choices = [CompletionChoice(index=i, text=g.text, finish_reason=g.finish_reason)
                    for i, g in enumerate(g for row in results for g in row)]
@@ -456,6 +488,7 @@ class Ingress:
               summary="OpenAI-compatible chat completion")
     async def chat_api(self, request: ChatCompletionRequest) -> ChatCompletionResponse:
         adapter_id = self._model(request.model)
+        self.adapters.refuse_chat(adapter_id)
         ids = [self.prompts.chat(check_messages(request.messages, self.limits))]
         params = check_sampling(request, self.limits)
         results = await self._complete(adapter_id, ids, params)

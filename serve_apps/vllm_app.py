@@ -132,17 +132,24 @@ class IcmOpenAiIngress(OpenAiIngress):
         return {**self.adapters.health(), "engine": "vllm", "model": self.model_id}
 
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
-        self._check_model(body.model)
+        context = self.adapters.context_prompt(self._check_model(body.model))
+        prefix = None if context is None else self.prompts.context(context)
         limits, update = self.args.limits, {}
         if isinstance(body.prompt, str) or (isinstance(body.prompt, list) and body.prompt
                                             and isinstance(body.prompt[0], str)):
             # Text is read after the text-start token, as in zoo training, evaluation and the
             # hf engine (vLLM's tokenizer adds none for SmolLM2): token ids go to the engine.
-            ids = [self.prompts.completion(text) for text in check_prompts(body.prompt, limits)]
+            # An adapter read after its task's prompt gets it in front (AdapterFront).
+            ids = [self.prompts.completion(text, context=prefix)
+                   for text in check_prompts(body.prompt, limits)]
             update["prompt"] = ids[0] if isinstance(body.prompt, str) else ids
             prompts = len(ids)
-        else:  # token ids, as given: one list of ints or a list of them
-            prompts = len(body.prompt) if body.prompt and isinstance(body.prompt[0], list) else 1
+        else:  # token ids, as given (after the adapter's context ids, if it has one)
+            nested = bool(body.prompt) and isinstance(body.prompt[0], list)
+            prompts = len(body.prompt) if nested else 1
+            if prefix is not None:
+                update["prompt"] = ([[*prefix, *ids] for ids in body.prompt] if nested
+                                    else [*prefix, *body.prompt])
         check_output_limits(body.max_tokens, body.n, limits, prompts=prompts)
         if body.max_tokens is None:  # vLLM would run to the context length
             update["max_tokens"] = limits.max_tokens
@@ -151,7 +158,7 @@ class IcmOpenAiIngress(OpenAiIngress):
         return await _retrying(lambda: engine_call(body, request))
 
     async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
-        self._check_model(body.model)
+        self.adapters.refuse_chat(self._check_model(body.model))
         if len(body.messages) > self.args.limits.max_messages:
             raise ServeInputError(f"'messages' has {len(body.messages)} entries; at most "
                                   f"{self.args.limits.max_messages}.", param="messages")
@@ -161,10 +168,13 @@ class IcmOpenAiIngress(OpenAiIngress):
         engine_call = super().chat
         return await _retrying(lambda: engine_call(body, request))
 
-    def _check_model(self, model: str | None) -> None:
-        """An adapter model must name a stored adapter: a 404 naming it, before the engine."""
+    def _check_model(self, model: str | None) -> str | None:
+        """The adapter id ``model`` names (None: the base model). An adapter model must name a
+        stored adapter: a 404 naming it, before the engine."""
         if model and (adapter_id := parse_model(model, self.model_id, prefix=f"{self.model_id}:")):
             self.adapters.store.require(adapter_id, param="model")
+            return adapter_id
+        return None
 
 
 ENDPOINTS = {

@@ -8,6 +8,7 @@ episode task vectors from the same `TaskEncoder` the jobs use, and a small CVAE.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import re
@@ -31,20 +32,42 @@ GENERATOR_TASKS = ("cats", "sums", "code")
 
 
 def build_tiny_generator(out_dir: Path, *, tasks=GENERATOR_TASKS, steps: int = 12,
-                         snapshots: int = 4, model_spec: str = "tiny-llama") -> Path:
+                         snapshots: int = 4, model_spec: str = "tiny-llama",
+                         prompted_lm_steps: int = 0) -> Path:
     """Train a LoRA zoo of ``model_spec`` (tiny-llama: seconds; smollm2: ~1 min), task vectors
-    and a CVAE generator; save it to ``out_dir``."""
+    and a CVAE generator; save it to ``out_dir``. With ``prompted_lm_steps``, that many steps
+    of the LM phase under the prompt follow (objective lm, lm_context prompt: a generator
+    whose adapters are read after their task's prompt)."""
     import torch
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny tensors: threads only contend on a shared 2-core box (5x)
     try:
-        return _train_tiny_generator(out_dir, tasks, steps, snapshots, model_spec)
+        return _train_tiny_generator(out_dir, tasks, steps, snapshots, model_spec,
+                                     prompted_lm_steps)
     finally:
         torch.set_num_threads(threads)
 
 
-def _train_tiny_generator(out_dir: Path, tasks, steps: int, snapshots: int, model_spec: str) -> Path:
+def _prompted_lm_phase(generator, model_spec: str, conditions, prompts, steps: int):
+    """`steps` LM steps with lm_context prompt, each text read after its condition's prompt."""
+    from icm.generator.lm import FunctionalLora, fit_lm, lm_tasks
+    from icm.models import load_base_model
+
+    cfg = generator.config.model_copy(update={
+        "objective": "lm", "lm_context": "prompt", "lm_steps": steps, "lm_tasks": 2,
+        "lm_texts": 2, "lm_seq_len": 32, "report_every": steps})
+    model, tokenizer = load_base_model(model_spec)
+    texts = {task: TINY_TASKS[task][1] for task in conditions}
+    tasks = lm_tasks(texts, conditions, generator, tokenizer, cfg, prompts)
+    fit_lm(generator, FunctionalLora(model, generator.peft_config, generator.layout), tasks, cfg,
+           pad_id=tokenizer.pad_token_id or 0)
+    generator.config = cfg  # what jobs/generator_lm.py's finetune stores with the generator
+    return generator
+
+
+def _train_tiny_generator(out_dir: Path, tasks, steps: int, snapshots: int, model_spec: str,
+                          prompted_lm_steps: int = 0) -> Path:
     import numpy as np
     import torch
     from peft import set_peft_model_state_dict
@@ -52,6 +75,7 @@ def _train_tiny_generator(out_dir: Path, tasks, steps: int, snapshots: int, mode
     from icm.config import GeneratorConfig, TaskVectorConfig, ZooConfig
     from icm.generator import train_generator
     from icm.generator.inputs import ZooData
+    from icm.generator.lm import EpisodePrompt
     from icm.lora_io import LoraLayout, adapter_state_dict, flatten, peft_config_json
     from icm.lora_train import batch_for_step, build_lora_model, tokenize_texts
     from icm.models import load_base_model
@@ -82,15 +106,17 @@ def _train_tiny_generator(out_dir: Path, tasks, steps: int, snapshots: int, mode
     peft_model.eval()
     tv_cfg = TaskVectorConfig(k=3, episodes=4, modes=["both"], layers=[-1], poolings=["mean"],
                               max_prompt_tokens=256, max_demo_chars=200)
-    conditions = {}
+    conditions, episodes = {}, {}
     with peft_model.disable_adapter():
         encoder = TaskEncoder(peft_model.base_model.model, tokenizer, tv_cfg)
         for task in tasks:
             texts = TINY_TASKS[task][1]
-            prompts = [format_prompt(f"Short texts about {task}.",
-                                     random.Random(f"{task}:{e}").sample(texts, 3), mode="both")
-                       for e in range(tv_cfg.episodes)]
-            conditions[task] = encoder.encode_prompts(prompts)[(-1, "mean")]  # (E, D)
+            demos = [tuple(random.Random(f"{task}:{e}").sample(texts, 3))
+                     for e in range(tv_cfg.episodes)]
+            episodes[task] = [EpisodePrompt(format_prompt(f"Short texts about {task}.", shown,
+                                                          mode="both"), shown) for shown in demos]
+            conditions[task] = encoder.encode_prompts(  # (E, D)
+                [p.prompt for p in episodes[task]])[(-1, "mean")]
     peft_config = peft_config_json(peft_model.peft_config["default"])
     zoo = ZooData(layout, vectors, model_spec, peft_config, zoo_cfg.model_dump(mode="json"))
     gen_cfg = GeneratorConfig(subspace_dim=4, latent_dim=4, width=32, depth=1, steps=150,
@@ -99,8 +125,11 @@ def _train_tiny_generator(out_dir: Path, tasks, steps: int, snapshots: int, mode
     tv_json = tv_cfg.model_dump(mode="json")
     spec = {"modes": ["both"], "layer": -1, "pooling": "mean", "model_spec": model_spec,
             "task_vectors": tv_json}
-    generator = train_generator(zoo, {t: np.asarray(c) for t, c in conditions.items()}, gen_cfg,
-                                condition_spec=spec)
+    conditions = {t: np.asarray(c) for t, c in conditions.items()}
+    generator = train_generator(zoo, conditions, gen_cfg, condition_spec=spec)
+    if prompted_lm_steps:
+        generator = _prompted_lm_phase(generator, model_spec, conditions, episodes,
+                                       prompted_lm_steps)
     return generator.save(out_dir)
 
 
@@ -126,8 +155,10 @@ class Served:
         return response.json()
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
+@contextlib.contextmanager
+def serving(root: Path, generator_dir: Path, **overrides):
+    """Ray and the hf Serve app of ``generator_dir`` as `icm serve` starts it (HAProxy in
+    front), on a free loopback port; ``overrides`` go to `app_from_config`."""
     import ray
     from ray import serve
 
@@ -135,9 +166,7 @@ def served(tmp_path_factory):
 
     from serve_apps.serve_env import HF_SERVE_CONFIG, SERVE_INGRESS_ENV, SERVE_LATENCY_ENV
 
-    root = tmp_path_factory.mktemp("serve")
-    generator_dir = build_tiny_generator(root / "generator")
-    with pytest.MonkeyPatch.context() as patch:  # Serve as icm serve starts it: HAProxy in front
+    with pytest.MonkeyPatch.context() as patch:
         for key, value in {**SERVE_LATENCY_ENV, **SERVE_INGRESS_ENV}.items():
             patch.setenv(key, value)
         ray.init(num_cpus=2, num_gpus=0, object_store_memory=200 * 1024**2, include_dashboard=False)
@@ -146,15 +175,22 @@ def served(tmp_path_factory):
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         app, name, prefix = app_from_config(
             HF_SERVE_CONFIG, generator_dir=str(generator_dir), adapter_dir=str(root / "adapters"),
-            limits={"max_tokens": 32, "max_examples": 8, "max_samples": 4},
-            deployment_overrides={"Completions": {  # a tiny queue: overload is easy to provoke
-                "max_ongoing_requests": 1, "max_queued_requests": 1,
-                "autoscaling_config": {"min_replicas": 1, "max_replicas": 1}}})
+            limits={"max_tokens": 32, "max_examples": 8, "max_samples": 4}, **overrides)
         serve.run(app, name=name, route_prefix=prefix)
         yield Served(f"http://127.0.0.1:{port}", generator_dir, root / "adapters", "tiny-llama")
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    with serving(root, build_tiny_generator(root / "generator"), deployment_overrides={
+            "Completions": {  # a tiny queue: overload is easy to provoke
+                "max_ongoing_requests": 1, "max_queued_requests": 1,
+                "autoscaling_config": {"min_replicas": 1, "max_replicas": 1}}}) as app:
+        yield app
 
 
 CATS = {"description": "Short texts about cats.",

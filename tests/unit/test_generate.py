@@ -49,6 +49,24 @@ def test_best_of_k_keeps_the_draw_with_the_lowest_demo_perplexity(generator_dir,
     assert record["chosen_sample"] == result.chosen and (out / "adapter_config.json").is_file()
 
 
+def test_the_adapter_records_the_prompt_its_condition_was_read_from(generator_dir, tmp_path):
+    """What serving reads completions after for a generator trained under the prompt: the
+    request's fitted prompt (first k examples, as the task vector read it), recorded."""
+    from icm.task_vectors import format_prompt
+
+    factory = AdapterFactory(generator_dir)
+    many = [*EXAMPLES, "A third cat."]  # k = 2: the third is not read
+    result = factory.generate("Short texts about cats.", many, seed=4)
+    assert result.context_prompt == format_prompt("Short texts about cats.", EXAMPLES, mode="both")
+    prompted = factory.encoder.encode_prompts([result.context_prompt])[factory.key][0]
+    assert np.allclose(prompted, factory.task_vector("Short texts about cats.", many), atol=1e-5)
+    alone = factory.generate("Short texts about cats.", None).context_prompt
+    assert alone == format_prompt("Short texts about cats.", [], mode="description")
+    out = factory.write(result, tmp_path / "adapter", {"description": "Short texts about cats."})
+    assert json.loads((out / "icm_generation.json").read_text())["context_prompt"] == \
+        result.context_prompt
+
+
 def test_description_alone_and_first_draw(generator_dir):
     factory = AdapterFactory(generator_dir)
     first = factory.generate("Short texts about cats.", None, samples=2, select="first", seed=3)

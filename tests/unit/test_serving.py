@@ -154,6 +154,42 @@ def test_prompt_builder_adds_the_text_start_token_and_checks_length(engine):
     assert engine.tokenizer.decode(chat).rstrip().endswith("assistant")
 
 
+def test_a_completion_after_a_context_is_laid_out_as_the_lm_phase_reads_a_text(engine):
+    """A generator trained under the prompt (lm_context prompt) read each text after its
+    prompt as PromptContext lays it out; serving reads the caller's text the same way, and
+    max_prompt_tokens counts the caller's part only."""
+    from icm.generator.lm import EpisodePrompt, PromptContext
+
+    demos = "".join(f"Text: A cat sat on mat number {i}.\n\n" for i in range(4))
+    context = f"Task: Short texts about cats.\n\n{demos}Text:"
+    prompts = PromptBuilder(engine.tokenizer, LIMITS)
+    trained = PromptContext.build(["The cat"], [EpisodePrompt(context, ())], engine.tokenizer, 64)
+    prefix = prompts.context(context)
+    assert prefix == trained.prompts[0]
+    assert prompts.completion("The cat", context=prefix) == [*prefix, *trained.targets[0]]
+    assert prompts.completion("", context=prefix) == prefix
+    assert len(prefix) > LIMITS.max_prompt_tokens  # the context alone is over the limit ...
+    assert prompts.completion("word " * 5, context=prefix)[:len(prefix)] == prefix  # ... uncounted
+    with pytest.raises(ServeInputError) as caught:  # the caller's own part is still limited
+        prompts.completion("word " * 40, param="prompt[1]", context=prefix)
+    assert caught.value.param == "prompt[1]"
+
+
+def test_the_store_reads_an_adapters_context_prompt_or_says_how_to_get_one(tmp_path):
+    import json
+
+    store = AdapterStore(tmp_path)
+    recorded, older = "a" * 24, "b" * 24  # ids: 24 hex characters
+    for adapter_id, record in ((recorded, {"context_prompt": "Task: cats\n\nText:"}),
+                               (older, {"request": {}})):
+        store.path(adapter_id).mkdir()
+        (store.path(adapter_id) / "icm_generation.json").write_text(json.dumps(record))
+    assert store.context_prompt(recorded) == "Task: cats\n\nText:"
+    with pytest.raises(ServeInputError, match="create it again") as caught:
+        store.context_prompt(older)
+    assert caught.value.param == "model"
+
+
 def test_completions_apply_the_adapter_per_call_and_decode_like_openai(engine, tmp_path):
     from icm.lora_io import save_adapter, unflatten
 
