@@ -73,13 +73,16 @@ class AdapterFactory:
 
     def task_vector(self, description: str | None, examples: Sequence[str] | None) -> np.ndarray:
         """The condition vector of one request, (D,), at the generator's layer and pooling."""
-        with self.swap.base():
-            vectors = self.encoder.encode(description, examples)
-        return vectors[self.key]
+        return self.encode_request(description, examples)[0]
 
-    def request_prompt(self, description: str | None, examples: Sequence[str] | None) -> str:
-        """The in-context prompt `task_vector` reads for the request (tokenizer only)."""
-        return self.encoder.request_prompt(description, examples).prompt
+    def encode_request(self, description: str | None, examples: Sequence[str] | None
+                       ) -> tuple[np.ndarray, str]:
+        """The condition vector of one request, (D,), and the in-context prompt it was read
+        from (fitted once: the mode, the first k examples, the token budget)."""
+        prompt = self.encoder.request_prompt(description, examples).prompt
+        with self.swap.base():
+            vectors = self.encoder.encode_prompts([prompt])
+        return vectors[self.key][0], prompt
 
     def generate(self, description: str | None = None, examples: Sequence[str] | None = None, *,
                  samples: int = 1, select: str = "demo-ppl", seed: int = 0,
@@ -98,13 +101,13 @@ class AdapterFactory:
                                      "examples, or samples=1, or select='first'.")
         timings: dict[str, float] = {}
         started = time.perf_counter()
-        condition = self.task_vector(description, examples)
+        condition, context_prompt = self.encode_request(description, examples)
         timings["encode_s"] = time.perf_counter() - started
         started = time.perf_counter()
         draws = self.generator.sample(condition, num_samples=samples, seed=seed)  # (samples, L)
         timings["sample_s"] = time.perf_counter() - started
         result = GeneratedAdapter(vector=draws[0], chosen=0, timings=timings,
-                                  context_prompt=self.request_prompt(description, examples))
+                                  context_prompt=context_prompt)
         if samples > 1 and select == "demo-ppl":
             started = time.perf_counter()
             result.demo_perplexities = self.demo_perplexities(draws, examples, max_length=max_length)

@@ -85,7 +85,9 @@ class ServeLimits(BaseModel):
     max_example_chars: int = Field(4000, ge=1, description="Longest example text.")
     max_samples: int = Field(8, ge=1, description="Most adapters sampled per request (best-of-K).")
     max_prompt_chars: int = Field(16000, ge=1, description="Longest prompt, in characters.")
-    max_prompt_tokens: int = Field(1024, ge=8, description="Longest completion prompt in tokens.")
+    max_prompt_tokens: int = Field(1024, ge=8, description=(
+        "Longest completion prompt in tokens (the caller's part only, for an adapter read "
+        "after its task's prompt)."))
     max_tokens: int = Field(256, ge=1, description="Most generated tokens per choice.")
     max_choices: int = Field(4, ge=1, description="Most choices per call (prompts x n).")
     max_messages: int = Field(64, ge=1, description="Most chat messages per call.")
@@ -402,18 +404,30 @@ class AdapterStore:
                                 "/v1/adapters.", param=param)
         return self.path(adapter_id)
 
-    def context_prompt(self, adapter_id: str) -> str:
-        """The in-context prompt the adapter's condition was read from (its generation record):
-        what completions read the caller's text after when the generator's adapters were
-        trained after one (`GeneratorConfig.reads_after_prompt`)."""
-        record = self.path(adapter_id) / GENERATION_RECORD
+    def context_prompt(self, adapter_id: str) -> str | None:
+        """What completions with the adapter read the caller's text after: the in-context prompt
+        its condition was read from (its generation record), when the generator that made it
+        was trained to have its adapters read after one (`GeneratorConfig.reads_after_prompt`,
+        from the adapter's own ``generation.json``: the store may hold other generators'
+        adapters); else None."""
+        from icm.config import GeneratorConfig
+        from icm.generator.artifact import GENERATION_FILE
+
+        folder = self.path(adapter_id)
+        made_by = folder / GENERATION_FILE
+        if not made_by.is_file():
+            return None
+        config = json.loads(made_by.read_text()).get("generator_config") or {}
+        if not GeneratorConfig.model_validate(config).reads_after_prompt:
+            return None
+        record = folder / GENERATION_RECORD
         prompt = json.loads(record.read_text()).get("context_prompt") if record.is_file() else None
         if not prompt:
             raise ServeInputError(
-                f"adapter {adapter_id} records no context prompt (it was generated before one "
-                "was recorded), and this generator's adapters are read after their task's "
-                f"prompt. Fix: delete {self.path(adapter_id)} and create it again with POST "
-                "/v1/adapters.", param="model")
+                f"adapter {adapter_id} is read after its task's prompt, but records none (it "
+                "was generated before the prompt was recorded). Fix: remove it from the "
+                "server's adapter store and create it again with POST /v1/adapters.",
+                param="model")
         return prompt
 
     def ids(self, limit: int = 1000) -> list[str]:

@@ -285,12 +285,13 @@ def rescore(scorer: ValidationScorer, data: PreparedData, base_cfg: GeneratorCon
     base = {t: scorer.perplexity(None, t) for t in scorer.tasks}
     out = []
     for row in rows:
-        gen_cfg = trial_config(base_cfg.model_dump(mode="json"), row["params"])
+        # what the trial trained by (the base config may name an LM phase still to come)
+        params = {**row["params"], "objective": "reconstruction"}
+        gen_cfg = trial_config(base_cfg.model_dump(mode="json"), params)
         with row["checkpoint"].as_directory() as folder:
             generator = generator_from_state(data, gen_cfg, load_checkpoint(folder)["model"])
         ppl = scorer.generator_perplexities(generator)
-        out.append({"trial_id": row["trial_id"], "objective": "reconstruction",  # what the trial trained by
-                    "params": {**row["params"], "objective": "reconstruction"},
+        out.append({"trial_id": row["trial_id"], "objective": "reconstruction", "params": params,
                     "perplexity": ppl, "base_perplexity": base, "mean_log_perplexity": mean_log(ppl)})
         log.info("tune: trial %s val_mse %.4g -> eval perplexity %s (base %s)", row["trial_id"],
                  row["val_mse"], {t: round(p, 3) for t, p in ppl.items()},

@@ -145,11 +145,8 @@ class TaskEncoderDeployment:
                      ) -> tuple[np.ndarray, str]:
         """The request's condition vector, (D,) at the generator's pooling, and the in-context
         prompt it was read from."""
-        def encode() -> tuple[np.ndarray, str]:  # one tokenizer: never from two threads at once
-            return (self.factory.task_vector(description, examples or None),
-                    self.factory.request_prompt(description, examples or None))
-
-        return await _in_thread(self.lock, encode)
+        return await _in_thread(self.lock, self.factory.encode_request, description,
+                                examples or None)
 
     async def demo_perplexities(self, draws, examples: list[str]) -> list[float]:
         """Perplexity of each draw (K, L) on the examples."""
@@ -380,9 +377,7 @@ class AdapterFront:
         self.encoder_dtype = args.model_dtype
         self.publish_uri = args.publish_uri
         self.store = AdapterStore(args.adapter_dir)
-        loaded = LoraGenerator.load(args.generator_dir)
-        self.base_model = loaded.model_spec
-        self.reads_after_prompt = loaded.config.reads_after_prompt
+        self.base_model = LoraGenerator.load(args.generator_dir).model_spec
         # ids are content hashes: an adapter's context prompt never changes once read
         self._context_prompt = functools.lru_cache(maxsize=4096)(self.store.context_prompt)
         self.hits = metrics.Counter("icm_adapter_cache_hits_total",
@@ -394,12 +389,10 @@ class AdapterFront:
             boundaries=LATENCY_BUCKETS_S, tag_keys=("cached",))
 
     def context_prompt(self, adapter_id: str | None) -> str | None:
-        """What completions with ``adapter_id`` read the caller's text after: the adapter's
-        context prompt where this generator's adapters were trained to be read after one
-        (`GeneratorConfig.reads_after_prompt`), else None (the base model; other generators)."""
-        if adapter_id is None or not self.reads_after_prompt:
-            return None
-        return self._context_prompt(adapter_id)
+        """What completions with ``adapter_id`` read the caller's text after: its context prompt
+        where its generator was trained to have it read after one (`AdapterStore.
+        context_prompt`), else None (the base model too)."""
+        return None if adapter_id is None else self._context_prompt(adapter_id)
 
     def refuse_chat(self, adapter_id: str | None) -> None:
         """Chat has no place for an adapter's context prompt: such adapters complete text only."""

@@ -39,10 +39,12 @@ GENERATION_FILE = "generation.json"
 
 
 def conditions_read(conditions: torch.Tensor, config: GeneratorConfig) -> torch.Tensor:
-    """The z-scored conditions (B, D) as the network reads them: as given, or with
-    ``generator.lm_condition: mean`` the training tasks' mean for every row (zeros, the centre
-    the condition normalisation was fit on), the multi-task control."""
-    return torch.zeros_like(conditions) if config.lm_condition == "mean" else conditions
+    """The z-scored conditions (B, D) as the network reads them: as given, or after an LM phase
+    with ``generator.lm_condition: mean`` the mean training condition for every row (zeros, the
+    centre the condition normalisation was fit on), the multi-task control. A generator trained
+    by reconstruction alone (e.g. Tune's first-phase trials) reads its conditions."""
+    blind = config.lm_condition == "mean" and config.objective != "reconstruction"
+    return torch.zeros_like(conditions) if blind else conditions
 
 
 class LoraGenerator:
@@ -131,7 +133,7 @@ class LoraGenerator:
             raise GeneratorInputError(f"z must be 'random' or 'zero', got {z!r}.")
         device = self._template.device  # where `to` put the generator (the CPU by default)
         c = self.condition_norm.apply(self._conditions(conditions).to(device))  # (N, D)
-        c = conditions_read(c, self.config).repeat_interleave(num_samples, 0)  # (N * num_samples, D)
+        c = conditions_read(c, self.config).repeat_interleave(num_samples, 0)  # (N * K, D)
         shape = (len(c), self.model.spec.latent_dim)
         latent = (torch.randn(shape, generator=torch.Generator().manual_seed(seed)) if z == "random"
                   else torch.zeros(shape)).to(device)  # drawn on the CPU: the same draws anywhere

@@ -329,8 +329,8 @@ def lm_step_loss(generator: LoraGenerator, applier: FunctionalLora, tasks: Seque
                  cfg: GeneratorConfig, step: int, rank: int, pad_id: int) -> torch.Tensor:
     """Mean over this step's tasks of the LM loss of their generated adapters."""
     picks = _step_choices(tasks, cfg, step, rank)
-    conditions = conditions_read(torch.stack([task.episodes[episode] for task, episode, _ in picks]),
-                                 cfg)  # (T, D)
+    episodes = torch.stack([task.episodes[episode] for task, episode, _ in picks])  # (T, D)
+    conditions = conditions_read(episodes, cfg)  # (T, D)
     z = torch.randn(len(picks), generator.model.spec.latent_dim,
                     generator=step_generator("z", cfg, step, rank)).to(conditions.device)  # (T, latent)
     vectors = generated_vectors(generator, conditions, z)  # (T, L)

@@ -442,8 +442,8 @@ def test_lm_condition_mean_trains_one_adapter_that_reads_no_task_condition(world
             return [float(lm_step_loss(generator, applier, task_list, cfg, step, 0, pad))
                     for step in range(3)]
 
-    own = GeneratorConfig(**{**FAST, **LM})
-    mean = GeneratorConfig(**{**FAST, **LM, "lm_condition": "mean"})
+    own = GeneratorConfig(**{**FAST, **LM, "objective": "lm"})
+    mean = GeneratorConfig(**{**FAST, **LM, "objective": "lm", "lm_condition": "mean"})
     assert step_losses(mean, tasks) == pytest.approx(step_losses(mean, shuffled), abs=1e-6)
     assert step_losses(own, tasks) != pytest.approx(step_losses(own, shuffled), abs=1e-4)
     before = step_losses(mean, tasks)
@@ -455,6 +455,9 @@ def test_lm_condition_mean_trains_one_adapter_that_reads_no_task_condition(world
     assert torch.equal(adapters[0], adapters[1]) and torch.equal(adapters[0], adapters[2])
     generator.config = own
     assert not torch.allclose(generator.sample(conditions, z="zero")[0], adapters[1])
+    # trained by reconstruction only (Tune's first-phase trials), it reads its conditions
+    generator.config = mean.model_copy(update={"objective": "reconstruction"})
+    assert not torch.allclose(*generator.sample(conditions[:2], z="zero"))
 
 
 @pytest.mark.parametrize("field, default, other", [("lm_context", "none", "prompt"),

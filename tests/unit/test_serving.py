@@ -175,19 +175,31 @@ def test_a_completion_after_a_context_is_laid_out_as_the_lm_phase_reads_a_text(e
     assert caught.value.param == "prompt[1]"
 
 
-def test_the_store_reads_an_adapters_context_prompt_or_says_how_to_get_one(tmp_path):
+def test_the_store_reads_the_context_prompt_only_of_adapters_made_to_be_read_after_one(tmp_path):
+    """Per adapter, from its own generator's config (a store may hold other generators'):
+    a prompt-trained generator's adapter gives its recorded prompt, or an error saying how to
+    get one; any other adapter gives None, its record notwithstanding."""
     import json
 
+    from icm.config import GeneratorConfig
+
     store = AdapterStore(tmp_path)
-    recorded, older = "a" * 24, "b" * 24  # ids: 24 hex characters
-    for adapter_id, record in ((recorded, {"context_prompt": "Task: cats\n\nText:"}),
-                               (older, {"request": {}})):
+    prompted = GeneratorConfig(objective="hybrid", lm_context="prompt").model_dump(mode="json")
+    plain = GeneratorConfig(objective="hybrid").model_dump(mode="json")
+    record = {"context_prompt": "Task: cats\n\nText:"}
+    adapters = {"a" * 24: (prompted, record), "b" * 24: (prompted, {"request": {}}),
+                "c" * 24: (plain, record), "d" * 24: (None, record)}  # ids: 24 hex characters
+    for adapter_id, (config, generation) in adapters.items():
         store.path(adapter_id).mkdir()
-        (store.path(adapter_id) / "icm_generation.json").write_text(json.dumps(record))
-    assert store.context_prompt(recorded) == "Task: cats\n\nText:"
+        (store.path(adapter_id) / "icm_generation.json").write_text(json.dumps(generation))
+        if config is not None:
+            (store.path(adapter_id) / "generation.json").write_text(
+                json.dumps({"generator_config": config}))
+    assert store.context_prompt("a" * 24) == "Task: cats\n\nText:"
     with pytest.raises(ServeInputError, match="create it again") as caught:
-        store.context_prompt(older)
-    assert caught.value.param == "model"
+        store.context_prompt("b" * 24)
+    assert caught.value.param == "model" and str(tmp_path) not in str(caught.value)
+    assert store.context_prompt("c" * 24) is None and store.context_prompt("d" * 24) is None
 
 
 def test_completions_apply_the_adapter_per_call_and_decode_like_openai(engine, tmp_path):
