@@ -313,7 +313,7 @@ def test_the_lm_phase_reads_the_prompt_on_ray_train_with_lm_context_prompt(smoke
     command = [sys.executable, "-m", "jobs.pipeline", "--config", "smoke", *FAST, *args]
     run = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-6000:]
-    assert "(read after: prompt)" in run.stderr
+    assert "(read after: prompt; condition: task)" in run.stderr
     meta = json.loads((lm_root / "generator" / "generator.json").read_text())
     assert meta["config"]["lm_context"] == "prompt"
     lm = meta["training"]["lm"]
