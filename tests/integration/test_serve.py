@@ -133,6 +133,25 @@ def _train_tiny_generator(out_dir: Path, tasks, steps: int, snapshots: int, mode
     return generator.save(out_dir)
 
 
+def peft_greedy(folder: Path, ids: list[int], max_tokens: int,
+                model_spec: str = "tiny-llama") -> str:
+    """Hugging Face + peft on an adapter folder, greedy from token ``ids``: the text a server
+    that sends those ids to the same adapter must answer."""
+    import torch
+    from peft import PeftModel
+
+    from icm.models import load_base_model
+
+    model, tokenizer = load_base_model(model_spec)
+    peft_model = PeftModel.from_pretrained(model, str(folder)).eval()
+    prompt = torch.tensor([ids])  # (1, T)
+    with torch.inference_mode():
+        out = peft_model.generate(prompt, attention_mask=torch.ones_like(prompt),
+                                  max_new_tokens=max_tokens, do_sample=False,
+                                  pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -224,10 +243,7 @@ def test_openai_client_completes_with_a_generated_adapter(served):
 
 
 def test_downloaded_adapter_loads_in_peft_and_matches_the_server(served, tmp_path):
-    import torch
-    from peft import PeftModel
-
-    from icm.models import load_base_model, text_start_token_id
+    from icm.models import load_tokenizer, text_start_token_id
 
     adapter = served.adapter({**CATS, "seed": 2})
     response = requests.get(f"{served.url}/v1/adapters/{adapter['adapter_id']}", timeout=60)
@@ -239,14 +255,9 @@ def test_downloaded_adapter_loads_in_peft_and_matches_the_server(served, tmp_pat
     folder = tmp_path / adapter["adapter_id"]
     assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in
                                                                     folder.iterdir()}
-    model, tokenizer = load_base_model("tiny-llama")
-    peft_model = PeftModel.from_pretrained(model, str(folder)).eval()
-    ids = torch.tensor([[text_start_token_id(tokenizer),
-                         *tokenizer("The cat", add_special_tokens=False)["input_ids"]]])
-    with torch.inference_mode():
-        out = peft_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10,
-                                  do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    local = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    tokenizer = load_tokenizer("tiny-llama")
+    local = peft_greedy(folder, [text_start_token_id(tokenizer),
+                                 *tokenizer("The cat", add_special_tokens=False)["input_ids"]], 10)
     served_text = served.post("/v1/completions", {"model": adapter["model"], "prompt": "The cat",
                                                   "max_tokens": 10, "temperature": 0})
     assert served_text.json()["choices"][0]["text"] == local

@@ -28,7 +28,8 @@ import requests
 
 from icm.models import SMOLLM2
 from tests.conftest import REPO_ROOT
-from tests.integration.test_serve import CATS, Served, build_tiny_generator, free_port, listeners
+from tests.integration.test_serve import (CATS, Served, build_tiny_generator, free_port, listeners,
+                                          peft_greedy)
 
 pytestmark = pytest.mark.slow
 
@@ -141,18 +142,12 @@ def test_icm_serve_answers_behind_haproxy_with_an_adapter_from_a_description(icm
 def _hf_greedy(folder, prompt: str, max_tokens: int) -> str:
     """Hugging Face + peft on the adapter folder, greedy, the prompt read after the text-start
     token as in zoo training and evaluation (what both engines must send)."""
-    import torch
-    from peft import PeftModel
+    from icm.models import load_tokenizer, text_start_token_id
 
-    from icm.models import load_base_model, text_start_token_id
-
-    model, tokenizer = load_base_model(SMOLLM2)
-    peft_model = PeftModel.from_pretrained(model, str(folder)).eval()
-    ids = torch.tensor([[text_start_token_id(tokenizer), *tokenizer(prompt, add_special_tokens=False)["input_ids"]]])
-    with torch.inference_mode():
-        out = peft_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
-                                  do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    tokenizer = load_tokenizer(SMOLLM2)
+    ids = [text_start_token_id(tokenizer),
+           *tokenizer(prompt, add_special_tokens=False)["input_ids"]]
+    return peft_greedy(folder, ids, max_tokens, model_spec=SMOLLM2)
 
 
 @needs_vllm

@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from tests.integration.test_serve import CATS, build_tiny_generator, serving
+from tests.integration.test_serve import CATS, build_tiny_generator, peft_greedy, serving
 
 pytestmark = pytest.mark.slow
 
@@ -22,11 +22,8 @@ def prompted(tmp_path_factory):
 
 
 def test_completions_read_the_text_after_the_adapters_prompt_and_chat_is_refused(prompted):
-    import torch
-    from peft import PeftModel
-
     from icm.generator import LoraGenerator
-    from icm.models import load_base_model, text_start_token_id
+    from icm.models import load_tokenizer, text_start_token_id
     from icm.task_vectors import format_prompt
 
     assert LoraGenerator.load(prompted.generator_dir).config.reads_after_prompt
@@ -35,22 +32,18 @@ def test_completions_read_the_text_after_the_adapters_prompt_and_chat_is_refused
     context = json.loads((folder / "icm_generation.json").read_text())["context_prompt"]
     assert context == format_prompt(CATS["description"], CATS["examples"], mode="both")
 
-    model, tokenizer = load_base_model("tiny-llama")
+    tokenizer = load_tokenizer("tiny-llama")
 
     def tokens(text: str) -> list[int]:
         return tokenizer(text, add_special_tokens=False)["input_ids"]
 
     # as the LM phase read a text after its prompt: start token, prompt, " " + text
-    ids = torch.tensor([[text_start_token_id(tokenizer), *tokens(context), *tokens(" The cat")]])
-    peft_model = PeftModel.from_pretrained(model, str(folder)).eval()
-    with torch.inference_mode():
-        out = peft_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10,
-                                  do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    local = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    ids = [text_start_token_id(tokenizer), *tokens(context), *tokens(" The cat")]
+    local = peft_greedy(folder, ids, 10)
     served = prompted.post("/v1/completions", {"model": adapter["model"], "prompt": "The cat",
                                                "max_tokens": 10, "temperature": 0})
     assert served.status_code == 200, served.text
-    assert served.json()["usage"]["prompt_tokens"] == ids.shape[1]
+    assert served.json()["usage"]["prompt_tokens"] == len(ids)
     assert served.json()["choices"][0]["text"] == local
 
     base = prompted.post("/v1/completions", {"model": prompted.base_model, "prompt": "The cat",
