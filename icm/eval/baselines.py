@@ -266,13 +266,15 @@ def _logo_error(x: torch.Tensor, y_gram: torch.Tensor, groups: Sequence[str], al
 # ----------------------------------------------------------------------------- in-context prompting
 
 
-def in_context_prefix(description: str | None, demos: Sequence[str], max_demo_chars: int) -> str:
+def in_context_prefix(description: str | None, demos: Sequence[str], max_demo_chars: int,
+                      mode: str | None = None) -> str:
     """The task-vector prompt (icm.task_vectors.format_prompt) as a prefix for scoring texts.
 
-    Mode "both" when a description is given, else "demos"; it ends with the cue "Text:". Each
-    demonstration is clipped to ``max_demo_chars`` characters, as for task vectors.
+    ``mode`` as for task vectors (None: "both" when a description is given, else "demos"); it
+    ends with the cue "Text:". Each demonstration is clipped to ``max_demo_chars`` characters,
+    as for task vectors.
     """
-    mode = "both" if description is not None else "demos"
+    mode = mode or ("both" if description is not None else "demos")
     return format_prompt(description, clip_demos(demos, max_demo_chars), mode=mode)
 
 

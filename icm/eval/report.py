@@ -216,11 +216,21 @@ def stacked_table(results: pd.DataFrame, resamples: int, seed: int) -> pd.DataFr
         for variant in stacked:
             gap = gap_row(part, variant, resamples, seed)
             row = {"setting": label, "variant": variant, "gap recovered": format_ci(gap) if gap else "n/a"}
-            for rival in rivals:
+            for rival in _same_prompt(rivals, variant, results):
                 ci = ratio_row(part, variant, rival, resamples, seed) if rival != variant else None
                 row[f"/ {rival}"] = f"{format_ci(ci)} ({ci.wins}/{ci.n})" if ci else ""
             rows.append(row)
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows).fillna("")  # a rival of another prompt: no entry
+
+
+def _same_prompt(rivals: list[str], variant: str, results: pd.DataFrame) -> list[str]:
+    """The rivals read under the prompt ``variant`` reads (a description-only prompt is judged
+    against that prompt alone, not against one that also holds the demonstrations)."""
+    mode = VARIANTS[registered_name(variant)].prompt_mode
+    if mode == "both":
+        return rivals
+    alone = f"in-context-{mode}"
+    return [alone] if alone in set(results["variant"]) else []
 
 
 def _stacks_baseline(variant: str) -> bool:

@@ -18,7 +18,8 @@ import torch
 
 from icm.config import EvalConfig, ModelConfig, TaskVectorConfig
 from icm.eval.inputs import EvalItem
-from icm.eval.variants import VARIANTS, AdapterSource, Variant, under_prompt
+from icm.eval.variants import (VARIANTS, AdapterSource, Variant, condition_under_prompt,
+                               under_prompt)
 
 
 def adapter_vector(source: AdapterSource, finals: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -193,7 +194,8 @@ class ItemScorer:
         vector = self._adapter_under_prompt(variant)  # (L,) or None: the base model reads it
         if variant.with_adapter and vector is None:
             return  # that adapter does not apply to this task
-        prefix = in_context_prefix(self.description, self.demos, self.max_demo_chars)
+        prefix = in_context_prefix(self.description, self.demos, self.max_demo_chars,
+                                   mode=variant.prompt_mode)
         if vector is not None:
             self.swap.load(vector, variant.name)
         with self.swap.base() if vector is None else contextlib.nullcontext(self.swap.model) as model:
@@ -210,7 +212,7 @@ class ItemScorer:
         if under.kind == "adapter":
             source = self.item.adapters.get(under.name)
             return self._adapter(source)[0] if source else None
-        condition = self.item.conditions.get(under.condition)
+        condition = self.item.conditions.get(condition_under_prompt(variant))
         return None if condition is None else self._draw(condition, 1, "random")[0][0]
 
 

@@ -33,6 +33,7 @@ SETTINGS = ("heldout", "fold", "seen")
 ALL = frozenset(SETTINGS)
 UNSEEN = frozenset({"heldout", "fold"})
 Kind = Literal["base", "adapter", "generated", "in-context", "selected"]
+PromptMode = Literal["both", "description", "demos"]
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,9 @@ class Variant:
     # in-context: the adapter or generated variant whose adapter is active under the prompt
     # (None: the base model reads it); a generated one contributes one draw, z ~ N(0, I)
     with_adapter: str | None = None
+    # in-context: what the prompt holds, as a request would: the description and the k
+    # demonstrations ("both"), the description only, or the demonstrations only
+    prompt_mode: PromptMode = "both"
     # selected: the adapter variants whose adapters compete with the generator's draws
     among: tuple[str, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
@@ -114,6 +118,16 @@ def registered_name(variant: str) -> str:
 def under_prompt(variant: Variant) -> Variant | None:
     """The variant whose adapter is active under an in-context variant's prompt (None: none)."""
     return VARIANTS[variant.with_adapter] if variant.with_adapter else None
+
+
+def condition_under_prompt(variant: Variant) -> str | None:
+    """The condition a generated adapter under an in-context variant's prompt is drawn from: the
+    vector of the prompt it is read under (a request with a description only gives only that
+    vector), except for a control, which keeps its own (another task's). None: no generated one."""
+    under = under_prompt(variant)
+    if under is None or under.kind != "generated":
+        return None
+    return variant.prompt_mode if under.condition == "both" else under.condition
 
 
 def reads_generator(variant: Variant) -> bool:
@@ -331,6 +345,17 @@ for _under in ("generated", "soup", "similarity-soup", "nearest", "ridge", "lora
     register(Variant(f"in-context+{_under}", "in-context", UNSEEN, (
         f"as in-context, read with the {_under} adapter active: does the adapter add to the "
         "prompt? (a generated one: one draw)"), with_adapter=_under, opt_in=True))
+# The prompt of a request with a description only, or with examples only: the generator's draw
+# from that prompt's own vector, and the base model reading the same prompt (its rival)
+for _mode, _holds in (("description", "the task's description only"),
+                      ("demos", "the same k demonstrations only, no description")):
+    register(Variant(f"in-context-{_mode}", "in-context", UNSEEN, (
+        f"the base model reading {_holds} before each eval text: prompting for a request that "
+        "holds only that"), opt_in=True, prompt_mode=_mode))
+    register(Variant(f"in-context-{_mode}+generated", "in-context", UNSEEN, (
+        f"as in-context-{_mode}, read with one generator draw from that prompt's own vector "
+        f"(mode {_mode}) active: does the adapter add to such a prompt?"),
+        with_adapter="generated", opt_in=True, prompt_mode=_mode))
 register(Variant("in-context+control-shuffled", "in-context", frozenset({"heldout"}), (
     "a control of in-context+generated: the generator's draw from another task's condition, read "
     "under this task's prompt; as good as in-context+generated, the adapter's gain under the "

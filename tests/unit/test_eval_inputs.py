@@ -222,6 +222,48 @@ def test_stacked_variants_read_the_prompt_with_their_adapter_active(world):
     assert by["in-context+oracle"]["text_nll"] == pytest.approx(expected.text_nll, rel=1e-5)
 
 
+def test_a_prompt_of_one_part_reads_that_part_and_a_draw_from_its_own_vector(world):
+    """in-context-description reads the description alone, in-context-demos the demonstrations
+    alone; with +generated, the generator's draw comes from the vector of that same prompt (a
+    request holding only a description gives only that vector), never from the 'both' one."""
+    from icm.eval.baselines import in_context_prefix, score_in_context
+    from icm.task_vectors import sample_demos
+    from icm.tasks import load_task
+
+    base, suite, means = world
+    # each part's vector clearly another (the fixture's description vector is 'both' + 0.01)
+    means = {**means, "description": {t: np.roll(v, 7) for t, v in means["both"].items()},
+             "demos": {t: v[::-1].copy() for t, v in means["both"].items()}}
+    plans = [SettingPlan("heldout", ["dogs"], ["cats", "code", "sums"], str(base / "generator"))]
+    names = ["in-context", "in-context-description", "in-context-description+generated",
+             "in-context-demos", "in-context-demos+generated"]
+    items, _, finals = build_items(suite, plans, means, zoo_root=base / "zoo",
+                                   oracle_root=base / "oracles", options={}, variant_names=names)
+    cfg, vectors = EvalConfig(max_texts=2, max_length=32, samples=1), TaskVectorConfig(k=2, max_demo_chars=100)
+    rows = evaluate_item(items[0], finals, model=ModelConfig(spec="tiny-llama", max_length=32), cfg=cfg,
+                         task_vectors=vectors)
+    by = {r["variant"]: r["text_nll"] for r in rows}
+    assert set(by) == set(names)
+    swap, tokenizer, generator = _swap_for(items[0])
+    task = load_task(items[0].task_path)
+    texts, demos = task.eval_texts()[:2], sample_demos(task, vectors, episode=0)
+    for mode in ("description", "demos"):
+        prefix = in_context_prefix(task.description, demos, 100, mode=mode)
+        assert (task.description.strip() in prefix) == (mode == "description")
+        assert (demos[0][:20] in prefix) == (mode == "demos")
+        with swap.base() as model:
+            alone = score_in_context(model, tokenizer, texts, prefix, max_length=32)
+        assert by[f"in-context-{mode}"] == pytest.approx(alone.text_nll, rel=1e-5)
+        assert by[f"in-context-{mode}"] != pytest.approx(by["in-context"], rel=1e-4)
+        draws = {part: generator.sample(items[0].conditions[part].astype(np.float32), num_samples=1,
+                                        seed=cfg.seed, z="random")[0] for part in (mode, "both")}
+        for part, draw in draws.items():
+            swap.load(draw)
+            stacked = score_in_context(swap.model, tokenizer, texts, prefix, max_length=32).text_nll
+            matches = by[f"in-context-{mode}+generated"] == pytest.approx(stacked, rel=1e-5)
+            assert matches == (part == mode), (mode, part)
+
+
 def test_the_multitask_lora_under_the_prompt_is_scored_held_out_and_absent_on_a_fold(world):
     """in-context+multitask reads the prompt with the multi-task LoRA active on a held-out task;
     on a fold that LoRA trained on the fold's own tasks, so the stacked variant is not scored."""

@@ -84,6 +84,25 @@ def test_stacked_variants_are_opt_in_and_read_the_prompt_with_an_adapter_on_unse
         variants_for("heldout", extra=["in-context+nope"])
 
 
+def test_prompts_of_one_part_are_opt_in_and_their_generated_draw_reads_that_parts_vector():
+    from icm.eval.variants import condition_under_prompt, reads_generator
+
+    for mode in ("description", "demos"):
+        alone, stacked = VARIANTS[f"in-context-{mode}"], VARIANTS[f"in-context-{mode}+generated"]
+        assert alone.prompt_mode == stacked.prompt_mode == mode
+        assert alone.with_adapter is None and stacked.with_adapter == "generated"
+        assert all(v.opt_in and not v.baseline and v.settings == frozenset({"heldout", "fold"})
+                   for v in (alone, stacked))
+        assert condition_under_prompt(stacked) == mode and condition_under_prompt(alone) is None
+        assert reads_generator(stacked) and not reads_generator(alone)
+    assert VARIANTS["in-context"].prompt_mode == "both"
+    assert condition_under_prompt(VARIANTS["in-context+generated"]) == "both"
+    # a control keeps its own condition whatever the prompt
+    assert condition_under_prompt(VARIANTS["in-context+control-shuffled"]) == "shuffled"
+    assert condition_under_prompt(VARIANTS["in-context+soup"]) is None
+    assert not {v.name for v in variants_for("heldout") if v.prompt_mode != "both"}
+
+
 def test_the_config_names_the_field_of_an_unknown_variant():
     from pydantic import ValidationError
 

@@ -123,6 +123,22 @@ def test_every_adapter_baseline_under_the_prompt_is_a_rival_of_the_stacked_gener
     assert row["/ in-context+ridge"].endswith("(12/12)")
 
 
+def test_an_adapter_under_a_description_only_prompt_is_judged_against_that_prompt_alone():
+    """in-context-description+generated 3.3 against in-context-description 3.6 (its rival), not
+    against the prompt with demonstrations (3.4); and the 'both' rows get no such column."""
+    levels = {"in-context": 3.4, "in-context+generated": 3.2, "in-context-description": 3.6,
+              "in-context-description+generated": 3.3}
+    results = _results(levels=levels).query("setting == 'heldout'")
+    table = stacked_table(results, 300, 0).set_index(["setting", "variant"])
+    described = table.loc[("held-out", "in-context-description+generated")]
+    assert described["/ in-context-description"].endswith("(12/12)")
+    assert described["/ in-context"] == ""
+    assert table.loc[("held-out", "in-context+generated"), "/ in-context-description"] == ""
+    assert table.loc[("held-out", "in-context+generated"), "/ in-context"].endswith("(12/12)")
+    without = stacked_table(results.query("variant != 'in-context-description'"), 100, 0)
+    assert "/ in-context-description" not in without.columns
+
+
 def test_stacked_adapters_are_judged_against_the_prompt_alone_both_ways():
     """in-context+generated 3.2 beats the prompt alone (3.4); in-context+soup 3.5 loses to it."""
     levels = {"in-context": 3.4, "in-context+generated": 3.2, "in-context+soup": 3.5}
