@@ -499,6 +499,10 @@ class TuneConfig(StageConfig):
 class EvalConfig(StageConfig):
     """Evaluation of generated adapters against the base model, trained LoRAs and baselines."""
 
+    # added after evaluations were run: left out of the hash at their defaults
+    FINETUNE_FIELDS: ClassVar[tuple[str, ...]] = (
+        "finetune_steps", "finetune_lr", "finetune_batch_size", "finetune_warmup_steps")
+
     max_texts: int | None = Field(16, ge=1, description="Eval texts per task (None: all).")
     max_length: int = Field(128, ge=8, description="Token limit per eval text.")
     batch_size: int = Field(8, ge=1, description="Texts per forward pass.")
@@ -516,7 +520,9 @@ class EvalConfig(StageConfig):
     extra_variants: list[str] = Field(default_factory=list, description=(
         "Variants scored besides those, e.g. the opt-in adapters stacked on the prompt "
         "[in-context+generated, in-context+soup, in-context+similarity-soup, in-context+nearest, "
-        "in-context+ridge, in-context+oracle, in-context+multitask]."))
+        "in-context+ridge, in-context+oracle, in-context+multitask], and the prompts of one "
+        "part with and without the generator's draw [in-context-description, "
+        "in-context-description+generated, in-context-demos, in-context-demos+generated]."))
     seen_tasks: int | None = Field(None, ge=0, description=(
         "Training tasks scored in the 'seen' setting, dealt over the groups (the oracles stage's "
         "replicate tasks come first); None: all of them."))
@@ -541,6 +547,14 @@ class EvalConfig(StageConfig):
     lorahub_lr: float = Field(0.01, gt=0, description="lorahub / lorahub-train: Adam learning rate of the weights.")
     lorahub_batch_size: int = Field(8, ge=1, description="lorahub / lorahub-train: texts per step.")
     lorahub_train_texts: int = Field(64, ge=1, description="lorahub-train: train texts per task, at most.")
+    finetune_steps: int = Field(48, ge=1, description=(
+        "in-context+generated-finetuned: steps fine-tuning the draw under the task's prompts "
+        "(default: the 48-step zoo's recipe, as its oracles)."))
+    finetune_lr: float = Field(5e-3, gt=0, description="in-context+generated-finetuned: peak AdamW learning rate.")
+    finetune_batch_size: int = Field(4, ge=1, description=(
+        "in-context+generated-finetuned: train texts per step, all read after one episode prompt."))
+    finetune_warmup_steps: int = Field(2, ge=1, description=(
+        "in-context+generated-finetuned: linear warm-up steps, then linear decay to 0."))
     bootstrap: int = Field(2000, ge=100, description="Bootstrap resamples of every interval.")
     cpus_per_task: float = Field(1.0, gt=0, description="Ray CPUs per evaluation task.")
     gpus_per_task: float = Field(0.0, ge=0, description="Ray GPUs per evaluation task.")
@@ -580,8 +594,11 @@ class EvalConfig(StageConfig):
 
     def unread_fields(self) -> set[str]:
         """Settings left out of every hash at their default (`baseline_pooling` None: the
-        generator's), so evaluations run before such a setting existed stay valid."""
-        return {"baseline_pooling"} if self.baseline_pooling is None else set()
+        generator's; the `finetune_*` ones), so evaluations run before such a setting existed
+        stay valid."""
+        defaults = {name for name in self.FINETUNE_FIELDS
+                    if getattr(self, name) == type(self).model_fields[name].default}
+        return defaults | ({"baseline_pooling"} if self.baseline_pooling is None else set())
 
 
 class PipelineConfig(StageConfig):

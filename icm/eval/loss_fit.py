@@ -71,3 +71,54 @@ def fit_combination(applier, vectors: torch.Tensor, sequences: Sequence[Sequence
               "texts": len(sequences), "steps": settings.steps,
               "seconds": time.perf_counter() - started}
     return fitted, record
+
+
+@dataclass(frozen=True)
+class PromptFitSettings:
+    """How a whole adapter is fine-tuned under the prompt: the zoo's recipe (AdamW, linear
+    warm-up then linear decay to 0), each step's texts read after one episode prompt."""
+
+    steps: int = 48
+    lr: float = 5e-3
+    batch_size: int = 4  # texts per step, all after the same prompt
+    warmup_steps: int = 2
+    seed: int = 0
+
+
+def fit_under_prompt(applier, start: torch.Tensor, context, *, pad_id: int,
+                     settings: PromptFitSettings) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The flat adapter (L,) that ``start`` becomes when every LoRA weight is fine-tuned by the
+    LM loss of a task's train texts, each batch read after one of its episode prompts
+    (``context``: `icm.generator.lm.PromptContext`, whose rows never target their own
+    demonstrations), under ``applier`` (`FunctionalLora`; the base model stays frozen).
+
+    Returns:
+        The fitted vector and a record: loss at the start and end of the fit (on the step's
+        batch), the relative change of the vector, steps, seconds.
+    """
+    if start.ndim != 1 or settings.steps < 1 or not context.rows:
+        raise ValueError(f"start must be (L,) (got {tuple(start.shape)}), settings.steps >= 1 and "
+                         "the context must have a prompt row with a text to predict")
+    started = time.perf_counter()
+    vector = start.detach().clone().float().to(applier.device).requires_grad_(True)  # (L,)
+    optimizer = torch.optim.AdamW([vector], lr=settings.lr, weight_decay=0.0)
+    warmup, total = settings.warmup_steps, settings.steps
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: (
+        (step + 1) / warmup if step < warmup else max(0.0, (total - step) / max(1, total - warmup))))
+    rng, losses = random.Random(f"prompt-fit-{settings.seed}"), []
+    for _ in range(total):
+        row = rng.choice(context.rows)
+        allowed = context.allowed[row]
+        texts = (list(allowed) if len(allowed) <= settings.batch_size
+                 else rng.sample(allowed, settings.batch_size))
+        loss = applier.nll(vector, context.batch(row, texts, pad_id))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        losses.append(float(loss.detach()))
+    fitted = vector.detach().cpu()
+    change = float((fitted - start.float().cpu()).norm() / start.float().norm().clamp_min(1e-12))
+    record = {"start_nll": losses[0], "end_nll": losses[-1], "relative_change": change,
+              "prompts": len(context.rows), "steps": total, "seconds": time.perf_counter() - started}
+    return fitted, record

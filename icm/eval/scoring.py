@@ -51,7 +51,7 @@ class ItemScorer:
         self.demos = sample_demos(task, task_vectors, episode=0)
         self.description = task.description
         self.train_texts = [text for text in task.train_texts() if text.strip()]  # lorahub-train's
-        self.max_demo_chars = task_vectors.max_demo_chars
+        self.max_demo_chars, self.task_vectors = task_vectors.max_demo_chars, task_vectors
         self.model, self.tokenizer = load_base_model(model.spec, cache_dir=model.cache_dir,
                                                      dtype=model.dtype)
         # A setting none of whose chosen variants reads a generator has none (None): the zoo
@@ -106,7 +106,6 @@ class ItemScorer:
         if source.fit_on is None:
             return adapter_vector(source, self.finals), {}
         from icm.eval.loss_fit import LossFitSettings, fit_combination
-        from icm.generator.lm import FunctionalLora
         from icm.lora_train import tokenize_texts
 
         names = [task for task, _ in source.combination]
@@ -114,10 +113,8 @@ class ItemScorer:
         settings = LossFitSettings(steps=self.cfg.lorahub_steps, lr=self.cfg.lorahub_lr,
                                    batch_size=self.cfg.lorahub_batch_size, seed=self.cfg.seed)
         vectors = torch.stack([self.finals[task] for task in names])  # (T, L)
-        if self.applier is None:  # the scoring model itself, with LoRAs passed per call
-            self.applier = FunctionalLora.on_peft_model(self.swap.model, self.layout)
         weights, record = fit_combination(
-            self.applier, vectors,
+            self._applier(), vectors,
             tokenize_texts(self.tokenizer, list(texts), self.cfg.max_length),
             start=torch.tensor([w for _, w in source.combination]),
             pad_id=self.tokenizer.pad_token_id or 0, settings=settings)
@@ -194,6 +191,9 @@ class ItemScorer:
         vector = self._adapter_under_prompt(variant)  # (L,) or None: the base model reads it
         if variant.with_adapter and vector is None:
             return  # that adapter does not apply to this task
+        fit = {}
+        if variant.finetune:
+            vector, fit = self._finetuned_under_prompt(vector)
         prefix = in_context_prefix(self.description, self.demos, self.max_demo_chars,
                                    mode=variant.prompt_mode)
         if vector is not None:
@@ -201,7 +201,35 @@ class ItemScorer:
         with self.swap.base() if vector is None else contextlib.nullcontext(self.swap.model) as model:
             result = score_in_context(model, self.tokenizer, self.texts, prefix,
                                       max_length=self.cfg.max_length, batch_size=self.cfg.batch_size)
-        self._row(variant.name, result, vector, started)
+        self._row(variant.name, result, vector, started, **fit)
+
+    def _finetuned_under_prompt(self, start: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+        """(L,) ``start`` fine-tuned on the task's train texts, each batch read after one of its
+        episode prompts (every mode the task vectors read, as the prompted LM phase does), and
+        the fit's record for the row."""
+        from icm.eval.loss_fit import PromptFitSettings, fit_under_prompt
+        from icm.generator.lm import EpisodePrompt, PromptContext
+        from icm.task_vectors import build_episodes
+        from icm.tasks import load_task
+
+        task = load_task(self.item.task_path)
+        prompts = [EpisodePrompt(episode.prompt, episode.demos) for mode in self.task_vectors.modes
+                   for episode in build_episodes(task, self.task_vectors, mode=mode)]
+        context = PromptContext.build(self.train_texts, prompts, self.tokenizer, self.cfg.max_length)
+        settings = PromptFitSettings(steps=self.cfg.finetune_steps, lr=self.cfg.finetune_lr,
+                                     batch_size=self.cfg.finetune_batch_size,
+                                     warmup_steps=self.cfg.finetune_warmup_steps, seed=self.cfg.seed)
+        fitted, record = fit_under_prompt(self._applier(), start, context,
+                                          pad_id=self.tokenizer.pad_token_id or 0, settings=settings)
+        return fitted, {"fit_" + key: value for key, value in record.items()}
+
+    def _applier(self):
+        """A FunctionalLora on the scoring model itself (LoRAs passed per call), made once."""
+        from icm.generator.lm import FunctionalLora
+
+        if self.applier is None:
+            self.applier = FunctionalLora.on_peft_model(self.swap.model, self.layout)
+        return self.applier
 
     def _adapter_under_prompt(self, variant: Variant) -> torch.Tensor | None:
         """(L,) the adapter active while an in-context variant reads its prompt, if it names one

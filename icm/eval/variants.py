@@ -80,6 +80,9 @@ class Variant:
     # in-context: what the prompt holds, as a request would: the description and the k
     # demonstrations ("both"), the description only, or the demonstrations only
     prompt_mode: PromptMode = "both"
+    # in-context: the adapter under the prompt is first fine-tuned on the task's train split,
+    # each batch read after one of its episode prompts (a diagnostic: it reads the oracle's data)
+    finetune: bool = False
     # selected: the adapter variants whose adapters compete with the generator's draws
     among: tuple[str, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
@@ -99,6 +102,9 @@ def register(variant: Variant) -> Variant:
         if variant.kind != "in-context" or under is None or under.kind not in ("adapter", "generated"):
             raise ValueError(f"variant {variant.name!r}: with_adapter must name a registered "
                              "adapter or generated variant, on an in-context variant")
+    if variant.finetune and variant.with_adapter is None:
+        raise ValueError(f"variant {variant.name!r}: finetune needs with_adapter (the adapter "
+                         "fine-tuned under the prompt)")
     if (variant.kind == "selected") != bool(variant.among) or any(
             VARIANTS.get(name) is None or VARIANTS[name].kind != "adapter" or not VARIANTS[name].baseline
             for name in variant.among):
@@ -356,6 +362,13 @@ for _mode, _holds in (("description", "the task's description only"),
         f"as in-context-{_mode}, read with one generator draw from that prompt's own vector "
         f"(mode {_mode}) active: does the adapter add to such a prompt?"),
         with_adapter="generated", opt_in=True, prompt_mode=_mode))
+register(Variant("in-context+generated-finetuned", "in-context", UNSEEN, (
+    "a diagnostic, not a rival (it reads the task's whole train split, the oracle's data): "
+    "in-context+generated's draw fine-tuned by the LM loss on the task's train texts, each batch "
+    "read after one of the task's episode prompts (evaluate.finetune_*: the zoo's recipe), then "
+    "read under the prompt: what task-specific training adds under the prompt from the "
+    "generator's adapter, a ceiling for any condition"),
+    with_adapter="generated", opt_in=True, finetune=True))
 register(Variant("in-context+control-shuffled", "in-context", frozenset({"heldout"}), (
     "a control of in-context+generated: the generator's draw from another task's condition, read "
     "under this task's prompt; as good as in-context+generated, the adapter's gain under the "

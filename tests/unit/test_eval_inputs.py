@@ -119,10 +119,13 @@ def test_the_baseline_pooling_must_be_computed_and_its_default_changes_no_hash()
     with pytest.raises(ValidationError, match="evaluate.baseline_pooling='chunks' is not in"):
         PipelineConfig(evaluate={"baseline_pooling": "chunks"})
     data = cfg.model_dump(mode="json")["evaluate"]
-    del data["baseline_pooling"]
+    for name in ("baseline_pooling", "finetune_steps", "finetune_lr", "finetune_batch_size",
+                 "finetune_warmup_steps"):  # added later: unread at their defaults
+        del data[name]
     assert cfg.fingerprint("evaluate") == sha256_json({"evaluate": data})
-    chosen = PipelineConfig(evaluate={"baseline_pooling": "mean"})
-    assert chosen.fingerprint("evaluate") != cfg.fingerprint("evaluate")
+    for changed in ({"baseline_pooling": "mean"}, {"finetune_steps": 96}, {"finetune_lr": 1e-3}):
+        chosen = PipelineConfig(evaluate=changed)
+        assert chosen.fingerprint("evaluate") != cfg.fingerprint("evaluate"), changed
 
 
 def test_every_variant_is_scored_on_the_same_texts_with_per_text_nll(world):
@@ -262,6 +265,47 @@ def test_a_prompt_of_one_part_reads_that_part_and_a_draw_from_its_own_vector(wor
             stacked = score_in_context(swap.model, tokenizer, texts, prefix, max_length=32).text_nll
             matches = by[f"in-context-{mode}+generated"] == pytest.approx(stacked, rel=1e-5)
             assert matches == (part == mode), (mode, part)
+
+
+def test_the_finetuned_draw_is_the_draw_fitted_under_the_tasks_prompts_then_read_under_one(world):
+    """in-context+generated-finetuned: the same draw as in-context+generated, fine-tuned by
+    fit_under_prompt on the task's train texts after its episode prompts, then scored under the
+    prompt; its row records the fit."""
+    from icm.eval.baselines import in_context_prefix, score_in_context
+    from icm.eval.loss_fit import PromptFitSettings, fit_under_prompt
+    from icm.generator.lm import EpisodePrompt, FunctionalLora, PromptContext
+    from icm.task_vectors import build_episodes, sample_demos
+    from icm.tasks import load_task
+
+    base, suite, means = world
+    plans = [SettingPlan("heldout", ["dogs"], ["cats", "code", "sums"], str(base / "generator"))]
+    names = ["in-context+generated", "in-context+generated-finetuned"]
+    items, _, finals = build_items(suite, plans, means, zoo_root=base / "zoo",
+                                   oracle_root=base / "oracles", options={}, variant_names=names)
+    cfg = EvalConfig(max_texts=2, max_length=32, samples=1, finetune_steps=3, finetune_batch_size=2)
+    vectors = TaskVectorConfig(k=2, episodes=2, max_demo_chars=100)
+    rows = evaluate_item(items[0], finals, model=ModelConfig(spec="tiny-llama", max_length=32), cfg=cfg,
+                         task_vectors=vectors)
+    by = {r["variant"]: r for r in rows}
+    tuned = by["in-context+generated-finetuned"]
+    assert tuned["fit_steps"] == 3 and tuned["fit_prompts"] == 2 * 3  # episodes x modes
+    assert tuned["fit_relative_change"] > 0
+    assert tuned["text_nll"] != pytest.approx(by["in-context+generated"]["text_nll"], rel=1e-4)
+
+    swap, tokenizer, generator = _swap_for(items[0])
+    task = load_task(items[0].task_path)
+    draw = generator.sample(items[0].conditions["both"].astype(np.float32), num_samples=1,
+                            seed=cfg.seed, z="random")[0]
+    prompts = [EpisodePrompt(e.prompt, e.demos) for mode in vectors.modes
+               for e in build_episodes(task, vectors, mode=mode)]
+    context = PromptContext.build([t for t in task.train_texts() if t.strip()], prompts, tokenizer, 32)
+    fitted, _ = fit_under_prompt(FunctionalLora.on_peft_model(swap.model, generator.layout),
+                                 draw, context, pad_id=tokenizer.pad_token_id or 0,
+                                 settings=PromptFitSettings(steps=3, batch_size=2))
+    swap.load(fitted)
+    prefix = in_context_prefix(task.description, sample_demos(task, vectors, episode=0), 100)
+    expected = score_in_context(swap.model, tokenizer, task.eval_texts()[:2], prefix, max_length=32)
+    assert tuned["text_nll"] == pytest.approx(expected.text_nll, rel=1e-4)
 
 
 def test_the_multitask_lora_under_the_prompt_is_scored_held_out_and_absent_on_a_fold(world):

@@ -103,6 +103,16 @@ def test_prompts_of_one_part_are_opt_in_and_their_generated_draw_reads_that_part
     assert not {v.name for v in variants_for("heldout") if v.prompt_mode != "both"}
 
 
+def test_the_finetuned_draw_is_an_opt_in_diagnostic_that_needs_an_adapter_under_the_prompt():
+    tuned = VARIANTS["in-context+generated-finetuned"]
+    assert tuned.finetune and tuned.with_adapter == "generated" and tuned.prompt_mode == "both"
+    assert tuned.opt_in and not tuned.baseline and tuned.settings == frozenset({"heldout", "fold"})
+    assert not [v for v in VARIANTS.values() if v.finetune and v.name != tuned.name]
+    with pytest.raises(ValueError, match="finetune needs with_adapter"):
+        register(Variant("tuned-alone", "in-context", ALL, "x", finetune=True))
+    assert "tuned-alone" not in VARIANTS
+
+
 def test_the_config_names_the_field_of_an_unknown_variant():
     from pydantic import ValidationError
 

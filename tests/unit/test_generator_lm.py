@@ -329,6 +329,26 @@ def _prompts(name: str, rows: int) -> list:
             for demos in ((texts[r % 2], texts[r % 2][:10]) for r in range(rows))]
 
 
+def test_a_fit_under_the_prompt_lowers_the_loss_of_the_texts_it_reads_after_it(world):
+    """fit_under_prompt (the evaluation's in-context+generated-finetuned) trains every LoRA
+    weight of the vector: one row, every allowed text each step, so the loss it starts and ends
+    on is the same batch's; the start is left unchanged, and malformed input is refused."""
+    from icm.eval.loss_fit import PromptFitSettings, fit_under_prompt
+    from icm.generator.lm import PromptContext
+
+    generator, applier, _, _, tokenizer = _setup(world)
+    context = PromptContext.build(TEXTS["sums"], _prompts("sums", 1), tokenizer, 24)
+    start = generator.sample(world[1]["sums"].mean(0), z="zero")[0]  # (L,)
+    kept = start.clone()
+    settings = PromptFitSettings(steps=6, lr=5e-3, batch_size=len(TEXTS["sums"]), warmup_steps=1)
+    fitted, record = fit_under_prompt(applier, start, context, pad_id=0, settings=settings)
+    assert fitted.shape == start.shape and torch.equal(start, kept)
+    assert record["end_nll"] < record["start_nll"] and record["relative_change"] > 0
+    assert record["prompts"] == 1 and record["steps"] == 6
+    with pytest.raises(ValueError, match="start must be"):
+        fit_under_prompt(applier, start[None], context, pad_id=0, settings=settings)
+
+
 def test_prompt_context_reads_each_text_after_its_rows_prompt_and_predicts_only_the_text(world):
     """Labels are -100 over the prompt (start token included), the text follows as evaluation's
     in-context variants read it (" " + text), and a row's own demonstrations, clipped or whole,
