@@ -520,9 +520,10 @@ class EvalConfig(StageConfig):
     extra_variants: list[str] = Field(default_factory=list, description=(
         "Variants scored besides those, e.g. the opt-in adapters stacked on the prompt "
         "[in-context+generated, in-context+soup, in-context+similarity-soup, in-context+nearest, "
-        "in-context+ridge, in-context+oracle, in-context+multitask], and the prompts of one "
+        "in-context+ridge, in-context+oracle, in-context+multitask], the prompts of one "
         "part with and without the generator's draw [in-context-description, "
-        "in-context-description+generated, in-context-demos, in-context-demos+generated]."))
+        "in-context-description+generated, in-context-demos, in-context-demos+generated], and "
+        "the diagnostic in-context+generated-finetuned (evaluate.finetune_*)."))
     seen_tasks: int | None = Field(None, ge=0, description=(
         "Training tasks scored in the 'seen' setting, dealt over the groups (the oracles stage's "
         "replicate tasks come first); None: all of them."))
@@ -550,11 +551,13 @@ class EvalConfig(StageConfig):
     finetune_steps: int = Field(48, ge=1, description=(
         "in-context+generated-finetuned: steps fine-tuning the draw under the task's prompts "
         "(default: the 48-step zoo's recipe, as its oracles)."))
-    finetune_lr: float = Field(5e-3, gt=0, description="in-context+generated-finetuned: peak AdamW learning rate.")
+    finetune_lr: float = Field(5e-3, gt=0, description=(
+        "in-context+generated-finetuned: peak AdamW learning rate."))
     finetune_batch_size: int = Field(4, ge=1, description=(
         "in-context+generated-finetuned: train texts per step, all read after one episode prompt."))
     finetune_warmup_steps: int = Field(2, ge=1, description=(
-        "in-context+generated-finetuned: linear warm-up steps, then linear decay to 0."))
+        "in-context+generated-finetuned: warm-up steps of the zoo's schedule (DeepSpeed "
+        "WarmupDecayLR as zoo.warmup_steps sets it)."))
     bootstrap: int = Field(2000, ge=100, description="Bootstrap resamples of every interval.")
     cpus_per_task: float = Field(1.0, gt=0, description="Ray CPUs per evaluation task.")
     gpus_per_task: float = Field(0.0, ge=0, description="Ray GPUs per evaluation task.")
@@ -655,8 +658,22 @@ class PipelineConfig(StageConfig):
         if "evaluate" in self.stages and "both" not in tv.modes:
             raise ValueError("the evaluate stage conditions the generator on 'both' task vectors: "
                              "keep 'both' in task_vectors.modes")
+        self._check_variant_modes()
         self._check_anchor()
         return self
+
+    def _check_variant_modes(self) -> None:
+        """A prompt of one part with the generator's draw reads that part's task vectors: a
+        mode task_vectors.modes lacks would leave the variant silently unscored."""
+        from icm.eval.variants import VARIANTS, condition_under_prompt  # late: the eval registry
+
+        modes = self.task_vectors.modes
+        for name in (self.evaluate.variants or []) + self.evaluate.extra_variants:
+            mode = condition_under_prompt(VARIANTS[name])
+            if mode in ("description", "demos") and mode not in modes:
+                raise ValueError(f"evaluate variant {name!r} draws from the {mode!r} task vectors, "
+                                 f"which task_vectors.modes {modes} lacks. Fix: add {mode!r} "
+                                 "there, or drop the variant")
 
     def _check_anchor(self) -> None:
         """generator.lm_anchor: multitask works only with the LM fine-tuning, without Tune (its

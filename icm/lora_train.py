@@ -105,15 +105,20 @@ def snapshot_steps(total_steps: int, count: int, start_fraction: float) -> list[
 
 
 def warmup_decay_params(cfg: ZooConfig) -> dict:
+    """DeepSpeed WarmupDecayLR settings of a zoo LoRA run (`warmup_decay_schedule`)."""
+    return warmup_decay_schedule(lr=cfg.lr, steps=cfg.steps, warmup_steps=cfg.warmup_steps)
+
+
+def warmup_decay_schedule(*, lr: float, steps: int, warmup_steps: int) -> dict:
     """DeepSpeed WarmupDecayLR settings for a linear warm-up whose FIRST step already trains.
 
     DeepSpeed's linear warm-up gives step i (from 0) min + (max - min) * i / W with W >= 2, so
     from min 0 the first optimizer step had lr 0: a 12-step LoRA trained 11 steps. With min =
     max / (W + 1) step i gets max * (i + 1) / (W + 1), reaching max at W, then decays to min.
     """
-    warmup = max(2, min(cfg.warmup_steps, max(cfg.steps - 1, 1)))  # DeepSpeed's floor is 2
-    return {"warmup_min_lr": cfg.lr / (warmup + 1), "warmup_max_lr": cfg.lr, "warmup_type": "linear",
-            "warmup_num_steps": warmup, "total_num_steps": cfg.steps}
+    warmup = max(2, min(warmup_steps, max(steps - 1, 1)))  # DeepSpeed's floor is 2
+    return {"warmup_min_lr": lr / (warmup + 1), "warmup_max_lr": lr, "warmup_type": "linear",
+            "warmup_num_steps": warmup, "total_num_steps": steps}
 
 
 def deepspeed_config(cfg: ZooConfig, *, world_size: int, bf16: bool) -> dict:

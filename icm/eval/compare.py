@@ -24,7 +24,8 @@ import pandas as pd
 
 from icm.errors import InputError
 from icm.eval.report import KEY, format_ci, gap_row, ratio_row
-from icm.eval.variants import VARIANTS, adapters_needed, reads_generator, registered_name
+from icm.eval.variants import (VARIANTS, adapters_needed, prompt_alone, reads_generator,
+                               registered_name)
 
 
 def labelled(variant: str, label: str) -> str:
@@ -203,8 +204,9 @@ def zoo_comparison_table(paired: pd.DataFrame, labels: list[str], resamples: int
             ratio = ratio_row(frame, labelled(name, last), labelled(name, first), resamples, seed)
             row = {"setting": setting, "tasks": frame["task"].nunique(), "variant": name, **gaps,
                    f"{last} / {first} ppl [95% CI]": format_ci(ratio)}
-            if "in-context" in variants:  # the prompt reads no zoo: one row for every run
-                row[f"{last} / in-context"] = format_ci(
-                    ratio_row(frame, labelled(name, last), "in-context", resamples, seed))
+            alone = prompt_alone(name)  # the prompt of the same kind, alone
+            if alone in variants:  # the prompt reads no zoo: one row for every run
+                row[f"{last} / {alone}"] = format_ci(
+                    ratio_row(frame, labelled(name, last), alone, resamples, seed))
             rows.append(row)
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows).fillna("")  # a prompt of another kind: no entry

@@ -75,13 +75,14 @@ def fit_combination(applier, vectors: torch.Tensor, sequences: Sequence[Sequence
 
 @dataclass(frozen=True)
 class PromptFitSettings:
-    """How a whole adapter is fine-tuned under the prompt: the zoo's recipe (AdamW, linear
-    warm-up then linear decay to 0), each step's texts read after one episode prompt."""
+    """How a whole adapter is fine-tuned under the prompt: the zoo's recipe (AdamW, DeepSpeed's
+    WarmupDecayLR as the zoo sets it, gradient norm clipped at 1), each step's texts read after
+    one episode prompt. The zoo's LoRA dropout is left out: the scoring model stays in eval mode."""
 
-    steps: int = 48
-    lr: float = 5e-3
-    batch_size: int = 4  # texts per step, all after the same prompt
-    warmup_steps: int = 2
+    steps: int
+    lr: float
+    batch_size: int  # texts per step, all after the same prompt
+    warmup_steps: int
     seed: int = 0
 
 
@@ -94,19 +95,22 @@ def fit_under_prompt(applier, start: torch.Tensor, context, *, pad_id: int,
 
     Returns:
         The fitted vector and a record: loss at the start and end of the fit (on the step's
-        batch), the relative change of the vector, steps, seconds.
+        batch), the relative change of the vector, the summed learning rate, steps, seconds.
     """
+    from deepspeed.runtime.lr_schedules import WarmupDecayLR
+
+    from icm.lora_train import warmup_decay_schedule
+
     if start.ndim != 1 or settings.steps < 1 or not context.rows:
-        raise ValueError(f"start must be (L,) (got {tuple(start.shape)}), settings.steps >= 1 and "
-                         "the context must have a prompt row with a text to predict")
+        raise ValueError(f"start must be (L,) (got {tuple(start.shape)}), settings.steps >= 1 "
+                         "and the context must have a prompt row with a text to predict")
     started = time.perf_counter()
     vector = start.detach().clone().float().to(applier.device).requires_grad_(True)  # (L,)
     optimizer = torch.optim.AdamW([vector], lr=settings.lr, weight_decay=0.0)
-    warmup, total = settings.warmup_steps, settings.steps
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: (
-        (step + 1) / warmup if step < warmup else max(0.0, (total - step) / max(1, total - warmup))))
-    rng, losses = random.Random(f"prompt-fit-{settings.seed}"), []
-    for _ in range(total):
+    schedule = WarmupDecayLR(optimizer, **warmup_decay_schedule(
+        lr=settings.lr, steps=settings.steps, warmup_steps=settings.warmup_steps))
+    rng, losses, summed_lr = random.Random(f"prompt-fit-{settings.seed}"), [], 0.0
+    for _ in range(settings.steps):
         row = rng.choice(context.rows)
         allowed = context.allowed[row]
         texts = (list(allowed) if len(allowed) <= settings.batch_size
@@ -114,11 +118,14 @@ def fit_under_prompt(applier, start: torch.Tensor, context, *, pad_id: int,
         loss = applier.nll(vector, context.batch(row, texts, pad_id))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        torch.nn.utils.clip_grad_norm_([vector], max_norm=1.0)  # the zoo's gradient_clipping
+        summed_lr += optimizer.param_groups[0]["lr"]  # the rate this step uses
         optimizer.step()
         schedule.step()
         losses.append(float(loss.detach()))
     fitted = vector.detach().cpu()
     change = float((fitted - start.float().cpu()).norm() / start.float().norm().clamp_min(1e-12))
     record = {"start_nll": losses[0], "end_nll": losses[-1], "relative_change": change,
-              "prompts": len(context.rows), "steps": total, "seconds": time.perf_counter() - started}
+              "summed_lr": summed_lr, "prompts": len(context.rows), "steps": settings.steps,
+              "seconds": time.perf_counter() - started}
     return fitted, record

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from icm.eval.stats import gap_recovered_ci, ratio_ci
-from icm.eval.variants import VARIANTS, baseline_names, registered_name
+from icm.eval.variants import VARIANTS, baseline_names, prompt_alone, registered_name
 
 HEADLINE_VARIANT = "generated"
 KEY = ["setting", "fold", "task"]
@@ -225,12 +225,15 @@ def stacked_table(results: pd.DataFrame, resamples: int, seed: int) -> pd.DataFr
 
 def _same_prompt(rivals: list[str], variant: str, results: pd.DataFrame) -> list[str]:
     """The rivals read under the prompt ``variant`` reads (a description-only prompt is judged
-    against that prompt alone, not against one that also holds the demonstrations)."""
-    mode = VARIANTS[registered_name(variant)].prompt_mode
-    if mode == "both":
-        return rivals
-    alone = f"in-context-{mode}"
-    return [alone] if alone in set(results["variant"]) else []
+    against that prompt alone, not against one that also holds the demonstrations); a
+    fine-tuned adapter also against the adapter it started from, under the same prompt."""
+    spec, scored = VARIANTS[registered_name(variant)], set(results["variant"])
+    chosen = rivals if spec.prompt_mode == "both" else [
+        alone for alone in [prompt_alone(variant)] if alone in scored]
+    start = variant.replace(f"{spec.with_adapter}-finetuned", spec.with_adapter, 1)
+    if spec.finetune and start in scored:  # in-context+generated-finetuned[M] -> ...generated[M]
+        chosen = chosen + [start]
+    return chosen
 
 
 def _stacks_baseline(variant: str) -> bool:

@@ -193,7 +193,7 @@ class ItemScorer:
             return  # that adapter does not apply to this task
         fit = {}
         if variant.finetune:
-            vector, fit = self._finetuned_under_prompt(vector)
+            vector, fit = self._finetuned_under_prompt(vector, variant.prompt_mode)
         prefix = in_context_prefix(self.description, self.demos, self.max_demo_chars,
                                    mode=variant.prompt_mode)
         if vector is not None:
@@ -203,24 +203,27 @@ class ItemScorer:
                                       max_length=self.cfg.max_length, batch_size=self.cfg.batch_size)
         self._row(variant.name, result, vector, started, **fit)
 
-    def _finetuned_under_prompt(self, start: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+    def _finetuned_under_prompt(self, start: torch.Tensor, mode: str
+                                ) -> tuple[torch.Tensor, dict[str, Any]]:
         """(L,) ``start`` fine-tuned on the task's train texts, each batch read after one of its
-        episode prompts (every mode the task vectors read, as the prompted LM phase does), and
-        the fit's record for the row."""
+        episode prompts of ``mode`` (the kind of prompt it is then scored under), and the fit's
+        record for the row."""
         from icm.eval.loss_fit import PromptFitSettings, fit_under_prompt
         from icm.generator.lm import EpisodePrompt, PromptContext
         from icm.task_vectors import build_episodes
         from icm.tasks import load_task
 
         task = load_task(self.item.task_path)
-        prompts = [EpisodePrompt(episode.prompt, episode.demos) for mode in self.task_vectors.modes
+        prompts = [EpisodePrompt(episode.prompt, episode.demos)
                    for episode in build_episodes(task, self.task_vectors, mode=mode)]
-        context = PromptContext.build(self.train_texts, prompts, self.tokenizer, self.cfg.max_length)
-        settings = PromptFitSettings(steps=self.cfg.finetune_steps, lr=self.cfg.finetune_lr,
-                                     batch_size=self.cfg.finetune_batch_size,
-                                     warmup_steps=self.cfg.finetune_warmup_steps, seed=self.cfg.seed)
-        fitted, record = fit_under_prompt(self._applier(), start, context,
-                                          pad_id=self.tokenizer.pad_token_id or 0, settings=settings)
+        context = PromptContext.build(self.train_texts, prompts, self.tokenizer,
+                                      self.cfg.max_length)
+        cfg = self.cfg
+        settings = PromptFitSettings(steps=cfg.finetune_steps, lr=cfg.finetune_lr,
+                                     batch_size=cfg.finetune_batch_size,
+                                     warmup_steps=cfg.finetune_warmup_steps, seed=cfg.seed)
+        fitted, record = fit_under_prompt(self._applier(), start, context, settings=settings,
+                                          pad_id=self.tokenizer.pad_token_id or 0)
         return fitted, {"fit_" + key: value for key, value in record.items()}
 
     def _applier(self):

@@ -102,6 +102,8 @@ def register(variant: Variant) -> Variant:
         if variant.kind != "in-context" or under is None or under.kind not in ("adapter", "generated"):
             raise ValueError(f"variant {variant.name!r}: with_adapter must name a registered "
                              "adapter or generated variant, on an in-context variant")
+    if variant.prompt_mode != "both" and variant.kind != "in-context":
+        raise ValueError(f"variant {variant.name!r}: prompt_mode is for in-context variants")
     if variant.finetune and variant.with_adapter is None:
         raise ValueError(f"variant {variant.name!r}: finetune needs with_adapter (the adapter "
                          "fine-tuned under the prompt)")
@@ -134,6 +136,14 @@ def condition_under_prompt(variant: Variant) -> str | None:
     if under is None or under.kind != "generated":
         return None
     return variant.prompt_mode if under.condition == "both" else under.condition
+
+
+def prompt_alone(variant: str) -> str:
+    """The prompt alone that ``variant`` (possibly labelled) is judged against: the in-context
+    variant reading the same kind of prompt (``in-context`` for every variant not in-context)."""
+    spec = VARIANTS.get(registered_name(variant))
+    mode = spec.prompt_mode if spec is not None else "both"
+    return "in-context" if mode == "both" else f"in-context-{mode}"
 
 
 def reads_generator(variant: Variant) -> bool:
@@ -365,9 +375,9 @@ for _mode, _holds in (("description", "the task's description only"),
 register(Variant("in-context+generated-finetuned", "in-context", UNSEEN, (
     "a diagnostic, not a rival (it reads the task's whole train split, the oracle's data): "
     "in-context+generated's draw fine-tuned by the LM loss on the task's train texts, each batch "
-    "read after one of the task's episode prompts (evaluate.finetune_*: the zoo's recipe), then "
-    "read under the prompt: what task-specific training adds under the prompt from the "
-    "generator's adapter, a ceiling for any condition"),
+    "read after one of the task's episode prompts of the same kind (evaluate.finetune_*: the "
+    "48-step zoo's recipe), then read under the prompt: what task-specific training adds "
+    "under the prompt to the generator's adapter, a ceiling for what a condition could"),
     with_adapter="generated", opt_in=True, finetune=True))
 register(Variant("in-context+control-shuffled", "in-context", frozenset({"heldout"}), (
     "a control of in-context+generated: the generator's draw from another task's condition, read "

@@ -101,6 +101,13 @@ def test_prompts_of_one_part_are_opt_in_and_their_generated_draw_reads_that_part
     assert condition_under_prompt(VARIANTS["in-context+control-shuffled"]) == "shuffled"
     assert condition_under_prompt(VARIANTS["in-context+soup"]) is None
     assert not {v.name for v in variants_for("heldout") if v.prompt_mode != "both"}
+    from icm.eval.variants import prompt_alone
+
+    assert prompt_alone("in-context-description+generated[M]") == "in-context-description"
+    assert prompt_alone("in-context-demos") == "in-context-demos"
+    assert prompt_alone("generated[B]") == prompt_alone("in-context+soup") == "in-context"
+    with pytest.raises(ValueError, match="prompt_mode is for in-context"):
+        register(Variant("alone-described", "generated", ALL, "x", prompt_mode="description"))
 
 
 def test_the_finetuned_draw_is_an_opt_in_diagnostic_that_needs_an_adapter_under_the_prompt():
@@ -122,6 +129,22 @@ def test_the_config_names_the_field_of_an_unknown_variant():
     for field in ("variants", "extra_variants"):
         with pytest.raises(ValidationError, match=f"evaluate.{field}: unknown .'gnerated'.; known:"):
             EvalConfig(**{field: ["gnerated"]})
+
+
+
+def test_a_one_part_prompt_with_a_draw_needs_that_parts_task_vectors():
+    from pydantic import ValidationError
+
+    from icm.config import PipelineConfig
+
+    parts = {"task_vectors": {"modes": ["both", "demos"]},
+             "generator": {"condition_modes": ["both", "demos"]}}
+    ok = PipelineConfig(**parts, evaluate={"extra_variants": [
+        "in-context-demos+generated", "in-context-description"]})  # the base reads no vector
+    assert ok.evaluate.extra_variants[0] == "in-context-demos+generated"
+    for field in ("variants", "extra_variants"):
+        with pytest.raises(ValidationError, match="'description' task vectors.*Fix: add"):
+            PipelineConfig(**parts, evaluate={field: ["in-context-description+generated"]})
 
 
 def test_baseline_sources_never_use_the_task_itself():

@@ -139,6 +139,17 @@ def test_an_adapter_under_a_description_only_prompt_is_judged_against_that_promp
     assert "/ in-context-description" not in without.columns
 
 
+def test_a_finetuned_adapter_is_also_judged_against_the_adapter_it_started_from():
+    levels = {"in-context": 3.4, "in-context+generated[M]": 3.2,
+              "in-context+generated-finetuned[M]": 3.1}
+    results = _results(levels=levels).query("setting == 'heldout'")
+    table = stacked_table(results, 300, 0).set_index(["setting", "variant"])
+    tuned = table.loc[("held-out", "in-context+generated-finetuned[M]")]
+    assert tuned["/ in-context+generated[M]"].endswith("(12/12)")
+    assert tuned["/ in-context"].endswith("(12/12)")
+    assert table.loc[("held-out", "in-context+generated[M]"), "/ in-context+generated[M]"] == ""
+
+
 def test_stacked_adapters_are_judged_against_the_prompt_alone_both_ways():
     """in-context+generated 3.2 beats the prompt alone (3.4); in-context+soup 3.5 loses to it."""
     levels = {"in-context": 3.4, "in-context+generated": 3.2, "in-context+soup": 3.5}

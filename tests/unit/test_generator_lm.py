@@ -336,6 +336,11 @@ def test_a_fit_under_the_prompt_lowers_the_loss_of_the_texts_it_reads_after_it(w
     from icm.eval.loss_fit import PromptFitSettings, fit_under_prompt
     from icm.generator.lm import PromptContext
 
+    from deepspeed.runtime.lr_schedules import WarmupDecayLR
+
+    from icm.config import ZooConfig
+    from icm.lora_train import deepspeed_config
+
     generator, applier, _, _, tokenizer = _setup(world)
     context = PromptContext.build(TEXTS["sums"], _prompts("sums", 1), tokenizer, 24)
     start = generator.sample(world[1]["sums"].mean(0), z="zero")[0]  # (L,)
@@ -345,6 +350,17 @@ def test_a_fit_under_the_prompt_lowers_the_loss_of_the_texts_it_reads_after_it(w
     assert fitted.shape == start.shape and torch.equal(start, kept)
     assert record["end_nll"] < record["start_nll"] and record["relative_change"] > 0
     assert record["prompts"] == 1 and record["steps"] == 6
+    # the zoo's schedule: the rates a zoo LoRA of the same steps, warm-up and lr trains with
+    zoo = ZooConfig(steps=6, warmup_steps=1, lr=5e-3)
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=zoo.lr)
+    scheduler = WarmupDecayLR(optimizer, **deepspeed_config(zoo, world_size=1, bf16=False)
+                              ["scheduler"]["params"])
+    rates = []
+    for _ in range(zoo.steps):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert record["summed_lr"] == pytest.approx(sum(rates)) and min(rates) > 0
     with pytest.raises(ValueError, match="start must be"):
         fit_under_prompt(applier, start[None], context, pad_id=0, settings=settings)
 
