@@ -301,8 +301,9 @@ def test_the_finetuned_draw_is_the_draw_fitted_under_the_tasks_prompts_then_read
     train = [text for text in task.train_texts() if text.strip()]
     context = PromptContext.build(train, prompts, tokenizer, 32)
     settings = PromptFitSettings(steps=3, lr=5e-3, batch_size=2, warmup_steps=2)
-    fitted, _ = fit_under_prompt(FunctionalLora.on_peft_model(swap.model, generator.layout),
-                                 draw, context, pad_id=tokenizer.pad_token_id or 0, settings=settings)
+    applier = FunctionalLora.on_peft_model(swap.model, generator.layout)
+    fitted, _ = fit_under_prompt(applier, draw, context, pad_id=tokenizer.pad_token_id or 0,
+                                 settings=settings)
     swap.load(fitted)
     prefix = in_context_prefix(task.description, sample_demos(task, vectors, episode=0), 100)
     expected = score_in_context(swap.model, tokenizer, task.eval_texts()[:2], prefix, max_length=32)
