@@ -230,8 +230,9 @@ def _same_prompt(rivals: list[str], variant: str, results: pd.DataFrame) -> list
     spec, scored = VARIANTS[registered_name(variant)], set(results["variant"])
     chosen = rivals if spec.prompt_mode == "both" else [
         alone for alone in [prompt_alone(variant)] if alone in scored]
-    start = variant.replace(f"{spec.with_adapter}-finetuned", spec.with_adapter, 1)
-    if spec.finetune and start in scored:  # in-context+generated-finetuned[M] -> ...generated[M]
+    # in-context+generated-finetuned[M] -> in-context+generated[M]
+    start = f"in-context+{spec.with_adapter}{variant[len(registered_name(variant)):]}"
+    if spec.finetune and start in scored:
         chosen = chosen + [start]
     return chosen
 

@@ -193,7 +193,8 @@ class ItemScorer:
             return  # that adapter does not apply to this task
         fit = {}
         if variant.finetune:
-            vector, fit = self._finetuned_under_prompt(vector, variant.prompt_mode)
+            vector, fit = self._finetuned_under_prompt(vector, variant.prompt_mode,
+                                                       variant.finetune)
         prefix = in_context_prefix(self.description, self.demos, self.max_demo_chars,
                                    mode=variant.prompt_mode)
         if vector is not None:
@@ -203,11 +204,11 @@ class ItemScorer:
                                       max_length=self.cfg.max_length, batch_size=self.cfg.batch_size)
         self._row(variant.name, result, vector, started, **fit)
 
-    def _finetuned_under_prompt(self, start: torch.Tensor, mode: str
+    def _finetuned_under_prompt(self, start: torch.Tensor, mode: str, texts: str
                                 ) -> tuple[torch.Tensor, dict[str, Any]]:
-        """(L,) ``start`` fine-tuned on the task's train texts, each batch read after one of its
-        episode prompts of ``mode`` (the kind of prompt it is then scored under), and the fit's
-        record for the row."""
+        """(L,) ``start`` fine-tuned on the task's train texts (``texts`` "train") or on its
+        episodes' demonstrations ("demos"), each batch read after one of its episode prompts of
+        ``mode`` (the kind of prompt it is then scored under), and the fit's record."""
         from icm.eval.loss_fit import PromptFitSettings, fit_under_prompt
         from icm.generator.lm import EpisodePrompt, PromptContext
         from icm.task_vectors import build_episodes
@@ -216,14 +217,16 @@ class ItemScorer:
         task = load_task(self.item.task_path)
         prompts = [EpisodePrompt(episode.prompt, episode.demos)
                    for episode in build_episodes(task, self.task_vectors, mode=mode)]
-        context = PromptContext.build(self.train_texts, prompts, self.tokenizer,
-                                      self.cfg.max_length)
+        fit_texts = (self.train_texts if texts == "train"
+                     else list(dict.fromkeys(demo for p in prompts for demo in p.demos)))
+        context = PromptContext.build(fit_texts, prompts, self.tokenizer, self.cfg.max_length)
         cfg = self.cfg
         settings = PromptFitSettings(steps=cfg.finetune_steps, lr=cfg.finetune_lr,
                                      batch_size=cfg.finetune_batch_size,
                                      warmup_steps=cfg.finetune_warmup_steps, seed=cfg.seed)
         fitted, record = fit_under_prompt(self._applier(), start, context, settings=settings,
                                           pad_id=self.tokenizer.pad_token_id or 0)
+        record.update(on=texts, texts=len(fit_texts))
         return fitted, {"fit_" + key: value for key, value in record.items()}
 
     def _applier(self):

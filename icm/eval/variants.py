@@ -80,9 +80,11 @@ class Variant:
     # in-context: what the prompt holds, as a request would: the description and the k
     # demonstrations ("both"), the description only, or the demonstrations only
     prompt_mode: PromptMode = "both"
-    # in-context: the adapter under the prompt is first fine-tuned on the task's train split,
-    # each batch read after one of its episode prompts (a diagnostic: it reads the oracle's data)
-    finetune: bool = False
+    # in-context: the adapter under the prompt is first fine-tuned, each batch read after one of
+    # the task's episode prompts, on its train split ("train": a diagnostic, it reads the
+    # oracle's data) or on its episodes' demonstrations ("demos": the texts its condition was
+    # read from, what fine-tuning at request time could use); None: used as it is
+    finetune: Literal["train", "demos"] | None = None
     # selected: the adapter variants whose adapters compete with the generator's draws
     among: tuple[str, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
@@ -378,7 +380,13 @@ register(Variant("in-context+generated-finetuned", "in-context", UNSEEN, (
     "read after one of the task's episode prompts of the same kind (evaluate.finetune_*: the "
     "48-step zoo's recipe), then read under the prompt: what task-specific training adds "
     "under the prompt to the generator's adapter, a ceiling for what a condition could"),
-    with_adapter="generated", opt_in=True, finetune=True))
+    with_adapter="generated", opt_in=True, finetune="train"))
+register(Variant("in-context+generated-finetuned-demos", "in-context", UNSEEN, (
+    "as in-context+generated-finetuned, but fine-tuned only on the demonstrations of the task's "
+    "episodes, the texts its condition was read from (each prompt's own never a target under "
+    "it): what fine-tuning at request time on what a request holds adds under the prompt; a "
+    "method this system avoids by design (backward passes per request), not a diagnostic"),
+    with_adapter="generated", opt_in=True, finetune="demos"))
 register(Variant("in-context+control-shuffled", "in-context", frozenset({"heldout"}), (
     "a control of in-context+generated: the generator's draw from another task's condition, read "
     "under this task's prompt; as good as in-context+generated, the adapter's gain under the "

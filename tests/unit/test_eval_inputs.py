@@ -280,7 +280,8 @@ def test_the_finetuned_draw_is_the_draw_fitted_under_the_tasks_prompts_then_read
 
     base, suite, means = world
     plans = [SettingPlan("heldout", ["dogs"], ["cats", "code", "sums"], str(base / "generator"))]
-    names = ["in-context+generated", "in-context+generated-finetuned"]
+    names = ["in-context+generated", "in-context+generated-finetuned",
+             "in-context+generated-finetuned-demos"]
     items, _, finals = build_items(suite, plans, means, zoo_root=base / "zoo",
                                    oracle_root=base / "oracles", options={}, variant_names=names)
     cfg = EvalConfig(max_texts=2, max_length=32, samples=1, finetune_steps=3, finetune_batch_size=2)
@@ -289,9 +290,12 @@ def test_the_finetuned_draw_is_the_draw_fitted_under_the_tasks_prompts_then_read
                          cfg=cfg, task_vectors=vectors)
     by = {r["variant"]: r for r in rows}
     tuned = by["in-context+generated-finetuned"]
+    on_demos = by["in-context+generated-finetuned-demos"]
     assert tuned["fit_steps"] == 3 and tuned["fit_prompts"] == 2  # the 'both' episodes only
-    assert tuned["fit_relative_change"] > 0
+    assert tuned["fit_relative_change"] > 0 and tuned["fit_on"] == "train"
     assert tuned["text_nll"] != pytest.approx(by["in-context+generated"]["text_nll"], rel=1e-4)
+    assert on_demos["fit_on"] == "demos"
+    assert on_demos["text_nll"] != pytest.approx(tuned["text_nll"], rel=1e-4)
 
     swap, tokenizer, generator = _swap_for(items[0])
     task = load_task(items[0].task_path)
@@ -304,10 +308,21 @@ def test_the_finetuned_draw_is_the_draw_fitted_under_the_tasks_prompts_then_read
     applier = FunctionalLora.on_peft_model(swap.model, generator.layout)
     fitted, _ = fit_under_prompt(applier, draw, context, pad_id=tokenizer.pad_token_id or 0,
                                  settings=settings)
-    swap.load(fitted)
     prefix = in_context_prefix(task.description, sample_demos(task, vectors, episode=0), 100)
-    expected = score_in_context(swap.model, tokenizer, task.eval_texts()[:2], prefix, max_length=32)
-    assert tuned["text_nll"] == pytest.approx(expected.text_nll, rel=1e-4)
+    # the demonstrations of the episodes, each prompt's own never a target under it
+    demos = list(dict.fromkeys(demo for prompt in prompts for demo in prompt.demos))
+    assert on_demos["fit_texts"] == len(demos) <= 2 * vectors.k
+    demo_context = PromptContext.build(demos, prompts, tokenizer, 32)
+    assert all(demos[i] not in prompts[row].demos
+               for row in demo_context.rows for i in demo_context.allowed[row])
+    for row, fit_context in (("in-context+generated-finetuned", context),
+                             ("in-context+generated-finetuned-demos", demo_context)):
+        fitted, _ = fit_under_prompt(applier, draw, fit_context, settings=settings,
+                                     pad_id=tokenizer.pad_token_id or 0)
+        swap.load(fitted)
+        expected = score_in_context(swap.model, tokenizer, task.eval_texts()[:2], prefix,
+                                    max_length=32)
+        assert by[row]["text_nll"] == pytest.approx(expected.text_nll, rel=1e-4), row
 
 
 def test_the_multitask_lora_under_the_prompt_is_scored_held_out_and_absent_on_a_fold(world):

@@ -111,12 +111,15 @@ def test_prompts_of_one_part_are_opt_in_and_their_generated_draw_reads_that_part
 
 
 def test_the_finetuned_draw_is_an_opt_in_diagnostic_that_needs_an_adapter_under_the_prompt():
-    tuned = VARIANTS["in-context+generated-finetuned"]
-    assert tuned.finetune and tuned.with_adapter == "generated" and tuned.prompt_mode == "both"
-    assert tuned.opt_in and not tuned.baseline and tuned.settings == frozenset({"heldout", "fold"})
-    assert not [v for v in VARIANTS.values() if v.finetune and v.name != tuned.name]
+    for name, texts in (("in-context+generated-finetuned", "train"),
+                        ("in-context+generated-finetuned-demos", "demos")):
+        tuned = VARIANTS[name]
+        assert tuned.finetune == texts and tuned.with_adapter == "generated"
+        assert tuned.prompt_mode == "both" and tuned.opt_in and not tuned.baseline
+        assert tuned.settings == frozenset({"heldout", "fold"})
+    assert len([v for v in VARIANTS.values() if v.finetune]) == 2
     with pytest.raises(ValueError, match="finetune needs with_adapter"):
-        register(Variant("tuned-alone", "in-context", ALL, "x", finetune=True))
+        register(Variant("tuned-alone", "in-context", ALL, "x", finetune="train"))
     assert "tuned-alone" not in VARIANTS
 
 
