@@ -523,7 +523,8 @@ class EvalConfig(StageConfig):
         "in-context+ridge, in-context+oracle, in-context+multitask], the prompts of one "
         "part with and without the generator's draw [in-context-description, "
         "in-context-description+generated, in-context-demos, in-context-demos+generated], and "
-        "the diagnostic in-context+generated-finetuned (evaluate.finetune_*)."))
+        "in-context+generated-finetuned (a diagnostic) and -finetuned-demos "
+        "(evaluate.finetune_*)."))
     seen_tasks: int | None = Field(None, ge=0, description=(
         "Training tasks scored in the 'seen' setting, dealt over the groups (the oracles stage's "
         "replicate tasks come first); None: all of them."))

@@ -7,9 +7,11 @@ A variant is one registry entry. Its *kind* says how the worker gets what it sco
                  combination of training tasks' final LoRAs (every adapter baseline here is
                  one), whose weights the worker may refit on the task's own texts (lorahub)
     generated    the generator's output for one of the task's condition vectors
-    in-context   the model reading k demonstrations before each eval text: the base model, or
+    in-context   the model reading the task's prompt (its description and k demonstrations,
+                 or one of the two: ``prompt_mode``) before each eval text: the base model, or
                  with ``with_adapter`` another variant's adapter active (the adapter and the
-                 prompt stacked, which a user with both can do)
+                 prompt stacked, which a user with both can do), fine-tuned first under such
+                 prompts where ``finetune`` says on what
     selected     of the generator's K draws and the adapters of the variants in ``among``, the
                  one with the lowest perplexity on the task's k demonstrations (forward passes
                  only): the zoo's combinations compete with the generator's draws
