@@ -112,7 +112,8 @@ def test_the_span_count_changes_no_hash_where_no_pooling_reads_it(tmp_path):
     plain = PipelineConfig.model_validate({"storage": {"root": str(tmp_path)}})
     before = plain.model_dump(mode="json")
     del before["task_vectors"]["chunks"]  # the config as it was before the field existed
-    del before["evaluate"]["baseline_pooling"]  # (and before evaluate's unread one)
+    for name in ("baseline_pooling", *plain.evaluate.FINETUNE_FIELDS):  # (and evaluate's unread)
+        del before["evaluate"][name]
     assert plain.fingerprint("model", "evaluate", "task_vectors") == sha256_json(
         {k: before[k] for k in ("model", "evaluate", "task_vectors")})
     other = plain.model_copy(update={"task_vectors": plain.task_vectors.model_copy(update={"chunks": 4})})
