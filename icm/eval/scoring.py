@@ -44,7 +44,7 @@ class ItemScorer:
         from icm.zoo import lora_format
 
         self.item, self.finals, self.cfg = item, finals, cfg
-        task = load_task(item.task_path)
+        self.task = task = load_task(item.task_path)
         self.texts = task.eval_texts()[:cfg.max_texts] if cfg.max_texts else task.eval_texts()
         # The demonstrations of episode 0, as the task vectors drew them: what best-of-K selects on
         # and what the in-context baseline reads.
@@ -212,11 +212,9 @@ class ItemScorer:
         from icm.eval.loss_fit import PromptFitSettings, fit_under_prompt
         from icm.generator.lm import EpisodePrompt, PromptContext
         from icm.task_vectors import build_episodes
-        from icm.tasks import load_task
 
-        task = load_task(self.item.task_path)
         prompts = [EpisodePrompt(episode.prompt, episode.demos)
-                   for episode in build_episodes(task, self.task_vectors, mode=mode)]
+                   for episode in build_episodes(self.task, self.task_vectors, mode=mode)]
         fit_texts = (self.train_texts if texts == "train"
                      else list(dict.fromkeys(demo for p in prompts for demo in p.demos)))
         context = PromptContext.build(fit_texts, prompts, self.tokenizer, self.cfg.max_length)
