@@ -384,7 +384,7 @@ class GeneratorConfig(StageConfig):
         "step's condition was read from (that episode's description and/or demonstrations, the "
         "form evaluate's in-context variants read; its own demonstrations are never a target "
         "under it), so the adapter learns to add to the prompt it will be read with "
-        "(in-context+generated). Not with lm_extra_root."))
+        "(in-context+generated). lm_extra_root's tasks read the prompts that root's stage read."))
     lm_condition: Literal["task", "mean"] = Field("task", description=(
         "lm/hybrid: the condition the LM term and generation read. task: each task's own vector. "
         "mean: the training tasks' mean vector for every task (the reconstruction term of hybrid "
@@ -417,10 +417,6 @@ class GeneratorConfig(StageConfig):
                              f"'chunks', not condition_pooling={self.condition_pooling!r}. Fix: "
                              "set generator.condition_pooling=chunks and add chunks to "
                              "task_vectors.poolings")
-        if self.lm_context == "prompt" and self.lm_extra_root is not None:
-            raise ValueError("generator.lm_context=prompt builds each step's prompt from the "
-                             "suite's own tasks; the tasks of lm_extra_root have none here. Fix: "
-                             "unset generator.lm_extra_root, or set lm_context=none")
         return self
 
     @property

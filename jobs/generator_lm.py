@@ -62,6 +62,25 @@ def lm_train_prompts(cfg: PipelineConfig, gen_cfg: GeneratorConfig, suite: Suite
                                   cfg.generator.condition_modes, read[task]) for task in tasks}
 
 
+def lm_inputs(cfg: PipelineConfig, gen_cfg: GeneratorConfig, suite: Suite, trained_on: list[str],
+              fold_groups: Sequence[str] = ()) -> tuple[dict, dict, dict | None, list[str]]:
+    """The LM phase's data over the zoo's tasks ``trained_on`` plus ``generator.lm_extra_root``'s
+    outside ``fold_groups``: task -> train texts, task -> (E x modes, D) condition rows, (with
+    lm_context prompt, else None) task -> each row's `EpisodePrompt`, and the extra tasks."""
+    from icm.generator.inputs import load_task_conditions
+    from icm.generator.lm_corpus import extra_lm_tasks
+
+    texts = lm_train_texts(suite, trained_on, gen_cfg.lm_max_texts)
+    conditions = load_task_conditions(cfg, trained_on)
+    extra = extra_lm_tasks(cfg, gen_cfg.lm_extra_root, suite, fold_groups,
+                           max_texts=gen_cfg.lm_max_texts,  # conditioned like the zoo's tasks
+                           with_prompts=gen_cfg.lm_context == "prompt")
+    prompts = lm_train_prompts(cfg, gen_cfg, suite, trained_on)
+    if prompts is not None:  # the extra tasks read the prompts their own root's stage read
+        prompts |= extra.prompts or {}
+    return (texts | extra.texts, conditions | extra.conditions, prompts, sorted(extra.texts))
+
+
 def lm_train_func(loop: dict) -> None:
     """One data-parallel worker of the LM fine-tuning (see the module docstring)."""
     from icm.generator import LoraGenerator
@@ -160,24 +179,17 @@ def finetune(cfg: PipelineConfig, gen_cfg: GeneratorConfig, suite: Suite, start:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from icm.generator import LoraGenerator
-    from icm.generator.inputs import load_task_conditions
-    from icm.generator.lm_corpus import extra_lm_tasks
 
     started = time.perf_counter()
     generator = LoraGenerator.load(start)  # the start: its training tasks now, its weights at the end
-    trained_on = generator.summary["trained_on"]["tasks"]
-    texts = lm_train_texts(suite, trained_on, gen_cfg.lm_max_texts)
-    conditions = load_task_conditions(cfg, trained_on)
-    extra = extra_lm_tasks(cfg, gen_cfg.lm_extra_root, suite, fold_groups,
-                           max_texts=gen_cfg.lm_max_texts)  # conditioned like the zoo's tasks
-    texts, conditions = texts | extra.texts, conditions | extra.conditions
+    texts, conditions, prompts, extra = lm_inputs(
+        cfg, gen_cfg, suite, generator.summary["trained_on"]["tasks"], fold_groups)
     offset = anchor(cfg, gen_cfg, generator, fold)
     loop = {"config": cfg.model_dump(mode="json"), "generator_config": gen_cfg.model_dump(mode="json"),
             "start": str(start), "texts": texts, "conditions": conditions,
-            "suite": suite, "anchor_offset": offset,
-            "prompts": lm_train_prompts(cfg, gen_cfg, suite, trained_on)}
+            "suite": suite, "anchor_offset": offset, "prompts": prompts}
     log.info("generator: %s fine-tuning on %d tasks (%d without a LoRA, from %s)", gen_cfg.objective,
-             len(texts), len(extra.texts), gen_cfg.lm_extra_root)
+             len(texts), len(extra), gen_cfg.lm_extra_root)
     log.info("generator: %s fine-tuning, %d steps x %d workers x %d tasks x %d texts of %d "
              "tokens (read after: %s; condition: %s)", gen_cfg.objective, gen_cfg.lm_steps,
              gen_cfg.lm_workers, gen_cfg.lm_tasks, gen_cfg.lm_texts, gen_cfg.lm_seq_len,
@@ -207,7 +219,7 @@ def finetune(cfg: PipelineConfig, gen_cfg: GeneratorConfig, suite: Suite, start:
                                 "train_seconds": state["train_seconds"],
                                 "wall_seconds": time.perf_counter() - started,
                                 "workers": gen_cfg.lm_workers, "cpus_per_worker": cpus,
-                                "tasks": sorted(texts), "extra_tasks": sorted(extra.texts)}}
+                                "tasks": sorted(texts), "extra_tasks": extra}}
     out = generator.save(out or cfg.storage.path("generator"), resolved_config=cfg)
     push_local(cfg, out)
     meta = json.loads((out / "generator.json").read_text())

@@ -22,6 +22,8 @@ import yaml
 from icm.config import RESOLVED_CONFIG_FILE, PipelineConfig
 from icm.errors import InputError
 from icm.generator.inputs import _task_vector_loader, load_task_conditions
+from icm.generator.lm import EpisodePrompt, episode_prompts
+from icm.task_vectors import load_episode_prompts
 from icm.tasks import Suite
 
 STAGE = "task_vectors"
@@ -30,10 +32,12 @@ FIELD = "generator.lm_extra_root"
 
 @dataclass
 class ExtraLmTasks:
-    """The extra tasks' LM data: task -> train texts, and task -> (E x modes, D) episode vectors."""
+    """The extra tasks' LM data: task -> train texts, task -> (E x modes, D) episode vectors, and
+    (when asked, for ``generator.lm_context: prompt``) task -> the prompt of each vector's row."""
 
     texts: dict[str, list[str]]
     conditions: dict[str, np.ndarray]
+    prompts: dict[str, list[EpisodePrompt]] | None = None
 
 
 def extra_root_config(cfg: PipelineConfig, extra_root: str) -> PipelineConfig:
@@ -71,10 +75,13 @@ def extra_root_fingerprint(cfg: PipelineConfig) -> str | None:
 
 
 def extra_lm_tasks(cfg: PipelineConfig, extra_root: str | None, suite: Suite,
-                   exclude_groups: Sequence[str] = (), *, max_texts: int) -> ExtraLmTasks:
+                   exclude_groups: Sequence[str] = (), *, max_texts: int,
+                   with_prompts: bool = False) -> ExtraLmTasks:
     """``extra_root``'s training tasks that may train this run's generator by LM loss: not in
     ``suite`` (whatever their status there), not held out by their own suite, not in
-    ``exclude_groups`` (a fold's held-out groups); at most ``max_texts`` train texts each."""
+    ``exclude_groups`` (a fold's held-out groups); at most ``max_texts`` train texts each. With
+    ``with_prompts``, each condition row's prompt too, as that root's stage read it (what
+    `lm_train_prompts` gives this run's own tasks)."""
     from icm.stages import open_suite
 
     if extra_root is None:
@@ -89,4 +96,10 @@ def extra_lm_tasks(cfg: PipelineConfig, extra_root: str | None, suite: Suite,
     conditions = load_task_conditions(  # the extra root's vectors, this run's condition settings
         cfg, names, load_conditions=lambda _ours, **kwargs: _task_vector_loader(stage_dir, **kwargs))
     texts = {name: other.tasks[name].train_texts()[:max_texts] for name in sorted(conditions)}
-    return ExtraLmTasks(texts, conditions)
+    if not with_prompts:
+        return ExtraLmTasks(texts, conditions)
+    read = load_episode_prompts(stage_dir, sorted(conditions))
+    prompts = {name: episode_prompts(other.tasks[name], cfg.task_vectors,  # checked: theirs
+                                     cfg.generator.condition_modes, read[name])
+               for name in sorted(conditions)}
+    return ExtraLmTasks(texts, conditions, prompts)

@@ -411,17 +411,21 @@ def test_lm_anchor_multitask_starts_from_the_zoos_multitask_lora(smoke_run, tmp_
                cfg.generator, generator)
 
 
-def test_lm_extra_tasks_are_another_roots_tasks_never_this_suites_a_folds_or_held_out(smoke_run):
+def test_lm_extra_tasks_are_another_roots_tasks_never_this_suites_a_folds_or_held_out(smoke_run,
+                                                                                   tmp_path):
     """generator.lm_extra_root: the smoke run's task vectors cover cats, dogs (held out), sums
     and code. A run whose suite lacks `code` gets `code` for its LM objective (its train texts,
     its episode vectors); a fold holding out code's group, a suite that has it, and a task held
     out by its own suite get nothing; other task-vector settings and a root without the stage
-    are refused, naming the field; the generator stage depends on that root's vectors."""
+    are refused, naming the field; the generator stage depends on that root's vectors. Under
+    lm_context prompt, each of its condition rows reads the prompt that root's stage read."""
     from icm.config import PipelineConfig
     from icm.errors import InputError
     from icm.generator.inputs import load_task_conditions
     from icm.generator.lm_corpus import extra_lm_tasks, extra_root_fingerprint
+    from icm.task_vectors import load_episode_prompts
     from icm.tasks import load_suite
+    from jobs.generator_lm import lm_inputs
 
     root = smoke_run.root
     resolved = yaml.safe_load((root / "task_vectors" / "config.resolved.yaml").read_text())
@@ -434,6 +438,29 @@ def test_lm_extra_tasks_are_another_roots_tasks_never_this_suites_a_folds_or_hel
     assert extra.texts["code"] == load_task_texts(suite, "code")[:3]
     own = load_task_conditions(cfg, ["code"])["code"]  # (E x modes, D), read from the root itself
     assert extra.conditions["code"].shape == own.shape and (extra.conditions["code"] == own).all()
+    assert extra.prompts is None  # asked for only under generator.lm_context: prompt
+    # Under the prompt, each condition row reads the prompt that root's stage read for it: in
+    # this run's condition_modes order (not the stage's), from that root (not this run's storage).
+    modes = ["both", "description"]
+    elsewhere = cfg.model_copy(update={
+        "storage": cfg.storage.model_copy(update={"root": str(tmp_path / "empty")}),
+        "generator": cfg.generator.model_copy(update={"condition_modes": modes})})
+    prompted = extra_lm_tasks(elsewhere, extra_root, without_code, max_texts=3, with_prompts=True)
+    read = load_episode_prompts(root / "task_vectors", ["code"])["code"]
+    rows = prompted.prompts["code"]
+    assert len(rows) == len(prompted.conditions["code"])  # one prompt per (E x modes) row
+    order = [(mode, episode) for mode in modes
+             for episode in sorted(e for m, e in read if m == mode)]
+    assert [row.prompt for row in rows] == [read[key][0] for key in order]
+    assert all(bool(row.demos) == (mode != "description") for row, (mode, _) in zip(rows, order))
+    # What the LM phase gets: every task, the zoo's and the extra one, has a prompt per row.
+    prompt_cfg = cfg.model_copy(update={
+        "generator": cfg.generator.model_copy(update={"lm_context": "prompt"})})
+    texts, conditions, prompts, extra_names = lm_inputs(
+        prompt_cfg, prompt_cfg.generator, without_code, ["cats", "sums"])
+    assert extra_names == ["code"] and sorted(prompts) == sorted(texts) == ["cats", "code", "sums"]
+    assert all(len(prompts[task]) == len(conditions[task]) for task in texts)
+    assert lm_inputs(cfg, cfg.generator, without_code, ["cats", "sums"])[2] is None
     assert not extra_lm_tasks(cfg, extra_root, without_code, ["code"], max_texts=3).texts  # a fold's
     assert not extra_lm_tasks(cfg, extra_root, suite, max_texts=3).texts  # all in this suite
     # `dogs` is held out by its own suite: never an extra task, even for a suite without it.

@@ -520,11 +520,3 @@ def test_new_lm_settings_leave_every_hash_as_it_was_at_their_default(field, defa
     assert changed.generator.lm_run_settings()[field] == other
     assert changed.generator.trained_settings()[field] == other
     assert changed.generator.reconstruction_settings() == cfg.generator.reconstruction_settings()
-
-
-def test_lm_context_prompt_refuses_lm_extra_root():
-    """The extra root's tasks have no prompts here: the combination is refused, with the fix."""
-    from pydantic import ValidationError
-
-    with pytest.raises(ValidationError, match="lm_extra_root"):
-        GeneratorConfig(lm_context="prompt", lm_extra_root="/somewhere")
