@@ -52,14 +52,13 @@ def lm_train_prompts(cfg: PipelineConfig, gen_cfg: GeneratorConfig, suite: Suite
     """With ``generator.lm_context: prompt``, each task's episode prompts, one per condition row
     of `load_task_conditions` (the task-vectors stage's prompts those rows were read from); None
     otherwise."""
-    from icm.generator.lm import episode_prompts
-    from icm.task_vectors import load_episode_prompts
+    from icm.generator.lm import stage_episode_prompts
 
     if gen_cfg.lm_context != "prompt":
         return None
-    read = load_episode_prompts(cfg.storage.path("task_vectors"), sorted(tasks))
-    return {task: episode_prompts(load_task(suite.tasks[task].path), cfg.task_vectors,
-                                  cfg.generator.condition_modes, read[task]) for task in tasks}
+    return stage_episode_prompts(cfg.storage.path("task_vectors"),
+                                 {task: suite.tasks[task] for task in tasks}, cfg.task_vectors,
+                                 cfg.generator.condition_modes)
 
 
 def lm_inputs(cfg: PipelineConfig, gen_cfg: GeneratorConfig, suite: Suite, trained_on: list[str],

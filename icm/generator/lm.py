@@ -22,6 +22,7 @@ import random
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -161,6 +162,18 @@ def episode_prompts(task: Task, task_vectors: TaskVectorConfig, modes: Sequence[
                     "it ran). Fix: rerun the task_vectors stage, or restore its settings")
             rows.append(EpisodePrompt(prompt, episode.demos))
     return rows
+
+
+def stage_episode_prompts(stage_dir: str | Path, tasks: Mapping[str, Task],
+                          task_vectors: TaskVectorConfig, modes: Sequence[str]
+                          ) -> dict[str, list[EpisodePrompt]]:
+    """Each of ``tasks``' `episode_prompts`, from the prompts the finished task-vectors stage at
+    ``stage_dir`` read (this run's own stage, or ``generator.lm_extra_root``'s)."""
+    from icm.task_vectors import load_episode_prompts
+
+    read = load_episode_prompts(stage_dir, sorted(tasks))
+    return {name: episode_prompts(task, task_vectors, modes, read[name])
+            for name, task in tasks.items()}
 
 
 @dataclass

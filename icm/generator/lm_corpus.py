@@ -22,8 +22,7 @@ import yaml
 from icm.config import RESOLVED_CONFIG_FILE, PipelineConfig
 from icm.errors import InputError
 from icm.generator.inputs import _task_vector_loader, load_task_conditions
-from icm.generator.lm import EpisodePrompt, episode_prompts
-from icm.task_vectors import load_episode_prompts
+from icm.generator.lm import EpisodePrompt, stage_episode_prompts
 from icm.tasks import Suite
 
 STAGE = "task_vectors"
@@ -98,8 +97,7 @@ def extra_lm_tasks(cfg: PipelineConfig, extra_root: str | None, suite: Suite,
     texts = {name: other.tasks[name].train_texts()[:max_texts] for name in sorted(conditions)}
     if not with_prompts:
         return ExtraLmTasks(texts, conditions)
-    read = load_episode_prompts(stage_dir, sorted(conditions))
-    prompts = {name: episode_prompts(other.tasks[name], cfg.task_vectors,  # checked: theirs
-                                     cfg.generator.condition_modes, read[name])
-               for name in sorted(conditions)}
+    prompts = stage_episode_prompts(  # this run's task_vectors settings: checked to be theirs
+        stage_dir, {name: other.tasks[name] for name in sorted(conditions)}, cfg.task_vectors,
+        cfg.generator.condition_modes)
     return ExtraLmTasks(texts, conditions, prompts)
