@@ -110,7 +110,8 @@ def _normal_uri(value: str) -> str:
 
 class RayConfig(StageConfig):
     address: str | None = Field(None, description=(
-        "Ray cluster to join ('auto' or ray://...); None starts a local Ray inside the job."))
+        "Ray cluster to join ('auto' or ray://...); None: $RAY_ADDRESS when set (`ray job "
+        "submit` sets it), else a new local Ray inside the job, even beside a `ray start` one."))
     num_cpus: int | None = Field(None, ge=1, description="CPUs of a local Ray (None: all).")
     num_gpus: int | None = Field(None, ge=0, description="GPUs of a local Ray (None: detect).")
     object_store_memory_mb: int | None = Field(

@@ -58,8 +58,14 @@ def setup_worker() -> None:
     os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
 
 
+def address_to_join(config: RayConfig) -> str | None:
+    """The cluster a job joins: ``ray.address``, else $RAY_ADDRESS (`ray job submit` sets it for
+    the job's driver); None: the job starts its own local Ray."""
+    return config.address or os.environ.get("RAY_ADDRESS") or None
+
+
 def init_ray(config: RayConfig, *, cache_dir: str | None = None) -> None:
-    """Join ``config.address`` or start a local Ray sized by ``config``."""
+    """Join `address_to_join`'s cluster or start a local Ray sized by ``config``."""
     if ray.is_initialized():
         return
     env = worker_env_vars(cache_dir, submitted_job_env_vars())
@@ -71,9 +77,9 @@ def init_ray(config: RayConfig, *, cache_dir: str | None = None) -> None:
         # TrialProgress gives the progress line).
         os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    if config.address:
-        log.info("joining Ray cluster at %s", config.address)
-        ray.init(address=config.address, runtime_env=runtime_env, logging_level=_ray_log_level())
+    if address := address_to_join(config):
+        log.info("joining Ray cluster at %s", address)
+        ray.init(address=address, runtime_env=runtime_env, logging_level=_ray_log_level())
         return
     # Local clusters: token auth (on by default since Ray 2.59) only gets in the way of the
     # dashboard and job CLI on a single machine; clusters set RAY_AUTH_MODE=token themselves.
@@ -82,9 +88,12 @@ def init_ray(config: RayConfig, *, cache_dir: str | None = None) -> None:
     # One node, no spot preemption: the watcher only adds an error line per trainer.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     store = config.object_store_memory_mb * 1024**2 if config.object_store_memory_mb else None
-    ray.init(num_cpus=config.num_cpus, num_gpus=config.num_gpus, object_store_memory=store,
-             include_dashboard=config.include_dashboard, runtime_env=runtime_env,
-             logging_level=_ray_log_level())
+    # "local", not None: with no address Ray joins the last `ray start` cluster on this machine
+    # (its /tmp/ray/ray_current_cluster), where num_cpus is refused and the job would share
+    # another run's CPUs
+    ray.init(address="local", num_cpus=config.num_cpus, num_gpus=config.num_gpus,
+             object_store_memory=store, include_dashboard=config.include_dashboard,
+             runtime_env=runtime_env, logging_level=_ray_log_level())
     log.info("started local Ray: %s", ray.cluster_resources())
 
 

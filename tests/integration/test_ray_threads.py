@@ -4,6 +4,8 @@ task reserved, and workers look their own cluster up by address."""
 from __future__ import annotations
 
 import os
+import shutil
+from pathlib import Path
 
 import pytest
 import ray
@@ -64,3 +66,52 @@ def test_workers_look_this_cluster_up_by_address_even_beside_another_ray():
         assert ray.get(looked_up.remote()) == ours
     finally:
         ray.shutdown()
+
+
+@pytest.fixture
+def another_ray(tmp_path_factory, monkeypatch):
+    """A Ray cluster of 1 CPU in another process, recorded as the machine's last `ray start`
+    cluster (the file Ray's address auto-discovery reads, in a private RAY_TMPDIR): a study run
+    on a `ray start` cluster beside this job. Yields its GCS address."""
+    import subprocess
+    import sys
+    import tempfile
+
+    code = ("import ray, time; ray.init(num_cpus=1, include_dashboard=False, "
+            "logging_level='ERROR'); print(ray.get_runtime_context().gcs_address, flush=True); "
+            "time.sleep(300)")
+    other = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    temp = Path(tempfile.mkdtemp(prefix="r", dir="/tmp"))  # short: Ray's socket paths
+    try:
+        address = other.stdout.readline().strip()
+        assert address, "the other Ray did not start"
+        (temp / "ray").mkdir()
+        (temp / "ray" / "ray_current_cluster").write_text(address)
+        monkeypatch.setenv("RAY_TMPDIR", str(temp))
+        monkeypatch.delenv("RAY_ADDRESS", raising=False)
+        yield address
+    finally:
+        ray.shutdown()
+        other.terminate()
+        other.wait(timeout=60)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_a_job_with_no_address_starts_its_own_ray_beside_a_ray_start_cluster(another_ray,
+                                                                              monkeypatch):
+    """With ray.address unset a job starts the local Ray it is sized for. Ray's own ray.init()
+    would join the last `ray start` cluster and refuse num_cpus there; ray.address and
+    $RAY_ADDRESS (what `ray job submit` sets) still join one."""
+    from icm.config import RayConfig
+    from jobs.ray_setup import init_ray
+
+    ray.shutdown()
+    init_ray(RayConfig(num_cpus=2, include_dashboard=False))
+    assert ray.get_runtime_context().gcs_address != another_ray
+    assert ray.cluster_resources()["CPU"] == 2
+    ray.shutdown()
+    monkeypatch.setenv("RAY_ADDRESS", another_ray)
+    init_ray(RayConfig(include_dashboard=False))
+    assert ray.get_runtime_context().gcs_address == another_ray
+    assert ray.cluster_resources()["CPU"] == 1
