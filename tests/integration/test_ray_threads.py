@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -69,14 +72,10 @@ def test_workers_look_this_cluster_up_by_address_even_beside_another_ray():
 
 
 @pytest.fixture
-def another_ray(tmp_path_factory, monkeypatch):
+def another_ray(monkeypatch):
     """A Ray cluster of 1 CPU in another process, recorded as the machine's last `ray start`
-    cluster (the file Ray's address auto-discovery reads, in a private RAY_TMPDIR): a study run
-    on a `ray start` cluster beside this job. Yields its GCS address."""
-    import subprocess
-    import sys
-    import tempfile
-
+    cluster (the file Ray's address auto-discovery reads, in a private RAY_TMPDIR): say, another
+    run's cluster beside this job. Yields its GCS address."""
     code = ("import ray, time; ray.init(num_cpus=1, include_dashboard=False, "
             "logging_level='ERROR'); print(ray.get_runtime_context().gcs_address, flush=True); "
             "time.sleep(300)")
