@@ -89,8 +89,8 @@ def init_ray(config: RayConfig, *, cache_dir: str | None = None) -> None:
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     store = config.object_store_memory_mb * 1024**2 if config.object_store_memory_mb else None
     # "local", not None: with no address Ray joins the last `ray start` cluster on this machine
-    # (its /tmp/ray/ray_current_cluster), where num_cpus is refused and the job would share
-    # another run's CPUs
+    # (the ray_current_cluster file in Ray's temp dir), where num_cpus is refused and the job
+    # would share another run's CPUs
     ray.init(address="local", num_cpus=config.num_cpus, num_gpus=config.num_gpus,
              object_store_memory=store, include_dashboard=config.include_dashboard,
              runtime_env=runtime_env, logging_level=_ray_log_level())

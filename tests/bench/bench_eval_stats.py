@@ -11,21 +11,16 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
-import numpy as np
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))  # run as a script from a checkout
 
-from icm.eval.stats import gap_recovered_ci, ratio_ci
-
-
-def noisy_pair(tasks: int, texts: int, seed: int = 11):
-    """Per-text NLL of two variants equal in expectation, and token counts (tasks x texts)."""
-    rng = np.random.default_rng(seed)
-    tokens = [rng.integers(20, 200, size=texts).astype(float) for _ in range(tasks)]
-    base = [tok * d for tok, d in zip(tokens, rng.uniform(1.5, 3.0, size=tasks))]
-    a, b = ([x + tok * rng.normal(0, 0.3, size=texts) for x, tok in zip(base, tokens)]
-            for _ in range(2))
-    return a, b, tokens
+from icm.eval.stats import gap_recovered_ci, ratio_ci  # noqa: E402
+# two variants equal in expectation, as the unit test's full-size check draws them
+from tests.unit.test_eval_stats import _noisy_pair as noisy_pair  # noqa: E402
 
 
 def main() -> None:
@@ -36,7 +31,7 @@ def main() -> None:
     args = parser.parse_args()
     print(f"| tasks x texts | call | median s (n={args.repeats}) | all runs s |\n|---|---|---|---|")
     for tasks in args.tasks:
-        a, b, tokens = noisy_pair(tasks, args.texts)
+        a, b, tokens = noisy_pair(tasks, args.texts, seed=11)
         oracle = [0.8 * x for x in b]
         calls = {"ratio_ci": lambda: ratio_ci(a, b, tokens),
                  "gap_recovered_ci": lambda: gap_recovered_ci(a, b, oracle, tokens)}

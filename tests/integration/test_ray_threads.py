@@ -80,7 +80,7 @@ def another_ray(monkeypatch):
             "logging_level='ERROR'); print(ray.get_runtime_context().gcs_address, flush=True); "
             "time.sleep(300)")
     other = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
-    temp = Path(tempfile.mkdtemp(prefix="r", dir="/tmp"))  # short: Ray's socket paths
+    temp = Path(tempfile.mkdtemp(prefix="r"))  # not tmp_path: Ray's socket paths must stay short
     try:
         address = other.stdout.readline().strip()
         assert address, "the other Ray did not start"
