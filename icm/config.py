@@ -393,6 +393,13 @@ class GeneratorConfig(StageConfig):
         "generator's own loss, data, steps and start: the compute-matched multi-task control "
         "that says what the condition adds. Such a generator gives every task the same adapter "
         "(up to z); it is for evaluation, not serving."))
+    lm_condition_dropout: float = Field(0.0, ge=0, lt=1, description=(
+        "lm/hybrid with lm_condition task: the chance that an LM row reads the training tasks' "
+        "mean condition (zeros once z-scored) instead of its task's, drawn per row and step, so "
+        "one network learns a shared adapter (its blind mode) and what a condition adds to it. "
+        "Generation can then scale the condition between the two (`LoraGenerator.sample`'s "
+        "condition_scale; the generated-half and generated-blind variants). 0: every row reads "
+        "its own."))
     lm_workers: int = Field(1, ge=1, description=(
         "lm/hybrid: Ray Train data-parallel workers (each draws its own tasks per step)."))
     lm_gpus_per_worker: float = Field(0.0, ge=0, description=(
@@ -420,6 +427,14 @@ class GeneratorConfig(StageConfig):
                              "task_vectors.poolings")
         return self
 
+    @model_validator(mode="after")
+    def _dropout_needs_a_condition(self) -> GeneratorConfig:
+        if self.lm_condition_dropout > 0 and self.lm_condition != "task":
+            raise ValueError(f"generator.lm_condition_dropout={self.lm_condition_dropout} drops "
+                             f"a task's condition, but lm_condition={self.lm_condition!r} reads "
+                             "none. Fix: set generator.lm_condition_dropout=0 or lm_condition=task")
+        return self
+
     @property
     def reads_after_prompt(self) -> bool:
         """Its adapters were trained to be read after the task's in-context prompt (an LM phase
@@ -428,9 +443,9 @@ class GeneratorConfig(StageConfig):
 
     def unread_fields(self) -> set[str]:
         """Settings left out of every hash at their default (`lm_context` none, `lm_condition`
-        task), so generators trained before such a setting existed keep their fingerprint and
-        LM checkpoints."""
-        defaults = {"lm_context": "none", "lm_condition": "task"}
+        task, `lm_condition_dropout` 0), so generators trained before such a setting existed
+        keep their fingerprint and LM checkpoints."""
+        defaults = {"lm_context": "none", "lm_condition": "task", "lm_condition_dropout": 0.0}
         return {name for name, value in defaults.items() if getattr(self, name) == value}
 
     def trained_settings(self) -> dict[str, Any]:

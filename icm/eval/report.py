@@ -230,10 +230,16 @@ def _same_prompt(rivals: list[str], variant: str, results: pd.DataFrame) -> list
     spec, scored = VARIANTS[registered_name(variant)], set(results["variant"])
     chosen = rivals if spec.prompt_mode == "both" else [
         alone for alone in [prompt_alone(variant)] if alone in scored]
+    label = variant[len(registered_name(variant)):]  # "[M]" of another run's, else ""
     # in-context+generated-finetuned[M] -> in-context+generated[M]
-    start = f"in-context+{spec.with_adapter}{variant[len(registered_name(variant)):]}"
+    start = f"in-context+{spec.with_adapter}{label}"
     if spec.finetune and start in scored:
         chosen = chosen + [start]
+    # a draw with a condition -> the same generator's blind mode under the same prompt
+    under, blind = VARIANTS[spec.with_adapter], f"in-context+generated-blind{label}"
+    if (under.kind == "generated" and under.condition_scale != 0 and spec.prompt_mode == "both"
+            and blind in scored):
+        chosen = chosen + [blind]
     return chosen
 
 

@@ -121,21 +121,23 @@ class ItemScorer:
         record.update(on=source.fit_on, weights=json.dumps(dict(zip(names, weights.tolist()))))
         return weights @ vectors, {"fit_" + key: value for key, value in record.items()}
 
-    def _draw(self, condition: np.ndarray, count: int, z: str) -> tuple[torch.Tensor, float]:
+    def _draw(self, condition: np.ndarray, count: int, z: str, scale: float = 1.0
+              ) -> tuple[torch.Tensor, float]:
         started = time.perf_counter()
         draws = self.generator.sample(np.asarray(condition, dtype=np.float32), num_samples=count,
-                                      seed=self.cfg.seed, z=z)  # (count, L)
+                                      seed=self.cfg.seed, z=z, condition_scale=scale)  # (count, L)
         return draws, (time.perf_counter() - started) / count
 
     def _generated(self, variant: Variant) -> None:
         condition = self.item.conditions.get(variant.condition)
         if condition is None:
             return
+        scale = variant.condition_scale
         if variant.z == "zero":
-            draws, seconds = self._draw(condition, 1, "zero")
+            draws, seconds = self._draw(condition, 1, "zero", scale)
             self.score(variant.name, draws[0], adapter_seconds=seconds)
         elif variant.z == "random":
-            draws, seconds = self._draw(condition, self.cfg.samples, "random")
+            draws, seconds = self._draw(condition, self.cfg.samples, "random", scale)
             for index in range(self.cfg.samples):
                 self.score(variant.name, draws[index], sample=index, adapter_seconds=seconds)
         else:  # best of K by perplexity on the demonstrations (the same seed: the same first draws)
@@ -245,7 +247,9 @@ class ItemScorer:
             source = self.item.adapters.get(under.name)
             return self._adapter(source)[0] if source else None
         condition = self.item.conditions.get(condition_under_prompt(variant))
-        return None if condition is None else self._draw(condition, 1, "random")[0][0]
+        if condition is None:
+            return None
+        return self._draw(condition, 1, "random", under.condition_scale)[0][0]
 
 
 def draw_spread(draws: torch.Tensor) -> float:

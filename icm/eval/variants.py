@@ -76,6 +76,9 @@ class Variant:
     # generated: which condition vector, and z = "random" (``samples`` draws) or "zero"
     condition: str = "both"
     z: str = "random"
+    # generated: w, the z-scored condition read as w x its value (`LoraGenerator.sample`): 1 as
+    # given, 0 the training mean (a generator's blind mode, with lm_condition_dropout)
+    condition_scale: float = 1.0
     # in-context: the adapter or generated variant whose adapter is active under the prompt
     # (None: the base model reads it); a generated one contributes one draw, z ~ N(0, I)
     with_adapter: str | None = None
@@ -108,6 +111,9 @@ def register(variant: Variant) -> Variant:
                              "adapter or generated variant, on an in-context variant")
     if variant.prompt_mode != "both" and variant.kind != "in-context":
         raise ValueError(f"variant {variant.name!r}: prompt_mode is for in-context variants")
+    if variant.condition_scale != 1.0 and (variant.kind != "generated" or variant.z == "best-of-k"):
+        raise ValueError(f"variant {variant.name!r}: condition_scale is for generated variants "
+                         "that draw with z random or zero")
     if variant.finetune and variant.with_adapter is None:
         raise ValueError(f"variant {variant.name!r}: finetune needs with_adapter (the adapter "
                          "fine-tuned under the prompt)")
@@ -312,6 +318,14 @@ register(Variant("control-other-group", "generated", ALL, (
     "z = 0, conditioned on a training task of another group (the next in name order): shows "
     "how much of the adapter comes from the condition rather than from what every task shares"),
     condition="other-group", z="zero", opt_in=True))
+# The condition shrunk toward the training mean: what a condition adds to the shared adapter
+# one network learnt beside it (generator.lm_condition_dropout); any generator can be read so
+for _name, _scale, _what in (("generated-half", 0.5, "halfway to the training mean"),
+                             ("generated-blind", 0.0, "replaced by the training mean")):
+    register(Variant(_name, "generated", ALL, (
+        f"as generated, with the task's z-scored condition {_what} (condition scale "
+        f"{_scale}): with lm_condition_dropout, the condition shrunk toward the network's blind "
+        "mode"), condition="both", z="random", condition_scale=_scale, opt_in=True))
 register(Variant("lookup", "adapter", frozenset({"seen"}), (
     "the mean of the task's own zoo snapshots: what a lookup table of trained tasks gives"),
     source=_lookup))
@@ -360,8 +374,8 @@ register(Variant("demo-selected", "selected", UNSEEN, (
 # Every adapter baseline is also read under the same prompt: the honest rivals of the generated
 # adapter under it (multitask on a fold only where the oracles stage trained the fold's own, as
 # on its own)
-for _under in ("generated", "soup", "similarity-soup", "nearest", "ridge", "lorahub", "oracle",
-               "multitask"):
+for _under in ("generated", "generated-half", "generated-blind", "soup", "similarity-soup",
+               "nearest", "ridge", "lorahub", "oracle", "multitask"):
     register(Variant(f"in-context+{_under}", "in-context", UNSEEN, (
         f"as in-context, read with the {_under} adapter active: does the adapter add to the "
         "prompt? (a generated one: one draw)"), with_adapter=_under, opt_in=True))

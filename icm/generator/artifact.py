@@ -114,7 +114,8 @@ class LoraGenerator:
         return c
 
     @torch.no_grad()
-    def sample(self, conditions, *, num_samples: int = 1, seed: int = 0, z: str = "random") -> torch.Tensor:
+    def sample(self, conditions, *, num_samples: int = 1, seed: int = 0, z: str = "random",
+               condition_scale: float = 1.0) -> torch.Tensor:
         """Generate adapters as flat vectors in layout order.
 
         Args:
@@ -123,6 +124,9 @@ class LoraGenerator:
                 (``[c0 s0, c0 s1, ..., c1 s0, ...]``).
             seed: seed of z when ``z="random"``.
             z: "random" draws z ~ N(0, I); "zero" decodes the prior mean (deterministic).
+            condition_scale: w, the z-scored condition read as w x its value: 1 as given, 0 the
+                training mean (the blind mode of a generator trained with
+                ``lm_condition_dropout``), between them a condition shrunk toward that mean.
 
         Returns:
             (N * num_samples, L) float32, de-normalised, A fixed for target "b".
@@ -131,9 +135,12 @@ class LoraGenerator:
             raise GeneratorInputError(f"num_samples must be >= 1, got {num_samples}.")
         if z not in ("random", "zero"):
             raise GeneratorInputError(f"z must be 'random' or 'zero', got {z!r}.")
+        if not np.isfinite(condition_scale):
+            raise GeneratorInputError(f"condition_scale must be finite, got {condition_scale}.")
         device = self._template.device  # where `to` put the generator (the CPU by default)
         c = self.condition_norm.apply(self._conditions(conditions).to(device))  # (N, D)
-        c = conditions_read(c, self.config).repeat_interleave(num_samples, 0)  # (N * K, D)
+        c = condition_scale * conditions_read(c, self.config)  # (N, D)
+        c = c.repeat_interleave(num_samples, 0)  # (N * K, D)
         shape = (len(c), self.model.spec.latent_dim)
         latent = (torch.randn(shape, generator=torch.Generator().manual_seed(seed)) if z == "random"
                   else torch.zeros(shape)).to(device)  # drawn on the CPU: the same draws anywhere

@@ -338,12 +338,24 @@ def step_generator(kind: str, cfg: GeneratorConfig, step: int, rank: int) -> tor
     return torch.Generator().manual_seed(seed)
 
 
+def dropped_conditions(conditions: torch.Tensor, cfg: GeneratorConfig, step: int, rank: int
+                       ) -> torch.Tensor:
+    """The z-scored conditions (T, D) with each row replaced by the training mean (zeros) with
+    probability ``cfg.lm_condition_dropout``: rows drawn from (seed, step, rank) only, so a
+    resumed run drops what an uninterrupted one would have."""
+    if cfg.lm_condition_dropout == 0:
+        return conditions
+    draws = torch.rand(len(conditions), generator=step_generator("dropout", cfg, step, rank))
+    keep = (draws >= cfg.lm_condition_dropout).to(conditions)  # (T,) 1: the task's own
+    return conditions * keep.unsqueeze(1)
+
+
 def lm_step_loss(generator: LoraGenerator, applier: FunctionalLora, tasks: Sequence[LmTask],
                  cfg: GeneratorConfig, step: int, rank: int, pad_id: int) -> torch.Tensor:
     """Mean over this step's tasks of the LM loss of their generated adapters."""
     picks = _step_choices(tasks, cfg, step, rank)
     episodes = torch.stack([task.episodes[episode] for task, episode, _ in picks])  # (T, D)
-    conditions = conditions_read(episodes, cfg)  # (T, D)
+    conditions = dropped_conditions(conditions_read(episodes, cfg), cfg, step, rank)  # (T, D)
     z = torch.randn(len(picks), generator.model.spec.latent_dim,
                     generator=step_generator("z", cfg, step, rank)).to(conditions.device)  # (T, latent)
     vectors = generated_vectors(generator, conditions, z)  # (T, L)

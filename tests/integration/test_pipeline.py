@@ -299,7 +299,8 @@ def test_generator_lm_objective_fine_tunes_on_ray_train_and_skips_when_done(smok
 def test_the_lm_phase_reads_the_prompt_on_ray_train_with_lm_context_prompt(smoke_run, tmp_path):
     """generator.lm_context=prompt through the real pipeline: the Ray Train LM phase reads each
     text after its episode's prompt (the driver built them from the suite's tasks), the artifact
-    records the setting, and its adapter is scored under the prompt on the held-out tasks."""
+    records the setting, and its adapter is scored under the prompt on the held-out tasks. With
+    condition dropout on, the same draw is also scored with the condition scaled to 0 and 0.5."""
     root, suite = smoke_run.root, smoke_run.suite
     lm_root = tmp_path / "prompted"
     lm_root.mkdir()
@@ -308,20 +309,28 @@ def test_the_lm_phase_reads_the_prompt_on_ray_train_with_lm_context_prompt(smoke
     args = [f"suite.path={suite}", f"storage.root={lm_root}", "tune.enabled=false",
             "generator.objective=hybrid", "generator.lm_steps=2", "generator.report_every=1",
             "generator.lm_seq_len=24", "generator.lm_context=prompt", "stages=[generator,evaluate]",
-            "evaluate.variants=[in-context]", "evaluate.extra_variants=[in-context+generated]",
-            "evaluate.seen_tasks=0", "evaluate.folds=0"]
+            "generator.lm_condition_dropout=0.5", "evaluate.variants=[in-context]",
+            "evaluate.extra_variants=[in-context+generated,in-context+generated-half,"
+            "in-context+generated-blind]", "evaluate.seen_tasks=0", "evaluate.folds=0"]
     command = [sys.executable, "-m", "jobs.pipeline", "--config", "smoke", *FAST, *args]
     run = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-6000:]
-    assert "(read after: prompt; condition: task)" in run.stderr
+    assert "(read after: prompt; condition: task, dropped 50%)" in run.stderr
     meta = json.loads((lm_root / "generator" / "generator.json").read_text())
     assert meta["config"]["lm_context"] == "prompt"
+    assert meta["config"]["lm_condition_dropout"] == 0.5
     lm = meta["training"]["lm"]
     assert [h["lm_step"] for h in lm["history"]] == [1, 2]
     assert all(h["train_lm_nll"] > 0 for h in lm["history"])
     results = pd.read_parquet(lm_root / "evaluate" / "results.parquet")
-    assert set(results["variant"]) == {"in-context", "in-context+generated"}
+    scaled = ["in-context+generated", "in-context+generated-half", "in-context+generated-blind"]
+    assert set(results["variant"]) == {"in-context", *scaled}
     assert set(results["setting"]) == {"heldout"}
+    nll = {(row.task, row.variant): list(row.text_nll) for row in results.itertuples()}
+    for task in set(results["task"]):  # one z draw, three conditions: three adapters
+        assert len({tuple(nll[task, variant]) for variant in scaled}) == 3
+    report = (lm_root / "evaluate" / "EVAL.md").read_text()
+    assert "/ in-context+generated-blind" in report  # each condition judged against none
 
 
 def test_a_baseline_only_evaluation_trains_no_fold_generator(smoke_run, tmp_path):

@@ -268,6 +268,40 @@ def test_a_prompt_of_one_part_reads_that_part_and_a_draw_from_its_own_vector(wor
             assert matches == (part == mode), (mode, part)
 
 
+def test_a_scaled_condition_scores_the_same_draw_with_the_condition_shrunk(world):
+    """generated-half/-blind and their forms under the prompt score the generator's draw (the
+    same z as generated's) with the condition scaled by 0.5 and 0: alone and under the prompt."""
+    from icm.eval.baselines import in_context_prefix, score_in_context
+    from icm.task_vectors import sample_demos
+    from icm.tasks import load_task
+
+    base, suite, means = world
+    plans = [SettingPlan("heldout", ["dogs"], ["cats", "code", "sums"], str(base / "generator"))]
+    names = ["generated", "generated-half", "generated-blind", "in-context+generated",
+             "in-context+generated-half", "in-context+generated-blind"]
+    items, _, finals = build_items(suite, plans, means, zoo_root=base / "zoo",
+                                   oracle_root=base / "oracles", options={}, variant_names=names)
+    cfg = EvalConfig(max_texts=2, max_length=32, samples=1)
+    vectors = TaskVectorConfig(k=2, max_demo_chars=100)
+    rows = evaluate_item(items[0], finals, model=ModelConfig(spec="tiny-llama", max_length=32),
+                         cfg=cfg, task_vectors=vectors)
+    by = {r["variant"]: r["text_nll"] for r in rows}
+    assert set(by) == set(names)
+    swap, tokenizer, generator = _swap_for(items[0])
+    task = load_task(items[0].task_path)
+    texts = task.eval_texts()[:2]
+    prefix = in_context_prefix(task.description, sample_demos(task, vectors, episode=0), 100)
+    condition = items[0].conditions["both"].astype(np.float32)
+    for suffix, scale in (("", 1.0), ("-half", 0.5), ("-blind", 0.0)):
+        swap.load(generator.sample(condition, seed=cfg.seed, z="random",
+                                   condition_scale=scale)[0], f"check{suffix}")
+        alone = swap.score(tokenizer, texts, max_length=32, batch_size=cfg.batch_size).text_nll
+        under = score_in_context(swap.model, tokenizer, texts, prefix, max_length=32).text_nll
+        assert by[f"generated{suffix}"] == pytest.approx(alone, rel=1e-5), suffix
+        assert by[f"in-context+generated{suffix}"] == pytest.approx(under, rel=1e-5), suffix
+    assert len({tuple(by[f"generated{s}"]) for s in ("", "-half", "-blind")}) == 3
+
+
 def test_the_finetuned_draw_is_the_draw_fitted_under_the_tasks_prompts_then_read_under_one(world):
     """in-context+generated-finetuned: the same draw as in-context+generated, fine-tuned by
     fit_under_prompt on the task's train texts after its episode prompts, then scored under the

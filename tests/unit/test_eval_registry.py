@@ -63,9 +63,24 @@ def test_a_selected_variant_names_adapter_candidates_and_belongs_to_its_run_gene
     assert "pick" not in VARIANTS
 
 
+def test_a_condition_scale_is_for_opt_in_generated_draws_and_each_is_read_under_the_prompt():
+    scales = {name: VARIANTS[name].condition_scale for name in VARIANTS
+              if VARIANTS[name].condition_scale != 1.0}
+    assert scales == {"generated-half": 0.5, "generated-blind": 0.0}
+    for name in scales:
+        spec, under = VARIANTS[name], VARIANTS[f"in-context+{name}"]
+        assert spec.kind == "generated" and spec.opt_in and spec.z == "random"
+        assert under.with_adapter == name and under.opt_in and not under.baseline
+    assert not {"generated-half", "generated-blind"} & {v.name for v in variants_for("heldout")}
+    for kind, z in (("adapter", "random"), ("generated", "best-of-k")):
+        with pytest.raises(ValueError, match="condition_scale"):
+            register(Variant("scaled", kind, ALL, "x", z=z, condition_scale=0.5))
+    assert "scaled" not in VARIANTS
+
+
 def test_stacked_variants_are_opt_in_and_read_the_prompt_with_an_adapter_on_unseen_tasks():
-    unders = ["generated", "soup", "similarity-soup", "nearest", "ridge", "lorahub", "oracle",
-              "multitask"]
+    unders = ["generated", "generated-half", "generated-blind", "soup", "similarity-soup",
+              "nearest", "ridge", "lorahub", "oracle", "multitask"]
     names = [f"in-context+{under}" for under in unders]
     assert not [v for v in variants_for("heldout") if v.with_adapter]  # not scored by default
     stacked = {v.name: v.with_adapter for v in variants_for("heldout", extra=names) if v.with_adapter}

@@ -150,6 +150,21 @@ def test_a_finetuned_adapter_is_also_judged_against_the_adapter_it_started_from(
     assert table.loc[("held-out", "in-context+generated[M]"), "/ in-context+generated[M]"] == ""
 
 
+def test_a_draw_with_a_condition_is_also_judged_against_the_same_generators_blind_mode():
+    """in-context+generated-half[D] 3.15 beats in-context+generated-blind[D] 3.2 under the same
+    prompt (12/12); the blind mode gets no column of its own, nor another run's blind mode."""
+    levels = {"in-context": 3.4, "in-context+generated-blind[D]": 3.2,
+              "in-context+generated-half[D]": 3.15, "in-context+generated[D]": 3.25,
+              "in-context+generated[E]": 3.1}
+    results = _results(levels=levels).query("setting == 'heldout'")
+    table = stacked_table(results, 300, 0).set_index(["setting", "variant"])
+    blind = "/ in-context+generated-blind[D]"
+    assert table.loc[("held-out", "in-context+generated-half[D]"), blind].endswith("(12/12)")
+    assert table.loc[("held-out", "in-context+generated[D]"), blind].endswith("(0/12)")
+    assert table.loc[("held-out", "in-context+generated-blind[D]"), blind] == ""
+    assert table.loc[("held-out", "in-context+generated[E]"), blind] == ""
+
+
 def test_stacked_adapters_are_judged_against_the_prompt_alone_both_ways():
     """in-context+generated 3.2 beats the prompt alone (3.4); in-context+soup 3.5 loses to it."""
     levels = {"in-context": 3.4, "in-context+generated": 3.2, "in-context+soup": 3.5}

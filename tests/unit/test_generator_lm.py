@@ -13,7 +13,7 @@ import torch
 from icm.config import GeneratorConfig, ModelConfig
 from icm.generator import LoraGenerator, fit_generator
 from icm.generator.data import prepare_data
-from icm.generator.inputs import initial_lora_state, load_zoo
+from icm.generator.inputs import GeneratorInputError, initial_lora_state, load_zoo
 from icm.generator.lm import (EpisodePrompt, FunctionalLora, fit_lm, generated_vectors, hybrid_term,
                              lm_setup, lm_step_loss, lm_tasks)
 from icm.lora_train import collate, tokenize_texts
@@ -496,8 +496,56 @@ def test_lm_condition_mean_trains_one_adapter_that_reads_no_task_condition(world
     assert not torch.allclose(*generator.sample(conditions[:2], z="zero"))
 
 
+def test_condition_dropout_reads_the_mean_for_a_share_of_rows_drawn_per_step_and_rank():
+    """Dropped rows read zeros (the training mean once z-scored), kept rows their own; which
+    rows is a function of (seed, step, rank), so a resumed run drops the same; about p of them."""
+    from icm.generator.lm import dropped_conditions
+
+    conditions = torch.randn(4000, 3) + 5.0  # (T, D), no row all zero by chance
+    cfg = GeneratorConfig(**{**FAST, **LM, "objective": "lm", "lm_condition_dropout": 0.3})
+    dropped = dropped_conditions(conditions, cfg, step=7, rank=1)
+    zero = (dropped == 0).all(dim=1)  # (T,)
+    assert torch.equal(dropped[~zero], conditions[~zero])
+    assert 0.27 < float(zero.float().mean()) < 0.33
+    assert torch.equal(dropped, dropped_conditions(conditions, cfg, step=7, rank=1))
+    assert not torch.equal(dropped, dropped_conditions(conditions, cfg, step=8, rank=1))
+    assert not torch.equal(dropped, dropped_conditions(conditions, cfg, step=7, rank=0))
+    none = cfg.model_copy(update={"lm_condition_dropout": 0.0})
+    assert dropped_conditions(conditions, none, step=7, rank=1) is conditions
+
+
+def test_condition_dropout_needs_a_task_condition_and_stays_below_one():
+    with pytest.raises(ValueError, match="lm_condition_dropout=0.5 drops a task's condition"):
+        GeneratorConfig(**{**FAST, **LM, "lm_condition": "mean", "lm_condition_dropout": 0.5})
+    with pytest.raises(ValueError, match="lm_condition_dropout"):
+        GeneratorConfig(**{**FAST, **LM, "lm_condition_dropout": 1.0})
+
+
+def test_a_condition_scale_shrinks_the_condition_toward_the_training_mean(world):
+    """Scale 1 is the default draw; 0 is the blind mode (what lm_condition mean generates, for
+    every task alike); 0.5 is the raw condition halfway to the mean the generator z-scores by."""
+    generator = _setup(world)[0]
+    conditions = torch.as_tensor(np.concatenate([world[1][n][:1] for n in sorted(TEXTS)]))  # (3, D)
+    full = generator.sample(conditions, z="zero")  # (3, L)
+    assert torch.equal(generator.sample(conditions, z="zero", condition_scale=1.0), full)
+    blind = generator.sample(conditions, z="zero", condition_scale=0.0)
+    assert torch.equal(blind[0], blind[1]) and torch.equal(blind[0], blind[2])
+    own = generator.config
+    generator.config = GeneratorConfig(**{**FAST, **LM, "objective": "lm", "lm_condition": "mean"})
+    assert torch.allclose(generator.sample(conditions, z="zero"), blind)
+    generator.config = own
+    mean = generator.condition_norm.mean  # (D,) the raw training mean
+    halfway = mean + 0.5 * (conditions - mean)  # (3, D)
+    assert torch.allclose(generator.sample(conditions, z="zero", condition_scale=0.5),
+                          generator.sample(halfway, z="zero"), atol=1e-5)
+    assert not torch.allclose(generator.sample(conditions, z="zero", condition_scale=0.5), full)
+    with pytest.raises(GeneratorInputError, match="condition_scale must be finite"):
+        generator.sample(conditions, condition_scale=float("nan"))
+
+
 @pytest.mark.parametrize("field, default, other", [("lm_context", "none", "prompt"),
-                                                   ("lm_condition", "task", "mean")])
+                                                   ("lm_condition", "task", "mean"),
+                                                   ("lm_condition_dropout", 0.0, 0.5)])
 def test_new_lm_settings_leave_every_hash_as_it_was_at_their_default(field, default, other):
     """lm_context none and lm_condition task are left out of the stage fingerprint and the LM
     run's settings (runs from before they existed stay valid); the other value is part of
