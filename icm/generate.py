@@ -86,11 +86,13 @@ class AdapterFactory:
 
     def generate(self, description: str | None = None, examples: Sequence[str] | None = None, *,
                  samples: int = 1, select: str = "demo-ppl", seed: int = 0,
-                 max_length: int = 128) -> GeneratedAdapter:
+                 max_length: int = 128, condition_scale: float = 1.0) -> GeneratedAdapter:
         """Sample ``samples`` adapters for the request and keep one.
 
         With more than one sample and ``select="demo-ppl"`` the draw with the lowest perplexity
         on the given examples is kept (it needs examples); ``select="first"`` keeps draw 0.
+        ``condition_scale`` shrinks the condition toward the generator's blind mode
+        (`LoraGenerator.sample`).
         """
         if samples < 1:
             raise GenerateInputError("'samples' must be >= 1.")
@@ -104,7 +106,8 @@ class AdapterFactory:
         condition, context_prompt = self.encode_request(description, examples)
         timings["encode_s"] = time.perf_counter() - started
         started = time.perf_counter()
-        draws = self.generator.sample(condition, num_samples=samples, seed=seed)  # (samples, L)
+        draws = self.generator.sample(condition, num_samples=samples, seed=seed,
+                                      condition_scale=condition_scale)  # (samples, L)
         timings["sample_s"] = time.perf_counter() - started
         result = GeneratedAdapter(vector=draws[0], chosen=0, timings=timings,
                                   context_prompt=context_prompt)

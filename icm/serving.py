@@ -116,6 +116,10 @@ class AdapterRequest(StrictModel):
     seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed of the latent samples.")
     select: Literal["demo-ppl", "first"] = Field("demo-ppl", description=(
         "How one of several samples is kept: lowest demo perplexity, or the first draw."))
+    condition_scale: float = Field(1.0, ge=0, le=2, allow_inf_nan=False, description=(
+        "w, the task's condition read as w x its z-scored value: 1 as given, 0 the generator's "
+        "blind mode (one adapter for every task; a generator trained with "
+        "generator.lm_condition_dropout learnt one), 0.5 halfway (EVAL.md, session 41)."))
 
 
 class AdapterResponse(BaseModel):
@@ -237,10 +241,16 @@ class AdapterSpec:
     samples: int
     seed: int
     select: str
+    condition_scale: float = 1.0
 
     def as_json(self) -> dict[str, Any]:
-        return {"description": self.description, "examples": list(self.examples),
-                "samples": self.samples, "seed": self.seed, "select": self.select}
+        """The cache key's content; a condition scale only where it is not 1, so the ids of
+        requests from before it existed stay what they were."""
+        key = {"description": self.description, "examples": list(self.examples),
+               "samples": self.samples, "seed": self.seed, "select": self.select}
+        if self.condition_scale != 1.0:
+            key["condition_scale"] = self.condition_scale
+        return key
 
 
 def check_adapter_request(request: AdapterRequest, limits: ServeLimits) -> AdapterSpec:
@@ -282,7 +292,7 @@ def check_adapter_request(request: AdapterRequest, limits: ServeLimits) -> Adapt
                               "the draws; pass examples, samples=1, or select='first'.",
                               param="samples")
     return AdapterSpec(description, tuple(t.strip() for t in examples), request.samples,
-                       request.seed, select)
+                       request.seed, select, float(request.condition_scale))
 
 
 def generator_fingerprint(generator_dir: str | os.PathLike) -> str:

@@ -265,9 +265,10 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         description = args.description
         examples = read_examples(args.examples) if args.examples else None
     adapter = factory.generate(description, examples, samples=args.samples, select=args.select,
-                               seed=args.seed)
+                               seed=args.seed, condition_scale=args.condition_scale)
     request = {"description": description, "examples": len(examples or []), "task": args.task,
-               "samples": args.samples, "select": args.select, "seed": args.seed}
+               "samples": args.samples, "select": args.select, "seed": args.seed,
+               "condition_scale": args.condition_scale}
     out = factory.write(adapter, args.out, request)
     print(json.dumps({"adapter": str(out), "chosen_sample": adapter.chosen,
                       "demo_perplexities": adapter.demo_perplexities, "timings": adapter.timings},
@@ -394,6 +395,9 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--select", default="demo-ppl", choices=["demo-ppl", "first"],
                           help="how to keep one of K samples")
     generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--condition-scale", type=float, default=1.0, help=(
+        "the condition read as w x its z-scored value: 1 as given, 0 the generator's blind mode "
+        "(generator.lm_condition_dropout), 0.5 halfway"))
     generate.add_argument("--cache-dir", default=None)
     generate.set_defaults(func=_cmd_generate)
     return parser

@@ -213,7 +213,8 @@ class AdapterGeneratorDeployment:
         timings["encode_s"] = time.perf_counter() - started
         mark = time.perf_counter()
         draws = await _in_thread(self.lock, lambda: self.generator.sample(
-            condition, num_samples=spec.samples, seed=spec.seed))  # (K, L)
+            condition, num_samples=spec.samples, seed=spec.seed,
+            condition_scale=spec.condition_scale))  # (K, L)
         timings["sample_s"] = time.perf_counter() - mark
         chosen, perplexities = 0, []
         if spec.samples > 1 and spec.select == "demo-ppl":

@@ -88,6 +88,16 @@ def test_generate_writes_a_peft_adapter_for_a_task_folder_or_a_description(smoke
         base = model(**ids).logits
         adapted = PeftModel.from_pretrained(model, str(tmp_path / "from-text"))(**ids).logits
     assert not torch.allclose(base, adapted)  # the unchanged base model + the generated adapter
+    half = _icm("generate", "--generator", str(root / "generator"), "--task", str(suite / "dogs"),
+                "--condition-scale", "0.5", "--out", str(tmp_path / "half"))
+    assert half.returncode == 0, half.stderr[-3000:]
+    record = json.loads((tmp_path / "half" / "icm_generation.json").read_text())
+    assert record["condition_scale"] == 0.5
+    from safetensors.torch import load_file
+
+    weights = [load_file(tmp_path / name / "adapter_model.safetensors")
+               for name in ("from-task", "half")]
+    assert any(not torch.equal(weights[0][key], weights[1][key]) for key in weights[0])
     scored = _icm("score", "--adapter", str(tmp_path / "from-task"), "--task", str(suite / "dogs"),
                   "--model", "tiny-llama", "--config", "smoke")
     assert scored.returncode == 0 and json.loads(scored.stdout)["perplexity"] > 1

@@ -273,6 +273,27 @@ def test_the_same_request_returns_the_same_adapter_from_the_cache(served):
     record = served.adapter_dir / first["adapter_id"] / "icm_generation.json"
     stored = json.loads(record.read_text())
     assert stored["request"]["description"] == request["description"]
+    # the condition scale: 1 is the same request; another is another adapter, recorded
+    assert served.adapter({**request, "condition_scale": 1.0})["adapter_id"] == first["adapter_id"]
+    half = served.adapter({**request, "condition_scale": 0.5})
+    assert half["adapter_id"] != first["adapter_id"] and half["cached"] is False
+    folder = served.adapter_dir / half["adapter_id"]
+    assert json.loads((folder / "icm_generation.json").read_text())["request"][
+        "condition_scale"] == 0.5
+
+    def same_weights(one, other) -> bool:
+        import torch
+        from safetensors.torch import load_file
+
+        a, b = (load_file(served.adapter_dir / adapter_id / "adapter_model.safetensors")
+                for adapter_id in (one, other))
+        return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    assert not same_weights(half["adapter_id"], first["adapter_id"])
+    # scale 0: the generator's blind mode, one adapter whatever the task
+    blind = [served.adapter({**request, "description": text, "condition_scale": 0.0})["adapter_id"]
+             for text in ("Texts about dogs and walks.", "Sums of small numbers.")]
+    assert blind[0] != blind[1] and same_weights(*blind)
 
 
 def test_concurrent_identical_requests_generate_once(served):
@@ -295,6 +316,7 @@ BAD_REQUESTS = [  # (method, path, body, status, the field the error names)
     ("post", "/v1/adapters", {"description": "a", "samples": 5}, 400, "samples"),
     ("post", "/v1/adapters", {"description": "a", "samples": 2}, 400, "samples"),
     ("post", "/v1/adapters", {"description": "a", "seed": -1}, 400, "seed"),
+    ("post", "/v1/adapters", {"description": "a", "condition_scale": 3}, 400, "condition_scale"),
     ("post", "/v1/adapters", {"description": 3}, 400, "description"),
     ("post", "/v1/adapters", {"description": "a", "colour": "red"}, 400, "colour"),
     ("post", "/v1/adapters", "{not json", 400, "body"),

@@ -73,6 +73,21 @@ def test_description_alone_and_first_draw(generator_dir):
     assert first.chosen == 0 and first.demo_perplexities == []
 
 
+def test_a_condition_scale_shrinks_the_requests_condition_toward_the_blind_mode(generator_dir):
+    """Scale 0: every request gets the generator's one blind adapter; 0.5: the draw from the
+    request's condition halfway to the training mean (`LoraGenerator.sample`)."""
+    factory = AdapterFactory(generator_dir)
+    cats = factory.generate("Short texts about cats.", EXAMPLES, seed=2, condition_scale=0.0)
+    sums = factory.generate("Sums of numbers.", ["1 + 1 = 2"], seed=2, condition_scale=0.0)
+    assert torch.equal(cats.vector, sums.vector)
+    half = factory.generate("Short texts about cats.", EXAMPLES, seed=2, condition_scale=0.5)
+    vector = factory.task_vector("Short texts about cats.", EXAMPLES)
+    expected = factory.generator.sample(vector, seed=2, condition_scale=0.5)[0]  # (L,)
+    assert torch.equal(half.vector, expected)
+    full = factory.generate("Short texts about cats.", EXAMPLES, seed=2)
+    assert not torch.equal(half.vector, full.vector)
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"samples": 0}, "'samples' must be >= 1"),
     ({"select": "best"}, "'select' must be"),

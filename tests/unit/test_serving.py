@@ -54,6 +54,23 @@ def test_adapter_id_is_a_hash_of_the_normalised_content_and_the_generator():
     assert spec(description="d", samples=2, select="first").select == "first"
 
 
+def test_a_condition_scale_is_part_of_the_id_only_where_it_is_not_one():
+    """Requests from before the field existed keep their ids; another scale is another adapter;
+    a scale outside [0, 2] is refused by the request model, naming the field."""
+    from pydantic import ValidationError
+
+    base = spec(description="Cats.", seed=3)
+    assert "condition_scale" not in base.as_json() and base.condition_scale == 1.0
+    assert adapter_id_for(spec(description="Cats.", seed=3, condition_scale=1.0), "g") == \
+        adapter_id_for(base, "g")
+    half = spec(description="Cats.", seed=3, condition_scale=0.5)
+    assert half.as_json()["condition_scale"] == 0.5
+    assert adapter_id_for(half, "g") != adapter_id_for(base, "g")
+    for bad in (-0.1, 2.5, float("nan")):
+        with pytest.raises(ValidationError, match="condition_scale"):
+            AdapterRequest(description="Cats.", condition_scale=bad)
+
+
 def test_generator_fingerprint_follows_the_files(tmp_path):
     (tmp_path / "generator.json").write_text("{}")
     first = generator_fingerprint(tmp_path)
