@@ -98,6 +98,9 @@ class AdapterFactory:
             raise GenerateInputError("'samples' must be >= 1.")
         if select not in ("demo-ppl", "first"):
             raise GenerateInputError(f"'select' must be 'demo-ppl' or 'first', got {select!r}.")
+        if not 0.0 <= condition_scale <= 2.0:  # Serve's range; NaN fails it too
+            raise GenerateInputError(f"'condition_scale' must be in [0, 2] (1: the condition as "
+                                     f"given, 0: the blind mode), got {condition_scale}.")
         if samples > 1 and select == "demo-ppl" and not examples:
             raise GenerateInputError("selecting by demo perplexity needs examples. Fix: pass "
                                      "examples, or samples=1, or select='first'.")

@@ -225,21 +225,11 @@ def test_stacked_variants_read_the_prompt_with_their_adapter_active(world):
     assert by["in-context+oracle"]["text_nll"] == pytest.approx(expected.text_nll, rel=1e-5)
 
 
-def test_a_prompt_of_one_part_reads_that_part_and_a_draw_from_its_own_vector(world):
-    """in-context-description reads the description alone, in-context-demos the demonstrations
-    alone; with +generated, the generator's draw comes from the vector of that same prompt (a
-    request holding only a description gives only that vector), never from the 'both' one."""
-    from icm.eval.baselines import in_context_prefix, score_in_context
-    from icm.task_vectors import sample_demos
-    from icm.tasks import load_task
-
-    base, suite, means = world
-    # each part's vector clearly another (the fixture's description vector is 'both' + 0.01)
-    means = {**means, "description": {t: np.roll(v, 7) for t, v in means["both"].items()},
-             "demos": {t: v[::-1].copy() for t, v in means["both"].items()}}
+def _scored_heldout_dogs(world, means, names):
+    """The held-out task 'dogs' scored with ``names`` (2 texts, one draw, k = 2): its items, each
+    variant's per-text NLL, and the eval and task-vector configs used."""
+    base, suite, _ = world
     plans = [SettingPlan("heldout", ["dogs"], ["cats", "code", "sums"], str(base / "generator"))]
-    names = ["in-context", "in-context-description", "in-context-description+generated",
-             "in-context-demos", "in-context-demos+generated"]
     items, _, finals = build_items(suite, plans, means, zoo_root=base / "zoo",
                                    oracle_root=base / "oracles", options={}, variant_names=names)
     cfg = EvalConfig(max_texts=2, max_length=32, samples=1)
@@ -248,6 +238,24 @@ def test_a_prompt_of_one_part_reads_that_part_and_a_draw_from_its_own_vector(wor
                          cfg=cfg, task_vectors=vectors)
     by = {r["variant"]: r["text_nll"] for r in rows}
     assert set(by) == set(names)
+    return items, by, cfg, vectors
+
+
+def test_a_prompt_of_one_part_reads_that_part_and_a_draw_from_its_own_vector(world):
+    """in-context-description reads the description alone, in-context-demos the demonstrations
+    alone; with +generated, the generator's draw comes from the vector of that same prompt (a
+    request holding only a description gives only that vector), never from the 'both' one."""
+    from icm.eval.baselines import in_context_prefix, score_in_context
+    from icm.task_vectors import sample_demos
+    from icm.tasks import load_task
+
+    means = world[2]
+    # each part's vector clearly another (the fixture's description vector is 'both' + 0.01)
+    means = {**means, "description": {t: np.roll(v, 7) for t, v in means["both"].items()},
+             "demos": {t: v[::-1].copy() for t, v in means["both"].items()}}
+    names = ["in-context", "in-context-description", "in-context-description+generated",
+             "in-context-demos", "in-context-demos+generated"]
+    items, by, cfg, vectors = _scored_heldout_dogs(world, means, names)
     swap, tokenizer, generator = _swap_for(items[0])
     task = load_task(items[0].task_path)
     texts, demos = task.eval_texts()[:2], sample_demos(task, vectors, episode=0)
@@ -275,18 +283,9 @@ def test_a_scaled_condition_scores_the_same_draw_with_the_condition_shrunk(world
     from icm.task_vectors import sample_demos
     from icm.tasks import load_task
 
-    base, suite, means = world
-    plans = [SettingPlan("heldout", ["dogs"], ["cats", "code", "sums"], str(base / "generator"))]
     names = ["generated", "generated-half", "generated-blind", "in-context+generated",
              "in-context+generated-half", "in-context+generated-blind"]
-    items, _, finals = build_items(suite, plans, means, zoo_root=base / "zoo",
-                                   oracle_root=base / "oracles", options={}, variant_names=names)
-    cfg = EvalConfig(max_texts=2, max_length=32, samples=1)
-    vectors = TaskVectorConfig(k=2, max_demo_chars=100)
-    rows = evaluate_item(items[0], finals, model=ModelConfig(spec="tiny-llama", max_length=32),
-                         cfg=cfg, task_vectors=vectors)
-    by = {r["variant"]: r["text_nll"] for r in rows}
-    assert set(by) == set(names)
+    items, by, cfg, vectors = _scored_heldout_dogs(world, world[2], names)
     swap, tokenizer, generator = _swap_for(items[0])
     task = load_task(items[0].task_path)
     texts = task.eval_texts()[:2]

@@ -92,6 +92,8 @@ def test_a_condition_scale_shrinks_the_requests_condition_toward_the_blind_mode(
     ({"samples": 0}, "'samples' must be >= 1"),
     ({"select": "best"}, "'select' must be"),
     ({"samples": 2, "examples": None}, "needs examples"),
+    ({"condition_scale": -0.5}, "'condition_scale' must be in \\[0, 2\\]"),
+    ({"condition_scale": float("nan")}, "'condition_scale' must be in"),
 ])
 def test_bad_requests_are_named(generator_dir, kwargs, message):
     factory = AdapterFactory(generator_dir)
