@@ -400,6 +400,12 @@ class GeneratorConfig(StageConfig):
         "Generation can then scale the condition between the two (`LoraGenerator.sample`'s "
         "condition_scale; the generated-half and generated-blind variants). 0: every row reads "
         "its own."))
+    lm_condition_episodes: Literal["own", "others"] = Field("own", description=(
+        "lm/hybrid with lm_condition task: which of its task's episodes an LM row's condition is "
+        "read from. own: the episode whose prompt the row reads under lm_context prompt (the "
+        "condition then holds nothing that prompt does not). others: the mean of the task's "
+        "other episodes of the row's mode, evidence from more demonstrations than one prompt "
+        "holds, as at evaluation and serving (where the condition is the mean over episodes)."))
     lm_workers: int = Field(1, ge=1, description=(
         "lm/hybrid: Ray Train data-parallel workers (each draws its own tasks per step)."))
     lm_gpus_per_worker: float = Field(0.0, ge=0, description=(
@@ -435,6 +441,15 @@ class GeneratorConfig(StageConfig):
                              "none. Fix: set generator.lm_condition_dropout=0 or lm_condition=task")
         return self
 
+    @model_validator(mode="after")
+    def _pooled_episodes_need_a_condition(self) -> GeneratorConfig:
+        if self.lm_condition_episodes != "own" and self.lm_condition != "task":
+            raise ValueError(f"generator.lm_condition_episodes={self.lm_condition_episodes!r} "
+                             f"pools a task's episodes, but lm_condition={self.lm_condition!r} "
+                             "reads none. Fix: set generator.lm_condition_episodes=own or "
+                             "lm_condition=task")
+        return self
+
     @property
     def reads_after_prompt(self) -> bool:
         """Its adapters were trained to be read after the task's in-context prompt (an LM phase
@@ -443,9 +458,10 @@ class GeneratorConfig(StageConfig):
 
     def unread_fields(self) -> set[str]:
         """Settings left out of every hash at their default (`lm_context` none, `lm_condition`
-        task, `lm_condition_dropout` 0), so generators trained before such a setting existed
-        keep their fingerprint and LM checkpoints."""
-        defaults = {"lm_context": "none", "lm_condition": "task", "lm_condition_dropout": 0.0}
+        task, `lm_condition_dropout` 0, `lm_condition_episodes` own), so generators trained
+        before such a setting existed keep their fingerprint and LM checkpoints."""
+        defaults = {"lm_context": "none", "lm_condition": "task", "lm_condition_dropout": 0.0,
+                    "lm_condition_episodes": "own"}
         return {name for name, value in defaults.items() if getattr(self, name) == value}
 
     def trained_settings(self) -> dict[str, Any]:

@@ -220,7 +220,7 @@ class LmTask:
 
     name: str
     sequences: list[list[int]]  # start token + text + EOS, cut to lm_seq_len
-    episodes: torch.Tensor  # (E, D) z-scored episode vectors
+    episodes: torch.Tensor  # (E, D) z-scored condition of each row (its episode's, or others')
     context: PromptContext | None = None  # generator.lm_context: prompt
 
     def batch(self, episode: int, texts: Sequence[int], pad_id: int) -> dict[str, torch.Tensor]:
@@ -231,6 +231,23 @@ class LmTask:
         if self.context is None:
             return collate([self.sequences[i] for i in texts], pad_id)
         return self.context.batch(episode, texts, pad_id)
+
+
+def other_episodes_mean(episodes: torch.Tensor, modes: int, task: str) -> torch.Tensor:
+    """``generator.lm_condition_episodes: others``: each row of ``episodes`` (E x modes, D; each
+    mode's episodes in turn, `load_task_conditions`' order) replaced by the mean of the other
+    rows of its mode, so a row's condition holds evidence its own prompt does not. A mode with a
+    single episode keeps its row."""
+    rows, width = episodes.shape
+    if rows % modes:
+        raise ValueError(f"task {task!r}: {rows} condition rows do not split into "
+                         f"{modes} modes of equal episodes; its task vectors lack a mode. Fix: "
+                         "rerun the task_vectors stage, or set generator.lm_condition_episodes=own")
+    blocks = episodes.reshape(modes, rows // modes, width)  # (M, E, D)
+    if blocks.shape[1] == 1:
+        return episodes
+    others = (blocks.sum(1, keepdim=True) - blocks) / (blocks.shape[1] - 1)  # (M, E, D)
+    return others.reshape(rows, width)
 
 
 def lm_tasks(train_texts: Mapping[str, Sequence[str]], conditions: Mapping[str, Any],
@@ -262,6 +279,8 @@ def lm_tasks(train_texts: Mapping[str, Sequence[str]], conditions: Mapping[str, 
             if not context.rows:
                 continue
         episodes = generator.condition_norm.apply(raw.to(generator.template.device))  # (E, D)
+        if cfg.lm_condition_episodes == "others":
+            episodes = other_episodes_mean(episodes, len(cfg.condition_modes), name)
         sequences = tokenize_texts(tokenizer, texts, cfg.lm_seq_len)
         tasks.append(LmTask(name, sequences, episodes, context))
     if not tasks:

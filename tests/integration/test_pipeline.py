@@ -310,7 +310,8 @@ def test_the_lm_phase_reads_the_prompt_on_ray_train_with_lm_context_prompt(smoke
     """generator.lm_context=prompt through the real pipeline: the Ray Train LM phase reads each
     text after its episode's prompt (the driver built them from the suite's tasks), the artifact
     records the setting, and its adapter is scored under the prompt on the held-out tasks. With
-    condition dropout on, the same draw is also scored with the condition scaled to 0 and 0.5."""
+    condition dropout on, the same draw is also scored with the condition scaled to 0 and 0.5.
+    Each row reads the mean of its task's other episodes (lm_condition_episodes others)."""
     root, suite = smoke_run.root, smoke_run.suite
     lm_root = tmp_path / "prompted"
     lm_root.mkdir()
@@ -319,16 +320,18 @@ def test_the_lm_phase_reads_the_prompt_on_ray_train_with_lm_context_prompt(smoke
     args = [f"suite.path={suite}", f"storage.root={lm_root}", "tune.enabled=false",
             "generator.objective=hybrid", "generator.lm_steps=2", "generator.report_every=1",
             "generator.lm_seq_len=24", "generator.lm_context=prompt", "stages=[generator,evaluate]",
-            "generator.lm_condition_dropout=0.5", "evaluate.variants=[in-context]",
+            "generator.lm_condition_dropout=0.5", "generator.lm_condition_episodes=others",
+            "evaluate.variants=[in-context]",
             "evaluate.extra_variants=[in-context+generated,in-context+generated-half,"
             "in-context+generated-blind]", "evaluate.seen_tasks=0", "evaluate.folds=0"]
     command = [sys.executable, "-m", "jobs.pipeline", "--config", "smoke", *FAST, *args]
     run = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-6000:]
-    assert "(read after: prompt; condition: task, dropped 50%)" in run.stderr
+    assert "(read after: prompt; condition: task from others episodes, dropped 50%)" in run.stderr
     meta = json.loads((lm_root / "generator" / "generator.json").read_text())
     assert meta["config"]["lm_context"] == "prompt"
     assert meta["config"]["lm_condition_dropout"] == 0.5
+    assert meta["config"]["lm_condition_episodes"] == "others"
     lm = meta["training"]["lm"]
     assert [h["lm_step"] for h in lm["history"]] == [1, 2]
     assert all(h["train_lm_nll"] > 0 for h in lm["history"])

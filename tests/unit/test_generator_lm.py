@@ -521,6 +521,39 @@ def test_condition_dropout_needs_a_task_condition_and_stays_below_one():
         GeneratorConfig(**{**FAST, **LM, "lm_condition_dropout": 1.0})
 
 
+def test_other_episodes_condition_is_the_mean_of_the_rest_of_its_mode():
+    """Row i of each mode's block reads the mean of that block's other rows; a mode of one
+    episode keeps its row; rows that do not split into the modes are refused, naming the fix."""
+    from icm.generator.lm import other_episodes_mean
+
+    episodes = torch.randn(6, 5)  # (2 modes x 3 episodes, D)
+    pooled = other_episodes_mean(episodes, 2, "cats")
+    for row in range(6):
+        block = range(3 * (row // 3), 3 * (row // 3) + 3)
+        expected = torch.stack([episodes[r] for r in block if r != row]).mean(0)  # (D,)
+        assert torch.allclose(pooled[row], expected, atol=1e-6)
+    assert torch.equal(other_episodes_mean(episodes, 6, "cats"), episodes)
+    with pytest.raises(ValueError, match="task 'cats': 6 condition rows.*lm_condition_episodes=own"):
+        other_episodes_mean(episodes, 4, "cats")
+
+
+def test_lm_rows_read_their_tasks_other_episodes_when_asked(world):
+    """With lm_condition_episodes others each LM task's row is its other episodes' mean (of the
+    z-scored vectors), so the step loss changes with it; own keeps each row's own vector."""
+    modes = {"condition_modes": ["demos", "both"], "objective": "lm"}  # 2 modes x 2 episodes
+    generator, applier, own_tasks, own, tokenizer = _setup(world, **modes)
+    *_, other_tasks, others, _ = _setup(world, **modes, lm_condition_episodes="others")
+    for own_task, other_task in zip(own_tasks, other_tasks):
+        assert torch.allclose(other_task.episodes, own_task.episodes[[1, 0, 3, 2]], atol=1e-6)
+    pad = tokenizer.pad_token_id or 0
+    with torch.no_grad():
+        loss = [float(lm_step_loss(generator, applier, tasks, cfg, 0, 0, pad))
+                for tasks, cfg in ((own_tasks, own), (other_tasks, others))]
+    assert loss[0] != pytest.approx(loss[1], abs=1e-5)
+    with pytest.raises(ValueError, match="lm_condition_episodes='others' pools a task's episodes"):
+        GeneratorConfig(**{**FAST, **LM, "lm_condition": "mean", "lm_condition_episodes": "others"})
+
+
 def test_a_condition_scale_shrinks_the_condition_toward_the_training_mean(world):
     """Scale 1 is the default draw; 0 is the blind mode (what lm_condition mean generates, for
     every task alike); 0.5 is the raw condition halfway to the mean the generator z-scores by."""
@@ -545,7 +578,8 @@ def test_a_condition_scale_shrinks_the_condition_toward_the_training_mean(world)
 
 @pytest.mark.parametrize("field, default, other", [("lm_context", "none", "prompt"),
                                                    ("lm_condition", "task", "mean"),
-                                                   ("lm_condition_dropout", 0.0, 0.5)])
+                                                   ("lm_condition_dropout", 0.0, 0.5),
+                                                   ("lm_condition_episodes", "own", "others")])
 def test_new_lm_settings_leave_every_hash_as_it_was_at_their_default(field, default, other):
     """lm_context none and lm_condition task are left out of the stage fingerprint and the LM
     run's settings (runs from before they existed stay valid); the other value is part of
