@@ -533,7 +533,7 @@ def test_other_episodes_condition_is_the_mean_of_the_rest_of_its_mode():
         expected = torch.stack([episodes[r] for r in block if r != row]).mean(0)  # (D,)
         assert torch.allclose(pooled[row], expected, atol=1e-6)
     assert torch.equal(other_episodes_mean(episodes, 6, "cats"), episodes)
-    with pytest.raises(ValueError, match="task 'cats': 6 condition rows.*lm_condition_episodes=own"):
+    with pytest.raises(ValueError, match="6 condition rows .*lm_condition_episodes=own"):
         other_episodes_mean(episodes, 4, "cats")
 
 
