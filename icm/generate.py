@@ -20,6 +20,10 @@ import torch
 
 from icm.errors import InputError
 
+# The condition scales a request may ask for (Serve's POST /v1/adapters and `icm generate`): 0,
+# the generator's blind mode, up to twice the condition's own strength
+MAX_CONDITION_SCALE = 2.0
+
 
 class GenerateInputError(InputError):
     """A generation request that cannot be served as given."""
@@ -98,9 +102,10 @@ class AdapterFactory:
             raise GenerateInputError("'samples' must be >= 1.")
         if select not in ("demo-ppl", "first"):
             raise GenerateInputError(f"'select' must be 'demo-ppl' or 'first', got {select!r}.")
-        if not 0.0 <= condition_scale <= 2.0:  # Serve's range; NaN fails it too
-            raise GenerateInputError(f"'condition_scale' must be in [0, 2] (1: the condition as "
-                                     f"given, 0: the blind mode), got {condition_scale}.")
+        if not 0.0 <= condition_scale <= MAX_CONDITION_SCALE:  # NaN fails it too
+            raise GenerateInputError(
+                f"'condition_scale' must be in [0, {MAX_CONDITION_SCALE:g}] (1: the condition as "
+                f"given, 0: the blind mode), got {condition_scale}.")
         if samples > 1 and select == "demo-ppl" and not examples:
             raise GenerateInputError("selecting by demo perplexity needs examples. Fix: pass "
                                      "examples, or samples=1, or select='first'.")

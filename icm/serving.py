@@ -36,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from icm.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from icm.errors import InputError
+from icm.generate import MAX_CONDITION_SCALE
 from icm.io import file_lock, sha256_file, sha256_json, write_json_atomic
 
 ADAPTER_ID_LENGTH = 24  # hex characters: 96 bits of the request's content hash
@@ -116,7 +117,8 @@ class AdapterRequest(StrictModel):
     seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed of the latent samples.")
     select: Literal["demo-ppl", "first"] = Field("demo-ppl", description=(
         "How one of several samples is kept: lowest demo perplexity, or the first draw."))
-    condition_scale: float = Field(1.0, ge=0, le=2, allow_inf_nan=False, description=(
+    condition_scale: float = Field(1.0, ge=0, le=MAX_CONDITION_SCALE, allow_inf_nan=False,
+                                   description=(
         "w, the task's condition read as w x its z-scored value: 1 as given, 0 the generator's "
         "blind mode (one adapter for every task; a generator trained with "
         "generator.lm_condition_dropout learnt one), 0.5 halfway (EVAL.md, session 41)."))
