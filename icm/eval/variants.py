@@ -373,10 +373,11 @@ register(Variant("demo-selected", "selected", UNSEEN, (
     condition="both", among=("soup", "similarity-soup", "nearest", "ridge"), opt_in=True))
 # Every adapter baseline is also read under the same prompt: the honest rivals of the generated
 # adapter under it (multitask on a fold only where the oracles stage trained the fold's own, as
-# on its own)
+# on its own). Each applies where its adapter does: on seen tasks too, where a generator's gain
+# under the prompt on the tasks it trained on tells a failure to transfer from one to learn
 for _under in ("generated", "generated-half", "generated-blind", "soup", "similarity-soup",
                "nearest", "ridge", "lorahub", "oracle", "multitask"):
-    register(Variant(f"in-context+{_under}", "in-context", UNSEEN, (
+    register(Variant(f"in-context+{_under}", "in-context", VARIANTS[_under].settings, (
         f"as in-context, read with the {_under} adapter active: does the adapter add to the "
         "prompt? (a generated one: one draw)"), with_adapter=_under, opt_in=True))
 # The prompt of a request with a description only, or with examples only: the generator's draw

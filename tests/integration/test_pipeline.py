@@ -311,7 +311,8 @@ def test_the_lm_phase_reads_the_prompt_on_ray_train_with_lm_context_prompt(smoke
     text after its episode's prompt (the driver built them from the suite's tasks), the artifact
     records the setting, and its adapter is scored under the prompt on the held-out tasks. With
     condition dropout on, the same draw is also scored with the condition scaled to 0 and 0.5.
-    Each row reads the mean of its task's other episodes (lm_condition_episodes others)."""
+    Each row reads the mean of its task's other episodes (lm_condition_episodes others). A
+    training task is scored under the prompt too (seen)."""
     root, suite = smoke_run.root, smoke_run.suite
     lm_root = tmp_path / "prompted"
     lm_root.mkdir()
@@ -323,7 +324,7 @@ def test_the_lm_phase_reads_the_prompt_on_ray_train_with_lm_context_prompt(smoke
             "generator.lm_condition_dropout=0.5", "generator.lm_condition_episodes=others",
             "evaluate.variants=[in-context]",
             "evaluate.extra_variants=[in-context+generated,in-context+generated-half,"
-            "in-context+generated-blind]", "evaluate.seen_tasks=0", "evaluate.folds=0"]
+            "in-context+generated-blind]", "evaluate.seen_tasks=1", "evaluate.folds=0"]
     command = [sys.executable, "-m", "jobs.pipeline", "--config", "smoke", *FAST, *args]
     run = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-6000:]
@@ -338,7 +339,9 @@ def test_the_lm_phase_reads_the_prompt_on_ray_train_with_lm_context_prompt(smoke
     results = pd.read_parquet(lm_root / "evaluate" / "results.parquet")
     scaled = ["in-context+generated", "in-context+generated-half", "in-context+generated-blind"]
     assert set(results["variant"]) == {"in-context", *scaled}
-    assert set(results["setting"]) == {"heldout"}
+    assert set(results["setting"]) == {"heldout", "seen"}  # stacked on a training task too
+    assert set(results.loc[results["setting"] == "seen", "variant"]) == {"in-context", *scaled}
+    results = results[results["setting"] == "heldout"]
     nll = {(row.task, row.variant): list(row.text_nll) for row in results.itertuples()}
     for task in set(results["task"]):  # one z draw, three conditions: three adapters
         assert len({tuple(nll[task, variant]) for variant in scaled}) == 3

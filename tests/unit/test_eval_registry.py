@@ -78,7 +78,7 @@ def test_a_condition_scale_is_for_opt_in_generated_draws_and_each_is_read_under_
     assert "scaled" not in VARIANTS
 
 
-def test_stacked_variants_are_opt_in_and_read_the_prompt_with_an_adapter_on_unseen_tasks():
+def test_stacked_variants_are_opt_in_and_read_the_prompt_with_an_adapter_where_it_applies():
     unders = ["generated", "generated-half", "generated-blind", "soup", "similarity-soup",
               "nearest", "ridge", "lorahub", "oracle", "multitask"]
     names = [f"in-context+{under}" for under in unders]
@@ -93,7 +93,11 @@ def test_stacked_variants_are_opt_in_and_read_the_prompt_with_an_adapter_on_unse
     assert control.with_adapter == "control-shuffled" and control.opt_in and not control.baseline
     assert control.settings == frozenset({"heldout"})
     assert all(VARIANTS[name].kind == "in-context" and not VARIANTS[name].baseline for name in stacked)
-    assert not [v for v in variants_for("seen", extra=names) if v.with_adapter]
+    # each where its adapter applies: lorahub (fit on held-out demonstrations) not on seen tasks
+    assert all(VARIANTS[name].settings == VARIANTS[under].settings
+               for name, under in zip(names, unders))
+    on_seen = {v.name for v in variants_for("seen", extra=names) if v.with_adapter}
+    assert "in-context+generated" in on_seen and "in-context+lorahub" not in on_seen
     assert [v.name for v in variants_for("fold", ["base"], extra=names[:1])] == ["base", names[0]]
     with pytest.raises(ValueError, match="evaluate.extra_variants: unknown"):
         variants_for("heldout", extra=["in-context+nope"])
