@@ -189,11 +189,13 @@ def finetune(cfg: PipelineConfig, gen_cfg: GeneratorConfig, suite: Suite, start:
             "suite": suite, "anchor_offset": offset, "prompts": prompts}
     log.info("generator: %s fine-tuning on %d tasks (%d without a LoRA, from %s)", gen_cfg.objective,
              len(texts), len(extra), gen_cfg.lm_extra_root)
+    condition = ("mean, no task's" if gen_cfg.lm_condition == "mean" else
+                 f"task from {gen_cfg.lm_condition_episodes} episodes, dropped "
+                 f"{100 * gen_cfg.lm_condition_dropout:.0f}%")
     log.info("generator: %s fine-tuning, %d steps x %d workers x %d tasks x %d texts of %d "
-             "tokens (read after: %s; condition: %s from %s episodes, dropped %.0f%%)",
-             gen_cfg.objective, gen_cfg.lm_steps, gen_cfg.lm_workers, gen_cfg.lm_tasks,
-             gen_cfg.lm_texts, gen_cfg.lm_seq_len, gen_cfg.lm_context, gen_cfg.lm_condition,
-             gen_cfg.lm_condition_episodes, 100 * gen_cfg.lm_condition_dropout)
+             "tokens (read after: %s; condition: %s)", gen_cfg.objective, gen_cfg.lm_steps,
+             gen_cfg.lm_workers, gen_cfg.lm_tasks, gen_cfg.lm_texts, gen_cfg.lm_seq_len,
+             gen_cfg.lm_context, condition)
     gpus, cpus = gen_cfg.lm_gpus_per_worker, cpus_per_worker or lm_worker_cpus(gen_cfg)
     trainer = TorchTrainer(
         lm_train_func, train_loop_config=loop,
