@@ -93,7 +93,7 @@ def test_stacked_variants_are_opt_in_and_read_the_prompt_with_an_adapter_where_i
     assert control.with_adapter == "control-shuffled" and control.opt_in and not control.baseline
     assert control.settings == frozenset({"heldout"})
     assert all(VARIANTS[name].kind == "in-context" and not VARIANTS[name].baseline for name in stacked)
-    # each where its adapter applies: lorahub (fit on held-out demonstrations) not on seen tasks
+    # each where its adapter applies: lorahub, unseen tasks only on its own, not on seen ones
     assert all(VARIANTS[name].settings == VARIANTS[under].settings
                for name, under in zip(names, unders))
     on_seen = {v.name for v in variants_for("seen", extra=names) if v.with_adapter}
