@@ -28,14 +28,15 @@ from icm.config import PipelineConfig
 from icm.generator import LoraGenerator
 from icm.generator.inputs import load_task_conditions
 from icm.generator.lm import other_episodes_mean
+from icm.task_vectors import load_task_means
 
 
 def both_means(cfg: PipelineConfig, tasks: list[str]) -> torch.Tensor:
     """(T, D) each task's mean 'both' vector, the condition evaluation reads."""
-    both = cfg.model_copy(update={"generator": cfg.generator.model_copy(
-        update={"condition_modes": ["both"]})})
-    vectors = load_task_conditions(both, tasks)
-    return torch.as_tensor(np.stack([vectors[t].mean(0) for t in tasks]))
+    g = cfg.generator
+    means = load_task_means(cfg.storage.path("task_vectors"), mode="both", layer=g.condition_layer,
+                            pooling=g.condition_pooling, tasks=tasks)
+    return torch.as_tensor(np.stack([means[t] for t in tasks]))
 
 
 def episode_spread(cfg: PipelineConfig, generator: LoraGenerator, tasks: list[str]) -> str:
@@ -63,6 +64,7 @@ def main(root: str, start: str, *generators: str) -> None:
     for name, tasks in (("held-out", held), ("training", training)):
         conditions = both_means(cfg, tasks)  # (T, D)
         start_adapters = loaded[start].sample(conditions, z="zero")  # (T, L)
+        spread = (start_adapters - start_adapters.mean(0)).norm(dim=1).mean()
         specific = {}
         for path in generators:
             change = loaded[path].sample(conditions, z="zero") - start_adapters  # (T, L)
@@ -70,7 +72,7 @@ def main(root: str, start: str, *generators: str) -> None:
             specific[path] = change - shared  # (T, L)
             print(f"{name} {path}: shared change {float(shared.norm()):.3f}, task-specific "
                   f"{float(specific[path].norm(dim=1).mean()):.3f} (start's task deviation "
-                  f"{float((start_adapters - start_adapters.mean(0)).norm(dim=1).mean()):.3f})")
+                  f"{float(spread):.3f})")
         if len(generators) > 1:
             first, second = (specific[p] for p in generators[:2])
             cosine = torch.nn.functional.cosine_similarity(first, second, dim=1).mean()
