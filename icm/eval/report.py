@@ -360,16 +360,22 @@ def _describe(variant: str) -> str:
 def plot_per_task(results: pd.DataFrame, out: Path,
                   variants=("oracle", "generated", "similarity-soup", "soup", "nearest", "ridge",
                             "in-context", "multitask")) -> Path:
-    """Per unseen task (held-out and folds): log-ppl gap recovered by each variant."""
+    """Per unseen task (held-out and folds): log-ppl gap recovered by each variant. A run that
+    scored seen tasks only (``evaluate.heldout=false``) plots those instead, against their own
+    trained LoRA (the seen tasks' oracle), so its plot is never an empty frame."""
     from matplotlib.figure import Figure
 
     unseen = results[results["setting"] != "seen"]
+    tasks, title = unseen, "Unseen tasks (h = held-out set, f<k> = fold k)"
+    if unseen.empty:
+        tasks = results[results["setting"] == "seen"]
+        title = "Seen tasks (s; oracle = the task's own trained LoRA)"
     fig = Figure(figsize=(12, 5))
     ax = fig.subplots()
     # The gap needs base and oracle; a run that scored only a generator (icm eval-compare's
     # other runs) has neither: its plot stays empty, the merged report draws it.
-    if len(unseen) and {"base", "oracle"} <= set(unseen["variant"]):
-        table = task_log_ppl(unseen)
+    if len(tasks) and {"base", "oracle"} <= set(tasks["variant"]):
+        table = task_log_ppl(tasks)
         gap = (table["base"].values[:, None] - table.values) / (table["base"] - table["oracle"]).values[:, None]
         frame = pd.DataFrame(gap, index=table.index, columns=table.columns)
         present = [v for v in variants if v in frame.columns]
@@ -383,7 +389,7 @@ def plot_per_task(results: pd.DataFrame, out: Path,
         ax.axhline(0.0, color="grey", linewidth=0.6)
         ax.legend(fontsize=6, ncol=4)
     ax.set_ylabel("gap to oracle recovered (1 = oracle, 0 = base; clipped)")
-    ax.set_title("Unseen tasks (h = held-out set, f<k> = fold k)")
+    ax.set_title(title)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp.png")

@@ -94,6 +94,23 @@ def test_a_generated_only_run_still_gets_its_report_and_plot(tmp_path):
     assert plot_per_task(results, tmp_path / "p.png").is_file()
 
 
+def _coloured_pixels(png) -> int:
+    """Pixels of a saved plot that are neither white, black nor grey: the bars."""
+    from matplotlib.image import imread
+
+    rgb = imread(png)[..., :3]  # (H, W, 3) in [0, 1]
+    return int(((rgb.max(axis=-1) - rgb.min(axis=-1)) > 0.2).sum())
+
+
+def test_a_seen_only_run_plots_its_seen_tasks_not_an_empty_frame(tmp_path):
+    """evaluate.heldout=false scores seen tasks only; their plot drew nothing before."""
+    results = _results()
+    seen_only = plot_per_task(results[results["setting"] == "seen"], tmp_path / "seen.png")
+    empty = plot_per_task(results.query("variant == 'generated'"), tmp_path / "empty.png")
+    assert _coloured_pixels(empty) == 0
+    assert _coloured_pixels(seen_only) > 1_000
+
+
 def test_stacked_adapters_are_judged_against_the_multitask_lora_under_the_prompt_when_scored():
     """in-context+multitask (3.1) is the strongest stacked rival: in-context+generated (3.2)
     loses to it, and the column exists only when that opt-in variant was scored."""
