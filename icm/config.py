@@ -406,6 +406,15 @@ class GeneratorConfig(StageConfig):
         "condition then holds nothing that prompt does not). others: the mean of the task's "
         "other episodes of the row's mode, evidence from more demonstrations than one prompt "
         "holds, as at evaluation and serving (where the condition is the mean over episodes)."))
+    lm_teacher_weight: float = Field(0.0, ge=0, le=1, description=(
+        "lm/hybrid with lm_context none: the weight w of the prompt as a teacher (context "
+        "distillation). Each LM row's text is also read by the base model alone (no adapter) "
+        "after the in-context prompt the row's condition came from (never one of its "
+        "demonstrations), and the loss is (1 - w) x the text's NLL under base + W, the text "
+        "read alone, + w x KL(base reading the prompt || base + W) per text token: the adapter "
+        "learns what reading the prompt does, a target every task has, unseen groups' kind "
+        "included. Costs a forward pass over each row's prompt per step. 0: the text's tokens "
+        "only."))
     lm_workers: int = Field(1, ge=1, description=(
         "lm/hybrid: Ray Train data-parallel workers (each draws its own tasks per step)."))
     lm_gpus_per_worker: float = Field(0.0, ge=0, description=(
@@ -450,6 +459,21 @@ class GeneratorConfig(StageConfig):
                              "lm_condition=task")
         return self
 
+    @model_validator(mode="after")
+    def _teacher_reads_a_prompt_the_student_does_not(self) -> GeneratorConfig:
+        if self.lm_teacher_weight > 0 and self.lm_context != "none":
+            raise ValueError(f"generator.lm_teacher_weight={self.lm_teacher_weight} distils the "
+                             "prompt into an adapter read without it, but lm_context="
+                             f"{self.lm_context!r} reads the prompt too. Fix: set "
+                             "generator.lm_context=none or lm_teacher_weight=0")
+        return self
+
+    @property
+    def reads_prompts(self) -> bool:
+        """The LM phase needs each condition row's prompt: its texts are read after it
+        (lm_context prompt) or a teacher reads them after it (lm_teacher_weight > 0)."""
+        return self.lm_context == "prompt" or self.lm_teacher_weight > 0
+
     @property
     def reads_after_prompt(self) -> bool:
         """Its adapters were trained to be read after the task's in-context prompt (an LM phase
@@ -458,10 +482,11 @@ class GeneratorConfig(StageConfig):
 
     def unread_fields(self) -> set[str]:
         """Settings left out of every hash at their default (`lm_context` none, `lm_condition`
-        task, `lm_condition_dropout` 0, `lm_condition_episodes` own), so generators trained
-        before such a setting existed keep their fingerprint and LM checkpoints."""
+        task, `lm_condition_dropout` 0, `lm_condition_episodes` own, `lm_teacher_weight` 0), so
+        generators trained before such a setting existed keep their fingerprint and LM
+        checkpoints."""
         defaults = {"lm_context": "none", "lm_condition": "task", "lm_condition_dropout": 0.0,
-                    "lm_condition_episodes": "own"}
+                    "lm_condition_episodes": "own", "lm_teacher_weight": 0.0}
         return {name for name, value in defaults.items() if getattr(self, name) == value}
 
     def trained_settings(self) -> dict[str, Any]:

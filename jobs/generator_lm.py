@@ -49,12 +49,12 @@ def lm_train_texts(suite: Suite, tasks: list[str], limit: int) -> dict[str, list
 
 def lm_train_prompts(cfg: PipelineConfig, gen_cfg: GeneratorConfig, suite: Suite,
                      tasks: Sequence[str]) -> dict | None:
-    """With ``generator.lm_context: prompt``, each task's episode prompts, one per condition row
-    of `load_task_conditions` (the task-vectors stage's prompts those rows were read from); None
-    otherwise."""
+    """With ``generator.lm_context: prompt`` or a teacher (``lm_teacher_weight``), each task's
+    episode prompts, one per condition row of `load_task_conditions` (the task-vectors stage's
+    prompts those rows were read from); None otherwise."""
     from icm.generator.lm import stage_episode_prompts
 
-    if gen_cfg.lm_context != "prompt":
+    if not gen_cfg.reads_prompts:
         return None
     return stage_episode_prompts(cfg.storage.path("task_vectors"),
                                  {task: suite.tasks[task] for task in tasks}, cfg.task_vectors,
@@ -65,7 +65,8 @@ def lm_inputs(cfg: PipelineConfig, gen_cfg: GeneratorConfig, suite: Suite, train
               fold_groups: Sequence[str] = ()) -> tuple[dict, dict, dict | None, list[str]]:
     """The LM phase's data over the zoo's tasks ``trained_on`` plus ``generator.lm_extra_root``'s
     outside ``fold_groups``: task -> train texts, task -> (E x modes, D) condition rows, (with
-    lm_context prompt, else None) task -> each row's `EpisodePrompt`, and the extra tasks."""
+    lm_context prompt or a teacher, else None) task -> each row's `EpisodePrompt`, and the extra
+    tasks."""
     from icm.generator.inputs import load_task_conditions
     from icm.generator.lm_corpus import extra_lm_tasks
 
@@ -73,7 +74,7 @@ def lm_inputs(cfg: PipelineConfig, gen_cfg: GeneratorConfig, suite: Suite, train
     conditions = load_task_conditions(cfg, trained_on)
     extra = extra_lm_tasks(cfg, gen_cfg.lm_extra_root, suite, fold_groups,
                            max_texts=gen_cfg.lm_max_texts,  # conditioned like the zoo's tasks
-                           with_prompts=gen_cfg.lm_context == "prompt")
+                           with_prompts=gen_cfg.reads_prompts)
     prompts = lm_train_prompts(cfg, gen_cfg, suite, trained_on)
     if prompts is not None:  # the extra tasks read the prompts their own root's stage read
         prompts |= extra.prompts or {}
@@ -193,9 +194,10 @@ def finetune(cfg: PipelineConfig, gen_cfg: GeneratorConfig, suite: Suite, start:
                  f"task from {gen_cfg.lm_condition_episodes} episodes, dropped "
                  f"{100 * gen_cfg.lm_condition_dropout:.0f}%")
     log.info("generator: %s fine-tuning, %d steps x %d workers x %d tasks x %d texts of %d "
-             "tokens (read after: %s; condition: %s)", gen_cfg.objective, gen_cfg.lm_steps,
-             gen_cfg.lm_workers, gen_cfg.lm_tasks, gen_cfg.lm_texts, gen_cfg.lm_seq_len,
-             gen_cfg.lm_context, condition)
+             "tokens (read after: %s; condition: %s; prompt as teacher: weight %g)",
+             gen_cfg.objective, gen_cfg.lm_steps, gen_cfg.lm_workers, gen_cfg.lm_tasks,
+             gen_cfg.lm_texts, gen_cfg.lm_seq_len, gen_cfg.lm_context, condition,
+             gen_cfg.lm_teacher_weight)
     gpus, cpus = gen_cfg.lm_gpus_per_worker, cpus_per_worker or lm_worker_cpus(gen_cfg)
     trainer = TorchTrainer(
         lm_train_func, train_loop_config=loop,

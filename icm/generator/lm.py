@@ -5,10 +5,12 @@ reconstruction loss beside it).
 Per step, for each of ``lm_tasks`` training tasks: one of its episode vectors c, z ~ N(0, I),
 the generated adapter W = G(z, c), and the mean token NLL of a few of its *train* texts under
 base + W (with ``generator.lm_context: prompt`` each text is read after the prompt c was read
-from, as evaluation's ``in-context+generated`` reads it, and never one of its demonstrations). The adapter is applied through `torch.func.functional_call` on a base model wrapped
-once in peft, so the loss back-propagates through the frozen model into the generator. Eval
-texts are never read, and only training tasks (held-out ones were dropped with the zoo) take
-part.
+from, as evaluation's ``in-context+generated`` reads it, and never one of its demonstrations).
+With ``generator.lm_teacher_weight`` w > 0 each text is read alone and the loss mixes its NLL
+with the KL from the base model reading it after that prompt (context distillation). The adapter
+is applied through `torch.func.functional_call` on a base model wrapped once in peft, so the
+loss back-propagates through the frozen model into the generator. Eval texts are never read,
+and only training tasks (held-out ones were dropped with the zoo) take part.
 
 Ray-free: `jobs/generator_lm.py` runs `fit_lm` in a Ray Train `TorchTrainer` (data-parallel
 workers, each with its own tasks per step, gradients averaged by DDP).
@@ -75,14 +77,38 @@ class FunctionalLora:
         adapter = self.model.active_adapter
         return name.replace(f".{adapter}.", ".")
 
-    def nll(self, vector: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """Mean token NLL of ``batch`` (input_ids, attention_mask, labels; (B, T) each) under
-        base + the LoRA ``vector`` (L,); differentiable in ``vector``."""
+    def forward(self, vector: torch.Tensor, batch: Mapping[str, torch.Tensor]):
+        """The model's output (loss, logits (B, T, V)) on ``batch`` (input_ids, attention_mask,
+        labels; (B, T) each) under base + the LoRA ``vector`` (L,); differentiable in it."""
         pieces = split(vector, self.layout)  # layout key -> view of ``vector``
         params = {name: pieces[key] for name, key in zip(self.names, self.layout.keys)}
         batch = {key: value.to(self.device) for key, value in batch.items()}
-        out = torch.func.functional_call(self.model, params, args=(), kwargs=batch)
-        return out.loss
+        return torch.func.functional_call(self.model, params, args=(), kwargs=batch)
+
+    def nll(self, vector: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Mean token NLL of ``batch`` under base + the LoRA ``vector`` (L,)."""
+        return self.forward(vector, batch).loss
+
+    @torch.no_grad()
+    def prompted_log_probs(self, prompt: Sequence[int], texts: Mapping[str, torch.Tensor]
+                           ) -> torch.Tensor:
+        """Log-probabilities (B, T, V) the base model alone (adapter off) gives each token of
+        ``texts`` (input_ids, attention_mask; (B, T), right-padded) read after ``prompt``: row
+        t is the distribution over text token t. The prompt is read once; its cache serves
+        the B texts."""
+        ids = texts["input_ids"].to(self.device)  # (B, T)
+        with self.model.disable_adapter():
+            head = self.model(input_ids=torch.tensor([list(prompt)], device=self.device),
+                              use_cache=True)  # logits (1, P, V)
+            cache = head.past_key_values
+            cache.batch_repeat_interleave(len(ids))
+            mask = torch.cat([torch.ones(len(ids), len(prompt), dtype=torch.long,
+                                         device=self.device),
+                              texts["attention_mask"].to(self.device)], 1)  # (B, P + T)
+            tail = self.model(input_ids=ids, attention_mask=mask, past_key_values=cache)
+        first = head.logits[:, -1:].expand(len(ids), 1, -1)  # (B, 1, V): predicts text token 0
+        logits = torch.cat([first, tail.logits[:, :-1]], 1)  # (B, T, V): row t predicts token t
+        return logits.float().log_softmax(-1)
 
 
 def generated_vectors(generator: LoraGenerator, conditions: torch.Tensor, z: torch.Tensor
@@ -185,6 +211,7 @@ class PromptContext:
     targets: list[list[int]]  # per text: TEXT_SEPARATOR + text tokens, cut to lm_seq_len
     allowed: list[list[int]]  # per condition row: the texts not among its demonstrations
     rows: list[int]  # the condition rows with at least one allowed text
+    start: int  # the text-start token
 
     @classmethod
     def build(cls, texts: Sequence[str], prompts: Sequence[EpisodePrompt], tokenizer,
@@ -202,7 +229,8 @@ class PromptContext:
         return cls(prompts=[[start, *tokenizer(p.prompt, add_special_tokens=False)["input_ids"]]
                             for p in prompts],
                    targets=[ids[:seq_len] for ids in encoded], allowed=allowed,
-                   rows=[row for row, texts_left in enumerate(allowed) if texts_left])
+                   rows=[row for row, texts_left in enumerate(allowed) if texts_left],
+                   start=start)
 
     def batch(self, row: int, texts: Sequence[int], pad_id: int) -> dict[str, torch.Tensor]:
         """Row ``row``'s prompt followed by each of ``texts`` (B, P + T): loss on the text only."""
@@ -213,6 +241,34 @@ class PromptContext:
         batch["labels"][:, :len(prompt)] = IGNORE_INDEX  # the prompt is read, not predicted
         return batch
 
+    def alone_batch(self, texts: Sequence[int], pad_id: int) -> dict[str, torch.Tensor]:
+        """Each of ``texts`` read without a prompt, after the start token (B, 1 + T): position t
+        predicts the text token `prompted_log_probs`' row t is a distribution over."""
+        from icm.lora_train import collate
+
+        return collate([[self.start, *self.targets[i]] for i in texts], pad_id)
+
+    def text_batch(self, texts: Sequence[int], pad_id: int) -> dict[str, torch.Tensor]:
+        """The tokens of ``texts`` alone (B, T), right-padded: what reads after a prompt."""
+        from icm.lora_train import collate
+
+        return collate([self.targets[i] for i in texts], pad_id)
+
+
+def distilled_loss(applier: FunctionalLora, vector: torch.Tensor, teacher: PromptContext,
+                   row: int, texts: Sequence[int], pad_id: int, weight: float) -> torch.Tensor:
+    """``generator.lm_teacher_weight``: (1 - weight) x the NLL of ``texts`` read alone under
+    base + ``vector`` + weight x the mean over their tokens of KL(base reading them after row
+    ``row``'s prompt || base + ``vector`` reading them alone). Differentiable in ``vector``."""
+    alone = teacher.alone_batch(texts, pad_id)  # (B, 1 + T)
+    out = applier.forward(vector, alone)
+    prompted = applier.prompted_log_probs(teacher.prompts[row], teacher.text_batch(texts, pad_id))
+    length = prompted.shape[1]  # T
+    student = out.logits[:, :length].float().log_softmax(-1)  # (B, T, V)
+    mask = alone["attention_mask"][:, 1:].to(student)  # (B, T): 1 on a text token
+    kl = (prompted.exp() * (prompted - student)).sum(-1)  # (B, T)
+    return (1 - weight) * out.loss + weight * (kl * mask).sum() / mask.sum()
+
 
 @dataclass
 class LmTask:
@@ -222,15 +278,32 @@ class LmTask:
     sequences: list[list[int]]  # start token + text + EOS, cut to lm_seq_len
     episodes: torch.Tensor  # (E, D) z-scored condition of each row (its episode's, or others')
     context: PromptContext | None = None  # generator.lm_context: prompt
+    teacher: PromptContext | None = None  # generator.lm_teacher_weight > 0
+
+    @property
+    def prompted(self) -> PromptContext | None:
+        """The rows' prompts, read by the adapted model or by the teacher; None if neither."""
+        return self.context or self.teacher
 
     def batch(self, episode: int, texts: Sequence[int], pad_id: int) -> dict[str, torch.Tensor]:
         """The LM batch of ``texts`` under condition row ``episode``: the texts alone, or each
         read after that row's prompt."""
         from icm.lora_train import collate
 
-        if self.context is None:
-            return collate([self.sequences[i] for i in texts], pad_id)
-        return self.context.batch(episode, texts, pad_id)
+        if self.context is not None:
+            return self.context.batch(episode, texts, pad_id)
+        if self.teacher is not None:  # the teacher's texts, read alone
+            return self.teacher.alone_batch(texts, pad_id)
+        return collate([self.sequences[i] for i in texts], pad_id)
+
+    def loss(self, applier: FunctionalLora, vector: torch.Tensor, episode: int,
+             texts: Sequence[int], pad_id: int, teacher_weight: float) -> torch.Tensor:
+        """This row's LM loss under base + ``vector``: its texts' NLL, or with a teacher the
+        `distilled_loss`."""
+        if self.teacher is None:
+            return applier.nll(vector, self.batch(episode, texts, pad_id))
+        return distilled_loss(applier, vector, self.teacher, episode, texts, pad_id,
+                              teacher_weight)
 
 
 def other_episodes_mean(episodes: torch.Tensor, modes: int, task: str) -> torch.Tensor:
@@ -256,13 +329,15 @@ def lm_tasks(train_texts: Mapping[str, Sequence[str]], conditions: Mapping[str, 
     """LM data for every task in ``train_texts`` (train split texts only: the caller never
     passes eval texts or held-out tasks), at most ``cfg.lm_max_texts`` texts each. With
     ``cfg.lm_context`` prompt, ``prompts`` gives each task's `episode_prompts` (one per
-    condition row); a task whose every text is among its prompts' demonstrations is left out."""
+    condition row), as it does with ``cfg.lm_teacher_weight`` > 0 (the teacher reads them); a
+    task whose every text is among its prompts' demonstrations is left out."""
     import numpy as np
 
     from icm.lora_train import tokenize_texts
 
-    if cfg.lm_context == "prompt" and prompts is None:
-        raise ValueError("generator.lm_context=prompt needs each task's episode prompts")
+    if cfg.reads_prompts and prompts is None:
+        raise ValueError("generator.lm_context=prompt and generator.lm_teacher_weight > 0 need "
+                         "each task's episode prompts")
     tasks = []
     for name in sorted(train_texts):
         texts = [t for t in train_texts[name] if t.strip()][:cfg.lm_max_texts]
@@ -270,19 +345,24 @@ def lm_tasks(train_texts: Mapping[str, Sequence[str]], conditions: Mapping[str, 
             continue
         raw = torch.from_numpy(np.array(conditions[name], dtype=np.float32))  # (E, D)
         context = None
-        if cfg.lm_context == "prompt":
+        if cfg.reads_prompts:
             if len(prompts[name]) != len(raw):
                 raise ValueError(f"task {name!r}: {len(prompts[name])} episode prompts for "
                                  f"{len(raw)} condition rows; the task vectors were read from "
                                  "other episodes (task_vectors or condition_modes changed)")
-            context = PromptContext.build(texts, prompts[name], tokenizer, cfg.lm_seq_len)
+            # a teacher's student reads the start token first: lm_seq_len tokens in all
+            length = cfg.lm_seq_len - (cfg.lm_teacher_weight > 0)
+            context = PromptContext.build(texts, prompts[name], tokenizer, length)
             if not context.rows:
                 continue
         episodes = generator.condition_norm.apply(raw.to(generator.template.device))  # (E, D)
         if cfg.lm_condition_episodes == "others":
             episodes = other_episodes_mean(episodes, len(cfg.condition_modes), name)
         sequences = tokenize_texts(tokenizer, texts, cfg.lm_seq_len)
-        tasks.append(LmTask(name, sequences, episodes, context))
+        if cfg.lm_teacher_weight > 0:
+            tasks.append(LmTask(name, sequences, episodes, teacher=context))
+        else:
+            tasks.append(LmTask(name, sequences, episodes, context))
     if not tasks:
         raise ValueError("no training task has train texts for the LM objective")
     return tasks
@@ -339,12 +419,12 @@ def _step_choices(tasks: Sequence[LmTask], cfg: GeneratorConfig, step: int, rank
     rng = random.Random(f"lm-{cfg.seed}-{step}-{rank}")
     picks = []
     for task in rng.sample(list(tasks), min(cfg.lm_tasks, len(tasks))):
-        if task.context is None:
+        if task.prompted is None:
             texts = [rng.randrange(len(task.sequences)) for _ in range(cfg.lm_texts)]
             picks.append((task, rng.randrange(len(task.episodes)), texts))
         else:  # the episode first: its prompt's own demonstrations are never a target under it
-            episode = rng.choice(task.context.rows)
-            allowed = task.context.allowed[episode]
+            episode = rng.choice(task.prompted.rows)
+            allowed = task.prompted.allowed[episode]
             picks.append((task, episode, [rng.choice(allowed) for _ in range(cfg.lm_texts)]))
     return picks
 
@@ -371,14 +451,14 @@ def dropped_conditions(conditions: torch.Tensor, cfg: GeneratorConfig, step: int
 
 def lm_step_loss(generator: LoraGenerator, applier: FunctionalLora, tasks: Sequence[LmTask],
                  cfg: GeneratorConfig, step: int, rank: int, pad_id: int) -> torch.Tensor:
-    """Mean over this step's tasks of the LM loss of their generated adapters."""
+    """Mean over this step's tasks of the LM loss of their generated adapters (`LmTask.loss`)."""
     picks = _step_choices(tasks, cfg, step, rank)
     episodes = torch.stack([task.episodes[episode] for task, episode, _ in picks])  # (T, D)
     conditions = dropped_conditions(conditions_read(episodes, cfg), cfg, step, rank)  # (T, D)
     z = torch.randn(len(picks), generator.model.spec.latent_dim,
                     generator=step_generator("z", cfg, step, rank)).to(conditions.device)  # (T, latent)
     vectors = generated_vectors(generator, conditions, z)  # (T, L)
-    losses = [applier.nll(vector, task.batch(episode, texts, pad_id))
+    losses = [task.loss(applier, vector, episode, texts, pad_id, cfg.lm_teacher_weight)
               for vector, (task, episode, texts) in zip(vectors, picks)]
     return torch.stack(losses).mean()
 

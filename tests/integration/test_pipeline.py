@@ -349,6 +349,32 @@ def test_the_lm_phase_reads_the_prompt_on_ray_train_with_lm_context_prompt(smoke
     assert "/ in-context+generated-blind" in report  # each condition judged against none
 
 
+@pytest.mark.slow
+def test_the_lm_phase_distils_the_prompt_on_ray_train_with_a_teacher_weight(smoke_run, tmp_path):
+    """generator.lm_teacher_weight through the real pipeline: the driver hands the Ray Train LM
+    phase each row's prompt though the texts are read alone (lm_context none), the loss is the
+    distilled one (finite, positive), and the artifact records the weight."""
+    root, suite = smoke_run.root, smoke_run.suite
+    lm_root = tmp_path / "distilled"
+    lm_root.mkdir()
+    for upstream in ("zoo", "oracles", "task_vectors"):
+        (lm_root / upstream).symlink_to(root / upstream)
+    args = [f"suite.path={suite}", f"storage.root={lm_root}", "tune.enabled=false",
+            "generator.objective=hybrid", "generator.lm_steps=2", "generator.report_every=1",
+            "generator.lm_seq_len=24", "generator.lm_teacher_weight=0.5", "stages=[generator]",
+            "evaluate.folds=0"]
+    command = [sys.executable, "-m", "jobs.pipeline", "--config", "smoke", *FAST, *args]
+    run = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-6000:]
+    assert "(read after: none; condition: task from own episodes, dropped 0%; prompt as " \
+        "teacher: weight 0.5)" in run.stderr
+    meta = json.loads((lm_root / "generator" / "generator.json").read_text())
+    assert meta["config"]["lm_teacher_weight"] == 0.5 and meta["config"]["lm_context"] == "none"
+    lm = meta["training"]["lm"]
+    assert [h["lm_step"] for h in lm["history"]] == [1, 2]
+    assert all(0 < h["train_lm_nll"] < 50 for h in lm["history"])
+
+
 def test_a_baseline_only_evaluation_trains_no_fold_generator(smoke_run, tmp_path):
     """Variants that read no generator (base, soup, the prompt with the soup's adapter): the folds
     are scored without training a fold generator, and the fold rows equal those the smoke run

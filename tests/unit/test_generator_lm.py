@@ -579,7 +579,8 @@ def test_a_condition_scale_shrinks_the_condition_toward_the_training_mean(world)
 @pytest.mark.parametrize("field, default, other", [("lm_context", "none", "prompt"),
                                                    ("lm_condition", "task", "mean"),
                                                    ("lm_condition_dropout", 0.0, 0.5),
-                                                   ("lm_condition_episodes", "own", "others")])
+                                                   ("lm_condition_episodes", "own", "others"),
+                                                   ("lm_teacher_weight", 0.0, 0.5)])
 def test_new_lm_settings_leave_every_hash_as_it_was_at_their_default(field, default, other):
     """lm_context none and lm_condition task are left out of the stage fingerprint and the LM
     run's settings (runs from before they existed stay valid); the other value is part of
@@ -602,3 +603,79 @@ def test_new_lm_settings_leave_every_hash_as_it_was_at_their_default(field, defa
     assert changed.generator.lm_run_settings()[field] == other
     assert changed.generator.trained_settings()[field] == other
     assert changed.generator.reconstruction_settings() == cfg.generator.reconstruction_settings()
+
+
+def _teacher_tasks(world, weight=0.5):
+    generator, applier, plain, _, tokenizer = _setup(world)
+    conditions = world[1]
+    cfg = GeneratorConfig(**{**FAST, **LM, "lm_teacher_weight": weight})
+    prompts = {n: _prompts(n, len(conditions[n])) for n in TEXTS}
+    return generator, applier, lm_tasks(TEXTS, conditions, generator, tokenizer, cfg, prompts), cfg
+
+
+def test_the_prompted_teacher_reads_the_prompt_once_and_scores_each_text_token(world):
+    """prompted_log_probs (the prompt read once, its cache shared by the texts) equals one
+    forward pass over prompt + text with the adapter off, row t against text token t, whatever
+    LoRA weights the wrapped model holds; the student's position t predicts the same token."""
+    from icm.generator.lm import _step_choices
+
+    generator, applier, tasks, cfg = _teacher_tasks(world)
+    cats = next(t for t in tasks if t.name == "cats")
+    assert cats.context is None and cats.teacher is not None
+    teacher = cats.teacher
+    with torch.no_grad():  # the wrapped model's own LoRA weights made non-zero: must be off
+        for name, parameter in applier.model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_()
+    texts = [0, 1]  # two texts of different lengths: the shorter one padded
+    assert len(teacher.targets[0]) != len(teacher.targets[1])
+    got = applier.prompted_log_probs(teacher.prompts[0], teacher.text_batch(texts, 0))  # (B, T, V)
+    prompt = teacher.prompts[0]
+    for b, i in enumerate(texts):
+        ids = torch.tensor([prompt + teacher.targets[i]])
+        with torch.no_grad(), applier.model.disable_adapter():
+            full = applier.model(input_ids=ids).logits.float().log_softmax(-1)[0]  # (P + T, V)
+        length = len(teacher.targets[i])
+        assert torch.allclose(got[b, :length], full[len(prompt) - 1:len(prompt) - 1 + length],
+                              atol=1e-4)
+    alone = teacher.alone_batch(texts, 0)
+    assert alone["input_ids"][0, 0] == teacher.start
+    assert alone["input_ids"][0, 1:1 + len(teacher.targets[texts[0]])].tolist() == \
+        teacher.targets[texts[0]]
+    assert all(len(t) <= cfg.lm_seq_len - 1 for t in teacher.targets)  # start + text: lm_seq_len
+    for step in range(20):
+        for task, row, chosen in _step_choices(tasks, cfg, step, 0):
+            assert set(chosen) <= set(task.teacher.allowed[row])  # never its own demonstration
+
+
+def test_the_distilled_loss_is_the_kl_to_the_prompted_teacher_mixed_with_the_nll(world):
+    """With an empty prompt (start token only) the teacher is the student without adapter: the
+    KL is 0 at the zero adapter and positive at another; weight 0 gives the NLL of the text read
+    alone; fit_lm lowers the distilled loss; lm_context prompt with a teacher is refused."""
+    from icm.generator.lm import PromptContext, distilled_loss
+
+    generator, applier, tasks, cfg = _teacher_tasks(world, weight=1.0)
+    cats = next(t for t in tasks if t.name == "cats")
+    bare = PromptContext(prompts=[[cats.teacher.start]], targets=cats.teacher.targets,
+                         allowed=[[0, 1]], rows=[0], start=cats.teacher.start)
+    zero = torch.zeros_like(generator.template)
+    assert float(distilled_loss(applier, zero, bare, 0, [0, 1], 0, 1.0)) == pytest.approx(0, abs=1e-5)
+    z = torch.zeros(1, generator.model.spec.latent_dim)
+    with torch.no_grad():
+        vector = generated_vectors(generator, cats.episodes[:1], z)[0]
+    assert float(distilled_loss(applier, vector, bare, 0, [0, 1], 0, 1.0)) > 1e-4
+    nll = applier.nll(vector, cats.teacher.alone_batch([0, 1], 0))
+    assert float(distilled_loss(applier, vector, cats.teacher, 0, [0, 1], 0, 0.0)) == \
+        pytest.approx(float(nll))
+    pad = 0
+    with torch.no_grad():
+        before = float(lm_step_loss(generator, applier, tasks, cfg, 0, 0, pad))
+    result = fit_lm(generator, applier, tasks, cfg, pad_id=pad)
+    assert result.steps == cfg.lm_steps and all(math.isfinite(h["train_lm_nll"])
+                                                for h in result.history)
+    with torch.no_grad():
+        assert float(lm_step_loss(generator, applier, tasks, cfg, 0, 0, pad)) < before
+    with pytest.raises(ValueError, match="lm_teacher_weight.*lm_context"):
+        GeneratorConfig(**{**FAST, **LM, "lm_teacher_weight": 0.5, "lm_context": "prompt"})
+    with pytest.raises(ValueError, match="episode prompts"):
+        lm_tasks(TEXTS, world[1], generator, _setup(world)[4], cfg)
