@@ -305,6 +305,22 @@ def test_generator_lm_objective_fine_tunes_on_ray_train_and_skips_when_done(smok
         assert [h["lm_step"] for h in lm["history"]] == [2, 4, 6], generator
 
 
+def _two_lm_steps_on_smoke_inputs(smoke_run, lm_root: Path, args: list[str]
+                                  ) -> tuple[Path, subprocess.CompletedProcess]:
+    """The pipeline on the smoke run's zoo, oracles and task vectors (linked) into ``lm_root``:
+    a hybrid generator with 2 LM steps of 24 tokens, reported each step, plus ``args``."""
+    lm_root.mkdir()
+    for upstream in ("zoo", "oracles", "task_vectors"):
+        (lm_root / upstream).symlink_to(smoke_run.root / upstream)
+    command = [sys.executable, "-m", "jobs.pipeline", "--config", "smoke", *FAST,
+               f"suite.path={smoke_run.suite}", f"storage.root={lm_root}", "tune.enabled=false",
+               "generator.objective=hybrid", "generator.lm_steps=2", "generator.report_every=1",
+               "generator.lm_seq_len=24", *args]
+    run = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-6000:]
+    return lm_root, run
+
+
 @pytest.mark.slow
 def test_the_lm_phase_reads_the_prompt_on_ray_train_with_lm_context_prompt(smoke_run, tmp_path):
     """generator.lm_context=prompt through the real pipeline: the Ray Train LM phase reads each
@@ -313,22 +329,15 @@ def test_the_lm_phase_reads_the_prompt_on_ray_train_with_lm_context_prompt(smoke
     condition dropout on, the same draw is also scored with the condition scaled to 0 and 0.5.
     Each row reads the mean of its task's other episodes (lm_condition_episodes others). A
     training task is scored under the prompt too (seen)."""
-    root, suite = smoke_run.root, smoke_run.suite
-    lm_root = tmp_path / "prompted"
-    lm_root.mkdir()
-    for upstream in ("zoo", "oracles", "task_vectors"):
-        (lm_root / upstream).symlink_to(root / upstream)
-    args = [f"suite.path={suite}", f"storage.root={lm_root}", "tune.enabled=false",
-            "generator.objective=hybrid", "generator.lm_steps=2", "generator.report_every=1",
-            "generator.lm_seq_len=24", "generator.lm_context=prompt", "stages=[generator,evaluate]",
-            "generator.lm_condition_dropout=0.5", "generator.lm_condition_episodes=others",
-            "evaluate.variants=[in-context]",
-            "evaluate.extra_variants=[in-context+generated,in-context+generated-half,"
-            "in-context+generated-blind]", "evaluate.seen_tasks=1", "evaluate.folds=0"]
-    command = [sys.executable, "-m", "jobs.pipeline", "--config", "smoke", *FAST, *args]
-    run = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-6000:]
-    assert "(read after: prompt; condition: task from others episodes, dropped 50%)" in run.stderr
+    lm_root, run = _two_lm_steps_on_smoke_inputs(
+        smoke_run, tmp_path / "prompted",
+        ["generator.lm_context=prompt", "stages=[generator,evaluate]",
+         "generator.lm_condition_dropout=0.5", "generator.lm_condition_episodes=others",
+         "evaluate.variants=[in-context]",
+         "evaluate.extra_variants=[in-context+generated,in-context+generated-half,"
+         "in-context+generated-blind]", "evaluate.seen_tasks=1", "evaluate.folds=0"])
+    assert ("(read after: prompt; condition: task from others episodes, dropped 50%; prompt as "
+            "teacher: weight 0)") in run.stderr
     meta = json.loads((lm_root / "generator" / "generator.json").read_text())
     assert meta["config"]["lm_context"] == "prompt"
     assert meta["config"]["lm_condition_dropout"] == 0.5
@@ -354,18 +363,9 @@ def test_the_lm_phase_distils_the_prompt_on_ray_train_with_a_teacher_weight(smok
     """generator.lm_teacher_weight through the real pipeline: the driver hands the Ray Train LM
     phase each row's prompt though the texts are read alone (lm_context none), the loss is the
     distilled one (finite, positive), and the artifact records the weight."""
-    root, suite = smoke_run.root, smoke_run.suite
-    lm_root = tmp_path / "distilled"
-    lm_root.mkdir()
-    for upstream in ("zoo", "oracles", "task_vectors"):
-        (lm_root / upstream).symlink_to(root / upstream)
-    args = [f"suite.path={suite}", f"storage.root={lm_root}", "tune.enabled=false",
-            "generator.objective=hybrid", "generator.lm_steps=2", "generator.report_every=1",
-            "generator.lm_seq_len=24", "generator.lm_teacher_weight=0.5", "stages=[generator]",
-            "evaluate.folds=0"]
-    command = [sys.executable, "-m", "jobs.pipeline", "--config", "smoke", *FAST, *args]
-    run = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-6000:]
+    lm_root, run = _two_lm_steps_on_smoke_inputs(
+        smoke_run, tmp_path / "distilled",
+        ["generator.lm_teacher_weight=0.5", "stages=[generator]", "evaluate.folds=0"])
     assert "(read after: none; condition: task from own episodes, dropped 0%; prompt as " \
         "teacher: weight 0.5)" in run.stderr
     meta = json.loads((lm_root / "generator" / "generator.json").read_text())
