@@ -606,7 +606,8 @@ def test_new_lm_settings_leave_every_hash_as_it_was_at_their_default(field, defa
 
 
 def _teacher_tasks(world, weight=0.5):
-    generator, applier, plain, _, tokenizer = _setup(world)
+    """The tiny world's LM tasks with the prompt as teacher (row r's prompt: `_prompts`)."""
+    generator, applier, _, _, tokenizer = _setup(world)
     conditions = world[1]
     cfg = GeneratorConfig(**{**FAST, **LM, "lm_teacher_weight": weight})
     prompts = {n: _prompts(n, len(conditions[n])) for n in TEXTS}
@@ -659,7 +660,8 @@ def test_the_distilled_loss_is_the_kl_to_the_prompted_teacher_mixed_with_the_nll
     bare = PromptContext(prompts=[[cats.teacher.start]], targets=cats.teacher.targets,
                          allowed=[[0, 1]], rows=[0], start=cats.teacher.start)
     zero = torch.zeros_like(generator.template)
-    assert float(distilled_loss(applier, zero, bare, 0, [0, 1], 0, 1.0)) == pytest.approx(0, abs=1e-5)
+    assert float(distilled_loss(applier, zero, bare, 0, [0, 1], 0, 1.0)) == pytest.approx(
+        0, abs=1e-5)
     z = torch.zeros(1, generator.model.spec.latent_dim)
     with torch.no_grad():
         vector = generated_vectors(generator, cats.episodes[:1], z)[0]
