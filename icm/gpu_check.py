@@ -200,35 +200,58 @@ def check_generate(ctx: dict) -> dict:
             "detail": f"{generator.config.arch} generator, median of {len(times)} calls"}
 
 
-def check_generator_lm(ctx: dict) -> dict:
+def check_generator_lm(teacher_weight: float = 0.0) -> Callable[[dict], dict]:
     """The `lm` objective's cost: hyper-generator steps by the frozen model's LM loss with the
-    generated LoRA applied (lm_tasks x lm_texts texts of lm_seq_len tokens per step)."""
-    import copy
+    generated LoRA applied (lm_tasks x lm_texts texts of lm_seq_len tokens per step). With
+    ``teacher_weight`` (generator.lm_teacher_weight) the base model also reads each text after
+    a prompt of two 400-character demonstrations, the teacher's extra forward pass."""
 
-    from icm.generator.lm import FunctionalLora, fit_lm, lm_tasks
+    def run(ctx: dict) -> dict:
+        import copy
 
-    generator = ctx.get("generator-hyper")
-    if generator is None:
-        return {"skipped": "no hyper generator was trained (add generator-hyper to --sections)"}
-    zoo, conditions = _synthetic_zoo(ctx)
-    steps = 2 if ctx["quick"] else 40
-    cfg = generator.config.model_copy(update={
-        "objective": "lm", "lm_steps": steps, "report_every": steps, "lm_tasks": ctx["lm_tasks"],
-        "lm_texts": ctx["lm_texts"], "lm_seq_len": 32 if ctx["quick"] else 64})
-    generator.to(ctx["device"])
-    # A copy: the wrapper injects LoRA layers into the model, which vLLM's section saves bare.
-    applier = FunctionalLora(copy.deepcopy(ctx["model"]), zoo.peft_config, zoo.layout)
-    tasks = lm_tasks({name: _texts(8, 400) for name in conditions}, conditions, generator,
-                     ctx["tokenizer"], cfg)
-    pad_id = ctx["tokenizer"].pad_token_id or 0
-    fit_lm(generator, applier, tasks, cfg.model_copy(update={"lm_steps": 1}), pad_id=pad_id)  # warm-up
-    _sync(ctx)
-    result = fit_lm(generator, applier, tasks, cfg, pad_id=pad_id)
-    _sync(ctx)
-    generator.to("cpu")
-    return {"value": result.steps / result.train_seconds, "unit": "steps/s",
-            "detail": f"{min(cfg.lm_tasks, len(tasks))} tasks x {cfg.lm_texts} texts x {cfg.lm_seq_len} "
-                      f"tokens per step, final train NLL {result.history[-1]['train_lm_nll']:.2f}"}
+        from icm.generator.lm import FunctionalLora, fit_lm, lm_tasks
+
+        generator = ctx.get("generator-hyper")
+        if generator is None:
+            return {"skipped": "no hyper generator was trained (add generator-hyper to --sections)"}
+        zoo, conditions = _synthetic_zoo(ctx)
+        steps = 2 if ctx["quick"] else 40
+        cfg = generator.config.model_copy(update={
+            "objective": "lm", "lm_steps": steps, "report_every": steps,
+            "lm_tasks": ctx["lm_tasks"], "lm_texts": ctx["lm_texts"],
+            "lm_seq_len": 32 if ctx["quick"] else 64, "lm_teacher_weight": teacher_weight})
+        generator.to(ctx["device"])
+        # A copy: the wrapper injects LoRA layers into the model, which vLLM's section saves bare.
+        applier = FunctionalLora(copy.deepcopy(ctx["model"]), zoo.peft_config, zoo.layout)
+        texts = {name: _texts(8, 400) for name in conditions}
+        tasks = lm_tasks(texts, conditions, generator, ctx["tokenizer"], cfg,
+                         _demo_prompts(texts, conditions) if teacher_weight else None)
+        pad_id = ctx["tokenizer"].pad_token_id or 0
+        warm_up = cfg.model_copy(update={"lm_steps": 1})
+        fit_lm(generator, applier, tasks, warm_up, pad_id=pad_id)
+        _sync(ctx)
+        result = fit_lm(generator, applier, tasks, cfg, pad_id=pad_id)
+        _sync(ctx)
+        generator.to("cpu")
+        prompt = (f", a teacher prompt of {len(tasks[0].teacher.prompts[0])} tokens"
+                  if teacher_weight else "")
+        return {"value": result.steps / result.train_seconds, "unit": "steps/s",
+                "detail": f"{min(cfg.lm_tasks, len(tasks))} tasks x {cfg.lm_texts} texts x "
+                          f"{cfg.lm_seq_len} tokens per step{prompt}, final train loss "
+                          f"{result.history[-1]['train_lm_nll']:.2f}"}
+
+    return run
+
+
+def _demo_prompts(texts: dict[str, list[str]], conditions: dict) -> dict[str, list]:
+    """Per task, one demonstrations prompt per condition row: its first two texts (never a
+    target under it)."""
+    from icm.generator.lm import EpisodePrompt
+    from icm.task_vectors import format_prompt
+
+    return {name: [EpisodePrompt(format_prompt(None, texts[name][:2], mode="demos"),
+                                 tuple(texts[name][:2]))] * len(conditions[name])
+            for name in texts}
 
 
 def check_vllm(ctx: dict) -> dict:
@@ -265,7 +288,8 @@ SECTIONS: dict[str, Callable[[dict], dict]] = {
     "generator-mlp": check_generator("mlp"),
     "generator-hyper": check_generator("hyper"),
     "generate": check_generate,
-    "generator-lm": check_generator_lm,
+    "generator-lm": check_generator_lm(),
+    "generator-lm-teacher": check_generator_lm(teacher_weight=0.5),
     "vllm": check_vllm,
 }
 

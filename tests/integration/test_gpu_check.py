@@ -20,9 +20,11 @@ def test_gpu_check_runs_every_section_on_the_cpu(tmp_path):
     rows = {row["section"]: row for row in report["rows"]}
     assert report["environment"]["device"] == "cpu"
     for section in ("lora-deepspeed", "task-vectors", "generator-mlp", "generator-hyper", "generate",
-                    "generator-lm"):
+                    "generator-lm", "generator-lm-teacher"):
         assert rows[section]["value"] > 0, rows[section]
     assert "skipped" in rows["vllm"] or rows["vllm"]["value"] > 0
     assert rows["generator-lm"]["detail"].startswith("3 tasks x 2 texts"), rows["generator-lm"]
+    assert "a teacher prompt of" in rows["generator-lm-teacher"]["detail"]
+    assert "teacher" not in rows["generator-lm"]["detail"]
     assert "--- profile of generate" in done.stdout and "Self CPU" in done.stdout
     assert "tokens/s" in done.stdout and "Attempting to get learning rate" not in done.stdout + done.stderr
