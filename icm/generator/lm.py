@@ -287,14 +287,12 @@ class LmTask:
 
     def batch(self, episode: int, texts: Sequence[int], pad_id: int) -> dict[str, torch.Tensor]:
         """The LM batch of ``texts`` under condition row ``episode``: the texts alone, or each
-        read after that row's prompt."""
+        read after that row's prompt (a teacher's rows are read by `distilled_loss`)."""
         from icm.lora_train import collate
 
-        if self.context is not None:
-            return self.context.batch(episode, texts, pad_id)
-        if self.teacher is not None:  # the teacher's texts, read alone
-            return self.teacher.alone_batch(texts, pad_id)
-        return collate([self.sequences[i] for i in texts], pad_id)
+        if self.context is None:
+            return collate([self.sequences[i] for i in texts], pad_id)
+        return self.context.batch(episode, texts, pad_id)
 
     def loss(self, applier: FunctionalLora, vector: torch.Tensor, episode: int,
              texts: Sequence[int], pad_id: int, teacher_weight: float) -> torch.Tensor:
@@ -338,6 +336,7 @@ def lm_tasks(train_texts: Mapping[str, Sequence[str]], conditions: Mapping[str, 
     if cfg.reads_prompts and prompts is None:
         raise ValueError("generator.lm_context=prompt and generator.lm_teacher_weight > 0 need "
                          "each task's episode prompts")
+    distilled = cfg.lm_teacher_weight > 0  # the rows' prompts are the teacher's
     tasks = []
     for name in sorted(train_texts):
         texts = [t for t in train_texts[name] if t.strip()][:cfg.lm_max_texts]
@@ -351,7 +350,7 @@ def lm_tasks(train_texts: Mapping[str, Sequence[str]], conditions: Mapping[str, 
                                  f"{len(raw)} condition rows; the task vectors were read from "
                                  "other episodes (task_vectors or condition_modes changed)")
             # a teacher's student reads the start token first: lm_seq_len tokens in all
-            length = cfg.lm_seq_len - (cfg.lm_teacher_weight > 0)
+            length = cfg.lm_seq_len - distilled
             context = PromptContext.build(texts, prompts[name], tokenizer, length)
             if not context.rows:
                 continue
@@ -359,10 +358,8 @@ def lm_tasks(train_texts: Mapping[str, Sequence[str]], conditions: Mapping[str, 
         if cfg.lm_condition_episodes == "others":
             episodes = other_episodes_mean(episodes, len(cfg.condition_modes), name)
         sequences = tokenize_texts(tokenizer, texts, cfg.lm_seq_len)
-        if cfg.lm_teacher_weight > 0:
-            tasks.append(LmTask(name, sequences, episodes, teacher=context))
-        else:
-            tasks.append(LmTask(name, sequences, episodes, context))
+        tasks.append(LmTask(name, sequences, episodes, None if distilled else context,
+                            context if distilled else None))
     if not tasks:
         raise ValueError("no training task has train texts for the LM objective")
     return tasks
