@@ -227,7 +227,7 @@ class OracleConfig(StageConfig):
 
 
 Mode = Literal["description", "demos", "both"]
-Pooling = Literal["last", "mean", "chunks"]
+Pooling = Literal["last", "mean", "chunks", "shift"]
 
 
 class TaskVectorConfig(StageConfig):
@@ -246,7 +246,11 @@ class TaskVectorConfig(StageConfig):
         "How token hidden states become one vector: mean over the prompt's tokens (the "
         "text-start token left out), the last token (the final 'Text:' cue), or `chunks`: the "
         "mean of each of `chunks` contiguous spans of the prompt, concatenated (chunks x D), "
-        "for a generator that attends over parts of the prompt (generator.arch=hyper-attn)."))
+        "for a generator that attends over parts of the prompt (generator.arch=hyper-attn), or "
+        "`shift`: what the prompt does to the model, the mean over the prompt's last block (its "
+        "last demonstration and the cue; the cue alone in mode description; with the blank line "
+        "before it) of its states read after the rest of the prompt minus its states read "
+        "alone."))
     chunks: int = Field(8, ge=2, le=64, description=(
         "Spans of pooling `chunks`: the prompt's tokens (the text-start token left out) split "
         "into this many contiguous near-equal spans, each mean-pooled."))

@@ -4,8 +4,11 @@ A task is shown to the model as an *episode*: a prompt holding its description a
 demonstrations sampled from its train split (`format_prompt`, the one place the prompt is
 defined). The hidden states at the configured layers, pooled over the prompt (mean over tokens,
 the last token, or the means of J contiguous spans concatenated: pooling ``chunks``, J x D),
-give one vector per (episode, layer, pooling); the per-task mean is their average. No
-fine-tuning is involved, so a new task gets a vector from one forward pass.
+give one vector per (episode, layer, pooling); the per-task mean is their average. Pooling
+``shift`` measures what the prompt does rather than what it looks like: the states of its last
+block (`split_last_block`) read after the rest of the prompt, minus the same block read alone,
+averaged over the block's tokens. No fine-tuning is involved, so a new task gets a vector from
+one forward pass (two with ``shift``).
 
 `TaskEncoder` is the single code path: the Ray Data actor (`TaskVectorExtractor`) calls
 `TaskEncoder.encode_prompts` on batches of prompts that the job fitted with
@@ -112,6 +115,21 @@ def format_prompt(description: str | None, demos: Sequence[str], *, mode: str) -
                                            fix="remove it or give it text.")
             parts.append(PROMPT_TEMPLATE["demo"].format(demo=demo.strip()))
     return "".join(parts) + PROMPT_TEMPLATE["cue"]
+
+
+def split_last_block(prompt: str) -> tuple[str, str]:
+    """``prompt`` as (head, tail), head + tail == prompt: the tail is its last block, the last
+    demonstration with the cue after it, or the cue alone where no demonstration ends the prompt
+    (mode description), with the blank line before it. Pooling ``shift`` reads the tail after the
+    head and alone. The blank line goes with the tail because the tokenizer merges a trailing
+    "\\n\\n" into one token but splits it before text: so head and tail tokenised apart give the
+    whole prompt's tokens."""
+    cue, demo_start = PROMPT_TEMPLATE["cue"], PROMPT_TEMPLATE["demo"].split("{demo}")[0]
+    body = prompt[:-len(cue)] if prompt.endswith(cue) else prompt
+    start = body.rfind("\n\n" + demo_start)
+    if start < 0:  # a first demonstration starts the prompt (head empty), or no demonstration
+        start = 0 if body.startswith(demo_start) else max(0, len(body) - 2)
+    return prompt[:start], prompt[start:]
 
 
 def clip_demos(demos: Sequence[str], max_chars: int) -> tuple[str, ...]:
@@ -227,6 +245,7 @@ class TaskEncoder:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.hidden_size = model.config.hidden_size
         self.keys = [(layer, pooling) for layer in cfg.layers for pooling in cfg.poolings]
+        self.reads_shift = "shift" in cfg.poolings
 
     def _token_ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -281,19 +300,31 @@ class TaskEncoder:
         return replace(episode, prompt=fitted.prompt, n_demos=fitted.n_demos,
                        truncated=fitted.truncated, n_tokens=fitted.n_tokens)
 
-    def _prompt_ids(self, prompts: Sequence[str]) -> list[list[int]]:
-        ids = []
+    def _prompt_ids(self, prompts: Sequence[str]) -> tuple[list[list[int]], list[int]]:
+        """Each prompt's token ids (text-start first) and how many of them are its last block's
+        (pooling ``shift``; 0 without it). With ``shift``, head and tail are tokenised apart so
+        the tail's tokens are the same in both reads (the head ends in a blank line, where the
+        tokenizer splits anyway)."""
+        ids, tail_lengths = [], []
         for index, prompt in enumerate(prompts):
             if not isinstance(prompt, str) or not prompt.strip():
                 raise TaskVectorInputError("is empty.", field=f"prompts[{index}]",
                                            fix="give every prompt text (see format_prompt).")
-            tokens = [self.start_id, *self._token_ids(prompt)]
+            if self.reads_shift:
+                head, tail = split_last_block(prompt)
+                head_ids, tail_ids = self._token_ids(head), self._token_ids(tail)
+                tokens = [self.start_id, *head_ids, *tail_ids]
+            else:
+                tokens, tail_ids = [self.start_id, *self._token_ids(prompt)], []
             if len(tokens) > self.cfg.max_prompt_tokens:  # only raw prompts: fitted ones fit
                 log.warning("prompts[%d]: %d tokens, cut to task_vectors.max_prompt_tokens=%d",
                             index, len(tokens), self.cfg.max_prompt_tokens)
+                excess = len(tokens) - self.cfg.max_prompt_tokens
+                tail_ids = tail_ids[:max(0, len(tail_ids) - excess)]  # the cut falls in the tail
                 tokens = tokens[:self.cfg.max_prompt_tokens]
             ids.append(tokens)
-        return ids
+            tail_lengths.append(len(tail_ids))
+        return ids, tail_lengths
 
     @torch.inference_mode()
     def encode_prompts(self, prompts: Sequence[str]) -> dict[tuple[int, str], np.ndarray]:
@@ -303,19 +334,49 @@ class TaskEncoder:
             (layer, pooling) -> float32 array (N, D), rows in the order of ``prompts`` (D is
             chunks x the hidden size for pooling ``chunks``).
         """
-        ids = self._prompt_ids(prompts)
+        ids, tail_lengths = self._prompt_ids(prompts)
         width = {key: self.cfg.pooled_width(key[1], self.hidden_size) for key in self.keys}
         out = {key: np.empty((len(ids), width[key]), np.float32) for key in self.keys}
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # similar lengths pad less
-        device = next(self.model.parameters()).device
         for begin in range(0, len(order), self.cfg.batch_size):
             rows = order[begin:begin + self.cfg.batch_size]
-            input_ids, mask = (t.to(device) for t in right_pad([ids[i] for i in rows], self.pad_id))
-            hidden = self.body(input_ids=input_ids, attention_mask=mask,
-                               output_hidden_states=True).hidden_states  # L+1 x (B, T, D)
-            for (layer, pooling), pooled in self._pool(hidden, mask).items():
-                out[(layer, pooling)][rows] = pooled
+            hidden, mask = self._hidden([ids[i] for i in rows])
+            pooled = self._pool(hidden, mask)
+            if self.reads_shift:
+                tails = [tail_lengths[i] for i in rows]
+                alone = [[self.start_id, *ids[i][len(ids[i]) - n:]] for i, n in zip(rows, tails)]
+                pooled.update(self._shift(hidden, mask, *self._hidden(alone), tails))
+            for key, vectors in pooled.items():
+                out[key][rows] = vectors
         return out
+
+    def _hidden(self, ids: list[list[int]]) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+        """Hidden states (L+1 x (B, T, D)) and attention mask (B, T) of one right-padded batch."""
+        device = next(self.model.parameters()).device
+        input_ids, mask = (t.to(device) for t in right_pad(ids, self.pad_id))
+        hidden = self.body(input_ids=input_ids, attention_mask=mask,
+                           output_hidden_states=True).hidden_states
+        return hidden, mask
+
+    def _shift(self, hidden, mask: torch.Tensor, hidden_alone, mask_alone: torch.Tensor,
+               tail_lengths: Sequence[int]) -> dict[tuple[int, str], np.ndarray]:
+        """Pooling ``shift``: the mean state of each prompt's last block read after its head, minus
+        its mean state read alone (after the text-start token only). A block with no head (or no
+        tokens) gives zeros: reading it alone is reading it in context."""
+        n_tail = torch.tensor(tail_lengths, device=mask.device)[:, None]  # (B, 1)
+        positions = torch.arange(mask.shape[1], device=mask.device)[None]  # (1, T)
+        lengths = mask.sum(1, keepdim=True)  # (B, 1)
+        in_context = ((positions >= lengths - n_tail) & (positions < lengths)).float()  # (B, T)
+        positions = torch.arange(mask_alone.shape[1], device=mask.device)[None]  # (1, T')
+        alone = ((positions >= 1) & (positions < 1 + n_tail)).float()  # (B, T')
+        count = n_tail.clamp(min=1).float()  # (B, 1)
+        shifts = {}
+        for layer, pooling in self.keys:
+            if pooling == "shift":
+                read = torch.einsum("bt,btd->bd", in_context, hidden[layer].float())  # (B, D)
+                read_alone = torch.einsum("bt,btd->bd", alone, hidden_alone[layer].float())
+                shifts[(layer, pooling)] = ((read - read_alone) / count).cpu().numpy()
+        return shifts
 
     def _pool(self, hidden, mask: torch.Tensor) -> dict[tuple[int, str], np.ndarray]:
         lengths = mask.sum(1)  # (B,)
@@ -328,6 +389,8 @@ class TaskEncoder:
                  if any(pooling == "chunks" for _, pooling in self.keys) else None)
         pooled = {}
         for layer, pooling in self.keys:
+            if pooling == "shift":  # needs a second read (`_shift`)
+                continue
             states = hidden[layer].float()  # (B, T, D)
             if pooling == "mean":
                 total = (states * body_mask[..., None]).sum(1)  # (B, D)

@@ -18,7 +18,8 @@ from icm.errors import InputError
 from icm.task_vector_report import combo_metrics, compute_task_means, nearest_training_tasks
 from icm.task_vectors import (MODES, PROMPT_TEMPLATE, TaskEncoder, TaskVectorExtractor,
                               TaskVectorInputError, build_episodes, format_prompt,
-                              load_episode_vectors, load_task_means, template_text)
+                              load_episode_vectors, load_task_means, split_last_block,
+                              template_text)
 from icm.tasks import SuiteError, load_suite, load_task, write_task
 from tests.conftest import TINY_TASKS, make_suite
 
@@ -356,7 +357,7 @@ def test_chunks_pooling_is_the_mean_pooling_split_into_spans(tiny_llama, suite):
     encoder = TaskEncoder(*tiny_llama, cfg)
     prompts = [e.prompt for e in build_episodes(suite.tasks["code"], cfg, mode="both")] + ["Text: a b c d e"]
     vectors = encoder.encode_prompts(prompts)
-    lengths = torch.tensor([len(ids) for ids in encoder._prompt_ids(prompts)])
+    lengths = torch.tensor([len(ids) for ids in encoder._prompt_ids(prompts)[0]])
     from icm.task_vectors import chunk_weights
 
     span_sizes = (chunk_weights(lengths, 4, int(lengths.max())) > 0).sum(-1).numpy()  # (N, J)
@@ -400,3 +401,53 @@ def test_chunks_changes_the_fingerprint_only_where_a_pooling_reads_it():
     assert plain.model_copy(update={"chunks": 5}).vector_settings() == plain.vector_settings()
     read = TaskVectorConfig(poolings=["mean", "chunks"])
     assert read.vector_settings()["chunks"] == 8 != read.model_copy(update={"chunks": 5}).vector_settings()["chunks"]
+
+
+# ----------------------------------------------------------------------------- pooling shift
+
+
+def test_last_block_is_the_last_demonstration_with_the_cue_or_the_cue_alone():
+    demos = ["cat one", "cat two"]
+    both = format_prompt("About cats.", demos, mode="both")
+    assert split_last_block(both) == ("Task: About cats.\n\nText: cat one", "\n\nText: cat two\n\nText:")
+    assert split_last_block(format_prompt(None, demos, mode="demos"))[1] == "\n\nText: cat two\n\nText:"
+    assert split_last_block(format_prompt("About cats.", [], mode="description")) == (
+        "Task: About cats.", "\n\n" + CUE)
+    assert split_last_block(format_prompt(None, ["only"], mode="demos")) == ("", "Text: only\n\nText:")
+    for prompt in (both, "no template at all", "Text: a\n\nText: b"):
+        assert "".join(split_last_block(prompt)) == prompt
+
+
+def test_shift_is_the_last_blocks_states_after_the_head_minus_read_alone(tiny_llama, suite):
+    """By hand: the tail's mean state read after text-start + head, minus its mean state read
+    after text-start alone; the same whatever the batch; zeros for a prompt with no head. The
+    other poolings keep their values beside it (head and tail tokenise as the whole prompt)."""
+    model, tokenizer = tiny_llama
+    cfg = CFG.model_copy(update={"poolings": ["mean", "last", "shift"]})
+    encoder = TaskEncoder(model, tokenizer, cfg)
+    prompts = [e.prompt for mode in MODES for e in build_episodes(suite.tasks["cats"], cfg, mode=mode)[:2]]
+    prompts.append(format_prompt(None, ["a lone text"], mode="demos"))
+    vectors = encoder.encode_prompts(prompts)
+    plain = TaskEncoder(model, tokenizer, CFG).encode_prompts(prompts)
+
+    def states(ids):
+        with torch.inference_mode():
+            return model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states
+
+    for index, prompt in enumerate(prompts):
+        head, tail = split_last_block(prompt)
+        head_ids = tokenizer(head, add_special_tokens=False)["input_ids"]
+        tail_ids = tokenizer(tail, add_special_tokens=False)["input_ids"]
+        n = len(tail_ids)
+        in_context = states([encoder.start_id, *head_ids, *tail_ids])
+        alone = states([encoder.start_id, *tail_ids])
+        alone_vectors = encoder.encode_prompts([prompt])
+        for layer in cfg.layers:
+            expected = (in_context[layer][0, -n:].mean(0) - alone[layer][0, 1:].mean(0)).numpy()
+            np.testing.assert_allclose(vectors[(layer, "shift")][index], expected, rtol=1e-4, atol=1e-5)
+            np.testing.assert_allclose(alone_vectors[(layer, "shift")][0], expected, rtol=1e-4, atol=1e-5)
+            for pooling in ("mean", "last"):
+                np.testing.assert_allclose(vectors[(layer, pooling)][index], plain[(layer, pooling)][index],
+                                           rtol=1e-5, atol=1e-6)
+    assert np.abs(vectors[(-1, "shift")][-1]).max() < 1e-5  # no head: nothing to shift by
+    assert np.abs(vectors[(-1, "shift")][:-1]).max(1).min() > 1e-3  # a head moves every other
