@@ -303,8 +303,8 @@ class TaskEncoder:
     def _prompt_ids(self, prompts: Sequence[str]) -> tuple[list[list[int]], list[int]]:
         """Each prompt's token ids (text-start first) and how many of them are its last block's
         (pooling ``shift``; 0 without it). With ``shift``, head and tail are tokenised apart so
-        the tail's tokens are the same in both reads (the head ends in a blank line, where the
-        tokenizer splits anyway)."""
+        the tail's tokens are the same in both reads (`split_last_block` cuts where the whole
+        prompt's tokens split: the ids equal the whole prompt's, as a test checks)."""
         ids, tail_lengths = [], []
         for index, prompt in enumerate(prompts):
             if not isinstance(prompt, str) or not prompt.strip():

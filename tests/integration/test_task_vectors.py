@@ -183,21 +183,22 @@ def test_actors_must_leave_a_read_tasks_cpu_and_the_fix_says_how(tmp_path, cpus,
 
 
 @pytest.mark.slow
-def test_chunks_beside_mean_through_ray_data(ray_cluster, tmp_path):
-    """Pooling `chunks` (J x D) and `mean` (D) leave the Ray Data actors in one table, and the
-    stage's task means and metrics are computed per pooling at its own width."""
+def test_chunks_and_shift_beside_mean_through_ray_data(ray_cluster, tmp_path):
+    """Pooling `chunks` (J x D), `mean` and `shift` (D; a second read per prompt) leave the Ray
+    Data actors in one table, and the stage's task means and metrics are computed per pooling at
+    its own width."""
     cfg = _config(make_suite(tmp_path / "suite"), tmp_path / "run", "task_vectors.layers=[-1]",
-                  "task_vectors.poolings=[mean,chunks]", "task_vectors.chunks=3")
+                  "task_vectors.poolings=[mean,chunks,shift]", "task_vectors.chunks=3")
     job.run(cfg, open_suite(cfg))
     stage_dir = cfg.storage.path("task_vectors")
     vectors = _vectors(stage_dir)
     widths = vectors.groupby("pooling")["vector"].agg(lambda v: {len(x) for x in v}).to_dict()
-    assert widths == {"mean": {64}, "chunks": {3 * 64}}
+    assert widths == {"mean": {64}, "chunks": {3 * 64}, "shift": {64}}
     for mode in ("description", "both"):
         spans = load_task_means(stage_dir, mode=mode, layer=-1, pooling="chunks")["cats"]
         episodes = load_episode_vectors(stage_dir, mode=mode, layer=-1, pooling="chunks")["cats"]
         np.testing.assert_allclose(spans, episodes.mean(0), rtol=1e-5, atol=1e-6)
     metrics = json.loads((stage_dir / "metrics.json").read_text())["metrics"]
     assert sorted((r["mode"], r["pooling"]) for r in metrics) == sorted(
-        (m, p) for m in ("description", "demos", "both") for p in ("mean", "chunks"))
+        (m, p) for m in ("description", "demos", "both") for p in ("mean", "chunks", "shift"))
     assert all(-1 <= r["silhouette"] <= 1 for r in metrics)
