@@ -409,11 +409,13 @@ def test_chunks_changes_the_fingerprint_only_where_a_pooling_reads_it():
 def test_last_block_is_the_last_demonstration_with_the_cue_or_the_cue_alone():
     demos = ["cat one", "cat two"]
     both = format_prompt("About cats.", demos, mode="both")
-    assert split_last_block(both) == ("Task: About cats.\n\nText: cat one", "\n\nText: cat two\n\nText:")
-    assert split_last_block(format_prompt(None, demos, mode="demos"))[1] == "\n\nText: cat two\n\nText:"
+    last = "\n\nText: cat two\n\nText:"
+    assert split_last_block(both) == ("Task: About cats.\n\nText: cat one", last)
+    assert split_last_block(format_prompt(None, demos, mode="demos"))[1] == last
     assert split_last_block(format_prompt("About cats.", [], mode="description")) == (
         "Task: About cats.", "\n\n" + CUE)
-    assert split_last_block(format_prompt(None, ["only"], mode="demos")) == ("", "Text: only\n\nText:")
+    alone = format_prompt(None, ["only"], mode="demos")
+    assert split_last_block(alone) == ("", "Text: only\n\nText:")
     for prompt in (both, "no template at all", "Text: a\n\nText: b"):
         assert "".join(split_last_block(prompt)) == prompt
 
@@ -425,7 +427,8 @@ def test_shift_is_the_last_blocks_states_after_the_head_minus_read_alone(tiny_ll
     model, tokenizer = tiny_llama
     cfg = CFG.model_copy(update={"poolings": ["mean", "last", "shift"]})
     encoder = TaskEncoder(model, tokenizer, cfg)
-    prompts = [e.prompt for mode in MODES for e in build_episodes(suite.tasks["cats"], cfg, mode=mode)[:2]]
+    prompts = [e.prompt for mode in MODES
+               for e in build_episodes(suite.tasks["cats"], cfg, mode=mode)[:2]]
     prompts.append(format_prompt(None, ["a lone text"], mode="demos"))
     vectors = encoder.encode_prompts(prompts)
     plain = TaskEncoder(model, tokenizer, CFG).encode_prompts(prompts)
@@ -444,10 +447,35 @@ def test_shift_is_the_last_blocks_states_after_the_head_minus_read_alone(tiny_ll
         alone_vectors = encoder.encode_prompts([prompt])
         for layer in cfg.layers:
             expected = (in_context[layer][0, -n:].mean(0) - alone[layer][0, 1:].mean(0)).numpy()
-            np.testing.assert_allclose(vectors[(layer, "shift")][index], expected, rtol=1e-4, atol=1e-5)
-            np.testing.assert_allclose(alone_vectors[(layer, "shift")][0], expected, rtol=1e-4, atol=1e-5)
-            for pooling in ("mean", "last"):
-                np.testing.assert_allclose(vectors[(layer, pooling)][index], plain[(layer, pooling)][index],
+            for got in (vectors[(layer, "shift")][index], alone_vectors[(layer, "shift")][0]):
+                np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+            for key in ((layer, "mean"), (layer, "last")):
+                np.testing.assert_allclose(vectors[key][index], plain[key][index],
                                            rtol=1e-5, atol=1e-6)
     assert np.abs(vectors[(-1, "shift")][-1]).max() < 1e-5  # no head: nothing to shift by
     assert np.abs(vectors[(-1, "shift")][:-1]).max(1).min() > 1e-3  # a head moves every other
+
+
+def test_shift_of_a_raw_prompt_cut_to_the_budget_reads_what_is_left_of_its_last_block(
+        tiny_llama, caplog):
+    """A raw prompt over max_prompt_tokens loses its end: the shift compares the part of the last
+    block that is left, read after the head and alone."""
+    model, tokenizer = tiny_llama
+    cfg = CFG.model_copy(update={"poolings": ["shift"], "layers": [-1], "max_prompt_tokens": 16})
+    encoder = TaskEncoder(model, tokenizer, cfg)
+    prompt = "Task: x.\n\nText: " + "one two three four five six seven " * 4 + "\n\nText:"
+    head, tail = split_last_block(prompt)
+    head_ids = tokenizer(head, add_special_tokens=False)["input_ids"]
+    with caplog.at_level(logging.WARNING):
+        shift = encoder.encode_prompts([prompt])[(-1, "shift")][0]
+    assert "cut to task_vectors.max_prompt_tokens=16" in caplog.text
+    ids = encoder._prompt_ids([prompt])[0][0]
+    kept = 16 - 1 - len(head_ids)
+    assert len(ids) == 16 and 0 < kept < len(tokenizer(tail, add_special_tokens=False)["input_ids"])
+    with torch.inference_mode():
+        in_context = model(input_ids=torch.tensor([ids]),
+                           output_hidden_states=True).hidden_states[-1]
+        alone = model(input_ids=torch.tensor([[encoder.start_id, *ids[-kept:]]]),
+                      output_hidden_states=True).hidden_states[-1]
+    expected = (in_context[0, -kept:].mean(0) - alone[0, 1:].mean(0)).numpy()
+    np.testing.assert_allclose(shift, expected, rtol=1e-4, atol=1e-5)
