@@ -358,8 +358,8 @@ def lm_tasks(train_texts: Mapping[str, Sequence[str]], conditions: Mapping[str, 
         if cfg.lm_condition_episodes == "others":
             episodes = other_episodes_mean(episodes, len(cfg.condition_modes), name)
         sequences = tokenize_texts(tokenizer, texts, cfg.lm_seq_len)
-        tasks.append(LmTask(name, sequences, episodes, None if distilled else context,
-                            context if distilled else None))
+        tasks.append(LmTask(name, sequences, episodes, context=None if distilled else context,
+                            teacher=context if distilled else None))
     if not tasks:
         raise ValueError("no training task has train texts for the LM objective")
     return tasks
