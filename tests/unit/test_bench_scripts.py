@@ -132,3 +132,46 @@ def test_lm_step_bench_alternates_layouts_and_pairs_throughput_by_round():
     rows = bench["table"](timings, (1, 1))
     assert [r["layout"] for r in rows] == ["1x1", "2x1"]
     assert rows[1]["throughput_ratio"] == pytest.approx(2.25)  # median of 1.5 and 3.0, by round
+
+
+def test_context_steering_bench_calibrates_the_demos_toward_the_prompt_and_scales_to_base(
+        tiny_suite):
+    """The steering probe (EVAL.md, session 48): the demonstrations' tokens are paired with the
+    same tokens in the prompt (a pairing off by one token was a bug: the first token of a text
+    in the prompt starts at the space before it); its rank-1 LoRA moves their mean residual
+    toward the prompt's at every layer; at strength 0 it scores exactly as the base model."""
+    import runpy
+
+    import torch
+
+    from icm.models import load_base_model
+    from icm.tasks import load_task
+
+    bench = runpy.run_path(str(BENCH[0].with_name("bench_context_steering.py")), run_name="bench")
+    model, tokenizer = load_base_model("smollm2-135m")  # its own copy: the probe adds hooks
+    steering = bench["Steering"](model, tokenizer)
+    demos = steering.demonstrations(load_task(tiny_suite / "cats"))
+    assert len(demos["alone"]) == 5
+    for (in_prompt, own), alone in zip(demos["pairs"], demos["alone"]):
+        assert own and [demos["ids"][p] for p in in_prompt] == [alone[p] for p in own]
+    steering.fit_detector([demo.strip() for demo in demos["demos"]])
+    steering.constant_delta(demos)
+    masks = [[0] + [1] * (len(s) - 1) for s in demos["alone"]]
+
+    def distances(alpha):  # per layer: |mean residual of the demos alone - the prompt's|
+        steering.alpha = alpha
+        steering.forward("grab", demos["alone"], masks)
+        weights = steering.mask[..., None]
+        return torch.stack([((steering.mids[i] * weights).sum((0, 1)) / weights.sum()
+                             - steering.targets[i]).norm() for i in range(len(steering.layers))])
+
+    before, after = distances(0.0), distances(1.0)
+    # only the o_proj image of a value shift is reachable (192 of 576 dimensions): closer at
+    # every layer, and less than half as far where the layers' shifts add up, at the last
+    assert (after < before).all() and after[-1] < 0.5 * before[-1], (after / before)
+    texts = load_task(tiny_suite / "cats").eval_texts()
+    assert steering.score(texts, 0.0) == steering.score(texts)
+    assert steering.score(texts, 1.0) != steering.score(texts)
+    assert bench["share"](100.0, 50.0, 100.0) == 0.0
+    assert abs(bench["share"](100.0, 50.0, 50.0) - 1.0) < 1e-12
+
