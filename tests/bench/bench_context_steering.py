@@ -37,14 +37,18 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from icm.config import TaskVectorConfig  # noqa: E402
+import jobs  # noqa: E402,F401  (registers the project's presets: study, demo, ...)
+from icm.config import load_config  # noqa: E402
 from icm.eval.baselines import in_context_prefix, score_in_context  # noqa: E402
 from icm.evaluation import _encode, score_texts  # noqa: E402
+from icm.models import text_start_token_id  # noqa: E402
 from icm.task_vectors import clip_demos, sample_demos  # noqa: E402
 
-# The study preset's task-vector settings: the demonstrations the in-context variant reads.
-PROMPT_SETTINGS = TaskVectorConfig(k=5, episodes=3, max_prompt_tokens=512, max_demo_chars=200)
-MAX_LENGTH, BATCH = 48, 8
+# The study preset's settings: the demonstrations the in-context variant reads, and how texts
+# are cut and batched when scored.
+STUDY = load_config("study")
+PROMPT_SETTINGS = STUDY.task_vectors
+MAX_LENGTH, BATCH = STUDY.evaluate.max_length, STUDY.evaluate.batch_size
 
 
 class Steering:
@@ -56,7 +60,7 @@ class Steering:
         cfg = model.config
         self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = cfg.hidden_size // cfg.num_attention_heads
-        self.start = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+        self.start = text_start_token_id(tokenizer)
         # (D, kv x head_dim): the o_proj image of a value shift shared by a kv head's q heads
         self.o_weights = [layer.self_attn.o_proj.weight.detach().float() for layer in self.layers]
         self.expand = [self._expand(w) for w in self.o_weights]
