@@ -66,8 +66,11 @@ class Steering:
         self.expand = [self._expand(w) for w in self.o_weights]
         self.expand_pinv = [torch.linalg.pinv(m) for m in self.expand]
         self.mode, self.mask, self.alpha, self.grab = None, None, 1.0, None
-        self.resid, self.mids, self.sums, self.xs = {}, {}, {}, {}
-        self.targets: list[torch.Tensor] = []
+        # per layer, from the last pass: residual in, residual after attention, v_proj input
+        self.resid, self.mids, self.xs = {}, {}, {}
+        self.targets: list[torch.Tensor] = []  # (D,) per layer: the prompt's mean mid residual
+        self.constant: list[torch.Tensor | None] = []  # (kv x hd,) per layer: calibrated shifts
+        self.detector: list[torch.Tensor] = []  # (D,) per layer: a with a . x ~ 1
         self.delta: list[torch.Tensor | None] = [None] * len(self.layers)  # (kv x hd, D) per layer
         self.attn = None
         for index, layer in enumerate(self.layers):
