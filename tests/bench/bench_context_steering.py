@@ -41,7 +41,7 @@ import jobs  # noqa: E402,F401  (registers the project's presets: study, demo, .
 from icm.config import load_config  # noqa: E402
 from icm.eval.baselines import in_context_prefix, score_in_context  # noqa: E402
 from icm.evaluation import _encode, score_texts  # noqa: E402
-from icm.models import text_start_token_id  # noqa: E402
+from icm.models import right_pad, text_start_token_id  # noqa: E402
 from icm.task_vectors import clip_demos, sample_demos  # noqa: E402
 
 # The study preset's settings: the demonstrations the in-context variant reads, and how texts
@@ -125,15 +125,10 @@ class Steering:
 
     def forward(self, mode: str, sequences: list[list[int]], masks: list[list[int]] | None = None,
                 **kwargs) -> None:
-        width = max(map(len, sequences))
-        ids = torch.full((len(sequences), width), self.tokenizer.pad_token_id)
-        attention = torch.zeros((len(sequences), width), dtype=torch.long)
-        self.mask = torch.zeros((len(sequences), width))
-        for row, seq in enumerate(sequences):
-            ids[row, :len(seq)] = torch.tensor(seq)
-            attention[row, :len(seq)] = 1
-            if masks:
-                self.mask[row, :len(seq)] = torch.tensor(masks[row], dtype=torch.float)
+        ids, attention = right_pad(sequences, self.tokenizer.pad_token_id)  # (B, T) each
+        self.mask = torch.zeros(ids.shape)  # (B, T): the tokens a pass averages over
+        for row, mask in enumerate(masks or []):
+            self.mask[row, :len(mask)] = torch.tensor(mask, dtype=torch.float)
         self.mode = mode
         try:
             with torch.inference_mode():
@@ -144,9 +139,10 @@ class Steering:
     # ------------------------------------------------------------------ the demonstrations
 
     def demonstrations(self, task) -> dict:
-        """The prompt's ids, each demonstration alone, and per demonstration the positions (in
-        the prompt, alone) that hold the same tokens (the first is dropped: its leading space
-        merges into it in the prompt)."""
+        """The prompt's ids, each demonstration alone, per demonstration the positions (in the
+        prompt, alone) that hold the same tokens (the first is dropped: its leading space merges
+        into it in the prompt), and the prompt's residual after attention at every layer (read
+        once, for both adapters)."""
         demos = clip_demos(sample_demos(task, PROMPT_SETTINGS, episode=0),
                            PROMPT_SETTINGS.max_demo_chars)
         prompt = in_context_prefix(task.description, demos, PROMPT_SETTINGS.max_demo_chars)
@@ -167,7 +163,10 @@ class Steering:
             same = [k for k in range(min(len(a), len(b))) if ids[a[k]] == own[b[k]]]
             pairs.append(([a[k] for k in same], [b[k] for k in same]))
             alone.append(own)
-        return {"ids": ids, "in_mask": in_mask, "alone": alone, "pairs": pairs, "demos": demos}
+        self.forward("capture", [ids])
+        prompt_mids = [self.mids[i][0] for i in range(len(self.layers))]  # (T, D) per layer
+        return {"ids": ids, "in_mask": in_mask, "alone": alone, "pairs": pairs, "demos": demos,
+                "prompt_mids": prompt_mids}
 
     # ------------------------------------------------------------------ the two adapters
 
@@ -188,10 +187,8 @@ class Steering:
                                                     stacked.T @ torch.ones(len(stacked))))
 
     def constant_delta(self, demos: dict) -> None:
-        self.forward("capture", [demos["ids"]], [demos["in_mask"]])
-        weights = self.mask[..., None]
-        self.targets = [(self.mids[i] * weights).sum((0, 1)) / weights.sum()
-                        for i in range(len(self.layers))]
+        weights = torch.tensor(demos["in_mask"], dtype=torch.float)[:, None]  # (T, 1)
+        self.targets = [(mid * weights).sum(0) / weights.sum() for mid in demos["prompt_mids"]]
         self.constant = [None] * len(self.layers)
         self.delta = [None] * len(self.layers)
         masks = [[0] + [1] * (len(s) - 1) for s in demos["alone"]]  # not the text-start token
@@ -199,8 +196,7 @@ class Steering:
         self.delta = [torch.outer(u, a) for u, a in zip(self.constant, self.detector)]
 
     def fitted_delta(self, demos: dict, rank: int, ridge: float) -> None:
-        self.forward("capture", [demos["ids"]], [demos["in_mask"]])
-        target = [self.mids[i][0] for i in range(len(self.layers))]  # (T, D) per layer
+        target = demos["prompt_mids"]  # (T, D) per layer
         self.delta, self.alpha = [None] * len(self.layers), 1.0
         for layer in range(len(self.layers)):
             self.grab = layer
