@@ -28,6 +28,8 @@ from icm.storage import default_mirror, is_uri, join
 PRESET_DIRS: list[Path] = []
 PRESETS_ENV = "ICM_PRESETS"
 RESOLVED_CONFIG_FILE = "config.resolved.yaml"
+# The key by which a YAML config names the preset or file it changes (`read_config_file`).
+EXTENDS_KEY = "extends"
 
 
 class ConfigError(InputError):
@@ -862,16 +864,47 @@ def build_config(data: dict[str, Any], model: type[StageConfig] = PipelineConfig
 def load_config(name_or_path: str | os.PathLike | None = None,
                 overrides: Sequence[str] = ()) -> PipelineConfig:
     """Load a preset or YAML file (None: all defaults) and apply ``key=value`` overrides."""
-    data: dict[str, Any] = {}
-    if name_or_path is not None:
-        path = preset_path(name_or_path)
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path} is not valid YAML: {err}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path} must hold a mapping of sections.")
+    data = read_config_file(name_or_path) if name_or_path is not None else {}
     return build_config(apply_overrides(data, overrides))  # type: ignore[return-value]
+
+
+def read_config_file(name_or_path: str | os.PathLike,
+                     _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A preset or YAML file as plain sections, its ``extends:`` chain merged in: a file that
+    extends another (a preset name, or a YAML path relative to the file) holds only what it
+    changes. Sections merge key by key; any other value (a list included) replaces the base's.
+    This is how a named experiment is written down once (``jobs/configs/runs/``) instead of as a
+    chain of ``key=value`` flags."""
+    path = preset_path(name_or_path)
+    if path.resolve() in _chain:
+        loop = " -> ".join(str(p) for p in (*_chain, path.resolve()))
+        raise ConfigError(f"{path}: '{EXTENDS_KEY}' loops back to a file already read ({loop}). "
+                          f"Fix: end the chain at a file without '{EXTENDS_KEY}'.")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of sections.")
+    base = data.pop(EXTENDS_KEY, None)
+    if base is None:
+        return data
+    if not isinstance(base, str) or not base.strip():
+        raise ConfigError(f"{path}: '{EXTENDS_KEY}' must name one preset (study) or YAML file "
+                          f"(core.yaml, relative to {path.parent}); got {base!r}.")
+    if Path(base).suffix in (".yaml", ".yml"):
+        base = str(path.parent / base)  # a file beside this one, wherever the command runs
+    return merge_sections(read_config_file(base, (*_chain, path.resolve())), data)
+
+
+def merge_sections(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``changes`` laid over it: mappings merge recursively, others replace."""
+    merged = dict(base)
+    for key, value in changes.items():
+        below = merged.get(key)
+        both_sections = isinstance(below, dict) and isinstance(value, dict)
+        merged[key] = merge_sections(below, value) if both_sections else value
+    return merged
 
 
 def shareable_dump(config: PipelineConfig) -> dict[str, Any]:

@@ -20,7 +20,8 @@ from icm.io import probe_writable
 def parse_job_args(description: str, argv: Sequence[str] | None) -> PipelineConfig:
     """Parse ``--config NAME_OR_PATH [section.field=value ...]`` into a validated config."""
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--config", default="demo", help=f"preset {list_presets()} or a YAML path")
+    parser.add_argument("--config", default="demo",
+                        help=f"preset {list_presets()} or a YAML path (it may `extends:` one)")
     parser.add_argument("overrides", nargs="*", help="section.field=value")
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="every library's warnings and logs (also: ICM_LOG_LEVEL=DEBUG)")

@@ -93,6 +93,69 @@ def test_config_show_cli(tmp_path):
     assert "Traceback" not in bad.stderr
 
 
+def test_a_config_that_extends_a_preset_holds_only_what_it_changes(tmp_path):
+    base = tmp_path / "base.yaml"
+    base.write_text(yaml.safe_dump({"extends": "smoke", "name": "base",
+                                    "model": {"max_length": 99},
+                                    "task_vectors": {"poolings": ["mean", "last"]}}))
+    child = tmp_path / "nested" / "child.yaml"
+    child.parent.mkdir()
+    child.write_text(yaml.safe_dump({"extends": "../base.yaml", "name": "child",
+                                     "task_vectors": {"poolings": ["mean"]}}))
+    smoke, config = load_config("smoke"), load_config(child, ["zoo.steps=3"])
+    assert config.name == "child" and config.zoo.steps == 3
+    assert config.model.max_length == 99 and config.model.spec == smoke.model.spec  # merged
+    assert config.task_vectors.poolings == ["mean"]  # a list replaces the base's, never appends
+    expected = load_config("smoke", ["name=child", "model.max_length=99", "zoo.steps=3",
+                                     "task_vectors.poolings=[mean]"])
+    assert config == expected
+
+
+@pytest.mark.parametrize("extends, message", [
+    ("self.yaml", "loops back to a file already read"),
+    (["smoke", "demo"], "must name one preset"),
+    ("missing.yaml", "does not exist"),
+    ("demoo", "unknown config preset 'demoo'"),
+])
+def test_a_bad_extends_names_the_file_and_the_fix(tmp_path, extends, message):
+    path = tmp_path / "self.yaml"
+    path.write_text(yaml.safe_dump({"extends": extends, "name": "x"}))
+    with pytest.raises(ConfigError, match=message):
+        load_config(path)
+
+
+RUNS = sorted((PRESETS / "runs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("run", RUNS, ids=[p.stem for p in RUNS])
+def test_every_named_run_loads_and_opens_with_its_command(run):
+    assert load_config(run).name == run.stem
+    assert f"--config jobs/configs/runs/{run.name}" in run.read_text().splitlines()[1]
+
+
+# Runs H and X as EVAL.md writes them out (sessions 39-48): the named runs must be these.
+CORE = ("suite.subset=core evaluate.folds=0 ray.num_cpus=2 zoo.steps=48 zoo.multitask=false "
+        "oracles.replicates=0 evaluate.seen_tasks=0 task_vectors.poolings=[mean,last,chunks] "
+        "generator.subspace_dim=null generator.width=128 generator.embedding_dim=32 "
+        "generator.batch_size=32 generator.steps=600 generator.beta=0.01 "
+        "generator.kl_warmup_steps=100 generator.lm_steps=200 generator.lm_lr=0.001 "
+        "generator.arch=hyper generator.condition_pooling=mean generator.lm_context=prompt")
+FLAGS = {"core-h": CORE + " generator.objective=lm generator.cpus_per_task=2"
+                          " generator.lm_condition_episodes=others",
+         "core-x": CORE + " generator.objective=hybrid generator.cpus_per_task=1"
+                          " generator.lm_condition=mean"}
+
+
+@pytest.mark.parametrize("run", sorted(FLAGS))
+def test_the_named_runs_h_and_x_are_the_commands_eval_md_gives(run):
+    named = load_config(PRESETS / "runs" / f"{run}.yaml")
+    where = [f"name={run}", f"storage.root={named.storage.root}",
+             f"generator.lm_extra_root={named.generator.lm_extra_root}"]
+    assert named == load_config("study", FLAGS[run].split() + where)
+    extra = load_config(PRESETS / "runs" / "core-extra-vectors.yaml")
+    assert named.generator.lm_extra_root == extra.storage.root  # the vectors it reads
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["task_vectors.modes=[both]"], "generator.condition_modes ['description', 'demos']"),
     (["generator.condition_layer=3"], "generator.condition_layer=3"),
