@@ -4,8 +4,9 @@
 
 Settings (``icm/eval/inputs.py``): the fixed held-out set against oracle LoRAs (the ``oracles``
 stage), group folds (``evaluate.folds``: a generator refit per fold without any task of the
-fold's groups, baselines rebuilt from the fold's training tasks), and seen tasks against their
-own zoo LoRA with lookup and replicate controls. Variants come from the registry in
+fold's groups, baselines rebuilt from the fold's training tasks; folds alone need no main
+generator, `main_generator_record`), and seen tasks against their own zoo LoRA with lookup and
+replicate controls. Variants come from the registry in
 ``icm/eval/variants.py``. One Ray task per (task, setting) loads the base model once and
 scores every variant on the task's eval texts, storing per-text NLL; each finished item is
 written at once, so a killed evaluation resumes where it stopped. Writes
@@ -72,39 +73,73 @@ def load_task_means(cfg: PipelineConfig, tasks: Sequence[str], pooling: str | No
 # ----------------------------------------------------------------------------- fold generators
 
 
-def train_fold_generator(config: dict, suite: Suite, held_groups: list[str], out: str,
-                         fingerprint: str) -> dict:
+def train_fold_generator(config: dict, generator_config: dict, suite: Suite,
+                         held_groups: list[str], out: str, fingerprint: str) -> dict:
     """Ray task: a generator trained by reconstruction without any task of ``held_groups``,
     as the main one is: checkpointed beside ``out`` (a rerun with the same ``fingerprint``
     resumes) and written atomically."""
-    cfg = PipelineConfig.model_validate(config)
-    summary = build_generator(config, _generator_config(cfg), fold_suite(suite, held_groups), None,
+    summary = build_generator(config, generator_config, fold_suite(suite, held_groups), None,
                               fingerprint, out=out, work=f"{out}-checkpoint")
     return {"trained_on": sorted(summary["trained_on"]["tasks"]), "held_groups": held_groups}
 
 
-def _generator_config(cfg: PipelineConfig) -> dict:
+def main_generator_record(cfg: PipelineConfig, suite: Suite) -> dict:
+    """The generator stage's record. When that stage has not run and this evaluation scores
+    folds only (no held-out set, no seen tasks), the record it will have once trained
+    (`jobs.generator.planned_record`): the fold generators derive their settings and
+    fingerprints from it, so they need no main generator first, and a later main generator
+    with the same inputs leaves them, and this stage, up to date."""
+    recorded = _upstream(cfg, "generator", required=False)
+    if recorded is not None or _scores_main_generator(cfg, suite):
+        return recorded or _upstream(cfg, "generator")  # the latter: an error naming the fix
+    from jobs.generator import planned_record
+
+    log.info("evaluate: folds only and no main generator trained: the folds follow its settings")
+    return planned_record(cfg, suite)
+
+
+def _scores_main_generator(cfg: PipelineConfig, suite: Suite) -> bool:
+    """Whether a setting this run scores reads the main generator: held-out or seen."""
+    has_oracles = _upstream(cfg, "oracles", required=False) is not None
+    heldout = cfg.evaluate.heldout and bool(suite.heldout) and has_oracles  # as scores_heldout
+    return heldout or bool(_seen_tasks(cfg, suite))
+
+
+def _seen_tasks(cfg: PipelineConfig, suite: Suite) -> list[str]:
+    """The seen tasks scored (`evaluate.seen_tasks`; None: every training task)."""
+    count = cfg.evaluate.seen_tasks
+    count = len(suite.training_tasks()) if count is None else count
+    return [t.name for t in replicate_tasks(suite, count)]
+
+
+def _generator_config(cfg: PipelineConfig, main: dict) -> dict:
     """The main generator's hyperparameters (Tune's winner when Tune ran), for every fold."""
-    recorded = json.loads((cfg.storage.path("generator") / "generator.json").read_text())
-    chosen = recorded.get("config") or cfg.generator.model_dump(mode="json")
+    if main.get("planned"):
+        chosen = main["config"]
+    else:
+        recorded = json.loads((cfg.storage.path("generator") / "generator.json").read_text())
+        chosen = recorded.get("config") or cfg.generator.model_dump(mode="json")
     return {**chosen, "cpus_per_task": cfg.generator.cpus_per_task}  # scheduling: this run's
 
 
-def fold_generators(cfg: PipelineConfig, suite: Suite, folds: list[list[str]], directory: Path) -> list[str]:
+def fold_generators(cfg: PipelineConfig, suite: Suite, folds: list[list[str]], directory: Path,
+                    main: dict) -> list[str]:
     """Train (or reuse: same fingerprint) one generator per fold; returns their folders. With
     ``generator.objective`` lm/hybrid each is trained by reconstruction into
     ``fold-K/reconstruction`` and then fine-tuned on Ray Train like the main generator, from
-    the fold's training tasks only, several folds at once where the cluster holds them."""
-    gen_cfg = GeneratorConfig.model_validate(_generator_config(cfg))
+    the fold's training tasks only, several folds at once where the cluster holds them.
+    ``main``: the main generator's record (`main_generator_record`)."""
+    gen_cfg = GeneratorConfig.model_validate(_generator_config(cfg, main))
     end_to_end = gen_cfg.objective != "reconstruction"
     todo, folders = [], []
     for index, groups in enumerate(folds):
         out = directory / f"fold-{index}"
         folders.append(str(out / "generator"))
-        fingerprint, marker = fold_fingerprint(cfg, gen_cfg, groups), out / "fold.json"
-        _migrate_fold_marker(cfg, gen_cfg, marker, groups, fingerprint)
+        fingerprint, marker = fold_fingerprint(cfg, gen_cfg, groups, main), out / "fold.json"
+        if not main.get("planned"):  # a planned main: no fold can predate its fingerprint
+            _migrate_fold_marker(cfg, gen_cfg, marker, groups, fingerprint)
         if not fingerprint_matches(marker, fingerprint):
-            keys = fold_phase_keys(cfg, gen_cfg, groups, fingerprint)
+            keys = fold_phase_keys(cfg, gen_cfg, groups, fingerprint, main)
             todo.append((out / ("reconstruction" if end_to_end else "generator"),
                          (marker, fingerprint, index, keys)))
     reconstructed = _reconstruct_folds(cfg, gen_cfg, suite, folds, todo, mark=end_to_end)
@@ -116,14 +151,16 @@ def fold_generators(cfg: PipelineConfig, suite: Suite, folds: list[list[str]], d
     return folders
 
 
-def fold_fingerprint(cfg: PipelineConfig, gen_cfg: GeneratorConfig, groups: list[str]) -> str:
+def fold_fingerprint(cfg: PipelineConfig, gen_cfg: GeneratorConfig, groups: list[str],
+                     main: dict | None = None) -> str:
     """What the generator of the fold holding out ``groups`` is a function of: the main generator
     stage's fingerprint (the zoo's training snapshots, their condition vectors, the generator's
     settings and LM tasks) and, with ``generator.lm_anchor: multitask``, the oracles stage (the
     fold's multi-task LoRA). Not the zoo's or task vectors' whole stage fingerprints: turning on
-    the zoo's multi-task LoRA, or a pooling the generator does not read, changes no input of it."""
-    return sha256_json([[_upstream(cfg, "generator")["fingerprint"], *_anchor_inputs(cfg, gen_cfg)],
-                        groups])
+    the zoo's multi-task LoRA, or a pooling the generator does not read, changes no input of it.
+    ``main``: the main generator's record (default: its stage.json)."""
+    main = main or _upstream(cfg, "generator")
+    return sha256_json([[main["fingerprint"], *_anchor_inputs(cfg, gen_cfg)], groups])
 
 
 def _anchor_inputs(cfg: PipelineConfig, gen_cfg: GeneratorConfig) -> list[str]:
@@ -133,16 +170,16 @@ def _anchor_inputs(cfg: PipelineConfig, gen_cfg: GeneratorConfig) -> list[str]:
 
 
 def fold_phase_keys(cfg: PipelineConfig, gen_cfg: GeneratorConfig, groups: list[str],
-                    fingerprint: str) -> dict[str, str]:
+                    fingerprint: str, main: dict) -> dict[str, str]:
     """The fold's own reconstruction and LM-run keys, derived from the main generator's
     (`jobs.generator.phase_keys`): a rerun that changes only LM settings reuses the fold's
     reconstruction, and one asked for more LM steps continues its fine-tune. A main generator
     stage recorded before those keys (2026-12-05) has none: both are then the fold's fingerprint."""
-    main = (_upstream(cfg, "generator").get("outputs") or {}).get("phase_keys")
-    if not main:
+    keys = (main.get("outputs") or {}).get("phase_keys")
+    if not keys:
         return {"reconstruction": fingerprint, "lm_run": fingerprint}
-    return {"reconstruction": sha256_json([[main["reconstruction"]], groups]),
-            "lm_run": sha256_json([[main["lm_run"], *_anchor_inputs(cfg, gen_cfg)], groups])}
+    return {"reconstruction": sha256_json([[keys["reconstruction"]], groups]),
+            "lm_run": sha256_json([[keys["lm_run"], *_anchor_inputs(cfg, gen_cfg)], groups])}
 
 
 def _migrate_fold_marker(cfg: PipelineConfig, gen_cfg: GeneratorConfig, marker: Path, groups: list[str],
@@ -172,8 +209,9 @@ def _reconstruct_folds(cfg: PipelineConfig, gen_cfg: GeneratorConfig, suite: Sui
     todo = [(first, meta) for first, meta in todo if meta[2] not in reused]
     remote = ray.remote(num_cpus=gen_cfg.cpus_per_task or cpus_each(len(todo)))(
         with_reserved_threads(train_fold_generator))
-    pending = {remote.remote(cfg.model_dump(mode="json"), suite, folds[meta[2]], str(first),
-                             meta[3]["reconstruction"]): (first, meta) for first, meta in todo}
+    pending = {remote.remote(cfg.model_dump(mode="json"), gen_cfg.model_dump(mode="json"), suite,
+                             folds[meta[2]], str(first), meta[3]["reconstruction"]): (first, meta)
+               for first, meta in todo}
     for summary, (first, meta) in zip(ray.get(list(pending)), pending.values()):
         if mark:
             write_json_atomic(first / RECONSTRUCTED, {"fingerprint": meta[3]["reconstruction"],
@@ -238,31 +276,33 @@ def scores_heldout(e: EvalConfig, suite: Suite, *, has_oracles: bool) -> bool:
     return has_oracles
 
 
-def plans_for(cfg: PipelineConfig, suite: Suite, directory: Path) -> tuple[list[SettingPlan], list]:
-    """The settings this run scores: held-out (when oracles exist), folds, seen."""
+def plans_for(cfg: PipelineConfig, suite: Suite, directory: Path,
+              main: dict) -> tuple[list[SettingPlan], list]:
+    """The settings this run scores: held-out (when oracles exist), folds, seen. ``main``: the
+    main generator's record (`main_generator_record`)."""
     e, main_generator = cfg.evaluate, str(cfg.storage.path("generator").resolve())
     training = [t.name for t in suite.training_tasks()]
     plans = []
     if scores_heldout(e, suite, has_oracles=bool(_upstream(cfg, "oracles", required=False))):
         plans.append(SettingPlan("heldout", list(suite.heldout), training, main_generator))
     folds = suite_folds(suite, e)
-    for index, (groups, folder) in enumerate(zip(folds, _fold_generator_dirs(cfg, suite, folds, directory))):
+    fold_dirs = _fold_generator_dirs(cfg, suite, folds, directory, main)
+    for index, (groups, folder) in enumerate(zip(folds, fold_dirs)):
         held = set(fold_tasks(suite, groups))
         plans.append(SettingPlan("fold", sorted(held), [t for t in training if t not in held],
                                  folder, fold=index))
-    seen = [t.name for t in replicate_tasks(suite, len(training) if e.seen_tasks is None else e.seen_tasks)]
-    if seen:
+    if seen := _seen_tasks(cfg, suite):
         plans.append(SettingPlan("seen", seen, training, main_generator))
     return plans, folds
 
 
 def _fold_generator_dirs(cfg: PipelineConfig, suite: Suite, folds: list[list[str]],
-                         directory: Path) -> list[str | None]:
+                         directory: Path, main: dict) -> list[str | None]:
     """Each fold's generator folder, trained (or reused) only when a variant chosen for the folds
     reads it: a baseline-only evaluation trains no fold generator (None)."""
     chosen = variants_for("fold", cfg.evaluate.variants, cfg.evaluate.extra_variants)
     if not folds or any(reads_generator(v) for v in chosen):
-        return fold_generators(cfg, suite, folds, directory / "folds")
+        return fold_generators(cfg, suite, folds, directory / "folds", main)
     log.info("evaluate: no variant chosen for the folds reads a generator (%s): no fold generator "
              "is trained", ", ".join(v.name for v in chosen) or "none")
     return [None] * len(folds)
@@ -284,9 +324,10 @@ def _perplexities(by_variant: pd.Series, baselines: set[str]) -> str:
 
 def run(cfg: PipelineConfig, suite: Suite, *, command: str = "python -m jobs.evaluate") -> dict:
     pull_stages(cfg, "zoo", "oracles", "task_vectors", "generator")  # a URI root: into the mirror
-    names = ("zoo", "oracles", "task_vectors", "generator")
-    upstream = [(r or {}).get("fingerprint") for r in (_upstream(cfg, n, required=n != "oracles")
-                                                        for n in names)]
+    records = [_upstream(cfg, name, required=name != "oracles")
+               for name in ("zoo", "oracles", "task_vectors")]
+    main = main_generator_record(cfg, suite)  # planned, for a fold-only run without one
+    upstream = [(r or {}).get("fingerprint") for r in (*records, main)]
     current = stage(cfg, "evaluate", suite.fingerprint(), sorted(suite.tasks), upstream,
                     sections=("model", "evaluate", "task_vectors"))
     if current.is_current():
@@ -299,7 +340,7 @@ def run(cfg: PipelineConfig, suite: Suite, *, command: str = "python -m jobs.eva
         for old in (current.directory / ROWS_DIR).glob("*.parquet"):  # another config's rows
             old.unlink()
         write_json_atomic(marker, {"fingerprint": current.fingerprint})
-    plans, folds = plans_for(cfg, suite, current.directory)
+    plans, folds = plans_for(cfg, suite, current.directory, main)
     means = load_task_means(cfg, sorted(suite.tasks))
     baseline_pooling = cfg.evaluate.baseline_pooling
     baseline_means = (load_task_means(cfg, sorted(suite.tasks), baseline_pooling)

@@ -19,6 +19,7 @@ import logging
 import shutil
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import ray
@@ -29,7 +30,7 @@ from icm.generator import train_generator
 from icm.generator.inputs import GeneratorInputs, load_generator_inputs
 from icm.generator.lm_corpus import extra_root_fingerprint
 from icm.io import atomic_directory, fingerprint_matches, sha256_json, write_json_atomic
-from icm.stages import open_suite, pull_local, pull_stages, push_local, stage
+from icm.stages import Stage, open_suite, pull_local, pull_stages, push_local, stage
 from icm.tasks import Suite
 from jobs import tune as tune_stage
 from jobs.common import ensure_writable_root, parse_job_args, user_errors_exit_2
@@ -87,18 +88,43 @@ def build_generator(config: dict, generator_config: dict, suite: Suite, inputs: 
             "samples_per_s": generator.summary["samples_per_s"], "size": meta["size"]}
 
 
+@dataclass(frozen=True)
+class Plan:
+    """What the generator stage trains, settled before it trains anything."""
+
+    config: GeneratorConfig
+    source: str  # where the hyperparameters came from (the config, or a Tune trial)
+    stage: Stage  # its fingerprint: the inputs, the trained settings, the extra LM tasks
+    keys: dict[str, str]  # `phase_keys`: the reconstruction and LM-run keys (lm/hybrid)
+
+
+def plan(cfg: PipelineConfig, suite: Suite, inputs: GeneratorInputs) -> Plan:
+    gen_cfg, source = chosen_config(cfg, suite, inputs)
+    extra = extra_root_fingerprint(cfg)  # the LM objective's tasks without a LoRA, when set
+    given_fingerprint = inputs.fingerprint()
+    current = stage(cfg, "generator", given_fingerprint, gen_cfg.trained_settings(),
+                    *([extra] if extra else []), sections=("model",))
+    return Plan(gen_cfg, source, current, phase_keys(cfg, gen_cfg, given_fingerprint, extra))
+
+
+def planned_record(cfg: PipelineConfig, suite: Suite) -> dict:
+    """The generator stage's record as it will read once trained (fingerprint, phase keys,
+    hyperparameters), without training it: what a fold-only evaluation derives its fold
+    generators from, so that it need not train the main generator first."""
+    pull_stages(cfg, "zoo", "task_vectors")
+    planned = plan(cfg, suite, load_generator_inputs(cfg, suite))
+    return {"fingerprint": planned.stage.fingerprint, "planned": True,
+            "config": planned.config.model_dump(mode="json"),
+            "outputs": {"phase_keys": planned.keys, "hyperparameters_from": planned.source}}
+
+
 def run(cfg: PipelineConfig, suite: Suite, *, inputs: GeneratorInputs | None = None) -> dict:
     """The ``generator`` stage (skipped when up to date). ``inputs`` default to storage."""
     given = inputs
     pull_stages(cfg, "zoo", "task_vectors")  # a URI root: the inputs, into the local mirror
     inputs = inputs or load_generator_inputs(cfg, suite)
-    gen_cfg, source = chosen_config(cfg, suite, inputs)
-    trained = gen_cfg.trained_settings()
-    extra = extra_root_fingerprint(cfg)  # the LM objective's tasks without a LoRA, when set
-    given_fingerprint = inputs.fingerprint()
-    current = stage(cfg, "generator", given_fingerprint, trained, *([extra] if extra else []),
-                    sections=("model",))
-    keys = phase_keys(cfg, gen_cfg, given_fingerprint, extra)
+    planned = plan(cfg, suite, inputs)
+    gen_cfg, source, current, keys = planned.config, planned.source, planned.stage, planned.keys
     if current.is_current():
         log.info("generator: up to date, skipping (%s)", current.directory)
         return current.record()

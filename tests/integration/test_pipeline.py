@@ -406,6 +406,39 @@ def test_a_baseline_only_evaluation_trains_no_fold_generator(smoke_run, tmp_path
     assert set(smoke["variant"]) & set(variants) >= {"base", "soup"}
 
 
+def test_a_fold_only_evaluation_needs_no_main_generator(smoke_run, tmp_path):
+    """Folds only (no held-out set, no seen tasks) and no main generator: the fold generator is
+    trained from the main generator's planned settings, and none is trained. A main generator
+    trained later on the same inputs leaves the fold generator and the evaluate stage up to
+    date: the plan is what the stage then records. Scoring the held-out set still needs it."""
+    root, suite = smoke_run.root, smoke_run.suite
+    only = tmp_path / "folds-only"
+    only.mkdir()
+    for upstream in ("zoo", "oracles", "task_vectors"):  # the smoke run's, read only
+        (only / upstream).symlink_to(root / upstream)
+    command = [sys.executable, "-m", "jobs.pipeline", "--config", "smoke", *FAST,
+               f"suite.path={suite}", f"storage.root={only}", "tune.enabled=false",
+               "evaluate.seen_tasks=0", "evaluate.variants=[generated]",
+               "evaluate.extra_variants=[]", "stages=[evaluate]"]
+    run = lambda *extra: subprocess.run([*command, *extra], cwd=REPO_ROOT,  # noqa: E731
+                                        capture_output=True, text=True, timeout=600)
+    heldout = run()  # the held-out set reads the main generator: a clear error, no traceback
+    assert heldout.returncode == 2 and "stage 'generator' has no finished output" in heldout.stderr
+    assert "Traceback" not in heldout.stderr
+    first = run("evaluate.heldout=false")
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-6000:]
+    assert "folds only and no main generator trained" in first.stderr
+    assert not (only / "generator").exists()
+    marker = only / "evaluate" / "folds" / "fold-0" / "fold.json"
+    written = marker.stat().st_mtime_ns
+    rows = pd.read_parquet(only / "evaluate" / "results.parquet")
+    assert set(rows["setting"]) == {"fold"} and set(rows["variant"]) == {"generated"}
+    later = run("evaluate.heldout=false", "stages=[generator,evaluate]")
+    assert later.returncode == 0, later.stderr[-3000:]
+    assert (only / "generator" / "generator.json").is_file()
+    assert "evaluate: up to date" in later.stderr and marker.stat().st_mtime_ns == written
+
+
 def fine_tune_span(generator: Path) -> tuple[float, float]:
     """When the LM fine-tune that wrote ``generator`` began and ended: its file time less its
     wall time, and its file time."""
