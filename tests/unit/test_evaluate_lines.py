@@ -76,3 +76,31 @@ def test_a_fold_generators_fingerprint_follows_its_inputs_not_the_zoos_other_job
     marker.write_text(json.dumps({"fingerprint": stale}))
     _migrate_fold_marker(cfg, plain, marker, ["bible"], fold_fingerprint(cfg, plain, ["bible"]))
     assert json.loads(marker.read_text()) == {"fingerprint": stale}  # not migrated: retrained
+
+
+def test_the_main_generator_is_required_unless_only_folds_are_scored(tiny_suite, tmp_path):
+    """The held-out set (with oracles) and seen tasks read the main generator: without its
+    stage the error names the stage and the fix. Folds alone do not: they follow its plan
+    (tests/integration/test_pipeline.py trains folds that way)."""
+    import pytest
+
+    from icm.config import PipelineConfig
+    from icm.errors import InputError
+    from icm.tasks import load_suite
+    from jobs.evaluate import _scores_main_generator, main_generator_record
+
+    suite = load_suite(tiny_suite)
+
+    def config(**evaluate):
+        return PipelineConfig.model_validate({"storage": {"root": str(tmp_path)},
+                                              "evaluate": evaluate})
+
+    (tmp_path / "oracles").mkdir()
+    (tmp_path / "oracles" / "stage.json").write_text('{"fingerprint": "oracles-1"}')
+    assert _scores_main_generator(config(seen_tasks=0), suite)  # held out, with oracles
+    with pytest.raises(InputError, match="stage 'generator' has no finished output.*Fix: run it"):
+        main_generator_record(config(seen_tasks=0), suite)
+    assert _scores_main_generator(config(heldout=False, seen_tasks=2), suite)  # seen tasks
+    assert not _scores_main_generator(config(heldout=False, seen_tasks=0), suite)  # folds only
+    (tmp_path / "oracles" / "stage.json").unlink()
+    assert not _scores_main_generator(config(seen_tasks=0), suite)  # no oracles: no held-out set
