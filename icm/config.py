@@ -894,7 +894,11 @@ def read_config_file(name_or_path: str | os.PathLike,
                           f"(core.yaml, relative to {path.parent}); got {base!r}.")
     if Path(base).suffix in (".yaml", ".yml"):
         base = str(path.parent / base)  # a file beside this one, wherever the command runs
-    return merge_sections(read_config_file(base, (*_chain, path.resolve())), data)
+    try:
+        below = read_config_file(base, (*_chain, path.resolve()))
+    except ConfigError as err:
+        raise ConfigError(f"{path}: '{EXTENDS_KEY}: {base}': {err}") from None
+    return merge_sections(below, data)
 
 
 def merge_sections(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:

@@ -42,7 +42,7 @@ from icm.stages import open_suite, pull_stages, stage
 from icm.tasks import Suite
 from icm.zoo import replicate_tasks
 from jobs.common import ensure_writable_root, parse_job_args, user_errors_exit_2
-from jobs.generator import RECONSTRUCTED, build_generator
+from jobs.generator import PLANNED, RECONSTRUCTED, build_generator
 from jobs.ray_setup import as_completed, cpus_each, init_ray, with_reserved_threads
 
 log = logging.getLogger("jobs.evaluate")
@@ -90,8 +90,13 @@ def main_generator_record(cfg: PipelineConfig, suite: Suite) -> dict:
     fingerprints from it, so they need no main generator first, and a later main generator
     with the same inputs leaves them, and this stage, up to date."""
     recorded = _upstream(cfg, "generator", required=False)
-    if recorded is not None or _scores_main_generator(cfg, suite):
-        return recorded or _upstream(cfg, "generator")  # the latter: an error naming the fix
+    if recorded is not None:
+        return recorded
+    if _scores_main_generator(cfg, suite):
+        raise InputError(
+            f"stage 'generator' has no finished output under {cfg.storage.path('generator')}, and "
+            f"the held-out set or seen tasks read it. Fix: run it first (add 'generator' to "
+            f"stages), or score the folds alone: evaluate.heldout=false evaluate.seen_tasks=0.")
     from jobs.generator import planned_record
 
     log.info("evaluate: folds only and no main generator trained: the folds follow its settings")
@@ -101,7 +106,7 @@ def main_generator_record(cfg: PipelineConfig, suite: Suite) -> dict:
 def _scores_main_generator(cfg: PipelineConfig, suite: Suite) -> bool:
     """Whether a setting this run scores reads the main generator: held-out or seen."""
     has_oracles = _upstream(cfg, "oracles", required=False) is not None
-    heldout = cfg.evaluate.heldout and bool(suite.heldout) and has_oracles  # as scores_heldout
+    heldout = scores_heldout(cfg.evaluate, suite, has_oracles=has_oracles, warn=False)
     return heldout or bool(_seen_tasks(cfg, suite))
 
 
@@ -112,10 +117,10 @@ def _seen_tasks(cfg: PipelineConfig, suite: Suite) -> list[str]:
     return [t.name for t in replicate_tasks(suite, count)]
 
 
-def _generator_config(cfg: PipelineConfig, main: dict) -> dict:
+def _generator_config(cfg: PipelineConfig, main_record: dict) -> dict:
     """The main generator's hyperparameters (Tune's winner when Tune ran), for every fold."""
-    if main.get("planned"):
-        chosen = main["config"]
+    if main_record.get(PLANNED):
+        chosen = main_record["config"]
     else:
         recorded = json.loads((cfg.storage.path("generator") / "generator.json").read_text())
         chosen = recorded.get("config") or cfg.generator.model_dump(mode="json")
@@ -123,23 +128,23 @@ def _generator_config(cfg: PipelineConfig, main: dict) -> dict:
 
 
 def fold_generators(cfg: PipelineConfig, suite: Suite, folds: list[list[str]], directory: Path,
-                    main: dict) -> list[str]:
+                    main_record: dict) -> list[str]:
     """Train (or reuse: same fingerprint) one generator per fold; returns their folders. With
     ``generator.objective`` lm/hybrid each is trained by reconstruction into
     ``fold-K/reconstruction`` and then fine-tuned on Ray Train like the main generator, from
     the fold's training tasks only, several folds at once where the cluster holds them.
-    ``main``: the main generator's record (`main_generator_record`)."""
-    gen_cfg = GeneratorConfig.model_validate(_generator_config(cfg, main))
+    ``main_record``: the main generator's record (`main_generator_record`)."""
+    gen_cfg = GeneratorConfig.model_validate(_generator_config(cfg, main_record))
     end_to_end = gen_cfg.objective != "reconstruction"
     todo, folders = [], []
     for index, groups in enumerate(folds):
         out = directory / f"fold-{index}"
         folders.append(str(out / "generator"))
-        fingerprint, marker = fold_fingerprint(cfg, gen_cfg, groups, main), out / "fold.json"
-        if not main.get("planned"):  # a planned main: no fold can predate its fingerprint
+        fingerprint, marker = fold_fingerprint(cfg, gen_cfg, groups, main_record), out / "fold.json"
+        if not main_record.get(PLANNED):  # no fold can predate a planned fingerprint
             _migrate_fold_marker(cfg, gen_cfg, marker, groups, fingerprint)
         if not fingerprint_matches(marker, fingerprint):
-            keys = fold_phase_keys(cfg, gen_cfg, groups, fingerprint, main)
+            keys = fold_phase_keys(cfg, gen_cfg, groups, fingerprint, main_record)
             todo.append((out / ("reconstruction" if end_to_end else "generator"),
                          (marker, fingerprint, index, keys)))
     reconstructed = _reconstruct_folds(cfg, gen_cfg, suite, folds, todo, mark=end_to_end)
@@ -152,15 +157,15 @@ def fold_generators(cfg: PipelineConfig, suite: Suite, folds: list[list[str]], d
 
 
 def fold_fingerprint(cfg: PipelineConfig, gen_cfg: GeneratorConfig, groups: list[str],
-                     main: dict | None = None) -> str:
+                     main_record: dict | None = None) -> str:
     """What the generator of the fold holding out ``groups`` is a function of: the main generator
     stage's fingerprint (the zoo's training snapshots, their condition vectors, the generator's
     settings and LM tasks) and, with ``generator.lm_anchor: multitask``, the oracles stage (the
     fold's multi-task LoRA). Not the zoo's or task vectors' whole stage fingerprints: turning on
     the zoo's multi-task LoRA, or a pooling the generator does not read, changes no input of it.
-    ``main``: the main generator's record (default: its stage.json)."""
-    main = main or _upstream(cfg, "generator")
-    return sha256_json([[main["fingerprint"], *_anchor_inputs(cfg, gen_cfg)], groups])
+    ``main_record``: the main generator's record (default: its stage.json)."""
+    main_record = main_record or _upstream(cfg, "generator")
+    return sha256_json([[main_record["fingerprint"], *_anchor_inputs(cfg, gen_cfg)], groups])
 
 
 def _anchor_inputs(cfg: PipelineConfig, gen_cfg: GeneratorConfig) -> list[str]:
@@ -170,12 +175,12 @@ def _anchor_inputs(cfg: PipelineConfig, gen_cfg: GeneratorConfig) -> list[str]:
 
 
 def fold_phase_keys(cfg: PipelineConfig, gen_cfg: GeneratorConfig, groups: list[str],
-                    fingerprint: str, main: dict) -> dict[str, str]:
+                    fingerprint: str, main_record: dict) -> dict[str, str]:
     """The fold's own reconstruction and LM-run keys, derived from the main generator's
     (`jobs.generator.phase_keys`): a rerun that changes only LM settings reuses the fold's
     reconstruction, and one asked for more LM steps continues its fine-tune. A main generator
     stage recorded before those keys (2026-12-05) has none: both are then the fold's fingerprint."""
-    keys = (main.get("outputs") or {}).get("phase_keys")
+    keys = (main_record.get("outputs") or {}).get("phase_keys")
     if not keys:
         return {"reconstruction": fingerprint, "lm_run": fingerprint}
     return {"reconstruction": sha256_json([[keys["reconstruction"]], groups]),
@@ -265,28 +270,28 @@ def _finetune_folds(cfg: PipelineConfig, gen_cfg: GeneratorConfig, suite: Suite,
 # ----------------------------------------------------------------------------- plans and items
 
 
-def scores_heldout(e: EvalConfig, suite: Suite, *, has_oracles: bool) -> bool:
+def scores_heldout(e: EvalConfig, suite: Suite, *, has_oracles: bool, warn: bool = True) -> bool:
     """Whether the fixed held-out set is scored: asked for (``evaluate.heldout``), the suite has
-    one, and the oracles stage ran (a warning says so when it did not)."""
+    one, and the oracles stage ran (with ``warn``, a warning says so when it did not)."""
     if not (e.heldout and suite.heldout):
         return False
-    if not has_oracles:
+    if not has_oracles and warn:
         log.warning("evaluate: no oracles stage output; held-out tasks are not scored (add "
                     "'oracles' to stages)")
     return has_oracles
 
 
 def plans_for(cfg: PipelineConfig, suite: Suite, directory: Path,
-              main: dict) -> tuple[list[SettingPlan], list]:
-    """The settings this run scores: held-out (when oracles exist), folds, seen. ``main``: the
-    main generator's record (`main_generator_record`)."""
+              main_record: dict) -> tuple[list[SettingPlan], list]:
+    """The settings this run scores: held-out (when oracles exist), folds, seen. ``main_record``:
+    the main generator's record (`main_generator_record`)."""
     e, main_generator = cfg.evaluate, str(cfg.storage.path("generator").resolve())
     training = [t.name for t in suite.training_tasks()]
     plans = []
     if scores_heldout(e, suite, has_oracles=bool(_upstream(cfg, "oracles", required=False))):
         plans.append(SettingPlan("heldout", list(suite.heldout), training, main_generator))
     folds = suite_folds(suite, e)
-    fold_dirs = _fold_generator_dirs(cfg, suite, folds, directory, main)
+    fold_dirs = _fold_generator_dirs(cfg, suite, folds, directory, main_record)
     for index, (groups, folder) in enumerate(zip(folds, fold_dirs)):
         held = set(fold_tasks(suite, groups))
         plans.append(SettingPlan("fold", sorted(held), [t for t in training if t not in held],
@@ -297,12 +302,12 @@ def plans_for(cfg: PipelineConfig, suite: Suite, directory: Path,
 
 
 def _fold_generator_dirs(cfg: PipelineConfig, suite: Suite, folds: list[list[str]],
-                         directory: Path, main: dict) -> list[str | None]:
+                         directory: Path, main_record: dict) -> list[str | None]:
     """Each fold's generator folder, trained (or reused) only when a variant chosen for the folds
     reads it: a baseline-only evaluation trains no fold generator (None)."""
     chosen = variants_for("fold", cfg.evaluate.variants, cfg.evaluate.extra_variants)
     if not folds or any(reads_generator(v) for v in chosen):
-        return fold_generators(cfg, suite, folds, directory / "folds", main)
+        return fold_generators(cfg, suite, folds, directory / "folds", main_record)
     log.info("evaluate: no variant chosen for the folds reads a generator (%s): no fold generator "
              "is trained", ", ".join(v.name for v in chosen) or "none")
     return [None] * len(folds)
@@ -326,8 +331,8 @@ def run(cfg: PipelineConfig, suite: Suite, *, command: str = "python -m jobs.eva
     pull_stages(cfg, "zoo", "oracles", "task_vectors", "generator")  # a URI root: into the mirror
     records = [_upstream(cfg, name, required=name != "oracles")
                for name in ("zoo", "oracles", "task_vectors")]
-    main = main_generator_record(cfg, suite)  # planned, for a fold-only run without one
-    upstream = [(r or {}).get("fingerprint") for r in (*records, main)]
+    main_record = main_generator_record(cfg, suite)  # planned, for a fold-only run without one
+    upstream = [(r or {}).get("fingerprint") for r in (*records, main_record)]
     current = stage(cfg, "evaluate", suite.fingerprint(), sorted(suite.tasks), upstream,
                     sections=("model", "evaluate", "task_vectors"))
     if current.is_current():
@@ -340,7 +345,7 @@ def run(cfg: PipelineConfig, suite: Suite, *, command: str = "python -m jobs.eva
         for old in (current.directory / ROWS_DIR).glob("*.parquet"):  # another config's rows
             old.unlink()
         write_json_atomic(marker, {"fingerprint": current.fingerprint})
-    plans, folds = plans_for(cfg, suite, current.directory, main)
+    plans, folds = plans_for(cfg, suite, current.directory, main_record)
     means = load_task_means(cfg, sorted(suite.tasks))
     baseline_pooling = cfg.evaluate.baseline_pooling
     baseline_means = (load_task_means(cfg, sorted(suite.tasks), baseline_pooling)

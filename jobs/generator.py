@@ -25,6 +25,7 @@ from pathlib import Path
 import ray
 
 from icm.config import GeneratorConfig, PipelineConfig
+from icm.errors import InputError
 from icm.generator.training import load_checkpoint
 from icm.generator import train_generator
 from icm.generator.inputs import GeneratorInputs, load_generator_inputs
@@ -42,6 +43,8 @@ CHECKPOINT_DIR = "generator-checkpoint"
 RECONSTRUCTION_DIR = "generator-reconstruction"
 # in a reconstruction-trained start (the main one, or a fold's): finished, for this fingerprint
 RECONSTRUCTED = "fingerprint.json"
+# in a generator stage record that `planned_record` made (no generator trained): true
+PLANNED = "planned"
 
 
 def chosen_config(cfg: PipelineConfig, suite: Suite, inputs: GeneratorInputs) -> tuple[GeneratorConfig, str]:
@@ -94,11 +97,13 @@ class Plan:
 
     config: GeneratorConfig
     source: str  # where the hyperparameters came from (the config, or a Tune trial)
-    stage: Stage  # its fingerprint: the inputs, the trained settings, the extra LM tasks
+    current: Stage  # this run's generator stage; its fingerprint: inputs, settings, extra tasks
     keys: dict[str, str]  # `phase_keys`: the reconstruction and LM-run keys (lm/hybrid)
 
 
 def plan(cfg: PipelineConfig, suite: Suite, inputs: GeneratorInputs) -> Plan:
+    """The generator stage's settings, fingerprint and phase keys for ``inputs``: the same
+    whether the stage itself asks (`run`) or a fold-only evaluation does (`planned_record`)."""
     gen_cfg, source = chosen_config(cfg, suite, inputs)
     extra = extra_root_fingerprint(cfg)  # the LM objective's tasks without a LoRA, when set
     given_fingerprint = inputs.fingerprint()
@@ -111,9 +116,14 @@ def planned_record(cfg: PipelineConfig, suite: Suite) -> dict:
     """The generator stage's record as it will read once trained (fingerprint, phase keys,
     hyperparameters), without training it: what a fold-only evaluation derives its fold
     generators from, so that it need not train the main generator first."""
-    pull_stages(cfg, "zoo", "task_vectors")
+    pull_stages(cfg, "zoo", "task_vectors", *(["tune"] if cfg.tune.enabled else []))
+    if cfg.tune.enabled and not cfg.storage.path("tune", "stage.json").is_file():
+        raise InputError(
+            "tune.enabled=true and the tune stage has not run: the folds take the main "
+            "generator's hyperparameters, which its search picks. Fix: add 'tune' to stages, "
+            "or set tune.enabled=false to train with the generator section as configured.")
     planned = plan(cfg, suite, load_generator_inputs(cfg, suite))
-    return {"fingerprint": planned.stage.fingerprint, "planned": True,
+    return {"fingerprint": planned.current.fingerprint, PLANNED: True,
             "config": planned.config.model_dump(mode="json"),
             "outputs": {"phase_keys": planned.keys, "hyperparameters_from": planned.source}}
 
@@ -124,7 +134,7 @@ def run(cfg: PipelineConfig, suite: Suite, *, inputs: GeneratorInputs | None = N
     pull_stages(cfg, "zoo", "task_vectors")  # a URI root: the inputs, into the local mirror
     inputs = inputs or load_generator_inputs(cfg, suite)
     planned = plan(cfg, suite, inputs)
-    gen_cfg, source, current, keys = planned.config, planned.source, planned.stage, planned.keys
+    gen_cfg, source, current, keys = planned.config, planned.source, planned.current, planned.keys
     if current.is_current():
         log.info("generator: up to date, skipping (%s)", current.directory)
         return current.record()

@@ -409,9 +409,9 @@ def test_a_baseline_only_evaluation_trains_no_fold_generator(smoke_run, tmp_path
 
 def test_a_fold_only_evaluation_needs_no_main_generator(smoke_run, tmp_path):
     """Folds only (no held-out set, no seen tasks) and no main generator: the fold generator is
-    trained from the main generator's planned settings, and none is trained. A main generator
-    trained later on the same inputs leaves the fold generator and the evaluate stage up to
-    date: the plan is what the stage then records."""
+    trained from the main generator's planned settings, and no main generator is trained. One
+    trained later on the same inputs records the fingerprint planned: the evaluate stage then
+    finds its fold generator and every scored row current, and retrains and rescores nothing."""
     root, suite = smoke_run.root, smoke_run.suite
     only = tmp_path / "folds-only"
     only.mkdir()
@@ -431,10 +431,13 @@ def test_a_fold_only_evaluation_needs_no_main_generator(smoke_run, tmp_path):
     written = marker.stat().st_mtime_ns
     rows = pd.read_parquet(only / "evaluate" / "results.parquet")
     assert set(rows["setting"]) == {"fold"} and set(rows["variant"]) == {"generated"}
+    (only / "evaluate" / "stage.json").unlink()  # so that the stage recomputes what it reads
     later = run("evaluate.heldout=false", "stages=[generator,evaluate]")
     assert later.returncode == 0, later.stderr[-3000:]
     assert (only / "generator" / "generator.json").is_file()
-    assert "evaluate: up to date" in later.stderr and marker.stat().st_mtime_ns == written
+    assert "folds only and no main generator" not in later.stderr
+    assert marker.stat().st_mtime_ns == written  # the fold generator's fingerprint: unchanged
+    assert f"({rows.groupby(['setting', 'task']).ngroups} done before)" in later.stderr  # rows too
 
 
 def fine_tune_span(generator: Path) -> tuple[float, float]:

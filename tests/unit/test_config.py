@@ -117,11 +117,12 @@ def test_a_config_that_extends_a_preset_holds_only_what_it_changes(tmp_path):
     ("missing.yaml", "does not exist"),
     ("demoo", "unknown config preset 'demoo'"),
 ])
-def test_a_bad_extends_names_the_file_and_the_fix(tmp_path, extends, message):
+def test_a_bad_extends_names_the_file_and_what_is_wrong(tmp_path, extends, message):
     path = tmp_path / "self.yaml"
     path.write_text(yaml.safe_dump({"extends": extends, "name": "x"}))
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(ConfigError, match=message) as caught:
         load_config(path)
+    assert str(caught.value).startswith(f"{path}: ")  # the file whose extends is wrong
 
 
 RUNS = sorted((PRESETS / "runs").glob("*.yaml"))
@@ -133,7 +134,8 @@ def test_every_named_run_loads_and_opens_with_its_command(run):
     assert f"--config jobs/configs/runs/{run.name}" in run.read_text().splitlines()[1]
 
 
-# Runs H and X as EVAL.md writes them out (sessions 39-48): the named runs must be these.
+# Runs H and X as EVAL.md writes them out (sessions 39-48), copied here: the named runs must
+# resolve to these flags, their storage and extra-vector roots aside.
 CORE = ("suite.subset=core evaluate.folds=0 ray.num_cpus=2 zoo.steps=48 zoo.multitask=false "
         "oracles.replicates=0 evaluate.seen_tasks=0 task_vectors.poolings=[mean,last,chunks] "
         "generator.subspace_dim=null generator.width=128 generator.embedding_dim=32 "

@@ -78,29 +78,39 @@ def test_a_fold_generators_fingerprint_follows_its_inputs_not_the_zoos_other_job
     assert json.loads(marker.read_text()) == {"fingerprint": stale}  # not migrated: retrained
 
 
-def test_the_main_generator_is_required_unless_only_folds_are_scored(tiny_suite, tmp_path):
+def test_the_main_generator_is_required_unless_only_folds_are_scored(tiny_suite, tmp_path,
+                                                                      monkeypatch):
     """The held-out set (with oracles) and seen tasks read the main generator: without its
-    stage the error names the stage and the fix. Folds alone do not: they follow its plan
-    (tests/integration/test_pipeline.py trains folds that way)."""
+    stage the error names the stage and both fixes. Folds alone get its plan instead
+    (tests/integration/test_pipeline.py trains folds from it); with Tune on, only once the
+    search has run, since the plan's hyperparameters are its pick."""
     import pytest
 
+    import jobs.generator
     from icm.config import PipelineConfig
     from icm.errors import InputError
     from icm.tasks import load_suite
-    from jobs.evaluate import _scores_main_generator, main_generator_record
+    from jobs.evaluate import main_generator_record
 
     suite = load_suite(tiny_suite)
 
-    def config(**evaluate):
+    def config(tune=False, **evaluate):
         return PipelineConfig.model_validate({"storage": {"root": str(tmp_path)},
-                                              "evaluate": evaluate})
+                                              "tune": {"enabled": tune}, "evaluate": evaluate})
 
     (tmp_path / "oracles").mkdir()
     (tmp_path / "oracles" / "stage.json").write_text('{"fingerprint": "oracles-1"}')
-    assert _scores_main_generator(config(seen_tasks=0), suite)  # held out, with oracles
-    with pytest.raises(InputError, match="stage 'generator' has no finished output.*Fix: run it"):
-        main_generator_record(config(seen_tasks=0), suite)
-    assert _scores_main_generator(config(heldout=False, seen_tasks=2), suite)  # seen tasks
-    assert not _scores_main_generator(config(heldout=False, seen_tasks=0), suite)  # folds only
-    (tmp_path / "oracles" / "stage.json").unlink()
-    assert not _scores_main_generator(config(seen_tasks=0), suite)  # no oracles: no held-out set
+    needs = "stage 'generator' has no finished output.*evaluate.heldout=false evaluate.seen_tasks=0"
+    for asks in ({"seen_tasks": 0}, {"heldout": False, "seen_tasks": 2}):  # held out; seen
+        with pytest.raises(InputError, match=needs):
+            main_generator_record(config(**asks), suite)
+    with pytest.raises(InputError, match="tune.enabled=true and the tune stage has not run"):
+        main_generator_record(config(tune=True, heldout=False, seen_tasks=0), suite)
+    planned = {"fingerprint": "planned-1", jobs.generator.PLANNED: True}
+    monkeypatch.setattr(jobs.generator, "planned_record", lambda cfg, suite: planned)
+    assert main_generator_record(config(heldout=False, seen_tasks=0), suite) is planned
+    (tmp_path / "oracles" / "stage.json").unlink()  # no oracles: no held-out set to score
+    assert main_generator_record(config(seen_tasks=0), suite) is planned
+    (tmp_path / "generator").mkdir()
+    (tmp_path / "generator" / "stage.json").write_text('{"fingerprint": "trained-1"}')
+    assert main_generator_record(config(), suite) == {"fingerprint": "trained-1"}
