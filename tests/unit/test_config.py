@@ -131,7 +131,8 @@ RUNS = sorted((PRESETS / "runs").glob("*.yaml"))
 @pytest.mark.parametrize("run", RUNS, ids=[p.stem for p in RUNS])
 def test_every_named_run_loads_and_opens_with_its_command(run):
     assert load_config(run).name == run.stem
-    assert f"--config jobs/configs/runs/{run.name}" in run.read_text().splitlines()[1]
+    assert load_config(f"runs/{run.stem}") == load_config(run)  # by name, from any directory
+    assert f"--config runs/{run.stem}" in run.read_text().splitlines()[1]
 
 
 # Runs H and X as EVAL.md writes them out (sessions 39-48), copied here: the named runs must
