@@ -135,22 +135,27 @@ def test_every_named_run_loads_and_opens_with_its_command(run):
     assert f"--config runs/{run.stem}" in run.read_text().splitlines()[1]
 
 
-# Runs H and X as EVAL.md writes them out (sessions 39-48), copied here: the named runs must
-# resolve to these flags, their storage and extra-vector roots aside.
+# Runs H, X and X-lm as EVAL.md writes them out (sessions 39-48), copied here: the named runs
+# must resolve to these flags, their storage and extra-vector roots aside.
 CORE = ("suite.subset=core evaluate.folds=0 ray.num_cpus=2 zoo.steps=48 zoo.multitask=false "
         "oracles.replicates=0 evaluate.seen_tasks=0 task_vectors.poolings=[mean,last,chunks] "
         "generator.subspace_dim=null generator.width=128 generator.embedding_dim=32 "
         "generator.batch_size=32 generator.steps=600 generator.beta=0.01 "
         "generator.kl_warmup_steps=100 generator.lm_steps=200 generator.lm_lr=0.001 "
-        "generator.arch=hyper generator.condition_pooling=mean generator.lm_context=prompt")
+        "generator.arch=hyper generator.condition_pooling=mean generator.lm_context=prompt "
+        "evaluate.variants=[base,in-context,oracle,generated,soup,similarity-soup,nearest,ridge] "
+        "evaluate.extra_variants=[in-context+generated,in-context+soup,in-context+similarity-soup,"
+        "in-context+nearest,in-context+ridge,in-context+oracle]")
 FLAGS = {"core-h": CORE + " generator.objective=lm generator.cpus_per_task=2"
                           " generator.lm_condition_episodes=others",
          "core-x": CORE + " generator.objective=hybrid generator.cpus_per_task=1"
-                          " generator.lm_condition=mean"}
+                          " generator.lm_condition=mean",
+         "core-x-lm": CORE + " generator.objective=lm generator.cpus_per_task=1"
+                             " generator.lm_condition=mean"}
 
 
 @pytest.mark.parametrize("run", sorted(FLAGS))
-def test_the_named_runs_h_and_x_are_the_commands_eval_md_gives(run):
+def test_the_named_runs_h_x_and_x_lm_are_the_commands_eval_md_gives(run):
     named = load_config(PRESETS / "runs" / f"{run}.yaml")
     where = [f"name={run}", f"storage.root={named.storage.root}",
              f"generator.lm_extra_root={named.generator.lm_extra_root}"]
