@@ -31,7 +31,7 @@ from icm.generator import train_generator
 from icm.generator.inputs import GeneratorInputs, load_generator_inputs
 from icm.generator.lm_corpus import extra_root_fingerprint
 from icm.io import atomic_directory, fingerprint_matches, sha256_json, write_json_atomic
-from icm.stages import Stage, open_suite, pull_local, pull_stages, push_local, stage
+from icm.stages import STAGE_FILE, Stage, open_suite, pull_local, pull_stages, push_local, stage
 from icm.tasks import Suite
 from jobs import tune as tune_stage
 from jobs.common import ensure_writable_root, parse_job_args, user_errors_exit_2
@@ -117,7 +117,7 @@ def planned_record(cfg: PipelineConfig, suite: Suite) -> dict:
     hyperparameters), without training it: what a fold-only evaluation derives its fold
     generators from, so that it need not train the main generator first."""
     pull_stages(cfg, "zoo", "task_vectors", *(["tune"] if cfg.tune.enabled else []))
-    if cfg.tune.enabled and not cfg.storage.path("tune", "stage.json").is_file():
+    if cfg.tune.enabled and not cfg.storage.path("tune", STAGE_FILE).is_file():
         raise InputError(
             "tune.enabled=true and the tune stage has not run: the folds take the main "
             "generator's hyperparameters, which its search picks. Fix: add 'tune' to stages, "

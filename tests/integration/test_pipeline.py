@@ -423,7 +423,7 @@ def test_a_fold_only_evaluation_needs_no_main_generator(smoke_run, tmp_path):
                "evaluate.extra_variants=[]", "stages=[evaluate]"]
     run = lambda *extra: subprocess.run([*command, *extra], cwd=REPO_ROOT,  # noqa: E731
                                         capture_output=True, text=True, timeout=600)
-    first = run("evaluate.heldout=false")  # held out or seen: an error (test_evaluate_lines.py)
+    first = run("evaluate.heldout=false")  # (with held-out or seen tasks: an error; unit-tested)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-6000:]
     assert "folds only and no main generator trained" in first.stderr
     assert not (only / "generator").exists()
